@@ -1,0 +1,1 @@
+fn main() { print!("{}", fleetlb_crds::crd_yaml()); }

@@ -1,0 +1,365 @@
+#![forbid(unsafe_code)]
+//! `BackendCluster` (group `fleetlb.dev`, version `v1alpha1`): the one API fleetlb users write.
+//!
+//! A BackendCluster says "keep `replicas` instances of `instanceType` behind the path prefix
+//! `route`". The controller makes the instances exist through a provider (`aws`, `local` or
+//! `static`) and the data plane balances requests across the healthy ones.
+//!
+//! This crate holds types only, no I/O: the CRD manifest (`fleetlb crd`) is generated from them,
+//! and [`BackendCluster::validate`] re-checks in code what the schema checks in the API server, so
+//! the standalone driver (which has no API server) rejects exactly the same objects.
+
+mod validate;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use validate::{FieldError, validate_spec};
+
+/// Desired state of a BackendCluster.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "fleetlb.dev",
+    version = "v1alpha1",
+    kind = "BackendCluster",
+    namespaced,
+    shortname = "bc",
+    category = "fleetlb",
+    status = "BackendClusterStatus",
+    doc = "A fleet of instances behind one route of the fleetlb load balancer",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Route", type_ = "string", json_path = ".spec.route"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.instanceType"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendClusterSpec {
+    /// Path prefix served by this cluster, e.g. `/cluster1`. Matches the prefix itself and
+    /// anything below it (`/cluster1/x`), never a longer sibling (`/cluster10`). The full path is
+    /// forwarded to the instance unchanged.
+    #[schemars(length(min = 1, max = 256), pattern(validate::ROUTE_PATTERN))]
+    pub route: String,
+
+    /// Number of instances to keep running (0-1000).
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// EC2 instance type (e.g. `t2.micro`). The `local` provider maps the size to a service-time
+    /// and concurrency profile so small types answer slower than large ones.
+    #[schemars(length(min = 3, max = 64), pattern(validate::INSTANCE_TYPE_PATTERN))]
+    pub instance_type: String,
+
+    /// TCP port the instance's HTTP server listens on (default 8000). The `local` provider picks
+    /// a free loopback port instead.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Where instances come from: exactly one of `aws`, `local`, `static`.
+    pub provider: ProviderSpec,
+
+    /// Active health check of every instance.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// How requests are spread over healthy instances.
+    #[serde(default)]
+    pub balancing: Balancing,
+
+    /// What happens to the instances when the BackendCluster is deleted (default `Delete`).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_port() -> i32 {
+    8000
+}
+
+/// Exactly one provider must be set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ProviderSpec {
+    /// Real EC2 instances, launched through the EC2 API.
+    Aws(AwsProvider),
+    /// Local child processes of fleetlb on 127.0.0.1 (the demo); no cloud needed.
+    Local(LocalProvider),
+    /// A fixed list of `host:port` endpoints that fleetlb balances but does not manage.
+    Static(StaticProvider),
+}
+
+impl ProviderSpec {
+    /// The provider's name as written in YAML (`aws`, `local`, `static`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderSpec::Aws(_) => "aws",
+            ProviderSpec::Local(_) => "local",
+            ProviderSpec::Static(_) => "static",
+        }
+    }
+}
+
+/// EC2 launch parameters.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AwsProvider {
+    /// AMI id, e.g. `ami-0abcdef1234567890`.
+    #[schemars(pattern(r"^ami-[0-9a-f]{8,17}$"))]
+    pub image_id: String,
+    /// Subnets to spread instances over, round-robin (one per availability zone is typical).
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    pub subnet_ids: Vec<String>,
+    /// Security groups attached to every instance.
+    #[serde(default)]
+    #[schemars(length(max = 5))]
+    pub security_group_ids: Vec<String>,
+    /// Instance profile name or ARN passed to the instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// EC2 key pair name for SSH access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// Bootstrap script. When empty, fleetlb's default bootstraps a small HTTP app like the
+    /// original FastAPI one. Never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub user_data: Option<String>,
+    /// Extra tags put on every instance at creation.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// Local child processes (`fleetlb backend`), for the demo and tests.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalProvider {
+    /// Overrides the instance type's service time, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub latency_ms: Option<u32>,
+}
+
+/// Endpoints fleetlb balances but does not launch.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticProvider {
+    /// `host:port` addresses (IP literals or names resolved once per reconcile).
+    #[schemars(length(min = 1, max = 1000))]
+    pub endpoints: Vec<String>,
+}
+
+/// Active health check, with ALB semantics and defaults scaled for fast feedback
+/// (ALB: 30 s / 5 s / 5 / 2).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// HTTP path probed with GET; any 2xx passes (default `/health`).
+    #[serde(default = "default_health_path")]
+    #[schemars(length(min = 1, max = 1024), pattern(r"^/"))]
+    pub path: String,
+    /// Seconds between probes (1-300, default 2).
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 1, max = 300))]
+    pub interval_seconds: u32,
+    /// Seconds before a probe counts as failed (1-120, default 1); must be below the interval.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1, max = 120))]
+    pub timeout_seconds: u32,
+    /// Consecutive passes before an instance receives traffic (2-10, default 2).
+    #[serde(default = "default_healthy_threshold")]
+    #[schemars(range(min = 2, max = 10))]
+    pub healthy_threshold: u32,
+    /// Consecutive failures before an instance stops receiving traffic (2-10, default 2).
+    #[serde(default = "default_unhealthy_threshold")]
+    #[schemars(range(min = 2, max = 10))]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_interval() -> u32 {
+    2
+}
+fn default_timeout() -> u32 {
+    1
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    2
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            path: default_health_path(),
+            interval_seconds: default_interval(),
+            timeout_seconds: default_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+        }
+    }
+}
+
+/// Load-balancing settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Balancing {
+    /// Balancing policy (default `peak-ewma`).
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// How the data plane picks an instance for each request.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Power of two choices over latency estimate x (in-flight + 1); never herds.
+    #[default]
+    PeakEwma,
+    /// Always the instance with the lowest latency estimate (the original system's behaviour).
+    LowestLatency,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    /// Each healthy instance in turn.
+    RoundRobin,
+}
+
+impl Policy {
+    /// The policy's name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::PeakEwma => "peak-ewma",
+            Policy::LowestLatency => "lowest-latency",
+            Policy::LeastRequest => "least-request",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// What deleting a BackendCluster does to its instances.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Terminate every instance, then release the object.
+    #[default]
+    Delete,
+    /// Leave the instances running and drop fleetlb's ownership of them.
+    Orphan,
+}
+
+/// Observed state, written by the controller.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Instances that exist and are not terminating.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Instances that pass their health check.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector for the scale subresource (instances carry no pod labels; kept empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Every instance fleetlb knows for this cluster.
+    #[serde(default)]
+    pub instances: Vec<InstanceStatus>,
+    /// Endpoints handed to the data plane, fastest first.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One instance as the provider and the prober see it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Provider id (`i-0123...`).
+    pub id: String,
+    /// `host:port` the data plane sends requests to, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Provider state: `pending`, `running`, `shutting-down`, `terminated`, ...
+    pub state: String,
+    /// Whether the instance passes its health check.
+    pub healthy: bool,
+    /// Latest latency estimate in milliseconds, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// One endpoint of the ranked set the data plane receives.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// Instance id.
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    /// Latency estimate in milliseconds, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+impl BackendCluster {
+    /// Re-checks everything the schema enforces plus the rules that span fields; see
+    /// [`validate_spec`].
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        validate_spec(&self.spec)
+    }
+}
+
+/// The CRD manifest as YAML, exactly as `manifests/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = BackendCluster::crd();
+    let body = serde_yaml::to_string(&crd).unwrap_or_default();
+    format!("# Generated by `fleetlb crd`; do not edit.\n---\n{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_matches_the_types() {
+        let committed = include_str!("../../manifests/crd.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "manifests/crd.yaml is stale: run `cargo run -- crd > manifests/crd.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_scale_subresource_and_columns() {
+        let yaml = crd_yaml();
+        for needle in [
+            "specReplicasPath: .spec.replicas",
+            "shortNames:\n    - bc",
+            "name: Route",
+            "name: Ready",
+            "maximum: 1000",
+        ] {
+            assert!(yaml.contains(needle), "CRD lacks {needle:?}:\n{yaml}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The admin listener, separate from the proxy listener: `/metrics`, `/healthz`, `/readyz`,
+//! `/status` and `/debug/endpoints`. It exposes no secrets: status and debug output carry ids,
+//! addresses, states and numbers only.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Dataplane;
+use crate::body::ResponseBody;
+use crate::error::plain;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    /// Every metric of the process (data plane and controller).
+    pub registry: prometheus::Registry,
+    /// The data plane, for `/debug/endpoints` and per-endpoint gauges.
+    pub dataplane: Dataplane,
+    /// Pre-rendered JSON served at `/status` (the controller's view of every cluster).
+    pub status: watch::Receiver<Bytes>,
+    /// `/readyz` answers 200 once this is true (the first route table is published).
+    pub ready: watch::Receiver<bool>,
+}
+
+/// Serves the admin endpoints until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let state = state.clone();
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&state, req)) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            state.dataplane.refresh_gauges();
+            let mut buf = Vec::with_capacity(16 * 1024);
+            if TextEncoder::new().encode(&state.registry.gather(), &mut buf).is_err() {
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n");
+            }
+            with_type(buf.into(), "text/plain; version=0.0.4; charset=utf-8")
+        }
+        "/healthz" => plain(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if *state.ready.borrow() {
+                plain(StatusCode::OK, "ready\n")
+            } else {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: no route table yet\n")
+            }
+        }
+        "/status" => with_type(state.status.borrow().clone(), "application/json"),
+        "/debug/endpoints" => match serde_json::to_vec_pretty(&state.dataplane.snapshot()) {
+            Ok(v) => with_type(v.into(), "application/json"),
+            Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+        },
+        _ => plain(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics /healthz /readyz /status /debug/endpoints\n",
+        ),
+    }
+}
+
+fn with_type(body: Bytes, content_type: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::message(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}

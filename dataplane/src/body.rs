@@ -1,0 +1,123 @@
+//! Body types: what fleetlb sends upstream and what it sends back to clients.
+//!
+//! Both stream: a body is never buffered whole. The response body carries the endpoint's
+//! in-flight guard, so a request counts as in flight until its last byte has been sent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+
+use crate::endpoint::Endpoint;
+
+/// Request body sent upstream: the client's streamed body, or nothing (probes, retries).
+pub enum UpstreamBody {
+    /// The client's body, streamed through.
+    Client(Incoming),
+    /// No body.
+    Empty(Empty<Bytes>),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Empty(_) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(b) => b.is_end_stream(),
+            UpstreamBody::Empty(_) => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(b) => b.size_hint(),
+            UpstreamBody::Empty(_) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Decrements the endpoint's in-flight count when dropped.
+pub(crate) struct InflightGuard(pub Arc<Endpoint>);
+
+impl InflightGuard {
+    pub fn new(ep: Arc<Endpoint>) -> Self {
+        ep.state.begin();
+        Self(ep)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.state.end();
+    }
+}
+
+/// Response body sent to clients: an upstream body streamed through, or a short message.
+pub struct ResponseBody(Kind);
+
+enum Kind {
+    Upstream(Incoming, #[allow(dead_code)] Option<InflightGuard>),
+    Message(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub(crate) fn upstream(body: Incoming, guard: InflightGuard) -> Self {
+        Self(Kind::Upstream(body, Some(guard)))
+    }
+
+    /// A complete short body.
+    pub fn message(text: impl Into<Bytes>) -> Self {
+        Self(Kind::Message(Some(text.into())))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Kind::Upstream(body, guard) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(None) = polled {
+                    guard.take();
+                }
+                polled
+            }
+            Kind::Message(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Upstream(b, _) => b.is_end_stream(),
+            Kind::Message(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Upstream(b, _) => b.size_hint(),
+            Kind::Message(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Message(None) => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Per-endpoint live state: latency estimate, in-flight count, health, ejection.
+//!
+//! Everything here is atomics so the request path never takes a lock. Races between two updates
+//! of the estimate lose at most one sample, which the estimator tolerates by design.
+//!
+//! The estimate is a **peak EWMA** (Finagle, tower, linkerd): a sample above the estimate replaces
+//! it at once; lower samples pull it down with weight `1 - exp(-elapsed/decay)`. Unlike those
+//! systems, an estimate that receives no traffic does not decay toward zero (which makes idle or
+//! broken endpoints look free and herds traffic onto them): it decays toward the endpoint's last
+//! **active probe RTT**, a measured floor.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use http::uri::Authority;
+
+use crate::metrics::EndpointMetrics;
+
+/// Estimate used when an endpoint has neither a probe nor a passive sample (linkerd's default).
+pub const DEFAULT_RTT_NS: f64 = 30_000_000.0;
+
+/// One upstream endpoint of one cluster, shared by the balancer, the prober and in-flight requests.
+pub(crate) struct Endpoint {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub authority: Authority,
+    pub state: EndpointState,
+    pub metrics: EndpointMetrics,
+}
+
+impl Endpoint {
+    pub fn new(id: String, addr: SocketAddr, metrics: EndpointMetrics, now: u64) -> Self {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        Self {
+            id,
+            addr,
+            authority,
+            state: EndpointState::new(now),
+            metrics,
+        }
+    }
+}
+
+/// Atomic state of one endpoint. Times are nanoseconds on the data plane's clock.
+#[derive(Debug)]
+pub(crate) struct EndpointState {
+    inflight: AtomicU32,
+    est_bits: AtomicU64,
+    est_at: AtomicU64,
+    probe_ns: AtomicU64,
+    healthy: AtomicBool,
+    ever_healthy: AtomicBool,
+    ok_streak: AtomicU32,
+    fail_streak: AtomicU32,
+    ejected_until: AtomicU64,
+    /// When the endpoint last became healthy (for slow start).
+    pub healthy_since: AtomicU64,
+}
+
+/// What a health transition did, so callers can log and count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    None,
+    BecameHealthy,
+    BecameUnhealthy,
+}
+
+impl EndpointState {
+    pub fn new(now: u64) -> Self {
+        Self {
+            inflight: AtomicU32::new(0),
+            est_bits: AtomicU64::new(0f64.to_bits()),
+            est_at: AtomicU64::new(now),
+            probe_ns: AtomicU64::new(0),
+            healthy: AtomicBool::new(false),
+            ever_healthy: AtomicBool::new(false),
+            ok_streak: AtomicU32::new(0),
+            fail_streak: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            healthy_since: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Relaxed)
+    }
+
+    pub fn begin(&self) {
+        self.inflight.fetch_add(1, Relaxed);
+    }
+
+    pub fn end(&self) {
+        self.inflight.fetch_sub(1, Relaxed);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn was_ever_healthy(&self) -> bool {
+        self.ever_healthy.load(Relaxed)
+    }
+
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Relaxed) > now
+    }
+
+    /// Healthy and not ejected: may receive traffic in normal (non-panic) mode.
+    pub fn is_eligible(&self, now: u64) -> bool {
+        self.is_healthy() && !self.is_ejected(now)
+    }
+
+    pub fn eject_until(&self, until: u64) {
+        self.ejected_until.fetch_max(until, Relaxed);
+    }
+
+    /// Latest probe round-trip time, if a probe has passed.
+    pub fn probe_rtt_ns(&self) -> Option<u64> {
+        match self.probe_ns.load(Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+
+    /// The raw passive estimate, without decay (0 when there has been no sample).
+    fn raw(&self) -> (f64, u64) {
+        (f64::from_bits(self.est_bits.load(Relaxed)), self.est_at.load(Relaxed))
+    }
+
+    /// Current latency estimate in nanoseconds. With no traffic it relaxes toward the latest
+    /// probe RTT (up or down) with time constant `decay_ns`; real samples keep it current.
+    pub fn estimate_ns(&self, now: u64, decay_ns: f64) -> f64 {
+        let (est, at) = self.raw();
+        let floor = self.probe_ns.load(Relaxed) as f64;
+        if est <= 0.0 {
+            return if floor > 0.0 { floor } else { DEFAULT_RTT_NS };
+        }
+        if floor == 0.0 {
+            return est;
+        }
+        let elapsed = now.saturating_sub(at) as f64;
+        floor + (est - floor) * (-elapsed / decay_ns).exp()
+    }
+
+    /// Feeds one latency sample: a real response, or a penalty standing for a failure.
+    pub fn observe(&self, rtt_ns: f64, now: u64, decay_ns: f64) {
+        let (raw, at) = self.raw();
+        let cur = self.estimate_ns(now, decay_ns);
+        let next = if raw <= 0.0 || rtt_ns >= cur {
+            rtt_ns
+        } else {
+            let w = (-(now.saturating_sub(at) as f64) / decay_ns).exp();
+            cur * w + rtt_ns * (1.0 - w)
+        };
+        self.est_bits.store(next.to_bits(), Relaxed);
+        self.est_at.store(now, Relaxed);
+    }
+
+    /// Records a probe result: a pass refreshes the RTT the estimate relaxes toward.
+    pub fn record_probe(
+        &self,
+        ok: bool,
+        rtt_ns: u64,
+        now: u64,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Transition {
+        if ok {
+            self.probe_ns.store(rtt_ns.max(1), Relaxed);
+            self.success(now, healthy_threshold)
+        } else {
+            self.failure(unhealthy_threshold)
+        }
+    }
+
+    /// One success (probe). Returns whether the endpoint just became healthy.
+    pub fn success(&self, now: u64, healthy_threshold: u32) -> Transition {
+        self.fail_streak.store(0, Relaxed);
+        let streak = self.ok_streak.fetch_add(1, Relaxed).saturating_add(1);
+        if streak >= healthy_threshold && !self.healthy.swap(true, Relaxed) {
+            self.ever_healthy.store(true, Relaxed);
+            self.healthy_since.store(now, Relaxed);
+            return Transition::BecameHealthy;
+        }
+        Transition::None
+    }
+
+    /// One failure (probe, or a connect failure of real traffic).
+    pub fn failure(&self, unhealthy_threshold: u32) -> Transition {
+        self.ok_streak.store(0, Relaxed);
+        let streak = self.fail_streak.fetch_add(1, Relaxed).saturating_add(1);
+        if streak >= unhealthy_threshold && self.healthy.swap(false, Relaxed) {
+            return Transition::BecameUnhealthy;
+        }
+        Transition::None
+    }
+
+    /// Marks the endpoint down at once (e.g. connection refused: nothing listens there).
+    pub fn mark_down(&self) -> Transition {
+        self.ok_streak.store(0, Relaxed);
+        if self.healthy.swap(false, Relaxed) {
+            Transition::BecameUnhealthy
+        } else {
+            Transition::None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: f64 = 1_000_000.0;
+    const DECAY: f64 = 10_000.0 * MS;
+
+    fn at(ms: u64) -> u64 {
+        ms * 1_000_000
+    }
+
+    #[test]
+    fn peak_jumps_up_at_once_and_decays_slowly() {
+        let s = EndpointState::new(0);
+        s.observe(5.0 * MS, at(0), DECAY);
+        s.observe(100.0 * MS, at(1), DECAY);
+        assert_eq!(s.estimate_ns(at(1), DECAY), 100.0 * MS);
+        // A fast sample 1 ms later barely moves the peak.
+        s.observe(5.0 * MS, at(2), DECAY);
+        assert!(s.estimate_ns(at(2), DECAY) > 99.0 * MS);
+        // Fast samples for 10 s (one decay) bring it most of the way down.
+        for t in (3..10_000).step_by(10) {
+            s.observe(5.0 * MS, at(t), DECAY);
+        }
+        let e = s.estimate_ns(at(10_000), DECAY);
+        assert!(e < 45.0 * MS && e > 5.0 * MS, "estimate {e}");
+    }
+
+    #[test]
+    fn idle_estimate_decays_to_probe_rtt_not_zero() {
+        let s = EndpointState::new(0);
+        s.record_probe(true, 3_000_000, at(0), 2, 2);
+        s.observe(200.0 * MS, at(10), DECAY);
+        let long_after = s.estimate_ns(at(600_000), DECAY);
+        assert!((long_after - 3.0 * MS).abs() < 0.01 * MS, "decayed to {long_after}");
+    }
+
+    #[test]
+    fn probe_seeds_an_endpoint_without_traffic() {
+        let s = EndpointState::new(0);
+        assert_eq!(s.estimate_ns(at(0), DECAY), DEFAULT_RTT_NS);
+        s.record_probe(true, 7_000_000, at(2000), 2, 2);
+        assert_eq!(s.estimate_ns(at(2000), DECAY), 7.0 * MS);
+        // It became slow while idle: the probe says so and the estimate follows.
+        s.observe(7.0 * MS, at(2000), DECAY);
+        s.record_probe(true, 70_000_000, at(4000), 2, 2);
+        assert!(s.estimate_ns(at(600_000), DECAY) > 69.0 * MS);
+    }
+
+    #[test]
+    fn thresholds_follow_alb_semantics() {
+        let s = EndpointState::new(0);
+        assert!(!s.is_healthy());
+        assert_eq!(s.success(0, 2), Transition::None);
+        assert_eq!(s.success(0, 2), Transition::BecameHealthy);
+        assert_eq!(s.failure(3), Transition::None);
+        assert_eq!(s.success(0, 2), Transition::None, "a pass resets the failure streak");
+        assert_eq!(s.failure(3), Transition::None);
+        assert_eq!(s.failure(3), Transition::None);
+        assert_eq!(s.failure(3), Transition::BecameUnhealthy);
+        assert!(s.was_ever_healthy());
+    }
+}

@@ -1,0 +1,267 @@
+#![forbid(unsafe_code)]
+//! fleetlb's data plane: a latency-aware HTTP reverse proxy.
+//!
+//! - [`Dataplane::new`] builds the proxy and registers its metrics.
+//! - [`Dataplane::watch_routes`] follows the controller's [`RouteTable`] snapshots.
+//! - [`Dataplane::serve`] serves clients on a listener until shutdown, then drains.
+//! - [`admin::serve`] serves `/metrics`, `/healthz`, `/readyz`, `/status`, `/debug/endpoints`.
+//!
+//! Routing is longest path prefix; balancing is per cluster ([`Policy`]); health comes from
+//! active probes and from real traffic. See the README for the behaviour in detail.
+
+pub mod admin;
+mod balance;
+mod body;
+mod endpoint;
+mod error;
+pub mod metrics;
+mod probe;
+mod proxy;
+pub mod routes;
+mod server;
+mod table;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use body::{ResponseBody, UpstreamBody};
+pub use error::ProxyError;
+pub use metrics::Metrics;
+pub use routes::{EndpointConfig, HealthConfig, Policy, RouteConfig, RouteTable};
+
+use table::Table;
+
+/// Proxy settings that are not per route. Defaults suit a LAN or VPC.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Time allowed to open an upstream connection (default 1 s).
+    pub connect_timeout: Duration,
+    /// Time allowed for upstream response headers (default 30 s); past it the client gets 504.
+    pub request_timeout: Duration,
+    /// Time a client has to send its request headers (default 10 s): cuts slowloris clients.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (default 64 KiB); larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Open client connections at most (default 10 000); extra connections are closed at once.
+    pub max_connections: usize,
+    /// Time given to requests in flight on shutdown (default 30 s).
+    pub drain_timeout: Duration,
+    /// Peak-EWMA decay time constant (default 10 s, linkerd's).
+    pub decay: Duration,
+    /// Latency charged to an endpoint for a failure (5xx, 429, refused, reset, timeout); default 1 s.
+    pub failure_penalty: Duration,
+    /// Attempts per request including retries to other endpoints (default 3).
+    pub max_attempts: u32,
+    /// Idle pooled upstream connections are closed after this long (default 90 s).
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            decay: Duration::from_secs(10),
+            failure_penalty: Duration::from_secs(1),
+            max_attempts: 3,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Monotonic nanoseconds since the data plane started (tokio's clock, so tests can pause it).
+#[derive(Clone, Copy)]
+pub(crate) struct Clock {
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+}
+
+pub(crate) struct Shared {
+    pub table: ArcSwap<Table>,
+    pub client: Client<HttpConnector, UpstreamBody>,
+    pub clock: Clock,
+    pub metrics: Metrics,
+    pub config: ProxyConfig,
+}
+
+/// Handle to the data plane; cheap to clone.
+#[derive(Clone)]
+pub struct Dataplane {
+    shared: Arc<Shared>,
+}
+
+impl Dataplane {
+    /// Builds the proxy and registers its metrics in `registry`.
+    pub fn new(config: ProxyConfig, registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(connector);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                table: ArcSwap::from_pointee(Table::default()),
+                client,
+                clock: Clock::new(),
+                metrics: Metrics::new(registry)?,
+                config,
+            }),
+        })
+    }
+
+    /// Follows route-table snapshots from `rx` for as long as the task runs. When the sender is
+    /// dropped the last table keeps being served and probed.
+    pub fn watch_routes(&self, rx: watch::Receiver<RouteTable>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(table::run_updater(self.shared.clone(), rx))
+    }
+
+    /// Serves clients on `listener` until `shutdown` completes, then drains in-flight requests
+    /// (up to `ProxyConfig::drain_timeout`) and returns.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        server::serve(self.shared.clone(), listener, shutdown).await
+    }
+
+    /// What the balancer knows right now, per cluster and endpoint.
+    pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
+        let now = self.shared.clock.now();
+        let decay = self.shared.config.decay.as_nanos() as f64;
+        let table = self.shared.table.load();
+        table
+            .clusters
+            .iter()
+            .map(|c| {
+                let total: u64 = c.endpoints.iter().map(|e| e.metrics.selections.get()).sum();
+                let endpoints: Vec<EndpointSnapshot> = c
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let s = &e.state;
+                        let selections = e.metrics.selections.get();
+                        EndpointSnapshot {
+                            id: e.id.clone(),
+                            address: e.addr.to_string(),
+                            state: if s.is_ejected(now) {
+                                "ejected"
+                            } else if s.is_healthy() {
+                                "healthy"
+                            } else {
+                                "unhealthy"
+                            },
+                            healthy: s.is_healthy(),
+                            latency_ms: s.estimate_ns(now, decay) / 1e6,
+                            probe_ms: s.probe_rtt_ns().map(|n| n as f64 / 1e6),
+                            cost: balance::cost(e, now, decay) / 1e6,
+                            inflight: s.inflight(),
+                            selections,
+                            share: if total == 0 { 0.0 } else { selections as f64 / total as f64 },
+                        }
+                    })
+                    .collect();
+                ClusterSnapshot {
+                    cluster: c.name.clone(),
+                    prefix: c.prefix.clone(),
+                    policy: c.policy.as_str(),
+                    panic: !c.endpoints.is_empty() && endpoints.iter().all(|e| e.state != "healthy"),
+                    endpoints,
+                }
+            })
+            .collect()
+    }
+
+    /// Refreshes the per-endpoint gauges from the live table; called before each scrape.
+    pub fn refresh_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.latency.reset();
+        m.inflight.reset();
+        m.endpoints.reset();
+        for c in self.snapshot() {
+            let mut counts = [0i64; 3];
+            for e in &c.endpoints {
+                let cl = c.cluster.as_str();
+                m.latency.with_label_values(&[cl, &e.address, "ewma"]).set(e.latency_ms / 1e3);
+                if let Some(p) = e.probe_ms {
+                    m.latency.with_label_values(&[cl, &e.address, "probe"]).set(p / 1e3);
+                }
+                m.inflight.with_label_values(&[cl, &e.address]).set(i64::from(e.inflight));
+                counts[match e.state {
+                    "healthy" => 0,
+                    "unhealthy" => 1,
+                    _ => 2,
+                }] += 1;
+            }
+            for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
+                m.endpoints.with_label_values(&[c.cluster.as_str(), state]).set(n);
+            }
+            if !c.panic {
+                m.panic_mode.with_label_values(&[c.cluster.as_str()]).set(0);
+            }
+        }
+    }
+}
+
+/// One cluster as `/debug/endpoints` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSnapshot {
+    /// Cluster name.
+    pub cluster: String,
+    /// Route prefix.
+    pub prefix: String,
+    /// Balancing policy.
+    pub policy: &'static str,
+    /// True when no endpoint is healthy (requests fail open to known-good endpoints).
+    pub panic: bool,
+    /// Endpoints in the controller's order.
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+/// One endpoint as `/debug/endpoints` shows it: the answer to "why does traffic go where it goes".
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSnapshot {
+    /// Instance id.
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    /// `healthy`, `unhealthy` or `ejected`.
+    pub state: &'static str,
+    /// Passes its health check.
+    pub healthy: bool,
+    /// The balancer's latency estimate (peak EWMA relaxing toward the probe RTT), ms.
+    pub latency_ms: f64,
+    /// Last passing health-check RTT, ms.
+    pub probe_ms: Option<f64>,
+    /// Peak-EWMA cost: latency x (in-flight + 1), ms. Lower wins.
+    pub cost: f64,
+    /// Requests in flight.
+    pub inflight: u32,
+    /// Requests sent to it since it joined.
+    pub selections: u64,
+    /// Its share of the cluster's selections.
+    pub share: f64,
+}

@@ -1,0 +1,293 @@
+//! The request path: route, pick, forward, stream back, learn.
+//!
+//! Per request: one lock-free table load, one or two endpoint estimates read, one upstream
+//! request over a pooled keep-alive connection, atomic metric updates. Bodies stream both ways.
+//!
+//! Retries: a request whose connection attempt failed (nothing was sent), or an idempotent
+//! request whose connection broke before any response byte, goes to another endpoint, up to
+//! `ProxyConfig::max_attempts` in all. Only requests without a body are retried, since a
+//! streamed body cannot be replayed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::Shared;
+use crate::balance;
+use crate::body::{InflightGuard, ResponseBody, UpstreamBody};
+use crate::endpoint::{Endpoint, Transition};
+use crate::error::ProxyError;
+use crate::table::Cluster;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Handles one client request end to end. Never fails: errors become responses.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let cluster = {
+        let table = shared.table.load();
+        match table.route(req.uri().path()) {
+            Some(c) => c.clone(),
+            None => {
+                shared.metrics.proxy_error("", ProxyError::NoRoute.reason());
+                return ProxyError::NoRoute.response();
+            }
+        }
+    };
+    prepare_request_headers(req.headers_mut(), peer);
+    let resp = match forward(&shared, &cluster, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            shared.metrics.proxy_error(&cluster.name, err.reason());
+            err.response()
+        }
+    };
+    cluster.metrics.count(resp.status().as_u16());
+    cluster.metrics.duration.observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn forward(
+    shared: &Shared,
+    cluster: &Cluster,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let cfg = &shared.config;
+    let decay = cfg.decay.as_nanos() as f64;
+    let (parts, body) = req.into_parts();
+    let replayable = body.is_end_stream();
+    let idempotent = is_idempotent(&parts.method);
+    let attempts = if replayable { cfg.max_attempts.max(1) } else { 1 };
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut body = Some(body);
+    let mut headers = Some(parts.headers);
+    let mut failed: Option<Arc<Endpoint>> = None;
+    let mut last_err = ProxyError::NoHealthyEndpoint;
+
+    for attempt in 1..=attempts {
+        let now = shared.clock.now();
+        let Some(pick) = balance::pick(cluster, now, decay, failed.as_deref()) else {
+            return Err(last_err);
+        };
+        if pick.panic {
+            shared.metrics.panic_mode.with_label_values(&[cluster.name.as_str()]).set(1);
+        }
+        let ep = pick.endpoint.clone();
+        if attempt > 1 {
+            cluster.metrics.retries.inc();
+        }
+        ep.metrics.selections.inc();
+
+        let last = attempt == attempts;
+        let mut up = Request::new(match body.take() {
+            Some(b) if !b.is_end_stream() => UpstreamBody::Client(b),
+            _ => UpstreamBody::Empty(Default::default()),
+        });
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = upstream_uri(&ep, &path);
+        *up.headers_mut() = if last {
+            headers.take().unwrap_or_default()
+        } else {
+            headers.clone().unwrap_or_default()
+        };
+
+        let guard = InflightGuard::new(ep.clone());
+        let sent = Instant::now();
+        let result = tokio::time::timeout(cfg.request_timeout, shared.client.request(up)).await;
+        let rtt = sent.elapsed();
+        let now = shared.clock.now();
+        match result {
+            Ok(Ok(mut resp)) => {
+                ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
+                learn_from_status(shared, cluster, &ep, &resp, rtt, now, decay);
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp.map(|b| ResponseBody::upstream(b, guard)));
+            }
+            Ok(Err(err)) => {
+                let connect = err.is_connect();
+                ep.state.observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
+                if connect {
+                    ep.metrics.connect_errors.inc();
+                    let t = if refused(&err) {
+                        ep.state.mark_down()
+                    } else {
+                        ep.state.failure(cluster.health.unhealthy_threshold)
+                    };
+                    if t == Transition::BecameUnhealthy {
+                        shared.metrics.ejections.with_label_values(&[cluster.name.as_str(), "connect_error"]).inc();
+                        tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
+                    }
+                    last_err = ProxyError::UpstreamConnect;
+                } else {
+                    last_err = ProxyError::UpstreamReset;
+                }
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, attempt, ?err, "upstream request failed");
+                if !(connect || idempotent) {
+                    return Err(last_err);
+                }
+                failed = Some(ep);
+            }
+            Err(_elapsed) => {
+                ep.state.observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
+                tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cfg.request_timeout, "upstream timed out");
+                return Err(ProxyError::UpstreamTimeout);
+            }
+        }
+    }
+    Err(last_err)
+}
+
+/// Error-aware learning: a 5xx or 429 counts as a slow response (the failure penalty), so an
+/// endpoint that fails fast never looks fast. `Retry-After` on 429/503 takes the endpoint out of
+/// rotation for that long (capped at a minute).
+fn learn_from_status(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    resp: &Response<Incoming>,
+    rtt: Duration,
+    now: u64,
+    decay: f64,
+) {
+    let status = resp.status().as_u16();
+    if status >= 500 || status == 429 {
+        let penalty = shared.config.failure_penalty.max(rtt);
+        ep.state.observe(penalty.as_nanos() as f64, now, decay);
+        if status == 429 || status == 503 {
+            if let Some(secs) = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                let secs = secs.clamp(1, 60);
+                ep.state.eject_until(now + secs * 1_000_000_000);
+                shared.metrics.ejections.with_label_values(&[cluster.name.as_str(), "retry_after"]).inc();
+            }
+        }
+    } else {
+        ep.state.observe(rtt.as_nanos() as f64, now, decay);
+    }
+}
+
+fn refused(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        src = e.source();
+    }
+    false
+}
+
+fn upstream_uri(ep: &Endpoint, path: &PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(ep.authority.clone());
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in `Connection`.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    for n in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+}
+
+/// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy.
+fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr) {
+    strip_hop_by_hop(h);
+    let ip = peer.ip().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !h.contains_key(&X_FORWARDED_HOST) {
+        if let Some(host) = h.get(header::HOST).cloned() {
+            h.insert(&X_FORWARDED_HOST, host);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_with_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        prepare_request_headers(&mut h, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+}

@@ -1,0 +1,121 @@
+//! The route table the controller hands the data plane over `tokio::sync::watch`.
+//!
+//! A [`RouteTable`] is a complete snapshot: every route with its policy, health check and ranked
+//! endpoint set. The data plane diffs consecutive snapshots, so endpoints that stay keep their
+//! latency estimates, health and in-flight counts, and requests in flight are never dropped.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Every route the data plane serves, as one immutable snapshot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteTable {
+    /// Routes in any order; the data plane matches the longest prefix.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One path prefix and the cluster behind it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConfig {
+    /// Cluster name used in metrics and logs (`namespace/name`, or `name` in the default namespace).
+    pub cluster: String,
+    /// Path prefix (`/cluster1`); matches itself and `/cluster1/...`, not `/cluster10`.
+    pub prefix: String,
+    /// How requests are spread over the endpoints.
+    pub policy: Policy,
+    /// Active health check settings.
+    pub health: HealthConfig,
+    /// Endpoints, best first (the controller's ranking; the balancer keeps its own live estimates).
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One upstream instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointConfig {
+    /// Instance id (`i-0abc...`), used in logs and `/debug/endpoints`.
+    pub id: String,
+    /// Where requests go.
+    pub addr: SocketAddr,
+}
+
+/// Balancing policy, see `fleetlb_crds::Policy` for the user-facing description.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Power of two choices over peak-EWMA latency x (in-flight + 1).
+    #[default]
+    PeakEwma,
+    /// The endpoint with the lowest latency estimate (the original system).
+    LowestLatency,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    /// Each eligible endpoint in turn.
+    RoundRobin,
+}
+
+impl Policy {
+    /// Name as used in YAML and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::PeakEwma => "peak-ewma",
+            Policy::LowestLatency => "lowest-latency",
+            Policy::LeastRequest => "least-request",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// Active health check (ALB semantics: a 2xx within `timeout` passes; `healthy_threshold`
+/// consecutive passes admit an endpoint, `unhealthy_threshold` consecutive failures remove it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Path probed with GET.
+    pub path: String,
+    /// Time between probes of one endpoint.
+    pub interval: Duration,
+    /// Time after which a probe fails.
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+        }
+    }
+}
+
+/// Whether `path` falls under `prefix`: equal, or followed by `/` or nothing else.
+/// `/` matches every path.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return path.starts_with('/');
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_matches;
+
+    #[test]
+    fn prefix_is_segment_aligned() {
+        assert!(prefix_matches("/cluster1", "/cluster1"));
+        assert!(prefix_matches("/cluster1", "/cluster1/"));
+        assert!(prefix_matches("/cluster1", "/cluster1/a/b"));
+        assert!(!prefix_matches("/cluster1", "/cluster10"));
+        assert!(!prefix_matches("/cluster1", "/cluster"));
+        assert!(!prefix_matches("/cluster1", "/x/cluster1"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+}

@@ -1,0 +1,80 @@
+//! The client-facing listener: accept, limit, serve HTTP/1.1 and HTTP/2, drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::{Shared, proxy};
+
+/// Accepts client connections until `shutdown` completes, then stops accepting and waits up to
+/// `ProxyConfig::drain_timeout` for requests in flight to finish.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let cfg = &shared.config;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.connections_rejected.inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        shared.metrics.connections_total.inc();
+        let svc_shared = shared.clone();
+        let svc = service_fn(move |req| {
+            let shared = svc_shared.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let metrics = shared.metrics.clone();
+        tokio::spawn(async move {
+            metrics.connections_active.inc();
+            if let Err(err) = conn.await {
+                tracing::debug!(%peer, ?err, "client connection ended with an error");
+            }
+            metrics.connections_active.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("draining client connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all client connections closed"),
+        () = tokio::time::sleep(cfg.drain_timeout) => tracing::warn!(timeout = ?cfg.drain_timeout, "drain timeout reached; closing remaining connections"),
+    }
+}

@@ -1,0 +1,126 @@
+//! The live routing table: clusters with their endpoints' state, swapped atomically.
+//!
+//! The request path reads the table through `ArcSwap` (no lock). The updater task turns each
+//! [`RouteTable`] snapshot from the controller into a new [`Table`], reusing the `Arc<Endpoint>`
+//! of endpoints that stay (so their estimates, health and in-flight counts carry over), starting a
+//! prober for each new endpoint and stopping the probers of endpoints that left. Requests in
+//! flight keep their own `Arc`s and finish normally.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::Shared;
+use crate::endpoint::Endpoint;
+use crate::metrics::ClusterMetrics;
+use crate::probe;
+use crate::routes::{HealthConfig, Policy, RouteTable, prefix_matches};
+
+/// Routes, longest prefix first.
+#[derive(Default)]
+pub(crate) struct Table {
+    pub clusters: Vec<Arc<Cluster>>,
+}
+
+impl Table {
+    /// The cluster whose prefix is the longest one matching `path`.
+    pub fn route(&self, path: &str) -> Option<&Arc<Cluster>> {
+        self.clusters
+            .iter()
+            .find(|c| prefix_matches(&c.prefix, path))
+    }
+}
+
+/// One route's cluster.
+pub(crate) struct Cluster {
+    pub name: String,
+    pub prefix: String,
+    pub policy: Policy,
+    pub health: HealthConfig,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub rr: AtomicUsize,
+    pub metrics: ClusterMetrics,
+}
+
+struct Probed {
+    endpoint: Arc<Endpoint>,
+    health: HealthConfig,
+    task: AbortHandle,
+}
+
+/// Keeps the live table in step with the controller's snapshots until the sender is dropped.
+pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<RouteTable>) {
+    // (cluster name, endpoint id, address) -> endpoint and its prober.
+    let mut live: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
+    loop {
+        let snapshot = rx.borrow_and_update().clone();
+        apply(&shared, &snapshot, &mut live);
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    // The controller is gone: keep serving the last table, and keep probing it.
+    std::future::pending::<()>().await;
+}
+
+fn apply(
+    shared: &Arc<Shared>,
+    snapshot: &RouteTable,
+    live: &mut HashMap<(String, String, std::net::SocketAddr), Probed>,
+) {
+    let now = shared.clock.now();
+    let mut next: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
+    let mut clusters = Vec::with_capacity(snapshot.routes.len());
+    for route in &snapshot.routes {
+        let mut endpoints = Vec::with_capacity(route.endpoints.len());
+        for ep in &route.endpoints {
+            let key = (route.cluster.clone(), ep.id.clone(), ep.addr);
+            if next.contains_key(&key) {
+                continue; // duplicate endpoint in one route
+            }
+            let probed = match live.remove(&key) {
+                Some(p) if p.health == route.health => p,
+                Some(p) => {
+                    // Health settings changed: restart the prober, keep the state.
+                    p.task.abort();
+                    let task = probe::spawn(shared.clone(), route.cluster.clone(), route.health.clone(), p.endpoint.clone());
+                    Probed { endpoint: p.endpoint, health: route.health.clone(), task }
+                }
+                None => {
+                    let label = ep.addr.to_string();
+                    let endpoint = Arc::new(Endpoint::new(
+                        ep.id.clone(),
+                        ep.addr,
+                        shared.metrics.endpoint(&route.cluster, &label),
+                        now,
+                    ));
+                    let task = probe::spawn(shared.clone(), route.cluster.clone(), route.health.clone(), endpoint.clone());
+                    tracing::info!(cluster = %route.cluster, endpoint = %ep.addr, id = %ep.id, "endpoint added");
+                    Probed { endpoint, health: route.health.clone(), task }
+                }
+            };
+            endpoints.push(probed.endpoint.clone());
+            next.insert(key, probed);
+        }
+        clusters.push(Arc::new(Cluster {
+            name: route.cluster.clone(),
+            prefix: route.prefix.clone(),
+            policy: route.policy,
+            health: route.health.clone(),
+            endpoints,
+            rr: AtomicUsize::new(0),
+            metrics: shared.metrics.cluster(&route.cluster),
+        }));
+    }
+    for ((cluster, id, addr), gone) in live.drain() {
+        gone.task.abort();
+        shared.metrics.forget_endpoint(&cluster, &addr.to_string());
+        tracing::info!(%cluster, endpoint = %addr, %id, "endpoint removed");
+    }
+    *live = next;
+    clusters.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    shared.table.store(Arc::new(Table { clusters }));
+}
