@@ -1,1 +1,374 @@
-fn main(){}
+#![forbid(unsafe_code)]
+//! `fleetlb`: the binary. CLI -> config -> build -> run until a signal. All logic lives in the
+//! workspace crates; this file only wires them.
+
+mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleetlb_controller::Providers;
+use fleetlb_controller::backend::{self, BackendConfig, Profile};
+use fleetlb_controller::fixed::StaticProvider;
+use fleetlb_controller::local::LocalProvider;
+use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
+use fleetlb_dataplane::admin::{self, AdminState};
+use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Exit code for bad flags and bad configuration (BSD `EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+/// Latency-aware load balancer and EC2 fleet controller.
+///
+/// fleetlb keeps fleets of instances described by BackendCluster objects running, and balances
+/// HTTP requests across them by path prefix, sending each request to the instance that answers
+/// fastest without herding.
+#[derive(Parser)]
+#[command(name = "fleetlb", version, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr (`RUST_LOG` sets the level, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole loop on this machine, no cloud, no cluster: BackendClusters from
+    /// `examples/`, instances as local `fleetlb backend` processes, the proxy in front.
+    ///
+    /// Try `curl localhost:8000/cluster1`, `curl localhost:9090/metrics`, `fleetlb status`, and
+    /// edit `replicas` in examples/cluster1.yaml while it runs.
+    Demo {
+        /// Directory of BackendCluster YAML files (watched for edits, additions, deletions).
+        /// When `examples` does not exist here, the built-in demo clusters are written to a
+        /// temporary directory and used instead.
+        #[arg(long, default_value = "examples")]
+        config: PathBuf,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run the controller and proxy from BackendCluster YAML files in a directory, without
+    /// Kubernetes. Any provider works: local, static, aws.
+    Standalone {
+        /// Directory of BackendCluster YAML files (watched for edits, additions, deletions).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run in Kubernetes: watch BackendCluster objects through the API server.
+    Run {
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
+    Crd,
+    /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
+    Status {
+        /// Admin address of the running fleetlb.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// Print the raw JSON of `/status` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve as one demo instance, like the original experiment's FastAPI app: `GET /health`,
+    /// and JSON naming the instance and cluster on every other path.
+    Backend {
+        /// Instance id to report.
+        #[arg(long)]
+        id: String,
+        /// Cluster name to report.
+        #[arg(long)]
+        cluster: String,
+        /// Port to listen on, on 127.0.0.1 (0 picks a free one; the chosen address is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Instance type whose profile (service time, concurrency) to mimic, e.g. t2.micro.
+        #[arg(long, default_value = "t2.micro")]
+        profile: String,
+        /// Override the profile's service time, in milliseconds.
+        #[arg(long)]
+        latency_ms: Option<u64>,
+        /// Override the profile's concurrency.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: Option<u32>,
+        /// Exit (after draining) when standard input reaches end-of-file; the local provider
+        /// uses this so instances never outlive fleetlb.
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ListenArgs {
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Admin listen address: /metrics /healthz /readyz /status /debug/endpoints.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetlb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fleetlb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go to stdout with exit 0; any other parse error is one line and exit 64.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(EX_USAGE)
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("fleetlb: {first} (see fleetlb --help)");
+            ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Crd => {
+            print!("{}", fleetlb_crds::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { admin, json } => status::print(admin, json).await,
+        Command::Backend {
+            id,
+            cluster,
+            port,
+            profile,
+            latency_ms,
+            concurrency,
+            exit_on_stdin_eof,
+        } => {
+            let mut p = Profile::for_instance_type(&profile);
+            if let Some(ms) = latency_ms {
+                p.latency = Duration::from_millis(ms);
+            }
+            if let Some(c) = concurrency {
+                p.concurrency = c as usize;
+            }
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], port)), "backend").await?;
+            let addr = listener.local_addr()?;
+            // The local provider waits for this line before calling the instance running.
+            println!("ready {addr}");
+            let cfg = BackendConfig {
+                id,
+                cluster,
+                instance_type: profile,
+                profile: p,
+            };
+            let stop = async move {
+                if exit_on_stdin_eof {
+                    tokio::select! {
+                        () = stdin_closed() => {}
+                        () = shutdown_signal() => {}
+                    }
+                } else {
+                    shutdown_signal().await
+                }
+            };
+            backend::serve(listener, cfg, stop).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { config, listen } => {
+            let dir = if config.is_dir() || config != std::path::Path::new("examples") {
+                config
+            } else {
+                write_builtin_examples()?
+            };
+            serve_standalone(dir, listen, true).await
+        }
+        Command::Standalone { config, listen } => serve_standalone(config, listen, false).await,
+        Command::Run { .. } => {
+            eprintln!(
+                "fleetlb: `run` (Kubernetes mode) is not available in this build yet; use `fleetlb standalone --config DIR`"
+            );
+            Ok(ExitCode::from(69))
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// The built-in demo clusters, for `fleetlb demo` run outside a checkout.
+fn write_builtin_examples() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("fleetlb-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("cluster1.yaml"), include_str!("../examples/cluster1.yaml"))?;
+    std::fs::write(dir.join("cluster2.yaml"), include_str!("../examples/cluster2.yaml"))?;
+    eprintln!("fleetlb: no ./examples here; using the built-in demo clusters in {}", dir.display());
+    Ok(dir)
+}
+
+async fn serve_standalone(dir: PathBuf, listen: ListenArgs, demo: bool) -> anyhow::Result<ExitCode> {
+    if !dir.is_dir() {
+        eprintln!("fleetlb: --config {}: not a directory", dir.display());
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    let proxy_listener = bind(listen.listen, "proxy").await?;
+    let admin_listener = bind(listen.admin, "admin").await?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let registry = prometheus::Registry::new();
+    let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
+    let (routes_tx, routes_rx) = watch::channel(RouteTable::default());
+    let (status_tx, status_rx) = watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
+    let local = Arc::new(LocalProvider::new(exe));
+    let providers = Providers {
+        local: Some(local.clone()),
+        fixed: Some(Arc::new(StaticProvider)),
+        aws: None,
+    };
+
+    let updater = dataplane.watch_routes(routes_rx);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(AdminState {
+            registry,
+            dataplane: dataplane.clone(),
+            status: status_rx,
+            ready: ready_rx,
+        }),
+        stopped(stop_rx.clone()),
+    ));
+    let driver = Standalone::new(StandaloneConfig::new(dir.clone()), providers, dataplane.clone());
+    let driver_task = tokio::spawn(driver.run(
+        Outputs {
+            routes: routes_tx,
+            status: status_tx,
+            ready: ready_tx,
+        },
+        stopped(stop_rx.clone()),
+    ));
+
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %dir.display(), "fleetlb started");
+    if demo {
+        eprintln!(
+            "fleetlb demo: proxy http://{proxy_addr}  admin http://{admin_addr}\n  \
+             try: curl {proxy_addr}/cluster1   curl {proxy_addr}/cluster2   curl {admin_addr}/metrics   fleetlb status --admin {admin_addr}\n  \
+             edit {}/cluster1.yaml (replicas) to scale; Ctrl-C stops everything",
+            dir.display()
+        );
+    }
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining requests in flight");
+        let _ = stop_tx.send(true);
+    };
+    dataplane.serve(proxy_listener, signal).await;
+    let _ = driver_task.await;
+    local.shutdown().await;
+    updater.abort();
+    admin_task.abort();
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Completes when standard input reaches end-of-file (the parent closed the pipe or died).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 256];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}

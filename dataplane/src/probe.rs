@@ -61,9 +61,16 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
             }
             Transition::None => {}
         }
-        // +-10 % jitter so probes of many endpoints do not march in lockstep.
+        // An endpoint that has never passed is probed 4x as often (at least every 250 ms apart),
+        // like HAProxy's `fastinter`, so new instances join within a second, not thresholds x
+        // interval. +-10 % jitter keeps probes of many endpoints from marching in lockstep.
+        let base = if ep.state.was_ever_healthy() {
+            health.interval
+        } else {
+            (health.interval / 4).max(Duration::from_millis(250)).min(health.interval)
+        };
         let jitter = 0.9 + fastrand::f64() * 0.2;
-        sleep(health.interval.mul_f64(jitter)).await;
+        sleep(base.mul_f64(jitter)).await;
     }
 }
 

@@ -1,0 +1,216 @@
+//! The `local` provider: "instances" are `fleetlb backend` child processes on 127.0.0.1.
+//!
+//! Each launch picks a free loopback port, gives the instance an EC2-style id and spawns
+//! `fleetlb backend --id i-… --cluster … --port … --profile <instanceType> --exit-on-stdin-eof`.
+//! The instance is `pending` until it prints its ready line, `running` after, `shutting-down`
+//! once terminated and `terminated` when the process has exited (reported once, then forgotten).
+//!
+//! Children never outlive fleetlb, even on SIGKILL: each child's stdin is a pipe whose only
+//! writer is this process, and the backend exits when it reads end-of-file. The kernel closes
+//! the pipe when fleetlb dies however it dies; no `unsafe` parent-death signal is needed.
+//! Terminating an instance closes its pipe the same way, so it drains and exits cleanly.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fleetlb_crds::{BackendCluster, ProviderSpec};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::Error;
+use crate::provider::{Instance, InstanceState, LaunchRequest, Provider};
+
+struct Proc {
+    meta: Instance,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    ready: Arc<AtomicBool>,
+    terminating_since: Option<std::time::Instant>,
+}
+
+/// Launches instances as local child processes.
+pub struct LocalProvider {
+    exe: PathBuf,
+    procs: Mutex<HashMap<String, Proc>>,
+}
+
+/// Time a terminated instance gets to drain before it is killed.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+
+impl LocalProvider {
+    /// A provider that runs `exe backend …` (normally the `fleetlb` binary itself).
+    pub fn new(exe: PathBuf) -> Self {
+        Self {
+            exe,
+            procs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Proc>> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process ids of the live children, for tests and diagnostics.
+    pub fn pids(&self) -> Vec<u32> {
+        self.lock().values().filter_map(|p| p.child.id()).collect()
+    }
+
+    /// Terminates every child and waits (up to a few seconds) for them to exit.
+    pub async fn shutdown(&self) {
+        let mut children: Vec<Child> = {
+            let mut procs = self.lock();
+            procs
+                .drain()
+                .map(|(_, mut p)| {
+                    p.stdin.take();
+                    p.child
+                })
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + KILL_AFTER;
+        for child in &mut children {
+            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+    }
+
+    fn spawn(&self, req: &LaunchRequest) -> Result<Instance, Error> {
+        let latency = match &req.provider {
+            ProviderSpec::Local(l) => l.latency_ms,
+            _ => None,
+        };
+        let port = free_port().map_err(|e| Error::Provider {
+            provider: "local",
+            operation: "launch",
+            message: format!("no free loopback port: {e}"),
+        })?;
+        let id = format!("i-0{:015x}", fastrand::u64(..) >> 4);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("backend")
+            .args(["--id", &id])
+            .args(["--cluster", &req.owner.to_string()])
+            .args(["--port", &port.to_string()])
+            .args(["--profile", &req.instance_type])
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(ms) = latency {
+            cmd.args(["--latency-ms", &ms.to_string()]);
+        }
+        let mut child = cmd.spawn().map_err(|e| Error::Provider {
+            provider: "local",
+            operation: "launch",
+            message: format!("cannot start {}: {e}", self.exe.display()),
+        })?;
+        let ready = Arc::new(AtomicBool::new(false));
+        if let Some(out) = child.stdout.take() {
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.starts_with("ready ") {
+                        ready.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let meta = Instance {
+            id: id.clone(),
+            owner: req.owner.clone(),
+            owner_uid: req.owner_uid.clone(),
+            slot: req.slot,
+            address: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+            state: InstanceState::Pending,
+            instance_type: req.instance_type.clone(),
+            spec_hash: req.spec_hash.clone(),
+            launched_at: SystemTime::now(),
+        };
+        let stdin = child.stdin.take();
+        self.lock().insert(
+            id,
+            Proc {
+                meta: meta.clone(),
+                child,
+                stdin,
+                ready,
+                terminating_since: None,
+            },
+        );
+        Ok(meta)
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn list<'a>(
+        &'a self,
+        _clusters: &'a [Arc<BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        async move {
+            let mut procs = self.lock();
+            let mut out = Vec::with_capacity(procs.len());
+            let mut gone = Vec::new();
+            for (id, p) in procs.iter_mut() {
+                let exited = matches!(p.child.try_wait(), Ok(Some(_)) | Err(_));
+                let mut meta = p.meta.clone();
+                meta.state = if exited {
+                    gone.push(id.clone());
+                    InstanceState::Terminated
+                } else if let Some(since) = p.terminating_since {
+                    if since.elapsed() > KILL_AFTER {
+                        let _ = p.child.start_kill();
+                    }
+                    InstanceState::ShuttingDown
+                } else if p.ready.load(Ordering::Relaxed) {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Pending
+                };
+                out.push(meta);
+            }
+            for id in gone {
+                procs.remove(&id);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+        async move { self.spawn(req) }.boxed()
+    }
+
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            let mut procs = self.lock();
+            for id in ids {
+                if let Some(p) = procs.get_mut(id) {
+                    // Closing stdin asks the backend to drain and exit.
+                    p.stdin.take();
+                    p.terminating_since.get_or_insert_with(std::time::Instant::now);
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,174 @@
+//! Where instances come from: the [`Provider`] trait and the instance model shared by all
+//! providers.
+//!
+//! A provider is EC2-shaped: instances have ids and states, carry their owner (cluster key and
+//! object UID), slot and spec hash from creation on, and are listed for **all** clusters in one
+//! call per reconcile pass (never one call per object).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fleetlb_crds::{BackendCluster, ProviderSpec};
+use futures::future::BoxFuture;
+
+use crate::Error;
+
+/// Namespace and name of a BackendCluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterKey {
+    /// Namespace (`default` when the YAML names none).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+impl ClusterKey {
+    /// The key of `bc`.
+    pub fn of(bc: &BackendCluster) -> Self {
+        Self {
+            namespace: bc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: bc.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ClusterKey {
+    /// `name` in the default namespace, `namespace/name` elsewhere (as metrics label the cluster).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace == "default" {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// EC2 instance states, in the EC2 API's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Launched, not yet running.
+    Pending,
+    /// Running (which says nothing about passing health checks).
+    Running,
+    /// Being terminated.
+    ShuttingDown,
+    /// Gone.
+    Terminated,
+    /// Being stopped.
+    Stopping,
+    /// Stopped; does not serve.
+    Stopped,
+}
+
+impl InstanceState {
+    /// The EC2 API's name of the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+
+    /// Counts toward `replicas`: exists and is not on its way out.
+    pub fn is_live(self) -> bool {
+        matches!(self, InstanceState::Pending | InstanceState::Running)
+    }
+}
+
+/// One instance as a provider reports it.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// Provider id (`i-0123456789abcdef0`).
+    pub id: String,
+    /// The BackendCluster it belongs to.
+    pub owner: ClusterKey,
+    /// UID of the owning object, so a re-created object never adopts its predecessor's instances.
+    pub owner_uid: String,
+    /// Slot (0..replicas) it was launched for.
+    pub slot: u32,
+    /// Where it serves, once known.
+    pub address: Option<SocketAddr>,
+    /// Provider state.
+    pub state: InstanceState,
+    /// Instance type it was launched as.
+    pub instance_type: String,
+    /// Hash of the spec fields it was launched from; a different hash means drift.
+    pub spec_hash: String,
+    /// Launch time.
+    pub launched_at: SystemTime,
+}
+
+/// Everything a provider needs to launch one instance.
+#[derive(Clone, Debug)]
+pub struct LaunchRequest {
+    /// Owner.
+    pub owner: ClusterKey,
+    /// Owner UID.
+    pub owner_uid: String,
+    /// Slot.
+    pub slot: u32,
+    /// `spec.instanceType`.
+    pub instance_type: String,
+    /// `spec.port`.
+    pub port: u16,
+    /// `spec.route`, for the instance's own answers.
+    pub route: String,
+    /// `spec.provider`.
+    pub provider: ProviderSpec,
+    /// Spec hash recorded on the instance.
+    pub spec_hash: String,
+    /// Idempotency token: the same launch intent always carries the same token.
+    pub client_token: String,
+}
+
+/// A source of instances.
+///
+/// Called by the reconcile loop only, never on the request path. Every method may be retried by
+/// the caller after an error.
+pub trait Provider: Send + Sync {
+    /// Short name (`aws`, `local`, `static`) for logs, metrics and the `spec.provider` key.
+    fn name(&self) -> &'static str;
+
+    /// Every instance this controller owns through this provider, for all clusters in one call,
+    /// including ones in `shutting-down` or recently `terminated`. `clusters` are the objects
+    /// currently known (the `static` provider derives its instances from them; others ignore it).
+    fn list<'a>(
+        &'a self,
+        clusters: &'a [Arc<BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>>;
+
+    /// Launches one instance. Must be idempotent for the same `client_token`.
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>>;
+
+    /// Starts terminating `ids`; returns once the provider has accepted the request.
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Whether this provider launches and terminates instances (false for `static`).
+    fn manages_instances(&self) -> bool {
+        true
+    }
+}
+
+/// Stable 64-bit FNV-1a, for spec hashes and tokens that must not change across releases.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash of the spec fields whose change requires new instances (type, port, provider settings).
+pub fn spec_hash(bc: &BackendCluster) -> String {
+    let s = &bc.spec;
+    let provider = serde_json::to_string(&s.provider).unwrap_or_default();
+    let key = format!("{}|{}|{}", s.instance_type, s.port, provider);
+    format!("{:016x}", fnv64(key.as_bytes()))
+}

@@ -1,0 +1,284 @@
+//! The reconcile core, shared by every driver: from a BackendCluster, the instances its provider
+//! reports and what the prober knows, decide what to launch, what to retire, which endpoints
+//! the data plane gets, and what the status says.
+//!
+//! [`plan`] is a pure function: no I/O, no clock reads, so it is tested exhaustively without a
+//! provider. Drivers execute the plan (launch, drain, terminate) and publish its results.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use fleetlb_crds::{BackendCluster, BackendClusterStatus, EndpointStatus, InstanceStatus};
+use fleetlb_dataplane::EndpointConfig;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, spec_hash};
+
+/// What the prober knows of one instance.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Health {
+    /// Passes its health check.
+    pub healthy: bool,
+    /// The balancer's latency estimate, ms.
+    pub latency_ms: Option<f64>,
+}
+
+/// Inputs of one reconcile of one object.
+pub struct Observed<'a> {
+    /// This object's instances (same cluster key), any owner UID, any state.
+    pub instances: &'a [&'a Instance],
+    /// Prober knowledge by instance id.
+    pub health: &'a HashMap<String, Health>,
+    /// Instances already leaving the endpoint set, waiting to be terminated.
+    pub draining: &'a HashSet<String>,
+    /// Whether the provider launches and terminates (false for `static`).
+    pub managed: bool,
+}
+
+/// The decision.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Instances to launch now.
+    pub launch: Vec<LaunchRequest>,
+    /// Instances to take out of the endpoint set now and terminate once drained.
+    pub retire: Vec<String>,
+    /// The ranked endpoint set for the data plane (fastest first).
+    pub endpoints: Vec<EndpointConfig>,
+    /// The new status.
+    pub status: BackendClusterStatus,
+}
+
+/// The number of instances `bc` asks for.
+pub fn desired_replicas(bc: &BackendCluster) -> usize {
+    match &bc.spec.provider {
+        fleetlb_crds::ProviderSpec::Static(s) => s.endpoints.len(),
+        _ => usize::try_from(bc.spec.replicas).unwrap_or(0),
+    }
+}
+
+/// Decides launches, retirements, endpoints and status for one object.
+///
+/// Rules: instances of another object UID are retired (a re-created object never adopts its
+/// predecessor's instances); excess instances are retired unhealthy first, then newest;
+/// instances from an older spec (drift) are replaced surge-first: they keep serving until the
+/// current spec has `replicas` healthy instances, then retire; dead instances are replaced.
+pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) -> Plan {
+    let key = ClusterKey::of(bc);
+    let hash = spec_hash(bc);
+    let desired = desired_replicas(bc);
+    let healthy = |i: &Instance| obs.health.get(&i.id).is_some_and(|h| h.healthy);
+
+    let live: Vec<&Instance> = obs
+        .instances
+        .iter()
+        .copied()
+        .filter(|i| i.state.is_live() && !obs.draining.contains(&i.id))
+        .collect();
+    let mut retire: Vec<String> = Vec::new();
+    let mut mine: Vec<&Instance> = Vec::new();
+    for i in live {
+        if obs.managed && i.owner_uid != uid {
+            retire.push(i.id.clone());
+        } else {
+            mine.push(i);
+        }
+    }
+    let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
+        mine.iter().partition(|i| i.spec_hash == hash);
+
+    let mut launch = Vec::new();
+    if obs.managed {
+        if current.len() > desired {
+            // Keep healthy and older instances; retire unhealthy first, then newest.
+            current.sort_by(|a, b| {
+                healthy(b)
+                    .cmp(&healthy(a))
+                    .then(a.launched_at.cmp(&b.launched_at))
+            });
+            for victim in current.split_off(desired) {
+                retire.push(victim.id.clone());
+            }
+        }
+        let ready_current = current.iter().filter(|i| healthy(i)).count();
+        if ready_current >= desired {
+            retire.extend(drifted.iter().map(|i| i.id.clone()));
+        }
+        let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
+        let mut free = (0u32..).filter(|s| !used.contains(s));
+        for _ in current.len()..desired {
+            let Some(slot) = free.next() else { break };
+            launch.push(LaunchRequest {
+                owner: key.clone(),
+                owner_uid: uid.to_string(),
+                slot,
+                instance_type: bc.spec.instance_type.clone(),
+                port: u16::try_from(bc.spec.port).unwrap_or(8000),
+                route: bc.spec.route.clone(),
+                provider: bc.spec.provider.clone(),
+                spec_hash: hash.clone(),
+                client_token: String::new(),
+            });
+        }
+    }
+
+    let retiring: HashSet<&str> = retire.iter().map(String::as_str).collect();
+    let serving: Vec<&Instance> = mine
+        .iter()
+        .copied()
+        .filter(|i| !retiring.contains(i.id.as_str()))
+        .collect();
+    let mut ranked: Vec<(&Instance, SocketAddr)> = serving
+        .iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .filter_map(|i| i.address.map(|a| (*i, a)))
+        .collect();
+    let lat = |i: &Instance| {
+        obs.health
+            .get(&i.id)
+            .and_then(|h| h.latency_ms)
+            .unwrap_or(f64::MAX)
+    };
+    ranked.sort_by(|(a, _), (b, _)| {
+        healthy(b)
+            .cmp(&healthy(a))
+            .then(lat(a).total_cmp(&lat(b)))
+    });
+    let endpoints: Vec<EndpointConfig> = ranked
+        .iter()
+        .map(|(i, addr)| EndpointConfig {
+            id: i.id.clone(),
+            addr: *addr,
+        })
+        .collect();
+
+    let ready = serving.iter().filter(|i| healthy(i)).count();
+    let pending = serving
+        .iter()
+        .filter(|i| i.state == InstanceState::Pending)
+        .count();
+    let failing = serving
+        .iter()
+        .filter(|i| i.state == InstanceState::Running && !healthy(i))
+        .count();
+
+    let mut status = BackendClusterStatus {
+        observed_generation: bc.metadata.generation,
+        replicas: i32::try_from(serving.len()).unwrap_or(i32::MAX),
+        ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
+        selector: None,
+        conditions: bc
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
+        instances: obs
+            .instances
+            .iter()
+            .map(|i| InstanceStatus {
+                id: i.id.clone(),
+                address: i.address.map(|a| a.to_string()),
+                state: if retiring.contains(i.id.as_str()) || obs.draining.contains(&i.id) {
+                    "draining".into()
+                } else {
+                    i.state.as_str().into()
+                },
+                healthy: healthy(i),
+                latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
+            })
+            .collect(),
+        endpoints: ranked
+            .iter()
+            .map(|(i, a)| EndpointStatus {
+                id: i.id.clone(),
+                address: a.to_string(),
+                latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
+            })
+            .collect(),
+    };
+    status.instances.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let gen_ = bc.metadata.generation;
+    let summary = format!("{ready}/{desired} replicas ready");
+    let (ready_status, ready_reason) = if ready >= desired {
+        (true, if desired == 0 { "ScaledToZero" } else { "AllReplicasReady" })
+    } else if !launch.is_empty() || pending > 0 {
+        (false, "Launching")
+    } else if failing > 0 {
+        (false, "HealthCheckFailing")
+    } else {
+        (false, "WaitingForInstances")
+    };
+    set_condition(&mut status.conditions, "Ready", ready_status, ready_reason, &summary, gen_, now);
+
+    let (progressing, p_reason, p_msg) = if !launch.is_empty() || pending > 0 {
+        (true, "Launching", format!("launching {} instance(s), {pending} pending", launch.len()))
+    } else if !retire.is_empty() || !obs.draining.is_empty() {
+        let n = retire.len() + obs.draining.len();
+        if drifted.is_empty() {
+            (true, "ScalingDown", format!("retiring {n} instance(s)"))
+        } else {
+            (true, "Replacing", format!("replacing {} instance(s) from an older spec", drifted.len()))
+        }
+    } else if !drifted.is_empty() {
+        (true, "Replacing", format!("{} instance(s) from an older spec wait for replacements to pass health checks", drifted.len()))
+    } else {
+        (false, "Stable", summary.clone())
+    };
+    set_condition(&mut status.conditions, "Progressing", progressing, p_reason, &p_msg, gen_, now);
+
+    let (degraded, d_reason, d_msg) = if failing > 0 {
+        (true, "HealthCheckFailing", format!("{failing} running instance(s) fail their health check"))
+    } else {
+        (false, "AsExpected", summary)
+    };
+    set_condition(&mut status.conditions, "Degraded", degraded, d_reason, &d_msg, gen_, now);
+
+    Plan {
+        launch,
+        retire,
+        endpoints,
+        status,
+    }
+}
+
+/// Sets condition `type_`, keeping `lastTransitionTime` when the status did not change
+/// (Kubernetes API conventions).
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let status_s = if status { "True" } else { "False" };
+    let next = |last: Time| Condition {
+        type_: type_.to_string(),
+        status: status_s.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        observed_generation: generation,
+        last_transition_time: last,
+    };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let last = if c.status == status_s {
+                c.last_transition_time.clone()
+            } else {
+                Time(now)
+            };
+            *c = next(last);
+        }
+        None => conditions.push(next(Time(now))),
+    }
+}
+
+/// The condition `type_`, if set.
+pub fn condition<'a>(status: &'a BackendClusterStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use fleetlb_crds::{BackendCluster, BackendClusterSpec, LocalProvider, ProviderSpec};
+
+use super::*;
+
+fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
+    let mut bc = BackendCluster::new(
+        "cluster1",
+        BackendClusterSpec {
+            route: "/cluster1".into(),
+            replicas,
+            instance_type: instance_type.into(),
+            port: 8000,
+            provider: ProviderSpec::Local(LocalProvider::default()),
+            health_check: Default::default(),
+            balancing: Default::default(),
+            deletion_policy: Default::default(),
+        },
+    );
+    bc.metadata.generation = Some(1);
+    bc
+}
+
+fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u64) -> Instance {
+    Instance {
+        id: id.into(),
+        owner: ClusterKey::of(bc),
+        owner_uid: "uid-1".into(),
+        slot,
+        address: Some(format!("127.0.0.1:{}", 9000 + slot).parse().unwrap()),
+        state,
+        instance_type: bc.spec.instance_type.clone(),
+        spec_hash: spec_hash(bc),
+        launched_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
+    }
+}
+
+fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
+    let refs: Vec<&Instance> = instances.iter().collect();
+    let health: HashMap<String, Health> = healthy
+        .iter()
+        .map(|id| (id.to_string(), Health { healthy: true, latency_ms: Some(1.0) }))
+        .collect();
+    let draining = HashSet::new();
+    plan(
+        bc,
+        "uid-1",
+        &Observed { instances: &refs, health: &health, draining: &draining, managed: true },
+        Timestamp::UNIX_EPOCH,
+    )
+}
+
+fn cond<'a>(p: &'a Plan, t: &str) -> &'a Condition {
+    condition(&p.status, t).expect("condition set")
+}
+
+#[test]
+fn empty_cluster_launches_every_slot_and_is_not_ready() {
+    let b = bc(4, "t2.micro");
+    let p = run(&b, &[], &[]);
+    let slots: Vec<u32> = p.launch.iter().map(|l| l.slot).collect();
+    assert_eq!(slots, vec![0, 1, 2, 3]);
+    assert_eq!(cond(&p, "Ready").status, "False");
+    assert_eq!(cond(&p, "Ready").reason, "Launching");
+    assert_eq!(cond(&p, "Progressing").status, "True");
+}
+
+#[test]
+fn running_but_unproven_instances_are_not_ready() {
+    let b = bc(2, "t2.micro");
+    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-b", 1, InstanceState::Running, 10)];
+    let p = run(&b, &is, &["i-a"]);
+    assert!(p.launch.is_empty());
+    assert_eq!(p.status.ready_replicas, 1);
+    assert_eq!(cond(&p, "Ready").status, "False");
+    assert_eq!(cond(&p, "Ready").reason, "HealthCheckFailing");
+    assert_eq!(cond(&p, "Degraded").status, "True");
+    // The healthy one ranks first.
+    assert_eq!(p.endpoints[0].id, "i-a");
+}
+
+#[test]
+fn all_healthy_is_ready_and_stable() {
+    let b = bc(2, "t2.micro");
+    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-b", 1, InstanceState::Running, 10)];
+    let p = run(&b, &is, &["i-a", "i-b"]);
+    assert_eq!(cond(&p, "Ready").status, "True");
+    assert_eq!(cond(&p, "Progressing").reason, "Stable");
+    assert_eq!(p.status.observed_generation, Some(1));
+}
+
+#[test]
+fn scale_down_retires_unhealthy_first_then_newest() {
+    let b = bc(2, "t2.micro");
+    let is = [
+        inst(&b, "i-old", 0, InstanceState::Running, 100),
+        inst(&b, "i-sick", 1, InstanceState::Running, 90),
+        inst(&b, "i-new", 2, InstanceState::Running, 1),
+        inst(&b, "i-mid", 3, InstanceState::Running, 50),
+    ];
+    let p = run(&b, &is, &["i-old", "i-new", "i-mid"]);
+    let mut retired = p.retire.clone();
+    retired.sort();
+    assert_eq!(retired, vec!["i-new", "i-sick"]);
+    assert!(p.endpoints.iter().all(|e| !p.retire.contains(&e.id)), "a victim kept receiving traffic");
+}
+
+#[test]
+fn dead_instances_are_replaced_in_their_slot() {
+    let b = bc(2, "t2.micro");
+    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-dead", 1, InstanceState::Terminated, 10)];
+    let p = run(&b, &is, &["i-a"]);
+    assert_eq!(p.launch.len(), 1);
+    assert_eq!(p.launch[0].slot, 1);
+}
+
+#[test]
+fn drift_is_replaced_surge_first() {
+    let old = bc(2, "t2.micro");
+    let new = bc(2, "t2.large");
+    let mut is = vec![inst(&old, "i-o1", 0, InstanceState::Running, 10), inst(&old, "i-o2", 1, InstanceState::Running, 10)];
+    let p = run(&new, &is, &["i-o1", "i-o2"]);
+    assert_eq!(p.launch.len(), 2, "replacements launch before anything retires");
+    assert!(p.retire.is_empty());
+    assert_eq!(p.endpoints.len(), 2, "old instances keep serving meanwhile");
+    is.push(inst(&new, "i-n1", 0, InstanceState::Running, 1));
+    is.push(inst(&new, "i-n2", 1, InstanceState::Running, 1));
+    let p = run(&new, &is, &["i-o1", "i-o2", "i-n1", "i-n2"]);
+    let mut retired = p.retire.clone();
+    retired.sort();
+    assert_eq!(retired, vec!["i-o1", "i-o2"]);
+    assert!(p.launch.is_empty());
+}
+
+#[test]
+fn instances_of_a_deleted_predecessor_are_not_adopted() {
+    let b = bc(1, "t2.micro");
+    let mut foreign = inst(&b, "i-prev", 0, InstanceState::Running, 10);
+    foreign.owner_uid = "uid-0".into();
+    let p = run(&b, &[foreign], &["i-prev"]);
+    assert_eq!(p.retire, vec!["i-prev"]);
+    assert_eq!(p.launch.len(), 1);
+}
+
+#[test]
+fn transition_time_moves_only_when_status_changes() {
+    let mut conds = Vec::new();
+    let t0 = Timestamp::UNIX_EPOCH;
+    let t1 = t0 + Duration::from_secs(60);
+    set_condition(&mut conds, "Ready", false, "Launching", "0/1", Some(1), t0);
+    set_condition(&mut conds, "Ready", false, "HealthCheckFailing", "0/1", Some(1), t1);
+    assert_eq!(conds[0].last_transition_time.0, t0);
+    assert_eq!(conds[0].reason, "HealthCheckFailing");
+    set_condition(&mut conds, "Ready", true, "AllReplicasReady", "1/1", Some(1), t1);
+    assert_eq!(conds[0].last_transition_time.0, t1);
+}

@@ -1,0 +1,517 @@
+//! The standalone driver: BackendClusters from YAML files in a directory, no Kubernetes.
+//!
+//! It behaves like the API server plus controller would: an edit that fails validation is
+//! rejected (logged once, shown in `/status`) and the object keeps its last valid spec; a file
+//! that stops parsing leaves its objects as they were; a removed document or file deletes its
+//! objects (after terminating their instances under `deletionPolicy: Delete`). Objects have no
+//! API-server UID here: each gets a stable one derived from its namespace and name.
+//!
+//! Each pass lists every provider once for all clusters, runs [`reconcile::plan`] per object,
+//! executes the plan, publishes the route table to the data plane and the status to `/status`.
+//! Instances leave the route table first and are terminated one drain period later.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlb_crds::{BackendCluster, DeletionPolicy, ProviderSpec};
+use fleetlb_dataplane::{Dataplane, HealthConfig, Policy, RouteConfig, RouteTable};
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::Providers;
+use crate::files::{self, FileLoad};
+use crate::provider::{ClusterKey, Instance, fnv64};
+use crate::reconcile::{self, Health, Observed, set_condition};
+
+/// Standalone driver settings.
+#[derive(Clone, Debug)]
+pub struct StandaloneConfig {
+    /// Directory of BackendCluster YAML files.
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes (default 500 ms).
+    pub poll: Duration,
+    /// Reconcile period without changes (default 2 s).
+    pub resync: Duration,
+    /// Time between an instance leaving the route table and its termination (default 2 s).
+    pub drain: Duration,
+}
+
+impl StandaloneConfig {
+    /// Defaults for `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            poll: Duration::from_millis(500),
+            resync: Duration::from_secs(2),
+            drain: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where the driver publishes.
+pub struct Outputs {
+    /// Route table for the data plane.
+    pub routes: watch::Sender<RouteTable>,
+    /// `/status` JSON.
+    pub status: watch::Sender<Bytes>,
+    /// Set once the first pass has published a route table.
+    pub ready: watch::Sender<bool>,
+}
+
+struct Tracked {
+    obj: BackendCluster,
+    file: PathBuf,
+    rejected: Option<String>,
+    deleting: bool,
+    draining: HashMap<String, Instant>,
+    created: Timestamp,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterView<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    route: &'a str,
+    instance_type: &'a str,
+    provider: &'static str,
+    desired: usize,
+    created: String,
+    file: String,
+    deleting: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected_edit: Option<&'a str>,
+    status: &'a Option<fleetlb_crds::BackendClusterStatus>,
+}
+
+#[derive(Serialize)]
+struct StatusView<'a> {
+    clusters: Vec<ClusterView<'a>>,
+    errors: Vec<&'a str>,
+}
+
+/// The standalone driver's state.
+pub struct Standalone {
+    cfg: StandaloneConfig,
+    providers: Providers,
+    dataplane: Dataplane,
+    tracked: BTreeMap<ClusterKey, Tracked>,
+    errors: Vec<String>,
+    logged: HashSet<String>,
+    last_hash: Option<u64>,
+}
+
+impl Standalone {
+    /// A driver over `cfg.dir` using `providers`, reading health from `dataplane`.
+    pub fn new(cfg: StandaloneConfig, providers: Providers, dataplane: Dataplane) -> Self {
+        Self {
+            cfg,
+            providers,
+            dataplane,
+            tracked: BTreeMap::new(),
+            errors: Vec::new(),
+            logged: HashSet::new(),
+            last_hash: None,
+        }
+    }
+
+    /// Runs until `shutdown` completes. Instances are left to the caller (the local provider's
+    /// `shutdown` ends its children).
+    pub async fn run(mut self, out: Outputs, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut next_pass = Instant::now();
+        loop {
+            let changed = self.load();
+            if changed || Instant::now() >= next_pass {
+                let busy = self.pass(&out).await;
+                // While instances are launching or draining, look again soon.
+                let wait = if busy { self.cfg.poll.min(self.cfg.resync) } else { self.cfg.resync };
+                next_pass = Instant::now() + wait;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.cfg.poll) => {}
+                () = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// Reads the directory; returns whether anything changed.
+    fn load(&mut self) -> bool {
+        let (hash, texts) = match files::read_dir(&self.cfg.dir) {
+            Ok(x) => x,
+            Err(e) => {
+                let msg = format!("{}: cannot read directory: {e}", self.cfg.dir.display());
+                self.report(vec![msg]);
+                return false;
+            }
+        };
+        if self.last_hash == Some(hash) {
+            return false;
+        }
+        self.last_hash = Some(hash);
+        let loads: Vec<FileLoad> = texts.iter().map(|(p, t)| files::parse_file(p, t)).collect();
+        self.apply(loads);
+        true
+    }
+
+    fn apply(&mut self, loads: Vec<FileLoad>) {
+        let now = Timestamp::now();
+        let mut errors = Vec::new();
+        let mut present: HashSet<ClusterKey> = HashSet::new();
+        let mut defined_in: HashMap<ClusterKey, PathBuf> = HashMap::new();
+        for load in loads {
+            let docs = match load.outcome {
+                Ok(docs) => docs,
+                Err(e) => {
+                    // Unparseable file: everything it held before stays as it was.
+                    for (k, t) in &self.tracked {
+                        if t.file == load.path {
+                            present.insert(k.clone());
+                        }
+                    }
+                    errors.push(e);
+                    continue;
+                }
+            };
+            for doc in docs {
+                if let Some(key) = &doc.key {
+                    if let Some(first) = defined_in.get(key) {
+                        errors.push(format!(
+                            "{}: BackendCluster {}/{} (document {}): metadata.name: already defined in {}",
+                            load.path.display(), key.namespace, key.name, doc.index, first.display()
+                        ));
+                        continue;
+                    }
+                    defined_in.insert(key.clone(), load.path.clone());
+                    present.insert(key.clone());
+                }
+                match (doc.result, doc.key) {
+                    (Ok(bc), Some(key)) => self.upsert(key, bc, &load.path, now, &mut errors),
+                    (Err(e), Some(key)) => {
+                        if let Some(t) = self.tracked.get_mut(&key) {
+                            t.rejected = Some(e.clone());
+                        }
+                        errors.push(e);
+                    }
+                    (Err(e), None) => errors.push(e),
+                    (Ok(_), None) => {}
+                }
+            }
+        }
+        for (key, t) in self.tracked.iter_mut() {
+            if !present.contains(key) && !t.deleting {
+                tracing::info!(cluster = %key, "BackendCluster removed from {}; deleting", t.file.display());
+                t.deleting = true;
+            }
+        }
+        self.report(errors);
+    }
+
+    fn upsert(
+        &mut self,
+        key: ClusterKey,
+        mut bc: BackendCluster,
+        file: &Path,
+        now: Timestamp,
+        errors: &mut Vec<String>,
+    ) {
+        let clash = self.tracked.iter().find(|(k, t)| {
+            **k != key && !t.deleting && t.obj.spec.route == bc.spec.route
+        });
+        if let Some((other, _)) = clash {
+            let e = format!(
+                "{}: BackendCluster {}/{}: spec.route: {} is already served by {}",
+                file.display(), key.namespace, key.name, bc.spec.route, other
+            );
+            if let Some(t) = self.tracked.get_mut(&key) {
+                t.rejected = Some(e.clone());
+            }
+            errors.push(e);
+            return;
+        }
+        match self.tracked.get_mut(&key) {
+            Some(t) => {
+                t.rejected = None;
+                t.file = file.to_path_buf();
+                if t.deleting {
+                    t.deleting = false;
+                }
+                if t.obj.spec != bc.spec {
+                    t.obj.spec = bc.spec;
+                    t.obj.metadata.generation = Some(t.obj.metadata.generation.unwrap_or(1) + 1);
+                    tracing::info!(cluster = %key, generation = t.obj.metadata.generation, "spec changed");
+                }
+            }
+            None => {
+                if bc.metadata.uid.is_none() {
+                    let id = fnv64(format!("{}/{}", key.namespace, key.name).as_bytes());
+                    bc.metadata.uid = Some(format!("standalone-{id:016x}"));
+                }
+                bc.metadata.generation = Some(1);
+                tracing::info!(cluster = %key, route = %bc.spec.route, replicas = bc.spec.replicas, provider = bc.spec.provider.kind(), "BackendCluster added");
+                self.tracked.insert(
+                    key,
+                    Tracked {
+                        obj: bc,
+                        file: file.to_path_buf(),
+                        rejected: None,
+                        deleting: false,
+                        draining: HashMap::new(),
+                        created: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Logs each problem once (until it goes away and comes back).
+    fn report(&mut self, errors: Vec<String>) {
+        let now: HashSet<String> = errors.iter().cloned().collect();
+        for e in &errors {
+            if !self.logged.contains(e) {
+                tracing::error!("{e}");
+            }
+        }
+        self.logged = now;
+        self.errors = errors;
+    }
+
+    /// One reconcile pass over every object; returns whether anything is still in motion.
+    async fn pass(&mut self, out: &Outputs) -> bool {
+        let now = Timestamp::now();
+        let mut busy = false;
+        let health = self.health();
+        // One list per provider for all clusters.
+        let mut by_kind: HashMap<&'static str, Vec<Arc<BackendCluster>>> = HashMap::new();
+        for t in self.tracked.values() {
+            by_kind
+                .entry(t.obj.spec.provider.kind())
+                .or_default()
+                .push(Arc::new(t.obj.clone()));
+        }
+        let mut instances: HashMap<ClusterKey, Vec<Instance>> = HashMap::new();
+        let mut list_errors: HashMap<&'static str, String> = HashMap::new();
+        for (kind, clusters) in &by_kind {
+            let Some(p) = self.providers.get(kind) else {
+                list_errors.insert(kind, format!("the {kind} provider is not configured in this process"));
+                continue;
+            };
+            match p.list(clusters).await {
+                Ok(list) => {
+                    for i in list {
+                        instances.entry(i.owner.clone()).or_default().push(i);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(provider = kind, %e, "listing instances failed");
+                    list_errors.insert(kind, e.to_string());
+                }
+            }
+        }
+
+        let empty = HashMap::new();
+        let mut routes = Vec::new();
+        let mut forget = Vec::new();
+        for (key, t) in self.tracked.iter_mut() {
+            let kind = t.obj.spec.provider.kind();
+            let provider = self.providers.get(kind);
+            let mine = instances.remove(key).unwrap_or_default();
+            if t.deleting {
+                let live: Vec<String> = mine.iter().filter(|i| i.state.is_live()).map(|i| i.id.clone()).collect();
+                let managed = provider.as_ref().is_some_and(|p| p.manages_instances());
+                let orphan = t.obj.spec.deletion_policy == DeletionPolicy::Orphan;
+                let gone = mine.iter().all(|i| i.state == crate::provider::InstanceState::Terminated);
+                if !managed || orphan || gone || provider.is_none() {
+                    tracing::info!(cluster = %key, "BackendCluster deleted");
+                    forget.push(key.clone());
+                } else if !live.is_empty() {
+                    busy = true;
+                    if let Some(p) = &provider {
+                        if let Err(e) = p.terminate(&live).await {
+                            tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry");
+                        } else {
+                            tracing::info!(cluster = %key, count = live.len(), "terminating instances of deleted BackendCluster");
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(provider) = provider.filter(|_| !list_errors.contains_key(kind)) else {
+                let why = list_errors.get(kind).cloned().unwrap_or_default();
+                let status = t.obj.status.get_or_insert_with(Default::default);
+                set_condition(&mut status.conditions, "Ready", false, "ProviderError", &why, t.obj.metadata.generation, now);
+                // Keep serving the endpoints we had.
+                routes.push(route_config(key, &t.obj, last_endpoints(&t.obj)));
+                continue;
+            };
+            let refs: Vec<&Instance> = mine.iter().collect();
+            let draining: HashSet<String> = t.draining.keys().cloned().collect();
+            let uid = t.obj.metadata.uid.clone().unwrap_or_default();
+            let plan = reconcile::plan(
+                &t.obj,
+                &uid,
+                &Observed {
+                    instances: &refs,
+                    health: health.get(&key.to_string()).unwrap_or(&empty),
+                    draining: &draining,
+                    managed: provider.manages_instances(),
+                },
+                now,
+            );
+            let mut status = plan.status;
+            busy |= !plan.launch.is_empty()
+                || !plan.retire.is_empty()
+                || !t.draining.is_empty()
+                || mine.iter().any(|i| i.state != crate::provider::InstanceState::Running);
+            let mut launch_error = None;
+            for req in &plan.launch {
+                match provider.launch(req).await {
+                    Ok(i) => tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched"),
+                    Err(e) => {
+                        tracing::warn!(cluster = %key, %e, "launch failed; will retry");
+                        launch_error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = launch_error {
+                set_condition(&mut status.conditions, "Degraded", true, "LaunchFailed", &e, t.obj.metadata.generation, now);
+            }
+            let at = Instant::now();
+            for id in plan.retire {
+                tracing::info!(cluster = %key, %id, "instance leaves the endpoint set; terminating after drain");
+                t.draining.entry(id).or_insert(at);
+            }
+            let live_ids: HashSet<&str> = mine.iter().filter(|i| i.state.is_live()).map(|i| i.id.as_str()).collect();
+            t.draining.retain(|id, _| live_ids.contains(id.as_str()));
+            let due: Vec<String> = t
+                .draining
+                .iter()
+                .filter(|(_, since)| since.elapsed() >= self.cfg.drain)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !due.is_empty() {
+                match provider.terminate(&due).await {
+                    Ok(()) => tracing::info!(cluster = %key, ids = ?due, "instances terminated"),
+                    Err(e) => tracing::warn!(cluster = %key, %e, "terminate failed; will retry"),
+                }
+            }
+            if let Some(r) = &t.rejected {
+                set_condition(&mut status.conditions, "Degraded", true, "InvalidSpec", &format!("edit rejected, still serving the previous spec: {r}"), t.obj.metadata.generation, now);
+            }
+            routes.push(route_config(key, &t.obj, plan.endpoints));
+            t.obj.status = Some(status);
+        }
+        for key in forget {
+            self.tracked.remove(&key);
+        }
+        out.routes.send_if_modified(|cur| {
+            let next = RouteTable { routes };
+            if *cur == next {
+                false
+            } else {
+                *cur = next;
+                true
+            }
+        });
+        let _ = out.status.send(Bytes::from(self.status_json()));
+        out.ready.send_if_modified(|r| !std::mem::replace(r, true));
+        busy || self.tracked.values().any(|t| t.deleting)
+    }
+
+    fn health(&self) -> HashMap<String, HashMap<String, Health>> {
+        self.dataplane
+            .snapshot()
+            .into_iter()
+            .map(|c| {
+                let m = c
+                    .endpoints
+                    .into_iter()
+                    .map(|e| {
+                        let h = Health {
+                            healthy: e.healthy,
+                            latency_ms: e.probe_ms.map(|_| e.latency_ms),
+                        };
+                        (e.id, h)
+                    })
+                    .collect();
+                (c.cluster, m)
+            })
+            .collect()
+    }
+
+    fn status_json(&self) -> Vec<u8> {
+        let clusters = self
+            .tracked
+            .values()
+            .map(|t| ClusterView {
+                namespace: t.obj.metadata.namespace.as_deref().unwrap_or("default"),
+                name: t.obj.metadata.name.as_deref().unwrap_or(""),
+                route: &t.obj.spec.route,
+                instance_type: &t.obj.spec.instance_type,
+                provider: t.obj.spec.provider.kind(),
+                desired: reconcile::desired_replicas(&t.obj),
+                created: t.created.to_string(),
+                file: t.file.display().to_string(),
+                deleting: t.deleting,
+                rejected_edit: t.rejected.as_deref(),
+                status: &t.obj.status,
+            })
+            .collect();
+        let view = StatusView {
+            clusters,
+            errors: self.errors.iter().map(String::as_str).collect(),
+        };
+        serde_json::to_vec_pretty(&view).unwrap_or_default()
+    }
+}
+
+fn last_endpoints(bc: &BackendCluster) -> Vec<fleetlb_dataplane::EndpointConfig> {
+    bc.status
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| {
+            Some(fleetlb_dataplane::EndpointConfig {
+                id: e.id.clone(),
+                addr: e.address.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The data plane's view of one BackendCluster.
+pub fn route_config(
+    key: &ClusterKey,
+    bc: &BackendCluster,
+    endpoints: Vec<fleetlb_dataplane::EndpointConfig>,
+) -> RouteConfig {
+    let hc = &bc.spec.health_check;
+    RouteConfig {
+        cluster: key.to_string(),
+        prefix: bc.spec.route.clone(),
+        policy: match bc.spec.balancing.policy {
+            fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,
+            fleetlb_crds::Policy::LowestLatency => Policy::LowestLatency,
+            fleetlb_crds::Policy::LeastRequest => Policy::LeastRequest,
+            fleetlb_crds::Policy::RoundRobin => Policy::RoundRobin,
+        },
+        health: HealthConfig {
+            path: hc.path.clone(),
+            interval: Duration::from_secs(u64::from(hc.interval_seconds)),
+            timeout: Duration::from_secs(u64::from(hc.timeout_seconds)),
+            healthy_threshold: hc.healthy_threshold,
+            unhealthy_threshold: hc.unhealthy_threshold,
+        },
+        endpoints,
+    }
+}
+
+#[allow(dead_code)]
+fn provider_kind(spec: &ProviderSpec) -> &'static str {
+    spec.kind()
+}
