@@ -132,7 +132,10 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fleetlb: cannot start the runtime: {e}");
@@ -257,13 +260,26 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 fn write_builtin_examples() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("fleetlb-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("cluster1.yaml"), include_str!("../examples/cluster1.yaml"))?;
-    std::fs::write(dir.join("cluster2.yaml"), include_str!("../examples/cluster2.yaml"))?;
-    eprintln!("fleetlb: no ./examples here; using the built-in demo clusters in {}", dir.display());
+    std::fs::write(
+        dir.join("cluster1.yaml"),
+        include_str!("../examples/cluster1.yaml"),
+    )?;
+    std::fs::write(
+        dir.join("cluster2.yaml"),
+        include_str!("../examples/cluster2.yaml"),
+    )?;
+    eprintln!(
+        "fleetlb: no ./examples here; using the built-in demo clusters in {}",
+        dir.display()
+    );
     Ok(dir)
 }
 
-async fn serve_standalone(dir: PathBuf, listen: ListenArgs, demo: bool) -> anyhow::Result<ExitCode> {
+async fn serve_standalone(
+    dir: PathBuf,
+    listen: ListenArgs,
+    demo: bool,
+) -> anyhow::Result<ExitCode> {
     if !dir.is_dir() {
         eprintln!("fleetlb: --config {}: not a directory", dir.display());
         return Ok(ExitCode::from(EX_USAGE));
@@ -276,7 +292,8 @@ async fn serve_standalone(dir: PathBuf, listen: ListenArgs, demo: bool) -> anyho
     let registry = prometheus::Registry::new();
     let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
     let (routes_tx, routes_rx) = watch::channel(RouteTable::default());
-    let (status_tx, status_rx) = watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
+    let (status_tx, status_rx) =
+        watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -299,7 +316,11 @@ async fn serve_standalone(dir: PathBuf, listen: ListenArgs, demo: bool) -> anyho
         }),
         stopped(stop_rx.clone()),
     ));
-    let driver = Standalone::new(StandaloneConfig::new(dir.clone()), providers, dataplane.clone());
+    let driver = Standalone::new(
+        StandaloneConfig::new(dir.clone()),
+        providers,
+        dataplane.clone(),
+    );
     let driver_task = tokio::spawn(driver.run(
         Outputs {
             routes: routes_tx,

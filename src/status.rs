@@ -10,9 +10,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 pub async fn print(admin: SocketAddr, json: bool) -> anyhow::Result<ExitCode> {
-    let body = fetch(admin)
-        .await
-        .with_context(|| format!("cannot read status from {admin} (is fleetlb running with --admin {admin}?)"))?;
+    let body = fetch(admin).await.with_context(|| {
+        format!("cannot read status from {admin} (is fleetlb running with --admin {admin}?)")
+    })?;
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(ExitCode::SUCCESS);
@@ -51,14 +51,20 @@ fn age(created: &str, now: k8s_openapi::jiff::Timestamp) -> String {
 
 /// The table for a `/status` document.
 pub fn render(v: &Value, now: k8s_openapi::jiff::Timestamp) -> String {
-    let mut rows = vec![[
-        "NAME", "ROUTE", "DESIRED", "READY", "TYPE", "PROVIDER", "REASON", "AGE",
-    ]
-    .map(String::from)];
+    let mut rows = vec![
+        [
+            "NAME", "ROUTE", "DESIRED", "READY", "TYPE", "PROVIDER", "REASON", "AGE",
+        ]
+        .map(String::from),
+    ];
     for c in v["clusters"].as_array().into_iter().flatten() {
         let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
         let ns = s("namespace");
-        let name = if ns == "default" { s("name") } else { format!("{ns}/{}", s("name")) };
+        let name = if ns == "default" {
+            s("name")
+        } else {
+            format!("{ns}/{}", s("name"))
+        };
         let status = &c["status"];
         let ready_cond = status["conditions"]
             .as_array()
@@ -125,7 +131,12 @@ mod tests {
         let out = render(&v, now);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{out}");
-        assert!(lines[1].contains("cluster1") && lines[1].contains("HealthCheckFailing") && lines[1].ends_with("5m"), "{out}");
+        assert!(
+            lines[1].contains("cluster1")
+                && lines[1].contains("HealthCheckFailing")
+                && lines[1].ends_with("5m"),
+            "{out}"
+        );
         assert!(lines[2].starts_with("error: x.yaml"), "{out}");
     }
 }

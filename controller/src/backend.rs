@@ -104,7 +104,11 @@ pub async fn serve(
             let (cfg, cpu) = (cfg.clone(), cpu.clone());
             async move { Ok::<_, Infallible>(answer(&cfg, &cpu, req.uri().path()).await) }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -121,7 +125,10 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
         return json(StatusCode::OK, r#"{"status":"ok"}"#.to_string());
     }
     let Ok(_permit) = cpu.acquire().await else {
-        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"shutting down"}"#.into());
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":"shutting down"}"#.into(),
+        );
     };
     tokio::time::sleep(cfg.profile.latency).await;
     let body = serde_json::json!({

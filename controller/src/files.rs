@@ -95,13 +95,15 @@ pub fn parse_file(path: &Path, text: &str) -> FileLoad {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
 fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
-    let str_at = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let str_at =
+        |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let meta = value.get("metadata");
     let name = meta.and_then(|m| str_at(m, "name"));
     let namespace = meta
@@ -144,7 +146,9 @@ fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
         Some(_) => {}
     }
     if !is_dns_label(&namespace) {
-        return fail(format!("metadata.namespace: {namespace:?} must be a DNS label"));
+        return fail(format!(
+            "metadata.namespace: {namespace:?} must be a DNS label"
+        ));
     }
     // Through JSON: serde_yaml 0.9 reads enums from `!tags` only, the API's shape is `{local: {}}`.
     let json = match serde_json::to_value(&value) {
@@ -207,13 +211,20 @@ mod tests {
         assert!(e.contains("spec.replicas: invalid type"), "{e}");
         let e = one(&GOOD.replace("route: /c1", "rout: /c1")).unwrap_err();
         assert!(e.contains("spec: unknown field `rout`"), "{e}");
-        let e = one(&GOOD.replace("    local: {}", "    local: {}\n    static:\n      endpoints: [\"a:1\"]")).unwrap_err();
+        let e = one(&GOOD.replace(
+            "    local: {}",
+            "    local: {}\n    static:\n      endpoints: [\"a:1\"]",
+        ))
+        .unwrap_err();
         assert!(e.contains("spec.provider"), "{e}");
     }
 
     #[test]
     fn several_documents_and_a_broken_file() {
-        let f = parse_file(Path::new("m.yaml"), &format!("{GOOD}---\n{}", GOOD.replace("c1", "c2")));
+        let f = parse_file(
+            Path::new("m.yaml"),
+            &format!("{GOOD}---\n{}", GOOD.replace("c1", "c2")),
+        );
         assert_eq!(f.outcome.unwrap().len(), 2);
         let f = parse_file(Path::new("bad.yaml"), "spec: [unclosed");
         let e = f.outcome.unwrap_err();

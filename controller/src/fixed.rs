@@ -14,7 +14,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::Error;
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, Provider, fnv64, spec_hash};
+use crate::provider::{
+    ClusterKey, Instance, InstanceState, LaunchRequest, Provider, fnv64, spec_hash,
+};
 
 /// Derives instances from `spec.provider.static.endpoints`.
 #[derive(Default)]

@@ -76,7 +76,10 @@ impl LocalProvider {
         };
         let deadline = tokio::time::Instant::now() + KILL_AFTER;
         for child in &mut children {
-            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
             }
@@ -206,7 +209,8 @@ impl Provider for LocalProvider {
                 if let Some(p) = procs.get_mut(id) {
                     // Closing stdin asks the backend to drain and exit.
                     p.stdin.take();
-                    p.terminating_since.get_or_insert_with(std::time::Instant::now);
+                    p.terminating_since
+                        .get_or_insert_with(std::time::Instant::now);
                 }
             }
             Ok(())

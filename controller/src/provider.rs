@@ -28,7 +28,11 @@ impl ClusterKey {
     /// The key of `bc`.
     pub fn of(bc: &BackendCluster) -> Self {
         Self {
-            namespace: bc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: bc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name: bc.metadata.name.clone().unwrap_or_default(),
         }
     }

@@ -139,11 +139,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             .and_then(|h| h.latency_ms)
             .unwrap_or(f64::MAX)
     };
-    ranked.sort_by(|(a, _), (b, _)| {
-        healthy(b)
-            .cmp(&healthy(a))
-            .then(lat(a).total_cmp(&lat(b)))
-    });
+    ranked.sort_by(|(a, _), (b, _)| healthy(b).cmp(&healthy(a)).then(lat(a).total_cmp(&lat(b))));
     let endpoints: Vec<EndpointConfig> = ranked
         .iter()
         .map(|(i, addr)| EndpointConfig {
@@ -201,7 +197,14 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     let gen_ = bc.metadata.generation;
     let summary = format!("{ready}/{desired} replicas ready");
     let (ready_status, ready_reason) = if ready >= desired {
-        (true, if desired == 0 { "ScaledToZero" } else { "AllReplicasReady" })
+        (
+            true,
+            if desired == 0 {
+                "ScaledToZero"
+            } else {
+                "AllReplicasReady"
+            },
+        )
     } else if !launch.is_empty() || pending > 0 {
         (false, "Launching")
     } else if failing > 0 {
@@ -209,30 +212,73 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     } else {
         (false, "WaitingForInstances")
     };
-    set_condition(&mut status.conditions, "Ready", ready_status, ready_reason, &summary, gen_, now);
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ready_status,
+        ready_reason,
+        &summary,
+        gen_,
+        now,
+    );
 
     let (progressing, p_reason, p_msg) = if !launch.is_empty() || pending > 0 {
-        (true, "Launching", format!("launching {} instance(s), {pending} pending", launch.len()))
+        (
+            true,
+            "Launching",
+            format!("launching {} instance(s), {pending} pending", launch.len()),
+        )
     } else if !retire.is_empty() || !obs.draining.is_empty() {
         let n = retire.len() + obs.draining.len();
         if drifted.is_empty() {
             (true, "ScalingDown", format!("retiring {n} instance(s)"))
         } else {
-            (true, "Replacing", format!("replacing {} instance(s) from an older spec", drifted.len()))
+            (
+                true,
+                "Replacing",
+                format!("replacing {} instance(s) from an older spec", drifted.len()),
+            )
         }
     } else if !drifted.is_empty() {
-        (true, "Replacing", format!("{} instance(s) from an older spec wait for replacements to pass health checks", drifted.len()))
+        (
+            true,
+            "Replacing",
+            format!(
+                "{} instance(s) from an older spec wait for replacements to pass health checks",
+                drifted.len()
+            ),
+        )
     } else {
         (false, "Stable", summary.clone())
     };
-    set_condition(&mut status.conditions, "Progressing", progressing, p_reason, &p_msg, gen_, now);
+    set_condition(
+        &mut status.conditions,
+        "Progressing",
+        progressing,
+        p_reason,
+        &p_msg,
+        gen_,
+        now,
+    );
 
     let (degraded, d_reason, d_msg) = if failing > 0 {
-        (true, "HealthCheckFailing", format!("{failing} running instance(s) fail their health check"))
+        (
+            true,
+            "HealthCheckFailing",
+            format!("{failing} running instance(s) fail their health check"),
+        )
     } else {
         (false, "AsExpected", summary)
     };
-    set_condition(&mut status.conditions, "Degraded", degraded, d_reason, &d_msg, gen_, now);
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        degraded,
+        d_reason,
+        &d_msg,
+        gen_,
+        now,
+    );
 
     Plan {
         launch,

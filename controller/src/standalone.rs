@@ -130,7 +130,11 @@ impl Standalone {
             if changed || Instant::now() >= next_pass {
                 let busy = self.pass(&out).await;
                 // While instances are launching or draining, look again soon.
-                let wait = if busy { self.cfg.poll.min(self.cfg.resync) } else { self.cfg.resync };
+                let wait = if busy {
+                    self.cfg.poll.min(self.cfg.resync)
+                } else {
+                    self.cfg.resync
+                };
                 next_pass = Instant::now() + wait;
             }
             tokio::select! {
@@ -220,13 +224,18 @@ impl Standalone {
         now: Timestamp,
         errors: &mut Vec<String>,
     ) {
-        let clash = self.tracked.iter().find(|(k, t)| {
-            **k != key && !t.deleting && t.obj.spec.route == bc.spec.route
-        });
+        let clash = self
+            .tracked
+            .iter()
+            .find(|(k, t)| **k != key && !t.deleting && t.obj.spec.route == bc.spec.route);
         if let Some((other, _)) = clash {
             let e = format!(
                 "{}: BackendCluster {}/{}: spec.route: {} is already served by {}",
-                file.display(), key.namespace, key.name, bc.spec.route, other
+                file.display(),
+                key.namespace,
+                key.name,
+                bc.spec.route,
+                other
             );
             if let Some(t) = self.tracked.get_mut(&key) {
                 t.rejected = Some(e.clone());
@@ -298,7 +307,10 @@ impl Standalone {
         let mut list_errors: HashMap<&'static str, String> = HashMap::new();
         for (kind, clusters) in &by_kind {
             let Some(p) = self.providers.get(kind) else {
-                list_errors.insert(kind, format!("the {kind} provider is not configured in this process"));
+                list_errors.insert(
+                    kind,
+                    format!("the {kind} provider is not configured in this process"),
+                );
                 continue;
             };
             match p.list(clusters).await {
@@ -322,10 +334,16 @@ impl Standalone {
             let provider = self.providers.get(kind);
             let mine = instances.remove(key).unwrap_or_default();
             if t.deleting {
-                let live: Vec<String> = mine.iter().filter(|i| i.state.is_live()).map(|i| i.id.clone()).collect();
+                let live: Vec<String> = mine
+                    .iter()
+                    .filter(|i| i.state.is_live())
+                    .map(|i| i.id.clone())
+                    .collect();
                 let managed = provider.as_ref().is_some_and(|p| p.manages_instances());
                 let orphan = t.obj.spec.deletion_policy == DeletionPolicy::Orphan;
-                let gone = mine.iter().all(|i| i.state == crate::provider::InstanceState::Terminated);
+                let gone = mine
+                    .iter()
+                    .all(|i| i.state == crate::provider::InstanceState::Terminated);
                 if !managed || orphan || gone || provider.is_none() {
                     tracing::info!(cluster = %key, "BackendCluster deleted");
                     forget.push(key.clone());
@@ -344,7 +362,15 @@ impl Standalone {
             let Some(provider) = provider.filter(|_| !list_errors.contains_key(kind)) else {
                 let why = list_errors.get(kind).cloned().unwrap_or_default();
                 let status = t.obj.status.get_or_insert_with(Default::default);
-                set_condition(&mut status.conditions, "Ready", false, "ProviderError", &why, t.obj.metadata.generation, now);
+                set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    false,
+                    "ProviderError",
+                    &why,
+                    t.obj.metadata.generation,
+                    now,
+                );
                 // Keep serving the endpoints we had.
                 routes.push(route_config(key, &t.obj, last_endpoints(&t.obj)));
                 continue;
@@ -367,11 +393,15 @@ impl Standalone {
             busy |= !plan.launch.is_empty()
                 || !plan.retire.is_empty()
                 || !t.draining.is_empty()
-                || mine.iter().any(|i| i.state != crate::provider::InstanceState::Running);
+                || mine
+                    .iter()
+                    .any(|i| i.state != crate::provider::InstanceState::Running);
             let mut launch_error = None;
             for req in &plan.launch {
                 match provider.launch(req).await {
-                    Ok(i) => tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched"),
+                    Ok(i) => {
+                        tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched")
+                    }
                     Err(e) => {
                         tracing::warn!(cluster = %key, %e, "launch failed; will retry");
                         launch_error = Some(e.to_string());
@@ -380,14 +410,26 @@ impl Standalone {
                 }
             }
             if let Some(e) = launch_error {
-                set_condition(&mut status.conditions, "Degraded", true, "LaunchFailed", &e, t.obj.metadata.generation, now);
+                set_condition(
+                    &mut status.conditions,
+                    "Degraded",
+                    true,
+                    "LaunchFailed",
+                    &e,
+                    t.obj.metadata.generation,
+                    now,
+                );
             }
             let at = Instant::now();
             for id in plan.retire {
                 tracing::info!(cluster = %key, %id, "instance leaves the endpoint set; terminating after drain");
                 t.draining.entry(id).or_insert(at);
             }
-            let live_ids: HashSet<&str> = mine.iter().filter(|i| i.state.is_live()).map(|i| i.id.as_str()).collect();
+            let live_ids: HashSet<&str> = mine
+                .iter()
+                .filter(|i| i.state.is_live())
+                .map(|i| i.id.as_str())
+                .collect();
             t.draining.retain(|id, _| live_ids.contains(id.as_str()));
             let due: Vec<String> = t
                 .draining
@@ -402,7 +444,15 @@ impl Standalone {
                 }
             }
             if let Some(r) = &t.rejected {
-                set_condition(&mut status.conditions, "Degraded", true, "InvalidSpec", &format!("edit rejected, still serving the previous spec: {r}"), t.obj.metadata.generation, now);
+                set_condition(
+                    &mut status.conditions,
+                    "Degraded",
+                    true,
+                    "InvalidSpec",
+                    &format!("edit rejected, still serving the previous spec: {r}"),
+                    t.obj.metadata.generation,
+                    now,
+                );
             }
             routes.push(route_config(key, &t.obj, plan.endpoints));
             t.obj.status = Some(status);

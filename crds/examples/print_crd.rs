@@ -1,1 +1,3 @@
-fn main() { print!("{}", fleetlb_crds::crd_yaml()); }
+fn main() {
+    print!("{}", fleetlb_crds::crd_yaml());
+}

@@ -49,9 +49,7 @@ fn route_ok(route: &str) -> bool {
         let mut chars = seg.chars();
         match chars.next() {
             None | Some('.') => false,
-            Some(c) => {
-                segment_char(c) && chars.all(|c| c == '.' || segment_char(c))
-            }
+            Some(c) => segment_char(c) && chars.all(|c| c == '.' || segment_char(c)),
         }
     })
 }
@@ -151,7 +149,10 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
     }
     for (name, v) in [
         ("spec.healthCheck.healthyThreshold", hc.healthy_threshold),
-        ("spec.healthCheck.unhealthyThreshold", hc.unhealthy_threshold),
+        (
+            "spec.healthCheck.unhealthyThreshold",
+            hc.unhealthy_threshold,
+        ),
     ] {
         if !(2..=10).contains(&v) {
             err(&mut e, name, format!("must be between 2 and 10, got {v}"));
@@ -224,7 +225,9 @@ mod tests {
         for ok in ["/", "/cluster1", "/a/b-c/d_e.f", "/v1.2"] {
             assert!(route_ok(ok), "{ok} should be accepted");
         }
-        for bad in ["", "cluster1", "/a/", "//", "/a//b", "/..", "/a/../b", "/.env", "/a b", "/é"] {
+        for bad in [
+            "", "cluster1", "/a/", "//", "/a//b", "/..", "/a/../b", "/.env", "/a b", "/é",
+        ] {
             assert!(!route_ok(bad), "{bad} should be rejected");
         }
     }

@@ -61,7 +61,9 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, Infallible>(route(&state, req)) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -76,8 +78,14 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
         "/metrics" => {
             state.dataplane.refresh_gauges();
             let mut buf = Vec::with_capacity(16 * 1024);
-            if TextEncoder::new().encode(&state.registry.gather(), &mut buf).is_err() {
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n");
+            if TextEncoder::new()
+                .encode(&state.registry.gather(), &mut buf)
+                .is_err()
+            {
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics encoding failed\n",
+                );
             }
             with_type(buf.into(), "text/plain; version=0.0.4; charset=utf-8")
         }
@@ -86,7 +94,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
             if *state.ready.borrow() {
                 plain(StatusCode::OK, "ready\n")
             } else {
-                plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: no route table yet\n")
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no route table yet\n",
+                )
             }
         }
         "/status" => with_type(state.status.borrow().clone(), "application/json"),

@@ -70,12 +70,20 @@ pub(crate) fn pick<'a>(
             Policy::PeakEwma => {
                 let (a, b) = two_distinct(n);
                 let (a, b) = (nth(a)?, nth(b)?);
-                if cost(a, now, decay_ns) <= cost(b, now, decay_ns) { a } else { b }
+                if cost(a, now, decay_ns) <= cost(b, now, decay_ns) {
+                    a
+                } else {
+                    b
+                }
             }
             Policy::LeastRequest => {
                 let (a, b) = two_distinct(n);
                 let (a, b) = (nth(a)?, nth(b)?);
-                if a.state.inflight() <= b.state.inflight() { a } else { b }
+                if a.state.inflight() <= b.state.inflight() {
+                    a
+                } else {
+                    b
+                }
             }
             Policy::LowestLatency => eps
                 .iter()
@@ -121,7 +129,12 @@ mod tests {
             .enumerate()
             .map(|(i, l)| {
                 let addr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
-                let e = Endpoint::new(format!("i-{i}"), addr, metrics.endpoint("c", &addr.to_string()), 0);
+                let e = Endpoint::new(
+                    format!("i-{i}"),
+                    addr,
+                    metrics.endpoint("c", &addr.to_string()),
+                    0,
+                );
                 e.state.record_probe(true, (*l * MS) as u64, 0, 1, 2);
                 Arc::new(e)
             })
@@ -141,7 +154,11 @@ mod tests {
         let mut counts = vec![0; c.endpoints.len()];
         for _ in 0..picks {
             let p = pick(c, 0, DECAY, None).expect("an endpoint");
-            let i = c.endpoints.iter().position(|e| Arc::ptr_eq(e, p.endpoint)).unwrap();
+            let i = c
+                .endpoints
+                .iter()
+                .position(|e| Arc::ptr_eq(e, p.endpoint))
+                .unwrap();
             counts[i] += 1;
         }
         counts
@@ -152,7 +169,10 @@ mod tests {
         let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0, 40.0]);
         let counts = shares(&c, 3000);
         assert!(counts[3] < 100, "slow endpoint got {counts:?}");
-        assert!(counts[..3].iter().all(|&n| n > 700), "fast endpoints shared unevenly: {counts:?}");
+        assert!(
+            counts[..3].iter().all(|&n| n > 700),
+            "fast endpoints shared unevenly: {counts:?}"
+        );
     }
 
     #[test]
@@ -191,9 +211,20 @@ mod tests {
     fn never_healthy_endpoints_get_nothing() {
         let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
         let addr = "127.0.0.1:9000".parse().unwrap();
-        let fresh = Arc::new(Endpoint::new("i-new".into(), addr, metrics.endpoint("c", "a"), 0));
-        let c = Cluster { endpoints: vec![fresh], ..cluster(Policy::PeakEwma, &[]) };
-        assert!(pick(&c, 0, DECAY, None).is_none(), "an unproven endpoint was chosen");
+        let fresh = Arc::new(Endpoint::new(
+            "i-new".into(),
+            addr,
+            metrics.endpoint("c", "a"),
+            0,
+        ));
+        let c = Cluster {
+            endpoints: vec![fresh],
+            ..cluster(Policy::PeakEwma, &[])
+        };
+        assert!(
+            pick(&c, 0, DECAY, None).is_none(),
+            "an unproven endpoint was chosen"
+        );
     }
 
     #[test]

@@ -125,7 +125,10 @@ impl EndpointState {
 
     /// The raw passive estimate, without decay (0 when there has been no sample).
     fn raw(&self) -> (f64, u64) {
-        (f64::from_bits(self.est_bits.load(Relaxed)), self.est_at.load(Relaxed))
+        (
+            f64::from_bits(self.est_bits.load(Relaxed)),
+            self.est_at.load(Relaxed),
+        )
     }
 
     /// Current latency estimate in nanoseconds. With no traffic it relaxes toward the latest
@@ -241,7 +244,10 @@ mod tests {
         s.record_probe(true, 3_000_000, at(0), 2, 2);
         s.observe(200.0 * MS, at(10), DECAY);
         let long_after = s.estimate_ns(at(600_000), DECAY);
-        assert!((long_after - 3.0 * MS).abs() < 0.01 * MS, "decayed to {long_after}");
+        assert!(
+            (long_after - 3.0 * MS).abs() < 0.01 * MS,
+            "decayed to {long_after}"
+        );
     }
 
     #[test]
@@ -263,7 +269,11 @@ mod tests {
         assert_eq!(s.success(0, 2), Transition::None);
         assert_eq!(s.success(0, 2), Transition::BecameHealthy);
         assert_eq!(s.failure(3), Transition::None);
-        assert_eq!(s.success(0, 2), Transition::None, "a pass resets the failure streak");
+        assert_eq!(
+            s.success(0, 2),
+            Transition::None,
+            "a pass resets the failure streak"
+        );
         assert_eq!(s.failure(3), Transition::None);
         assert_eq!(s.failure(3), Transition::None);
         assert_eq!(s.failure(3), Transition::BecameUnhealthy);

@@ -180,7 +180,11 @@ impl Dataplane {
                             cost: balance::cost(e, now, decay) / 1e6,
                             inflight: s.inflight(),
                             selections,
-                            share: if total == 0 { 0.0 } else { selections as f64 / total as f64 },
+                            share: if total == 0 {
+                                0.0
+                            } else {
+                                selections as f64 / total as f64
+                            },
                         }
                     })
                     .collect();
@@ -188,7 +192,8 @@ impl Dataplane {
                     cluster: c.name.clone(),
                     prefix: c.prefix.clone(),
                     policy: c.policy.as_str(),
-                    panic: !c.endpoints.is_empty() && endpoints.iter().all(|e| e.state != "healthy"),
+                    panic: !c.endpoints.is_empty()
+                        && endpoints.iter().all(|e| e.state != "healthy"),
                     endpoints,
                 }
             })
@@ -205,11 +210,17 @@ impl Dataplane {
             let mut counts = [0i64; 3];
             for e in &c.endpoints {
                 let cl = c.cluster.as_str();
-                m.latency.with_label_values(&[cl, &e.address, "ewma"]).set(e.latency_ms / 1e3);
+                m.latency
+                    .with_label_values(&[cl, &e.address, "ewma"])
+                    .set(e.latency_ms / 1e3);
                 if let Some(p) = e.probe_ms {
-                    m.latency.with_label_values(&[cl, &e.address, "probe"]).set(p / 1e3);
+                    m.latency
+                        .with_label_values(&[cl, &e.address, "probe"])
+                        .set(p / 1e3);
                 }
-                m.inflight.with_label_values(&[cl, &e.address]).set(i64::from(e.inflight));
+                m.inflight
+                    .with_label_values(&[cl, &e.address])
+                    .set(i64::from(e.inflight));
                 counts[match e.state {
                     "healthy" => 0,
                     "unhealthy" => 1,
@@ -217,7 +228,9 @@ impl Dataplane {
                 }] += 1;
             }
             for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
-                m.endpoints.with_label_values(&[c.cluster.as_str(), state]).set(n);
+                m.endpoints
+                    .with_label_values(&[c.cluster.as_str(), state])
+                    .set(n);
             }
             if !c.panic {
                 m.panic_mode.with_label_values(&[c.cluster.as_str()]).set(0);

@@ -56,7 +56,11 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
                 tracing::info!(%cluster, endpoint = %ep.addr, id = %ep.id, rtt_ms = rtt as f64 / 1e6, "endpoint healthy")
             }
             Transition::BecameUnhealthy => {
-                shared.metrics.ejections.with_label_values(&[cluster.as_str(), "health_check"]).inc();
+                shared
+                    .metrics
+                    .ejections
+                    .with_label_values(&[cluster.as_str(), "health_check"])
+                    .inc();
                 tracing::warn!(%cluster, endpoint = %ep.addr, id = %ep.id, "endpoint unhealthy: health check failing")
             }
             Transition::None => {}
@@ -67,7 +71,9 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
         let base = if ep.state.was_ever_healthy() {
             health.interval
         } else {
-            (health.interval / 4).max(Duration::from_millis(250)).min(health.interval)
+            (health.interval / 4)
+                .max(Duration::from_millis(250))
+                .min(health.interval)
         };
         let jitter = 0.9 + fastrand::f64() * 0.2;
         sleep(base.mul_f64(jitter)).await;
@@ -82,7 +88,10 @@ async fn probe_once(shared: &Shared, uri: &Uri, limit: Duration) -> bool {
     let attempt = async {
         let resp = shared.client.request(req).await.ok()?;
         let status = resp.status();
-        Limited::new(resp.into_body(), MAX_PROBE_BODY).collect().await.ok()?;
+        Limited::new(resp.into_body(), MAX_PROBE_BODY)
+            .collect()
+            .await
+            .ok()?;
         Some(status.is_success())
     };
     matches!(timeout(limit, attempt).await, Ok(Some(true)))

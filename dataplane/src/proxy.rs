@@ -58,7 +58,10 @@ pub(crate) async fn handle(
         }
     };
     cluster.metrics.count(resp.status().as_u16());
-    cluster.metrics.duration.observe(started.elapsed().as_secs_f64());
+    cluster
+        .metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -79,7 +82,11 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let replayable = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
-    let attempts = if replayable { cfg.max_attempts.max(1) } else { 1 };
+    let attempts = if replayable {
+        cfg.max_attempts.max(1)
+    } else {
+        1
+    };
     let path = parts
         .uri
         .path_and_query()
@@ -96,7 +103,11 @@ async fn forward(
             return Err(last_err);
         };
         if pick.panic {
-            shared.metrics.panic_mode.with_label_values(&[cluster.name.as_str()]).set(1);
+            shared
+                .metrics
+                .panic_mode
+                .with_label_values(&[cluster.name.as_str()])
+                .set(1);
         }
         let ep = pick.endpoint.clone();
         if attempt > 1 {
@@ -131,7 +142,8 @@ async fn forward(
             }
             Ok(Err(err)) => {
                 let connect = err.is_connect();
-                ep.state.observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
+                ep.state
+                    .observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
                 if connect {
                     ep.metrics.connect_errors.inc();
                     let t = if refused(&err) {
@@ -140,7 +152,11 @@ async fn forward(
                         ep.state.failure(cluster.health.unhealthy_threshold)
                     };
                     if t == Transition::BecameUnhealthy {
-                        shared.metrics.ejections.with_label_values(&[cluster.name.as_str(), "connect_error"]).inc();
+                        shared
+                            .metrics
+                            .ejections
+                            .with_label_values(&[cluster.name.as_str(), "connect_error"])
+                            .inc();
                         tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
                     }
                     last_err = ProxyError::UpstreamConnect;
@@ -154,7 +170,8 @@ async fn forward(
                 failed = Some(ep);
             }
             Err(_elapsed) => {
-                ep.state.observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
+                ep.state
+                    .observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
                 tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cfg.request_timeout, "upstream timed out");
                 return Err(ProxyError::UpstreamTimeout);
             }
@@ -188,7 +205,11 @@ fn learn_from_status(
             {
                 let secs = secs.clamp(1, 60);
                 ep.state.eject_until(now + secs * 1_000_000_000);
-                shared.metrics.ejections.with_label_values(&[cluster.name.as_str(), "retry_after"]).inc();
+                shared
+                    .metrics
+                    .ejections
+                    .with_label_values(&[cluster.name.as_str(), "retry_after"])
+                    .inc();
             }
         }
     } else {
@@ -269,9 +290,15 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed_with_those_connection_names() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert!(h.get("x-secret").is_none());

@@ -86,8 +86,17 @@ fn apply(
                 Some(p) => {
                     // Health settings changed: restart the prober, keep the state.
                     p.task.abort();
-                    let task = probe::spawn(shared.clone(), route.cluster.clone(), route.health.clone(), p.endpoint.clone());
-                    Probed { endpoint: p.endpoint, health: route.health.clone(), task }
+                    let task = probe::spawn(
+                        shared.clone(),
+                        route.cluster.clone(),
+                        route.health.clone(),
+                        p.endpoint.clone(),
+                    );
+                    Probed {
+                        endpoint: p.endpoint,
+                        health: route.health.clone(),
+                        task,
+                    }
                 }
                 None => {
                     let label = ep.addr.to_string();
@@ -97,9 +106,18 @@ fn apply(
                         shared.metrics.endpoint(&route.cluster, &label),
                         now,
                     ));
-                    let task = probe::spawn(shared.clone(), route.cluster.clone(), route.health.clone(), endpoint.clone());
+                    let task = probe::spawn(
+                        shared.clone(),
+                        route.cluster.clone(),
+                        route.health.clone(),
+                        endpoint.clone(),
+                    );
                     tracing::info!(cluster = %route.cluster, endpoint = %ep.addr, id = %ep.id, "endpoint added");
-                    Probed { endpoint, health: route.health.clone(), task }
+                    Probed {
+                        endpoint,
+                        health: route.health.clone(),
+                        task,
+                    }
                 }
             };
             endpoints.push(probed.endpoint.clone());

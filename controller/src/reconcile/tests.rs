@@ -41,13 +41,26 @@ fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
     let refs: Vec<&Instance> = instances.iter().collect();
     let health: HashMap<String, Health> = healthy
         .iter()
-        .map(|id| (id.to_string(), Health { healthy: true, latency_ms: Some(1.0) }))
+        .map(|id| {
+            (
+                id.to_string(),
+                Health {
+                    healthy: true,
+                    latency_ms: Some(1.0),
+                },
+            )
+        })
         .collect();
     let draining = HashSet::new();
     plan(
         bc,
         "uid-1",
-        &Observed { instances: &refs, health: &health, draining: &draining, managed: true },
+        &Observed {
+            instances: &refs,
+            health: &health,
+            draining: &draining,
+            managed: true,
+        },
         Timestamp::UNIX_EPOCH,
     )
 }
@@ -70,7 +83,10 @@ fn empty_cluster_launches_every_slot_and_is_not_ready() {
 #[test]
 fn running_but_unproven_instances_are_not_ready() {
     let b = bc(2, "t2.micro");
-    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-b", 1, InstanceState::Running, 10)];
+    let is = [
+        inst(&b, "i-a", 0, InstanceState::Running, 10),
+        inst(&b, "i-b", 1, InstanceState::Running, 10),
+    ];
     let p = run(&b, &is, &["i-a"]);
     assert!(p.launch.is_empty());
     assert_eq!(p.status.ready_replicas, 1);
@@ -84,7 +100,10 @@ fn running_but_unproven_instances_are_not_ready() {
 #[test]
 fn all_healthy_is_ready_and_stable() {
     let b = bc(2, "t2.micro");
-    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-b", 1, InstanceState::Running, 10)];
+    let is = [
+        inst(&b, "i-a", 0, InstanceState::Running, 10),
+        inst(&b, "i-b", 1, InstanceState::Running, 10),
+    ];
     let p = run(&b, &is, &["i-a", "i-b"]);
     assert_eq!(cond(&p, "Ready").status, "True");
     assert_eq!(cond(&p, "Progressing").reason, "Stable");
@@ -104,13 +123,19 @@ fn scale_down_retires_unhealthy_first_then_newest() {
     let mut retired = p.retire.clone();
     retired.sort();
     assert_eq!(retired, vec!["i-new", "i-sick"]);
-    assert!(p.endpoints.iter().all(|e| !p.retire.contains(&e.id)), "a victim kept receiving traffic");
+    assert!(
+        p.endpoints.iter().all(|e| !p.retire.contains(&e.id)),
+        "a victim kept receiving traffic"
+    );
 }
 
 #[test]
 fn dead_instances_are_replaced_in_their_slot() {
     let b = bc(2, "t2.micro");
-    let is = [inst(&b, "i-a", 0, InstanceState::Running, 10), inst(&b, "i-dead", 1, InstanceState::Terminated, 10)];
+    let is = [
+        inst(&b, "i-a", 0, InstanceState::Running, 10),
+        inst(&b, "i-dead", 1, InstanceState::Terminated, 10),
+    ];
     let p = run(&b, &is, &["i-a"]);
     assert_eq!(p.launch.len(), 1);
     assert_eq!(p.launch[0].slot, 1);
@@ -120,9 +145,16 @@ fn dead_instances_are_replaced_in_their_slot() {
 fn drift_is_replaced_surge_first() {
     let old = bc(2, "t2.micro");
     let new = bc(2, "t2.large");
-    let mut is = vec![inst(&old, "i-o1", 0, InstanceState::Running, 10), inst(&old, "i-o2", 1, InstanceState::Running, 10)];
+    let mut is = vec![
+        inst(&old, "i-o1", 0, InstanceState::Running, 10),
+        inst(&old, "i-o2", 1, InstanceState::Running, 10),
+    ];
     let p = run(&new, &is, &["i-o1", "i-o2"]);
-    assert_eq!(p.launch.len(), 2, "replacements launch before anything retires");
+    assert_eq!(
+        p.launch.len(),
+        2,
+        "replacements launch before anything retires"
+    );
     assert!(p.retire.is_empty());
     assert_eq!(p.endpoints.len(), 2, "old instances keep serving meanwhile");
     is.push(inst(&new, "i-n1", 0, InstanceState::Running, 1));
@@ -150,9 +182,25 @@ fn transition_time_moves_only_when_status_changes() {
     let t0 = Timestamp::UNIX_EPOCH;
     let t1 = t0 + Duration::from_secs(60);
     set_condition(&mut conds, "Ready", false, "Launching", "0/1", Some(1), t0);
-    set_condition(&mut conds, "Ready", false, "HealthCheckFailing", "0/1", Some(1), t1);
+    set_condition(
+        &mut conds,
+        "Ready",
+        false,
+        "HealthCheckFailing",
+        "0/1",
+        Some(1),
+        t1,
+    );
     assert_eq!(conds[0].last_transition_time.0, t0);
     assert_eq!(conds[0].reason, "HealthCheckFailing");
-    set_condition(&mut conds, "Ready", true, "AllReplicasReady", "1/1", Some(1), t1);
+    set_condition(
+        &mut conds,
+        "Ready",
+        true,
+        "AllReplicasReady",
+        "1/1",
+        Some(1),
+        t1,
+    );
     assert_eq!(conds[0].last_transition_time.0, t1);
 }

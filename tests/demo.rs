@@ -1,0 +1,326 @@
+//! The whole loop on one machine, as a new user runs it: the real `fleetlb demo` process, real
+//! backend processes, real HTTP on loopback.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::Command;
+
+use support::*;
+
+fn demo_clusters() -> Vec<(&'static str, String)> {
+    vec![
+        ("cluster1.yaml", example("cluster1.yaml")),
+        ("cluster2.yaml", example("cluster2.yaml")),
+    ]
+}
+
+#[test]
+fn demo_serves_scales_heals_deletes_and_stops_cleanly() {
+    let mut f = Fleetlb::demo(&demo_clusters());
+
+    // Both routes answer 200 from at least 3 distinct instances each.
+    for path in ["/cluster1", "/cluster2"] {
+        let ids = eventually(&format!("{path} served by >= 3 instances"), || {
+            f.distinct_instances(path, 40).filter(|ids| ids.len() >= 3)
+        });
+        assert!(ids.iter().all(|id| id.starts_with("i-")), "{ids:?}");
+    }
+    assert_eq!(backends_of(f.pid(), Some("cluster1")).len(), 4);
+
+    // Scale cluster1 from 4 to 2 by editing its file.
+    f.write(
+        "cluster1.yaml",
+        &example("cluster1.yaml").replace("replicas: 4", "replicas: 2"),
+    );
+    eventually("cluster1 down to 2 backend processes", || {
+        (backends_of(f.pid(), Some("cluster1")).len() == 2).then_some(())
+    });
+    let ids = f
+        .distinct_instances("/cluster1", 40)
+        .expect("cluster1 still serves");
+    assert!(
+        ids.len() <= 2,
+        "retired instances still get traffic: {ids:?}"
+    );
+
+    // Kill one cluster2 backend: it leaves the ranked set, clients see no error.
+    let (victim_pid, victim_cmd) = backends_of(f.pid(), Some("cluster2"))
+        .into_iter()
+        .next()
+        .expect("a cluster2 backend");
+    let victim_id = victim_cmd
+        .split_whitespace()
+        .skip_while(|w| *w != "--id")
+        .nth(1)
+        .expect("--id in the command line")
+        .to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &victim_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut failures = 0;
+    for _ in 0..200 {
+        match get(f.proxy, "/cluster2") {
+            Some(r) if r.status == 200 => {}
+            _ => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0, "requests failed after a backend was killed");
+    eventually("killed instance leaves the ranked endpoint set", || {
+        let st = f.status();
+        let c2 = st["clusters"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "cluster2")?
+            .clone();
+        let eps: Vec<String> = c2["status"]["endpoints"]
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(String::from))
+            .collect();
+        (!eps.contains(&victim_id) && eps.len() == 4).then_some(())
+    });
+
+    // Delete cluster1's file: its instances terminate and its route answers 404.
+    f.remove("cluster1.yaml");
+    eventually("cluster1 instances terminated", || {
+        backends_of(f.pid(), Some("cluster1"))
+            .is_empty()
+            .then_some(())
+    });
+    eventually("/cluster1 answers 404", || {
+        get(f.proxy, "/cluster1").filter(|r| r.status == 404)
+    });
+    assert_eq!(get(f.proxy, "/cluster2").map(|r| r.status), Some(200));
+
+    // SIGTERM: fleetlb exits 0 and leaves no backend process behind.
+    let pids: Vec<u32> = backends_of(f.pid(), None)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!pids.is_empty());
+    f.signal("-TERM");
+    let status = eventually("fleetlb exits after SIGTERM", || {
+        f.child.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "fleetlb exited with {status}");
+    eventually("no backend process outlives fleetlb", || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+    let log = f.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn backends_die_with_fleetlb_even_on_sigkill() {
+    let f = Fleetlb::demo(&demo_clusters());
+    let pids = eventually("8 backends running", || {
+        let b = backends_of(f.pid(), None);
+        (b.len() == 8).then_some(b)
+    });
+    f.signal("-KILL");
+    eventually("every backend exits once its parent is SIGKILLed", || {
+        pids.iter().all(|(p, _)| !alive(*p)).then_some(())
+    });
+}
+
+#[test]
+fn invalid_specs_get_one_clear_line_each_and_valid_clusters_keep_serving() {
+    let mut files = demo_clusters();
+    let invalid_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invalid");
+    let mut invalid: Vec<String> = std::fs::read_dir(&invalid_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    invalid.sort();
+    for name in &invalid {
+        files.push((
+            Box::leak(name.clone().into_boxed_str()),
+            std::fs::read_to_string(invalid_dir.join(name)).unwrap(),
+        ));
+    }
+    let f = Fleetlb::demo(&files);
+    eventually("valid clusters serve next to invalid ones", || {
+        f.distinct_instances("/cluster1", 20)
+            .filter(|ids| ids.len() >= 2)
+            .and_then(|_| f.distinct_instances("/cluster2", 20))
+    });
+
+    let st = f.status();
+    let errors: Vec<String> = st["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        errors.len(),
+        invalid.len(),
+        "one error per invalid file: {errors:#?}"
+    );
+    let expect = [
+        ("bad-instance-type.yaml", "spec.instanceType"),
+        ("not-yaml.yaml", "invalid YAML"),
+        (
+            "replicas-out-of-range.yaml",
+            "spec.replicas: must be between 0 and 1000, got 5000",
+        ),
+        ("route-escapes.yaml", "spec.route"),
+        (
+            "timeout-above-interval.yaml",
+            "spec.healthCheck.timeoutSeconds",
+        ),
+        ("two-providers.yaml", "spec.provider"),
+        ("typo-field.yaml", "unknown field `replica`"),
+    ];
+    let log = f.log_text();
+    for (file, field) in expect {
+        let line = errors
+            .iter()
+            .find(|e| e.contains(file))
+            .unwrap_or_else(|| panic!("no error for {file}: {errors:#?}"));
+        assert!(
+            line.contains(field),
+            "{file}: expected {field:?} in {line:?}"
+        );
+        assert!(!line.contains('\n'), "error is not one line: {line:?}");
+        assert_eq!(
+            log.matches(file).count(),
+            1,
+            "{file} should be logged exactly once:\n{log}"
+        );
+    }
+    let names: HashSet<&str> = st["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, HashSet::from(["cluster1", "cluster2"]));
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_rejected_edit_keeps_the_previous_spec_serving() {
+    let f = Fleetlb::demo(&demo_clusters());
+    eventually("cluster1 serves", || f.distinct_instances("/cluster1", 10));
+    f.write(
+        "cluster1.yaml",
+        &example("cluster1.yaml").replace("replicas: 4", "replicas: -3"),
+    );
+    eventually("the rejected edit shows in /status", || {
+        let st = f.status();
+        let c1 = st["clusters"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "cluster1")?
+            .clone();
+        c1["rejectedEdit"]
+            .as_str()
+            .filter(|e| e.contains("spec.replicas"))
+            .map(String::from)
+    });
+    assert_eq!(
+        backends_of(f.pid(), Some("cluster1")).len(),
+        4,
+        "an invalid edit changed the fleet"
+    );
+    assert_eq!(get(f.proxy, "/cluster1").map(|r| r.status), Some(200));
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_requests() {
+    let f = Fleetlb::demo(&demo_clusters());
+    eventually("cluster1 serves", || f.distinct_instances("/cluster1", 10));
+    let _ = get(f.proxy, "/nowhere");
+    let metrics = get(f.admin, "/metrics").expect("metrics answer");
+    assert_eq!(metrics.status, 200);
+    for name in [
+        "fleetlb_requests_total{cluster=\"cluster1\",code_class=\"2xx\"}",
+        "fleetlb_request_duration_seconds_bucket",
+        "fleetlb_endpoints{cluster=\"cluster2\",state=\"healthy\"}",
+        "fleetlb_endpoint_latency_seconds",
+        "fleetlb_proxy_errors_total",
+    ] {
+        assert!(
+            metrics.body.contains(name),
+            "/metrics lacks {name}:\n{}",
+            metrics.body
+        );
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), metrics.body.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn status_command_prints_a_table() {
+    let f = Fleetlb::demo(&demo_clusters());
+    eventually("both clusters ready", || {
+        let st = f.status();
+        let ready = st["clusters"]
+            .as_array()?
+            .iter()
+            .all(|c| c["status"]["readyReplicas"] == 4);
+        ready.then_some(())
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["status", "--admin", &f.admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("READY"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("cluster1") && l.contains("AllReplicasReady")),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_flags_exit_64_with_one_line() {
+    for args in [
+        &["--bogus"][..],
+        &["demo", "--listen", "nope"],
+        &["standalone"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("fleetlb: "), "{err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["standalone", "--config", "/nonexistent/dir"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--config /nonexistent/dir: not a directory")
+    );
+}

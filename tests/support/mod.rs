@@ -1,0 +1,242 @@
+//! Test support: the real `fleetlb` binary on free loopback ports, a tiny HTTP client, and
+//! process inspection through /proc. Every wait polls with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `DEADLINE`.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A response: status and body.
+pub struct Resp {
+    pub status: u16,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection. `None` when the connection fails.
+pub fn request(addr: SocketAddr, raw: &str) -> Option<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(raw.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some(Resp { status, body })
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Option<Resp> {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The instance id named in a backend's JSON answer.
+pub fn instance_of(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v["instance_id"].as_str().map(str::to_string)
+}
+
+/// A running `fleetlb demo` (or `standalone`) process, killed on drop.
+pub struct Fleetlb {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Fleetlb {
+    /// Starts `fleetlb demo` on free ports with the given YAML files in a fresh config dir.
+    pub fn demo(files: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write config");
+        }
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.path().join("fleetlb.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args(["demo", "--config"])
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &proxy.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("fleetlb starts");
+        let f = Self {
+            child,
+            proxy,
+            admin,
+            dir,
+            log,
+        };
+        eventually("fleetlb /readyz", || {
+            get(f.admin, "/readyz").filter(|r| r.status == 200)
+        });
+        f
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn write(&self, name: &str, text: &str) {
+        // Write then rename, as editors do, so the watcher never sees half a file.
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename");
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).expect("remove");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let r = get(self.admin, "/status").expect("status answers");
+        serde_json::from_str(&r.body).expect("status is JSON")
+    }
+
+    /// Distinct instances that answered `n` requests to `path` (all must be 200).
+    pub fn distinct_instances(&self, path: &str, n: usize) -> Option<HashSet<String>> {
+        let mut ids = HashSet::new();
+        for _ in 0..n {
+            let r = get(self.proxy, path)?;
+            if r.status != 200 {
+                return None;
+            }
+            ids.insert(instance_of(&r.body)?);
+        }
+        Some(ids)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Drop for Fleetlb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Live `fleetlb backend` processes whose parent is `parent`, optionally of one cluster:
+/// (pid, command line).
+pub fn backends_of(parent: u32, cluster: Option<&str>) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Some(ppid) = ppid(pid) else { continue };
+        if ppid != parent {
+            continue;
+        }
+        let cmd = cmdline(pid);
+        if !cmd.contains(" backend ") {
+            continue;
+        }
+        if let Some(c) = cluster {
+            if !cmd.contains(&format!("--cluster {c} ")) {
+                continue;
+            }
+        }
+        out.push((pid, cmd));
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" {
+        return None;
+    }
+    fields.next()?.parse().ok()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            let s: Vec<String> = b
+                .split(|c| *c == 0)
+                .map(|p| String::from_utf8_lossy(p).to_string())
+                .collect();
+            s.join(" ")
+        })
+        .unwrap_or_default()
+}
+
+pub fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name),
+    )
+    .expect("example exists")
+}
