@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use validate::{FieldError, validate_spec};
 
 /// Desired state of a BackendCluster.
+// `printcolumn(...)` repeats `type_ = ...`, which clippy reads as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "fleetlb.dev",

@@ -196,21 +196,19 @@ fn learn_from_status(
     if status >= 500 || status == 429 {
         let penalty = shared.config.failure_penalty.max(rtt);
         ep.state.observe(penalty.as_nanos() as f64, now, decay);
-        if status == 429 || status == 503 {
-            if let Some(secs) = resp
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                let secs = secs.clamp(1, 60);
-                ep.state.eject_until(now + secs * 1_000_000_000);
-                shared
-                    .metrics
-                    .ejections
-                    .with_label_values(&[cluster.name.as_str(), "retry_after"])
-                    .inc();
-            }
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let (429 | 503, Some(secs)) = (status, retry_after) {
+            let secs = secs.clamp(1, 60);
+            ep.state.eject_until(now + secs * 1_000_000_000);
+            shared
+                .metrics
+                .ejections
+                .with_label_values(&[cluster.name.as_str(), "retry_after"])
+                .inc();
         }
     } else {
         ep.state.observe(rtt.as_nanos() as f64, now, decay);
@@ -276,10 +274,10 @@ fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr) {
         h.insert(&X_FORWARDED_FOR, v);
     }
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if !h.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = h.get(header::HOST).cloned() {
-            h.insert(&X_FORWARDED_HOST, host);
-        }
+    if !h.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = h.get(header::HOST).cloned()
+    {
+        h.insert(&X_FORWARDED_HOST, host);
     }
 }
 

@@ -139,6 +139,6 @@ fn apply(
         tracing::info!(%cluster, endpoint = %addr, %id, "endpoint removed");
     }
     *live = next;
-    clusters.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    clusters.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
     shared.table.store(Arc::new(Table { clusters }));
 }

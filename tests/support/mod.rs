@@ -188,10 +188,10 @@ pub fn backends_of(parent: u32, cluster: Option<&str>) -> Vec<(u32, String)> {
         if !cmd.contains(" backend ") {
             continue;
         }
-        if let Some(c) = cluster {
-            if !cmd.contains(&format!("--cluster {c} ")) {
-                continue;
-            }
+        if let Some(c) = cluster
+            && !cmd.contains(&format!("--cluster {c} "))
+        {
+            continue;
         }
         out.push((pid, cmd));
     }
