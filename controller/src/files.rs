@@ -210,7 +210,7 @@ mod tests {
         let e = one(&GOOD.replace("replicas: 2", "replicas: two")).unwrap_err();
         assert!(e.contains("spec.replicas: invalid type"), "{e}");
         let e = one(&GOOD.replace("route: /c1", "rout: /c1")).unwrap_err();
-        assert!(e.contains("spec: unknown field `rout`"), "{e}");
+        assert!(e.contains("spec.rout: unknown field `rout`"), "{e}");
         let e = one(&GOOD.replace(
             "    local: {}",
             "    local: {}\n    static:\n      endpoints: [\"a:1\"]",

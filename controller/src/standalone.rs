@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleetlb_crds::{BackendCluster, DeletionPolicy, ProviderSpec};
-use fleetlb_dataplane::{Dataplane, HealthConfig, Policy, RouteConfig, RouteTable};
+use fleetlb_crds::{BackendCluster, DeletionPolicy};
+use fleetlb_dataplane::{
+    BalancingConfig, Dataplane, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
+};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -540,28 +542,39 @@ pub fn route_config(
     bc: &BackendCluster,
     endpoints: Vec<fleetlb_dataplane::EndpointConfig>,
 ) -> RouteConfig {
-    let hc = &bc.spec.health_check;
+    let spec = &bc.spec;
+    let hc = &spec.health_check;
+    let b = &spec.balancing;
+    let od = &spec.outlier_detection;
+    let secs = |s: u32| Duration::from_secs(u64::from(s));
     RouteConfig {
         cluster: key.to_string(),
-        prefix: bc.spec.route.clone(),
-        policy: match bc.spec.balancing.policy {
-            fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,
-            fleetlb_crds::Policy::LowestLatency => Policy::LowestLatency,
-            fleetlb_crds::Policy::LeastRequest => Policy::LeastRequest,
-            fleetlb_crds::Policy::RoundRobin => Policy::RoundRobin,
+        prefix: spec.route.clone(),
+        balancing: BalancingConfig {
+            policy: match b.policy {
+                fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,
+                fleetlb_crds::Policy::LowestLatency => Policy::LowestLatency,
+                fleetlb_crds::Policy::LeastRequest => Policy::LeastRequest,
+                fleetlb_crds::Policy::RoundRobin => Policy::RoundRobin,
+            },
+            decay: secs(b.decay_seconds),
+            slow_start: secs(b.slow_start_seconds),
+            max_share: f64::from(b.max_share_percent) / 100.0,
         },
         health: HealthConfig {
             path: hc.path.clone(),
-            interval: Duration::from_secs(u64::from(hc.interval_seconds)),
-            timeout: Duration::from_secs(u64::from(hc.timeout_seconds)),
+            interval: secs(hc.interval_seconds),
+            timeout: secs(hc.timeout_seconds),
             healthy_threshold: hc.healthy_threshold,
             unhealthy_threshold: hc.unhealthy_threshold,
         },
+        outlier: OutlierConfig {
+            consecutive_failures: od.consecutive_failures,
+            latency_factor: f64::from(od.latency_factor),
+            base_ejection: secs(od.base_ejection_seconds),
+            max_ejection_percent: od.max_ejection_percent,
+        },
+        request_timeout: secs(spec.timeout_seconds),
         endpoints,
     }
-}
-
-#[allow(dead_code)]
-fn provider_kind(spec: &ProviderSpec) -> &'static str {
-    spec.kind()
 }

@@ -85,6 +85,16 @@ pub struct BackendClusterSpec {
     #[serde(default)]
     pub balancing: Balancing,
 
+    /// Passive ejection of instances that fail or lag behind the rest of the cluster.
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+
+    /// Seconds an instance has to send response headers (1-3600, default 30); past it the client
+    /// gets 504.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: u32,
+
     /// What happens to the instances when the BackendCluster is deleted (default `Delete`).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -92,6 +102,10 @@ pub struct BackendClusterSpec {
 
 fn default_port() -> i32 {
     8000
+}
+
+fn default_timeout_seconds() -> u32 {
+    30
 }
 
 /// Exactly one provider must be set.
@@ -223,12 +237,98 @@ impl Default for HealthCheck {
 }
 
 /// Load-balancing settings.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Balancing {
     /// Balancing policy (default `peak-ewma`).
     #[serde(default)]
     pub policy: Policy,
+    /// Time constant, in seconds, over which the latency estimate forgets a slow response
+    /// (1-600, default 10, linkerd's).
+    #[serde(default = "default_decay")]
+    #[schemars(range(min = 1, max = 600))]
+    pub decay_seconds: u32,
+    /// Seconds over which a new or recovered instance ramps up to its full share (0-900,
+    /// default 5; 0 disables).
+    #[serde(default = "default_slow_start")]
+    #[schemars(range(min = 0, max = 900))]
+    pub slow_start_seconds: u32,
+    /// No instance holds more than this percentage of its fair share of the cluster's requests
+    /// in flight (100-1000, default 200): the cap that keeps latency-aware policies from herding.
+    #[serde(default = "default_max_share")]
+    #[schemars(range(min = 100, max = 1000))]
+    pub max_share_percent: u32,
+}
+
+fn default_decay() -> u32 {
+    10
+}
+fn default_slow_start() -> u32 {
+    5
+}
+fn default_max_share() -> u32 {
+    200
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            decay_seconds: default_decay(),
+            slow_start_seconds: default_slow_start(),
+            max_share_percent: default_max_share(),
+        }
+    }
+}
+
+/// Passive outlier detection (Envoy semantics, latency added).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive failed requests (5xx, 429, refused, reset, timeout) that eject an instance
+    /// (0-100, default 5; 0 disables).
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 0, max = 100))]
+    pub consecutive_failures: u32,
+    /// An instance whose latency estimate exceeds this multiple of the cluster's median is
+    /// ejected (0-100, default 5; 0 disables). Needs 3 or more healthy instances.
+    #[serde(default = "default_latency_factor")]
+    #[schemars(range(min = 0, max = 100))]
+    pub latency_factor: u32,
+    /// First ejection lasts this long; each further one lasts one more period (1-300, default 30,
+    /// capped at 300 s).
+    #[serde(default = "default_base_ejection")]
+    #[schemars(range(min = 1, max = 300))]
+    pub base_ejection_seconds: u32,
+    /// At most this percentage of the cluster is ejected at once, and never fewer than one
+    /// instance may be (0-100, default 50).
+    #[serde(default = "default_max_ejection")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: u32,
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_latency_factor() -> u32 {
+    5
+}
+fn default_base_ejection() -> u32 {
+    30
+}
+fn default_max_ejection() -> u32 {
+    50
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            latency_factor: default_latency_factor(),
+            base_ejection_seconds: default_base_ejection(),
+            max_ejection_percent: default_max_ejection(),
+        }
+    }
 }
 
 /// How the data plane picks an instance for each request.

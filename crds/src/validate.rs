@@ -158,6 +158,61 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
             err(&mut e, name, format!("must be between 2 and 10, got {v}"));
         }
     }
+    if !(1..=3600).contains(&spec.timeout_seconds) {
+        err(
+            &mut e,
+            "spec.timeoutSeconds",
+            format!("must be between 1 and 3600, got {}", spec.timeout_seconds),
+        );
+    }
+    let b = &spec.balancing;
+    for (name, v, lo, hi) in [
+        ("spec.balancing.decaySeconds", b.decay_seconds, 1, 600),
+        (
+            "spec.balancing.slowStartSeconds",
+            b.slow_start_seconds,
+            0,
+            900,
+        ),
+        (
+            "spec.balancing.maxSharePercent",
+            b.max_share_percent,
+            100,
+            1000,
+        ),
+        (
+            "spec.outlierDetection.consecutiveFailures",
+            spec.outlier_detection.consecutive_failures,
+            0,
+            100,
+        ),
+        (
+            "spec.outlierDetection.latencyFactor",
+            spec.outlier_detection.latency_factor,
+            0,
+            100,
+        ),
+        (
+            "spec.outlierDetection.baseEjectionSeconds",
+            spec.outlier_detection.base_ejection_seconds,
+            1,
+            300,
+        ),
+        (
+            "spec.outlierDetection.maxEjectionPercent",
+            spec.outlier_detection.max_ejection_percent,
+            0,
+            100,
+        ),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            err(
+                &mut e,
+                name,
+                format!("must be between {lo} and {hi}, got {v}"),
+            );
+        }
+    }
     match &spec.provider {
         ProviderSpec::Aws(aws) => {
             let id = aws.image_id.strip_prefix("ami-").unwrap_or("");

@@ -6,6 +6,11 @@
 //! check than no working instance. Endpoints that never passed a check get no traffic, so a
 //! freshly launched fleet answers 503 until it is ready rather than 502 from closed ports.
 //!
+//! Two guards keep latency-aware choices from herding: **slow start** divides a new or
+//! recovered endpoint's attractiveness by its ramp (10 % at first, 100 % after `slow_start`),
+//! and the **share cap** skips an endpoint whose in-flight count would exceed `max_share` times
+//! its fair share of the cluster's in-flight requests (at least 2).
+//!
 //! Nothing here allocates or locks: eligibility is counted in a pass over the endpoints and the
 //! chosen ones are found in a second pass.
 
@@ -39,9 +44,25 @@ fn admitted(mode: Mode, e: &Endpoint, now: u64, avoid: Option<&Endpoint>) -> boo
     }
 }
 
-/// Cost of sending one more request to `e` under peak-EWMA: latency x (in-flight + 1).
-pub(crate) fn cost(e: &Endpoint, now: u64, decay_ns: f64) -> f64 {
-    e.state.estimate_ns(now, decay_ns) * f64::from(e.state.inflight() + 1)
+/// Fraction of full weight a new or recovered endpoint has, from 0.1 up to 1 over `slow_start`.
+fn ramp(e: &Endpoint, now: u64, slow_start_ns: u64) -> f64 {
+    if slow_start_ns == 0 {
+        return 1.0;
+    }
+    let age = now.saturating_sub(e.state.healthy_since.load(Relaxed));
+    if age >= slow_start_ns {
+        1.0
+    } else {
+        (age as f64 / slow_start_ns as f64).max(0.1)
+    }
+}
+
+/// Cost of sending one more request to `e` under peak-EWMA: latency x (in-flight + 1), divided
+/// by the slow-start ramp. Lower wins.
+pub(crate) fn cost(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
+    let b = &c.balancing;
+    e.state.estimate_ns(now, b.decay.as_nanos() as f64) * f64::from(e.state.inflight() + 1)
+        / ramp(e, now, b.slow_start.as_nanos() as u64)
 }
 
 /// Chooses an endpoint of `cluster` for one request, never `avoid` (the endpoint that just
@@ -49,7 +70,6 @@ pub(crate) fn cost(e: &Endpoint, now: u64, decay_ns: f64) -> f64 {
 pub(crate) fn pick<'a>(
     cluster: &'a Cluster,
     now: u64,
-    decay_ns: f64,
     avoid: Option<&Endpoint>,
 ) -> Option<Pick<'a>> {
     let eps = &cluster.endpoints;
@@ -63,36 +83,40 @@ pub(crate) fn pick<'a>(
         }
     }
     let nth = |i: usize| eps.iter().filter(|e| admitted(mode, e, now, avoid)).nth(i);
+    let cap = (cluster.balancing.max_share * f64::from(cluster.inflight() + 1) / n as f64).max(2.0);
+    let over = |e: &Endpoint| f64::from(e.state.inflight() + 1) > cap;
+    // Of two candidates, the better unless it is over the cap and the other is not.
+    let choose = |a: &'a Arc<Endpoint>, b: &'a Arc<Endpoint>, a_better: bool| {
+        let (first, second) = if a_better { (a, b) } else { (b, a) };
+        if over(first) && !over(second) {
+            second
+        } else {
+            first
+        }
+    };
     let endpoint = if n == 1 {
         nth(0)?
     } else {
-        match cluster.policy {
+        match cluster.balancing.policy {
             Policy::PeakEwma => {
                 let (a, b) = two_distinct(n);
                 let (a, b) = (nth(a)?, nth(b)?);
-                if cost(a, now, decay_ns) <= cost(b, now, decay_ns) {
-                    a
-                } else {
-                    b
-                }
+                choose(a, b, cost(cluster, a, now) <= cost(cluster, b, now))
             }
             Policy::LeastRequest => {
                 let (a, b) = two_distinct(n);
                 let (a, b) = (nth(a)?, nth(b)?);
-                if a.state.inflight() <= b.state.inflight() {
-                    a
-                } else {
-                    b
-                }
+                choose(a, b, a.state.inflight() <= b.state.inflight())
             }
-            Policy::LowestLatency => eps
-                .iter()
-                .filter(|e| admitted(mode, e, now, avoid))
-                .min_by(|a, b| {
-                    a.state
-                        .estimate_ns(now, decay_ns)
-                        .total_cmp(&b.state.estimate_ns(now, decay_ns))
-                })?,
+            Policy::LowestLatency => {
+                let decay = cluster.balancing.decay.as_nanos() as f64;
+                let est = |e: &Endpoint| e.state.estimate_ns(now, decay);
+                let candidates = || eps.iter().filter(|e| admitted(mode, e, now, avoid));
+                candidates()
+                    .filter(|e| !over(e))
+                    .min_by(|a, b| est(a).total_cmp(&est(b)))
+                    .or_else(|| candidates().min_by(|a, b| est(a).total_cmp(&est(b))))?
+            }
             Policy::RoundRobin => nth(cluster.rr.fetch_add(1, Relaxed) % n)?,
         }
     };
@@ -113,125 +137,4 @@ fn two_distinct(n: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metrics::Metrics;
-    use crate::routes::HealthConfig;
-    use std::sync::atomic::AtomicUsize;
-
-    const MS: f64 = 1_000_000.0;
-    const DECAY: f64 = 10_000.0 * MS;
-
-    fn cluster(policy: Policy, latencies_ms: &[f64]) -> Cluster {
-        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let endpoints = latencies_ms
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let addr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
-                let e = Endpoint::new(
-                    format!("i-{i}"),
-                    addr,
-                    metrics.endpoint("c", &addr.to_string()),
-                    0,
-                );
-                e.state.record_probe(true, (*l * MS) as u64, 0, 1, 2);
-                Arc::new(e)
-            })
-            .collect();
-        Cluster {
-            name: "c".into(),
-            prefix: "/c".into(),
-            policy,
-            health: HealthConfig::default(),
-            endpoints,
-            rr: AtomicUsize::new(0),
-            metrics: metrics.cluster("c"),
-        }
-    }
-
-    fn shares(c: &Cluster, picks: usize) -> Vec<usize> {
-        let mut counts = vec![0; c.endpoints.len()];
-        for _ in 0..picks {
-            let p = pick(c, 0, DECAY, None).expect("an endpoint");
-            let i = c
-                .endpoints
-                .iter()
-                .position(|e| Arc::ptr_eq(e, p.endpoint))
-                .unwrap();
-            counts[i] += 1;
-        }
-        counts
-    }
-
-    #[test]
-    fn p2c_prefers_fast_endpoints_but_does_not_herd_onto_one() {
-        let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0, 40.0]);
-        let counts = shares(&c, 3000);
-        assert!(counts[3] < 100, "slow endpoint got {counts:?}");
-        assert!(
-            counts[..3].iter().all(|&n| n > 700),
-            "fast endpoints shared unevenly: {counts:?}"
-        );
-    }
-
-    #[test]
-    fn inflight_load_moves_traffic_off_a_busy_fast_endpoint() {
-        let c = cluster(Policy::PeakEwma, &[2.0, 3.0]);
-        for _ in 0..10 {
-            c.endpoints[0].state.begin();
-        }
-        let counts = shares(&c, 200);
-        assert_eq!(counts[0], 0, "busy endpoint still chosen: {counts:?}");
-    }
-
-    #[test]
-    fn lowest_latency_always_picks_the_fastest() {
-        let c = cluster(Policy::LowestLatency, &[5.0, 1.0, 3.0]);
-        assert_eq!(shares(&c, 50), vec![0, 50, 0]);
-    }
-
-    #[test]
-    fn round_robin_rotates() {
-        let c = cluster(Policy::RoundRobin, &[5.0, 1.0, 3.0]);
-        assert_eq!(shares(&c, 30), vec![10, 10, 10]);
-    }
-
-    #[test]
-    fn unhealthy_endpoints_are_skipped_and_panic_mode_fails_open() {
-        let c = cluster(Policy::PeakEwma, &[1.0, 2.0]);
-        c.endpoints[0].state.mark_down();
-        assert_eq!(shares(&c, 20), vec![0, 20]);
-        c.endpoints[1].state.mark_down();
-        let p = pick(&c, 0, DECAY, None).expect("fails open");
-        assert!(p.panic);
-    }
-
-    #[test]
-    fn never_healthy_endpoints_get_nothing() {
-        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let addr = "127.0.0.1:9000".parse().unwrap();
-        let fresh = Arc::new(Endpoint::new(
-            "i-new".into(),
-            addr,
-            metrics.endpoint("c", "a"),
-            0,
-        ));
-        let c = Cluster {
-            endpoints: vec![fresh],
-            ..cluster(Policy::PeakEwma, &[])
-        };
-        assert!(
-            pick(&c, 0, DECAY, None).is_none(),
-            "an unproven endpoint was chosen"
-        );
-    }
-
-    #[test]
-    fn a_retry_avoids_the_endpoint_that_failed() {
-        let c = cluster(Policy::LowestLatency, &[1.0, 5.0]);
-        let first = c.endpoints[0].clone();
-        let p = pick(&c, 0, DECAY, Some(&first)).unwrap();
-        assert!(Arc::ptr_eq(p.endpoint, &c.endpoints[1]));
-    }
-}
+mod tests;

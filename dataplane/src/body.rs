@@ -51,8 +51,8 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Decrements the endpoint's in-flight count when dropped.
-pub(crate) struct InflightGuard(pub Arc<Endpoint>);
+/// Counts a request in flight to an endpoint until dropped (with the response body's last byte).
+pub(crate) struct InflightGuard(Arc<Endpoint>);
 
 impl InflightGuard {
     pub fn new(ep: Arc<Endpoint>) -> Self {

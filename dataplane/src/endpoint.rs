@@ -10,7 +10,7 @@
 //! **active probe RTT**, a measured floor.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use http::uri::Authority;
 
@@ -54,8 +54,42 @@ pub(crate) struct EndpointState {
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     ejected_until: AtomicU64,
+    eject_reason: AtomicU8,
+    ejections: AtomicU32,
+    failure_run: AtomicU32,
     /// When the endpoint last became healthy (for slow start).
     pub healthy_since: AtomicU64,
+}
+
+/// Why an endpoint is out of rotation although its health check passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EjectReason {
+    /// `consecutive_failures` failed requests in a row.
+    ConsecutiveFailures = 1,
+    /// Latency estimate far above the cluster's median.
+    Latency = 2,
+    /// The endpoint asked for it with `Retry-After` on a 429 or 503.
+    RetryAfter = 3,
+}
+
+impl EjectReason {
+    /// Label for metrics and `/debug/endpoints`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EjectReason::ConsecutiveFailures => "consecutive_failures",
+            EjectReason::Latency => "latency",
+            EjectReason::RetryAfter => "retry_after",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::ConsecutiveFailures),
+            2 => Some(Self::Latency),
+            3 => Some(Self::RetryAfter),
+            _ => None,
+        }
+    }
 }
 
 /// What a health transition did, so callers can log and count it.
@@ -78,6 +112,9 @@ impl EndpointState {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            eject_reason: AtomicU8::new(0),
+            ejections: AtomicU32::new(0),
+            failure_run: AtomicU32::new(0),
             healthy_since: AtomicU64::new(0),
         }
     }
@@ -111,8 +148,39 @@ impl EndpointState {
         self.is_healthy() && !self.is_ejected(now)
     }
 
-    pub fn eject_until(&self, until: u64) {
+    /// Takes the endpoint out of rotation until `until`; returns how many times it has been
+    /// ejected, this time included.
+    pub fn eject(&self, until: u64, reason: EjectReason) -> u32 {
+        self.eject_reason.store(reason as u8, Relaxed);
         self.ejected_until.fetch_max(until, Relaxed);
+        self.failure_run.store(0, Relaxed);
+        self.ejections.fetch_add(1, Relaxed).saturating_add(1)
+    }
+
+    /// Times ejected so far (sets the next ejection's length).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Relaxed)
+    }
+
+    /// Why and until when the endpoint is ejected, if it is.
+    pub fn ejection(&self, now: u64) -> Option<(EjectReason, u64)> {
+        let until = self.ejected_until.load(Relaxed);
+        if until <= now {
+            return None;
+        }
+        EjectReason::from_u8(self.eject_reason.load(Relaxed)).map(|r| (r, until))
+    }
+
+    /// Counts a failed request; returns the length of the current run of failures.
+    pub fn request_failed(&self) -> u32 {
+        self.failure_run.fetch_add(1, Relaxed).saturating_add(1)
+    }
+
+    /// Ends a run of failures.
+    pub fn request_succeeded(&self) {
+        if self.failure_run.load(Relaxed) != 0 {
+            self.failure_run.store(0, Relaxed);
+        }
     }
 
     /// Latest probe round-trip time, if a probe has passed.

@@ -15,6 +15,7 @@ mod body;
 mod endpoint;
 mod error;
 pub mod metrics;
+mod outlier;
 mod probe;
 mod proxy;
 pub mod routes;
@@ -36,7 +37,9 @@ use tokio::sync::watch;
 pub use body::{ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use metrics::Metrics;
-pub use routes::{EndpointConfig, HealthConfig, Policy, RouteConfig, RouteTable};
+pub use routes::{
+    BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
+};
 
 use table::Table;
 
@@ -45,8 +48,6 @@ use table::Table;
 pub struct ProxyConfig {
     /// Time allowed to open an upstream connection (default 1 s).
     pub connect_timeout: Duration,
-    /// Time allowed for upstream response headers (default 30 s); past it the client gets 504.
-    pub request_timeout: Duration,
     /// Time a client has to send its request headers (default 10 s): cuts slowloris clients.
     pub header_read_timeout: Duration,
     /// Largest request head accepted (default 64 KiB); larger heads get 431.
@@ -55,12 +56,14 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Time given to requests in flight on shutdown (default 30 s).
     pub drain_timeout: Duration,
-    /// Peak-EWMA decay time constant (default 10 s, linkerd's).
-    pub decay: Duration,
     /// Latency charged to an endpoint for a failure (5xx, 429, refused, reset, timeout); default 1 s.
     pub failure_penalty: Duration,
     /// Attempts per request including retries to other endpoints (default 3).
     pub max_attempts: u32,
+    /// Give requests without an `X-Request-Id` a random one (default true); existing ids pass.
+    pub request_id: bool,
+    /// `Via` header added to responses, e.g. `1.1 fleetlb` (default none).
+    pub via: Option<http::HeaderValue>,
     /// Idle pooled upstream connections are closed after this long (default 90 s).
     pub pool_idle_timeout: Duration,
 }
@@ -69,14 +72,14 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
-            decay: Duration::from_secs(10),
             failure_penalty: Duration::from_secs(1),
             max_attempts: 3,
+            request_id: true,
+            via: None,
             pool_idle_timeout: Duration::from_secs(90),
         }
     }
@@ -151,12 +154,12 @@ impl Dataplane {
     /// What the balancer knows right now, per cluster and endpoint.
     pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
         let now = self.shared.clock.now();
-        let decay = self.shared.config.decay.as_nanos() as f64;
         let table = self.shared.table.load();
         table
             .clusters
             .iter()
             .map(|c| {
+                let decay = c.balancing.decay.as_nanos() as f64;
                 let total: u64 = c.endpoints.iter().map(|e| e.metrics.selections.get()).sum();
                 let endpoints: Vec<EndpointSnapshot> = c
                     .endpoints
@@ -164,6 +167,7 @@ impl Dataplane {
                     .map(|e| {
                         let s = &e.state;
                         let selections = e.metrics.selections.get();
+                        let ejection = s.ejection(now);
                         EndpointSnapshot {
                             id: e.id.clone(),
                             address: e.addr.to_string(),
@@ -177,7 +181,10 @@ impl Dataplane {
                             healthy: s.is_healthy(),
                             latency_ms: s.estimate_ns(now, decay) / 1e6,
                             probe_ms: s.probe_rtt_ns().map(|n| n as f64 / 1e6),
-                            cost: balance::cost(e, now, decay) / 1e6,
+                            cost: balance::cost(c, e, now) / 1e6,
+                            ejected_reason: ejection.map(|(r, _)| r.as_str()),
+                            ejected_for_ms: ejection.map(|(_, until)| (until - now) / 1_000_000),
+                            ejections: s.ejections(),
                             inflight: s.inflight(),
                             selections,
                             share: if total == 0 {
@@ -191,7 +198,7 @@ impl Dataplane {
                 ClusterSnapshot {
                     cluster: c.name.clone(),
                     prefix: c.prefix.clone(),
-                    policy: c.policy.as_str(),
+                    policy: c.balancing.policy.as_str(),
                     panic: !c.endpoints.is_empty()
                         && endpoints.iter().all(|e| e.state != "healthy"),
                     endpoints,
@@ -271,6 +278,14 @@ pub struct EndpointSnapshot {
     pub probe_ms: Option<f64>,
     /// Peak-EWMA cost: latency x (in-flight + 1), ms. Lower wins.
     pub cost: f64,
+    /// Why it is ejected, when it is (`consecutive_failures`, `latency`, `retry_after`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_reason: Option<&'static str>,
+    /// Time left in the current ejection, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
+    /// Times ejected since it joined (each ejection lasts one base period longer).
+    pub ejections: u32,
     /// Requests in flight.
     pub inflight: u32,
     /// Requests sent to it since it joined.

@@ -12,18 +12,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::balance;
 use crate::body::{InflightGuard, ResponseBody, UpstreamBody};
-use crate::endpoint::{Endpoint, Transition};
+use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
+use crate::outlier;
 use crate::table::Cluster;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -31,6 +35,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
@@ -49,20 +54,46 @@ pub(crate) async fn handle(
             }
         }
     };
-    prepare_request_headers(req.headers_mut(), peer);
-    let resp = match forward(&shared, &cluster, req).await {
+    let upgrade = upgrade_request(&mut req);
+    prepare_request_headers(req.headers_mut(), peer, shared.config.request_id);
+    if let Some((proto, _)) = &upgrade {
+        let h = req.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+    let mut resp = match forward(&shared, &cluster, req, upgrade.map(|(_, on)| on)).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
             err.response()
         }
     };
+    if let Some(via) = &shared.config.via {
+        resp.headers_mut().append(header::VIA, via.clone());
+    }
     cluster.metrics.count(resp.status().as_u16());
     cluster
         .metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// For an HTTP/1.1 `Connection: upgrade` request (WebSocket and friends), the protocol asked
+/// for and the client side of the upgrade.
+fn upgrade_request(req: &mut Request<Incoming>) -> Option<(HeaderValue, OnUpgrade)> {
+    let h = req.headers();
+    let wants = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let proto = h.get(header::UPGRADE)?.clone();
+    if !wants || req.version() != Version::HTTP_11 {
+        return None;
+    }
+    Some((proto, hyper::upgrade::on(req)))
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -74,11 +105,13 @@ fn is_idempotent(m: &Method) -> bool {
 
 async fn forward(
     shared: &Shared,
-    cluster: &Cluster,
+    cluster: &Arc<Cluster>,
     req: Request<Incoming>,
+    mut client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &shared.config;
-    let decay = cfg.decay.as_nanos() as f64;
+    let decay = cluster.balancing.decay.as_nanos() as f64;
+    let penalty = cfg.failure_penalty.as_nanos() as f64;
     let (parts, body) = req.into_parts();
     let replayable = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
@@ -99,7 +132,7 @@ async fn forward(
 
     for attempt in 1..=attempts {
         let now = shared.clock.now();
-        let Some(pick) = balance::pick(cluster, now, decay, failed.as_deref()) else {
+        let Some(pick) = balance::pick(cluster, now, failed.as_deref()) else {
             return Err(last_err);
         };
         if pick.panic {
@@ -110,9 +143,15 @@ async fn forward(
                 .set(1);
         }
         let ep = pick.endpoint.clone();
-        if attempt > 1 {
+        let _retry = if attempt > 1 {
+            if !cluster.retry_allowed() {
+                return Err(last_err);
+            }
             cluster.metrics.retries.inc();
-        }
+            Some(RetryGuard::new(cluster))
+        } else {
+            None
+        };
         ep.metrics.selections.inc();
 
         let last = attempt == attempts;
@@ -130,20 +169,27 @@ async fn forward(
 
         let guard = InflightGuard::new(ep.clone());
         let sent = Instant::now();
-        let result = tokio::time::timeout(cfg.request_timeout, shared.client.request(up)).await;
+        let result = tokio::time::timeout(cluster.request_timeout, shared.client.request(up)).await;
         let rtt = sent.elapsed();
         let now = shared.clock.now();
         match result {
             Ok(Ok(mut resp)) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
-                learn_from_status(shared, cluster, &ep, &resp, rtt, now, decay);
+                learn_from_status(shared, cluster, &ep, &resp, rtt, now);
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = client_upgrade.take()
+                {
+                    tunnel(client, hyper::upgrade::on(&mut resp), cluster.name.clone());
+                    drop(guard);
+                    return Ok(resp.map(|_| ResponseBody::message(Bytes::new())));
+                }
                 strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| ResponseBody::upstream(b, guard)));
             }
             Ok(Err(err)) => {
                 let connect = err.is_connect();
-                ep.state
-                    .observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
+                ep.state.observe(penalty, now, decay);
+                outlier::on_failure(&shared.metrics, cluster, &ep, now);
                 if connect {
                     ep.metrics.connect_errors.inc();
                     let t = if refused(&err) {
@@ -170,9 +216,9 @@ async fn forward(
                 failed = Some(ep);
             }
             Err(_elapsed) => {
-                ep.state
-                    .observe(cfg.failure_penalty.as_nanos() as f64, now, decay);
-                tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cfg.request_timeout, "upstream timed out");
+                ep.state.observe(penalty, now, decay);
+                outlier::on_failure(&shared.metrics, cluster, &ep, now);
+                tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cluster.request_timeout, "upstream timed out");
                 return Err(ProxyError::UpstreamTimeout);
             }
         }
@@ -180,9 +226,46 @@ async fn forward(
     Err(last_err)
 }
 
+/// Counts a retry against the cluster's retry budget while it is in flight.
+struct RetryGuard<'a>(&'a Cluster);
+
+impl<'a> RetryGuard<'a> {
+    fn new(c: &'a Cluster) -> Self {
+        c.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for RetryGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .retries
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
+/// either side closes.
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade, cluster: String) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(%cluster, ?err, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
+        }
+    });
+}
+
 /// Error-aware learning: a 5xx or 429 counts as a slow response (the failure penalty), so an
-/// endpoint that fails fast never looks fast. `Retry-After` on 429/503 takes the endpoint out of
-/// rotation for that long (capped at a minute).
+/// endpoint that fails fast never looks fast, and counts toward outlier ejection. `Retry-After`
+/// on 429/503 takes the endpoint out of rotation for that long (1-60 s).
 fn learn_from_status(
     shared: &Shared,
     cluster: &Cluster,
@@ -190,27 +273,31 @@ fn learn_from_status(
     resp: &Response<Incoming>,
     rtt: Duration,
     now: u64,
-    decay: f64,
 ) {
+    let decay = cluster.balancing.decay.as_nanos() as f64;
     let status = resp.status().as_u16();
     if status >= 500 || status == 429 {
         let penalty = shared.config.failure_penalty.max(rtt);
         ep.state.observe(penalty.as_nanos() as f64, now, decay);
+        outlier::on_failure(&shared.metrics, cluster, ep, now);
         let retry_after = resp
             .headers()
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let (429 | 503, Some(secs)) = (status, retry_after) {
-            let secs = secs.clamp(1, 60);
-            ep.state.eject_until(now + secs * 1_000_000_000);
-            shared
-                .metrics
-                .ejections
-                .with_label_values(&[cluster.name.as_str(), "retry_after"])
-                .inc();
+            let period = Duration::from_secs(secs.clamp(1, 60));
+            outlier::try_eject(
+                &shared.metrics,
+                cluster,
+                ep,
+                now,
+                EjectReason::RetryAfter,
+                Some(period),
+            );
         }
     } else {
+        ep.state.request_succeeded();
         ep.state.observe(rtt.as_nanos() as f64, now, decay);
     }
 }
@@ -262,9 +349,16 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy.
-fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr) {
+/// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
+/// `X-Request-Id` when asked and missing.
+fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
     strip_hop_by_hop(h);
+    if request_id
+        && !h.contains_key(&X_REQUEST_ID)
+        && let Ok(v) = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
+    {
+        h.insert(&X_REQUEST_ID, v);
+    }
     let ip = peer.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
@@ -310,7 +404,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        prepare_request_headers(&mut h, "127.0.0.1:5000".parse().unwrap());
+        prepare_request_headers(&mut h, "127.0.0.1:5000".parse().unwrap(), true);
+        assert_eq!(h.get("x-request-id").unwrap().len(), 32);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");

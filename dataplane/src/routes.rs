@@ -22,9 +22,13 @@ pub struct RouteConfig {
     /// Path prefix (`/cluster1`); matches itself and `/cluster1/...`, not `/cluster10`.
     pub prefix: String,
     /// How requests are spread over the endpoints.
-    pub policy: Policy,
+    pub balancing: BalancingConfig,
     /// Active health check settings.
     pub health: HealthConfig,
+    /// Passive ejection settings.
+    pub outlier: OutlierConfig,
+    /// Time allowed for upstream response headers; past it the client gets 504.
+    pub request_timeout: Duration,
     /// Endpoints, best first (the controller's ranking; the balancer keeps its own live estimates).
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -60,6 +64,69 @@ impl Policy {
             Policy::LowestLatency => "lowest-latency",
             Policy::LeastRequest => "least-request",
             Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// Balancing settings of one route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalancingConfig {
+    /// The policy.
+    pub policy: Policy,
+    /// Peak-EWMA decay time constant (default 10 s).
+    pub decay: Duration,
+    /// Ramp-up time of new or recovered endpoints (default 5 s; zero disables).
+    pub slow_start: Duration,
+    /// Cap on an endpoint's in-flight requests as a multiple of its fair share (default 2.0).
+    pub max_share: f64,
+}
+
+impl Default for BalancingConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            decay: Duration::from_secs(10),
+            slow_start: Duration::from_secs(5),
+            max_share: 2.0,
+        }
+    }
+}
+
+/// Passive outlier detection of one route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject an endpoint (0 disables).
+    pub consecutive_failures: u32,
+    /// Estimate above this multiple of the cluster median ejects an endpoint (0 disables).
+    pub latency_factor: f64,
+    /// First ejection period; the n-th lasts n periods, at most 300 s.
+    pub base_ejection: Duration,
+    /// Most of the cluster that may be ejected at once, in percent (at least one endpoint may).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            latency_factor: 5.0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+impl RouteConfig {
+    /// A route with default settings, for tests and simple embeddings.
+    pub fn new(cluster: &str, prefix: &str, endpoints: Vec<EndpointConfig>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            prefix: prefix.into(),
+            balancing: BalancingConfig::default(),
+            health: HealthConfig::default(),
+            outlier: OutlierConfig::default(),
+            request_timeout: Duration::from_secs(30),
+            endpoints,
         }
     }
 }

@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -16,8 +18,11 @@ use tokio::task::AbortHandle;
 use crate::Shared;
 use crate::endpoint::Endpoint;
 use crate::metrics::ClusterMetrics;
+use crate::outlier;
 use crate::probe;
-use crate::routes::{HealthConfig, Policy, RouteTable, prefix_matches};
+use crate::routes::{
+    BalancingConfig, HealthConfig, OutlierConfig, RouteConfig, RouteTable, prefix_matches,
+};
 
 /// Routes, longest prefix first.
 #[derive(Default)]
@@ -38,11 +43,48 @@ impl Table {
 pub(crate) struct Cluster {
     pub name: String,
     pub prefix: String,
-    pub policy: Policy,
+    pub balancing: BalancingConfig,
     pub health: HealthConfig,
+    pub outlier: OutlierConfig,
+    pub request_timeout: Duration,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Round-robin position.
     pub rr: AtomicUsize,
+    /// Retries in flight (for the retry budget).
+    pub retries: AtomicU32,
     pub metrics: ClusterMetrics,
+}
+
+impl Cluster {
+    pub fn new(
+        route: &RouteConfig,
+        endpoints: Vec<Arc<Endpoint>>,
+        metrics: ClusterMetrics,
+    ) -> Self {
+        Self {
+            name: route.cluster.clone(),
+            prefix: route.prefix.clone(),
+            balancing: route.balancing.clone(),
+            health: route.health.clone(),
+            outlier: route.outlier.clone(),
+            request_timeout: route.request_timeout,
+            endpoints,
+            rr: AtomicUsize::new(0),
+            retries: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    /// Whether one more retry fits the budget: 20 % of requests in flight, at least 3
+    /// (Envoy's retry budget), so retries never multiply an overload.
+    pub fn retry_allowed(&self) -> bool {
+        self.retries.load(Relaxed) < (self.inflight() / 5).max(3)
+    }
+
+    /// Requests in flight to any endpoint of this cluster.
+    pub fn inflight(&self) -> u32 {
+        self.endpoints.iter().map(|e| e.state.inflight()).sum()
+    }
 }
 
 struct Probed {
@@ -55,15 +97,31 @@ struct Probed {
 pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<RouteTable>) {
     // (cluster name, endpoint id, address) -> endpoint and its prober.
     let mut live: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    let snapshot = rx.borrow_and_update().clone();
+    apply(&shared, &snapshot, &mut live);
     loop {
-        let snapshot = rx.borrow_and_update().clone();
-        apply(&shared, &snapshot, &mut live);
-        if rx.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = rx.changed(), if open => {
+                if changed.is_ok() {
+                    let snapshot = rx.borrow_and_update().clone();
+                    apply(&shared, &snapshot, &mut live);
+                } else {
+                    // The controller is gone: keep serving and probing the last table.
+                    tracing::warn!("route table source closed; serving the last table");
+                    open = false;
+                }
+            }
+            _ = sweep.tick() => {
+                let now = shared.clock.now();
+                for c in &shared.table.load().clusters {
+                    outlier::sweep_latency(&shared.metrics, c, now);
+                }
+            }
         }
     }
-    // The controller is gone: keep serving the last table, and keep probing it.
-    std::future::pending::<()>().await;
 }
 
 fn apply(
@@ -123,15 +181,11 @@ fn apply(
             endpoints.push(probed.endpoint.clone());
             next.insert(key, probed);
         }
-        clusters.push(Arc::new(Cluster {
-            name: route.cluster.clone(),
-            prefix: route.prefix.clone(),
-            policy: route.policy,
-            health: route.health.clone(),
+        clusters.push(Arc::new(Cluster::new(
+            route,
             endpoints,
-            rr: AtomicUsize::new(0),
-            metrics: shared.metrics.cluster(&route.cluster),
-        }));
+            shared.metrics.cluster(&route.cluster),
+        )));
     }
     for ((cluster, id, addr), gone) in live.drain() {
         gone.task.abort();

@@ -16,6 +16,8 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             provider: ProviderSpec::Local(LocalProvider::default()),
             health_check: Default::default(),
             balancing: Default::default(),
+            outlier_detection: Default::default(),
+            timeout_seconds: 30,
             deletion_policy: Default::default(),
         },
     );

@@ -1,0 +1,240 @@
+use std::time::Duration;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::routes::RouteConfig;
+
+const MS: f64 = 1_000_000.0;
+const SEC: u64 = 1_000_000_000;
+
+fn endpoint(metrics: &Metrics, i: usize, probe_ms: f64, now: u64) -> Arc<Endpoint> {
+    let addr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
+    let e = Endpoint::new(
+        format!("i-{i}"),
+        addr,
+        metrics.endpoint("c", &addr.to_string()),
+        0,
+    );
+    e.state
+        .record_probe(true, (probe_ms * MS) as u64, now, 1, 2);
+    Arc::new(e)
+}
+
+/// A cluster whose endpoints became healthy long ago (slow start over) with these probe RTTs.
+fn cluster(policy: Policy, latencies_ms: &[f64]) -> Cluster {
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let endpoints = latencies_ms
+        .iter()
+        .enumerate()
+        .map(|(i, l)| endpoint(&metrics, i, *l, 0))
+        .collect();
+    let mut route = RouteConfig::new("c", "/c", vec![]);
+    route.balancing.policy = policy;
+    Cluster::new(&route, endpoints, metrics.cluster("c"))
+}
+
+const LATER: u64 = 3600 * SEC;
+
+fn shares(c: &Cluster, picks: usize) -> Vec<usize> {
+    let mut counts = vec![0; c.endpoints.len()];
+    for _ in 0..picks {
+        let p = pick(c, LATER, None).expect("an endpoint");
+        let i = c
+            .endpoints
+            .iter()
+            .position(|e| Arc::ptr_eq(e, p.endpoint))
+            .unwrap();
+        counts[i] += 1;
+    }
+    counts
+}
+
+#[test]
+fn p2c_prefers_fast_endpoints_but_does_not_herd_onto_one() {
+    let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0, 40.0]);
+    let counts = shares(&c, 3000);
+    assert!(counts[3] < 100, "slow endpoint got {counts:?}");
+    assert!(
+        counts[..3].iter().all(|&n| n > 700),
+        "fast endpoints shared unevenly: {counts:?}"
+    );
+}
+
+#[test]
+fn inflight_load_moves_traffic_off_a_busy_fast_endpoint() {
+    let c = cluster(Policy::PeakEwma, &[2.0, 3.0]);
+    for _ in 0..10 {
+        c.endpoints[0].state.begin();
+    }
+    let counts = shares(&c, 200);
+    assert_eq!(counts[0], 0, "busy endpoint still chosen: {counts:?}");
+}
+
+#[test]
+fn lowest_latency_picks_the_fastest_until_the_share_cap() {
+    let c = cluster(Policy::LowestLatency, &[5.0, 1.0, 3.0]);
+    assert_eq!(shares(&c, 50), vec![0, 50, 0]);
+    // Pile requests onto the fastest: past 2x its fair share it stops being chosen.
+    for _ in 0..6 {
+        c.endpoints[1].state.begin();
+    }
+    let p = pick(&c, LATER, None).unwrap();
+    assert!(
+        !Arc::ptr_eq(p.endpoint, &c.endpoints[1]),
+        "share cap ignored"
+    );
+}
+
+#[test]
+fn share_cap_keeps_a_very_fast_endpoint_from_taking_everything() {
+    let c = cluster(Policy::PeakEwma, &[0.1, 50.0, 50.0, 50.0]);
+    // Simulate a burst: every pick stays in flight.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let p = pick(&c, LATER, None).unwrap();
+        p.endpoint.state.begin();
+        held.push(p.endpoint.clone());
+    }
+    let fast = c.endpoints[0].state.inflight();
+    // Fair share is 10 of 40; the cap is 2x.
+    assert!(fast <= 21, "fast endpoint holds {fast} of 40 in flight");
+    assert!(
+        fast >= 10,
+        "fast endpoint should still take the most: {fast}"
+    );
+}
+
+#[test]
+fn slow_start_ramps_a_new_endpoint_instead_of_flooding_it() {
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let now = LATER;
+    let old: Vec<Arc<Endpoint>> = (0..3).map(|i| endpoint(&metrics, i, 5.0, 0)).collect();
+    // A new endpoint whose health probe is much faster than real requests elsewhere.
+    let fresh = endpoint(&metrics, 3, 0.5, now);
+    let mut eps = old;
+    eps.push(fresh.clone());
+    let mut route = RouteConfig::new("c", "/c", vec![]);
+    route.balancing.slow_start = Duration::from_secs(10);
+    let c = Cluster::new(&route, eps, metrics.cluster("c"));
+    let picks_of_fresh = |t: u64| {
+        (0..1000)
+            .filter(|_| Arc::ptr_eq(pick(&c, t, None).unwrap().endpoint, &fresh))
+            .count()
+    };
+    let at_join = picks_of_fresh(now);
+    let after_ramp = picks_of_fresh(now + 11 * SEC);
+    assert!(
+        at_join < 600,
+        "new endpoint flooded at join: {at_join}/1000"
+    );
+    assert!(
+        after_ramp > at_join,
+        "ramp never completed: {at_join} then {after_ramp}"
+    );
+}
+
+#[test]
+fn round_robin_rotates() {
+    let c = cluster(Policy::RoundRobin, &[5.0, 1.0, 3.0]);
+    assert_eq!(shares(&c, 30), vec![10, 10, 10]);
+}
+
+#[test]
+fn unhealthy_endpoints_are_skipped_and_panic_mode_fails_open() {
+    let c = cluster(Policy::PeakEwma, &[1.0, 2.0]);
+    c.endpoints[0].state.mark_down();
+    assert_eq!(shares(&c, 20), vec![0, 20]);
+    c.endpoints[1].state.mark_down();
+    let p = pick(&c, LATER, None).expect("fails open");
+    assert!(p.panic);
+}
+
+#[test]
+fn never_healthy_endpoints_get_nothing() {
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let addr = "127.0.0.1:9000".parse().unwrap();
+    let fresh = Arc::new(Endpoint::new(
+        "i-new".into(),
+        addr,
+        metrics.endpoint("c", "a"),
+        0,
+    ));
+    let c = Cluster::new(
+        &RouteConfig::new("c", "/c", vec![]),
+        vec![fresh],
+        metrics.cluster("c"),
+    );
+    assert!(
+        pick(&c, 0, None).is_none(),
+        "an unproven endpoint was chosen"
+    );
+}
+
+#[test]
+fn a_retry_avoids_the_endpoint_that_failed() {
+    let c = cluster(Policy::LowestLatency, &[1.0, 5.0]);
+    let first = c.endpoints[0].clone();
+    let p = pick(&c, LATER, Some(&first)).unwrap();
+    assert!(Arc::ptr_eq(p.endpoint, &c.endpoints[1]));
+}
+
+#[test]
+fn ejection_respects_the_budget_and_grows() {
+    use crate::endpoint::EjectReason;
+    use crate::outlier::try_eject;
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let c = cluster(Policy::PeakEwma, &[1.0, 1.0, 1.0, 1.0]);
+    let now = LATER;
+    assert!(try_eject(
+        &metrics,
+        &c,
+        &c.endpoints[0],
+        now,
+        EjectReason::Latency,
+        None
+    ));
+    assert!(try_eject(
+        &metrics,
+        &c,
+        &c.endpoints[1],
+        now,
+        EjectReason::Latency,
+        None
+    ));
+    assert!(
+        !try_eject(
+            &metrics,
+            &c,
+            &c.endpoints[2],
+            now,
+            EjectReason::Latency,
+            None
+        ),
+        "more than 50 % ejected"
+    );
+    let (_, until) = c.endpoints[0].state.ejection(now).unwrap();
+    assert_eq!(until - now, 30 * SEC);
+    // After it returns, the next ejection lasts twice as long.
+    let back = until + 1;
+    assert!(c.endpoints[0].state.is_eligible(back));
+    assert!(try_eject(
+        &metrics,
+        &c,
+        &c.endpoints[0],
+        back,
+        EjectReason::ConsecutiveFailures,
+        None
+    ));
+    let (_, until2) = c.endpoints[0].state.ejection(back).unwrap();
+    assert_eq!(until2 - back, 60 * SEC);
+}
+
+#[test]
+fn fast_failures_make_an_endpoint_unattractive() {
+    let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0]);
+    let decay = c.balancing.decay.as_nanos() as f64;
+    // Endpoint 0 answers 500 in 0.1 ms: the proxy charges the 1 s penalty instead.
+    c.endpoints[0].state.observe(1000.0 * MS, LATER, decay);
+    let counts = shares(&c, 1000);
+    assert!(counts[0] < 20, "fast-failing endpoint got {counts:?}");
+}
