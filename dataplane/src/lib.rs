@@ -18,6 +18,7 @@ pub mod metrics;
 mod outlier;
 mod probe;
 mod proxy;
+mod retry;
 pub mod routes;
 mod server;
 mod table;

@@ -143,15 +143,14 @@ async fn forward(
                 .set(1);
         }
         let ep = pick.endpoint.clone();
-        let _retry = if attempt > 1 {
-            if !cluster.retry_allowed() {
-                return Err(last_err);
-            }
+        if attempt == 1 {
+            cluster.retry_budget.deposit();
+        } else if cluster.retry_budget.withdraw() {
             cluster.metrics.retries.inc();
-            Some(RetryGuard::new(cluster))
         } else {
-            None
-        };
+            tracing::debug!(cluster = %cluster.name, "retry budget spent");
+            return Err(last_err);
+        }
         ep.metrics.selections.inc();
 
         let last = attempt == attempts;
@@ -224,24 +223,6 @@ async fn forward(
         }
     }
     Err(last_err)
-}
-
-/// Counts a retry against the cluster's retry budget while it is in flight.
-struct RetryGuard<'a>(&'a Cluster);
-
-impl<'a> RetryGuard<'a> {
-    fn new(c: &'a Cluster) -> Self {
-        c.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(c)
-    }
-}
-
-impl Drop for RetryGuard<'_> {
-    fn drop(&mut self) {
-        self.0
-            .retries
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until

@@ -8,8 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -20,6 +19,7 @@ use crate::endpoint::Endpoint;
 use crate::metrics::ClusterMetrics;
 use crate::outlier;
 use crate::probe;
+use crate::retry::RetryBudget;
 use crate::routes::{
     BalancingConfig, HealthConfig, OutlierConfig, RouteConfig, RouteTable, prefix_matches,
 };
@@ -50,8 +50,8 @@ pub(crate) struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin position.
     pub rr: AtomicUsize,
-    /// Retries in flight (for the retry budget).
-    pub retries: AtomicU32,
+    /// Retry budget, shared across route-table updates.
+    pub retry_budget: Arc<RetryBudget>,
     pub metrics: ClusterMetrics,
 }
 
@@ -60,6 +60,7 @@ impl Cluster {
         route: &RouteConfig,
         endpoints: Vec<Arc<Endpoint>>,
         metrics: ClusterMetrics,
+        retry_budget: Arc<RetryBudget>,
     ) -> Self {
         Self {
             name: route.cluster.clone(),
@@ -70,15 +71,9 @@ impl Cluster {
             request_timeout: route.request_timeout,
             endpoints,
             rr: AtomicUsize::new(0),
-            retries: AtomicU32::new(0),
+            retry_budget,
             metrics,
         }
-    }
-
-    /// Whether one more retry fits the budget: 20 % of requests in flight, at least 3
-    /// (Envoy's retry budget), so retries never multiply an overload.
-    pub fn retry_allowed(&self) -> bool {
-        self.retries.load(Relaxed) < (self.inflight() / 5).max(3)
     }
 
     /// Requests in flight to any endpoint of this cluster.
@@ -97,17 +92,18 @@ struct Probed {
 pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<RouteTable>) {
     // (cluster name, endpoint id, address) -> endpoint and its prober.
     let mut live: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
+    let mut budgets: HashMap<String, Arc<RetryBudget>> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
     let snapshot = rx.borrow_and_update().clone();
-    apply(&shared, &snapshot, &mut live);
+    apply(&shared, &snapshot, &mut live, &mut budgets);
     loop {
         tokio::select! {
             changed = rx.changed(), if open => {
                 if changed.is_ok() {
                     let snapshot = rx.borrow_and_update().clone();
-                    apply(&shared, &snapshot, &mut live);
+                    apply(&shared, &snapshot, &mut live, &mut budgets);
                 } else {
                     // The controller is gone: keep serving and probing the last table.
                     tracing::warn!("route table source closed; serving the last table");
@@ -118,6 +114,7 @@ pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<Rou
                 let now = shared.clock.now();
                 for c in &shared.table.load().clusters {
                     outlier::sweep_latency(&shared.metrics, c, now);
+                    c.retry_budget.tick();
                 }
             }
         }
@@ -128,6 +125,7 @@ fn apply(
     shared: &Arc<Shared>,
     snapshot: &RouteTable,
     live: &mut HashMap<(String, String, std::net::SocketAddr), Probed>,
+    budgets: &mut HashMap<String, Arc<RetryBudget>>,
 ) {
     let now = shared.clock.now();
     let mut next: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
@@ -181,10 +179,12 @@ fn apply(
             endpoints.push(probed.endpoint.clone());
             next.insert(key, probed);
         }
+        let budget = budgets.entry(route.cluster.clone()).or_default().clone();
         clusters.push(Arc::new(Cluster::new(
             route,
             endpoints,
             shared.metrics.cluster(&route.cluster),
+            budget,
         )));
     }
     for ((cluster, id, addr), gone) in live.drain() {
@@ -193,6 +193,7 @@ fn apply(
         tracing::info!(%cluster, endpoint = %addr, %id, "endpoint removed");
     }
     *live = next;
+    budgets.retain(|name, _| snapshot.routes.iter().any(|r| &r.cluster == name));
     clusters.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
     shared.table.store(Arc::new(Table { clusters }));
 }

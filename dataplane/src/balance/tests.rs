@@ -30,7 +30,7 @@ fn cluster(policy: Policy, latencies_ms: &[f64]) -> Cluster {
         .collect();
     let mut route = RouteConfig::new("c", "/c", vec![]);
     route.balancing.policy = policy;
-    Cluster::new(&route, endpoints, metrics.cluster("c"))
+    Cluster::new(&route, endpoints, metrics.cluster("c"), Default::default())
 }
 
 const LATER: u64 = 3600 * SEC;
@@ -115,7 +115,7 @@ fn slow_start_ramps_a_new_endpoint_instead_of_flooding_it() {
     eps.push(fresh.clone());
     let mut route = RouteConfig::new("c", "/c", vec![]);
     route.balancing.slow_start = Duration::from_secs(10);
-    let c = Cluster::new(&route, eps, metrics.cluster("c"));
+    let c = Cluster::new(&route, eps, metrics.cluster("c"), Default::default());
     let picks_of_fresh = |t: u64| {
         (0..1000)
             .filter(|_| Arc::ptr_eq(pick(&c, t, None).unwrap().endpoint, &fresh))
@@ -163,6 +163,7 @@ fn never_healthy_endpoints_get_nothing() {
         &RouteConfig::new("c", "/c", vec![]),
         vec![fresh],
         metrics.cluster("c"),
+        Default::default(),
     );
     assert!(
         pick(&c, 0, None).is_none(),

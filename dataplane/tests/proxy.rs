@@ -1,0 +1,299 @@
+//! The data plane through real sockets: real upstream servers on 127.0.0.1, real clients.
+
+mod support;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use fleetlb_dataplane::{ProxyConfig, RouteTable};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn ok_count(results: &[Result<(u16, String), String>]) -> usize {
+    results.iter().filter(|r| matches!(r, Ok((200, _)))).count()
+}
+
+fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
+    results
+        .iter()
+        .filter_map(|r| match r {
+            Ok((200, _)) => None,
+            Ok((s, b)) => Some(format!("{s} {b}")),
+            Err(e) => Some(e.clone()),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_moves_away_from_a_backend_that_becomes_slow() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![route(ups.iter().map(|u| u.endpoint()).collect())],
+    )
+    .await;
+    proxy.wait_healthy(3).await;
+    assert_eq!(ok_count(&load(proxy.url("/c"), 300, 4).await), 300);
+
+    ups[0].delay_ms.store(60, Relaxed);
+    let before: Vec<u64> = ups.iter().map(|u| u.hits.load(Relaxed)).collect();
+    let results = load(proxy.url("/c"), 600, 4).await;
+    assert_eq!(ok_count(&results), 600, "{:?}", failures(&results));
+    let got: Vec<u64> = ups
+        .iter()
+        .zip(&before)
+        .map(|(u, b)| u.hits.load(Relaxed) - b)
+        .collect();
+    assert!(
+        got[0] < 30,
+        "the slow backend still got {} of 600 requests ({got:?})",
+        got[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_fast_500s_gets_little_traffic() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![route(ups.iter().map(|u| u.endpoint()).collect())],
+    )
+    .await;
+    proxy.wait_healthy(3).await;
+    // Its health check still passes: only real traffic reveals the failures.
+    ups[0].status.store(500, Relaxed);
+    let results = load(proxy.url("/c"), 600, 4).await;
+    let sick = ups[0].hits.load(Relaxed);
+    assert!(sick <= 15, "the failing backend got {sick} of 600 requests");
+    assert!(ok_count(&results) >= 585, "{:?}", failures(&results));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_mid_load_fails_no_get() {
+    let mut ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    for u in &ups {
+        u.delay_ms.store(2, Relaxed);
+    }
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![route(ups.iter().map(|u| u.endpoint()).collect())],
+    )
+    .await;
+    proxy.wait_healthy(3).await;
+    let running = tokio::spawn(load(proxy.url("/c"), 3000, 16));
+    let hits = ups[0].hits.clone();
+    eventually("load reaches the first backend", || hits.load(Relaxed) > 50).await;
+    ups[0].kill();
+    let results = running.await.unwrap();
+    assert_eq!(
+        failures(&results),
+        Vec::<String>::new(),
+        "clients saw errors when a backend died"
+    );
+    assert_eq!(results.len(), 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_set_updates_during_load_fail_no_request() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let all: Vec<_> = ups.iter().map(|u| u.endpoint()).collect();
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(all.clone())]).await;
+    proxy.wait_healthy(3).await;
+    let running = tokio::spawn(load(proxy.url("/c"), 3000, 8));
+    // Churn the set; endpoint b stays in every version so the route is never empty.
+    let sets = [
+        vec![all[0].clone(), all[1].clone()],
+        vec![all[1].clone(), all[2].clone()],
+        all.clone(),
+    ];
+    for i in 0..300 {
+        let _ = proxy.routes.send(RouteTable {
+            routes: vec![route(sets[i % 3].clone())],
+        });
+        tokio::task::yield_now().await;
+    }
+    let results = running.await.unwrap();
+    assert_eq!(failures(&results), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let up = Upstream::start("a").await;
+    up.delay_ms.store(400, Relaxed);
+    let mut proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let url = proxy.url("/c");
+    let inflight = tokio::spawn(async move { get(&client(), &url).await });
+    eventually("request reaches the upstream", || {
+        up.hits.load(Relaxed) == 1
+    })
+    .await;
+    let _ = proxy.stop.take().unwrap().send(());
+    let r = tokio::time::timeout(DEADLINE, inflight)
+        .await
+        .expect("drained request finished")
+        .unwrap();
+    assert_eq!(r, Ok((200, "a".to_string())));
+    tokio::time::timeout(DEADLINE, &mut proxy.done)
+        .await
+        .expect("serve returns after draining")
+        .unwrap();
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let up = Upstream::start("a").await;
+    let cfg = ProxyConfig {
+        header_read_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Others are served meanwhile.
+    assert_eq!(
+        get(&client(), &proxy.url("/c")).await,
+        Ok((200, "a".into()))
+    );
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "slow client never cut off");
+    assert_eq!(
+        up.hits.load(Relaxed),
+        1,
+        "the incomplete request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let big = "x".repeat(100 * 1024);
+    let req = format!("GET /c HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    assert_eq!(up.hits.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_404_and_empty_clusters_503() {
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![])]).await;
+    let c = client();
+    assert_eq!(
+        get(&c, &proxy.url("/nope")).await,
+        Ok((404, "no route for this path\n".into()))
+    );
+    assert_eq!(
+        get(&c, &proxy.url("/c10")).await.unwrap().0,
+        404,
+        "/c10 must not match /c"
+    );
+    assert_eq!(
+        get(&c, &proxy.url("/c/x")).await,
+        Ok((503, "no healthy endpoint\n".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_reach_the_upstream() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let resp = client()
+        .get(proxy.url("/c").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("x-seen-forwarded-for").unwrap(),
+        "127.0.0.1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_style_upgrades_pass_through() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echo = vec![0u8; 23];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping through the tunnel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_costs_a_504_at_the_timeout_then_is_avoided() {
+    let ups = [Upstream::start("a").await, Upstream::start("b").await];
+    let mut r = route(ups.iter().map(|u| u.endpoint()).collect());
+    r.request_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    proxy.wait_healthy(2).await;
+    ups[0].delay_ms.store(60_000, Relaxed);
+    let results = load(proxy.url("/c"), 200, 4).await;
+    let timeouts = results.iter().filter(|r| matches!(r, Ok((504, _)))).count();
+    assert!(timeouts >= 1, "the hung backend never timed out");
+    assert!(
+        timeouts <= 10,
+        "{timeouts} requests went to the hung backend"
+    );
+    assert_eq!(
+        ok_count(&results) + timeouts,
+        200,
+        "{:?}",
+        failures(&results)
+    );
+}

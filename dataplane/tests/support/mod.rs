@@ -1,0 +1,283 @@
+//! Real HTTP upstreams on 127.0.0.1:0 whose behaviour tests change at run time, a proxy under
+//! test on its own port, and a keep-alive client. Every wait polls with a deadline.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlb_dataplane::{
+    Dataplane, EndpointConfig, HealthConfig, ProxyConfig, RouteConfig, RouteTable,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `f` every 20 ms until it is true, or panics naming `what`.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let r = tokio::time::timeout(DEADLINE, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok(),
+        "timed out after {DEADLINE:?} waiting for: {what}"
+    );
+}
+
+/// An upstream HTTP server whose latency and status can change while it runs. `/health` always
+/// answers 200 at once; other paths answer after `delay_ms` with `status`, body = its name.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub delay_ms: Arc<AtomicU64>,
+    pub status: Arc<AtomicU16>,
+    pub hits: Arc<AtomicU64>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Self::serve(name, listener, addr)
+    }
+
+    fn serve(name: &str, listener: TcpListener, addr: SocketAddr) -> Self {
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let status = Arc::new(AtomicU16::new(200));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let (d, s, h, n) = (
+            delay_ms.clone(),
+            status.clone(),
+            hits.clone(),
+            name.to_string(),
+        );
+        tokio::spawn(async move {
+            // Connections live in this set: stopping the server drops them all, like a killed process.
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = listener.accept() => {
+                        let Ok((stream, _)) = a else { continue };
+                        let (d, s, h, n) = (d.clone(), s.clone(), h.clone(), n.clone());
+                        conns.spawn(async move {
+                            let svc = service_fn(move |req: Request<Incoming>| {
+                                let (d, s, h, n) = (d.clone(), s.clone(), h.clone(), n.clone());
+                                async move { Ok::<_, Infallible>(answer(req, &d, &s, &h, &n).await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        });
+                    }
+                    _ = &mut rx => break,
+                }
+            }
+            conns.abort_all();
+        });
+        Self {
+            name: name.into(),
+            addr,
+            delay_ms,
+            status,
+            hits,
+            stop: Some(tx),
+        }
+    }
+
+    /// Closes the listener and every open connection at once.
+    pub fn kill(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn endpoint(&self) -> EndpointConfig {
+        EndpointConfig {
+            id: self.name.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    delay: &AtomicU64,
+    status: &AtomicU16,
+    hits: &AtomicU64,
+    name: &str,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/health" {
+        return Response::new(Full::new(Bytes::from_static(b"ok")));
+    }
+    hits.fetch_add(1, Relaxed);
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert(http::header::UPGRADE, "echo".parse().unwrap());
+        return resp;
+    }
+    let ms = delay.load(Relaxed);
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(name.to_string())));
+    *resp.status_mut() = StatusCode::from_u16(status.load(Relaxed)).unwrap();
+    let xff = req.headers().get("x-forwarded-for").cloned();
+    if let Some(v) = xff {
+        resp.headers_mut().insert("x-seen-forwarded-for", v);
+    }
+    resp
+}
+
+/// The proxy under test with one route `/c` over `upstreams`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub dataplane: Dataplane,
+    pub routes: watch::Sender<RouteTable>,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+pub fn fast_health() -> HealthConfig {
+    HealthConfig {
+        path: "/health".into(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+        healthy_threshold: 2,
+        unhealthy_threshold: 2,
+    }
+}
+
+pub fn route(endpoints: Vec<EndpointConfig>) -> RouteConfig {
+    let mut r = RouteConfig::new("c", "/c", endpoints);
+    r.health = fast_health();
+    r.balancing.slow_start = Duration::ZERO;
+    r
+}
+
+impl Proxy {
+    pub async fn start(config: ProxyConfig, routes: Vec<RouteConfig>) -> Self {
+        let dataplane = Dataplane::new(config, &prometheus::Registry::new()).unwrap();
+        let (tx, rx) = watch::channel(RouteTable { routes });
+        dataplane.watch_routes(rx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let dp = dataplane.clone();
+        let done = tokio::spawn(async move {
+            dp.serve(listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            dataplane,
+            routes: tx,
+            stop: Some(stop_tx),
+            done,
+        }
+    }
+
+    /// Waits until `n` endpoints of route `/c` are healthy.
+    pub async fn wait_healthy(&self, n: usize) {
+        let dp = self.dataplane.clone();
+        eventually(&format!("{n} healthy endpoints"), || {
+            dp.snapshot()
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .filter(|e| e.state == "healthy")
+                .count()
+                >= n
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET through a pooled client: (status, body).
+pub async fn get(c: &TestClient, url: &str) -> Result<(u16, String), String> {
+    let resp = c
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+/// `total` GETs with `concurrency` workers; returns every (status, body) or error.
+pub async fn load(
+    url: String,
+    total: usize,
+    concurrency: usize,
+) -> Vec<Result<(u16, String), String>> {
+    let c = client();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency {
+        let (c, url, next) = (c.clone(), url.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, Relaxed) < total as u64 {
+                out.push(get(&c, &url).await);
+            }
+            out
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    all
+}
