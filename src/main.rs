@@ -88,6 +88,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load-test a running load balancer, like the original experiment: `-n` requests with `-c`
+    /// connections per path (closed loop), or `--rate` requests/s for `--duration` (open loop,
+    /// latency from the scheduled send time). Prints a table per path and per instance; `--out`
+    /// writes one CSV per path and summary.json; `--compare A.json B.json` compares two runs.
+    /// Exits 1 when the error rate exceeds `--max-error-rate`.
+    Bench(BenchArgs),
     /// Serve as one demo instance, like the original experiment's FastAPI app: `GET /health`,
     /// and JSON naming the instance and cluster on every other path.
     Backend {
@@ -114,6 +120,43 @@ enum Command {
         #[arg(long)]
         exit_on_stdin_eof: bool,
     },
+}
+
+#[derive(Args, Clone)]
+struct BenchArgs {
+    /// Base URL of the load balancer.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    target: String,
+    /// Path to load (repeat for several; each gets the full load in turn).
+    #[arg(long = "path", required_unless_present = "compare")]
+    paths: Vec<String>,
+    /// Requests per path (closed loop, unless --duration is given).
+    #[arg(short = 'n', long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Connections (concurrent requests).
+    #[arg(short = 'c', long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: u32,
+    /// Open loop: requests per second per path.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Run time per path, e.g. 30s.
+    #[arg(long, value_parser = fleetlb_bench::parse_duration)]
+    duration: Option<Duration>,
+    /// Open a new connection for every request.
+    #[arg(long)]
+    no_keepalive: bool,
+    /// Per-request timeout, e.g. 5s.
+    #[arg(long, value_parser = fleetlb_bench::parse_duration, default_value = "10s")]
+    timeout: Duration,
+    /// Directory for per-path CSV files and summary.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Highest tolerated share of failed requests (transport errors, non-2xx/3xx), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    max_error_rate: f64,
+    /// Compare two summary.json files instead of running.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    compare: Option<Vec<PathBuf>>,
 }
 
 #[derive(Args, Clone)]
@@ -193,6 +236,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { admin, json } => status::print(admin, json).await,
+        Command::Bench(args) => bench(args).await,
         Command::Backend {
             id,
             cluster,
@@ -250,9 +294,69 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(files) = &a.compare {
+        let read = |p: &PathBuf| -> anyhow::Result<fleetlb_bench::Summary> {
+            let text = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a fleetlb bench summary", p.display()))
+        };
+        print!(
+            "{}",
+            fleetlb_bench::compare(&read(&files[0])?, &read(&files[1])?)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        eprintln!("fleetlb: --rate must be a positive number of requests per second");
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    if !(0.0..=1.0).contains(&a.max_error_rate) {
+        eprintln!("fleetlb: --max-error-rate must be between 0 and 1");
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    if !(a.target.starts_with("http://") && a.target.parse::<http::Uri>().is_ok()) {
+        eprintln!("fleetlb: --target {:?} must be an http:// URL", a.target);
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    if let Some(p) = a.paths.iter().find(|p| !p.starts_with('/')) {
+        eprintln!("fleetlb: --path {p:?} must start with /");
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    let cfg = fleetlb_bench::BenchConfig {
+        target: a.target,
+        paths: a.paths,
+        requests: if a.duration.is_some() && a.rate.is_none() {
+            None
+        } else {
+            Some(a.requests)
+        },
+        concurrency: a.concurrency as usize,
+        rate: a.rate,
+        duration: a.duration,
+        keepalive: !a.no_keepalive,
+        timeout: a.timeout,
+        out: a.out.clone(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = fleetlb_bench::run(&cfg).await?;
+    print!("{}", fleetlb_bench::report::table(&summary));
+    if let Some(dir) = &a.out {
+        println!("\nwrote {} (CSV per path, summary.json)", dir.display());
+    }
+    let rate = summary.error_rate();
+    if rate > a.max_error_rate {
+        eprintln!(
+            "fleetlb bench: error rate {:.4} exceeds --max-error-rate {}",
+            rate, a.max_error_rate
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+    fleetlb_dataplane::listen(addr, what == "proxy")
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 

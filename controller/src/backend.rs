@@ -130,7 +130,9 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
             r#"{"error":"shutting down"}"#.into(),
         );
     };
-    tokio::time::sleep(cfg.profile.latency).await;
+    if !cfg.profile.latency.is_zero() {
+        tokio::time::sleep(cfg.profile.latency).await;
+    }
     let body = serde_json::json!({
         "message": format!("Instance {} of {} has received the request", cfg.id, cfg.cluster),
         "instance_id": cfg.id,

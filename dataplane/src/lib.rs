@@ -112,6 +112,27 @@ pub(crate) struct Shared {
     pub config: ProxyConfig,
 }
 
+/// Binds a listener with a deep accept queue (4096, capped by `net.core.somaxconn`), so a burst
+/// of simultaneous connections is not answered with SYN retransmits a second later. With
+/// `reuse_port`, a second process can bind the same address (`SO_REUSEPORT`) and take over
+/// without the port ever refusing connections.
+pub fn listen(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Handle to the data plane; cheap to clone.
 #[derive(Clone)]
 pub struct Dataplane {

@@ -13,6 +13,8 @@ use tokio::sync::Semaphore;
 
 use crate::{Shared, proxy};
 
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nconnection limit reached\n";
+
 /// Accepts client connections until `shutdown` completes, then stops accepting and waits up to
 /// `ProxyConfig::drain_timeout` for requests in flight to finish.
 pub(crate) async fn serve(
@@ -46,7 +48,10 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Over the limit: a short 503 and close, without reading the request. Best effort;
+            // a full socket buffer just means a plain close.
             shared.metrics.connections_rejected.inc();
+            let _ = stream.try_write(AT_CAPACITY);
             drop(stream);
             continue;
         };

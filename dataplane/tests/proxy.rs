@@ -297,3 +297,38 @@ async fn a_hung_backend_costs_a_504_at_the_timeout_then_is_avoided() {
         failures(&results)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_get_a_clean_503() {
+    let up = Upstream::start("a").await;
+    let cfg = ProxyConfig {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let _held1 = TcpStream::connect(proxy.addr).await.unwrap();
+    let _held2 = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut third = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, third.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.ends_with("connection limit reached\n"), "{text}");
+    drop(_held1);
+    // A slot frees up: new clients are served again.
+    let c = client();
+    let url = proxy.url("/c");
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok((200, _)) = get(&c, &url).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a freed connection slot was never reused");
+}

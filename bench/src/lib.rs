@@ -1,0 +1,128 @@
+#![forbid(unsafe_code)]
+//! `fleetlb bench`: the original experiment's load test (1000 requests per cluster, results per
+//! cluster), done right: closed or open loop, HdrHistogram percentiles, errors by kind, which
+//! instance answered each request, CSV and JSON output, comparison of two runs, and an exit
+//! code that can gate CI.
+
+pub mod load;
+pub mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use report::{Summary, compare};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8000`.
+    pub target: String,
+    /// Paths run one after the other, each with the full load.
+    pub paths: Vec<String>,
+    /// Requests per path (closed loop; open loop without `duration`).
+    pub requests: Option<u64>,
+    /// Connections (and workers).
+    pub concurrency: usize,
+    /// Open loop: requests per second per path.
+    pub rate: Option<f64>,
+    /// Run time per path (closed loop: instead of `requests`).
+    pub duration: Option<Duration>,
+    /// Reuse connections (default) or open one per request.
+    pub keepalive: bool,
+    /// Per-request timeout, connection included.
+    pub timeout: Duration,
+    /// Where to write CSV and `summary.json`.
+    pub out: Option<PathBuf>,
+    /// Show a progress bar (on a terminal) instead of plain lines.
+    pub progress: bool,
+}
+
+impl BenchConfig {
+    /// Requests per path, if bounded by count.
+    pub fn total_requests(&self) -> Option<u64> {
+        match (self.rate, self.duration) {
+            (Some(r), Some(d)) => Some((r * d.as_secs_f64()).ceil() as u64),
+            (_, Some(_)) => None,
+            _ => self.requests,
+        }
+    }
+}
+
+/// Runs every path and returns the summary (also writing files when `out` is set).
+pub async fn run(cfg: &BenchConfig) -> std::io::Result<Summary> {
+    let mut runs = Vec::new();
+    for path in &cfg.paths {
+        let bar = cfg.progress.then(|| {
+            let bar = match cfg.total_requests() {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:<14} [{bar:40}] {pos}/{len} {per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(path.clone());
+            bar
+        });
+        if bar.is_none() {
+            eprintln!("fleetlb bench: {path}: running");
+        }
+        let run = load::run_path(cfg, path, bar.as_ref()).await;
+        if let Some(b) = bar {
+            b.finish();
+        } else {
+            eprintln!("fleetlb bench: {path}: {} requests done", run.records.len());
+        }
+        runs.push(run);
+    }
+    let summary = Summary {
+        target: cfg.target.clone(),
+        mode: if cfg.rate.is_some() { "open" } else { "closed" }.into(),
+        concurrency: cfg.concurrency,
+        rate: cfg.rate,
+        paths: runs.iter().map(report::summarize).collect(),
+    };
+    if let Some(dir) = &cfg.out {
+        report::write(dir, &runs, &summary)?;
+    }
+    Ok(summary)
+}
+
+/// Parses `500ms`, `30s`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s or 2m"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
