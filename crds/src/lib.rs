@@ -290,8 +290,9 @@ pub struct OutlierDetection {
     #[serde(default = "default_consecutive_failures")]
     #[schemars(range(min = 0, max = 100))]
     pub consecutive_failures: u32,
-    /// An instance whose latency estimate exceeds this multiple of the cluster's median is
-    /// ejected (0-100, default 5; 0 disables). Needs 3 or more healthy instances.
+    /// An instance whose mean latency over the last second exceeds this multiple of the
+    /// cluster's median (and the median by 5 ms) is ejected (0-100, default 3; 0 disables).
+    /// Needs 3 or more instances with traffic.
     #[serde(default = "default_latency_factor")]
     #[schemars(range(min = 0, max = 100))]
     pub latency_factor: u32,
@@ -311,7 +312,7 @@ fn default_consecutive_failures() -> u32 {
     5
 }
 fn default_latency_factor() -> u32 {
-    5
+    3
 }
 fn default_base_ejection() -> u32 {
     30

@@ -57,6 +57,8 @@ pub(crate) struct EndpointState {
     eject_reason: AtomicU8,
     ejections: AtomicU32,
     failure_run: AtomicU32,
+    window_sum_bits: AtomicU64,
+    window_count: AtomicU64,
     /// When the endpoint last became healthy (for slow start).
     pub healthy_since: AtomicU64,
 }
@@ -115,6 +117,8 @@ impl EndpointState {
             eject_reason: AtomicU8::new(0),
             ejections: AtomicU32::new(0),
             failure_run: AtomicU32::new(0),
+            window_sum_bits: AtomicU64::new(0f64.to_bits()),
+            window_count: AtomicU64::new(0),
             healthy_since: AtomicU64::new(0),
         }
     }
@@ -169,6 +173,15 @@ impl EndpointState {
             return None;
         }
         EjectReason::from_u8(self.eject_reason.load(Relaxed)).map(|r| (r, until))
+    }
+
+    /// Mean of the latency samples (seconds) added to the running `sum`/`count` since the last
+    /// call, when there were at least `min` of them. Called by the outlier sweep only.
+    pub fn window_mean(&self, sum: f64, count: u64, min: u64) -> Option<f64> {
+        let prev_sum = f64::from_bits(self.window_sum_bits.swap(sum.to_bits(), Relaxed));
+        let prev_count = self.window_count.swap(count, Relaxed);
+        let n = count.checked_sub(prev_count)?;
+        (n >= min).then(|| (sum - prev_sum) / n as f64)
     }
 
     /// Counts a failed request; returns the length of the current run of failures.

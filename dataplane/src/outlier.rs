@@ -71,30 +71,44 @@ pub(crate) fn on_failure(metrics: &Metrics, cluster: &Cluster, ep: &Endpoint, no
     }
 }
 
-/// Ejects endpoints whose latency estimate is over `latency_factor` times the median of the
-/// cluster's eligible endpoints (and at least 5 ms above it, so sub-millisecond noise never
-/// ejects anything). Needs three or more eligible endpoints.
+/// Fewest responses in a sweep window for an endpoint's mean latency to count.
+const MIN_SAMPLES: u64 = 5;
+
+/// Ejects endpoints whose mean response latency since the last sweep (about a second) is over
+/// `latency_factor` times the median of the cluster's endpoints (and at least 5 ms above it, so
+/// sub-millisecond noise never ejects anything). Needs three or more endpoints with at least
+/// five responses each in the window. Means of real responses are used rather than peak-EWMA
+/// estimates, which react to every spike and would make the fast endpoints look slow too.
 pub(crate) fn sweep_latency(metrics: &Metrics, cluster: &Cluster, now: u64) {
+    let mut means: Vec<(usize, f64)> = Vec::with_capacity(cluster.endpoints.len());
+    for (i, e) in cluster.endpoints.iter().enumerate() {
+        if let Some(mean) = e.state.window_mean(
+            e.metrics.upstream_duration.get_sample_sum(),
+            e.metrics.upstream_duration.get_sample_count(),
+            MIN_SAMPLES,
+        ) && e.state.is_eligible(now)
+        {
+            means.push((i, mean));
+        }
+    }
     let factor = cluster.outlier.latency_factor;
-    if factor <= 0.0 {
+    if factor <= 0.0 || means.len() < 3 {
         return;
     }
-    let decay = cluster.balancing.decay.as_nanos() as f64;
-    let mut est: Vec<f64> = cluster
-        .endpoints
-        .iter()
-        .filter(|e| e.state.is_eligible(now))
-        .map(|e| e.state.estimate_ns(now, decay))
-        .collect();
-    if est.len() < 3 {
-        return;
-    }
-    est.sort_by(f64::total_cmp);
-    let median = est[est.len() / 2];
-    let limit = (median * factor).max(median + 5_000_000.0);
-    for e in &cluster.endpoints {
-        if e.state.is_eligible(now) && e.state.estimate_ns(now, decay) > limit {
-            try_eject(metrics, cluster, e, now, EjectReason::Latency, None);
+    let mut sorted: Vec<f64> = means.iter().map(|(_, m)| *m).collect();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let limit = (median * factor).max(median + 0.005);
+    for (i, mean) in means {
+        if mean > limit {
+            try_eject(
+                metrics,
+                cluster,
+                &cluster.endpoints[i],
+                now,
+                EjectReason::Latency,
+                None,
+            );
         }
     }
 }

@@ -97,7 +97,8 @@ impl Default for BalancingConfig {
 pub struct OutlierConfig {
     /// Consecutive failures that eject an endpoint (0 disables).
     pub consecutive_failures: u32,
-    /// Estimate above this multiple of the cluster median ejects an endpoint (0 disables).
+    /// Mean latency over the last second above this multiple of the cluster's median ejects an
+    /// endpoint (0 disables).
     pub latency_factor: f64,
     /// First ejection period; the n-th lasts n periods, at most 300 s.
     pub base_ejection: Duration,
@@ -109,7 +110,7 @@ impl Default for OutlierConfig {
     fn default() -> Self {
         Self {
             consecutive_failures: 5,
-            latency_factor: 5.0,
+            latency_factor: 3.0,
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 50,
         }

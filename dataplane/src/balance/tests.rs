@@ -239,3 +239,28 @@ fn fast_failures_make_an_endpoint_unattractive() {
     let counts = shares(&c, 1000);
     assert!(counts[0] < 20, "fast-failing endpoint got {counts:?}");
 }
+
+#[test]
+fn latency_outliers_are_ejected_on_mean_latency_not_spikes() {
+    use crate::outlier::sweep_latency;
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let c = cluster(Policy::PeakEwma, &[1.0, 1.0, 1.0, 1.0]);
+    for (i, e) in c.endpoints.iter().enumerate() {
+        for k in 0..10 {
+            // Fast endpoints have one big spike each; endpoint 3 is steadily slow.
+            let secs = match (i, k) {
+                (3, _) => 0.040,
+                (_, 0) => 0.030,
+                _ => 0.002,
+            };
+            e.metrics.upstream_duration.observe(secs);
+        }
+    }
+    sweep_latency(&metrics, &c, LATER);
+    let ejected: Vec<bool> = c
+        .endpoints
+        .iter()
+        .map(|e| e.state.is_ejected(LATER))
+        .collect();
+    assert_eq!(ejected, vec![false, false, false, true]);
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
+#
+#   bench/compare.sh [scenario ...]      scenarios: throughput hetero failover memory (default: all)
+#
+# Needs: nginx (Debian nginx-light), haproxy, wrk, python3; installs none of them itself:
+#   apt-get install -y nginx-light haproxy wrk
+# Every process listens on 127.0.0.1 only and everything started here is stopped on exit.
+# Environment: DURATION (seconds per run, default 10), CONNS (wrk connections, default 64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+SCENARIOS=("$@")
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory)
+
+for tool in nginx haproxy wrk python3; do
+  command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk)" >&2; exit 64; }
+done
+
+cargo build --release -q
+FLEETLB=$PWD/target/release/fleetlb
+WORK=$(mktemp -d /tmp/fleetlb-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+BASE=19000
+FLEET_PORT=19100; FLEET_ADMIN=19101; NGINX_PORT=19200; HAPROXY_PORT=19300
+
+wait_port() { # port
+  for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "port $1 never opened" >&2; exit 1
+}
+
+start_backends() { # latency_ms... ; sets ports=(...) and victim (the first backend's pid)
+  local i=1
+  ports=()
+  for lat in "$@"; do
+    local port=$((BASE + i))
+    "$FLEETLB" backend --id "b$i" --cluster bench --port "$port" --latency-ms "$lat" --concurrency 100000 >/dev/null 2>&1 &
+    PIDS+=($!); ports+=("$port"); i=$((i + 1))
+    [ "$i" -eq 2 ] && victim=$!
+  done
+  for p in "${ports[@]}"; do wait_port "$p"; done
+}
+
+start_fleetlb() { # ports...
+  mkdir -p "$WORK/fleetlb"
+  rm -f "$WORK/fleetlb/"*.yaml
+  {
+    echo "apiVersion: fleetlb.dev/v1alpha1"
+    echo "kind: BackendCluster"
+    echo "metadata: {name: bench}"
+    echo "spec:"
+    echo "  route: /bench"
+    echo "  replicas: $#"
+    echo "  instanceType: t2.micro"
+    echo "  healthCheck: {intervalSeconds: 1}"
+    echo "  provider:"
+    echo "    static:"
+    echo "      endpoints:"
+    for p in "$@"; do echo "      - 127.0.0.1:$p"; done
+  } > "$WORK/fleetlb/bench.yaml"
+  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN 2>"$WORK/fleetlb.log" &
+  FLEET_PID=$!; PIDS+=($FLEET_PID)
+  wait_port $FLEET_PORT
+  # Ready when every endpoint passed its health checks.
+  for _ in $(seq 1 200); do
+    n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
+    [ "$n" -ge "$#" ] && return 0; sleep 0.1
+  done
+  echo "fleetlb endpoints never became healthy" >&2; exit 1
+}
+
+start_nginx() { # ports...
+  mkdir -p "$WORK/nginx"
+  {
+    echo "worker_processes auto; daemon off; pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;"
+    echo "events { worker_connections 8000; }"
+    echo "http { access_log off;"
+    echo "  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;"
+    echo "  fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;"
+    echo "  upstream up {"
+    for p in "$@"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
+    echo "    keepalive 256; }"
+    echo "  server { listen 127.0.0.1:$NGINX_PORT backlog=4096; keepalive_requests 1000000;"
+    echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }"
+  } > "$WORK/nginx/nginx.conf"
+  nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+  NGINX_PID=$!; PIDS+=($NGINX_PID)
+  wait_port $NGINX_PORT
+}
+
+start_haproxy() { # ports...
+  {
+    echo "global"; echo "  nbthread $(nproc)"; echo "  maxconn 8000"
+    echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
+    echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
+    echo "  retry-on conn-failure empty-response"
+    echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT"; echo "  default_backend b"
+    echo "backend b"; echo "  balance roundrobin"
+    i=1; for p in "$@"; do echo "  server s$i 127.0.0.1:$p check inter 1s fall 2 rise 2"; i=$((i + 1)); done
+  } > "$WORK/haproxy.cfg"
+  haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" &
+  HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+  wait_port $HAPROXY_PORT
+}
+
+stop_all() { # everything started so far; waits until the backend ports are free again
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=()
+  for port in $(seq $((BASE + 1)) $((BASE + 8))); do
+    for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null || break; sleep 0.05; done
+  done
+}
+
+# wrk -> "req/s p50_ms p99_ms"
+wrk_run() { # url
+  wrk -t2 -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$1" 2>/dev/null | awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+}
+
+# fleetlb bench open loop -> "p50_ms p99_ms errors"
+rate_run() { # target rate [extra args]
+  local out="$WORK/run-$RANDOM"
+  # Warm-up (discarded): connections open, estimates settle, for every target alike.
+  "$FLEETLB" bench --target "$1" --path /bench --rate "$2" --duration 2s -c 256 --max-error-rate 1 >/dev/null 2>&1
+  "$FLEETLB" bench --target "$1" --path /bench --rate "$2" --duration "${DURATION}s" -c 256 --out "$out" --max-error-rate 1 >/dev/null 2>&1
+  python3 -c "import json,sys; p=json.load(open('$out/summary.json'))['paths'][0]; print('%.3f %.3f %d' % (p['latency_ms']['p50'], p['latency_ms']['p99'], p['failed']))"
+}
+
+rss_kb() { # pids... -> total VmRSS in KiB of the processes and their children
+  local total=0
+  for p in "$@"; do
+    for q in $p $(pgrep -P "$p" || true); do
+      r=$(awk '/VmRSS/ {print $2}' /proc/"$q"/status 2>/dev/null || echo 0); total=$((total + r))
+    done
+  done
+  echo $total
+}
+
+hold_connections() { # port count -> keeps COUNT keep-alive connections open until killed
+  python3 - "$1" "$2" <<'PY' &
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /bench HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.recv(4096)
+    socks.append(s)
+print("held", flush=True)
+time.sleep(3600)
+PY
+  HOLD_PID=$!
+}
+
+echo "# fleetlb vs nginx vs HAProxy on $(nproc) cores, $(date -u +%Y-%m-%d) (DURATION=${DURATION}s, CONNS=$CONNS)"
+echo
+
+for scenario in "${SCENARIOS[@]}"; do
+  case "$scenario" in
+  throughput)
+    start_backends 0 0 0 0 0 0 0 0
+    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    echo "## throughput: 8 instant backends, keep-alive, closed loop (wrk -t2 -c$CONNS)"
+    echo "| target | req/s | p50 ms | p99 ms |"; echo "|---|---|---|---|"
+    read -r d_rps d50 d99 < <(wrk_run "http://127.0.0.1:${ports[0]}/bench"); echo "| one backend, direct | $d_rps | $d50 | $d99 |"
+    read -r f_rps f50 f99 < <(wrk_run "http://127.0.0.1:$FLEET_PORT/bench"); echo "| fleetlb (peak-ewma) | $f_rps | $f50 | $f99 |"
+    read -r n_rps n50 n99 < <(wrk_run "http://127.0.0.1:$NGINX_PORT/bench"); echo "| nginx (round robin, keepalive 256) | $n_rps | $n50 | $n99 |"
+    read -r h_rps h50 h99 < <(wrk_run "http://127.0.0.1:$HAPROXY_PORT/bench"); echo "| HAProxy (roundrobin, http-reuse always) | $h_rps | $h50 | $h99 |"
+    half=$((f_rps / 2))
+    echo; echo "p99 added at half of fleetlb's throughput ($half req/s, open loop, fleetlb bench):"
+    echo "| target | p50 ms | p99 ms | errors |"; echo "|---|---|---|---|"
+    read -r a b c < <(rate_run "http://127.0.0.1:${ports[0]}" "$half"); echo "| one backend, direct | $a | $b | $c |"; direct99=$b
+    read -r a b c < <(rate_run "http://127.0.0.1:$FLEET_PORT" "$half"); echo "| fleetlb | $a | $b | $c |"
+    echo; echo "fleetlb p99 added over direct: $(python3 -c "print('%.3f ms' % ($b - $direct99))")"
+    read -r a b c < <(rate_run "http://127.0.0.1:$NGINX_PORT" "$half"); echo "nginx p99 at the same rate: $b ms"
+    read -r a b c < <(rate_run "http://127.0.0.1:$HAPROXY_PORT" "$half"); echo "HAProxy p99 at the same rate: $b ms"
+    echo
+    stop_all ;;
+  hetero)
+    RATE=${RATE:-1000}
+    start_backends 2 2 2 40
+    echo "## hetero: 3 backends at 2 ms, 1 at 40 ms, $RATE req/s open loop (fleetlb bench --rate)"
+    echo "| target | p50 ms | p99 ms | errors |"; echo "|---|---|---|---|"
+    start_nginx "${ports[@]:0:3}"
+    read -r a fast99 c < <(rate_run "http://127.0.0.1:$NGINX_PORT" "$RATE"); echo "| baseline: only the 3 fast backends (nginx) | $a | $fast99 | $c |"
+    stop_all; start_backends 2 2 2 40
+    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    read -r a f99 c < <(rate_run "http://127.0.0.1:$FLEET_PORT" "$RATE"); echo "| fleetlb (peak-ewma) | $a | $f99 | $c |"
+    read -r a n99 c < <(rate_run "http://127.0.0.1:$NGINX_PORT" "$RATE"); echo "| nginx (round robin) | $a | $n99 | $c |"
+    read -r a h99 c < <(rate_run "http://127.0.0.1:$HAPROXY_PORT" "$RATE"); echo "| HAProxy (roundrobin) | $a | $h99 | $c |"
+    echo; python3 -c "print('fleetlb p99 / fast-only p99 = %.2f (goal <= 1.3); fleetlb p99 / nginx p99 = %.2f (goal <= 0.33)' % ($f99/$fast99, $f99/$n99))"
+    echo
+    stop_all ;;
+  failover)
+    RATE=${RATE:-2000}
+    echo "## failover: 4 backends (1 ms), one killed after 3 s, $RATE req/s for ${DURATION}s"
+    echo "| target | requests failed |"; echo "|---|---|"
+    for target in fleetlb nginx haproxy; do
+      start_backends 1 1 1 1
+      case $target in
+        fleetlb) start_fleetlb "${ports[@]}"; port=$FLEET_PORT ;;
+        nginx) start_nginx "${ports[@]}"; port=$NGINX_PORT ;;
+        haproxy) start_haproxy "${ports[@]}"; port=$HAPROXY_PORT ;;
+      esac
+      ( sleep 5; kill -9 "$victim" ) &  # 2 s warm-up, then 3 s into the measured run
+      read -r a b errors < <(rate_run "http://127.0.0.1:$port" "$RATE")
+      echo "| $target | $errors of $((RATE * DURATION)) |"
+      stop_all
+    done
+    echo ;;
+  memory)
+    start_backends 0 0
+    echo "## memory: RSS with 1000 open keep-alive client connections"
+    echo "| target | RSS idle (MiB) | RSS with 1000 connections (MiB) |"; echo "|---|---|---|"
+    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
+      set -- $t
+      idle=$(rss_kb "$2")
+      hold_connections "$3" 1000; sleep 3
+      busy=$(rss_kb "$2")
+      kill $HOLD_PID 2>/dev/null || true; wait $HOLD_PID 2>/dev/null || true
+      echo "| $1 | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") |"
+    done
+    echo
+    stop_all ;;
+  *) echo "unknown scenario $scenario (throughput hetero failover memory)" >&2; exit 64 ;;
+  esac
+done
