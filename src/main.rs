@@ -415,20 +415,23 @@ async fn serve_standalone(
     };
 
     let updater = dataplane.watch_routes(routes_rx);
+    let registry_for_admin = registry.clone();
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(AdminState {
-            registry,
+            registry: registry_for_admin,
             dataplane: dataplane.clone(),
             status: status_rx,
             ready: ready_rx,
         }),
         stopped(stop_rx.clone()),
     ));
+    let controller_metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
     let driver = Standalone::new(
         StandaloneConfig::new(dir.clone()),
         providers,
         dataplane.clone(),
+        controller_metrics,
     );
     let driver_task = tokio::spawn(driver.run(
         Outputs {

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod files;
 pub mod fixed;
 pub mod local;
+pub mod metrics;
 pub mod provider;
 pub mod reconcile;
 pub mod standalone;

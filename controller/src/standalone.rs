@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::Providers;
 use crate::files::{self, FileLoad};
+use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, fnv64};
 use crate::reconcile::{self, Health, Observed, set_condition};
 
@@ -99,6 +100,7 @@ struct StatusView<'a> {
 
 /// The standalone driver's state.
 pub struct Standalone {
+    metrics: Metrics,
     cfg: StandaloneConfig,
     providers: Providers,
     dataplane: Dataplane,
@@ -110,8 +112,15 @@ pub struct Standalone {
 
 impl Standalone {
     /// A driver over `cfg.dir` using `providers`, reading health from `dataplane`.
-    pub fn new(cfg: StandaloneConfig, providers: Providers, dataplane: Dataplane) -> Self {
+    pub fn new(
+        cfg: StandaloneConfig,
+        providers: Providers,
+        dataplane: Dataplane,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.leader.set(1);
         Self {
+            metrics,
             cfg,
             providers,
             dataplane,
@@ -294,6 +303,7 @@ impl Standalone {
 
     /// One reconcile pass over every object; returns whether anything is still in motion.
     async fn pass(&mut self, out: &Outputs) -> bool {
+        let started = Instant::now();
         let now = Timestamp::now();
         let mut busy = false;
         let health = self.health();
@@ -392,6 +402,12 @@ impl Standalone {
                 now,
             );
             let mut status = plan.status;
+            for (state, n) in count_states(&mine) {
+                self.metrics
+                    .instances
+                    .with_label_values(&[key.to_string().as_str(), state])
+                    .set(n);
+            }
             busy |= !plan.launch.is_empty()
                 || !plan.retire.is_empty()
                 || !t.draining.is_empty()
@@ -411,6 +427,14 @@ impl Standalone {
                     }
                 }
             }
+            self.metrics
+                .reconcile
+                .with_label_values(&[if launch_error.is_some() {
+                    "error"
+                } else {
+                    "success"
+                }])
+                .inc();
             if let Some(e) = launch_error {
                 set_condition(
                     &mut status.conditions,
@@ -460,8 +484,15 @@ impl Standalone {
             t.obj.status = Some(status);
         }
         for key in forget {
+            let _ = self
+                .metrics
+                .instances
+                .remove_label_values(&[key.to_string().as_str(), "running"]);
             self.tracked.remove(&key);
         }
+        self.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
         out.routes.send_if_modified(|cur| {
             let next = RouteTable { routes };
             if *cur == next {
@@ -521,6 +552,25 @@ impl Standalone {
         };
         serde_json::to_vec_pretty(&view).unwrap_or_default()
     }
+}
+
+fn count_states(instances: &[Instance]) -> Vec<(&'static str, i64)> {
+    use crate::provider::InstanceState as S;
+    [
+        S::Pending,
+        S::Running,
+        S::ShuttingDown,
+        S::Stopping,
+        S::Stopped,
+    ]
+    .iter()
+    .map(|s| {
+        (
+            s.as_str(),
+            instances.iter().filter(|i| i.state == *s).count() as i64,
+        )
+    })
+    .collect()
 }
 
 fn last_endpoints(bc: &BackendCluster) -> Vec<fleetlb_dataplane::EndpointConfig> {

@@ -156,6 +156,32 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Names of every metric, for checking dashboards and alerts against the code.
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 15] = [
+            &self.requests,
+            &self.proxy_errors,
+            &self.request_duration,
+            &self.upstream_duration,
+            &self.endpoints,
+            &self.connections_active,
+            &self.connections_total,
+            &self.connections_rejected,
+            &self.connect_errors,
+            &self.selections,
+            &self.ejections,
+            &self.latency,
+            &self.inflight,
+            &self.retries,
+            &self.panic_mode,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
     pub(crate) fn cluster(&self, cluster: &str) -> ClusterMetrics {
         ClusterMetrics {
             by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]

@@ -1,0 +1,92 @@
+//! Controller metrics, named like controller-runtime's so existing dashboards carry over.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Every controller metric, registered once.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Reconciles by result (`success`, `error`).
+    pub reconcile: IntCounterVec,
+    /// Reconcile pass duration.
+    pub reconcile_duration: Histogram,
+    /// EC2 API calls by operation and result code (`ok` or the AWS error code).
+    pub ec2_requests: IntCounterVec,
+    /// Instances by cluster and provider state.
+    pub instances: IntGaugeVec,
+    /// Instances terminated because no object owns them.
+    pub orphans_terminated: IntCounter,
+    /// 1 while this replica acts on providers (always 1 standalone).
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            reconcile: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_controller_reconcile_total",
+                    "Reconciles of a BackendCluster, by result.",
+                ),
+                &["result"],
+            )?,
+            reconcile_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "fleetlb_controller_reconcile_duration_seconds",
+                    "Duration of one reconcile.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
+                ]),
+            )?,
+            ec2_requests: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_controller_ec2_requests_total",
+                    "EC2 API calls by operation and result code.",
+                ),
+                &["operation", "code"],
+            )?,
+            instances: IntGaugeVec::new(
+                Opts::new(
+                    "fleetlb_controller_instances",
+                    "Instances by cluster and provider state.",
+                ),
+                &["cluster", "state"],
+            )?,
+            orphans_terminated: IntCounter::new(
+                "fleetlb_controller_orphans_terminated_total",
+                "Instances terminated because no BackendCluster owns them any more.",
+            )?,
+            leader: IntGauge::new(
+                "fleetlb_controller_leader",
+                "1 while this replica is the one acting on providers.",
+            )?,
+        };
+        registry.register(Box::new(m.reconcile.clone()))?;
+        registry.register(Box::new(m.reconcile_duration.clone()))?;
+        registry.register(Box::new(m.ec2_requests.clone()))?;
+        registry.register(Box::new(m.instances.clone()))?;
+        registry.register(Box::new(m.orphans_terminated.clone()))?;
+        registry.register(Box::new(m.leader.clone()))?;
+        Ok(m)
+    }
+
+    /// Names of every metric, for checking dashboards and alerts against the code.
+    pub fn names(&self) -> Vec<String> {
+        let collectors: [&dyn Collector; 6] = [
+            &self.reconcile,
+            &self.reconcile_duration,
+            &self.ec2_requests,
+            &self.instances,
+            &self.orphans_terminated,
+            &self.leader,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,325 @@
+//! The deployment artefacts, checked with the real tools: `kubectl kustomize` renders them, every
+//! object round-trips through its Kubernetes type, alerts pass `promtool check rules`, and the
+//! dashboard and alerts only query metrics the code registers.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rendered() -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root().join("manifests"))
+        .output()
+        .expect("kubectl is installed");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            let v = serde_yaml::Value::deserialize(d).unwrap();
+            serde_json::to_value(v).unwrap()
+        })
+        .collect()
+}
+
+use serde::Deserialize as _;
+
+/// Deserializes into the typed object and back; any field the type does not know (a typo, a
+/// field at the wrong level) is dropped on the way and makes the round trip differ.
+fn round_trip<T: DeserializeOwned + Serialize>(v: &Value) {
+    let typed: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        &normalize(back),
+        &normalize(v.clone()),
+        "{} {} has fields its type does not know",
+        v["kind"],
+        v["metadata"]["name"]
+    );
+}
+
+/// Numbers compared as f64 (YAML 1000.0 vs 1000), empty maps/arrays treated as absent.
+fn normalize(v: Value) -> Value {
+    match v {
+        Value::Number(n) => serde_json::json!(n.as_f64()),
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| (k, normalize(v)))
+                .filter(|(_, v)| !matches!(v, Value::Null))
+                .filter(|(_, v)| !matches!(v, Value::Object(o) if o.is_empty()))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(normalize).collect()),
+        other => other,
+    }
+}
+
+#[test]
+fn kustomization_renders_valid_objects_of_every_kind() {
+    let objects = rendered();
+    let mut kinds = BTreeSet::new();
+    for v in &objects {
+        let kind = v["kind"].as_str().unwrap().to_string();
+        match kind.as_str() {
+            "Namespace" => round_trip::<Namespace>(v),
+            "ServiceAccount" => round_trip::<ServiceAccount>(v),
+            "ClusterRole" => round_trip::<ClusterRole>(v),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(v),
+            "Role" => round_trip::<Role>(v),
+            "RoleBinding" => round_trip::<RoleBinding>(v),
+            "Deployment" => round_trip::<Deployment>(v),
+            "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(v),
+            "Service" => round_trip::<Service>(v),
+            "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(v),
+            other => panic!("unexpected kind {other}"),
+        }
+        kinds.insert(kind);
+    }
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
+}
+
+#[test]
+fn the_controller_runs_hardened() {
+    let objects = rendered();
+    let d = objects.iter().find(|v| v["kind"] == "Deployment").unwrap();
+    let d: Deployment = serde_json::from_value(d.clone()).unwrap();
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.unwrap().drop.unwrap(),
+        vec!["ALL".to_string()]
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    let res = c.resources.clone().unwrap();
+    assert!(res.requests.is_some() && res.limits.is_some());
+    assert!(objects.iter().any(|v| v["kind"] == "PodDisruptionBudget"));
+}
+
+#[test]
+fn rbac_grants_only_what_the_controller_needs() {
+    for v in rendered() {
+        let rules = match v["kind"].as_str() {
+            Some("ClusterRole") | Some("Role") => v["rules"].as_array().unwrap().clone(),
+            _ => continue,
+        };
+        for r in rules {
+            let resources: Vec<&str> = r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect();
+            let verbs: Vec<&str> = r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect();
+            assert!(
+                !verbs.contains(&"*") && !resources.contains(&"*"),
+                "wildcard in {r}"
+            );
+            assert!(!resources.contains(&"secrets"), "secrets access in {r}");
+            assert!(
+                !verbs.contains(&"delete"),
+                "the controller never deletes Kubernetes objects: {r}"
+            );
+            if resources.contains(&"leases") {
+                assert_eq!(v["kind"], "Role", "leases only in fleetlb's own namespace");
+            }
+        }
+    }
+}
+
+fn registered_metric_names() -> BTreeSet<String> {
+    let registry = prometheus::Registry::new();
+    let mut names: BTreeSet<String> = fleetlb_dataplane::Metrics::new(&registry)
+        .unwrap()
+        .names()
+        .into_iter()
+        .collect();
+    names.extend(
+        fleetlb_controller::metrics::Metrics::new(&registry)
+            .unwrap()
+            .names(),
+    );
+    names
+}
+
+/// Metric names in a PromQL expression (`fleetlb_*`, with histogram suffixes removed).
+fn queried(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("fleetlb_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &expr[start..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.push(base.to_string());
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn dashboard_queries_only_metrics_the_code_exports() {
+    let names = registered_metric_names();
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("manifests/monitoring/dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut seen = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            for m in queried(t["expr"].as_str().unwrap()) {
+                assert!(
+                    names.contains(&m),
+                    "dashboard panel {:?} queries {m}, which fleetlb does not export",
+                    p["title"]
+                );
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 12, "the dashboard queries too little: {seen}");
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_use_exported_metrics() {
+    let names = registered_metric_names();
+    let text =
+        std::fs::read_to_string(root().join("manifests/monitoring/prometheusrule.yaml")).unwrap();
+    let rule: Value =
+        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap()).unwrap();
+    let spec = &rule["spec"];
+    for g in spec["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            for m in queried(r["expr"].as_str().unwrap()) {
+                assert!(
+                    names.contains(&m),
+                    "alert {} uses {m}, which fleetlb does not export",
+                    r["alert"]
+                );
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, serde_yaml::to_string(spec).unwrap()).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn iam_policy_scopes_mutations_to_owned_instances() {
+    let policy: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("manifests/iam-policy.json")).unwrap(),
+    )
+    .unwrap();
+    let statements = policy["Statement"].as_array().unwrap();
+    let find = |action: &str| -> Vec<&Value> {
+        statements
+            .iter()
+            .filter(|s| match &s["Action"] {
+                Value::String(a) => a == action,
+                Value::Array(a) => a.iter().any(|x| x == action),
+                _ => false,
+            })
+            .collect()
+    };
+    for s in find("ec2:TerminateInstances") {
+        assert!(
+            s["Condition"]
+                .to_string()
+                .contains("aws:ResourceTag/fleetlb.dev/controller"),
+            "terminate not scoped: {s}"
+        );
+    }
+    for s in find("ec2:CreateTags") {
+        assert!(
+            s["Condition"]
+                .to_string()
+                .contains("\"ec2:CreateAction\":\"RunInstances\""),
+            "CreateTags outside launches: {s}"
+        );
+    }
+    let run = find("ec2:RunInstances");
+    assert!(run.iter().any(|s| {
+        s["Condition"]
+            .to_string()
+            .contains("aws:RequestTag/fleetlb.dev/controller")
+    }));
+    for s in find("iam:PassRole") {
+        assert_ne!(s["Resource"], "*", "PassRole must name the instance role");
+    }
+    for s in statements {
+        let actions = s["Action"].to_string();
+        assert!(
+            !actions.contains("ec2:*") && !actions.contains("\"*\""),
+            "wildcard action: {s}"
+        );
+    }
+}
