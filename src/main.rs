@@ -347,7 +347,10 @@ async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let summary = fleetlb_bench::run(&cfg).await?;
     print!("{}", fleetlb_bench::report::table(&summary));
     if let Some(dir) = &a.out {
-        println!("\nwrote {} (CSV per path, summary.json)", dir.display());
+        println!(
+            "\nwrote {} (CSV per path, summary.json, PNG charts)",
+            dir.display()
+        );
     }
     let rate = summary.error_rate();
     if rate > a.max_error_rate {

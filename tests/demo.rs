@@ -324,3 +324,87 @@ fn bad_flags_exit_64_with_one_line() {
         String::from_utf8_lossy(&out.stderr).contains("--config /nonexistent/dir: not a directory")
     );
 }
+
+#[test]
+fn bench_gates_on_the_error_rate() {
+    let port = free_port();
+    let target = format!("http://127.0.0.1:{port}");
+    let run = |max: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args([
+                "bench",
+                "--target",
+                &target,
+                "--path",
+                "/x",
+                "-n",
+                "5",
+                "-c",
+                "1",
+                "--max-error-rate",
+                max,
+            ])
+            .output()
+            .unwrap()
+    };
+    let strict = run("0");
+    assert_eq!(
+        strict.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&strict.stderr)
+    );
+    assert!(String::from_utf8_lossy(&strict.stdout).contains("/x"));
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("error rate 1.0000 exceeds"));
+    assert_eq!(run("1").status.code(), Some(0));
+    let bad = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["bench", "--path", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+}
+
+#[test]
+fn the_original_experiment_in_one_command() {
+    let f = Fleetlb::demo(&demo_clusters());
+    eventually("both clusters ready", || {
+        let st = f.status();
+        st["clusters"]
+            .as_array()?
+            .iter()
+            .all(|c| c["status"]["readyReplicas"] == 4)
+            .then_some(())
+    });
+    let out_dir = f.dir.path().join("results");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args([
+            "bench",
+            "--target",
+            &format!("http://{}", f.proxy),
+            "--path",
+            "/cluster1",
+            "--path",
+            "/cluster2",
+        ])
+        .args(["-n", "1000", "-c", "100", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
+    for p in summary["paths"].as_array().unwrap() {
+        assert_eq!(p["ok"], 1000, "{p}");
+        let instances = p["instances"].as_array().unwrap();
+        assert_eq!(instances.len(), 4, "every instance of {} served", p["path"]);
+        for i in instances {
+            // Balanced: no instance took more than half of the requests.
+            assert!(i["share"].as_f64().unwrap() < 0.5, "{i}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! instance answered each request, CSV and JSON output, comparison of two runs, and an exit
 //! code that can gate CI.
 
+pub mod chart;
 pub mod load;
 pub mod report;
 
@@ -87,6 +88,9 @@ pub async fn run(cfg: &BenchConfig) -> std::io::Result<Summary> {
     };
     if let Some(dir) = &cfg.out {
         report::write(dir, &runs, &summary)?;
+        if let Err(e) = chart::draw(dir, &runs, &summary.paths) {
+            eprintln!("fleetlb bench: charts skipped: {e}");
+        }
     }
     Ok(summary)
 }

@@ -1,0 +1,228 @@
+//! `fleetlb bench` against real local servers with known behaviour.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlb_bench::{BenchConfig, run};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+fn config(target: String) -> BenchConfig {
+    BenchConfig {
+        target,
+        paths: vec!["/x".into()],
+        requests: Some(200),
+        concurrency: 10,
+        rate: None,
+        duration: None,
+        keepalive: true,
+        timeout: Duration::from_secs(5),
+        out: None,
+        progress: false,
+    }
+}
+
+/// An HTTP server answering `{"instance_id":"i-N"}` (N = connection parity) after `delay`;
+/// request number `stall_at` (if any) holds every request for `stall` instead.
+async fn server(delay: Duration, stall_at: Option<u64>, stall: Duration) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Mutex::new(()));
+    let conns = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let id = conns.fetch_add(1, Relaxed) % 2;
+            let (count, gate) = (count.clone(), gate.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let (count, gate) = (count.clone(), gate.clone());
+                    async move {
+                        let n = count.fetch_add(1, Relaxed);
+                        if Some(n) == stall_at {
+                            let _g = gate.lock().await;
+                            tokio::time::sleep(stall).await;
+                        } else {
+                            drop(gate.lock().await);
+                        }
+                        tokio::time::sleep(delay).await;
+                        let body = format!("{{\"instance_id\":\"i-{id}\"}}");
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latencies_are_never_below_the_injected_delay_and_instances_are_counted() {
+    let target = server(Duration::from_millis(20), None, Duration::ZERO).await;
+    let s = run(&config(target)).await.unwrap();
+    let p = &s.paths[0];
+    assert_eq!((p.count, p.ok, p.failed), (200, 200, 0));
+    // HdrHistogram keeps 3 significant digits: 20 ms reads as at least 19.98 ms.
+    assert!(
+        p.latency_ms.p50 >= 19.98 && p.latency_ms.mean >= 19.98,
+        "{:?}",
+        p.latency_ms
+    );
+    assert!(p.latency_ms.max >= p.latency_ms.p999 && p.latency_ms.p999 >= p.latency_ms.p99);
+    assert_eq!(p.instances.len(), 2, "{:?}", p.instances);
+    assert_eq!(p.instances.iter().map(|i| i.count).sum::<u64>(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_classified() {
+    // A refused port.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    let s = run(&BenchConfig {
+        requests: Some(20),
+        ..config(closed)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.paths[0].errors.get("connect"),
+        Some(&20),
+        "{:?}",
+        s.paths[0].errors
+    );
+
+    // A server that reads the request and closes the connection.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resetting = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let s = run(&BenchConfig {
+        requests: Some(20),
+        ..config(resetting)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.paths[0].errors.get("reset"),
+        Some(&20),
+        "{:?}",
+        s.paths[0].errors
+    );
+
+    // A server that never answers: every request ends at the timeout.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalling = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            held.push(s);
+        }
+    });
+    let cfg = BenchConfig {
+        requests: Some(10),
+        timeout: Duration::from_millis(200),
+        ..config(stalling)
+    };
+    let s = run(&cfg).await.unwrap();
+    assert_eq!(
+        s.paths[0].errors.get("timeout"),
+        Some(&10),
+        "{:?}",
+        s.paths[0].errors
+    );
+    assert!(s.error_rate() > 0.99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_reports_a_server_pause_that_closed_loop_hides() {
+    // Request 50 freezes the whole server for 500 ms.
+    let pause = Duration::from_millis(500);
+    let closed_target = server(Duration::ZERO, Some(50), pause).await;
+    let closed = run(&BenchConfig {
+        requests: Some(300),
+        concurrency: 1,
+        ..config(closed_target)
+    })
+    .await
+    .unwrap();
+    let open_target = server(Duration::ZERO, Some(50), pause).await;
+    let open = run(&BenchConfig {
+        requests: Some(300),
+        concurrency: 1,
+        rate: Some(200.0),
+        ..config(open_target)
+    })
+    .await
+    .unwrap();
+    let slow = |s: &fleetlb_bench::Summary| s.paths[0].latency_ms.p90;
+    // Closed loop: one slow request of 300, the p90 stays small.
+    assert!(slow(&closed) < 250.0, "closed loop p90 {}", slow(&closed));
+    // Open loop: every request scheduled during the pause waited for it (~100 of 300).
+    assert!(
+        slow(&open) >= 250.0,
+        "open loop p90 {} hides the pause",
+        slow(&open)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_dir_gets_one_csv_row_per_request_json_and_charts() {
+    let target = server(Duration::from_millis(1), None, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BenchConfig {
+        paths: vec!["/cluster1".into(), "/cluster2".into()],
+        requests: Some(150),
+        out: Some(dir.path().to_path_buf()),
+        ..config(target)
+    };
+    run(&cfg).await.unwrap();
+    for stem in ["cluster1", "cluster2"] {
+        let csv = std::fs::read_to_string(dir.path().join(format!("{stem}.csv"))).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next(),
+            Some("seq,start_ms,latency_ms,status,error,instance")
+        );
+        assert_eq!(lines.count(), 150);
+    }
+    let summary: fleetlb_bench::Summary =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary.paths.len(), 2);
+    for png in [
+        "latency-distribution.png",
+        "latency-over-time-cluster1.png",
+        "latency-over-time-cluster2.png",
+        "requests-per-instance.png",
+    ] {
+        let bytes = std::fs::read(dir.path().join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(
+            bytes.len() > 1000 && bytes.starts_with(b"\x89PNG"),
+            "{png} is not a PNG"
+        );
+    }
+}
