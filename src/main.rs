@@ -172,6 +172,26 @@ struct ListenArgs {
     /// Admin listen address: /metrics /healthz /readyz /status /debug/endpoints.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin: SocketAddr,
+    /// EC2 endpoint URL for the aws provider (e.g. a moto_server); AWS_ENDPOINT_URL works too.
+    /// Region and credentials come from the standard AWS chain.
+    #[arg(long, env = "FLEETLB_EC2_ENDPOINT")]
+    ec2_endpoint: Option<String>,
+    /// Identity of this install, tagged on every instance it launches
+    /// (`fleetlb.dev/controller`); instances of other ids are never touched.
+    #[arg(long, default_value = "fleetlb", value_parser = parse_controller_id)]
+    controller_id: String,
+}
+
+fn parse_controller_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("must be 1-63 letters, digits, '-', '.' or '_'".into())
+    }
 }
 
 fn main() -> ExitCode {
@@ -411,10 +431,16 @@ async fn serve_standalone(
 
     let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
     let local = Arc::new(LocalProvider::new(exe));
+    let controller_metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
+    let aws = fleetlb_controller::aws::LazyAwsProvider::new(
+        listen.ec2_endpoint.clone(),
+        listen.controller_id.clone(),
+        controller_metrics.clone(),
+    );
     let providers = Providers {
         local: Some(local.clone()),
         fixed: Some(Arc::new(StaticProvider)),
-        aws: None,
+        aws: Some(Arc::new(aws)),
     };
 
     let updater = dataplane.watch_routes(routes_rx);
@@ -429,7 +455,6 @@ async fn serve_standalone(
         }),
         stopped(stop_rx.clone()),
     ));
-    let controller_metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
     let driver = Standalone::new(
         StandaloneConfig::new(dir.clone()),
         providers,

@@ -220,6 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_example_is_valid_and_every_invalid_one_is_rejected() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for (dir, valid) in [("", true), ("aws", true), ("invalid", false)] {
+            let (_, files) = read_dir(&root.join(dir)).unwrap();
+            assert!(!files.is_empty(), "no examples in {dir:?}");
+            for (path, text) in files {
+                let load = parse_file(&path, &text);
+                let ok = load
+                    .outcome
+                    .as_ref()
+                    .is_ok_and(|docs| docs.iter().all(|d| d.result.is_ok()));
+                assert_eq!(ok, valid, "{}: {:?}", path.display(), load.outcome);
+            }
+        }
+    }
+
+    #[test]
     fn several_documents_and_a_broken_file() {
         let f = parse_file(
             Path::new("m.yaml"),

@@ -52,6 +52,7 @@ impl Provider for StaticProvider {
                         owner: owner.clone(),
                         owner_uid: bc.metadata.uid.clone().unwrap_or_default(),
                         slot: slot as u32,
+                        attempt: 0,
                         address,
                         state: InstanceState::Running,
                         instance_type: bc.spec.instance_type.clone(),

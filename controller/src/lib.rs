@@ -8,6 +8,7 @@
 //! - [`standalone`]: the driver that reads BackendCluster YAML from a directory.
 //! - [`backend`]: the demo backend that `local` instances run.
 
+pub mod aws;
 pub mod backend;
 pub mod files;
 pub mod fixed;

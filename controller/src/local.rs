@@ -39,6 +39,8 @@ struct Proc {
 pub struct LocalProvider {
     exe: PathBuf,
     procs: Mutex<HashMap<String, Proc>>,
+    /// Orphaned instances: no longer listed, still ended when fleetlb stops.
+    released: Mutex<Vec<Proc>>,
 }
 
 /// Time a terminated instance gets to drain before it is killed.
@@ -50,6 +52,7 @@ impl LocalProvider {
         Self {
             exe,
             procs: Mutex::new(HashMap::new()),
+            released: Mutex::new(Vec::new()),
         }
     }
 
@@ -66,9 +69,12 @@ impl LocalProvider {
     pub async fn shutdown(&self) {
         let mut children: Vec<Child> = {
             let mut procs = self.lock();
+            let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
             procs
                 .drain()
-                .map(|(_, mut p)| {
+                .map(|(_, p)| p)
+                .chain(released.drain(..))
+                .map(|mut p| {
                     p.stdin.take();
                     p.child
                 })
@@ -133,6 +139,7 @@ impl LocalProvider {
             owner: req.owner.clone(),
             owner_uid: req.owner_uid.clone(),
             slot: req.slot,
+            attempt: req.attempt,
             address: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
             state: InstanceState::Pending,
             instance_type: req.instance_type.clone(),
@@ -200,6 +207,20 @@ impl Provider for LocalProvider {
 
     fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
         async move { self.spawn(req) }.boxed()
+    }
+
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            let mut procs = self.lock();
+            let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                if let Some(p) = procs.remove(id) {
+                    released.push(p);
+                }
+            }
+            Ok(())
+        }
+        .boxed()
     }
 
     fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {

@@ -96,6 +96,8 @@ pub struct Instance {
     pub owner_uid: String,
     /// Slot (0..replicas) it was launched for.
     pub slot: u32,
+    /// Launch attempt for that slot (a replacement is the next attempt).
+    pub attempt: u32,
     /// Where it serves, once known.
     pub address: Option<SocketAddr>,
     /// Provider state.
@@ -127,8 +129,9 @@ pub struct LaunchRequest {
     pub provider: ProviderSpec,
     /// Spec hash recorded on the instance.
     pub spec_hash: String,
-    /// Idempotency token: the same launch intent always carries the same token.
-    pub client_token: String,
+    /// Launch attempt for the slot: one more than any instance the slot had. Together with
+    /// owner UID, slot and spec hash it names the launch intent (the EC2 `ClientToken`).
+    pub attempt: u32,
 }
 
 /// A source of instances.
@@ -152,6 +155,13 @@ pub trait Provider: Send + Sync {
 
     /// Starts terminating `ids`; returns once the provider has accepted the request.
     fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Drops fleetlb's ownership of `ids` without stopping them (`deletionPolicy: Orphan`).
+    /// The default does nothing.
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = ids;
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether this provider launches and terminates instances (false for `static`).
     fn manages_instances(&self) -> bool {

@@ -106,6 +106,15 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         }
         let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
         let mut free = (0u32..).filter(|s| !used.contains(s));
+        // The next attempt of a slot follows every instance it ever had (terminated ones too).
+        let attempt_of = |slot: u32| {
+            obs.instances
+                .iter()
+                .filter(|i| i.slot == slot && i.owner_uid == uid)
+                .map(|i| i.attempt + 1)
+                .max()
+                .unwrap_or(0)
+        };
         for _ in current.len()..desired {
             let Some(slot) = free.next() else { break };
             launch.push(LaunchRequest {
@@ -117,7 +126,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 route: bc.spec.route.clone(),
                 provider: bc.spec.provider.clone(),
                 spec_hash: hash.clone(),
-                client_token: String::new(),
+                attempt: attempt_of(slot),
             });
         }
     }

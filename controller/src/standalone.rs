@@ -42,6 +42,9 @@ pub struct StandaloneConfig {
     pub resync: Duration,
     /// Time between an instance leaving the route table and its termination (default 2 s).
     pub drain: Duration,
+    /// Instances of this controller that no object owns are terminated once this old
+    /// (default 30 s, Karpenter's).
+    pub orphan_grace: Duration,
 }
 
 impl StandaloneConfig {
@@ -52,6 +55,7 @@ impl StandaloneConfig {
             poll: Duration::from_millis(500),
             resync: Duration::from_secs(2),
             drain: Duration::from_secs(2),
+            orphan_grace: Duration::from_secs(30),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct Standalone {
     errors: Vec<String>,
     logged: HashSet<String>,
     last_hash: Option<u64>,
+    loaded_once: bool,
+    used_kinds: HashSet<&'static str>,
 }
 
 impl Standalone {
@@ -128,6 +134,8 @@ impl Standalone {
             errors: Vec::new(),
             logged: HashSet::new(),
             last_hash: None,
+            loaded_once: false,
+            used_kinds: HashSet::new(),
         }
     }
 
@@ -138,7 +146,7 @@ impl Standalone {
         let mut next_pass = Instant::now();
         loop {
             let changed = self.load();
-            if changed || Instant::now() >= next_pass {
+            if changed || Instant::now() >= next_pass || !self.loaded_once {
                 let busy = self.pass(&out).await;
                 // While instances are launching or draining, look again soon.
                 let wait = if busy {
@@ -155,6 +163,13 @@ impl Standalone {
         }
     }
 
+    /// One load of the directory and one reconcile pass (for tests and tools that drive the
+    /// loop themselves); returns whether anything is still in motion.
+    pub async fn step(&mut self, out: &Outputs) -> bool {
+        self.load();
+        self.pass(out).await
+    }
+
     /// Reads the directory; returns whether anything changed.
     fn load(&mut self) -> bool {
         let (hash, texts) = match files::read_dir(&self.cfg.dir) {
@@ -169,6 +184,7 @@ impl Standalone {
             return false;
         }
         self.last_hash = Some(hash);
+        self.loaded_once = true;
         let loads: Vec<FileLoad> = texts.iter().map(|(p, t)| files::parse_file(p, t)).collect();
         self.apply(loads);
         true
@@ -316,7 +332,14 @@ impl Standalone {
                 .push(Arc::new(t.obj.clone()));
         }
         let mut instances: HashMap<ClusterKey, Vec<Instance>> = HashMap::new();
+        let mut kind_of: HashMap<String, &'static str> = HashMap::new();
         let mut list_errors: HashMap<&'static str, String> = HashMap::new();
+        // A provider that had objects stays listed after its last one goes, so its orphans are
+        // found; one never used is not called at all (no credentials needed for the demo).
+        self.used_kinds.extend(by_kind.keys().copied());
+        for kind in &self.used_kinds {
+            by_kind.entry(kind).or_default();
+        }
         for (kind, clusters) in &by_kind {
             let Some(p) = self.providers.get(kind) else {
                 list_errors.insert(
@@ -328,6 +351,7 @@ impl Standalone {
             match p.list(clusters).await {
                 Ok(list) => {
                     for i in list {
+                        kind_of.insert(i.id.clone(), kind);
                         instances.entry(i.owner.clone()).or_default().push(i);
                     }
                 }
@@ -356,6 +380,18 @@ impl Standalone {
                 let gone = mine
                     .iter()
                     .all(|i| i.state == crate::provider::InstanceState::Terminated);
+                if orphan
+                    && managed
+                    && !live.is_empty()
+                    && let Some(p) = &provider
+                {
+                    if let Err(e) = p.release(&live).await {
+                        tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
+                        busy = true;
+                        continue;
+                    }
+                    tracing::info!(cluster = %key, count = live.len(), "instances orphaned: left running, no longer owned");
+                }
                 if !managed || orphan || gone || provider.is_none() {
                     tracing::info!(cluster = %key, "BackendCluster deleted");
                     forget.push(key.clone());
@@ -483,6 +519,7 @@ impl Standalone {
             routes.push(route_config(key, &t.obj, plan.endpoints));
             t.obj.status = Some(status);
         }
+        self.sweep_orphans(instances, &kind_of).await;
         for key in forget {
             let _ = self
                 .metrics
@@ -505,6 +542,43 @@ impl Standalone {
         let _ = out.status.send(Bytes::from(self.status_json()));
         out.ready.send_if_modified(|r| !std::mem::replace(r, true));
         busy || self.tracked.values().any(|t| t.deleting)
+    }
+
+    /// Terminates live instances of this controller that no object owns, once older than the
+    /// grace period (a launch whose object was deleted meanwhile, an object removed while
+    /// fleetlb was down). Runs only after the directory has been read, so a restart never
+    /// mistakes every instance for an orphan.
+    async fn sweep_orphans(
+        &mut self,
+        leftover: HashMap<ClusterKey, Vec<Instance>>,
+        kind_of: &HashMap<String, &'static str>,
+    ) {
+        if !self.loaded_once {
+            return;
+        }
+        let mut by_kind: HashMap<&'static str, Vec<String>> = HashMap::new();
+        for (key, list) in leftover {
+            for i in list {
+                let old = i
+                    .launched_at
+                    .elapsed()
+                    .is_ok_and(|age| age >= self.cfg.orphan_grace);
+                if i.state.is_live() && old {
+                    tracing::warn!(cluster = %key, id = %i.id, "orphan instance: no BackendCluster owns it; terminating");
+                    if let Some(kind) = kind_of.get(&i.id) {
+                        by_kind.entry(kind).or_default().push(i.id);
+                    }
+                }
+            }
+        }
+        for (kind, ids) in by_kind {
+            if let Some(p) = self.providers.get(kind)
+                && p.manages_instances()
+                && p.terminate(&ids).await.is_ok()
+            {
+                self.metrics.orphans_terminated.inc_by(ids.len() as u64);
+            }
+        }
     }
 
     fn health(&self) -> HashMap<String, HashMap<String, Health>> {

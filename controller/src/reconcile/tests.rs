@@ -31,6 +31,7 @@ fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u
         owner: ClusterKey::of(bc),
         owner_uid: "uid-1".into(),
         slot,
+        attempt: 0,
         address: Some(format!("127.0.0.1:{}", 9000 + slot).parse().unwrap()),
         state,
         instance_type: bc.spec.instance_type.clone(),
@@ -141,6 +142,10 @@ fn dead_instances_are_replaced_in_their_slot() {
     let p = run(&b, &is, &["i-a"]);
     assert_eq!(p.launch.len(), 1);
     assert_eq!(p.launch[0].slot, 1);
+    assert_eq!(
+        p.launch[0].attempt, 1,
+        "a replacement is a new launch intent"
+    );
 }
 
 #[test]

@@ -1,0 +1,555 @@
+//! The `aws` provider: EC2 instances through aws-sdk-ec2.
+//!
+//! - **Ownership by tag, at creation**: every instance is launched with `TagSpecifications`
+//!   carrying `fleetlb.dev/controller` (this install), namespace, name, object UID, slot, attempt,
+//!   spec hash and port, plus the user's tags — never tagged after the fact.
+//! - **One DescribeInstances for all clusters per pass**, filtered by the controller tag and by
+//!   every non-terminated state, paginated.
+//! - **Crash-safe launches**: the `ClientToken` is derived from (UID, slot, spec hash, attempt),
+//!   all of which are recomputed from EC2's own tags after a restart, so a repeated launch intent
+//!   is the same token and EC2 returns the instance it already made instead of a second one. If
+//!   EC2 answers a token with an instance that is already gone, the next attempt number is used.
+//! - **Capacity**: subnets are used round-robin; `InsufficientInstanceCapacity` marks that
+//!   (instance type, subnet) unavailable for three minutes and the launch moves to the next one.
+//! - Instances require IMDSv2. Without `userData`, a small bootstrap serves an HTTP app like the
+//!   original FastAPI one on `spec.port`. User data is never logged.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
+    InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
+};
+use fleetlb_crds::{BackendCluster, ProviderSpec};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::Error;
+use crate::metrics::Metrics;
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, Provider, fnv64};
+
+/// Tag keys fleetlb puts on every instance.
+pub mod tags {
+    /// The controller install that owns the instance.
+    pub const CONTROLLER: &str = "fleetlb.dev/controller";
+    /// Owner namespace.
+    pub const NAMESPACE: &str = "fleetlb.dev/namespace";
+    /// Owner name.
+    pub const NAME: &str = "fleetlb.dev/name";
+    /// Owner UID.
+    pub const UID: &str = "fleetlb.dev/uid";
+    /// Slot.
+    pub const SLOT: &str = "fleetlb.dev/slot";
+    /// Launch attempt for the slot.
+    pub const ATTEMPT: &str = "fleetlb.dev/attempt";
+    /// Spec hash.
+    pub const SPEC_HASH: &str = "fleetlb.dev/spec-hash";
+    /// Port the instance serves on.
+    pub const PORT: &str = "fleetlb.dev/port";
+}
+
+/// The EC2 API operations fleetlb calls, for the IAM policy check.
+pub const EC2_OPERATIONS: &[&str] = &[
+    "DescribeInstances",
+    "RunInstances",
+    "TerminateInstances",
+    "DeleteTags",
+];
+
+/// How long an (instance type, subnet) stays unavailable after `InsufficientInstanceCapacity`.
+const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
+
+/// EC2 through aws-sdk-ec2.
+pub struct AwsProvider {
+    client: aws_sdk_ec2::Client,
+    controller_id: String,
+    metrics: Metrics,
+    no_capacity: Mutex<HashMap<(String, String), Instant>>,
+    next_subnet: AtomicUsize,
+}
+
+impl AwsProvider {
+    /// A provider using `conf` (region, credentials, endpoint), owning instances tagged with
+    /// `controller_id`.
+    pub fn new(conf: &aws_config::SdkConfig, controller_id: String, metrics: Metrics) -> Self {
+        Self {
+            client: aws_sdk_ec2::Client::new(conf),
+            controller_id,
+            metrics,
+            no_capacity: Mutex::new(HashMap::new()),
+            next_subnet: AtomicUsize::new(0),
+        }
+    }
+
+    /// The standard AWS configuration chain (environment, profile, IMDS, IRSA), with
+    /// `endpoint` overriding the EC2 endpoint (`AWS_ENDPOINT_URL` works too).
+    pub async fn from_env(
+        endpoint: Option<String>,
+        controller_id: String,
+        metrics: Metrics,
+    ) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(url) = endpoint {
+            loader = loader.endpoint_url(url);
+        }
+        Self::new(&loader.load().await, controller_id, metrics)
+    }
+
+    fn count<T, E: ProvideErrorMetadata>(&self, op: &str, r: &Result<T, E>) {
+        let code = match r {
+            Ok(_) => "ok",
+            Err(e) => e.code().unwrap_or("dispatch"),
+        };
+        self.metrics
+            .ec2_requests
+            .with_label_values(&[op, code])
+            .inc();
+    }
+
+    fn fail<E: ProvideErrorMetadata + std::fmt::Debug>(op: &'static str, e: &E) -> Error {
+        Error::Provider {
+            provider: "aws",
+            operation: op,
+            message: match (e.code(), e.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c.to_string(),
+                _ => format!("{e:?}"),
+            },
+        }
+    }
+
+    fn capacity_ok(&self, instance_type: &str, subnet: &str) -> bool {
+        let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, since| since.elapsed() < CAPACITY_BACKOFF);
+        !map.contains_key(&(instance_type.to_string(), subnet.to_string()))
+    }
+
+    fn mark_no_capacity(&self, instance_type: &str, subnet: &str) {
+        let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(
+            (instance_type.to_string(), subnet.to_string()),
+            Instant::now(),
+        );
+    }
+
+    async fn run_one(
+        &self,
+        req: &LaunchRequest,
+        aws: &fleetlb_crds::AwsProvider,
+        subnet: Option<&str>,
+        attempt: u32,
+    ) -> Result<Instance, (Error, bool)> {
+        let token = client_token(&req.owner_uid, req.slot, &req.spec_hash, attempt);
+        let mut tag_list = vec![
+            tag(tags::CONTROLLER, &self.controller_id),
+            tag(tags::NAMESPACE, &req.owner.namespace),
+            tag(tags::NAME, &req.owner.name),
+            tag(tags::UID, &req.owner_uid),
+            tag(tags::SLOT, &req.slot.to_string()),
+            tag(tags::ATTEMPT, &attempt.to_string()),
+            tag(tags::SPEC_HASH, &req.spec_hash),
+            tag(tags::PORT, &req.port.to_string()),
+            tag("Name", &format!("{}-{}", req.owner, req.slot)),
+        ];
+        for (k, v) in &aws.tags {
+            if !k.starts_with("fleetlb.dev/") && k != "Name" {
+                tag_list.push(tag(k, v));
+            }
+        }
+        let spec = |rt: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(rt)
+                .set_tags(Some(tag_list.clone()))
+                .build()
+        };
+        let user_data = aws
+            .user_data
+            .clone()
+            .unwrap_or_else(|| default_user_data(&req.owner, req.port));
+        let mut call = self
+            .client
+            .run_instances()
+            .image_id(&aws.image_id)
+            .instance_type(InstanceType::from(req.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(token)
+            .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(spec(ResourceType::Instance))
+            .tag_specifications(spec(ResourceType::Volume))
+            .set_security_group_ids(
+                (!aws.security_group_ids.is_empty()).then(|| aws.security_group_ids.clone()),
+            );
+        if let Some(s) = subnet {
+            call = call.subnet_id(s);
+        }
+        if let Some(k) = &aws.key_name {
+            call = call.key_name(k);
+        }
+        if let Some(p) = &aws.iam_instance_profile {
+            let spec = if p.starts_with("arn:") {
+                IamInstanceProfileSpecification::builder().arn(p).build()
+            } else {
+                IamInstanceProfileSpecification::builder().name(p).build()
+            };
+            call = call.iam_instance_profile(spec);
+        }
+        let r = call.send().await;
+        self.count("RunInstances", &r);
+        match r {
+            Ok(out) => {
+                let i = out.instances().first().ok_or_else(|| {
+                    (
+                        Error::Provider {
+                            provider: "aws",
+                            operation: "launch",
+                            message: "RunInstances returned no instance".into(),
+                        },
+                        false,
+                    )
+                })?;
+                to_instance(i, &self.controller_id).ok_or_else(|| {
+                    (
+                        Error::Provider {
+                            provider: "aws",
+                            operation: "launch",
+                            message: "RunInstances returned an instance without fleetlb's tags"
+                                .into(),
+                        },
+                        false,
+                    )
+                })
+            }
+            Err(e) => {
+                let capacity = e.code() == Some("InsufficientInstanceCapacity");
+                if capacity && let Some(s) = subnet {
+                    self.mark_no_capacity(&req.instance_type, s);
+                }
+                Err((Self::fail("launch", &e), capacity))
+            }
+        }
+    }
+}
+
+fn tag(k: &str, v: &str) -> Tag {
+    Tag::builder().key(k).value(v).build()
+}
+
+/// The idempotency token of one launch intent (at most 64 ASCII characters).
+pub fn client_token(uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
+    let h = fnv64(format!("{uid}|{slot}|{spec_hash}|{attempt}").as_bytes());
+    format!("fleetlb-{h:016x}-{slot}-{attempt}")
+}
+
+/// The default bootstrap: a tiny HTTP app like the original FastAPI one, answering `/health`
+/// and naming the instance (from IMDSv2) and cluster on every other path.
+pub fn default_user_data(owner: &ClusterKey, port: u16) -> String {
+    format!(
+        r#"#!/bin/bash
+# fleetlb default bootstrap: an HTTP app like the original experiment's FastAPI one.
+TOKEN=$(curl -sX PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
+export INSTANCE_ID=$(curl -s -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id)
+export CLUSTER_NAME='{owner}'
+cat > /opt/fleetlb-app.py <<'PY'
+import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+iid, cluster = os.environ["INSTANCE_ID"], os.environ["CLUSTER_NAME"]
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health":
+            body = {{"status": "ok"}}
+        else:
+            body = {{"message": f"Instance {{iid}} of {{cluster}} has received the request", "instance_id": iid, "cluster": cluster}}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", {port}), H).serve_forever()
+PY
+nohup python3 /opt/fleetlb-app.py >/var/log/fleetlb-app.log 2>&1 &
+"#
+    )
+}
+
+fn tag_of<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) -> Option<Instance> {
+    if tag_of(i, tags::CONTROLLER) != Some(controller) {
+        return None;
+    }
+    let state = match i.state().and_then(|s| s.name()) {
+        Some(InstanceStateName::Pending) => InstanceState::Pending,
+        Some(InstanceStateName::Running) => InstanceState::Running,
+        Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
+        Some(InstanceStateName::Stopping) => InstanceState::Stopping,
+        Some(InstanceStateName::Stopped) => InstanceState::Stopped,
+        _ => InstanceState::Terminated,
+    };
+    let port: u16 = tag_of(i, tags::PORT)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
+    let address = i
+        .private_ip_address()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, port));
+    Some(Instance {
+        id: i.instance_id()?.to_string(),
+        owner: ClusterKey {
+            namespace: tag_of(i, tags::NAMESPACE)?.to_string(),
+            name: tag_of(i, tags::NAME)?.to_string(),
+        },
+        owner_uid: tag_of(i, tags::UID).unwrap_or("").to_string(),
+        slot: tag_of(i, tags::SLOT)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        attempt: tag_of(i, tags::ATTEMPT)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        address,
+        state,
+        instance_type: i
+            .instance_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        spec_hash: tag_of(i, tags::SPEC_HASH).unwrap_or("").to_string(),
+        launched_at: i
+            .launch_time()
+            .and_then(|t| SystemTime::try_from(*t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    })
+}
+
+impl Provider for AwsProvider {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn list<'a>(
+        &'a self,
+        _clusters: &'a [Arc<BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        async move {
+            let states = [
+                "pending",
+                "running",
+                "shutting-down",
+                "stopping",
+                "stopped",
+                "terminated",
+            ];
+            let mut pages = self
+                .client
+                .describe_instances()
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{}", tags::CONTROLLER))
+                        .values(&self.controller_id)
+                        .build(),
+                )
+                .filters(
+                    Filter::builder()
+                        .name("instance-state-name")
+                        .set_values(Some(states.iter().map(|s| s.to_string()).collect()))
+                        .build(),
+                )
+                .into_paginator()
+                .send();
+            let mut out = Vec::new();
+            while let Some(page) = pages.next().await {
+                self.count("DescribeInstances", &page);
+                let page = page.map_err(|e| Self::fail("list", &e))?;
+                for r in page.reservations() {
+                    out.extend(
+                        r.instances()
+                            .iter()
+                            .filter_map(|i| to_instance(i, &self.controller_id)),
+                    );
+                }
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+        async move {
+            let ProviderSpec::Aws(aws) = &req.provider else {
+                return Err(Error::Provider {
+                    provider: "aws",
+                    operation: "launch",
+                    message: "not an aws spec".into(),
+                });
+            };
+            // Subnets round-robin, skipping those without capacity for this type.
+            let subnets: Vec<Option<&str>> = if aws.subnet_ids.is_empty() {
+                vec![None]
+            } else {
+                let start = self.next_subnet.fetch_add(1, Relaxed);
+                (0..aws.subnet_ids.len())
+                    .map(|k| aws.subnet_ids[(start + k) % aws.subnet_ids.len()].as_str())
+                    .filter(|s| self.capacity_ok(&req.instance_type, s))
+                    .map(Some)
+                    .collect()
+            };
+            let mut last = Error::Provider {
+                provider: "aws",
+                operation: "launch",
+                message: format!(
+                    "InsufficientInstanceCapacity: no subnet has {} capacity right now",
+                    req.instance_type
+                ),
+            };
+            for subnet in subnets {
+                let mut attempt = req.attempt;
+                // A token EC2 already used for an instance that is gone: move to the next attempt.
+                for _ in 0..5 {
+                    match self.run_one(req, aws, subnet, attempt).await {
+                        Ok(i)
+                            if matches!(
+                                i.state,
+                                InstanceState::Terminated | InstanceState::ShuttingDown
+                            ) =>
+                        {
+                            attempt += 1
+                        }
+                        Ok(i) => return Ok(i),
+                        Err((e, true)) => {
+                            last = e;
+                            break;
+                        }
+                        Err((e, false)) => return Err(e),
+                    }
+                }
+            }
+            Err(last)
+        }
+        .boxed()
+    }
+
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            for chunk in ids.chunks(100) {
+                let r = self
+                    .client
+                    .terminate_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .send()
+                    .await;
+                self.count("TerminateInstances", &r);
+                r.map_err(|e| Self::fail("terminate", &e))?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            for chunk in ids.chunks(100) {
+                let r = self
+                    .client
+                    .delete_tags()
+                    .set_resources(Some(chunk.to_vec()))
+                    .tags(tag(tags::CONTROLLER, &self.controller_id))
+                    .send()
+                    .await;
+                self.count("DeleteTags", &r);
+                r.map_err(|e| Self::fail("release", &e))?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_stable_short_and_distinct_per_intent() {
+        let a = client_token("uid-1", 3, "abc", 0);
+        assert_eq!(a, client_token("uid-1", 3, "abc", 0));
+        assert_ne!(a, client_token("uid-1", 3, "abc", 1));
+        assert_ne!(a, client_token("uid-2", 3, "abc", 0));
+        assert!(a.len() <= 64 && a.is_ascii());
+    }
+}
+
+/// An [`AwsProvider`] built on first use, so a process without `aws` clusters never loads AWS
+/// configuration (which would look for credentials and query the instance metadata service).
+pub struct LazyAwsProvider {
+    endpoint: Option<String>,
+    controller_id: String,
+    metrics: Metrics,
+    cell: tokio::sync::OnceCell<AwsProvider>,
+}
+
+impl LazyAwsProvider {
+    /// See [`AwsProvider::from_env`].
+    pub fn new(endpoint: Option<String>, controller_id: String, metrics: Metrics) -> Self {
+        Self {
+            endpoint,
+            controller_id,
+            metrics,
+            cell: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn get(&self) -> &AwsProvider {
+        self.cell
+            .get_or_init(|| {
+                AwsProvider::from_env(
+                    self.endpoint.clone(),
+                    self.controller_id.clone(),
+                    self.metrics.clone(),
+                )
+            })
+            .await
+    }
+}
+
+impl Provider for LazyAwsProvider {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn list<'a>(
+        &'a self,
+        clusters: &'a [Arc<BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        async move { self.get().await.list(clusters).await }.boxed()
+    }
+
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+        async move { self.get().await.launch(req).await }.boxed()
+    }
+
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move { self.get().await.terminate(ids).await }.boxed()
+    }
+
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        async move { self.get().await.release(ids).await }.boxed()
+    }
+}

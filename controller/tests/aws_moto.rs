@@ -1,0 +1,417 @@
+//! The aws provider and the reconcile loop against a real `moto_server` on 127.0.0.1, reached
+//! through aws-sdk-ec2 with the endpoint overridden. No traffic goes to the instances' (fake,
+//! private) addresses: the data plane's route table is published but no prober runs here.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::Filter;
+use bytes::Bytes;
+use fleetlb_controller::Providers;
+use fleetlb_controller::aws::{AwsProvider, tags};
+use fleetlb_controller::metrics::Metrics;
+use fleetlb_controller::provider::{ClusterKey, LaunchRequest, Provider};
+use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
+use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
+use tokio::sync::watch;
+
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn moto() -> Moto {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server is installed (pip install 'moto[server]'; .ci/run does it)");
+    let url = format!("http://127.0.0.1:{port}");
+    let m = Moto { child, url };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "moto_server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    m
+}
+
+fn sdk_config(url: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"),
+        ))
+        .build()
+}
+
+struct Env {
+    _moto: Moto,
+    ec2: aws_sdk_ec2::Client,
+    conf: aws_config::SdkConfig,
+    image: String,
+    subnets: Vec<String>,
+}
+
+async fn env() -> Env {
+    let m = moto().await;
+    let conf = sdk_config(&m.url);
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let images = ec2
+        .describe_images()
+        .send()
+        .await
+        .expect("moto answers DescribeImages");
+    let image = images.images()[0].image_id().unwrap().to_string();
+    let subnets = ec2.describe_subnets().send().await.unwrap();
+    let subnets = subnets
+        .subnets()
+        .iter()
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect();
+    Env {
+        _moto: m,
+        ec2,
+        conf,
+        image,
+        subnets,
+    }
+}
+
+fn yaml(env: &Env, name: &str, replicas: u32, policy: &str) -> String {
+    format!(
+        "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: {name}\nspec:\n  route: /{name}\n  replicas: {replicas}\n  instanceType: t2.micro\n  port: 8000\n  deletionPolicy: {policy}\n  provider:\n    aws:\n      imageId: {}\n      subnetIds: [{}]\n      tags: {{team: web}}\n",
+        env.image,
+        env.subnets.join(", ")
+    )
+}
+
+struct Driver {
+    driver: Standalone,
+    out: Outputs,
+    _rx: watch::Receiver<RouteTable>,
+}
+
+fn driver(env: &Env, dir: &Path, controller_id: &str) -> Driver {
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let aws = AwsProvider::new(&env.conf, controller_id.into(), metrics.clone());
+    let providers = Providers {
+        aws: Some(Arc::new(aws)),
+        ..Default::default()
+    };
+    // The data plane is only a health source here; nothing probes the fake addresses.
+    let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
+    let mut cfg = StandaloneConfig::new(dir.to_path_buf());
+    cfg.drain = Duration::ZERO;
+    cfg.orphan_grace = Duration::ZERO;
+    let (routes, rx) = watch::channel(RouteTable::default());
+    let (status, _) = watch::channel(Bytes::new());
+    let (ready, _) = watch::channel(false);
+    Driver {
+        driver: Standalone::new(cfg, providers, dataplane, metrics),
+        out: Outputs {
+            routes,
+            status,
+            ready,
+        },
+        _rx: rx,
+    }
+}
+
+/// Live (pending or running) instances carrying `controller` as owner, by cluster name.
+async fn live(
+    ec2: &aws_sdk_ec2::Client,
+    controller: &str,
+    name: &str,
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::CONTROLLER))
+                .values(controller)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::NAME))
+                .values(name)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances().to_vec())
+        .collect()
+}
+
+/// Steps the driver until `n` live instances of `name` exist (at most 20 passes).
+async fn converge(d: &mut Driver, env: &Env, ctl: &str, name: &str, n: usize) {
+    for _ in 0..20 {
+        d.driver.step(&d.out).await;
+        if live(&env.ec2, ctl, name).await.len() == n {
+            // One more pass must not change anything.
+            d.driver.step(&d.out).await;
+            assert_eq!(
+                live(&env.ec2, ctl, name).await.len(),
+                n,
+                "{name} did not stay at {n}"
+            );
+            return;
+        }
+    }
+    panic!(
+        "{name} never converged to {n} instances (now {})",
+        live(&env.ec2, ctl, name).await.len()
+    );
+}
+
+fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, k: &str) -> Option<&'a str> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(k))
+        .and_then(|t| t.value())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_tagged_instances_scales_replaces_and_deletes() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 4, "Delete")).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-a");
+    converge(&mut d, &env, "ctl-a", "web", 4).await;
+
+    let is = live(&env.ec2, "ctl-a", "web").await;
+    let mut slots: Vec<&str> = is.iter().map(|i| tag(i, tags::SLOT).unwrap()).collect();
+    slots.sort();
+    assert_eq!(slots, ["0", "1", "2", "3"]);
+    for i in &is {
+        assert_eq!(tag(i, tags::NAMESPACE), Some("default"));
+        assert_eq!(tag(i, "team"), Some("web"), "user tags applied at creation");
+        assert!(tag(i, tags::UID).is_some() && tag(i, tags::SPEC_HASH).is_some());
+        assert_eq!(i.image_id(), Some(env.image.as_str()));
+        assert!(
+            env.subnets
+                .iter()
+                .any(|s| Some(s.as_str()) == i.subnet_id())
+        );
+    }
+    let subnets_used: std::collections::HashSet<_> =
+        is.iter().filter_map(|i| i.subnet_id()).collect();
+    assert_eq!(
+        subnets_used.len(),
+        env.subnets.len().min(2),
+        "instances spread over the subnets"
+    );
+    let attr = env
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(is[0].instance_id().unwrap())
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let ud = attr
+        .user_data()
+        .and_then(|u| u.value())
+        .expect("user data set");
+    let ud = String::from_utf8(aws_smithy_types::base64::decode(ud).unwrap()).unwrap();
+    assert!(
+        ud.contains("fleetlb default bootstrap") && ud.contains("X-aws-ec2-metadata-token"),
+        "{ud}"
+    );
+
+    // Scale 4 -> 6 -> 2.
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 6, "Delete")).unwrap();
+    converge(&mut d, &env, "ctl-a", "web", 6).await;
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    converge(&mut d, &env, "ctl-a", "web", 2).await;
+
+    // An instance terminated behind fleetlb's back is replaced.
+    let victim = live(&env.ec2, "ctl-a", "web").await[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    env.ec2
+        .terminate_instances()
+        .instance_ids(&victim)
+        .send()
+        .await
+        .unwrap();
+    converge(&mut d, &env, "ctl-a", "web", 2).await;
+    assert!(
+        live(&env.ec2, "ctl-a", "web")
+            .await
+            .iter()
+            .all(|i| i.instance_id() != Some(victim.as_str()))
+    );
+
+    // Deleting the object (Delete policy) terminates everything it owned.
+    std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    converge(&mut d, &env, "ctl-a", "web", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_policy_leaves_instances_running_and_unowned() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keep.yaml"),
+        yaml(&env, "keep", 2, "Orphan"),
+    )
+    .unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-b");
+    converge(&mut d, &env, "ctl-b", "keep", 2).await;
+    let ids: Vec<String> = live(&env.ec2, "ctl-b", "keep")
+        .await
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect();
+    std::fs::remove_file(dir.path().join("keep.yaml")).unwrap();
+    for _ in 0..5 {
+        d.driver.step(&d.out).await;
+    }
+    assert_eq!(
+        live(&env.ec2, "ctl-b", "keep").await.len(),
+        0,
+        "still owned by fleetlb"
+    );
+    let out = env
+        .ec2
+        .describe_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+        .unwrap();
+    let states: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .unwrap()
+                .as_str()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec!["running"; 2],
+        "orphaned instances must keep running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.yaml"), yaml(&env, "api", 3, "Delete")).unwrap();
+
+    // "Crash" after every single pass: each pass runs in a fresh controller process state.
+    for _ in 0..6 {
+        let mut d = driver(&env, dir.path(), "ctl-c");
+        d.driver.step(&d.out).await;
+        assert!(
+            live(&env.ec2, "ctl-c", "api").await.len() <= 3,
+            "a restart duplicated instances"
+        );
+    }
+    assert_eq!(live(&env.ec2, "ctl-c", "api").await.len(), 3);
+
+    // Every launch carries the ClientToken derived from its intent (UID, slot, spec hash,
+    // attempt), which EC2 uses to answer a repeated launch with the instance it already made.
+    // (moto records the token but does not deduplicate, so the repeat itself is EC2's part.)
+    let registry = prometheus::Registry::new();
+    let p = AwsProvider::new(&env.conf, "ctl-c".into(), Metrics::new(&registry).unwrap());
+    let bc: fleetlb_crds::BackendCluster =
+        serde_yaml::from_str::<serde_yaml::Value>(&yaml(&env, "solo", 1, "Delete"))
+            .ok()
+            .and_then(|v| serde_json::from_value(serde_json::to_value(v).unwrap()).ok())
+            .unwrap();
+    let req = LaunchRequest {
+        owner: ClusterKey {
+            namespace: "default".into(),
+            name: "solo".into(),
+        },
+        owner_uid: "uid-solo".into(),
+        slot: 0,
+        instance_type: "t2.micro".into(),
+        port: 8000,
+        route: "/solo".into(),
+        provider: bc.spec.provider.clone(),
+        spec_hash: "h".into(),
+        attempt: 0,
+    };
+    let first = p.launch(&req).await.unwrap();
+    let described = env
+        .ec2
+        .describe_instances()
+        .instance_ids(&first.id)
+        .send()
+        .await
+        .unwrap();
+    let token = described.reservations()[0].instances()[0]
+        .client_token()
+        .map(str::to_string);
+    assert_eq!(
+        token,
+        Some(fleetlb_controller::aws::client_token("uid-solo", 0, "h", 0))
+    );
+
+    // "solo" has no object: after the grace period (zero here) the next pass terminates it.
+    let mut d = driver(&env, dir.path(), "ctl-c");
+    d.driver.step(&d.out).await;
+    d.driver.step(&d.out).await;
+    assert_eq!(
+        live(&env.ec2, "ctl-c", "solo").await.len(),
+        0,
+        "orphan not swept"
+    );
+    assert_eq!(
+        live(&env.ec2, "ctl-c", "api").await.len(),
+        3,
+        "the sweep touched owned instances"
+    );
+
+    // Another controller's instances are never touched.
+    let empty = tempfile::tempdir().unwrap();
+    let mut other = driver(&env, empty.path(), "ctl-other");
+    other.driver.step(&other.out).await;
+    assert_eq!(live(&env.ec2, "ctl-c", "api").await.len(), 3);
+}
