@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
-#   bench/compare.sh [scenario ...]      scenarios: throughput hetero failover memory (default: all)
+#   bench/compare.sh [scenario ...]      scenarios: throughput hetero failover memory tool (default: all)
 #
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3; installs none of them itself:
 #   apt-get install -y nginx-light haproxy wrk
@@ -13,7 +13,7 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory tool)
 
 for tool in nginx haproxy wrk python3; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk)" >&2; exit 64; }
@@ -231,6 +231,17 @@ for scenario in "${SCENARIOS[@]}"; do
     done
     echo
     stop_all ;;
-  *) echo "unknown scenario $scenario (throughput hetero failover memory)" >&2; exit 64 ;;
+  tool)
+    start_backends 0
+    echo "## tool: fleetlb bench vs wrk against one instant backend, $CONNS connections, ${DURATION}s closed loop"
+    echo "| load generator | req/s |"; echo "|---|---|"
+    read -r w_rps _ _ < <(wrk_run "http://127.0.0.1:${ports[0]}/bench"); echo "| wrk -t2 -c$CONNS | $w_rps |"
+    out="$WORK/tool"
+    "$FLEETLB" bench --target "http://127.0.0.1:${ports[0]}" --path /bench -c "$CONNS" --duration "${DURATION}s" --out "$out" >/dev/null 2>&1
+    b_rps=$(python3 -c "import json; print('%.0f' % json.load(open('$out/summary.json'))['paths'][0]['throughput_rps'])")
+    echo "| fleetlb bench -c $CONNS | $b_rps |"
+    echo
+    stop_all ;;
+  *) echo "unknown scenario $scenario (throughput hetero failover memory tool)" >&2; exit 64 ;;
   esac
 done

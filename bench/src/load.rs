@@ -10,11 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Uri, header};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::Uri;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -85,13 +82,7 @@ pub async fn run_path(
     let deadline = cfg.duration.map(|d| start + d);
     let mut workers = JoinSet::new();
     for _ in 0..cfg.concurrency.max(1) {
-        let w = Worker {
-            uri: uri.clone(),
-            keepalive: cfg.keepalive,
-            timeout: cfg.timeout,
-            conn: None,
-            instances: HashMap::new(),
-        };
+        let w = Worker::new(&uri, cfg.keepalive, cfg.timeout);
         let (ticket, done) = (ticket.clone(), done.clone());
         let rate = cfg.rate;
         workers.spawn(w.run(start, ticket, done, total, rate, deadline));
@@ -129,15 +120,42 @@ pub async fn run_path(
     }
 }
 
+/// One load-generating connection: a minimal HTTP/1.1 client (pre-built request bytes,
+/// `httparse` for the response head, Content-Length, chunked or until-close bodies), so the
+/// generator costs about as little per request as wrk and never becomes the bottleneck.
 struct Worker {
-    uri: Uri,
+    host: String,
+    port: u16,
+    request: Vec<u8>,
     keepalive: bool,
     timeout: Duration,
-    conn: Option<SendRequest<Empty<Bytes>>>,
+    conn: Option<TcpStream>,
+    buf: Vec<u8>,
     instances: HashMap<String, Arc<str>>,
 }
 
 impl Worker {
+    fn new(uri: &Uri, keepalive: bool, timeout: Duration) -> Self {
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or("localhost");
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: fleetlb-bench\r\n");
+        if !keepalive {
+            request.push_str("Connection: close\r\n");
+        }
+        request.push_str("\r\n");
+        Self {
+            host: uri.host().unwrap_or("127.0.0.1").to_string(),
+            port: uri.port_u16().unwrap_or(80),
+            request: request.into_bytes(),
+            keepalive,
+            timeout,
+            conn: None,
+            buf: Vec::with_capacity(16 * 1024),
+            instances: HashMap::new(),
+        }
+    }
+
     async fn run(
         mut self,
         start: Instant,
@@ -177,14 +195,17 @@ impl Worker {
 
     async fn one(&mut self) -> (Result<u16, ErrorKind>, Option<Arc<str>>) {
         match tokio::time::timeout(self.timeout, self.exchange()).await {
-            Ok(Ok((status, body))) => {
-                let instance = instance_of(&body).map(|id| {
-                    self.instances
-                        .entry(id.to_string())
-                        .or_insert_with(|| Arc::from(id))
-                        .clone()
+            Ok(Ok((status, body, keep))) => {
+                let instance = instance_of(&self.buf[body]).map(|id| {
+                    if let Some(known) = self.instances.get(id) {
+                        known.clone()
+                    } else {
+                        let a: Arc<str> = Arc::from(id);
+                        self.instances.insert(id.to_string(), a.clone());
+                        a
+                    }
                 });
-                if !self.keepalive {
+                if !(keep && self.keepalive) {
                     self.conn = None;
                 }
                 (Ok(status), instance)
@@ -200,53 +221,124 @@ impl Worker {
         }
     }
 
-    async fn exchange(&mut self) -> Result<(u16, Bytes), ErrorKind> {
-        let ready = match self.conn.as_mut() {
-            Some(c) => c.ready().await.is_ok(),
-            None => false,
-        };
-        if !ready {
-            self.conn = Some(self.connect().await?);
+    /// Sends the request and reads one response into `buf`: (status, body range, keep-alive).
+    async fn exchange(&mut self) -> Result<(u16, std::ops::Range<usize>, bool), ErrorKind> {
+        if self.conn.is_none() {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        ErrorKind::Timeout
+                    } else {
+                        ErrorKind::Connect
+                    }
+                })?;
+            let _ = stream.set_nodelay(true);
+            self.conn = Some(stream);
         }
         let conn = self.conn.as_mut().ok_or(ErrorKind::Connect)?;
-        let authority = self
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .unwrap_or("localhost");
-        let mut req = Request::get(self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header(header::HOST, authority)
-            .header(header::USER_AGENT, "fleetlb-bench");
-        if !self.keepalive {
-            req = req.header(header::CONNECTION, "close");
-        }
-        let req = req.body(Empty::new()).map_err(|_| ErrorKind::Reset)?;
-        let resp = conn.send_request(req).await.map_err(|_| ErrorKind::Reset)?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|_| ErrorKind::Reset)?
-            .to_bytes();
-        Ok((status, body))
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, ErrorKind> {
-        let host = self.uri.host().unwrap_or("127.0.0.1");
-        let port = self.uri.port_u16().unwrap_or(80);
-        let stream = TcpStream::connect((host, port)).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                ErrorKind::Timeout
-            } else {
-                ErrorKind::Connect
-            }
-        })?;
-        let _ = stream.set_nodelay(true);
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        conn.write_all(&self.request)
             .await
             .map_err(|_| ErrorKind::Reset)?;
-        tokio::spawn(conn);
-        Ok(send)
+        self.buf.clear();
+        // Head.
+        let (status, head_len, framing, keep) = loop {
+            if read_more(conn, &mut self.buf).await? == 0 {
+                return Err(ErrorKind::Reset);
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let status = resp.code.unwrap_or(0);
+                    let mut framing = Framing::UntilClose;
+                    let mut keep = resp.version == Some(1);
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            let len = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse().ok());
+                            framing = Framing::Length(len.ok_or(ErrorKind::Reset)?);
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+                            && h.value.eq_ignore_ascii_case(b"chunked")
+                        {
+                            framing = Framing::Chunked;
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            keep = !h.value.eq_ignore_ascii_case(b"close");
+                        }
+                    }
+                    if (100..200).contains(&status) || status == 204 || status == 304 {
+                        framing = Framing::Length(0);
+                    }
+                    break (status, n, framing, keep);
+                }
+                Ok(httparse::Status::Partial) => continue,
+                Err(_) => return Err(ErrorKind::Reset),
+            }
+        };
+        // Body.
+        match framing {
+            Framing::Length(len) => {
+                while self.buf.len() < head_len + len {
+                    if read_more(conn, &mut self.buf).await? == 0 {
+                        return Err(ErrorKind::Reset);
+                    }
+                }
+                Ok((status, head_len..head_len + len, keep))
+            }
+            Framing::Chunked => loop {
+                if let Some(body_end) = dechunk(&mut self.buf, head_len) {
+                    return Ok((status, head_len..body_end, keep));
+                }
+                if read_more(conn, &mut self.buf).await? == 0 {
+                    return Err(ErrorKind::Reset);
+                }
+            },
+            Framing::UntilClose => {
+                while read_more(conn, &mut self.buf).await? != 0 {}
+                Ok((status, head_len..self.buf.len(), false))
+            }
+        }
+    }
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, ErrorKind> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    conn.read_buf(buf).await.map_err(|_| ErrorKind::Reset)
+}
+
+/// When `buf[start..]` holds a complete chunked body, rewrites it in place to the plain body and
+/// returns where the body ends. `None` while more bytes are needed.
+fn dechunk(buf: &mut Vec<u8>, start: usize) -> Option<usize> {
+    let mut read = start;
+    let mut write = start;
+    loop {
+        let line_end = buf[read..].windows(2).position(|w| w == b"\r\n")? + read;
+        let size_text = std::str::from_utf8(&buf[read..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        let data = line_end + 2;
+        if size == 0 {
+            // Trailers end with an empty line.
+            let rest = &buf[data..];
+            if rest.starts_with(b"\r\n") || rest.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Some(write);
+            }
+            return None;
+        }
+        if buf.len() < data + size + 2 {
+            return None;
+        }
+        buf.copy_within(data..data + size, write);
+        write += size;
+        read = data + size + 2;
     }
 }
 
@@ -262,6 +354,15 @@ pub fn instance_of(body: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::instance_of;
+
+    #[test]
+    fn chunked_bodies_are_decoded_in_place() {
+        let mut buf = b"HEAD5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec();
+        let end = super::dechunk(&mut buf, 4).unwrap();
+        assert_eq!(&buf[4..end], b"hello world");
+        let mut partial = b"HEAD5\r\nhel".to_vec();
+        assert_eq!(super::dechunk(&mut partial, 4), None);
+    }
 
     #[test]
     fn finds_the_instance_id() {
