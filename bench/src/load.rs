@@ -317,7 +317,7 @@ async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, Err
 
 /// When `buf[start..]` holds a complete chunked body, rewrites it in place to the plain body and
 /// returns where the body ends. `None` while more bytes are needed.
-fn dechunk(buf: &mut Vec<u8>, start: usize) -> Option<usize> {
+fn dechunk(buf: &mut [u8], start: usize) -> Option<usize> {
     let mut read = start;
     let mut write = start;
     loop {
