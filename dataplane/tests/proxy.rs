@@ -25,8 +25,8 @@ fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_moves_away_from_a_backend_that_becomes_slow() {
+/// Three upstreams `a`, `b`, `c` behind route `/c`, all healthy.
+async fn three_healthy() -> ([Upstream; 3], Proxy) {
     let ups = [
         Upstream::start("a").await,
         Upstream::start("b").await,
@@ -38,6 +38,12 @@ async fn traffic_moves_away_from_a_backend_that_becomes_slow() {
     )
     .await;
     proxy.wait_healthy(3).await;
+    (ups, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_moves_away_from_a_backend_that_becomes_slow() {
+    let (ups, proxy) = three_healthy().await;
     assert_eq!(ok_count(&load(proxy.url("/c"), 300, 4).await), 300);
 
     ups[0].delay_ms.store(60, Relaxed);
@@ -58,17 +64,7 @@ async fn traffic_moves_away_from_a_backend_that_becomes_slow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_answering_fast_500s_gets_little_traffic() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
-    let proxy = Proxy::start(
-        ProxyConfig::default(),
-        vec![route(ups.iter().map(|u| u.endpoint()).collect())],
-    )
-    .await;
-    proxy.wait_healthy(3).await;
+    let (ups, proxy) = three_healthy().await;
     // Its health check still passes: only real traffic reveals the failures.
     ups[0].status.store(500, Relaxed);
     let results = load(proxy.url("/c"), 600, 4).await;

@@ -1,3 +1,0 @@
-fn main() {
-    print!("{}", fleetlb_crds::crd_yaml());
-}
