@@ -185,6 +185,11 @@ pub struct StaticProvider {
 /// (ALB: 30 s / 5 s / 5 / 2).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.timeoutSeconds) || !has(self.intervalSeconds) || self.timeoutSeconds <= self.intervalSeconds",
+    "message": "timeoutSeconds must not exceed intervalSeconds",
+    "fieldPath": ".timeoutSeconds"
+}]))]
 pub struct HealthCheck {
     /// HTTP path probed with GET; any 2xx passes (default `/health`).
     #[serde(default = "default_health_path")]
@@ -465,6 +470,7 @@ mod tests {
             "name: Route",
             "name: Ready",
             "maximum: 1000",
+            "rule: '!has(self.timeoutSeconds) || !has(self.intervalSeconds) || self.timeoutSeconds <= self.intervalSeconds'",
         ] {
             assert!(yaml.contains(needle), "CRD lacks {needle:?}:\n{yaml}");
         }
