@@ -333,6 +333,12 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
 /// `X-Request-Id` when asked and missing.
 fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
+    // A request with both Transfer-Encoding and Content-Length is framed by the former (RFC 9112
+    // 6.3); the length must not travel on, or the upstream could frame the body differently
+    // (request smuggling). The body is re-framed upstream.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(h);
     if request_id
         && !h.contains_key(&X_REQUEST_ID)

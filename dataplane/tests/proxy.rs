@@ -328,3 +328,49 @@ async fn connections_over_the_limit_get_a_clean_503() {
     }
     assert!(served, "a freed connection slot was never reused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_framing_never_reaches_the_upstream() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+
+    // Content-Length and chunked together: the chunked body (5 bytes) is what is forwarded,
+    // and the stale length does not travel with it.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("x-seen-body-bytes: 5"), "{text}");
+    assert!(
+        !text.contains("x-seen-content-length: 3"),
+        "the stale Content-Length reached the upstream: {text}"
+    );
+
+    // Two different Content-Length values: rejected with 400 before any upstream sees it.
+    let before = up.hits.load(Relaxed);
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(up.hits.load(Relaxed), before);
+}

@@ -156,9 +156,21 @@ async fn answer(
     if ms > 0 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let mut resp = Response::new(Full::new(Bytes::from(name.to_string())));
-    *resp.status_mut() = StatusCode::from_u16(status.load(Relaxed)).unwrap();
+    let content_length = req.headers().get(http::header::CONTENT_LENGTH).cloned();
     let xff = req.headers().get("x-forwarded-for").cloned();
+    let received = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let mut resp = Response::new(Full::new(Bytes::from(name.to_string())));
+    resp.headers_mut()
+        .insert("x-seen-body-bytes", received.into());
+    if let Some(v) = content_length {
+        resp.headers_mut().insert("x-seen-content-length", v);
+    }
+    *resp.status_mut() = StatusCode::from_u16(status.load(Relaxed)).unwrap();
     if let Some(v) = xff {
         resp.headers_mut().insert("x-seen-forwarded-for", v);
     }
