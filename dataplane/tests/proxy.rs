@@ -25,6 +25,14 @@ fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
         .collect()
 }
 
+/// One upstream `a` behind route `/c`, healthy.
+async fn one_healthy(cfg: ProxyConfig) -> (Upstream, Proxy) {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    (up, proxy)
+}
+
 /// Three upstreams `a`, `b`, `c` behind route `/c`, all healthy.
 async fn three_healthy() -> ([Upstream; 3], Proxy) {
     let ups = [
@@ -195,9 +203,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431() {
-    let up = Upstream::start("a").await;
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
-    proxy.wait_healthy(1).await;
+    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let big = "x".repeat(100 * 1024);
     let req = format!("GET /c HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
@@ -233,9 +239,7 @@ async fn unknown_routes_404_and_empty_clusters_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_reach_the_upstream() {
-    let up = Upstream::start("a").await;
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
-    proxy.wait_healthy(1).await;
+    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
     let resp = client()
         .get(proxy.url("/c").parse().unwrap())
         .await
@@ -248,9 +252,7 @@ async fn forwarded_headers_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_style_upgrades_pass_through() {
-    let up = Upstream::start("a").await;
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
-    proxy.wait_healthy(1).await;
+    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
@@ -331,9 +333,7 @@ async fn connections_over_the_limit_get_a_clean_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_framing_never_reaches_the_upstream() {
-    let up = Upstream::start("a").await;
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
-    proxy.wait_healthy(1).await;
+    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
 
     // Content-Length and chunked together: the chunked body (5 bytes) is what is forwarded,
     // and the stale length does not travel with it.
