@@ -178,7 +178,9 @@ impl Worker {
             if deadline.is_some_and(|d| scheduled >= d) {
                 break;
             }
-            tokio::time::sleep_until(scheduled).await;
+            if rate.is_some() {
+                tokio::time::sleep_until(scheduled).await;
+            }
             let (outcome, instance) = self.one().await;
             let now = Instant::now();
             out.push(Record {
