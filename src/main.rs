@@ -23,11 +23,6 @@ use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// mimalloc: the request path allocates little, but what it allocates (header maps, URIs) is
-/// freed on another thread about as often as not, which glibc malloc handles poorly.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for bad flags and bad configuration (BSD `EX_USAGE`).
 const EX_USAGE: u8 = 64;
 
