@@ -89,6 +89,7 @@ pub async fn run_path(
     }
     let mut records = Vec::with_capacity(total.unwrap_or(1024).min(10_000_000) as usize);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             r = workers.join_next() => match r {
@@ -97,8 +98,16 @@ pub async fn run_path(
                 None => break,
             },
             _ = ticker.tick() => {
-                if let Some(p) = progress {
-                    p.set_position(done.load(Relaxed));
+                ticks += 1;
+                let n = done.load(Relaxed);
+                match progress {
+                    Some(p) => p.set_position(n),
+                    // Not a terminal: a plain line a second.
+                    None if ticks.is_multiple_of(5) => match total {
+                        Some(t) => eprintln!("fleetlb bench: {path}: {n}/{t}"),
+                        None => eprintln!("fleetlb bench: {path}: {n}"),
+                    },
+                    None => {}
                 }
             }
         }
