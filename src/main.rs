@@ -327,8 +327,8 @@ async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    if a.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        eprintln!("fleetlb: --rate must be a positive number of requests per second");
+    if a.rate.is_some_and(|r| !(0.001..=10_000_000.0).contains(&r)) {
+        eprintln!("fleetlb: --rate must be between 0.001 and 10000000 requests per second");
         return Ok(ExitCode::from(EX_USAGE));
     }
     if !(0.0..=1.0).contains(&a.max_error_rate) {

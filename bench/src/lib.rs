@@ -113,7 +113,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(v.is_finite() && v > 0.0) {
         return Err(format!("{s:?} must be positive"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    Duration::try_from_secs_f64(v * mult).map_err(|_| format!("{s:?} is too long"))
 }
 
 #[cfg(test)]
@@ -128,5 +128,6 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e300s").is_err());
     }
 }

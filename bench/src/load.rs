@@ -181,7 +181,10 @@ impl Worker {
                 break;
             }
             let scheduled = match rate {
-                Some(r) => start + Duration::from_secs_f64(seq as f64 / r),
+                Some(r) => match Duration::try_from_secs_f64(seq as f64 / r) {
+                    Ok(offset) => start + offset,
+                    Err(_) => break,
+                },
                 None => Instant::now(),
             };
             if deadline.is_some_and(|d| scheduled >= d) {
