@@ -123,8 +123,6 @@ pub struct LaunchRequest {
     pub instance_type: String,
     /// `spec.port`.
     pub port: u16,
-    /// `spec.route`, for the instance's own answers.
-    pub route: String,
     /// `spec.provider`.
     pub provider: ProviderSpec,
     /// Spec hash recorded on the instance.

@@ -123,7 +123,6 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 slot,
                 instance_type: bc.spec.instance_type.clone(),
                 port: u16::try_from(bc.spec.port).unwrap_or(8000),
-                route: bc.spec.route.clone(),
                 provider: bc.spec.provider.clone(),
                 spec_hash: hash.clone(),
                 attempt: attempt_of(slot),

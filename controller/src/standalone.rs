@@ -521,10 +521,13 @@ impl Standalone {
         }
         self.sweep_orphans(instances, &kind_of).await;
         for key in forget {
-            let _ = self
-                .metrics
-                .instances
-                .remove_label_values(&[key.to_string().as_str(), "running"]);
+            let cluster = key.to_string();
+            for (state, _) in count_states(&[]) {
+                let _ = self
+                    .metrics
+                    .instances
+                    .remove_label_values(&[cluster.as_str(), state]);
+            }
             self.tracked.remove(&key);
         }
         self.metrics

@@ -373,7 +373,6 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         slot: 0,
         instance_type: "t2.micro".into(),
         port: 8000,
-        route: "/solo".into(),
         provider: bc.spec.provider.clone(),
         spec_hash: "h".into(),
         attempt: 0,

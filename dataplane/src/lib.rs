@@ -173,11 +173,6 @@ impl Dataplane {
         server::serve(self.shared.clone(), listener, shutdown).await
     }
 
-    /// The data plane's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
-    }
-
     /// What the balancer knows right now, per cluster and endpoint.
     pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
         let now = self.shared.clock.now();

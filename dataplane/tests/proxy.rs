@@ -374,3 +374,29 @@ async fn conflicting_framing_never_reaches_the_upstream() {
     );
     assert_eq!(up.hits.load(Relaxed), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let resp = h2.get(proxy.url("/c").parse().unwrap()).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_can_take_over_the_proxy_port() {
+    let first = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
+    let addr = first.local_addr().unwrap();
+    // The successor binds while the old listener is still open...
+    let second = fleetlb_dataplane::listen(addr, true).expect("SO_REUSEPORT lets a successor bind");
+    // ...and once the old one closes, connections keep being accepted.
+    drop(first);
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), second.accept());
+    assert!(client.is_ok() && accepted.is_ok());
+    // Without SO_REUSEPORT the port is exclusive.
+    assert!(fleetlb_dataplane::listen(addr, false).is_err());
+}
