@@ -482,20 +482,6 @@ impl Provider for AwsProvider {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_stable_short_and_distinct_per_intent() {
-        let a = client_token("uid-1", 3, "abc", 0);
-        assert_eq!(a, client_token("uid-1", 3, "abc", 0));
-        assert_ne!(a, client_token("uid-1", 3, "abc", 1));
-        assert_ne!(a, client_token("uid-2", 3, "abc", 0));
-        assert!(a.len() <= 64 && a.is_ascii());
-    }
-}
-
 /// An [`AwsProvider`] built on first use, so a process without `aws` clusters never loads AWS
 /// configuration (which would look for credentials and query the instance metadata service).
 pub struct LazyAwsProvider {
@@ -551,5 +537,19 @@ impl Provider for LazyAwsProvider {
 
     fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
         async move { self.get().await.release(ids).await }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_stable_short_and_distinct_per_intent() {
+        let a = client_token("uid-1", 3, "abc", 0);
+        assert_eq!(a, client_token("uid-1", 3, "abc", 0));
+        assert_ne!(a, client_token("uid-1", 3, "abc", 1));
+        assert_ne!(a, client_token("uid-2", 3, "abc", 0));
+        assert!(a.len() <= 64 && a.is_ascii());
     }
 }

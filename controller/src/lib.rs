@@ -10,6 +10,7 @@
 
 pub mod aws;
 pub mod backend;
+pub mod execute;
 pub mod files;
 pub mod fixed;
 pub mod local;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleetlb_crds::{BackendCluster, DeletionPolicy};
+use fleetlb_crds::BackendCluster;
 use fleetlb_dataplane::{
     BalancingConfig, Dataplane, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
 };
@@ -29,7 +29,8 @@ use crate::Providers;
 use crate::files::{self, FileLoad};
 use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, fnv64};
-use crate::reconcile::{self, Health, Observed, set_condition};
+use crate::execute::{self, Deletion};
+use crate::reconcile::{self, Health, set_condition};
 
 /// Standalone driver settings.
 #[derive(Clone, Debug)]
@@ -370,40 +371,15 @@ impl Standalone {
             let provider = self.providers.get(kind);
             let mine = instances.remove(key).unwrap_or_default();
             if t.deleting {
-                let live: Vec<String> = mine
-                    .iter()
-                    .filter(|i| i.state.is_live())
-                    .map(|i| i.id.clone())
-                    .collect();
-                let managed = provider.as_ref().is_some_and(|p| p.manages_instances());
-                let orphan = t.obj.spec.deletion_policy == DeletionPolicy::Orphan;
-                let gone = mine
-                    .iter()
-                    .all(|i| i.state == crate::provider::InstanceState::Terminated);
-                if orphan
-                    && managed
-                    && !live.is_empty()
-                    && let Some(p) = &provider
-                {
-                    if let Err(e) = p.release(&live).await {
-                        tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
-                        busy = true;
-                        continue;
-                    }
-                    tracing::info!(cluster = %key, count = live.len(), "instances orphaned: left running, no longer owned");
-                }
-                if !managed || orphan || gone || provider.is_none() {
+                let done = match &provider {
+                    Some(p) => execute::delete(&t.obj, p.as_ref(), &mine).await == Deletion::Done,
+                    None => true,
+                };
+                if done {
                     tracing::info!(cluster = %key, "BackendCluster deleted");
                     forget.push(key.clone());
-                } else if !live.is_empty() {
+                } else {
                     busy = true;
-                    if let Some(p) = &provider {
-                        if let Err(e) = p.terminate(&live).await {
-                            tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry");
-                        } else {
-                            tracing::info!(cluster = %key, count = live.len(), "terminating instances of deleted BackendCluster");
-                        }
-                    }
                 }
                 continue;
             }
@@ -420,91 +396,24 @@ impl Standalone {
                     now,
                 );
                 // Keep serving the endpoints we had.
-                routes.push(route_config(key, &t.obj, last_endpoints(&t.obj)));
+                routes.push(route_config(key, &t.obj, execute::status_endpoints(&t.obj)));
                 continue;
             };
-            let refs: Vec<&Instance> = mine.iter().collect();
-            let draining: HashSet<String> = t.draining.keys().cloned().collect();
-            let uid = t.obj.metadata.uid.clone().unwrap_or_default();
-            let plan = reconcile::plan(
+            let applied = execute::apply(
                 &t.obj,
-                &uid,
-                &Observed {
-                    instances: &refs,
+                execute::Inputs {
+                    provider: provider.as_ref(),
+                    instances: &mine,
                     health: health.get(&key.to_string()).unwrap_or(&empty),
-                    draining: &draining,
-                    managed: provider.manages_instances(),
+                    draining: &mut t.draining,
+                    drain: self.cfg.drain,
+                    metrics: &self.metrics,
                 },
                 now,
-            );
-            let mut status = plan.status;
-            for (state, n) in count_states(&mine) {
-                self.metrics
-                    .instances
-                    .with_label_values(&[key.to_string().as_str(), state])
-                    .set(n);
-            }
-            busy |= !plan.launch.is_empty()
-                || !plan.retire.is_empty()
-                || !t.draining.is_empty()
-                || mine
-                    .iter()
-                    .any(|i| i.state != crate::provider::InstanceState::Running);
-            let mut launch_error = None;
-            for req in &plan.launch {
-                match provider.launch(req).await {
-                    Ok(i) => {
-                        tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched")
-                    }
-                    Err(e) => {
-                        tracing::warn!(cluster = %key, %e, "launch failed; will retry");
-                        launch_error = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            self.metrics
-                .reconcile
-                .with_label_values(&[if launch_error.is_some() {
-                    "error"
-                } else {
-                    "success"
-                }])
-                .inc();
-            if let Some(e) = launch_error {
-                set_condition(
-                    &mut status.conditions,
-                    "Degraded",
-                    true,
-                    "LaunchFailed",
-                    &e,
-                    t.obj.metadata.generation,
-                    now,
-                );
-            }
-            let at = Instant::now();
-            for id in plan.retire {
-                tracing::info!(cluster = %key, %id, "instance leaves the endpoint set; terminating after drain");
-                t.draining.entry(id).or_insert(at);
-            }
-            let live_ids: HashSet<&str> = mine
-                .iter()
-                .filter(|i| i.state.is_live())
-                .map(|i| i.id.as_str())
-                .collect();
-            t.draining.retain(|id, _| live_ids.contains(id.as_str()));
-            let due: Vec<String> = t
-                .draining
-                .iter()
-                .filter(|(_, since)| since.elapsed() >= self.cfg.drain)
-                .map(|(id, _)| id.clone())
-                .collect();
-            if !due.is_empty() {
-                match provider.terminate(&due).await {
-                    Ok(()) => tracing::info!(cluster = %key, ids = ?due, "instances terminated"),
-                    Err(e) => tracing::warn!(cluster = %key, %e, "terminate failed; will retry"),
-                }
-            }
+            )
+            .await;
+            busy |= applied.busy;
+            let mut status = applied.status;
             if let Some(r) = &t.rejected {
                 set_condition(
                     &mut status.conditions,
@@ -516,18 +425,12 @@ impl Standalone {
                     now,
                 );
             }
-            routes.push(route_config(key, &t.obj, plan.endpoints));
+            routes.push(route_config(key, &t.obj, applied.endpoints));
             t.obj.status = Some(status);
         }
         self.sweep_orphans(instances, &kind_of).await;
         for key in forget {
-            let cluster = key.to_string();
-            for (state, _) in count_states(&[]) {
-                let _ = self
-                    .metrics
-                    .instances
-                    .remove_label_values(&[cluster.as_str(), state]);
-            }
+            execute::forget_cluster(&self.metrics, &key);
             self.tracked.remove(&key);
         }
         self.metrics
@@ -629,38 +532,6 @@ impl Standalone {
         };
         serde_json::to_vec_pretty(&view).unwrap_or_default()
     }
-}
-
-fn count_states(instances: &[Instance]) -> Vec<(&'static str, i64)> {
-    use crate::provider::InstanceState as S;
-    [
-        S::Pending,
-        S::Running,
-        S::ShuttingDown,
-        S::Stopping,
-        S::Stopped,
-    ]
-    .iter()
-    .map(|s| {
-        (
-            s.as_str(),
-            instances.iter().filter(|i| i.state == *s).count() as i64,
-        )
-    })
-    .collect()
-}
-
-fn last_endpoints(bc: &BackendCluster) -> Vec<fleetlb_dataplane::EndpointConfig> {
-    bc.status
-        .iter()
-        .flat_map(|s| &s.endpoints)
-        .filter_map(|e| {
-            Some(fleetlb_dataplane::EndpointConfig {
-                id: e.id.clone(),
-                addr: e.address.parse().ok()?,
-            })
-        })
-        .collect()
 }
 
 /// The data plane's view of one BackendCluster.

@@ -239,7 +239,7 @@ async fn unknown_routes_404_and_empty_clusters_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_reach_the_upstream() {
-    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
     let resp = client()
         .get(proxy.url("/c").parse().unwrap())
         .await
@@ -252,7 +252,7 @@ async fn forwarded_headers_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_style_upgrades_pass_through() {
-    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await

@@ -1,0 +1,261 @@
+//! Executing a [`Plan`](crate::reconcile::Plan): the part of a reconcile that talks to the
+//! provider, shared by the standalone and Kubernetes drivers so both launch, drain, terminate
+//! and delete the same way.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use fleetlb_crds::{BackendCluster, BackendClusterStatus, DeletionPolicy};
+use fleetlb_dataplane::EndpointConfig;
+use k8s_openapi::jiff::Timestamp;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::provider::{ClusterKey, Instance, InstanceState, Provider};
+use crate::reconcile::{self, Health, Observed, set_condition};
+
+/// What one reconcile of one object did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The status to publish.
+    pub status: BackendClusterStatus,
+    /// The ranked endpoint set.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Something is still in motion (launching, draining, not yet running): look again soon.
+    pub busy: bool,
+    /// Instances launched, by (id, slot).
+    pub launched: Vec<(String, u32)>,
+    /// Instances that left the endpoint set this time (terminated after the drain period).
+    pub retired: Vec<String>,
+    /// Instances whose termination was requested this time.
+    pub terminated: Vec<String>,
+    /// The launch error that stopped this reconcile's launches, with its condition reason.
+    pub launch_error: Option<(&'static str, String)>,
+}
+
+/// The condition reason for a provider error message (`Throttled`, `InsufficientCapacity`,
+/// `LaunchFailed`).
+pub fn error_reason(message: &str) -> &'static str {
+    const THROTTLED: [&str; 4] = [
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "ServiceUnavailable",
+    ];
+    if THROTTLED.iter().any(|c| message.contains(c)) {
+        "Throttled"
+    } else if message.contains("InsufficientInstanceCapacity") {
+        "InsufficientCapacity"
+    } else {
+        "LaunchFailed"
+    }
+}
+
+/// Inputs of [`apply`] besides the object.
+pub struct Inputs<'a> {
+    /// The object's provider.
+    pub provider: &'a dyn Provider,
+    /// This object's instances as the provider lists them.
+    pub instances: &'a [Instance],
+    /// What the prober knows, by instance id.
+    pub health: &'a HashMap<String, Health>,
+    /// Instances out of the endpoint set, by when they left; updated here.
+    pub draining: &'a mut HashMap<String, Instant>,
+    /// Time between leaving the endpoint set and termination.
+    pub drain: Duration,
+    /// Controller metrics.
+    pub metrics: &'a Metrics,
+}
+
+/// Plans and executes one reconcile of `bc`: launches what is missing, moves victims out of the
+/// endpoint set, terminates those drained long enough, and records instance gauges.
+pub async fn apply(bc: &BackendCluster, inp: Inputs<'_>, now: Timestamp) -> Applied {
+    let key = ClusterKey::of(bc);
+    let refs: Vec<&Instance> = inp.instances.iter().collect();
+    let draining: HashSet<String> = inp.draining.keys().cloned().collect();
+    let uid = bc.metadata.uid.clone().unwrap_or_default();
+    let plan = reconcile::plan(
+        bc,
+        &uid,
+        &Observed {
+            instances: &refs,
+            health: inp.health,
+            draining: &draining,
+            managed: inp.provider.manages_instances(),
+        },
+        now,
+    );
+    let mut out = Applied {
+        status: plan.status,
+        endpoints: plan.endpoints,
+        ..Applied::default()
+    };
+    let cluster = key.to_string();
+    for (state, n) in count_states(inp.instances) {
+        inp.metrics
+            .instances
+            .with_label_values(&[cluster.as_str(), state])
+            .set(n);
+    }
+    out.busy = !plan.launch.is_empty()
+        || !plan.retire.is_empty()
+        || !inp.draining.is_empty()
+        || inp
+            .instances
+            .iter()
+            .any(|i| i.state != InstanceState::Running);
+    for req in &plan.launch {
+        match inp.provider.launch(req).await {
+            Ok(i) => {
+                tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched");
+                out.launched.push((i.id, req.slot));
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(cluster = %key, error = %msg, "launch failed; will retry");
+                out.launch_error = Some((error_reason(&msg), msg));
+                break;
+            }
+        }
+    }
+    inp.metrics
+        .reconcile
+        .with_label_values(&[if out.launch_error.is_some() {
+            "error"
+        } else {
+            "success"
+        }])
+        .inc();
+    if let Some((reason, e)) = &out.launch_error {
+        set_condition(
+            &mut out.status.conditions,
+            "Degraded",
+            true,
+            reason,
+            e,
+            bc.metadata.generation,
+            now,
+        );
+    }
+    let at = Instant::now();
+    for id in plan.retire {
+        tracing::info!(cluster = %key, %id, "instance leaves the endpoint set; terminating after drain");
+        if !inp.draining.contains_key(&id) {
+            out.retired.push(id.clone());
+        }
+        inp.draining.entry(id).or_insert(at);
+    }
+    let live: HashSet<&str> = inp
+        .instances
+        .iter()
+        .filter(|i| i.state.is_live())
+        .map(|i| i.id.as_str())
+        .collect();
+    inp.draining.retain(|id, _| live.contains(id.as_str()));
+    let due: Vec<String> = inp
+        .draining
+        .iter()
+        .filter(|(_, since)| since.elapsed() >= inp.drain)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !due.is_empty() {
+        match inp.provider.terminate(&due).await {
+            Ok(()) => {
+                tracing::info!(cluster = %key, ids = ?due, "instances terminated");
+                out.terminated = due;
+            }
+            Err(e) => tracing::warn!(cluster = %key, %e, "terminate failed; will retry"),
+        }
+    }
+    out
+}
+
+/// Where the deletion of an object stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// Nothing of it is left to wait for: forget the object (release the finalizer).
+    Done,
+    /// Instances are still terminating (or a call failed): look again later.
+    Waiting,
+}
+
+/// One step of deleting `bc`: under `Delete`, terminate every live instance and wait until the
+/// provider shows them all terminated; under `Orphan`, drop ownership and finish.
+pub async fn delete(bc: &BackendCluster, provider: &dyn Provider, mine: &[Instance]) -> Deletion {
+    let key = ClusterKey::of(bc);
+    if !provider.manages_instances() {
+        return Deletion::Done;
+    }
+    let live: Vec<String> = mine
+        .iter()
+        .filter(|i| i.state.is_live())
+        .map(|i| i.id.clone())
+        .collect();
+    if bc.spec.deletion_policy == DeletionPolicy::Orphan {
+        if !live.is_empty() {
+            if let Err(e) = provider.release(&live).await {
+                tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
+                return Deletion::Waiting;
+            }
+            tracing::info!(cluster = %key, count = live.len(), "instances orphaned: left running, no longer owned");
+        }
+        return Deletion::Done;
+    }
+    if mine.iter().all(|i| i.state == InstanceState::Terminated) {
+        return Deletion::Done;
+    }
+    if !live.is_empty() {
+        match provider.terminate(&live).await {
+            Ok(()) => {
+                tracing::info!(cluster = %key, count = live.len(), "terminating instances of deleted BackendCluster")
+            }
+            Err(e) => tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry"),
+        }
+    }
+    Deletion::Waiting
+}
+
+/// Instance counts per provider state, for the `fleetlb_controller_instances` gauge.
+pub fn count_states(instances: &[Instance]) -> Vec<(&'static str, i64)> {
+    use InstanceState as S;
+    [
+        S::Pending,
+        S::Running,
+        S::ShuttingDown,
+        S::Stopping,
+        S::Stopped,
+    ]
+    .iter()
+    .map(|s| {
+        (
+            s.as_str(),
+            instances.iter().filter(|i| i.state == *s).count() as i64,
+        )
+    })
+    .collect()
+}
+
+/// Removes the instance gauges of a cluster that is gone.
+pub fn forget_cluster(metrics: &Metrics, key: &ClusterKey) {
+    let cluster = key.to_string();
+    for (state, _) in count_states(&[]) {
+        let _ = metrics
+            .instances
+            .remove_label_values(&[cluster.as_str(), state]);
+    }
+}
+
+/// The endpoints last published in `bc`'s status (what to keep serving when the provider
+/// cannot be asked, and what non-leader replicas serve).
+pub fn status_endpoints(bc: &BackendCluster) -> Vec<EndpointConfig> {
+    bc.status
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| {
+            Some(EndpointConfig {
+                id: e.id.clone(),
+                addr: e.address.parse().ok()?,
+            })
+        })
+        .collect()
+}
