@@ -73,9 +73,14 @@ enum Command {
         listen: ListenArgs,
     },
     /// Run in Kubernetes: watch BackendCluster objects through the API server.
+    ///
+    /// Every replica serves traffic; the one holding the leader-election Lease also launches and
+    /// terminates instances and writes status.
     Run {
         #[command(flatten)]
         listen: ListenArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
     Crd,
@@ -175,6 +180,22 @@ struct ListenArgs {
     /// (`fleetlb.dev/controller`); instances of other ids are never touched.
     #[arg(long, default_value = "fleetlb", value_parser = parse_controller_id)]
     controller_id: String,
+}
+
+#[derive(Args, Clone)]
+struct LeaseArgs {
+    /// Namespace of the leader-election Lease: the controller's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fleetlb-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "fleetlb-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease and in Events (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Act without leader election. Only safe with a single replica.
+    #[arg(long)]
+    no_leader_election: bool,
 }
 
 fn parse_controller_id(s: &str) -> Result<String, String> {
@@ -305,12 +326,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             serve_standalone(dir, listen, true).await
         }
         Command::Standalone { config, listen } => serve_standalone(config, listen, false).await,
-        Command::Run { .. } => {
-            eprintln!(
-                "fleetlb: `run` (Kubernetes mode) is not available in this build yet; use `fleetlb standalone --config DIR`"
-            );
-            Ok(ExitCode::from(69))
-        }
+        Command::Run { listen, lease } => serve_kubernetes(listen, lease).await,
     }
 }
 
@@ -402,6 +418,96 @@ fn write_builtin_examples() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// What every serving mode shares: listeners, metrics, data plane, admin endpoints, providers.
+struct Serving {
+    proxy_listener: TcpListener,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    dataplane: Dataplane,
+    routes: watch::Sender<RouteTable>,
+    status: watch::Sender<Bytes>,
+    ready: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    local: Arc<LocalProvider>,
+    providers: Providers,
+    metrics: fleetlb_controller::metrics::Metrics,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Serving {
+    async fn start(listen: &ListenArgs) -> anyhow::Result<Self> {
+        let proxy_listener = bind(listen.listen, "proxy").await?;
+        let admin_listener = bind(listen.admin, "admin").await?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let registry = prometheus::Registry::new();
+        let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
+        let (routes, routes_rx) = watch::channel(RouteTable::default());
+        let (status, status_rx) =
+            watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
+        let (ready, ready_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+
+        let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
+        let local = Arc::new(LocalProvider::new(exe));
+        let metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
+        let aws = fleetlb_controller::aws::LazyAwsProvider::new(
+            listen.ec2_endpoint.clone(),
+            listen.controller_id.clone(),
+            metrics.clone(),
+        );
+        let providers = Providers {
+            local: Some(local.clone()),
+            fixed: Some(Arc::new(StaticProvider)),
+            aws: Some(Arc::new(aws)),
+        };
+        let updater = dataplane.watch_routes(routes_rx);
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::new(AdminState {
+                registry,
+                dataplane: dataplane.clone(),
+                status: status_rx,
+                ready: ready_rx,
+            }),
+            stopped(stop_rx),
+        ));
+        Ok(Self {
+            proxy_listener,
+            proxy_addr,
+            admin_addr,
+            dataplane,
+            routes,
+            status,
+            ready,
+            stop,
+            local,
+            providers,
+            metrics,
+            tasks: vec![updater, admin_task],
+        })
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains and waits for `driver`.
+    async fn serve(self, driver: tokio::task::JoinHandle<()>) -> anyhow::Result<ExitCode> {
+        let stop = self.stop;
+        let signal = async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: draining requests in flight");
+            let _ = stop.send(true);
+        };
+        self.dataplane.serve(self.proxy_listener, signal).await;
+        let _ = driver.await;
+        self.local.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 async fn serve_standalone(
     dir: PathBuf,
     listen: ListenArgs,
@@ -411,60 +517,22 @@ async fn serve_standalone(
         eprintln!("fleetlb: --config {}: not a directory", dir.display());
         return Ok(ExitCode::from(EX_USAGE));
     }
-    let proxy_listener = bind(listen.listen, "proxy").await?;
-    let admin_listener = bind(listen.admin, "admin").await?;
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-
-    let registry = prometheus::Registry::new();
-    let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
-    let (routes_tx, routes_rx) = watch::channel(RouteTable::default());
-    let (status_tx, status_rx) =
-        watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
-    let local = Arc::new(LocalProvider::new(exe));
-    let controller_metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
-    let aws = fleetlb_controller::aws::LazyAwsProvider::new(
-        listen.ec2_endpoint.clone(),
-        listen.controller_id.clone(),
-        controller_metrics.clone(),
-    );
-    let providers = Providers {
-        local: Some(local.clone()),
-        fixed: Some(Arc::new(StaticProvider)),
-        aws: Some(Arc::new(aws)),
-    };
-
-    let updater = dataplane.watch_routes(routes_rx);
-    let registry_for_admin = registry.clone();
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::new(AdminState {
-            registry: registry_for_admin,
-            dataplane: dataplane.clone(),
-            status: status_rx,
-            ready: ready_rx,
-        }),
-        stopped(stop_rx.clone()),
-    ));
+    let s = Serving::start(&listen).await?;
     let driver = Standalone::new(
         StandaloneConfig::new(dir.clone()),
-        providers,
-        dataplane.clone(),
-        controller_metrics,
+        s.providers.clone(),
+        s.dataplane.clone(),
+        s.metrics.clone(),
     );
     let driver_task = tokio::spawn(driver.run(
         Outputs {
-            routes: routes_tx,
-            status: status_tx,
-            ready: ready_tx,
+            routes: s.routes.clone(),
+            status: s.status.clone(),
+            ready: s.ready.clone(),
         },
-        stopped(stop_rx.clone()),
+        stopped(s.stop.subscribe()),
     ));
-
+    let (proxy_addr, admin_addr) = (s.proxy_addr, s.admin_addr);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %dir.display(), "fleetlb started");
     if demo {
         eprintln!(
@@ -474,18 +542,94 @@ async fn serve_standalone(
             dir.display()
         );
     }
-    let signal = async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: draining requests in flight");
-        let _ = stop_tx.send(true);
+    s.serve(driver_task).await
+}
+
+async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Result<ExitCode> {
+    use fleetlb_controller::kubernetes::{self, Context, KubeConfig};
+    use fleetlb_controller::lease::{Elector, LeaseConfig};
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "fleetlb: no Kubernetes configuration ({e}); run in a pod, or set KUBECONFIG"
+            );
+            return Ok(ExitCode::from(EX_USAGE));
+        }
     };
-    dataplane.serve(proxy_listener, signal).await;
-    let _ = driver_task.await;
-    local.shutdown().await;
-    updater.abort();
-    admin_task.abort();
-    tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    let identity = lease.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| format!("fleetlb-{}", std::process::id()))
+    });
+    let s = Serving::start(&listen).await?;
+    let (leader_tx, leader_rx) = watch::channel(lease.no_leader_election);
+    let metrics = s.metrics.clone();
+    let mut leader_gauge = leader_rx.clone();
+    s.metrics.leader.set(i64::from(lease.no_leader_election));
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        while leader_gauge.changed().await.is_ok() {
+            metrics.leader.set(i64::from(*leader_gauge.borrow()));
+        }
+    }));
+    if !lease.no_leader_election {
+        let api = kube::Api::namespaced(client.clone(), &lease.lease_namespace);
+        let elector = Elector::new(
+            api,
+            LeaseConfig::new(lease.lease_namespace, lease.lease_name, identity.clone()),
+        );
+        tasks.push(tokio::spawn(fleetlb_controller::lease::run(
+            elector,
+            leader_tx,
+            stopped(s.stop.subscribe()),
+        )));
+    }
+    let reporter = kube::runtime::events::Reporter {
+        controller: "fleetlb".into(),
+        instance: Some(identity),
+    };
+    let (providers, dataplane, metrics, routes) = (
+        s.providers.clone(),
+        s.dataplane.clone(),
+        s.metrics.clone(),
+        s.routes.clone(),
+    );
+    let status = s.status.clone();
+    let ctx_client = client.clone();
+    let ready = s.ready.clone();
+    let shutdown = stopped(s.stop.subscribe());
+    let (proxy_addr, admin_addr) = (s.proxy_addr, s.admin_addr);
+    let driver = tokio::spawn(async move {
+        let r = kubernetes::run(
+            move |store| {
+                Context::new(
+                    ctx_client,
+                    reporter,
+                    providers,
+                    dataplane,
+                    metrics,
+                    leader_rx,
+                    store,
+                    routes,
+                    status,
+                    KubeConfig::default(),
+                )
+            },
+            client,
+            ready,
+            shutdown,
+        )
+        .await;
+        if r.is_err() {
+            std::process::exit(69);
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "fleetlb started in Kubernetes mode");
+    s.serve(driver).await
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

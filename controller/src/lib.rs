@@ -13,6 +13,8 @@ pub mod backend;
 pub mod execute;
 pub mod files;
 pub mod fixed;
+pub mod kubernetes;
+pub mod lease;
 pub mod local;
 pub mod metrics;
 pub mod provider;

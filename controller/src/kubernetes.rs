@@ -1,0 +1,750 @@
+//! The Kubernetes driver (`fleetlb run`): BackendCluster objects from the API server.
+//!
+//! - A kube-runtime [`Controller`] calls [`reconcile`] per object: a finalizer guards deletion,
+//!   the plan comes from the same [`execute`] code as standalone, status is written by
+//!   server-side apply on `/status`, launches and terminations are Events.
+//! - Only the replica holding the Lease ([`crate::lease`]) acts on providers and writes; every
+//!   replica runs the data plane, fed from the objects' specs and the endpoints in their status
+//!   (the leader's decisions), and probes the endpoints itself.
+//! - Providers are listed once per kind for all objects ([`Inventory`]): reconciles of many
+//!   objects within `inventory_max_age` share one `DescribeInstances`.
+//! - Failures back off per object, exponentially with jitter, so throttled objects do not
+//!   retry in lockstep.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetlb_crds::BackendCluster;
+use fleetlb_dataplane::{Dataplane, RouteConfig, RouteTable};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::Providers;
+use crate::execute::{self, Deletion};
+use crate::metrics::Metrics;
+use crate::provider::{ClusterKey, Instance};
+use crate::reconcile::{Health, set_condition};
+use crate::standalone::route_config;
+
+/// The finalizer fleetlb puts on every BackendCluster it manages.
+pub const FINALIZER: &str = "fleetlb.dev/instances";
+/// Field manager of fleetlb's server-side apply writes.
+pub const MANAGER: &str = "fleetlb";
+
+/// Kubernetes driver settings.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// Reconcile period of a settled object (default 30 s).
+    pub resync: Duration,
+    /// Reconcile period while instances launch or drain (default 2 s).
+    pub busy: Duration,
+    /// Time between an instance leaving the endpoint set and its termination; long enough for
+    /// every replica to see the status change (default 5 s).
+    pub drain: Duration,
+    /// Unowned instances older than this are terminated (default 60 s).
+    pub orphan_grace: Duration,
+    /// Provider listings younger than this are shared between reconciles (default 1 s).
+    pub inventory_max_age: Duration,
+    /// First and last per-object retry delays after an error (default 1 s and 5 min).
+    pub backoff: (Duration, Duration),
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(30),
+            busy: Duration::from_secs(2),
+            drain: Duration::from_secs(5),
+            orphan_grace: Duration::from_secs(60),
+            inventory_max_age: Duration::from_secs(1),
+            backoff: (Duration::from_secs(1), Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Reconcile errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a call.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A provider call failed.
+    #[error(transparent)]
+    Provider(#[from] crate::Error),
+    /// No provider for `spec.provider` in this process.
+    #[error("the {0} provider is not configured in this process")]
+    NoProvider(&'static str),
+    /// Deletion waits for instances to terminate.
+    #[error("waiting for {0} instance(s) to terminate")]
+    Terminating(usize),
+    /// The finalizer machinery failed.
+    #[error(transparent)]
+    Finalizer(Box<finalizer::Error<Error>>),
+}
+
+struct Listing {
+    at: Instant,
+    instances: Arc<Vec<Instance>>,
+}
+
+/// Provider listings shared between reconciles: one list call per provider kind per
+/// `max_age`, for all objects.
+#[derive(Default)]
+pub struct Inventory {
+    by_kind: tokio::sync::Mutex<HashMap<&'static str, Listing>>,
+}
+
+impl Inventory {
+    async fn get(
+        &self,
+        kind: &'static str,
+        providers: &Providers,
+        clusters: &[Arc<BackendCluster>],
+        max_age: Duration,
+    ) -> Result<Arc<Vec<Instance>>, Error> {
+        let provider = providers.get(kind).ok_or(Error::NoProvider(kind))?;
+        // Held across the call: concurrent reconciles wait for one listing instead of each
+        // making their own.
+        let mut map = self.by_kind.lock().await;
+        if let Some(l) = map.get(kind)
+            && l.at.elapsed() < max_age
+        {
+            return Ok(l.instances.clone());
+        }
+        let instances = Arc::new(provider.list(clusters).await?);
+        map.insert(
+            kind,
+            Listing {
+                at: Instant::now(),
+                instances: instances.clone(),
+            },
+        );
+        Ok(instances)
+    }
+
+    /// Forgets the listing of `kind` (after a launch or termination).
+    async fn invalidate(&self, kind: &'static str) {
+        self.by_kind.lock().await.remove(kind);
+    }
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Instance providers.
+    pub providers: Providers,
+    /// The local data plane: health and latency of endpoints, fed by [`Context::publish_routes`].
+    pub dataplane: Dataplane,
+    /// Controller metrics.
+    pub metrics: Metrics,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Whether this replica holds the Lease.
+    pub leader: watch::Receiver<bool>,
+    /// Every BackendCluster, as the controller's reflector sees them.
+    pub store: Store<BackendCluster>,
+    /// Route table for the data plane.
+    pub routes: watch::Sender<RouteTable>,
+    /// `/status` JSON (the same shape as standalone's, for `fleetlb status`).
+    pub status: watch::Sender<bytes::Bytes>,
+    /// Settings.
+    pub cfg: KubeConfig,
+    inventory: Inventory,
+    draining: Mutex<HashMap<ClusterKey, HashMap<String, Instant>>>,
+    failures: Mutex<HashMap<ClusterKey, u32>>,
+    written: Mutex<HashMap<ClusterKey, Instant>>,
+}
+
+impl Context {
+    /// A context; `reporter` names this replica in Events.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        providers: Providers,
+        dataplane: Dataplane,
+        metrics: Metrics,
+        leader: watch::Receiver<bool>,
+        store: Store<BackendCluster>,
+        routes: watch::Sender<RouteTable>,
+        status: watch::Sender<bytes::Bytes>,
+        cfg: KubeConfig,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            providers,
+            dataplane,
+            metrics,
+            leader,
+            store,
+            routes,
+            status,
+            cfg,
+            inventory: Inventory::default(),
+            draining: Mutex::default(),
+            failures: Mutex::default(),
+            written: Mutex::default(),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Rebuilds the data plane's route table from every object in the store: its spec, and the
+    /// endpoints the leader published in its status. An object being deleted leaves the table;
+    /// of two objects claiming one route, the older keeps it; an object whose spec fails
+    /// validation keeps the route it had.
+    pub fn publish_routes(&self) {
+        let current = self.routes.borrow().clone();
+        let routes = build_routes(&self.store.state(), &current);
+        self.routes.send_if_modified(|cur| {
+            if cur.routes == routes {
+                false
+            } else {
+                cur.routes = routes;
+                true
+            }
+        });
+    }
+
+    /// Publishes every object's spec summary and status as `/status` JSON.
+    pub fn publish_status(&self) {
+        let clusters: Vec<serde_json::Value> = self
+            .store
+            .state()
+            .iter()
+            .map(|o| {
+                let key = ClusterKey::of(o);
+                serde_json::json!({
+                    "namespace": key.namespace,
+                    "name": key.name,
+                    "route": o.spec.route,
+                    "instanceType": o.spec.instance_type,
+                    "provider": o.spec.provider.kind(),
+                    "desired": crate::reconcile::desired_replicas(o),
+                    "created": o.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+                    "deleting": o.metadata.deletion_timestamp.is_some(),
+                    "status": o.status,
+                })
+            })
+            .collect();
+        let view = serde_json::json!({ "clusters": clusters, "errors": [] });
+        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&view).unwrap_or_default());
+        self.status.send_if_modified(|cur| {
+            if *cur == body {
+                false
+            } else {
+                *cur = body;
+                true
+            }
+        });
+    }
+
+    fn health(&self, key: &ClusterKey) -> HashMap<String, Health> {
+        let cluster = key.to_string();
+        self.dataplane
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.cluster == cluster)
+            .flat_map(|c| c.endpoints)
+            .map(|e| {
+                let h = Health {
+                    healthy: e.healthy,
+                    latency_ms: e.probe_ms.map(|_| e.latency_ms),
+                };
+                (e.id, h)
+            })
+            .collect()
+    }
+
+    async fn event(&self, bc: &BackendCluster, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &bc.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot publish an Event");
+        }
+    }
+
+    /// Writes `status` by server-side apply unless it equals the current one (latency figures
+    /// aside, which are refreshed once per resync period rather than on every change).
+    async fn write_status(
+        &self,
+        bc: &BackendCluster,
+        status: fleetlb_crds::BackendClusterStatus,
+    ) -> Result<(), Error> {
+        let key = ClusterKey::of(bc);
+        let fresh = self
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < self.cfg.resync);
+        if fresh && bc.status.as_ref().is_some_and(|s| same_status(s, &status)) {
+            return Ok(());
+        }
+        let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": BackendCluster::api_version(&()),
+            "kind": BackendCluster::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &key.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Instant::now());
+        Ok(())
+    }
+}
+
+/// Equal statuses once latency figures and condition timestamps are set aside.
+fn same_status(a: &fleetlb_crds::BackendClusterStatus, b: &fleetlb_crds::BackendClusterStatus) -> bool {
+    let strip = |s: &fleetlb_crds::BackendClusterStatus| {
+        let mut s = s.clone();
+        s.instances.iter_mut().for_each(|i| i.latency_ms = None);
+        s.endpoints.iter_mut().for_each(|e| e.latency_ms = None);
+        s
+    };
+    strip(a) == strip(b)
+}
+
+/// The route table for `objects`; `current` supplies the routes of objects that fail
+/// validation (they keep serving what they served).
+pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Vec<RouteConfig> {
+    let mut live: Vec<&Arc<BackendCluster>> = objects
+        .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .collect();
+    // Oldest first: it keeps a contested route.
+    live.sort_by(|a, b| {
+        let at = |o: &BackendCluster| o.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        at(a).cmp(&at(b)).then(ClusterKey::of(a).cmp(&ClusterKey::of(b)))
+    });
+    let mut claimed: HashSet<String> = HashSet::new();
+    let mut out = BTreeMap::new();
+    for o in live {
+        let key = ClusterKey::of(o);
+        let cluster = key.to_string();
+        let route = if o.validate().is_ok() {
+            Some(route_config(&key, o, execute::status_endpoints(o)))
+        } else {
+            current.routes.iter().find(|r| r.cluster == cluster).cloned()
+        };
+        if let Some(r) = route
+            && claimed.insert(r.prefix.clone())
+        {
+            out.insert(cluster, r);
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The object holding `bc`'s route before it, if any.
+fn route_holder(bc: &BackendCluster, objects: &[Arc<BackendCluster>]) -> Option<ClusterKey> {
+    let me = ClusterKey::of(bc);
+    let at = |o: &BackendCluster| o.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    objects
+        .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none() && o.spec.route == bc.spec.route)
+        .filter(|o| ClusterKey::of(o) != me)
+        .filter(|o| (at(o), ClusterKey::of(o)) < (at(bc), me.clone()))
+        .map(|o| ClusterKey::of(o))
+        .next()
+}
+
+/// Reconciles one BackendCluster (kube-runtime calls this; tests call it directly).
+pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.publish_routes();
+    if !ctx.is_leader() {
+        // Another replica acts; this one only serves.
+        return Ok(Action::requeue(ctx.cfg.resync));
+    }
+    let started = Instant::now();
+    let key = ClusterKey::of(&bc);
+    let now = Timestamp::now();
+    if bc.metadata.deletion_timestamp.is_none() {
+        let refusal = match bc.validate() {
+            Err(errors) => Some((
+                "InvalidSpec",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            Ok(()) => route_holder(&bc, &ctx.store.state()).map(|other| {
+                (
+                    "RouteConflict",
+                    format!("spec.route: {} is already served by {other}", bc.spec.route),
+                )
+            }),
+        };
+        if let Some((reason, message)) = refusal {
+            // No provider call for a spec fleetlb will not act on.
+            let mut status = bc.status.clone().unwrap_or_default();
+            status.observed_generation = bc.metadata.generation;
+            for type_ in ["Ready", "Degraded"] {
+                set_condition(
+                    &mut status.conditions,
+                    type_,
+                    type_ == "Degraded",
+                    reason,
+                    &message,
+                    bc.metadata.generation,
+                    now,
+                );
+            }
+            if bc.status.as_ref() != Some(&status) {
+                ctx.event(&bc, EventType::Warning, reason, message.clone())
+                    .await;
+            }
+            ctx.write_status(&bc, status).await?;
+            tracing::warn!(cluster = %key, reason, %message, "not acting on this BackendCluster");
+            return Ok(Action::requeue(ctx.cfg.resync));
+        }
+    }
+    let api: Api<BackendCluster> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let result = finalizer(&api, FINALIZER, bc, |event| async {
+        match event {
+            finalizer::Event::Apply(bc) => apply(&bc, &ctx).await,
+            finalizer::Event::Cleanup(bc) => cleanup(&bc, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(action) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            Ok(action)
+        }
+        Err(e) => Err(Error::Finalizer(Box::new(e))),
+    }
+}
+
+async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
+    let key = ClusterKey::of(bc);
+    let kind = bc.spec.provider.kind();
+    let now = Timestamp::now();
+    let listing = match ctx
+        .inventory
+        .get(kind, &ctx.providers, &ctx.store.state(), ctx.cfg.inventory_max_age)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = e.to_string();
+            let reason = match execute::error_reason(&msg) {
+                "LaunchFailed" => "ProviderError",
+                r => r,
+            };
+            let mut status = bc.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                "Degraded",
+                true,
+                reason,
+                &msg,
+                bc.metadata.generation,
+                now,
+            );
+            ctx.metrics.reconcile.with_label_values(&["error"]).inc();
+            ctx.write_status(bc, status).await?;
+            return Err(e);
+        }
+    };
+    let provider = ctx.providers.get(kind).ok_or(Error::NoProvider(kind))?;
+    let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
+    let health = ctx.health(&key);
+    let mut draining = ctx
+        .draining
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key)
+        .unwrap_or_default();
+    let applied = execute::apply(
+        bc,
+        execute::Inputs {
+            provider: provider.as_ref(),
+            instances: &mine,
+            health: &health,
+            draining: &mut draining,
+            drain: ctx.cfg.drain,
+            metrics: &ctx.metrics,
+        },
+        now,
+    )
+    .await;
+    ctx.draining
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), draining);
+    if !applied.launched.is_empty() || !applied.terminated.is_empty() {
+        ctx.inventory.invalidate(kind).await;
+    }
+    // Status first: it takes retired instances out of every replica's endpoint set.
+    ctx.write_status(bc, applied.status).await?;
+    for (id, slot) in &applied.launched {
+        ctx.event(
+            bc,
+            EventType::Normal,
+            "Launched",
+            format!("launched {id} ({}) for slot {slot}", bc.spec.instance_type),
+        )
+        .await;
+    }
+    for id in &applied.retired {
+        ctx.event(
+            bc,
+            EventType::Normal,
+            "Retiring",
+            format!("{id} left the endpoint set; terminating after the drain period"),
+        )
+        .await;
+    }
+    if !applied.terminated.is_empty() {
+        ctx.event(
+            bc,
+            EventType::Normal,
+            "Terminated",
+            format!("terminated {}", applied.terminated.join(", ")),
+        )
+        .await;
+    }
+    if let Some((reason, msg)) = applied.launch_error {
+        ctx.event(bc, EventType::Warning, reason, msg.clone()).await;
+        return Err(Error::Provider(crate::Error::Provider {
+            provider: provider.name(),
+            operation: "launch",
+            message: msg,
+        }));
+    }
+    Ok(Action::requeue(if applied.busy {
+        ctx.cfg.busy
+    } else {
+        ctx.cfg.resync
+    }))
+}
+
+async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
+    let key = ClusterKey::of(bc);
+    let kind = bc.spec.provider.kind();
+    let Some(provider) = ctx.providers.get(kind) else {
+        // Nothing this process could clean up; do not hold the object forever.
+        tracing::warn!(cluster = %key, provider = kind, "deleting without a configured provider");
+        return Ok(Action::await_change());
+    };
+    ctx.inventory.invalidate(kind).await;
+    let listing = ctx
+        .inventory
+        .get(kind, &ctx.providers, &ctx.store.state(), Duration::ZERO)
+        .await?;
+    let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
+    match execute::delete(bc, provider.as_ref(), &mine).await {
+        Deletion::Done => {
+            execute::forget_cluster(&ctx.metrics, &key);
+            ctx.draining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            ctx.event(
+                bc,
+                EventType::Normal,
+                "Deleted",
+                format!(
+                    "{} instance(s) {}",
+                    mine.iter().filter(|i| i.state.is_live()).count(),
+                    match bc.spec.deletion_policy {
+                        fleetlb_crds::DeletionPolicy::Delete => "terminated",
+                        fleetlb_crds::DeletionPolicy::Orphan => "left running (deletionPolicy: Orphan)",
+                    }
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Deletion::Waiting => {
+            ctx.inventory.invalidate(kind).await;
+            Err(Error::Terminating(
+                mine.iter()
+                    .filter(|i| i.state != crate::provider::InstanceState::Terminated)
+                    .count(),
+            ))
+        }
+    }
+}
+
+/// After an error: retry with per-object exponential backoff and jitter (waiting for
+/// terminations is polled at the busy period instead).
+pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let waiting = matches!(error, Error::Finalizer(f) if matches!(**f, finalizer::Error::CleanupFailed(Error::Terminating(_))));
+    if waiting {
+        return Action::requeue(ctx.cfg.busy);
+    }
+    tracing::warn!(cluster = %ClusterKey::of(&bc), %error, "reconcile failed");
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(ClusterKey::of(&bc)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    Action::requeue(backoff(ctx.cfg.backoff, n))
+}
+
+/// The delay before retry number `n` (1-based): `first * 2^(n-1)` capped at `max`, then a
+/// uniformly random factor in [0.5, 1.5) so objects failing together do not retry together.
+pub fn backoff((first, max): (Duration, Duration), n: u32) -> Duration {
+    let exp = first.saturating_mul(1u32 << n.saturating_sub(1).min(20));
+    exp.min(max).mul_f64(0.5 + fastrand::f64())
+}
+
+/// Terminates instances of this controller whose object no longer exists and that are older
+/// than the grace period. Runs on the leader only, after the store has been filled.
+pub async fn sweep_orphans(ctx: &Context) {
+    if !ctx.is_leader() {
+        return;
+    }
+    let objects = ctx.store.state();
+    let owners: HashSet<(ClusterKey, String)> = objects
+        .iter()
+        .map(|o| (ClusterKey::of(o), o.metadata.uid.clone().unwrap_or_default()))
+        .collect();
+    let known: HashSet<ClusterKey> = owners.iter().map(|(k, _)| k.clone()).collect();
+    for kind in ["aws", "local"] {
+        let Some(p) = ctx.providers.get(kind) else {
+            continue;
+        };
+        let Ok(listing) = ctx
+            .inventory
+            .get(kind, &ctx.providers, &objects, ctx.cfg.inventory_max_age)
+            .await
+        else {
+            continue;
+        };
+        let orphans: Vec<String> = listing
+            .iter()
+            .filter(|i| i.state.is_live() && !known.contains(&i.owner))
+            .filter(|i| {
+                i.launched_at
+                    .elapsed()
+                    .is_ok_and(|age| age >= ctx.cfg.orphan_grace)
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        if orphans.is_empty() {
+            continue;
+        }
+        tracing::warn!(provider = kind, ids = ?orphans, "orphan instances: no BackendCluster owns them; terminating");
+        if p.terminate(&orphans).await.is_ok() {
+            ctx.metrics
+                .orphans_terminated
+                .inc_by(orphans.len() as u64);
+            ctx.inventory.invalidate(kind).await;
+        }
+    }
+}
+
+/// Runs the controller until `shutdown`: the reconcile loop, a route-table refresh and the
+/// orphan sweep. Returns an error at once when the API server does not serve BackendClusters
+/// (the CRD is not installed).
+pub async fn run(
+    ctx_parts: impl FnOnce(Store<BackendCluster>) -> Context,
+    client: Client,
+    ready: watch::Sender<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), kube::Error> {
+    let api: Api<BackendCluster> = Api::all(client);
+    api.list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| {
+            match &e {
+                kube::Error::Api(s) if s.code == 404 => tracing::error!(
+                    "the API server does not serve BackendClusters: install the CRD with kubectl apply -f manifests/crd.yaml"
+                ),
+                _ => tracing::error!(error = %e, "cannot list BackendClusters"),
+            }
+            e
+        })?;
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let ctx = Arc::new(ctx_parts(store.clone()));
+    // A replica that becomes leader reconciles everything at once rather than at the next resync.
+    let mut leader = ctx.leader.clone();
+    let became_leader = async_stream(move |tx| async move {
+        while leader.changed().await.is_ok() {
+            if *leader.borrow() && tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let background = {
+        let ctx = ctx.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+            ctx.publish_routes();
+            ctx.publish_status();
+            ready.send_replace(true);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last_sweep = Instant::now();
+            loop {
+                tick.tick().await;
+                ctx.publish_routes();
+                ctx.publish_status();
+                if last_sweep.elapsed() >= ctx.cfg.resync {
+                    last_sweep = Instant::now();
+                    sweep_orphans(&ctx).await;
+                }
+            }
+        })
+    };
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(16))
+        .reconcile_all_on(became_leader)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| std::future::ready(()))
+        .await;
+    background.abort();
+    Ok(())
+}
+
+/// A stream fed by `f` through a small channel.
+fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = ()> + Send
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<()>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
