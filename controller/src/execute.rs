@@ -209,7 +209,9 @@ pub async fn delete(bc: &BackendCluster, provider: &dyn Provider, mine: &[Instan
             Ok(()) => {
                 tracing::info!(cluster = %key, count = live.len(), "terminating instances of deleted BackendCluster")
             }
-            Err(e) => tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry"),
+            Err(e) => {
+                tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry")
+            }
         }
     }
     Deletion::Waiting

@@ -321,7 +321,10 @@ impl Context {
 }
 
 /// Equal statuses once latency figures and condition timestamps are set aside.
-fn same_status(a: &fleetlb_crds::BackendClusterStatus, b: &fleetlb_crds::BackendClusterStatus) -> bool {
+fn same_status(
+    a: &fleetlb_crds::BackendClusterStatus,
+    b: &fleetlb_crds::BackendClusterStatus,
+) -> bool {
     let strip = |s: &fleetlb_crds::BackendClusterStatus| {
         let mut s = s.clone();
         s.instances.iter_mut().for_each(|i| i.latency_ms = None);
@@ -341,7 +344,9 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
     // Oldest first: it keeps a contested route.
     live.sort_by(|a, b| {
         let at = |o: &BackendCluster| o.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        at(a).cmp(&at(b)).then(ClusterKey::of(a).cmp(&ClusterKey::of(b)))
+        at(a)
+            .cmp(&at(b))
+            .then(ClusterKey::of(a).cmp(&ClusterKey::of(b)))
     });
     let mut claimed: HashSet<String> = HashSet::new();
     let mut out = BTreeMap::new();
@@ -351,7 +356,11 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
         let route = if o.validate().is_ok() {
             Some(route_config(&key, o, execute::status_endpoints(o)))
         } else {
-            current.routes.iter().find(|r| r.cluster == cluster).cloned()
+            current
+                .routes
+                .iter()
+                .find(|r| r.cluster == cluster)
+                .cloned()
         };
         if let Some(r) = route
             && claimed.insert(r.prefix.clone())
@@ -455,7 +464,12 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let listing = match ctx
         .inventory
-        .get(kind, &ctx.providers, &ctx.store.state(), ctx.cfg.inventory_max_age)
+        .get(
+            kind,
+            &ctx.providers,
+            &ctx.store.state(),
+            ctx.cfg.inventory_max_age,
+        )
         .await
     {
         Ok(l) => l,
@@ -511,21 +525,34 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     }
     // Status first: it takes retired instances out of every replica's endpoint set.
     ctx.write_status(bc, applied.status).await?;
-    for (id, slot) in &applied.launched {
+    if !applied.launched.is_empty() {
+        let list: Vec<String> = applied
+            .launched
+            .iter()
+            .map(|(id, slot)| format!("{id} (slot {slot})"))
+            .collect();
         ctx.event(
             bc,
             EventType::Normal,
             "Launched",
-            format!("launched {id} ({}) for slot {slot}", bc.spec.instance_type),
+            format!(
+                "launched {} {}: {}",
+                list.len(),
+                bc.spec.instance_type,
+                list.join(", ")
+            ),
         )
         .await;
     }
-    for id in &applied.retired {
+    if !applied.retired.is_empty() {
         ctx.event(
             bc,
             EventType::Normal,
             "Retiring",
-            format!("{id} left the endpoint set; terminating after the drain period"),
+            format!(
+                "{} left the endpoint set; terminating after the drain period",
+                applied.retired.join(", ")
+            ),
         )
         .await;
     }
@@ -578,14 +605,15 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
                 bc,
                 EventType::Normal,
                 "Deleted",
-                format!(
-                    "{} instance(s) {}",
-                    mine.iter().filter(|i| i.state.is_live()).count(),
-                    match bc.spec.deletion_policy {
-                        fleetlb_crds::DeletionPolicy::Delete => "terminated",
-                        fleetlb_crds::DeletionPolicy::Orphan => "left running (deletionPolicy: Orphan)",
+                match bc.spec.deletion_policy {
+                    fleetlb_crds::DeletionPolicy::Delete => {
+                        "every instance terminated; deletion complete".to_string()
                     }
-                ),
+                    fleetlb_crds::DeletionPolicy::Orphan => format!(
+                        "{} instance(s) left running and released (deletionPolicy: Orphan)",
+                        mine.iter().filter(|i| i.state.is_live()).count()
+                    ),
+                },
             )
             .await;
             Ok(Action::await_change())
@@ -634,7 +662,12 @@ pub async fn sweep_orphans(ctx: &Context) {
     let objects = ctx.store.state();
     let owners: HashSet<(ClusterKey, String)> = objects
         .iter()
-        .map(|o| (ClusterKey::of(o), o.metadata.uid.clone().unwrap_or_default()))
+        .map(|o| {
+            (
+                ClusterKey::of(o),
+                o.metadata.uid.clone().unwrap_or_default(),
+            )
+        })
         .collect();
     let known: HashSet<ClusterKey> = owners.iter().map(|(k, _)| k.clone()).collect();
     for kind in ["aws", "local"] {
@@ -663,9 +696,7 @@ pub async fn sweep_orphans(ctx: &Context) {
         }
         tracing::warn!(provider = kind, ids = ?orphans, "orphan instances: no BackendCluster owns them; terminating");
         if p.terminate(&orphans).await.is_ok() {
-            ctx.metrics
-                .orphans_terminated
-                .inc_by(orphans.len() as u64);
+            ctx.metrics.orphans_terminated.inc_by(orphans.len() as u64);
             ctx.inventory.invalidate(kind).await;
         }
     }

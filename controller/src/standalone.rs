@@ -26,10 +26,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::Providers;
+use crate::execute::{self, Deletion};
 use crate::files::{self, FileLoad};
 use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, fnv64};
-use crate::execute::{self, Deletion};
 use crate::reconcile::{self, Health, set_condition};
 
 /// Standalone driver settings.

@@ -2,9 +2,7 @@
 //! through aws-sdk-ec2 with the endpoint overridden. No traffic goes to the instances' (fake,
 //! private) addresses: the data plane's route table is published but no prober runs here.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,90 +16,8 @@ use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
 use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
 use tokio::sync::watch;
 
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn moto() -> Moto {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server is installed (pip install 'moto[server]'; .ci/run does it)");
-    let url = format!("http://127.0.0.1:{port}");
-    let m = Moto { child, url };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "moto_server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    m
-}
-
-fn sdk_config(url: &str) -> aws_config::SdkConfig {
-    aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(url)
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"),
-        ))
-        .build()
-}
-
-struct Env {
-    _moto: Moto,
-    ec2: aws_sdk_ec2::Client,
-    conf: aws_config::SdkConfig,
-    image: String,
-    subnets: Vec<String>,
-}
-
-async fn env() -> Env {
-    let m = moto().await;
-    let conf = sdk_config(&m.url);
-    let ec2 = aws_sdk_ec2::Client::new(&conf);
-    let images = ec2
-        .describe_images()
-        .send()
-        .await
-        .expect("moto answers DescribeImages");
-    let image = images.images()[0].image_id().unwrap().to_string();
-    let subnets = ec2.describe_subnets().send().await.unwrap();
-    let subnets = subnets
-        .subnets()
-        .iter()
-        .take(2)
-        .map(|s| s.subnet_id().unwrap().to_string())
-        .collect();
-    Env {
-        _moto: m,
-        ec2,
-        conf,
-        image,
-        subnets,
-    }
-}
+mod support;
+use support::{Env, env};
 
 fn yaml(env: &Env, name: &str, replicas: u32, policy: &str) -> String {
     format!(

@@ -1,0 +1,653 @@
+//! The Kubernetes driver against a scripted API server (the `ApiServerVerifier` pattern of
+//! kube-rs/controller-rs: a tower-test mock service answers each request the driver makes and
+//! the test asserts on it) and a real `moto_server` for EC2. No kube-apiserver runs on these
+//! machines; `needs_a_cluster` at the end is the end-to-end test for a real one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetlb_controller::Providers;
+use fleetlb_controller::aws::AwsProvider;
+use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig};
+use fleetlb_controller::lease::{Elector, LeaseConfig};
+use fleetlb_controller::metrics::Metrics;
+use fleetlb_crds::BackendCluster;
+use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::{reflector, watcher};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower_test::mock::{self, Handle, SendResponse};
+
+mod support;
+use support::{Env, env};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The scripted API server.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+struct Call {
+    method: Method,
+    uri: String,
+    body: Value,
+    reply: SendResponse<Response<Body>>,
+}
+
+impl ApiServer {
+    /// The next request the driver makes.
+    async fn next(&mut self) -> Call {
+        let (req, reply) = tokio::time::timeout(DEADLINE, self.0.next_request())
+            .await
+            .expect("the driver made the expected API call")
+            .expect("the client is alive");
+        let method = req.method().clone();
+        let uri = req.uri().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        Call {
+            method,
+            uri,
+            body,
+            reply,
+        }
+    }
+}
+
+impl Call {
+    fn ok(self, body: &Value) {
+        self.reply.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    fn status(self, code: u16, reason: &str) {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": reason, "reason": reason, "code": code});
+        self.reply.send_response(
+            Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    /// An event POST; answers it as created and returns (type, reason, note).
+    fn event(self) -> (String, String, String) {
+        // A repeat of an earlier event is a PATCH of that event's series.
+        assert!(
+            self.method == Method::POST || self.method == Method::PATCH,
+            "{}",
+            self.uri
+        );
+        assert!(
+            self.uri
+                .starts_with("/apis/events.k8s.io/v1/namespaces/default/events"),
+            "{}",
+            self.uri
+        );
+        let s = |k: &str| self.body[k].as_str().unwrap_or("").to_string();
+        let out = (s("type"), s("reason"), s("note"));
+        let body = self.body.clone();
+        self.ok(&body);
+        out
+    }
+}
+
+fn object(env: &Env, replicas: u32, finalized: bool) -> BackendCluster {
+    let mut o: BackendCluster = serde_json::from_value(json!({
+        "apiVersion": "fleetlb.dev/v1alpha1",
+        "kind": "BackendCluster",
+        "metadata": {
+            "name": "web", "namespace": "default", "uid": "uid-web", "generation": 1,
+            "resourceVersion": "10", "creationTimestamp": "2026-11-28T00:00:00Z",
+        },
+        "spec": {
+            "route": "/web", "replicas": replicas, "instanceType": "t2.micro", "port": 8000,
+            "provider": {"aws": {"imageId": env.image, "subnetIds": env.subnets}},
+        },
+    }))
+    .unwrap();
+    if finalized {
+        o.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    }
+    o
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    api: ApiServer,
+    registry: prometheus::Registry,
+    routes: watch::Receiver<RouteTable>,
+    _leader: watch::Sender<bool>,
+    _status: watch::Receiver<bytes::Bytes>,
+}
+
+fn harness(env: &Env, leader: bool, objects: &[&BackendCluster]) -> Harness {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
+    let providers = Providers {
+        aws: Some(Arc::new(AwsProvider::new(
+            &env.conf,
+            "ctl-kube".into(),
+            metrics.clone(),
+        ))),
+        ..Providers::default()
+    };
+    let (store, mut writer) = reflector::store();
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply((*o).clone()));
+    }
+    let (leader_tx, leader_rx) = watch::channel(leader);
+    let (routes_tx, routes) = watch::channel(RouteTable::default());
+    let (status_tx, status_rx) = watch::channel(bytes::Bytes::new());
+    let ctx = Context::new(
+        client,
+        Reporter {
+            controller: "fleetlb".into(),
+            instance: Some("replica-a".into()),
+        },
+        providers,
+        dataplane,
+        metrics,
+        leader_rx,
+        store,
+        routes_tx,
+        status_tx,
+        KubeConfig::default(),
+    );
+    Harness {
+        ctx: Arc::new(ctx),
+        api: ApiServer(handle),
+        registry,
+        routes,
+        _leader: leader_tx,
+        _status: status_rx,
+    }
+}
+
+fn ec2_calls(registry: &prometheus::Registry) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "fleetlb_controller_ec2_requests_total")
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+async fn live_instances(env: &Env) -> Vec<String> {
+    let out = env
+        .ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:fleetlb.dev/controller")
+                .values("ctl-kube")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .is_some_and(|n| n.as_str() == "pending" || n.as_str() == "running")
+        })
+        .filter_map(|i| i.instance_id().map(String::from))
+        .collect()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("condition {type_} in {status}"))
+}
+
+async fn finish(
+    t: tokio::task::JoinHandle<Result<Action, kubernetes::Error>>,
+) -> Result<Action, kubernetes::Error> {
+    tokio::time::timeout(DEADLINE, t)
+        .await
+        .expect("reconcile finished")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finalizer_goes_on_before_any_ec2_call() {
+    let env = env().await;
+    let obj = object(&env, 2, false);
+    let mut h = harness(&env, true, &[&obj]);
+    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let call = h.api.next().await;
+    assert_eq!(call.method, Method::PATCH);
+    assert!(
+        call.uri
+            .starts_with("/apis/fleetlb.dev/v1alpha1/namespaces/default/backendclusters/web?"),
+        "{}",
+        call.uri
+    );
+    assert_eq!(
+        call.body,
+        json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+               {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
+    );
+    let mut done = obj.clone();
+    done.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    call.ok(&serde_json::to_value(&done).unwrap());
+    assert_eq!(finish(t).await.unwrap(), Action::await_change());
+    assert_eq!(ec2_calls(&h.registry), 0);
+    assert!(live_instances(&env).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_launches_writes_status_by_apply_and_records_events() {
+    let env = env().await;
+    let obj = object(&env, 2, true);
+    let mut h = harness(&env, true, &[&obj]);
+    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+
+    let call = h.api.next().await;
+    assert_eq!(call.method, Method::PATCH);
+    assert!(
+        call.uri.starts_with(
+            "/apis/fleetlb.dev/v1alpha1/namespaces/default/backendclusters/web/status?"
+        ) && call.uri.contains("fieldManager=fleetlb")
+            && call.uri.contains("force=true"),
+        "{}",
+        call.uri
+    );
+    assert_eq!(call.body["apiVersion"], "fleetlb.dev/v1alpha1");
+    let status = call.body["status"].clone();
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    assert_eq!(condition(&status, "Ready")["reason"], "Launching");
+    assert_eq!(condition(&status, "Progressing")["status"], "True");
+    let mut with_status = obj.clone();
+    with_status.status = serde_json::from_value(status).ok();
+    call.ok(&serde_json::to_value(&with_status).unwrap());
+
+    let (type_, reason, note) = h.api.next().await.event();
+    assert_eq!((type_.as_str(), reason.as_str()), ("Normal", "Launched"));
+    assert!(note.starts_with("launched 2 t2.micro: i-"), "{note}");
+    let action = finish(t).await.unwrap();
+    assert_eq!(action, Action::requeue(KubeConfig::default().busy));
+    let ids = live_instances(&env).await;
+    assert_eq!(ids.len(), 2);
+
+    // The next reconcile sees both instances, launches nothing more and reports them.
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(with_status.clone()),
+        h.ctx.clone(),
+    ));
+    let call = h.api.next().await;
+    assert!(
+        call.uri.contains("/backendclusters/web/status?"),
+        "{}",
+        call.uri
+    );
+    let status = call.body["status"].clone();
+    assert_eq!(status["replicas"], 2);
+    let mut reported: Vec<String> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    reported.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(reported, expected);
+    call.ok(&json!(with_status));
+    finish(t).await.unwrap();
+    assert_eq!(live_instances(&env).await.len(), 2, "no duplicate launch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
+    let env = env().await;
+    let obj = object(&env, 2, true);
+    let mut h = harness(&env, true, &[&obj]);
+    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    h.api.next().await.ok(&json!(obj));
+    h.api.next().await.event();
+    finish(t).await.unwrap();
+    assert_eq!(live_instances(&env).await.len(), 2);
+
+    let mut deleting = obj.clone();
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-28T00:01:00Z".parse().unwrap(),
+        ));
+    let deleting = Arc::new(deleting);
+    // Until EC2 shows every instance terminated, the finalizer stays (no API call at all).
+    let mut released = false;
+    for _ in 0..20 {
+        let t = tokio::spawn(kubernetes::reconcile(deleting.clone(), h.ctx.clone()));
+        let r = tokio::select! {
+            r = finish(t) => r,
+            call = h.api.next() => {
+                let (type_, reason, note) = call.event();
+                assert_eq!((type_.as_str(), reason.as_str()), ("Normal", "Deleted"));
+                assert_eq!(note, "every instance terminated; deletion complete");
+                assert!(live_instances(&env).await.is_empty(), "finalizer released while instances live");
+                let call = h.api.next().await;
+                assert_eq!(call.method, Method::PATCH);
+                assert_eq!(
+                    call.body,
+                    json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                           {"op": "remove", "path": "/metadata/finalizers/0"}])
+                );
+                call.ok(&json!(obj));
+                released = true;
+                break;
+            }
+        };
+        assert!(
+            matches!(r, Err(ref e) if e.to_string().contains("terminate")),
+            "{r:?}"
+        );
+    }
+    assert!(released, "finalizer released once instances are gone");
+    assert!(live_instances(&env).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_lease_serves_from_status_and_never_calls_ec2() {
+    let env = env().await;
+    let mut obj = object(&env, 2, true);
+    obj.status = serde_json::from_value(json!({
+        "replicas": 2, "readyReplicas": 2,
+        "endpoints": [{"id": "i-a", "address": "10.0.0.1:8000"}, {"id": "i-b", "address": "10.0.0.2:8000"}],
+    }))
+    .unwrap();
+    let h = harness(&env, false, &[&obj]);
+    // The scripted API server never answers: any API call would stall this past the deadline.
+    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    assert_eq!(
+        finish(t).await.unwrap(),
+        Action::requeue(KubeConfig::default().resync)
+    );
+    assert_eq!(ec2_calls(&h.registry), 0);
+    let table = h.routes.borrow().clone();
+    assert_eq!(table.routes.len(), 1);
+    assert_eq!(table.routes[0].prefix, "/web");
+    let ids: Vec<&str> = table.routes[0]
+        .endpoints
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(ids, ["i-a", "i-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_schema_cannot_reject_gets_invalid_spec_and_no_ec2_call() {
+    let env = env().await;
+    let mut obj = object(&env, 2, false);
+    obj.spec.health_check.interval_seconds = 5;
+    obj.spec.health_check.timeout_seconds = 10;
+    let mut h = harness(&env, true, &[&obj]);
+    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let (type_, reason, note) = h.api.next().await.event();
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Warning", "InvalidSpec")
+    );
+    assert!(note.contains("spec.healthCheck.timeoutSeconds"), "{note}");
+    let call = h.api.next().await;
+    assert!(
+        call.uri.contains("/backendclusters/web/status?"),
+        "{}",
+        call.uri
+    );
+    let ready = condition(&call.body["status"], "Ready").clone();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.healthCheck.timeoutSeconds"),
+        "{ready}"
+    );
+    call.ok(&json!(obj));
+    finish(t).await.unwrap();
+    assert_eq!(ec2_calls(&h.registry), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_younger_of_two_objects_claiming_one_route_is_refused() {
+    let env = env().await;
+    let old = object(&env, 1, true);
+    let mut young = object(&env, 1, true);
+    young.metadata.name = Some("web2".into());
+    young.metadata.uid = Some("uid-web2".into());
+    young.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-11-28T00:05:00Z".parse().unwrap(),
+    ));
+    let mut h = harness(&env, true, &[&old, &young]);
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(young.clone()),
+        h.ctx.clone(),
+    ));
+    let (_, reason, note) = h.api.next().await.event();
+    assert_eq!(reason, "RouteConflict");
+    assert!(
+        note.contains("spec.route: /web is already served by web"),
+        "{note}"
+    );
+    let call = h.api.next().await;
+    assert!(
+        call.uri.contains("/backendclusters/web2/status?"),
+        "{}",
+        call.uri
+    );
+    call.ok(&json!(young));
+    finish(t).await.unwrap();
+    assert_eq!(ec2_calls(&h.registry), 0);
+    let table = h.routes.borrow().clone();
+    assert_eq!(table.routes.len(), 1);
+    assert_eq!(table.routes[0].cluster, "web");
+}
+
+// ---- leader election -------------------------------------------------------------------
+
+fn lease(holder: &str, rv: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "fleetlb-leader", "namespace": "fleetlb-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": 3},
+    })
+}
+
+fn elector(identity: &str) -> (Elector, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let cfg = LeaseConfig::new(
+        "fleetlb-system".into(),
+        "fleetlb-leader".into(),
+        identity.into(),
+    );
+    (
+        Elector::new(Api::namespaced(client, "fleetlb-system"), cfg),
+        ApiServer(handle),
+    )
+}
+
+const LEASE_URI: &str = "/apis/coordination.k8s.io/v1/namespaces/fleetlb-system/leases";
+
+async fn step(e: &mut Elector, api: &mut ApiServer, answer: impl FnOnce(Call)) -> bool {
+    let (leads, ()) = tokio::join!(e.step(), async {
+        let call = api.next().await;
+        assert_eq!(call.method, Method::GET);
+        assert!(
+            call.uri.starts_with(&format!("{LEASE_URI}/fleetlb-leader")),
+            "{}",
+            call.uri
+        );
+        answer(call);
+    });
+    leads
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_replica_creates_the_lease_and_leads() {
+    let (mut e, mut api) = elector("replica-a");
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.status(404, "NotFound");
+        let call = api.next().await;
+        assert_eq!(call.method, Method::POST);
+        assert!(call.uri.starts_with(LEASE_URI), "{}", call.uri);
+        assert_eq!(call.body["spec"]["holderIdentity"], "replica-a");
+        let body = call.body.clone();
+        call.ok(&body);
+    });
+    assert!(leads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_replica_waits_out_the_lease_and_takes_over_only_when_it_stops_changing() {
+    let (mut e, mut api) = elector("replica-b");
+    // Held and renewed by replica-a: never taken, however long it runs.
+    assert!(!step(&mut e, &mut api, |c| c.ok(&lease("replica-a", "5"))).await);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(!step(&mut e, &mut api, |c| c.ok(&lease("replica-a", "6"))).await);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(!step(&mut e, &mut api, |c| c.ok(&lease("replica-a", "7"))).await);
+    // replica-a stops renewing: the same record for longer than 15 s.
+    tokio::time::advance(Duration::from_secs(14)).await;
+    assert!(!step(&mut e, &mut api, |c| c.ok(&lease("replica-a", "7"))).await);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.ok(&lease("replica-a", "7"));
+        let call = api.next().await;
+        assert_eq!(call.method, Method::PUT);
+        assert_eq!(call.body["metadata"]["resourceVersion"], "7");
+        assert_eq!(call.body["spec"]["holderIdentity"], "replica-b");
+        assert_eq!(call.body["spec"]["leaseTransitions"], 4);
+        let body = call.body.clone();
+        call.ok(&body);
+    });
+    assert!(leads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_the_race_for_an_expired_lease_means_not_leading() {
+    let (mut e, mut api) = elector("replica-b");
+    assert!(!step(&mut e, &mut api, |c| c.ok(&lease("replica-a", "7"))).await);
+    tokio::time::advance(Duration::from_secs(16)).await;
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.ok(&lease("replica-a", "7"));
+        // replica-c wrote first: the API server refuses the stale resourceVersion.
+        api.next().await.status(409, "Conflict");
+    });
+    assert!(!leads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_cut_off_from_the_api_server_stops_acting_before_its_lease_expires() {
+    let (mut e, mut api) = elector("replica-a");
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.ok(&lease("replica-a", "1"));
+        let call = api.next().await;
+        assert_eq!(call.method, Method::PUT);
+        let body = call.body.clone();
+        call.ok(&body);
+    });
+    assert!(leads);
+    let unreachable = |c: Call| {
+        c.reply.send_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "down",
+        ))
+    };
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(
+        step(&mut e, &mut api, unreachable).await,
+        "renewed 5 s ago: still leads"
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(
+        !step(&mut e, &mut api, unreachable).await,
+        "no renewal for 11 s (deadline 10 s, lease 15 s): stops acting"
+    );
+}
+
+/// End to end on a real cluster (kind, k3d, EKS). Needs `kubectl` pointing at it, the image
+/// built and loaded, and either AWS credentials or `provider: local` examples. Steps, the same
+/// as the README's "Deploy to a cluster":
+///
+/// ```text
+/// kubectl apply -k manifests/
+/// kubectl apply -f examples/cluster1.yaml
+/// kubectl wait bc/cluster1 --for=condition=Ready --timeout=5m
+/// kubectl -n fleetlb-system port-forward svc/fleetlb 8000:8000 &
+/// curl localhost:8000/cluster1
+/// kubectl delete -f examples/cluster1.yaml   # waits for the finalizer
+/// ```
+#[tokio::test]
+#[ignore = "needs a cluster"]
+async fn needs_a_cluster() {
+    let client = Client::try_default()
+        .await
+        .expect("a kubeconfig for a test cluster");
+    let api: Api<BackendCluster> = Api::namespaced(client, "default");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/cluster1.yaml"
+    ))
+    .unwrap();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let obj: BackendCluster = serde_json::from_value(serde_json::to_value(yaml).unwrap()).unwrap();
+    let name = obj.metadata.name.clone().unwrap();
+    let created = api
+        .patch(
+            &name,
+            &kube::api::PatchParams::apply("fleetlb-e2e").force(),
+            &kube::api::Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let ready =
+        kube::runtime::wait::await_condition(api.clone(), &name, |o: Option<&BackendCluster>| {
+            o.and_then(|o| o.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        });
+    tokio::time::timeout(Duration::from_secs(300), ready)
+        .await
+        .expect("Ready within 5 minutes")
+        .unwrap();
+    api.delete(&name, &Default::default()).await.unwrap();
+    let gone = kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_deleted(&uid),
+    );
+    tokio::time::timeout(Duration::from_secs(300), gone)
+        .await
+        .expect("deleted (finalizer released) within 5 minutes")
+        .unwrap();
+}
