@@ -31,7 +31,7 @@ use futures::future::BoxFuture;
 
 use crate::Error;
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, Provider, fnv64};
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, Provider};
 
 /// Tag keys fleetlb puts on every instance.
 pub mod tags {
@@ -246,11 +246,7 @@ fn tag(k: &str, v: &str) -> Tag {
     Tag::builder().key(k).value(v).build()
 }
 
-/// The idempotency token of one launch intent (at most 64 ASCII characters).
-pub fn client_token(uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
-    let h = fnv64(format!("{uid}|{slot}|{spec_hash}|{attempt}").as_bytes());
-    format!("fleetlb-{h:016x}-{slot}-{attempt}")
-}
+pub use crate::provider::client_token;
 
 /// The default bootstrap: a tiny HTTP app like the original FastAPI one, answering `/health`
 /// and naming the instance (from IMDSv2) and cluster on every other path.

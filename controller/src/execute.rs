@@ -69,7 +69,16 @@ pub struct Inputs<'a> {
 
 /// Plans and executes one reconcile of `bc`: launches what is missing, moves victims out of the
 /// endpoint set, terminates those drained long enough, and records instance gauges.
-pub async fn apply(bc: &BackendCluster, inp: Inputs<'_>, now: Timestamp) -> Applied {
+///
+/// `record` is given the planned status (with its launch intents) before any launch; when it
+/// fails, nothing is launched this time (the Kubernetes driver writes it, so a crash between the
+/// launch and the next status write repeats the same intent).
+pub async fn apply(
+    bc: &BackendCluster,
+    inp: Inputs<'_>,
+    now: Timestamp,
+    record: impl AsyncFnOnce(&BackendClusterStatus) -> Result<(), String>,
+) -> Applied {
     let key = ClusterKey::of(bc);
     let refs: Vec<&Instance> = inp.instances.iter().collect();
     let draining: HashSet<String> = inp.draining.keys().cloned().collect();
@@ -104,7 +113,21 @@ pub async fn apply(bc: &BackendCluster, inp: Inputs<'_>, now: Timestamp) -> Appl
             .instances
             .iter()
             .any(|i| i.state != InstanceState::Running);
-    for req in &plan.launch {
+    let recorded = if plan.launch.is_empty() {
+        Ok(())
+    } else {
+        record(&out.status).await
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(cluster = %key, error = %e, "cannot record launch intents; launching nothing");
+        out.launch_error = Some(("StatusWriteFailed", e));
+    }
+    let launches = if out.launch_error.is_some() {
+        &[][..]
+    } else {
+        &plan.launch[..]
+    };
+    for req in launches {
         match inp.provider.launch(req).await {
             Ok(i) => {
                 tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched");

@@ -163,7 +163,7 @@ pub struct Context {
     inventory: Inventory,
     draining: Mutex<HashMap<ClusterKey, HashMap<String, Instant>>>,
     failures: Mutex<HashMap<ClusterKey, u32>>,
-    written: Mutex<HashMap<ClusterKey, Instant>>,
+    written: Mutex<HashMap<ClusterKey, (Instant, fleetlb_crds::BackendClusterStatus)>>,
 }
 
 impl Context {
@@ -291,20 +291,24 @@ impl Context {
         status: fleetlb_crds::BackendClusterStatus,
     ) -> Result<(), Error> {
         let key = ClusterKey::of(bc);
-        let fresh = self
+        let unchanged = self
             .written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .is_some_and(|t| t.elapsed() < self.cfg.resync);
-        if fresh && bc.status.as_ref().is_some_and(|s| same_status(s, &status)) {
+            .is_some_and(|(at, last)| {
+                at.elapsed() < self.cfg.resync
+                    && (same_status(last, &status)
+                        || bc.status.as_ref().is_some_and(|s| same_status(s, &status)))
+            });
+        if unchanged {
             return Ok(());
         }
         let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), &key.namespace);
         let patch = serde_json::json!({
             "apiVersion": BackendCluster::api_version(&()),
             "kind": BackendCluster::kind(&()),
-            "status": status,
+            "status": &status,
         });
         api.patch_status(
             &key.name,
@@ -315,7 +319,7 @@ impl Context {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Instant::now());
+            .insert(key, (Instant::now(), status));
         Ok(())
     }
 }
@@ -514,6 +518,11 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             metrics: &ctx.metrics,
         },
         now,
+        async |status| {
+            ctx.write_status(bc, status.clone())
+                .await
+                .map_err(|e| e.to_string())
+        },
     )
     .await;
     ctx.draining

@@ -184,3 +184,10 @@ pub fn spec_hash(bc: &BackendCluster) -> String {
     let key = format!("{}|{}|{}", s.instance_type, s.port, provider);
     format!("{:016x}", fnv64(key.as_bytes()))
 }
+
+/// The idempotency token of one launch intent (at most 64 ASCII characters): the same owner
+/// UID, slot, spec hash and attempt always give the same token.
+pub fn client_token(uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
+    let h = fnv64(format!("{uid}|{slot}|{spec_hash}|{attempt}").as_bytes());
+    format!("fleetlb-{h:016x}-{slot}-{attempt}")
+}

@@ -8,12 +8,16 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
-use fleetlb_crds::{BackendCluster, BackendClusterStatus, EndpointStatus, InstanceStatus};
+use fleetlb_crds::{
+    BackendCluster, BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent,
+};
 use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, spec_hash};
+use crate::provider::{
+    ClusterKey, Instance, InstanceState, LaunchRequest, client_token, spec_hash,
+};
 
 /// What the prober knows of one instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -107,13 +111,25 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
         let mut free = (0u32..).filter(|s| !used.contains(s));
         // The next attempt of a slot follows every instance it ever had (terminated ones too).
+        // An intent recorded in status but never seen as an instance (the controller stopped
+        // mid-launch) is repeated with the same attempt, hence the same token.
         let attempt_of = |slot: u32| {
-            obs.instances
+            let seen = obs
+                .instances
                 .iter()
                 .filter(|i| i.slot == slot && i.owner_uid == uid)
                 .map(|i| i.attempt + 1)
                 .max()
-                .unwrap_or(0)
+                .unwrap_or(0);
+            let recorded = bc
+                .status
+                .iter()
+                .flat_map(|s| &s.launches)
+                .filter(|l| l.slot == slot)
+                .map(|l| l.attempt)
+                .max()
+                .unwrap_or(0);
+            seen.max(recorded)
         };
         for _ in current.len()..desired {
             let Some(slot) = free.next() else { break };
@@ -199,6 +215,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
             })
             .collect(),
+        launches: recorded_launches(bc, &launch),
     };
     status.instances.sort_by(|a, b| a.id.cmp(&b.id));
 
@@ -294,6 +311,27 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         endpoints,
         status,
     }
+}
+
+/// The latest intent per slot: the previous record with this plan's launches on top.
+fn recorded_launches(bc: &BackendCluster, launch: &[LaunchRequest]) -> Vec<LaunchIntent> {
+    let mut by_slot: std::collections::BTreeMap<u32, LaunchIntent> = bc
+        .status
+        .iter()
+        .flat_map(|s| &s.launches)
+        .map(|l| (l.slot, l.clone()))
+        .collect();
+    for r in launch {
+        by_slot.insert(
+            r.slot,
+            LaunchIntent {
+                slot: r.slot,
+                attempt: r.attempt,
+                client_token: client_token(&r.owner_uid, r.slot, &r.spec_hash, r.attempt),
+            },
+        );
+    }
+    by_slot.into_values().collect()
 }
 
 /// Sets condition `type_`, keeping `lastTransitionTime` when the status did not change

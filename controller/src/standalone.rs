@@ -410,6 +410,7 @@ impl Standalone {
                     metrics: &self.metrics,
                 },
                 now,
+                async |_| Ok(()),
             )
             .await;
             busy |= applied.busy;

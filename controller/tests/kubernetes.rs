@@ -214,6 +214,15 @@ async fn live_instances(env: &Env) -> Vec<String> {
         .collect()
 }
 
+async fn client_tokens(env: &Env) -> Vec<String> {
+    let out = env.ec2.describe_instances().send().await.unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.client_token().map(String::from))
+        .collect()
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -260,9 +269,17 @@ async fn the_finalizer_goes_on_before_any_ec2_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_launches_writes_status_by_apply_and_records_events() {
+async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_events() {
     let env = env().await;
-    let obj = object(&env, 2, true);
+    let mut obj = object(&env, 2, true);
+    // A previous leader recorded slot 1's launch (attempt 3) and died before RunInstances
+    // returned: the intent is repeated with the same token.
+    let hash = fleetlb_controller::provider::spec_hash(&obj);
+    let token = fleetlb_controller::provider::client_token("uid-web", 1, &hash, 3);
+    obj.status = serde_json::from_value(
+        json!({"launches": [{"slot": 1, "attempt": 3, "clientToken": token}]}),
+    )
+    .unwrap();
     let mut h = harness(&env, true, &[&obj]);
     let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
 
@@ -282,6 +299,16 @@ async fn the_leader_launches_writes_status_by_apply_and_records_events() {
     assert_eq!(condition(&status, "Ready")["status"], "False");
     assert_eq!(condition(&status, "Ready")["reason"], "Launching");
     assert_eq!(condition(&status, "Progressing")["status"], "True");
+    assert_eq!(
+        status["launches"][1],
+        json!({"slot": 1, "attempt": 3, "clientToken": token})
+    );
+    assert_eq!(status["launches"][0]["slot"], 0);
+    assert_eq!(
+        ec2_calls(&h.registry),
+        1,
+        "intents are written before RunInstances"
+    );
     let mut with_status = obj.clone();
     with_status.status = serde_json::from_value(status).ok();
     call.ok(&serde_json::to_value(&with_status).unwrap());
@@ -293,6 +320,8 @@ async fn the_leader_launches_writes_status_by_apply_and_records_events() {
     assert_eq!(action, Action::requeue(KubeConfig::default().busy));
     let ids = live_instances(&env).await;
     assert_eq!(ids.len(), 2);
+    let tokens = client_tokens(&env).await;
+    assert!(tokens.contains(&token), "{tokens:?}");
 
     // The next reconcile sees both instances, launches nothing more and reports them.
     let t = tokio::spawn(kubernetes::reconcile(

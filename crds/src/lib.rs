@@ -399,6 +399,23 @@ pub struct BackendClusterStatus {
     /// Endpoints handed to the data plane, fastest first.
     #[serde(default)]
     pub endpoints: Vec<EndpointStatus>,
+    /// The latest launch intent of each slot, written before the provider is asked to launch:
+    /// a controller that crashes mid-launch repeats the same intent (same EC2 `ClientToken`)
+    /// instead of launching a second instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launches: Vec<LaunchIntent>,
+}
+
+/// One launch decided by the controller.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchIntent {
+    /// Slot (0..replicas).
+    pub slot: u32,
+    /// Launch attempt for the slot (a replacement is the next attempt).
+    pub attempt: u32,
+    /// Idempotency token sent with the launch (EC2 `ClientToken`).
+    pub client_token: String,
 }
 
 /// One instance as the provider and the prober see it.
