@@ -64,9 +64,109 @@ pub const EC2_OPERATIONS: &[&str] = &[
 /// How long an (instance type, subnet) stays unavailable after `InsufficientInstanceCapacity`.
 const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
 
+/// A client-side rate limit for one EC2 API (client-go's QPS and burst): a token bucket that
+/// makes callers wait rather than send faster than EC2's own per-API buckets refill, so a burst
+/// of reconciles (a controller restart with many objects) does not end in throttling.
+struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    state: Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimit {
+    fn new(per_second: f64, burst: f64) -> Self {
+        Self {
+            per_second,
+            burst,
+            state: Mutex::new((burst, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits for a token.
+    async fn acquire(&self) {
+        let wait = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (tokens, at) = &mut *st;
+            let now = tokio::time::Instant::now();
+            *tokens =
+                (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+            *at = now;
+            *tokens -= 1.0;
+            if *tokens >= 0.0 {
+                return;
+            }
+            Duration::from_secs_f64(-*tokens / self.per_second)
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One SDK client and rate limit per EC2 API fleetlb calls. The SDK retries throttled and 5xx
+/// calls itself (standard mode: 3 attempts, jittered exponential backoff); the drivers back off
+/// per object beyond that. Separate retry partitions keep a throttled `RunInstances` from
+/// draining the retry budget of the `DescribeInstances` every reconcile needs.
+struct Clients {
+    describe: aws_sdk_ec2::Client,
+    run: aws_sdk_ec2::Client,
+    terminate: aws_sdk_ec2::Client,
+    tags: aws_sdk_ec2::Client,
+    limits: [RateLimit; 4],
+}
+
+impl Clients {
+    fn new(conf: &aws_config::SdkConfig) -> Self {
+        let one = |api: &'static str| {
+            let c = aws_sdk_ec2::config::Builder::from(conf)
+                .retry_partition(aws_sdk_ec2::config::retry::RetryPartition::new(api))
+                .retry_config(
+                    aws_sdk_ec2::config::retry::RetryConfig::standard()
+                        .with_max_attempts(3)
+                        .with_initial_backoff(Duration::from_millis(200))
+                        .with_max_backoff(Duration::from_secs(5)),
+                )
+                .build();
+            aws_sdk_ec2::Client::from_conf(c)
+        };
+        Self {
+            describe: one("fleetlb-ec2-describe"),
+            run: one("fleetlb-ec2-run"),
+            terminate: one("fleetlb-ec2-terminate"),
+            tags: one("fleetlb-ec2-tags"),
+            // Well under EC2's default refill rates (non-mutating 20/s, RunInstances 2/s with a
+            // large bucket, TerminateInstances 5/s).
+            limits: [
+                RateLimit::new(10.0, 20.0),
+                RateLimit::new(2.0, 20.0),
+                RateLimit::new(5.0, 20.0),
+                RateLimit::new(5.0, 20.0),
+            ],
+        }
+    }
+
+    async fn describe(&self) -> &aws_sdk_ec2::Client {
+        self.limits[0].acquire().await;
+        &self.describe
+    }
+
+    async fn run(&self) -> &aws_sdk_ec2::Client {
+        self.limits[1].acquire().await;
+        &self.run
+    }
+
+    async fn terminate(&self) -> &aws_sdk_ec2::Client {
+        self.limits[2].acquire().await;
+        &self.terminate
+    }
+
+    async fn tags(&self) -> &aws_sdk_ec2::Client {
+        self.limits[3].acquire().await;
+        &self.tags
+    }
+}
+
 /// EC2 through aws-sdk-ec2.
 pub struct AwsProvider {
-    client: aws_sdk_ec2::Client,
+    client: Clients,
     controller_id: String,
     metrics: Metrics,
     no_capacity: Mutex<HashMap<(String, String), Instant>>,
@@ -78,7 +178,7 @@ impl AwsProvider {
     /// `controller_id`.
     pub fn new(conf: &aws_config::SdkConfig, controller_id: String, metrics: Metrics) -> Self {
         Self {
-            client: aws_sdk_ec2::Client::new(conf),
+            client: Clients::new(conf),
             controller_id,
             metrics,
             no_capacity: Mutex::new(HashMap::new()),
@@ -173,6 +273,8 @@ impl AwsProvider {
             .unwrap_or_else(|| default_user_data(&req.owner, req.port));
         let mut call = self
             .client
+            .run()
+            .await
             .run_instances()
             .image_id(&aws.image_id)
             .instance_type(InstanceType::from(req.instance_type.as_str()))
@@ -355,6 +457,8 @@ impl Provider for AwsProvider {
             ];
             let mut pages = self
                 .client
+                .describe()
+                .await
                 .describe_instances()
                 .filters(
                     Filter::builder()
@@ -447,6 +551,8 @@ impl Provider for AwsProvider {
             for chunk in ids.chunks(100) {
                 let r = self
                     .client
+                    .terminate()
+                    .await
                     .terminate_instances()
                     .set_instance_ids(Some(chunk.to_vec()))
                     .send()
@@ -464,6 +570,8 @@ impl Provider for AwsProvider {
             for chunk in ids.chunks(100) {
                 let r = self
                     .client
+                    .tags()
+                    .await
                     .delete_tags()
                     .set_resources(Some(chunk.to_vec()))
                     .tags(tag(tags::CONTROLLER, &self.controller_id))
@@ -539,6 +647,30 @@ impl Provider for LazyAwsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_lets_a_burst_through_then_paces_calls() {
+        let limit = RateLimit::new(2.0, 3.0);
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            limit.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "the burst passes at once");
+        for _ in 0..4 {
+            limit.acquire().await;
+        }
+        // Four more at 2 per second.
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(2100),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 
     #[test]
     fn tokens_are_stable_short_and_distinct_per_intent() {

@@ -33,22 +33,38 @@ pub struct Applied {
     pub launch_error: Option<(&'static str, String)>,
 }
 
-/// The condition reason for a provider error message (`Throttled`, `InsufficientCapacity`,
-/// `LaunchFailed`).
+/// The condition reason for a provider error message (`Throttled`, `ProviderUnavailable`,
+/// `InsufficientCapacity`, `LaunchFailed`).
 pub fn error_reason(message: &str) -> &'static str {
-    const THROTTLED: [&str; 4] = [
-        "RequestLimitExceeded",
-        "Throttling",
-        "ThrottlingException",
-        "ServiceUnavailable",
-    ];
+    const THROTTLED: [&str; 3] = ["RequestLimitExceeded", "Throttling", "ThrottlingException"];
+    const UNAVAILABLE: [&str; 3] = ["InternalError", "InternalFailure", "Unavailable"];
     if THROTTLED.iter().any(|c| message.contains(c)) {
         "Throttled"
+    } else if UNAVAILABLE.iter().any(|c| message.contains(c)) {
+        "ProviderUnavailable"
     } else if message.contains("InsufficientInstanceCapacity") {
         "InsufficientCapacity"
     } else {
         "LaunchFailed"
     }
+}
+
+/// Launch retry state of one object: after a failed launch, the next one waits an exponentially
+/// growing, jittered delay (objects failing together do not retry in lockstep). A new
+/// `metadata.generation` (the user changed the spec) retries at once.
+#[derive(Debug, Default, Clone)]
+pub struct LaunchBackoff {
+    failures: u32,
+    until: Option<Instant>,
+    generation: Option<i64>,
+    last: Option<(&'static str, String)>,
+}
+
+/// The delay before retry number `n` (1-based): `first * 2^(n-1)` capped at `max`, then a
+/// uniformly random factor in [0.5, 1.5) so objects failing together do not retry together.
+pub fn backoff((first, max): (Duration, Duration), n: u32) -> Duration {
+    let exp = first.saturating_mul(1u32 << n.saturating_sub(1).min(20));
+    exp.min(max).mul_f64(0.5 + fastrand::f64())
 }
 
 /// Inputs of [`apply`] besides the object.
@@ -65,6 +81,10 @@ pub struct Inputs<'a> {
     pub drain: Duration,
     /// Controller metrics.
     pub metrics: &'a Metrics,
+    /// This object's launch retry state; updated here.
+    pub backoff: &'a mut LaunchBackoff,
+    /// First and longest launch retry delay.
+    pub backoff_range: (Duration, Duration),
 }
 
 /// Plans and executes one reconcile of `bc`: launches what is missing, moves victims out of the
@@ -113,20 +133,43 @@ pub async fn apply(
             .instances
             .iter()
             .any(|i| i.state != InstanceState::Running);
-    let recorded = if plan.launch.is_empty() {
-        Ok(())
-    } else {
-        record(&out.status).await
-    };
-    if let Err(e) = recorded {
+    if inp.backoff.generation != bc.metadata.generation {
+        *inp.backoff = LaunchBackoff {
+            generation: bc.metadata.generation,
+            ..LaunchBackoff::default()
+        };
+    }
+    let waiting = inp.backoff.until.filter(|t| *t > Instant::now());
+    let mut launches = &plan.launch[..];
+    if let Some(until) = waiting
+        && !launches.is_empty()
+    {
+        // Still backing off: plan, serve and report, but do not call the provider.
+        let (reason, msg) = inp
+            .backoff
+            .last
+            .clone()
+            .unwrap_or(("LaunchFailed", String::new()));
+        let secs = until
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        set_condition(
+            &mut out.status.conditions,
+            "Degraded",
+            true,
+            reason,
+            &format!("{msg} (next launch attempt in {secs:.0}s)"),
+            bc.metadata.generation,
+            now,
+        );
+        launches = &[];
+    } else if !launches.is_empty()
+        && let Err(e) = record(&out.status).await
+    {
         tracing::warn!(cluster = %key, error = %e, "cannot record launch intents; launching nothing");
         out.launch_error = Some(("StatusWriteFailed", e));
+        launches = &[];
     }
-    let launches = if out.launch_error.is_some() {
-        &[][..]
-    } else {
-        &plan.launch[..]
-    };
     for req in launches {
         match inp.provider.launch(req).await {
             Ok(i) => {
@@ -135,11 +178,21 @@ pub async fn apply(
             }
             Err(e) => {
                 let msg = e.to_string();
-                tracing::warn!(cluster = %key, error = %msg, "launch failed; will retry");
+                let b = &mut *inp.backoff;
+                b.failures = b.failures.saturating_add(1);
+                let delay = backoff(inp.backoff_range, b.failures);
+                b.until = Some(Instant::now() + delay);
+                b.last = Some((error_reason(&msg), msg.clone()));
+                tracing::warn!(cluster = %key, error = %msg, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
                 out.launch_error = Some((error_reason(&msg), msg));
                 break;
             }
         }
+    }
+    if !launches.is_empty() && out.launch_error.is_none() {
+        inp.backoff.failures = 0;
+        inp.backoff.until = None;
+        inp.backoff.last = None;
     }
     inp.metrics
         .reconcile

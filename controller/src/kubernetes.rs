@@ -162,6 +162,7 @@ pub struct Context {
     pub cfg: KubeConfig,
     inventory: Inventory,
     draining: Mutex<HashMap<ClusterKey, HashMap<String, Instant>>>,
+    launch_backoff: Mutex<HashMap<ClusterKey, execute::LaunchBackoff>>,
     failures: Mutex<HashMap<ClusterKey, u32>>,
     written: Mutex<HashMap<ClusterKey, (Instant, fleetlb_crds::BackendClusterStatus)>>,
 }
@@ -194,6 +195,7 @@ impl Context {
             cfg,
             inventory: Inventory::default(),
             draining: Mutex::default(),
+            launch_backoff: Mutex::default(),
             failures: Mutex::default(),
             written: Mutex::default(),
         }
@@ -507,6 +509,12 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&key)
         .unwrap_or_default();
+    let mut launch_backoff = ctx
+        .launch_backoff
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key)
+        .unwrap_or_default();
     let applied = execute::apply(
         bc,
         execute::Inputs {
@@ -516,6 +524,8 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             draining: &mut draining,
             drain: ctx.cfg.drain,
             metrics: &ctx.metrics,
+            backoff: &mut launch_backoff,
+            backoff_range: ctx.cfg.backoff,
         },
         now,
         async |status| {
@@ -529,6 +539,10 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(key.clone(), draining);
+    ctx.launch_backoff
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), launch_backoff);
     if !applied.launched.is_empty() || !applied.terminated.is_empty() {
         ctx.inventory.invalidate(kind).await;
     }
@@ -655,12 +669,7 @@ pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -
     Action::requeue(backoff(ctx.cfg.backoff, n))
 }
 
-/// The delay before retry number `n` (1-based): `first * 2^(n-1)` capped at `max`, then a
-/// uniformly random factor in [0.5, 1.5) so objects failing together do not retry together.
-pub fn backoff((first, max): (Duration, Duration), n: u32) -> Duration {
-    let exp = first.saturating_mul(1u32 << n.saturating_sub(1).min(20));
-    exp.min(max).mul_f64(0.5 + fastrand::f64())
-}
+pub use crate::execute::backoff;
 
 /// Terminates instances of this controller whose object no longer exists and that are older
 /// than the grace period. Runs on the leader only, after the store has been filled.

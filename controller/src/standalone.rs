@@ -46,6 +46,9 @@ pub struct StandaloneConfig {
     /// Instances of this controller that no object owns are terminated once this old
     /// (default 30 s, Karpenter's).
     pub orphan_grace: Duration,
+    /// First and longest delay before retrying a failed launch (default 1 s and 5 min; doubled
+    /// per failure, jittered; an edit of the object retries at once).
+    pub launch_backoff: (Duration, Duration),
 }
 
 impl StandaloneConfig {
@@ -57,6 +60,7 @@ impl StandaloneConfig {
             resync: Duration::from_secs(2),
             drain: Duration::from_secs(2),
             orphan_grace: Duration::from_secs(30),
+            launch_backoff: (Duration::from_secs(1), Duration::from_secs(300)),
         }
     }
 }
@@ -77,6 +81,7 @@ struct Tracked {
     rejected: Option<String>,
     deleting: bool,
     draining: HashMap<String, Instant>,
+    backoff: execute::LaunchBackoff,
     created: Timestamp,
 }
 
@@ -299,6 +304,7 @@ impl Standalone {
                         rejected: None,
                         deleting: false,
                         draining: HashMap::new(),
+                        backoff: execute::LaunchBackoff::default(),
                         created: now,
                     },
                 );
@@ -408,6 +414,8 @@ impl Standalone {
                     draining: &mut t.draining,
                     drain: self.cfg.drain,
                     metrics: &self.metrics,
+                    backoff: &mut t.backoff,
+                    backoff_range: self.cfg.launch_backoff,
                 },
                 now,
                 async |_| Ok(()),

@@ -17,7 +17,7 @@ use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
 use tokio::sync::watch;
 
 mod support;
-use support::{Env, env};
+use support::{Env, Fault, FaultProxy, env, sdk_config};
 
 fn yaml(env: &Env, name: &str, replicas: u32, policy: &str) -> String {
     format!(
@@ -31,12 +31,22 @@ struct Driver {
     driver: Standalone,
     out: Outputs,
     _rx: watch::Receiver<RouteTable>,
+    _status: watch::Receiver<Bytes>,
 }
 
 fn driver(env: &Env, dir: &Path, controller_id: &str) -> Driver {
+    driver_with(&env.conf, dir, controller_id, |_| {})
+}
+
+fn driver_with(
+    conf: &aws_config::SdkConfig,
+    dir: &Path,
+    controller_id: &str,
+    tune: impl FnOnce(&mut StandaloneConfig),
+) -> Driver {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
-    let aws = AwsProvider::new(&env.conf, controller_id.into(), metrics.clone());
+    let aws = AwsProvider::new(conf, controller_id.into(), metrics.clone());
     let providers = Providers {
         aws: Some(Arc::new(aws)),
         ..Default::default()
@@ -46,8 +56,9 @@ fn driver(env: &Env, dir: &Path, controller_id: &str) -> Driver {
     let mut cfg = StandaloneConfig::new(dir.to_path_buf());
     cfg.drain = Duration::ZERO;
     cfg.orphan_grace = Duration::ZERO;
+    tune(&mut cfg);
     let (routes, rx) = watch::channel(RouteTable::default());
-    let (status, _) = watch::channel(Bytes::new());
+    let (status, status_rx) = watch::channel(Bytes::new());
     let (ready, _) = watch::channel(false);
     Driver {
         driver: Standalone::new(cfg, providers, dataplane, metrics),
@@ -57,6 +68,7 @@ fn driver(env: &Env, dir: &Path, controller_id: &str) -> Driver {
             ready,
         },
         _rx: rx,
+        _status: status_rx,
     }
 }
 
@@ -329,4 +341,67 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
     let mut other = driver(&env, empty.path(), "ctl-other");
     other.driver.step(&other.out).await;
     assert_eq!(live(&env.ec2, "ctl-c", "api").await.len(), 3);
+}
+
+/// The cluster's Degraded condition (reason, message) in the driver's `/status`.
+fn degraded(d: &Driver) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(&d.out.status.borrow()).unwrap();
+    let c = v["clusters"][0]["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    (
+        c["reason"].as_str().unwrap().to_string(),
+        c["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_back_off_report_and_converge_when_they_stop() {
+    let env = env().await;
+    let faults = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&faults.url);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    // A long first backoff makes "no retry before it ends" a count, not a timing.
+    let mut d = driver_with(&conf, dir.path(), "ctl-t", |c| {
+        c.launch_backoff = (Duration::from_secs(3600), Duration::from_secs(3600));
+    });
+
+    faults.set("RunInstances", Some(Fault::Throttle));
+    for _ in 0..5 {
+        d.driver.step(&d.out).await;
+    }
+    let (reason, msg) = degraded(&d);
+    assert_eq!(reason, "Throttled", "{msg}");
+    assert!(msg.contains("RequestLimitExceeded"), "{msg}");
+    let tried = faults.count("RunInstances");
+    // The SDK retried the throttled call itself (at most 3 attempts), then the driver backed off:
+    // four more passes made no call at all.
+    assert!((1..=3).contains(&tried), "{tried} RunInstances calls");
+    assert!(faults.count("DescribeInstances") >= 5, "listing goes on");
+    assert!(live(&env.ec2, "ctl-t", "web").await.is_empty());
+
+    // 500s are reported as the provider being unavailable; an edit retries at once.
+    faults.set("RunInstances", Some(Fault::ServerError));
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 3, "Delete")).unwrap();
+    d.driver.step(&d.out).await;
+    let (reason, msg) = degraded(&d);
+    assert_eq!(reason, "ProviderUnavailable", "{msg}");
+    assert!(faults.count("RunInstances") > tried);
+
+    // Faults stop: the next edit converges, with no duplicate.
+    faults.set("RunInstances", None);
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    converge(&mut d, &env, "ctl-t", "web", 2).await;
+    // (Nothing probes the fake addresses here, so the instances are not healthy, but the
+    // provider trouble is over.)
+    let (reason, msg) = degraded(&d);
+    assert!(
+        reason != "Throttled" && reason != "ProviderUnavailable",
+        "{reason}: {msg}"
+    );
 }

@@ -2,9 +2,16 @@
 //! and an SDK configuration pointing at it.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 
 pub struct Moto {
     child: Child,
@@ -89,4 +96,125 @@ pub async fn env() -> Env {
         image,
         subnets,
     }
+}
+
+/// What the fault proxy does to calls of one EC2 action.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// 503 `RequestLimitExceeded`, EC2's throttling answer.
+    Throttle,
+    /// 500 `InternalError`.
+    ServerError,
+}
+
+#[derive(Default)]
+struct FaultState {
+    faults: HashMap<String, Fault>,
+    counts: HashMap<String, u64>,
+}
+
+/// A small HTTP proxy between the SDK and moto that injects faults per EC2 action and counts
+/// the calls that reach it.
+pub struct FaultProxy {
+    pub url: String,
+    state: Arc<Mutex<FaultState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(FaultState::default()));
+        let upstream: hyper::Uri = upstream.parse().unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (st, client, upstream) = (st.clone(), client.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (st, client, upstream) = (st.clone(), client.clone(), upstream.clone());
+                        async move {
+                            let (mut parts, body) = req.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            let action = form_value(&body, "Action").unwrap_or_default();
+                            let fault = {
+                                let mut s = st.lock().unwrap();
+                                *s.counts.entry(action.clone()).or_default() += 1;
+                                s.faults.get(&action).copied()
+                            };
+                            if let Some(f) = fault {
+                                let (status, code) = match f {
+                                    Fault::Throttle => (503, "RequestLimitExceeded"),
+                                    Fault::ServerError => (500, "InternalError"),
+                                };
+                                let xml = format!(
+                                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>injected by the test</Message></Error></Errors><RequestID>fault</RequestID></Response>"
+                                );
+                                return Ok::<_, hyper::Error>(
+                                    Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::from(xml)))
+                                        .unwrap(),
+                                );
+                            }
+                            let mut uri = upstream.clone().into_parts();
+                            uri.path_and_query = parts.uri.path_and_query().cloned();
+                            parts.uri = hyper::Uri::from_parts(uri).unwrap();
+                            let resp = client
+                                .request(Request::from_parts(parts, Full::new(body)))
+                                .await
+                                .unwrap();
+                            let (parts, body) = resp.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            Ok(Response::from_parts(parts, Full::new(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FaultProxy { url, state, task }
+    }
+
+    /// Sets (or clears) the fault for `action`.
+    pub fn set(&self, action: &str, fault: Option<Fault>) {
+        let mut s = self.state.lock().unwrap();
+        match fault {
+            Some(f) => s.faults.insert(action.to_string(), f),
+            None => s.faults.remove(action),
+        };
+    }
+
+    /// Calls of `action` that reached the proxy.
+    pub fn count(&self, action: &str) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .counts
+            .get(action)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn form_value(body: &[u8], key: &str) -> Option<String> {
+    std::str::from_utf8(body).ok()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
 }
