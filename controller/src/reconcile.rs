@@ -187,6 +187,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         replicas: i32::try_from(serving.len()).unwrap_or(i32::MAX),
         ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
         selector: None,
+        provider: Some(bc.spec.provider.kind().to_string()),
         conditions: bc
             .status
             .as_ref()

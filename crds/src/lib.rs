@@ -40,6 +40,7 @@ pub use validate::{FieldError, validate_spec};
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.instanceType"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -390,6 +391,9 @@ pub struct BackendClusterStatus {
     /// Label selector for the scale subresource (instances carry no pod labels; kept empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The provider in use (`aws`, `local`, `static`), for `kubectl get bc`'s PROVIDER column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -468,6 +472,7 @@ pub fn crd_yaml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::CustomResourceExt;
 
     #[test]
     fn committed_crd_matches_the_types() {
@@ -491,5 +496,19 @@ mod tests {
         ] {
             assert!(yaml.contains(needle), "CRD lacks {needle:?}:\n{yaml}");
         }
+        // `kubectl get bc` columns, in order.
+        let crd = BackendCluster::crd();
+        let columns: Vec<&str> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "Route", "Desired", "Ready", "Type", "Provider", "Reason", "Age"
+            ]
+        );
     }
 }
