@@ -125,6 +125,28 @@ fn the_controller_runs_hardened() {
     let res = c.resources.clone().unwrap();
     assert!(res.requests.is_some() && res.limits.is_some());
     assert!(objects.iter().any(|v| v["kind"] == "PodDisruptionBudget"));
+
+    // The container runs a command this binary accepts (clap checks every flag before --help),
+    // with the pod identity the Lease and Events need.
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "run");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fleetlb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env: Vec<&str> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "{env:?}");
 }
 
 #[test]
