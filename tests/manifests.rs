@@ -140,13 +140,11 @@ fn the_controller_runs_hardened() {
         "fleetlb {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let env: Vec<&str> = c
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.as_str())
-        .collect();
-    assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "{env:?}");
+    let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert!(
+        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+        "{env:?}"
+    );
 }
 
 #[test]

@@ -13,6 +13,8 @@ pub enum ProxyError {
     /// No route's prefix matches the path.
     #[error("no route for this path")]
     NoRoute,
+    #[error("bad request path")]
+    BadPath,
     /// The route's cluster has no endpoint that can take the request.
     #[error("no healthy endpoint")]
     NoHealthyEndpoint,
@@ -32,6 +34,7 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect | ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -42,6 +45,7 @@ impl ProxyError {
     pub fn reason(self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::BadPath => "bad_path",
             ProxyError::NoHealthyEndpoint => "no_healthy_endpoint",
             ProxyError::UpstreamConnect => "connect",
             ProxyError::UpstreamReset => "reset",
@@ -52,6 +56,9 @@ impl ProxyError {
     fn body(self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no route for this path\n",
+            ProxyError::BadPath => {
+                "bad request path (dot segments above the root or encoded slashes)\n"
+            }
             ProxyError::NoHealthyEndpoint => "no healthy endpoint\n",
             ProxyError::UpstreamConnect => "upstream connection failed\n",
             ProxyError::UpstreamReset => "upstream connection reset\n",

@@ -16,6 +16,7 @@ mod endpoint;
 mod error;
 pub mod metrics;
 mod outlier;
+pub mod path;
 mod probe;
 mod proxy;
 mod retry;

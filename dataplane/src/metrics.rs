@@ -26,6 +26,7 @@ pub struct Metrics {
     pub(crate) connections_active: IntGauge,
     pub(crate) connections_total: IntCounter,
     pub(crate) connections_rejected: IntCounter,
+    pub(crate) connections_idle_closed: IntCounter,
     pub(crate) connect_errors: IntCounterVec,
     pub(crate) selections: IntCounterVec,
     pub(crate) ejections: IntCounterVec,
@@ -88,6 +89,10 @@ impl Metrics {
                 "fleetlb_connections_rejected_total",
                 "Client connections refused because the connection limit was reached.",
             )?,
+            connections_idle_closed: IntCounter::new(
+                "fleetlb_connections_idle_closed_total",
+                "Client connections closed because they sent nothing within the header-read timeout.",
+            )?,
             connect_errors: IntCounterVec::new(
                 Opts::new(
                     "fleetlb_upstream_connect_errors_total",
@@ -146,6 +151,7 @@ impl Metrics {
         registry.register(Box::new(m.connections_active.clone()))?;
         registry.register(Box::new(m.connections_total.clone()))?;
         registry.register(Box::new(m.connections_rejected.clone()))?;
+        registry.register(Box::new(m.connections_idle_closed.clone()))?;
         registry.register(Box::new(m.connect_errors.clone()))?;
         registry.register(Box::new(m.selections.clone()))?;
         registry.register(Box::new(m.ejections.clone()))?;
@@ -159,7 +165,7 @@ impl Metrics {
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 15] = [
+        let collectors: [&dyn Collector; 16] = [
             &self.requests,
             &self.proxy_errors,
             &self.request_duration,
@@ -168,6 +174,7 @@ impl Metrics {
             &self.connections_active,
             &self.connections_total,
             &self.connections_rejected,
+            &self.connections_idle_closed,
             &self.connect_errors,
             &self.selections,
             &self.ejections,

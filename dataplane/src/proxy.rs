@@ -44,6 +44,23 @@ pub(crate) async fn handle(
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    match crate::path::normalize(req.uri().path()) {
+        Ok(None) => {}
+        Ok(Some(path)) => {
+            // Route on, and forward, the normalised path (see `path`).
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = PathAndQuery::try_from(pq).ok();
+            match Uri::from_parts(parts) {
+                Ok(u) => *req.uri_mut() = u,
+                Err(_) => return bad_path(&shared),
+            }
+        }
+        Err(_) => return bad_path(&shared),
+    }
     let cluster = {
         let table = shared.table.load();
         match table.route(req.uri().path()) {
@@ -77,6 +94,11 @@ pub(crate) async fn handle(
         .duration
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+fn bad_path(shared: &Shared) -> Response<ResponseBody> {
+    shared.metrics.proxy_error("", ProxyError::BadPath.reason());
+    ProxyError::BadPath.response()
 }
 
 /// For an HTTP/1.1 `Connection: upgrade` request (WebSocket and friends), the protocol asked

@@ -62,15 +62,25 @@ pub(crate) async fn serve(
             let shared = svc_shared.clone();
             async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer).await) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         let metrics = shared.metrics.clone();
+        let first_byte = cfg.header_read_timeout;
         tokio::spawn(async move {
             metrics.connections_active.inc();
-            if let Err(err) = conn.await {
-                tracing::debug!(%peer, ?err, "client connection ended with an error");
+            // hyper's header timer starts at the first byte, and HTTP/1-or-2 detection waits for
+            // it: a connection that never sends one would hold its slot forever.
+            let mut probe = [0u8; 1];
+            let sent = tokio::time::timeout(first_byte, stream.peek(&mut probe)).await;
+            if matches!(sent, Ok(Ok(n)) if n > 0) {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                if let Err(err) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, ?err, "client connection ended with an error");
+                }
+            } else {
+                metrics.connections_idle_closed.inc();
             }
             metrics.connections_active.dec();
             drop(permit);

@@ -25,14 +25,6 @@ fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
         .collect()
 }
 
-/// One upstream `a` behind route `/c`, healthy.
-async fn one_healthy(cfg: ProxyConfig) -> (Upstream, Proxy) {
-    let up = Upstream::start("a").await;
-    let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
-    proxy.wait_healthy(1).await;
-    (up, proxy)
-}
-
 /// Three upstreams `a`, `b`, `c` behind route `/c`, all healthy.
 async fn three_healthy() -> ([Upstream; 3], Proxy) {
     let ups = [

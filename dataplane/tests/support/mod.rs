@@ -157,6 +157,7 @@ async fn answer(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let content_length = req.headers().get(http::header::CONTENT_LENGTH).cloned();
+    let seen_path = req.uri().to_string();
     let xff = req.headers().get("x-forwarded-for").cloned();
     let received = req
         .into_body()
@@ -169,6 +170,9 @@ async fn answer(
         .insert("x-seen-body-bytes", received.into());
     if let Some(v) = content_length {
         resp.headers_mut().insert("x-seen-content-length", v);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&seen_path) {
+        resp.headers_mut().insert("x-seen-path", v);
     }
     *resp.status_mut() = StatusCode::from_u16(status.load(Relaxed)).unwrap();
     if let Some(v) = xff {
@@ -292,4 +296,12 @@ pub async fn load(
         all.extend(r.unwrap());
     }
     all
+}
+
+/// One upstream `a` behind route `/c`, healthy.
+pub async fn one_healthy(cfg: ProxyConfig) -> (Upstream, Proxy) {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    (up, proxy)
 }

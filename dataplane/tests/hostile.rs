@@ -1,0 +1,256 @@
+//! Hostile clients, through real sockets: malformed and smuggling-shaped requests, path tricks,
+//! pipelining, huge and stalled bodies, thousands of idle connections. Each gets the right 4xx or
+//! a clean close, never reaches a backend in a form it could read differently from fleetlb, and
+//! leaves the proxy serving everyone else.
+
+mod support;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use fleetlb_dataplane::{ProxyConfig, RouteConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `raw` on a new connection and reads until the proxy closes it.
+async fn exchange(proxy: &Proxy, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    // A reset after the answer is as good as a close here.
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy answered or closed the connection");
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn still_serves(proxy: &Proxy) {
+    let r = exchange(
+        proxy,
+        b"GET /c/ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_smuggling_shaped_requests_never_reach_a_backend() {
+    let (up, proxy) = one_healthy_with_d(ProxyConfig::default()).await;
+    let cases: &[&[u8]] = &[
+        b"GET\r\n\r\n",
+        b"GET /c HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"G\x00T /c HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /c\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\n: empty-name\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /c HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ];
+    for raw in cases {
+        let before = up.hits.load(Relaxed);
+        let r = exchange(&proxy, raw).await;
+        let shown = String::from_utf8_lossy(raw);
+        assert!(
+            r.is_empty() || r.starts_with("HTTP/1.1 4") || r.starts_with("HTTP/1.1 5"),
+            "{shown:?} got {r:?}"
+        );
+        assert!(!r.contains("HTTP/1.1 200"), "{shown:?} was served: {r:?}");
+        assert_eq!(
+            up.hits.load(Relaxed),
+            before,
+            "{shown:?} reached the backend"
+        );
+    }
+    still_serves(&proxy).await;
+}
+
+/// `/c` served by `a`, `/d` by `b`.
+async fn one_healthy_with_d(cfg: ProxyConfig) -> (Upstream, Proxy) {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut d = RouteConfig::new("d", "/d", vec![b.endpoint()]);
+    d.health = fast_health();
+    let proxy = Proxy::start(cfg, vec![route(vec![a.endpoint()]), d]).await;
+    proxy.wait_healthy(2).await;
+    std::mem::forget(b);
+    (a, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing_and_never_escape_their_prefix() {
+    let (_a, proxy) = one_healthy_with_d(ProxyConfig::default()).await;
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    // (request path, backend that answers, path it sees)
+    let routed = [
+        ("/c/x", "a", "/c/x"),
+        ("/c/../d/x", "b", "/d/x"),
+        ("/c/./x", "a", "/c/x"),
+        ("//c//x", "a", "/c/x"),
+        ("/d/%2e%2E/c/y?q=1", "a", "/c/y?q=1"),
+        ("/c/a%20b/..", "a", "/c/"),
+        ("/c/..a", "a", "/c/..a"),
+    ];
+    for (path, backend, seen) in routed {
+        let r = exchange(&proxy, get(path).as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+        assert!(
+            r.ends_with(backend),
+            "{path} went to the wrong backend: {r}"
+        );
+        assert_eq!(header(&r, "x-seen-path"), Some(seen), "{path}: {r}");
+    }
+    // Escapes and encoded separators are refused before routing.
+    for path in [
+        "/..",
+        "/c/../../d",
+        "/c%2F..%2Fd",
+        "/c/..%2fd",
+        "/c/%5c..",
+        "/c/%2e%2e/%2e%2e/x",
+    ] {
+        let r = exchange(&proxy, get(path).as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{path}: {r}");
+        assert!(r.contains("bad request path"), "{path}: {r}");
+    }
+    // A long path and query travel intact; one past the head limit is refused.
+    let long = format!("/c/{}?{}", "p".repeat(6000), "q".repeat(6000));
+    let r = exchange(&proxy, get(&long).as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(200)]);
+    assert_eq!(header(&r, "x-seen-path"), Some(long.as_str()));
+    let huge = format!("/c/{}", "p".repeat(200_000));
+    let r = exchange(&proxy, get(&huge).as_bytes()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 414"),
+        "{}",
+        &r[..r.len().min(200)]
+    );
+    still_serves(&proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (up, proxy) = one_healthy(ProxyConfig::default()).await;
+    let r = exchange(
+        &proxy,
+        b"GET /c/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /c/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /c/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let paths: Vec<&str> = r
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-seen-path: "))
+        .collect();
+    assert_eq!(paths, ["/c/1", "/c/2", "/c/3"], "{r}");
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 3);
+    assert_eq!(up.hits.load(Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_body_behind_expect_continue_streams_through() {
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
+    const SIZE: usize = 64 << 20;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!("POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 25];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..SIZE / chunk.len() {
+        s.write_all(&chunk).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = String::from_utf8_lossy(&buf);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(
+        header(&r, "x-seen-body-bytes"),
+        Some(SIZE.to_string().as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_mid_body_is_cut_off_at_the_route_timeout() {
+    let a = Upstream::start("a").await;
+    let mut r = route(vec![a.endpoint()]);
+    r.request_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    proxy.wait_healthy(1).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Others are served while it stalls.
+    still_serves(&proxy).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("the stalled request ends");
+    let r = String::from_utf8_lossy(&buf);
+    assert!(
+        r.is_empty() || r.starts_with("HTTP/1.1 408") || r.starts_with("HTTP/1.1 504"),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_connections_neither_block_service_nor_linger() {
+    let cfg = ProxyConfig {
+        header_read_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
+    let (_up, proxy) = one_healthy(cfg).await;
+    // A keep-alive connection idle after one request is closed too.
+    let mut kept = TcpStream::connect(proxy.addr).await.unwrap();
+    kept.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    still_serves(&proxy).await;
+    // None of them sent a request: each is closed at the header-read timeout.
+    let closes = idle.into_iter().map(|mut s| async move {
+        let mut b = [0u8; 64];
+        tokio::time::timeout(DEADLINE, s.read(&mut b)).await
+    });
+    let mut buf = Vec::new();
+    let kept_closed = tokio::time::timeout(DEADLINE, kept.read_to_end(&mut buf)).await;
+    assert!(kept_closed.is_ok(), "an idle keep-alive connection stays open");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    for r in futures::future::join_all(closes).await {
+        match r.expect("idle connection closed by the proxy") {
+            Ok(0) | Err(_) => {}
+            Ok(_) => {} // a 408 before the close is fine too
+        }
+    }
+    still_serves(&proxy).await;
+}
