@@ -405,3 +405,67 @@ async fn throttling_and_server_errors_back_off_report_and_converge_when_they_sto
         "{reason}: {msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_at_random_points_never_exceeds_replicas() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 3, "Delete")).unwrap();
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut kills = 0;
+    for round in 0..30 {
+        if round == 15 {
+            std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+        }
+        // A fresh process each round (no memory but EC2's), killed after a random time: while
+        // listing, between RunInstances being sent and answered, mid-termination, or not at all.
+        let mut d = driver(&env, dir.path(), "ctl-r");
+        let budget = Duration::from_millis(rng.u64(0..120));
+        if tokio::time::timeout(budget, d.driver.step(&d.out))
+            .await
+            .is_err()
+        {
+            kills += 1;
+        }
+        let n = live(&env.ec2, "ctl-r", "web").await.len();
+        assert!(n <= 3, "round {round}: {n} live instances for 3 replicas");
+    }
+    assert!(kills >= 5, "only {kills} rounds were cut short");
+    let mut d = driver(&env, dir.path(), "ctl-r");
+    converge(&mut d, &env, "ctl-r", "web", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_data_never_appears_in_status() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "SECRET-7f3a9c";
+    let text = yaml(&env, "web", 1, "Delete").replace(
+        "      tags: {team: web}\n",
+        &format!("      tags: {{team: web}}\n      userData: \"#!/bin/bash\\nexport TOKEN={secret}\\n\"\n"),
+    );
+    assert!(text.contains(secret));
+    std::fs::write(dir.path().join("web.yaml"), text).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-s");
+    converge(&mut d, &env, "ctl-s", "web", 1).await;
+    // It reached the instance...
+    let id = live(&env.ec2, "ctl-s", "web").await[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    let attr = env
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let ud = attr.user_data().and_then(|u| u.value()).unwrap();
+    let ud = String::from_utf8(aws_smithy_types::base64::decode(ud).unwrap()).unwrap();
+    assert!(ud.contains(secret));
+    // ...and nowhere in what fleetlb shows.
+    let status = String::from_utf8(d.out.status.borrow().to_vec()).unwrap();
+    assert!(status.contains(&id), "{status}");
+    assert!(!status.contains(secret), "{status}");
+}

@@ -231,7 +231,9 @@ async fn thousands_of_idle_connections_neither_block_service_nor_linger() {
     let (_up, proxy) = one_healthy(cfg).await;
     // A keep-alive connection idle after one request is closed too.
     let mut kept = TcpStream::connect(proxy.addr).await.unwrap();
-    kept.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    kept.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut idle = Vec::new();
     for _ in 0..2000 {
         idle.push(TcpStream::connect(proxy.addr).await.unwrap());
@@ -244,7 +246,10 @@ async fn thousands_of_idle_connections_neither_block_service_nor_linger() {
     });
     let mut buf = Vec::new();
     let kept_closed = tokio::time::timeout(DEADLINE, kept.read_to_end(&mut buf)).await;
-    assert!(kept_closed.is_ok(), "an idle keep-alive connection stays open");
+    assert!(
+        kept_closed.is_ok(),
+        "an idle keep-alive connection stays open"
+    );
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
     for r in futures::future::join_all(closes).await {
         match r.expect("idle connection closed by the proxy") {

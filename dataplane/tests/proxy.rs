@@ -103,7 +103,7 @@ async fn killing_a_backend_mid_load_fails_no_get() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoint_set_updates_during_load_fail_no_request() {
+async fn a_thousand_endpoint_set_updates_during_load_fail_no_request() {
     let ups = [
         Upstream::start("a").await,
         Upstream::start("b").await,
@@ -119,14 +119,18 @@ async fn endpoint_set_updates_during_load_fail_no_request() {
         vec![all[1].clone(), all[2].clone()],
         all.clone(),
     ];
-    for i in 0..300 {
+    let mut updates = 0;
+    while !running.is_finished() || updates < 1000 {
         let _ = proxy.routes.send(RouteTable {
-            routes: vec![route(sets[i % 3].clone())],
+            routes: vec![route(sets[updates % 3].clone())],
         });
+        updates += 1;
         tokio::task::yield_now().await;
     }
     let results = running.await.unwrap();
+    assert!(updates >= 1000);
     assert_eq!(failures(&results), Vec::<String>::new());
+    assert_eq!(results.len(), 3000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,4 +395,28 @@ async fn a_second_process_can_take_over_the_proxy_port() {
     assert!(client.is_ok() && accepted.is_ok());
     // Without SO_REUSEPORT the port is exclusive.
     assert!(fleetlb_dataplane::listen(addr, false).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_controller_gone_the_last_endpoint_set_keeps_serving_and_probing() {
+    let (mut ups, mut proxy) = three_healthy().await;
+    // The controller's end of the channel goes away (process crashed, API server unreachable).
+    let (orphan, _) = tokio::sync::watch::channel(RouteTable::default());
+    drop(std::mem::replace(&mut proxy.routes, orphan));
+    let c = client();
+    for _ in 0..30 {
+        assert_eq!(get(&c, &proxy.url("/c")).await.map(|r| r.0), Ok(200));
+    }
+    // Probing goes on: a backend that dies is found unhealthy and avoided, without a controller.
+    ups[0].kill();
+    let dp = proxy.dataplane.clone();
+    eventually("the dead backend is marked unhealthy", || {
+        dp.snapshot()
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .any(|e| e.id == "a" && e.state != "healthy")
+    })
+    .await;
+    let results = load(proxy.url("/c"), 300, 4).await;
+    assert_eq!(failures(&results), Vec::<String>::new());
 }
