@@ -155,22 +155,10 @@ fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
         Ok(j) => j,
         Err(e) => return fail(format!("not representable as JSON: {e}")),
     };
-    let mut bc: BackendCluster = match serde_path_to_error::deserialize(json) {
+    let mut bc = match fleetlb_crds::from_json(json) {
         Ok(bc) => bc,
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            return fail(if path.is_empty() || path == "." {
-                inner
-            } else {
-                format!("{path}: {inner}")
-            });
-        }
+        Err(e) => return fail(e),
     };
-    if let Err(errors) = bc.validate() {
-        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        return fail(text.join("; "));
-    }
     bc.metadata.namespace = Some(namespace);
     Doc {
         index,

@@ -461,6 +461,26 @@ impl BackendCluster {
     }
 }
 
+/// Reads one BackendCluster from its JSON form (what the API server and the YAML loader hold):
+/// types, unknown fields and every rule of [`BackendCluster::validate`]. The error names the
+/// field: `spec.replicas: must be between 0 and 1000, got 5000`.
+pub fn from_json(json: serde_json::Value) -> Result<BackendCluster, String> {
+    let bc: BackendCluster = serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path.is_empty() || path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    if let Err(errors) = bc.validate() {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        return Err(text.join("; "));
+    }
+    Ok(bc)
+}
+
 /// The CRD manifest as YAML, exactly as `manifests/crd.yaml` holds it.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;

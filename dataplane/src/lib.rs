@@ -39,6 +39,8 @@ use tokio::sync::watch;
 pub use body::{ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use metrics::Metrics;
+/// The request-header rewriting applied to every forwarded request (public for the fuzz targets).
+pub use proxy::{prepare_request_headers, strip_hop_by_hop};
 pub use routes::{
     BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
 };

@@ -325,7 +325,7 @@ fn upstream_uri(ep: &Endpoint, path: &PathAndQuery) -> Uri {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in `Connection`.
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -354,7 +354,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
 /// `X-Request-Id` when asked and missing.
-fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
+pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
     // A request with both Transfer-Encoding and Content-Length is framed by the former (RFC 9112
     // 6.3); the length must not travel on, or the upstream could frame the body differently
     // (request smuggling). The body is re-framed upstream.
