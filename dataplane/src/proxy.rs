@@ -226,7 +226,13 @@ async fn forward(
                             .inc();
                         tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
                     }
-                    last_err = ProxyError::UpstreamConnect;
+                    // Failing open (no endpoint passes its checks) onto one that refuses: to the
+                    // client this is "no healthy endpoint", not a bad gateway.
+                    last_err = if pick.panic {
+                        ProxyError::NoHealthyEndpoint
+                    } else {
+                        ProxyError::UpstreamConnect
+                    };
                 } else {
                     last_err = ProxyError::UpstreamReset;
                 }

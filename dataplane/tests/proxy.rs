@@ -5,7 +5,7 @@ mod support;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use fleetlb_dataplane::{ProxyConfig, RouteTable};
+use fleetlb_dataplane::{ProxyConfig, RouteConfig, RouteTable};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -419,4 +419,42 @@ async fn with_the_controller_gone_the_last_endpoint_set_keeps_serving_and_probin
     .await;
     let results = load(proxy.url("/c"), 300, 4).await;
     assert_eq!(failures(&results), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_every_backend_down_gets_503s_others_are_unaffected_and_it_recovers() {
+    let mut a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut d = RouteConfig::new("d", "/d", vec![b.endpoint()]);
+    d.health = fast_health();
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![a.endpoint()]), d]).await;
+    proxy.wait_healthy(2).await;
+    a.kill();
+    let c = client();
+    let dp = proxy.dataplane.clone();
+    eventually("a is unhealthy", || {
+        dp.snapshot()
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .any(|e| e.id == "a" && e.state != "healthy")
+    })
+    .await;
+    for _ in 0..20 {
+        let r = get(&c, &proxy.url("/c")).await.unwrap();
+        assert_eq!(r.0, 503, "{r:?}");
+        assert_eq!(get(&c, &proxy.url("/d")).await.map(|r| r.0), Ok(200));
+    }
+    // The backend comes back on the same address: served again, no restart of fleetlb.
+    a.restart().await;
+    proxy.wait_healthy(2).await;
+    let url = proxy.url("/c");
+    let mut ok = false;
+    for _ in 0..50 {
+        if get(&c, &url).await.map(|r| r.0) == Ok(200) {
+            ok = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(ok, "the recovered backend is not served");
 }

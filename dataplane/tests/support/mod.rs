@@ -103,6 +103,14 @@ impl Upstream {
         }
     }
 
+    /// A new server on the same address (a backend coming back after a crash).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let fresh = Self::serve(&self.name, listener, self.addr);
+        *self = fresh;
+    }
+
     /// Closes the listener and every open connection at once.
     pub fn kill(&mut self) {
         if let Some(tx) = self.stop.take() {
