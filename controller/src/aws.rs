@@ -31,7 +31,7 @@ use futures::future::BoxFuture;
 
 use crate::Error;
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, Provider};
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, LaunchedAs, Provider};
 
 /// Tag keys fleetlb puts on every instance.
 pub mod tags {
@@ -434,6 +434,19 @@ fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) -> Option<Ins
             .launch_time()
             .and_then(|t| SystemTime::try_from(*t).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH),
+        launched_as: Some(LaunchedAs {
+            image_id: i.image_id().map(String::from),
+            subnet_id: i.subnet_id().map(String::from),
+            security_groups: {
+                let mut g: Vec<String> = i
+                    .security_groups()
+                    .iter()
+                    .filter_map(|g| g.group_id().map(String::from))
+                    .collect();
+                g.sort();
+                g
+            },
+        }),
     })
 }
 

@@ -58,6 +58,7 @@ impl Provider for StaticProvider {
                         instance_type: bc.spec.instance_type.clone(),
                         spec_hash: hash.clone(),
                         launched_at: SystemTime::UNIX_EPOCH,
+                        launched_as: None,
                     });
                 }
             }

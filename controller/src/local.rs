@@ -145,6 +145,7 @@ impl LocalProvider {
             instance_type: req.instance_type.clone(),
             spec_hash: req.spec_hash.clone(),
             launched_at: SystemTime::now(),
+            launched_as: None,
         };
         let stdin = child.stdin.take();
         self.lock().insert(

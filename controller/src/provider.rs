@@ -108,6 +108,59 @@ pub struct Instance {
     pub spec_hash: String,
     /// Launch time.
     pub launched_at: SystemTime,
+    /// The launch configuration the provider reports, to catch changes made outside fleetlb
+    /// (`None` where there is nothing to compare, as for local processes).
+    pub launched_as: Option<LaunchedAs>,
+}
+
+/// An instance's configuration as the provider reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchedAs {
+    /// Machine image.
+    pub image_id: Option<String>,
+    /// Subnet.
+    pub subnet_id: Option<String>,
+    /// Security groups, sorted.
+    pub security_groups: Vec<String>,
+}
+
+impl Instance {
+    /// Why this instance no longer matches `bc`'s spec (changed by the user, or behind fleetlb's
+    /// back), if it does not.
+    pub fn drift(&self, bc: &BackendCluster) -> Option<String> {
+        if self.spec_hash != spec_hash(bc) {
+            return Some("launched from an older spec".into());
+        }
+        if !self.instance_type.is_empty() && self.instance_type != bc.spec.instance_type {
+            return Some(format!("instance type is {}", self.instance_type));
+        }
+        let (ProviderSpec::Aws(aws), Some(seen)) = (&bc.spec.provider, &self.launched_as) else {
+            return None;
+        };
+        if let Some(image) = &seen.image_id
+            && *image != aws.image_id
+        {
+            return Some(format!("image is {image}, not {}", aws.image_id));
+        }
+        if let Some(subnet) = &seen.subnet_id
+            && !aws.subnet_ids.is_empty()
+            && !aws.subnet_ids.contains(subnet)
+        {
+            return Some(format!(
+                "subnet {subnet} is not in spec.provider.aws.subnetIds"
+            ));
+        }
+        let mut want = aws.security_group_ids.clone();
+        want.sort();
+        if !want.is_empty() && seen.security_groups != want {
+            return Some(format!(
+                "security groups are [{}], not [{}]",
+                seen.security_groups.join(", "),
+                want.join(", ")
+            ));
+        }
+        None
+    }
 }
 
 /// Everything a provider needs to launch one instance.

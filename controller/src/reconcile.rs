@@ -89,7 +89,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         }
     }
     let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
-        mine.iter().partition(|i| i.spec_hash == hash);
+        mine.iter().partition(|i| i.drift(bc).is_none());
 
     let mut launch = Vec::new();
     if obs.managed {
@@ -248,11 +248,23 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         now,
     );
 
+    let why = drifted
+        .first()
+        .and_then(|i| i.drift(bc).map(|d| format!(" ({}: {d})", i.id)))
+        .unwrap_or_default();
     let (progressing, p_reason, p_msg) = if !launch.is_empty() || pending > 0 {
         (
             true,
             "Launching",
-            format!("launching {} instance(s), {pending} pending", launch.len()),
+            if drifted.is_empty() {
+                format!("launching {} instance(s), {pending} pending", launch.len())
+            } else {
+                format!(
+                    "launching {} instance(s), {pending} pending, to replace {} drifted{why}",
+                    launch.len(),
+                    drifted.len()
+                )
+            },
         )
     } else if !retire.is_empty() || !obs.draining.is_empty() {
         let n = retire.len() + obs.draining.len();
@@ -262,7 +274,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             (
                 true,
                 "Replacing",
-                format!("replacing {} instance(s) from an older spec", drifted.len()),
+                format!("replacing {} drifted instance(s){why}", drifted.len()),
             )
         }
     } else if !drifted.is_empty() {
@@ -270,7 +282,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             true,
             "Replacing",
             format!(
-                "{} instance(s) from an older spec wait for replacements to pass health checks",
+                "{} drifted instance(s) wait for replacements to pass health checks{why}",
                 drifted.len()
             ),
         )

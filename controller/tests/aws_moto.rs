@@ -469,3 +469,84 @@ async fn user_data_never_appears_in_status() {
     assert!(status.contains(&id), "{status}");
     assert!(!status.contains(secret), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_security_groups_change_outside_fleetlb_is_replaced() {
+    let env = env().await;
+    let vpc = env.ec2.describe_vpcs().send().await.unwrap().vpcs()[0]
+        .vpc_id()
+        .unwrap()
+        .to_string();
+    let sg = |name: &'static str| {
+        let ec2 = env.ec2.clone();
+        let vpc = vpc.clone();
+        async move {
+            ec2.create_security_group()
+                .group_name(name)
+                .description(name)
+                .vpc_id(vpc)
+                .send()
+                .await
+                .unwrap()
+                .group_id()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let (web, open) = (sg("web").await, sg("wide-open").await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = yaml(&env, "web", 1, "Delete").replace(
+        "      tags: {team: web}\n",
+        &format!("      tags: {{team: web}}\n      securityGroupIds: [{web}]\n"),
+    );
+    std::fs::write(dir.path().join("web.yaml"), text).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-d");
+    converge(&mut d, &env, "ctl-d", "web", 1).await;
+    let first = live(&env.ec2, "ctl-d", "web").await[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+
+    // Someone opens the instance up in the console.
+    env.ec2
+        .modify_instance_attribute()
+        .instance_id(&first)
+        .groups(&open)
+        .send()
+        .await
+        .unwrap();
+    // Replaced surge-first: a new instance with the spec's group; the drifted one goes once
+    // the new one is ready (nothing probes here, so readiness never comes: it keeps serving).
+    let mut replaced = false;
+    for _ in 0..20 {
+        d.driver.step(&d.out).await;
+        let now = live(&env.ec2, "ctl-d", "web").await;
+        if now.len() == 2 {
+            let new = now
+                .iter()
+                .find(|i| i.instance_id() != Some(first.as_str()))
+                .unwrap();
+            let groups: Vec<&str> = new
+                .security_groups()
+                .iter()
+                .filter_map(|g| g.group_id())
+                .collect();
+            assert_eq!(groups, [web.as_str()]);
+            replaced = true;
+            break;
+        }
+    }
+    assert!(replaced, "no replacement for the drifted instance");
+    let v: serde_json::Value = serde_json::from_slice(&d.out.status.borrow()).unwrap();
+    let progressing = v["clusters"][0]["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap()
+        .clone();
+    assert!(
+        progressing["message"].as_str().unwrap().contains(&open),
+        "{progressing}"
+    );
+}

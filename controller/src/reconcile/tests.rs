@@ -37,6 +37,7 @@ fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u
         instance_type: bc.spec.instance_type.clone(),
         spec_hash: spec_hash(bc),
         launched_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
+        launched_as: None,
     }
 }
 
@@ -210,4 +211,49 @@ fn transition_time_moves_only_when_status_changes() {
         t1,
     );
     assert_eq!(conds[0].last_transition_time.0, t1);
+}
+
+#[test]
+fn instances_changed_behind_fleetlbs_back_are_replaced_surge_first() {
+    use crate::provider::LaunchedAs;
+    let mut b = bc(1, "t2.micro");
+    b.spec.provider = ProviderSpec::Aws(fleetlb_crds::AwsProvider {
+        image_id: "ami-1".into(),
+        subnet_ids: vec!["subnet-a".into()],
+        security_group_ids: vec!["sg-2".into(), "sg-1".into()],
+        ..Default::default()
+    });
+    let as_launched = LaunchedAs {
+        image_id: Some("ami-1".into()),
+        subnet_id: Some("subnet-a".into()),
+        security_groups: vec!["sg-1".into(), "sg-2".into()],
+    };
+    let mut i = inst(&b, "i-1", 0, InstanceState::Running, 10);
+    i.launched_as = Some(as_launched.clone());
+    assert_eq!(i.drift(&b), None);
+    let p = run(&b, std::slice::from_ref(&i), &["i-1"]);
+    assert!(p.launch.is_empty() && p.retire.is_empty());
+
+    // Someone swapped a security group in the console.
+    i.launched_as = Some(LaunchedAs {
+        security_groups: vec!["sg-1".into(), "sg-open".into()],
+        ..as_launched.clone()
+    });
+    let why = i.drift(&b).unwrap();
+    assert!(why.contains("sg-open"), "{why}");
+    let p = run(&b, std::slice::from_ref(&i), &["i-1"]);
+    assert_eq!(p.launch.len(), 1, "a replacement launches first");
+    assert!(p.retire.is_empty(), "the drifted one serves until then");
+    let progressing = condition(&p.status, "Progressing").unwrap();
+    assert!(
+        progressing.message.contains("sg-open"),
+        "{}",
+        progressing.message
+    );
+
+    // Once the replacement passes its checks, the drifted instance retires.
+    let mut n = inst(&b, "i-2", 1, InstanceState::Running, 1);
+    n.launched_as = Some(as_launched);
+    let p = run(&b, &[i.clone(), n], &["i-1", "i-2"]);
+    assert_eq!(p.retire, vec!["i-1"]);
 }
