@@ -104,10 +104,38 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 retire.push(victim.id.clone());
             }
         }
+        // The replacement budget: at most `surge` instances beyond `desired`, and the healthy
+        // ones never below `floor` because of a retirement.
+        let rollout = &bc.spec.rollout;
+        let surge = (desired * rollout.max_surge_percent as usize)
+            .div_ceil(100)
+            .max(1);
+        let floor =
+            desired.saturating_sub(desired * rollout.max_unavailable_percent as usize / 100);
         let ready_current = current.iter().filter(|i| healthy(i)).count();
-        if ready_current >= desired {
-            retire.extend(drifted.iter().map(|i| i.id.clone()));
+        let mut healthy_total = ready_current + drifted.iter().filter(|i| healthy(i)).count();
+        let mut drifted_left = drifted.len();
+        if healthy_total >= floor {
+            // Unhealthy drifted instances first (they serve nothing), then the oldest.
+            let mut order = drifted.clone();
+            order.sort_by(|a, b| {
+                healthy(a)
+                    .cmp(&healthy(b))
+                    .then(a.launched_at.cmp(&b.launched_at))
+            });
+            for i in order {
+                if healthy(i) {
+                    if healthy_total <= floor {
+                        break;
+                    }
+                    healthy_total -= 1;
+                }
+                retire.push(i.id.clone());
+                drifted_left -= 1;
+            }
         }
+        let room = (desired + surge).saturating_sub(current.len() + drifted_left);
+        let to_launch = desired.saturating_sub(current.len()).min(room);
         let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
         let mut free = (0u32..).filter(|s| !used.contains(s));
         // The next attempt of a slot follows every instance it ever had (terminated ones too).
@@ -131,7 +159,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 .unwrap_or(0);
             seen.max(recorded)
         };
-        for _ in current.len()..desired {
+        for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };
             launch.push(LaunchRequest {
                 owner: key.clone(),

@@ -99,6 +99,39 @@ pub struct BackendClusterSpec {
     /// What happens to the instances when the BackendCluster is deleted (default `Delete`).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// How drifted and dead instances are replaced.
+    #[serde(default)]
+    pub rollout: Rollout,
+}
+
+/// The replacement budget (Deployment semantics, as percentages of `replicas`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollout {
+    /// Instances launched beyond `replicas` while replacing, as a percentage of `replicas`
+    /// rounded up, at least one (0-100, default 25).
+    #[serde(default = "default_max_surge")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_surge_percent: u32,
+    /// Instances that may stop serving before their replacements pass health checks, as a
+    /// percentage of `replicas` rounded down (0-100, default 0: replacements first).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_unavailable_percent: u32,
+}
+
+fn default_max_surge() -> u32 {
+    25
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self {
+            max_surge_percent: default_max_surge(),
+            max_unavailable_percent: 0,
+        }
+    }
 }
 
 fn default_port() -> i32 {

@@ -204,6 +204,18 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
             0,
             100,
         ),
+        (
+            "spec.rollout.maxSurgePercent",
+            spec.rollout.max_surge_percent,
+            0,
+            100,
+        ),
+        (
+            "spec.rollout.maxUnavailablePercent",
+            spec.rollout.max_unavailable_percent,
+            0,
+            100,
+        ),
     ] {
         if !(lo..=hi).contains(&v) {
             err(

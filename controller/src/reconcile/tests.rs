@@ -19,6 +19,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             outlier_detection: Default::default(),
             timeout_seconds: 30,
             deletion_policy: Default::default(),
+            rollout: Default::default(),
         },
     );
     bc.metadata.generation = Some(1);
@@ -152,7 +153,8 @@ fn dead_instances_are_replaced_in_their_slot() {
 #[test]
 fn drift_is_replaced_surge_first() {
     let old = bc(2, "t2.micro");
-    let new = bc(2, "t2.large");
+    let mut new = bc(2, "t2.large");
+    new.spec.rollout.max_surge_percent = 100;
     let mut is = vec![
         inst(&old, "i-o1", 0, InstanceState::Running, 10),
         inst(&old, "i-o2", 1, InstanceState::Running, 10),
@@ -256,4 +258,54 @@ fn instances_changed_behind_fleetlbs_back_are_replaced_surge_first() {
     n.launched_as = Some(as_launched);
     let p = run(&b, &[i.clone(), n], &["i-1", "i-2"]);
     assert_eq!(p.retire, vec!["i-1"]);
+}
+
+#[test]
+fn a_rollout_stays_within_its_surge_and_unavailability_budget() {
+    let old = bc(4, "t2.micro");
+    let new = bc(4, "t2.large"); // default budget: surge 25 % (1 of 4), unavailable 0
+    let mut is: Vec<Instance> = (0..4)
+        .map(|s| inst(&old, &format!("i-o{s}"), s, InstanceState::Running, 100))
+        .collect();
+    let mut healthy: Vec<String> = is.iter().map(|i| i.id.clone()).collect();
+    let mut peak = 0;
+    for step in 0..20 {
+        let h: Vec<&str> = healthy.iter().map(String::as_str).collect();
+        let p = run(&new, &is, &h);
+        // Retire what the plan retires, launch what it launches (healthy at the next step).
+        is.retain(|i| !p.retire.contains(&i.id));
+        healthy.retain(|id| !p.retire.contains(id));
+        let serving_healthy = is.iter().filter(|i| healthy.contains(&i.id)).count();
+        assert!(
+            serving_healthy >= 4,
+            "step {step}: only {serving_healthy} healthy"
+        );
+        for (k, l) in p.launch.iter().enumerate() {
+            let id = format!("i-n{step}-{k}");
+            is.push(inst(&new, &id, l.slot, InstanceState::Running, 0));
+            healthy.push(id);
+        }
+        peak = peak.max(is.len());
+        if is.iter().all(|i| i.instance_type == "t2.large") && is.len() == 4 {
+            assert!(peak <= 5, "surged to {peak}");
+            return;
+        }
+    }
+    panic!(
+        "rollout did not finish: {:?}",
+        is.iter().map(|i| &i.id).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_controller_that_knows_no_health_yet_retires_no_drifted_instance() {
+    let old = bc(2, "t2.micro");
+    let new = bc(2, "t2.large");
+    let is = vec![
+        inst(&old, "i-o1", 0, InstanceState::Running, 10),
+        inst(&old, "i-o2", 1, InstanceState::Running, 10),
+        inst(&new, "i-n1", 0, InstanceState::Running, 1),
+    ];
+    let p = run(&new, &is, &[]);
+    assert!(p.retire.is_empty(), "{:?}", p.retire);
 }
