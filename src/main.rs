@@ -180,6 +180,10 @@ struct ListenArgs {
     /// (`fleetlb.dev/controller`); instances of other ids are never touched.
     #[arg(long, default_value = "fleetlb", value_parser = parse_controller_id)]
     controller_id: String,
+    /// Extra proxy threads, each with its own runtime, listener (SO_REUSEPORT) and upstream
+    /// pool, besides the main runtime's listener (default 0).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    proxy_threads: u16,
 }
 
 #[derive(Args, Clone)]
@@ -432,6 +436,7 @@ struct Serving {
     providers: Providers,
     metrics: fleetlb_controller::metrics::Metrics,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Serving {
@@ -463,6 +468,9 @@ impl Serving {
             aws: Some(Arc::new(aws)),
         };
         let updater = dataplane.watch_routes(routes_rx);
+        let threads = dataplane
+            .serve_threads(proxy_addr, usize::from(listen.proxy_threads), &stop_rx)
+            .with_context(|| format!("cannot start proxy threads on {proxy_addr}"))?;
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             Arc::new(AdminState {
@@ -486,6 +494,7 @@ impl Serving {
             providers,
             metrics,
             tasks: vec![updater, admin_task],
+            threads,
         })
     }
 
@@ -498,6 +507,13 @@ impl Serving {
             let _ = stop.send(true);
         };
         self.dataplane.serve(self.proxy_listener, signal).await;
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         let _ = driver.await;
         self.local.shutdown().await;
         for t in self.tasks {

@@ -107,12 +107,27 @@ impl Clock {
     }
 }
 
+pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
 pub(crate) struct Shared {
     pub table: ArcSwap<Table>,
-    pub client: Client<HttpConnector, UpstreamBody>,
+    pub client: UpstreamClient,
     pub clock: Clock,
     pub metrics: Metrics,
     pub config: ProxyConfig,
+}
+
+/// An upstream client with pooled keep-alive connections; connection tasks run on the runtime
+/// that first uses it.
+fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .build(connector)
 }
 
 /// Binds a listener with a deep accept queue (4096, capped by `net.core.somaxconn`), so a burst
@@ -145,14 +160,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Builds the proxy and registers its metrics in `registry`.
     pub fn new(config: ProxyConfig, registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .build(connector);
+        let client = upstream_client(&config);
         Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(Table::default()),
@@ -173,7 +181,57 @@ impl Dataplane {
     /// Serves clients on `listener` until `shutdown` completes, then drains in-flight requests
     /// (up to `ProxyConfig::drain_timeout`) and returns.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        server::serve(self.shared.clone(), listener, shutdown).await
+        server::serve(
+            self.shared.clone(),
+            self.shared.client.clone(),
+            listener,
+            shutdown,
+        )
+        .await
+    }
+
+    /// Serves clients on `threads` more threads, each with its own single-threaded runtime, its
+    /// own `SO_REUSEPORT` listener on `addr` (the kernel spreads new connections over every
+    /// listener of the port) and its own upstream connection pool, so a request never leaves
+    /// the thread that accepted it. Routes, balancer state and metrics stay shared. Each thread
+    /// stops accepting when `shutdown` turns true and drains like [`Dataplane::serve`]; join
+    /// the handles to wait for that.
+    pub fn serve_threads(
+        &self,
+        addr: std::net::SocketAddr,
+        threads: usize,
+        shutdown: &watch::Receiver<bool>,
+    ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        let mut handles = Vec::with_capacity(threads);
+        for n in 0..threads {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            // Bound here, so a failure is reported to the caller, not lost in a thread.
+            let std_listener = {
+                let _in_rt = rt.enter();
+                listen(addr, true)?.into_std()?
+            };
+            let shared = self.shared.clone();
+            let mut stop = shutdown.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("fleetlb-proxy-{n}"))
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            let Ok(listener) = TcpListener::from_std(std_listener) else {
+                                return;
+                            };
+                            let client = upstream_client(&shared.config);
+                            server::serve(shared, client, listener, async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            })
+                            .await;
+                        });
+                    })?,
+            );
+        }
+        Ok(handles)
     }
 
     /// What the balancer knows right now, per cluster and endpoint.

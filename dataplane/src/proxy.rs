@@ -40,6 +40,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    client: &crate::UpstreamClient,
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
@@ -78,7 +79,7 @@ pub(crate) async fn handle(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    let mut resp = match forward(&shared, &cluster, req, upgrade.map(|(_, on)| on)).await {
+    let mut resp = match forward(&shared, client, &cluster, req, upgrade.map(|(_, on)| on)).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
@@ -127,6 +128,7 @@ fn is_idempotent(m: &Method) -> bool {
 
 async fn forward(
     shared: &Shared,
+    client: &crate::UpstreamClient,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
     mut client_upgrade: Option<OnUpgrade>,
@@ -190,7 +192,7 @@ async fn forward(
 
         let guard = InflightGuard::new(ep.clone());
         let sent = Instant::now();
-        let result = tokio::time::timeout(cluster.request_timeout, shared.client.request(up)).await;
+        let result = tokio::time::timeout(cluster.request_timeout, client.request(up)).await;
         let rtt = sent.elapsed();
         let now = shared.clock.now();
         match result {

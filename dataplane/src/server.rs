@@ -19,6 +19,7 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 /// `ProxyConfig::drain_timeout` for requests in flight to finish.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
+    client: crate::UpstreamClient,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -58,9 +59,11 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_total.inc();
         let svc_shared = shared.clone();
+        let svc_client = client.clone();
         let svc = service_fn(move |req| {
             let shared = svc_shared.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer).await) }
+            let client = svc_client.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(shared, &client, req, peer).await) }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
