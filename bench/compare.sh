@@ -63,7 +63,8 @@ start_fleetlb() { # ports...
     echo "      endpoints:"
     for p in "$@"; do echo "      - 127.0.0.1:$p"; done
   } > "$WORK/fleetlb/bench.yaml"
-  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN 2>"$WORK/fleetlb.log" &
+  # shellcheck disable=SC2086
+  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN ${FLEETLB_ARGS:-} 2>"$WORK/fleetlb.log" &
   FLEET_PID=$!; PIDS+=($FLEET_PID)
   wait_port $FLEET_PORT
   # Ready when every endpoint passed its health checks.

@@ -180,10 +180,10 @@ struct ListenArgs {
     /// (`fleetlb.dev/controller`); instances of other ids are never touched.
     #[arg(long, default_value = "fleetlb", value_parser = parse_controller_id)]
     controller_id: String,
-    /// Extra proxy threads, each with its own runtime, listener (SO_REUSEPORT) and upstream
-    /// pool, besides the main runtime's listener (default 0).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
-    proxy_threads: u16,
+    /// Proxy threads, each with its own single-threaded runtime, listener (SO_REUSEPORT) and
+    /// upstream pool (default: one per core). 0 serves the proxy on the main runtime instead.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+    proxy_threads: Option<u16>,
 }
 
 #[derive(Args, Clone)]
@@ -424,7 +424,7 @@ fn write_builtin_examples() -> anyhow::Result<PathBuf> {
 
 /// What every serving mode shares: listeners, metrics, data plane, admin endpoints, providers.
 struct Serving {
-    proxy_listener: TcpListener,
+    proxy: Proxy,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     dataplane: Dataplane,
@@ -436,7 +436,14 @@ struct Serving {
     providers: Providers,
     metrics: fleetlb_controller::metrics::Metrics,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Where the proxy listener is served.
+enum Proxy {
+    /// On the main runtime (`--proxy-threads 0`).
+    Main(TcpListener),
+    /// On dedicated threads.
+    Threads(Vec<std::thread::JoinHandle<()>>),
 }
 
 impl Serving {
@@ -468,9 +475,21 @@ impl Serving {
             aws: Some(Arc::new(aws)),
         };
         let updater = dataplane.watch_routes(routes_rx);
-        let threads = dataplane
-            .serve_threads(proxy_addr, usize::from(listen.proxy_threads), &stop_rx)
-            .with_context(|| format!("cannot start proxy threads on {proxy_addr}"))?;
+        let proxy = match listen.proxy_threads {
+            Some(0) => Proxy::Main(proxy_listener),
+            n => Proxy::Threads(
+                dataplane
+                    .serve_threads(
+                        proxy_listener,
+                        n.map_or_else(
+                            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                            usize::from,
+                        ),
+                        &stop_rx,
+                    )
+                    .with_context(|| format!("cannot start proxy threads on {proxy_addr}"))?,
+            ),
+        };
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             Arc::new(AdminState {
@@ -482,7 +501,7 @@ impl Serving {
             stopped(stop_rx),
         ));
         Ok(Self {
-            proxy_listener,
+            proxy,
             proxy_addr,
             admin_addr,
             dataplane,
@@ -494,7 +513,6 @@ impl Serving {
             providers,
             metrics,
             tasks: vec![updater, admin_task],
-            threads,
         })
     }
 
@@ -506,14 +524,19 @@ impl Serving {
             tracing::info!("shutting down: draining requests in flight");
             let _ = stop.send(true);
         };
-        self.dataplane.serve(self.proxy_listener, signal).await;
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
+        match self.proxy {
+            Proxy::Main(listener) => self.dataplane.serve(listener, signal).await,
+            Proxy::Threads(threads) => {
+                // The main runtime keeps probes, admin and the controller.
+                signal.await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                })
+                .await;
             }
-        })
-        .await;
+        }
         let _ = driver.await;
         self.local.shutdown().await;
         for t in self.tasks {

@@ -190,27 +190,33 @@ impl Dataplane {
         .await
     }
 
-    /// Serves clients on `threads` more threads, each with its own single-threaded runtime, its
-    /// own `SO_REUSEPORT` listener on `addr` (the kernel spreads new connections over every
-    /// listener of the port) and its own upstream connection pool, so a request never leaves
-    /// the thread that accepted it. Routes, balancer state and metrics stay shared. Each thread
+    /// Serves clients on `threads` threads (at least one), each with its own single-threaded
+    /// runtime, its own `SO_REUSEPORT` listener on `listener`'s address (the first thread takes
+    /// `listener` itself, so nothing queued on it is lost; the kernel spreads new connections
+    /// over all of them) and its own upstream connection pool, so a request never leaves the
+    /// thread that accepted it. Routes, balancer state and metrics stay shared. Each thread
     /// stops accepting when `shutdown` turns true and drains like [`Dataplane::serve`]; join
     /// the handles to wait for that.
     pub fn serve_threads(
         &self,
-        addr: std::net::SocketAddr,
+        listener: TcpListener,
         threads: usize,
         shutdown: &watch::Receiver<bool>,
     ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-        let mut handles = Vec::with_capacity(threads);
-        for n in 0..threads {
+        let addr = listener.local_addr()?;
+        let mut first = Some(listener.into_std()?);
+        let mut handles = Vec::with_capacity(threads.max(1));
+        for n in 0..threads.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             // Bound here, so a failure is reported to the caller, not lost in a thread.
-            let std_listener = {
-                let _in_rt = rt.enter();
-                listen(addr, true)?.into_std()?
+            let std_listener = match first.take() {
+                Some(l) => l,
+                None => {
+                    let _in_rt = rt.enter();
+                    listen(addr, true)?.into_std()?
+                }
             };
             let shared = self.shared.clone();
             let mut stop = shutdown.clone();
