@@ -155,7 +155,7 @@ for _ in range(n):
     s.sendall(b"GET /bench HTTP/1.1\r\nHost: x\r\n\r\n")
     s.recv(4096)
     socks.append(s)
-print("held", flush=True)
+print("held", flush=True, file=sys.stderr)
 time.sleep(3600)
 PY
   HOLD_PID=$!
