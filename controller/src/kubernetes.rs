@@ -201,6 +201,14 @@ impl Context {
         }
     }
 
+    /// Drops every per-object record of a deleted object.
+    fn forget(&self, key: &ClusterKey) {
+        locked(&self.draining).remove(key);
+        locked(&self.launch_backoff).remove(key);
+        locked(&self.failures).remove(key);
+        locked(&self.written).remove(key);
+    }
+
     fn is_leader(&self) -> bool {
         *self.leader.borrow()
     }
@@ -293,16 +301,11 @@ impl Context {
         status: fleetlb_crds::BackendClusterStatus,
     ) -> Result<(), Error> {
         let key = ClusterKey::of(bc);
-        let unchanged = self
-            .written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .is_some_and(|(at, last)| {
-                at.elapsed() < self.cfg.resync
-                    && (same_status(last, &status)
-                        || bc.status.as_ref().is_some_and(|s| same_status(s, &status)))
-            });
+        let unchanged = locked(&self.written).get(&key).is_some_and(|(at, last)| {
+            at.elapsed() < self.cfg.resync
+                && (same_status(last, &status)
+                    || bc.status.as_ref().is_some_and(|s| same_status(s, &status)))
+        });
         if unchanged {
             return Ok(());
         }
@@ -318,12 +321,15 @@ impl Context {
             &Patch::Apply(&patch),
         )
         .await?;
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (Instant::now(), status));
+        locked(&self.written).insert(key, (Instant::now(), status));
         Ok(())
     }
+}
+
+/// The data behind `m`, also after a panic elsewhere poisoned it (every map here stays
+/// consistent between statements).
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Equal statuses once latency figures and condition timestamps are set aside.
@@ -454,10 +460,7 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(action) => {
-            ctx.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            locked(&ctx.failures).remove(&key);
             Ok(action)
         }
         Err(e) => Err(Error::Finalizer(Box::new(e))),
@@ -503,18 +506,8 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let provider = ctx.providers.get(kind).ok_or(Error::NoProvider(kind))?;
     let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
     let health = ctx.health(&key);
-    let mut draining = ctx
-        .draining
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key)
-        .unwrap_or_default();
-    let mut launch_backoff = ctx
-        .launch_backoff
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key)
-        .unwrap_or_default();
+    let mut draining = locked(&ctx.draining).remove(&key).unwrap_or_default();
+    let mut launch_backoff = locked(&ctx.launch_backoff).remove(&key).unwrap_or_default();
     let applied = execute::apply(
         bc,
         execute::Inputs {
@@ -535,14 +528,8 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         },
     )
     .await;
-    ctx.draining
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone(), draining);
-    ctx.launch_backoff
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone(), launch_backoff);
+    locked(&ctx.draining).insert(key.clone(), draining);
+    locked(&ctx.launch_backoff).insert(key.clone(), launch_backoff);
     if !applied.launched.is_empty() || !applied.terminated.is_empty() {
         ctx.inventory.invalidate(kind).await;
     }
@@ -620,10 +607,7 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     match execute::delete(bc, provider.as_ref(), &mine).await {
         Deletion::Done => {
             execute::forget_cluster(&ctx.metrics, &key);
-            ctx.draining
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            ctx.forget(&key);
             ctx.event(
                 bc,
                 EventType::Normal,
@@ -661,7 +645,7 @@ pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -
     }
     tracing::warn!(cluster = %ClusterKey::of(&bc), %error, "reconcile failed");
     let n = {
-        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = locked(&ctx.failures);
         let n = f.entry(ClusterKey::of(&bc)).or_insert(0);
         *n = n.saturating_add(1);
         *n

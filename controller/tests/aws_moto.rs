@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::Filter;
 use bytes::Bytes;
 use fleetlb_controller::Providers;
 use fleetlb_controller::aws::{AwsProvider, tags};
@@ -72,40 +71,13 @@ fn driver_with(
     }
 }
 
-/// Live (pending or running) instances carrying `controller` as owner, by cluster name.
+/// Live instances of `controller` for cluster `name`.
 async fn live(
     ec2: &aws_sdk_ec2::Client,
     controller: &str,
     name: &str,
 ) -> Vec<aws_sdk_ec2::types::Instance> {
-    let out = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{}", tags::CONTROLLER))
-                .values(controller)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{}", tags::NAME))
-                .values(name)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    out.reservations()
-        .iter()
-        .flat_map(|r| r.instances().to_vec())
-        .collect()
+    support::live(ec2, controller, Some(name)).await
 }
 
 /// Steps the driver until `n` live instances of `name` exist (at most 20 passes).

@@ -190,26 +190,9 @@ fn ec2_calls(registry: &prometheus::Registry) -> u64 {
 }
 
 async fn live_instances(env: &Env) -> Vec<String> {
-    let out = env
-        .ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:fleetlb.dev/controller")
-                .values("ctl-kube")
-                .build(),
-        )
-        .send()
+    support::live(&env.ec2, "ctl-kube", None)
         .await
-        .unwrap();
-    out.reservations()
         .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| {
-            i.state()
-                .and_then(|s| s.name())
-                .is_some_and(|n| n.as_str() == "pending" || n.as_str() == "running")
-        })
         .filter_map(|i| i.instance_id().map(String::from))
         .collect()
 }

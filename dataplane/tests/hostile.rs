@@ -13,18 +13,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Sends `raw` on a new connection and reads until the proxy closes it.
-async fn exchange(proxy: &Proxy, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut buf = Vec::new();
-    // A reset after the answer is as good as a close here.
-    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .expect("the proxy answered or closed the connection");
-    String::from_utf8_lossy(&buf).to_string()
-}
-
 fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
     resp.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -34,7 +22,7 @@ fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
 
 async fn still_serves(proxy: &Proxy) {
     let r = exchange(
-        proxy,
+        proxy.addr,
         b"GET /c/ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -64,7 +52,7 @@ async fn malformed_and_smuggling_shaped_requests_never_reach_a_backend() {
     ];
     for raw in cases {
         let before = up.hits.load(Relaxed);
-        let r = exchange(&proxy, raw).await;
+        let r = exchange(proxy.addr, raw).await;
         let shown = String::from_utf8_lossy(raw);
         assert!(
             r.is_empty() || r.starts_with("HTTP/1.1 4") || r.starts_with("HTTP/1.1 5"),
@@ -107,7 +95,7 @@ async fn paths_are_normalised_before_routing_and_never_escape_their_prefix() {
         ("/c/..a", "a", "/c/..a"),
     ];
     for (path, backend, seen) in routed {
-        let r = exchange(&proxy, get(path).as_bytes()).await;
+        let r = exchange(proxy.addr, get(path).as_bytes()).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
         assert!(
             r.ends_with(backend),
@@ -124,17 +112,17 @@ async fn paths_are_normalised_before_routing_and_never_escape_their_prefix() {
         "/c/%5c..",
         "/c/%2e%2e/%2e%2e/x",
     ] {
-        let r = exchange(&proxy, get(path).as_bytes()).await;
+        let r = exchange(proxy.addr, get(path).as_bytes()).await;
         assert!(r.starts_with("HTTP/1.1 400"), "{path}: {r}");
         assert!(r.contains("bad request path"), "{path}: {r}");
     }
     // A long path and query travel intact; one past the head limit is refused.
     let long = format!("/c/{}?{}", "p".repeat(6000), "q".repeat(6000));
-    let r = exchange(&proxy, get(&long).as_bytes()).await;
+    let r = exchange(proxy.addr, get(&long).as_bytes()).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(200)]);
     assert_eq!(header(&r, "x-seen-path"), Some(long.as_str()));
     let huge = format!("/c/{}", "p".repeat(200_000));
-    let r = exchange(&proxy, get(&huge).as_bytes()).await;
+    let r = exchange(proxy.addr, get(&huge).as_bytes()).await;
     assert!(
         r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 414"),
         "{}",
@@ -147,7 +135,7 @@ async fn paths_are_normalised_before_routing_and_never_escape_their_prefix() {
 async fn pipelined_requests_are_answered_in_order() {
     let (up, proxy) = one_healthy(ProxyConfig::default()).await;
     let r = exchange(
-        &proxy,
+        proxy.addr,
         b"GET /c/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /c/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /c/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;

@@ -333,16 +333,9 @@ async fn conflicting_framing_never_reaches_the_upstream() {
 
     // Content-Length and chunked together: the chunked body (5 bytes) is what is forwarded,
     // and the stale length does not travel with it.
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    let text = exchange(proxy.addr, b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        .to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.contains("x-seen-body-bytes: 5"), "{text}");
     assert!(
@@ -483,20 +476,12 @@ async fn proxy_threads_share_the_port_and_drain_on_shutdown() {
     .await;
     // New connections land on all three threads' listeners; every one is served.
     for _ in 0..200 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            buf.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&buf)
-        );
+        let r = exchange(
+            addr,
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     }
     assert_eq!(a.hits.load(Relaxed), 200);
     stop.send(true).unwrap();

@@ -218,3 +218,43 @@ fn form_value(body: &[u8], key: &str) -> Option<String> {
         (k == key).then(|| v.to_string())
     })
 }
+
+/// Live (pending or running) instances carrying `controller` as owner, of cluster `name` when
+/// given.
+pub async fn live(
+    ec2: &aws_sdk_ec2::Client,
+    controller: &str,
+    name: Option<&str>,
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    use aws_sdk_ec2::types::Filter;
+    use fleetlb_controller::aws::tags;
+    let mut call = ec2.describe_instances().filters(
+        Filter::builder()
+            .name(format!("tag:{}", tags::CONTROLLER))
+            .values(controller)
+            .build(),
+    );
+    if let Some(name) = name {
+        call = call.filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::NAME))
+                .values(name)
+                .build(),
+        );
+    }
+    let out = call
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances().to_vec())
+        .collect()
+}

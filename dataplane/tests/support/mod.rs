@@ -313,3 +313,20 @@ pub async fn one_healthy(cfg: ProxyConfig) -> (Upstream, Proxy) {
     proxy.wait_healthy(1).await;
     (up, proxy)
 }
+
+/// Sends `raw` on a new connection and reads until the proxy closes it.
+pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, raw)
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // A reset after the answer is as good as a close here.
+    let _ = tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await
+    .expect("the proxy answered or closed the connection");
+    String::from_utf8_lossy(&buf).to_string()
+}
