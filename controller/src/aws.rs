@@ -113,10 +113,39 @@ struct Clients {
     limits: [RateLimit; 4],
 }
 
+/// How long EC2 calls may take: a hung endpoint fails the call (and is retried) instead of
+/// stalling reconciles forever.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP/TLS connect (default 3 s).
+    pub connect: Duration,
+    /// One attempt (default 20 s).
+    pub attempt: Duration,
+    /// The whole call with its retries (default 60 s).
+    pub operation: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(3),
+            attempt: Duration::from_secs(20),
+            operation: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Clients {
-    fn new(conf: &aws_config::SdkConfig) -> Self {
+    fn new(conf: &aws_config::SdkConfig, t: Timeouts) -> Self {
         let one = |api: &'static str| {
             let c = aws_sdk_ec2::config::Builder::from(conf)
+                .timeout_config(
+                    aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+                        .connect_timeout(t.connect)
+                        .operation_attempt_timeout(t.attempt)
+                        .operation_timeout(t.operation)
+                        .build(),
+                )
                 .retry_partition(aws_sdk_ec2::config::retry::RetryPartition::new(api))
                 .retry_config(
                     aws_sdk_ec2::config::retry::RetryConfig::standard()
@@ -177,8 +206,18 @@ impl AwsProvider {
     /// A provider using `conf` (region, credentials, endpoint), owning instances tagged with
     /// `controller_id`.
     pub fn new(conf: &aws_config::SdkConfig, controller_id: String, metrics: Metrics) -> Self {
+        Self::with_timeouts(conf, controller_id, metrics, Timeouts::default())
+    }
+
+    /// [`AwsProvider::new`] with other call timeouts.
+    pub fn with_timeouts(
+        conf: &aws_config::SdkConfig,
+        controller_id: String,
+        metrics: Metrics,
+        timeouts: Timeouts,
+    ) -> Self {
         Self {
-            client: Clients::new(conf),
+            client: Clients::new(conf, timeouts),
             controller_id,
             metrics,
             no_capacity: Mutex::new(HashMap::new()),
@@ -211,14 +250,15 @@ impl AwsProvider {
             .inc();
     }
 
-    fn fail<E: ProvideErrorMetadata + std::fmt::Debug>(op: &'static str, e: &E) -> Error {
+    fn fail<E: ProvideErrorMetadata + std::error::Error>(op: &'static str, e: &E) -> Error {
         Error::Provider {
             provider: "aws",
             operation: op,
             message: match (e.code(), e.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c.to_string(),
-                _ => format!("{e:?}"),
+                // Timeouts, connection failures: the error chain, readable.
+                _ => aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
             },
         }
     }

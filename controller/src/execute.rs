@@ -37,7 +37,14 @@ pub struct Applied {
 /// `InsufficientCapacity`, `LaunchFailed`).
 pub fn error_reason(message: &str) -> &'static str {
     const THROTTLED: [&str; 3] = ["RequestLimitExceeded", "Throttling", "ThrottlingException"];
-    const UNAVAILABLE: [&str; 3] = ["InternalError", "InternalFailure", "Unavailable"];
+    const UNAVAILABLE: [&str; 6] = [
+        "InternalError",
+        "InternalFailure",
+        "Unavailable",
+        "timeout",
+        "timed out",
+        "dispatch failure",
+    ];
     if THROTTLED.iter().any(|c| message.contains(c)) {
         "Throttled"
     } else if UNAVAILABLE.iter().any(|c| message.contains(c)) {

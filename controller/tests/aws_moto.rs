@@ -45,7 +45,13 @@ fn driver_with(
 ) -> Driver {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
-    let aws = AwsProvider::new(conf, controller_id.into(), metrics.clone());
+    // Short call timeouts, so a hung EC2 endpoint costs the tests little time.
+    let timeouts = fleetlb_controller::aws::Timeouts {
+        connect: Duration::from_secs(2),
+        attempt: Duration::from_millis(500),
+        operation: Duration::from_secs(3),
+    };
+    let aws = AwsProvider::with_timeouts(conf, controller_id.into(), metrics.clone(), timeouts);
     let providers = Providers {
         aws: Some(Arc::new(aws)),
         ..Default::default()
@@ -332,7 +338,7 @@ fn degraded(d: &Driver) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_and_server_errors_back_off_report_and_converge_when_they_stop() {
+async fn throttling_server_errors_and_hangs_back_off_report_and_converge_when_they_stop() {
     let env = env().await;
     let faults = FaultProxy::start(&env._moto.url).await;
     let conf = sdk_config(&faults.url);
@@ -364,6 +370,17 @@ async fn throttling_and_server_errors_back_off_report_and_converge_when_they_sto
     let (reason, msg) = degraded(&d);
     assert_eq!(reason, "ProviderUnavailable", "{msg}");
     assert!(faults.count("RunInstances") > tried);
+
+    // EC2 stops answering: the call times out (it does not stall the controller) and the
+    // status says the provider is unavailable.
+    faults.set("RunInstances", Some(Fault::Hang));
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 4, "Delete")).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), d.driver.step(&d.out))
+        .await
+        .expect("a hung EC2 call ends at its timeout");
+    let (reason, msg) = degraded(&d);
+    assert_eq!(reason, "ProviderUnavailable", "{msg}");
+    assert!(msg.contains("timeout"), "{msg}");
 
     // Faults stop: the next edit converges, with no duplicate.
     faults.set("RunInstances", None);

@@ -105,6 +105,8 @@ pub enum Fault {
     Throttle,
     /// 500 `InternalError`.
     ServerError,
+    /// No answer at all (the request is read, the response never comes).
+    Hang,
 }
 
 #[derive(Default)]
@@ -159,6 +161,10 @@ impl FaultProxy {
                                 let (status, code) = match f {
                                     Fault::Throttle => (503, "RequestLimitExceeded"),
                                     Fault::ServerError => (500, "InternalError"),
+                                    Fault::Hang => {
+                                        std::future::pending::<()>().await;
+                                        unreachable!()
+                                    }
                                 };
                                 let xml = format!(
                                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>injected by the test</Message></Error></Errors><RequestID>fault</RequestID></Response>"
