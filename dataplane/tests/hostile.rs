@@ -247,3 +247,76 @@ async fn thousands_of_idle_connections_neither_block_service_nor_linger() {
     }
     still_serves(&proxy).await;
 }
+
+/// A backend that answers health checks, but resets every other response after 10 of its
+/// 100 promised body bytes.
+async fn resetting_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        if head.starts_with("GET /health") {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .await;
+                        } else {
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                                )
+                                .await;
+                            let _ = s.flush().await;
+                            // Reset, not a clean close.
+                            let _ = s.set_zero_linger();
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_resetting_mid_body_truncates_that_response_and_nothing_else() {
+    let addr = resetting_backend().await;
+    let ep = fleetlb_dataplane::EndpointConfig {
+        id: "r".into(),
+        addr,
+    };
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![ep])]).await;
+    proxy.wait_healthy(1).await;
+    for _ in 0..5 {
+        let r = exchange(
+            proxy.addr,
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        // The head and the bytes that arrived are relayed, then the client connection ends
+        // short of the promised length: the client sees a truncated response, never a hang
+        // and never a response that looks complete.
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(body.len() < 100, "a truncated body was completed: {r:?}");
+    }
+    // The proxy itself is unharmed: its admin view still answers and lists the endpoint.
+    assert_eq!(proxy.dataplane.snapshot().len(), 1);
+}
