@@ -498,3 +498,47 @@ async fn proxy_threads_share_the_port_and_drain_on_shutdown() {
     .unwrap();
     assert!(TcpStream::connect(addr).await.is_err(), "still listening");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_control_plane_returns_its_update_applies_without_losing_requests() {
+    let (mut ups, proxy) = three_healthy().await;
+    // Control plane silent (API server unreachable): a backend dies, probes notice on their own.
+    let running = tokio::spawn(load(proxy.url("/c"), 2000, 4));
+    ups[0].kill();
+    let dp = proxy.dataplane.clone();
+    eventually("the dead backend is marked unhealthy", || {
+        dp.snapshot()
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .any(|e| e.id == "a" && e.state != "healthy")
+    })
+    .await;
+    // It comes back with the set it computed meanwhile: the dead one replaced by a new one.
+    let d = Upstream::start("d").await;
+    proxy
+        .routes
+        .send(RouteTable {
+            routes: vec![route(vec![
+                ups[1].endpoint(),
+                ups[2].endpoint(),
+                d.endpoint(),
+            ])],
+        })
+        .unwrap();
+    let results = running.await.unwrap();
+    assert_eq!(failures(&results), Vec::<String>::new());
+    proxy.wait_healthy(3).await;
+    let ids: Vec<String> = dp
+        .snapshot()
+        .iter()
+        .flat_map(|c| c.endpoints.iter().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.contains(&"d".to_string()) && !ids.contains(&"a".to_string()),
+        "{ids:?}"
+    );
+    let after = load(proxy.url("/c"), 300, 4).await;
+    assert_eq!(failures(&after), Vec::<String>::new());
+    assert!(d.hits.load(Relaxed) > 0, "the new endpoint gets traffic");
+}
