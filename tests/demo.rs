@@ -323,6 +323,50 @@ fn bad_flags_exit_64_with_one_line() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--config /nonexistent/dir: not a directory")
     );
+    for args in [&["run", "--proxy-threads", "9999"][..], &["run", "--identity"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+    }
+}
+
+#[test]
+fn run_without_a_cluster_says_so_and_exits() {
+    // No kubeconfig and not in a pod: configuration error, one line.
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no Kubernetes configuration"), "{err}");
+
+    // A kubeconfig whose API server does not answer: exits 69 (unavailable) and says why,
+    // instead of serving without ever knowing a cluster.
+    let port = free_port();
+    let kubeconfig = home.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot list BackendClusters"), "{err}");
 }
 
 #[test]
