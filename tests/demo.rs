@@ -323,7 +323,10 @@ fn bad_flags_exit_64_with_one_line() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--config /nonexistent/dir: not a directory")
     );
-    for args in [&["run", "--proxy-threads", "9999"][..], &["run", "--identity"]] {
+    for args in [
+        &["run", "--proxy-threads", "9999"][..],
+        &["run", "--identity"],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
             .args(args)
             .output()
