@@ -402,14 +402,7 @@ async fn with_the_controller_gone_the_last_endpoint_set_keeps_serving_and_probin
     }
     // Probing goes on: a backend that dies is found unhealthy and avoided, without a controller.
     ups[0].kill();
-    let dp = proxy.dataplane.clone();
-    eventually("the dead backend is marked unhealthy", || {
-        dp.snapshot()
-            .iter()
-            .flat_map(|c| &c.endpoints)
-            .any(|e| e.id == "a" && e.state != "healthy")
-    })
-    .await;
+    proxy.wait_unhealthy("a").await;
     let results = load(proxy.url("/c"), 300, 4).await;
     assert_eq!(failures(&results), Vec::<String>::new());
 }
@@ -424,14 +417,7 @@ async fn a_cluster_with_every_backend_down_gets_503s_others_are_unaffected_and_i
     proxy.wait_healthy(2).await;
     a.kill();
     let c = client();
-    let dp = proxy.dataplane.clone();
-    eventually("a is unhealthy", || {
-        dp.snapshot()
-            .iter()
-            .flat_map(|c| &c.endpoints)
-            .any(|e| e.id == "a" && e.state != "healthy")
-    })
-    .await;
+    proxy.wait_unhealthy("a").await;
     for _ in 0..20 {
         let r = get(&c, &proxy.url("/c")).await.unwrap();
         assert_eq!(r.0, 503, "{r:?}");
@@ -505,14 +491,8 @@ async fn when_the_control_plane_returns_its_update_applies_without_losing_reques
     // Control plane silent (API server unreachable): a backend dies, probes notice on their own.
     let running = tokio::spawn(load(proxy.url("/c"), 2000, 4));
     ups[0].kill();
+    proxy.wait_unhealthy("a").await;
     let dp = proxy.dataplane.clone();
-    eventually("the dead backend is marked unhealthy", || {
-        dp.snapshot()
-            .iter()
-            .flat_map(|c| &c.endpoints)
-            .any(|e| e.id == "a" && e.state != "healthy")
-    })
-    .await;
     // It comes back with the set it computed meanwhile: the dead one replaced by a new one.
     let d = Upstream::start("d").await;
     proxy

@@ -253,6 +253,18 @@ impl Proxy {
         .await;
     }
 
+    /// Waits until endpoint `id` is no longer healthy (found out by probes or failures).
+    pub async fn wait_unhealthy(&self, id: &str) {
+        let dp = self.dataplane.clone();
+        eventually(&format!("{id} marked unhealthy"), || {
+            dp.snapshot()
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .any(|e| e.id == id && e.state != "healthy")
+        })
+        .await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
