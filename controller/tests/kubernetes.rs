@@ -392,7 +392,7 @@ async fn a_replica_without_the_lease_serves_from_status_and_never_calls_ec2() {
         "endpoints": [{"id": "i-a", "address": "10.0.0.1:8000"}, {"id": "i-b", "address": "10.0.0.2:8000"}],
     }))
     .unwrap();
-    let h = harness(&env, false, &[&obj]);
+    let mut h = harness(&env, false, &[&obj]);
     // The scripted API server never answers: any API call would stall this past the deadline.
     let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
     assert_eq!(
@@ -409,6 +409,19 @@ async fn a_replica_without_the_lease_serves_from_status_and_never_calls_ec2() {
         .map(|e| e.id.as_str())
         .collect();
     assert_eq!(ids, ["i-a", "i-b"]);
+    // `/status` (what `fleetlb status` prints) comes from the same objects.
+    h.ctx.publish_status();
+    let view: Value = serde_json::from_slice(&h._status.borrow_and_update()).unwrap();
+    let c = &view["clusters"][0];
+    assert_eq!(
+        (
+            c["name"].as_str(),
+            c["route"].as_str(),
+            c["provider"].as_str()
+        ),
+        (Some("web"), Some("/web"), Some("aws"))
+    );
+    assert_eq!(c["status"]["readyReplicas"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
