@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub metrics: Metrics,
     pub config: ProxyConfig,
+    /// `config.max_connections` permits, shared by every listener of the process.
+    pub connection_limit: Arc<tokio::sync::Semaphore>,
 }
 
 /// An upstream client with pooled keep-alive connections; connection tasks run on the runtime
@@ -167,6 +169,7 @@ impl Dataplane {
                 client,
                 clock: Clock::new(),
                 metrics: Metrics::new(registry)?,
+                connection_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
                 config,
             }),
         })

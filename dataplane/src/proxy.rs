@@ -39,7 +39,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
+    shared: &Shared,
     client: &crate::UpstreamClient,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -57,10 +57,10 @@ pub(crate) async fn handle(
             parts.path_and_query = PathAndQuery::try_from(pq).ok();
             match Uri::from_parts(parts) {
                 Ok(u) => *req.uri_mut() = u,
-                Err(_) => return bad_path(&shared),
+                Err(_) => return bad_path(shared),
             }
         }
-        Err(_) => return bad_path(&shared),
+        Err(_) => return bad_path(shared),
     }
     let cluster = {
         let table = shared.table.load();
@@ -79,7 +79,7 @@ pub(crate) async fn handle(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    let mut resp = match forward(&shared, client, &cluster, req, upgrade.map(|(_, on)| on)).await {
+    let mut resp = match forward(shared, client, &cluster, req, upgrade.map(|(_, on)| on)).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());

@@ -9,9 +9,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
-use crate::{Shared, proxy};
+use crate::{Shared, UpstreamClient, proxy};
+
+/// What the connections of one listener share: a single `Arc` clone per connection and per
+/// request, instead of cloning the data plane handle and the client's inner handles each time.
+struct Listener {
+    shared: Arc<Shared>,
+    client: UpstreamClient,
+    builder: auto::Builder<TokioExecutor>,
+}
 
 const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nconnection limit reached\n";
 
@@ -19,12 +26,12 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 /// `ProxyConfig::drain_timeout` for requests in flight to finish.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    client: crate::UpstreamClient,
+    client: UpstreamClient,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
-    let cfg = &shared.config;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let cfg = &shared.config;
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -32,8 +39,13 @@ pub(crate) async fn serve(
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let (first_byte, drain) = (cfg.header_read_timeout, cfg.drain_timeout);
+    let this = Arc::new(Listener {
+        shared,
+        client,
+        builder,
+    });
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -48,7 +60,9 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let shared = &this.shared;
+        // One limit for the process, however many listeners serve the port.
+        let Ok(permit) = shared.connection_limit.clone().try_acquire_owned() else {
             // Over the limit: a short 503 and close, without reading the request. Best effort;
             // a full socket buffer just means a plain close.
             shared.metrics.connections_rejected.inc();
@@ -58,25 +72,25 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_total.inc();
-        let svc_shared = shared.clone();
-        let svc_client = client.clone();
+        let svc_this = this.clone();
         let svc = service_fn(move |req| {
-            let shared = svc_shared.clone();
-            let client = svc_client.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(shared, &client, req, peer).await) }
+            let this = svc_this.clone();
+            async move {
+                Ok::<_, Infallible>(proxy::handle(&this.shared, &this.client, req, peer).await)
+            }
         });
-        let builder = builder.clone();
         let watcher = graceful.watcher();
-        let metrics = shared.metrics.clone();
-        let first_byte = cfg.header_read_timeout;
+        let this = this.clone();
         tokio::spawn(async move {
+            let metrics = &this.shared.metrics;
             metrics.connections_active.inc();
             // hyper's header timer starts at the first byte, and HTTP/1-or-2 detection waits for
             // it: a connection that never sends one would hold its slot forever.
             let mut probe = [0u8; 1];
             let sent = tokio::time::timeout(first_byte, stream.peek(&mut probe)).await;
             if matches!(sent, Ok(Ok(n)) if n > 0) {
-                let conn = builder
+                let conn = this
+                    .builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .into_owned();
                 if let Err(err) = watcher.watch(conn).await {
@@ -93,6 +107,6 @@ pub(crate) async fn serve(
     tracing::info!("draining client connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all client connections closed"),
-        () = tokio::time::sleep(cfg.drain_timeout) => tracing::warn!(timeout = ?cfg.drain_timeout, "drain timeout reached; closing remaining connections"),
+        () = tokio::time::sleep(drain) => tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections"),
     }
 }

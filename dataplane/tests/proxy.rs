@@ -522,3 +522,46 @@ async fn when_the_control_plane_returns_its_update_applies_without_losing_reques
     assert_eq!(failures(&after), Vec::<String>::new());
     assert!(d.hits.load(Relaxed) > 0, "the new endpoint gets traffic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_for_the_process_not_per_proxy_thread() {
+    let a = Upstream::start("a").await;
+    let cfg = ProxyConfig {
+        max_connections: 3,
+        ..Default::default()
+    };
+    let dataplane = fleetlb_dataplane::Dataplane::new(cfg, &prometheus::Registry::new()).unwrap();
+    let (_routes, rx) = tokio::sync::watch::channel(RouteTable {
+        routes: vec![route(vec![a.endpoint()])],
+    });
+    dataplane.watch_routes(rx);
+    let listener = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let _threads = dataplane.serve_threads(listener, 2, &stop_rx).unwrap();
+    let dp = dataplane.clone();
+    eventually("a healthy", || {
+        dp.snapshot()
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .any(|e| e.state == "healthy")
+    })
+    .await;
+    // Keep-alive connections, each kept open after its first answer.
+    let mut held = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        statuses.push(String::from_utf8_lossy(&head[9..12]).to_string());
+        held.push(s);
+    }
+    assert_eq!(statuses, ["200", "200", "200", "503", "503", "503"]);
+}
