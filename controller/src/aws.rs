@@ -106,11 +106,24 @@ impl RateLimit {
 /// per object beyond that. Separate retry partitions keep a throttled `RunInstances` from
 /// draining the retry budget of the `DescribeInstances` every reconcile needs.
 struct Clients {
-    describe: aws_sdk_ec2::Client,
-    run: aws_sdk_ec2::Client,
-    terminate: aws_sdk_ec2::Client,
-    tags: aws_sdk_ec2::Client,
-    limits: [RateLimit; 4],
+    describe: Api,
+    run: Api,
+    terminate: Api,
+    tags: Api,
+}
+
+/// The client and rate limit of one EC2 API.
+struct Api {
+    client: aws_sdk_ec2::Client,
+    limit: RateLimit,
+}
+
+impl Api {
+    /// The client, once the rate limit lets a call through.
+    async fn ready(&self) -> &aws_sdk_ec2::Client {
+        self.limit.acquire().await;
+        &self.client
+    }
 }
 
 /// How long EC2 calls may take: a hung endpoint fails the call (and is retried) instead of
@@ -137,7 +150,9 @@ impl Default for Timeouts {
 
 impl Clients {
     fn new(conf: &aws_config::SdkConfig, t: Timeouts) -> Self {
-        let one = |api: &'static str| {
+        // Rates well under EC2's default refill rates (non-mutating 20/s, RunInstances 2/s
+        // with a large bucket, TerminateInstances 5/s), bursts of 20.
+        let api = |partition: &'static str, per_second: f64| {
             let c = aws_sdk_ec2::config::Builder::from(conf)
                 .timeout_config(
                     aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
@@ -146,7 +161,7 @@ impl Clients {
                         .operation_timeout(t.operation)
                         .build(),
                 )
-                .retry_partition(aws_sdk_ec2::config::retry::RetryPartition::new(api))
+                .retry_partition(aws_sdk_ec2::config::retry::RetryPartition::new(partition))
                 .retry_config(
                     aws_sdk_ec2::config::retry::RetryConfig::standard()
                         .with_max_attempts(3)
@@ -154,42 +169,17 @@ impl Clients {
                         .with_max_backoff(Duration::from_secs(5)),
                 )
                 .build();
-            aws_sdk_ec2::Client::from_conf(c)
+            Api {
+                client: aws_sdk_ec2::Client::from_conf(c),
+                limit: RateLimit::new(per_second, 20.0),
+            }
         };
         Self {
-            describe: one("fleetlb-ec2-describe"),
-            run: one("fleetlb-ec2-run"),
-            terminate: one("fleetlb-ec2-terminate"),
-            tags: one("fleetlb-ec2-tags"),
-            // Well under EC2's default refill rates (non-mutating 20/s, RunInstances 2/s with a
-            // large bucket, TerminateInstances 5/s).
-            limits: [
-                RateLimit::new(10.0, 20.0),
-                RateLimit::new(2.0, 20.0),
-                RateLimit::new(5.0, 20.0),
-                RateLimit::new(5.0, 20.0),
-            ],
+            describe: api("fleetlb-ec2-describe", 10.0),
+            run: api("fleetlb-ec2-run", 2.0),
+            terminate: api("fleetlb-ec2-terminate", 5.0),
+            tags: api("fleetlb-ec2-tags", 5.0),
         }
-    }
-
-    async fn describe(&self) -> &aws_sdk_ec2::Client {
-        self.limits[0].acquire().await;
-        &self.describe
-    }
-
-    async fn run(&self) -> &aws_sdk_ec2::Client {
-        self.limits[1].acquire().await;
-        &self.run
-    }
-
-    async fn terminate(&self) -> &aws_sdk_ec2::Client {
-        self.limits[2].acquire().await;
-        &self.terminate
-    }
-
-    async fn tags(&self) -> &aws_sdk_ec2::Client {
-        self.limits[3].acquire().await;
-        &self.tags
     }
 }
 
@@ -313,7 +303,8 @@ impl AwsProvider {
             .unwrap_or_else(|| default_user_data(&req.owner, req.port));
         let mut call = self
             .client
-            .run()
+            .run
+            .ready()
             .await
             .run_instances()
             .image_id(&aws.image_id)
@@ -510,7 +501,8 @@ impl Provider for AwsProvider {
             ];
             let mut pages = self
                 .client
-                .describe()
+                .describe
+                .ready()
                 .await
                 .describe_instances()
                 .filters(
@@ -604,7 +596,8 @@ impl Provider for AwsProvider {
             for chunk in ids.chunks(100) {
                 let r = self
                     .client
-                    .terminate()
+                    .terminate
+                    .ready()
                     .await
                     .terminate_instances()
                     .set_instance_ids(Some(chunk.to_vec()))
@@ -623,7 +616,8 @@ impl Provider for AwsProvider {
             for chunk in ids.chunks(100) {
                 let r = self
                     .client
-                    .tags()
+                    .tags
+                    .ready()
                     .await
                     .delete_tags()
                     .set_resources(Some(chunk.to_vec()))

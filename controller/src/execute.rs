@@ -300,6 +300,30 @@ pub async fn delete(bc: &BackendCluster, provider: &dyn Provider, mine: &[Instan
     Deletion::Waiting
 }
 
+/// What the prober knows, by cluster name and instance id (the [`Health`] each plan needs).
+pub fn health_by_cluster(
+    dataplane: &fleetlb_dataplane::Dataplane,
+) -> HashMap<String, HashMap<String, Health>> {
+    dataplane
+        .snapshot()
+        .into_iter()
+        .map(|c| {
+            let by_id = c
+                .endpoints
+                .into_iter()
+                .map(|e| {
+                    let h = Health {
+                        healthy: e.healthy,
+                        latency_ms: e.probe_ms.map(|_| e.latency_ms),
+                    };
+                    (e.id, h)
+                })
+                .collect();
+            (c.cluster, by_id)
+        })
+        .collect()
+}
+
 /// Instance counts per provider state, for the `fleetlb_controller_instances` gauge.
 pub fn count_states(instances: &[Instance]) -> Vec<(&'static str, i64)> {
     use InstanceState as S;

@@ -33,8 +33,8 @@ use crate::Providers;
 use crate::execute::{self, Deletion};
 use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance};
-use crate::reconcile::{Health, set_condition};
-use crate::standalone::route_config;
+use crate::reconcile::set_condition;
+use crate::standalone::{ClusterView, StatusView, route_config};
 
 /// The finalizer fleetlb puts on every BackendCluster it manages.
 pub const FINALIZER: &str = "fleetlb.dev/instances";
@@ -232,27 +232,24 @@ impl Context {
 
     /// Publishes every object's spec summary and status as `/status` JSON.
     pub fn publish_status(&self) {
-        let clusters: Vec<serde_json::Value> = self
-            .store
-            .state()
+        let objects = self.store.state();
+        let clusters = objects
             .iter()
             .map(|o| {
-                let key = ClusterKey::of(o);
-                serde_json::json!({
-                    "namespace": key.namespace,
-                    "name": key.name,
-                    "route": o.spec.route,
-                    "instanceType": o.spec.instance_type,
-                    "provider": o.spec.provider.kind(),
-                    "desired": crate::reconcile::desired_replicas(o),
-                    "created": o.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
-                    "deleting": o.metadata.deletion_timestamp.is_some(),
-                    "status": o.status,
-                })
+                let created = o
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default();
+                ClusterView::new(o, created, o.metadata.deletion_timestamp.is_some())
             })
             .collect();
-        let view = serde_json::json!({ "clusters": clusters, "errors": [] });
-        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&view).unwrap_or_default());
+        let view = StatusView {
+            clusters,
+            errors: Vec::new(),
+        };
+        let body = bytes::Bytes::from(view.to_json());
         self.status.send_if_modified(|cur| {
             if *cur == body {
                 false
@@ -261,23 +258,6 @@ impl Context {
                 true
             }
         });
-    }
-
-    fn health(&self, key: &ClusterKey) -> HashMap<String, Health> {
-        let cluster = key.to_string();
-        self.dataplane
-            .snapshot()
-            .into_iter()
-            .filter(|c| c.cluster == cluster)
-            .flat_map(|c| c.endpoints)
-            .map(|e| {
-                let h = Health {
-                    healthy: e.healthy,
-                    latency_ms: e.probe_ms.map(|_| e.latency_ms),
-                };
-                (e.id, h)
-            })
-            .collect()
     }
 
     async fn event(&self, bc: &BackendCluster, type_: EventType, reason: &str, note: String) {
@@ -354,12 +334,7 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .collect();
     // Oldest first: it keeps a contested route.
-    live.sort_by(|a, b| {
-        let at = |o: &BackendCluster| o.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        at(a)
-            .cmp(&at(b))
-            .then(ClusterKey::of(a).cmp(&ClusterKey::of(b)))
-    });
+    live.sort_by_cached_key(|o| seniority(o));
     let mut claimed: HashSet<String> = HashSet::new();
     let mut out = BTreeMap::new();
     for o in live {
@@ -383,17 +358,24 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
     out.into_values().collect()
 }
 
+/// Which of two objects claiming one route keeps it: the older, then the first by key.
+fn seniority(o: &BackendCluster) -> (Option<Timestamp>, ClusterKey) {
+    (
+        o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        ClusterKey::of(o),
+    )
+}
+
 /// The object holding `bc`'s route before it, if any.
 fn route_holder(bc: &BackendCluster, objects: &[Arc<BackendCluster>]) -> Option<ClusterKey> {
-    let me = ClusterKey::of(bc);
-    let at = |o: &BackendCluster| o.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let mine = seniority(bc);
     objects
         .iter()
         .filter(|o| o.metadata.deletion_timestamp.is_none() && o.spec.route == bc.spec.route)
-        .filter(|o| ClusterKey::of(o) != me)
-        .filter(|o| (at(o), ClusterKey::of(o)) < (at(bc), me.clone()))
-        .map(|o| ClusterKey::of(o))
-        .next()
+        .map(|o| seniority(o))
+        .filter(|s| *s < mine)
+        .min()
+        .map(|(_, key)| key)
 }
 
 /// Reconciles one BackendCluster (kube-runtime calls this; tests call it directly).
@@ -505,7 +487,9 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     };
     let provider = ctx.providers.get(kind).ok_or(Error::NoProvider(kind))?;
     let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
-    let health = ctx.health(&key);
+    let health = execute::health_by_cluster(&ctx.dataplane)
+        .remove(&key.to_string())
+        .unwrap_or_default();
     let mut draining = locked(&ctx.draining).remove(&key).unwrap_or_default();
     let mut launch_backoff = locked(&ctx.launch_backoff).remove(&key).unwrap_or_default();
     let applied = execute::apply(
@@ -729,11 +713,11 @@ pub async fn run(
     let store = controller.store();
     let ctx = Arc::new(ctx_parts(store.clone()));
     // A replica that becomes leader reconciles everything at once rather than at the next resync.
-    let mut leader = ctx.leader.clone();
-    let became_leader = async_stream(move |tx| async move {
-        while leader.changed().await.is_ok() {
-            if *leader.borrow() && tx.send(()).await.is_err() {
-                return;
+    let became_leader = futures::stream::unfold(ctx.leader.clone(), |mut leader| async move {
+        loop {
+            leader.changed().await.ok()?;
+            if *leader.borrow_and_update() {
+                return Some(((), leader));
             }
         }
     });
@@ -769,15 +753,4 @@ pub async fn run(
         .await;
     background.abort();
     Ok(())
-}
-
-/// A stream fed by `f` through a small channel.
-fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = ()> + Send
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<()>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }

@@ -30,7 +30,7 @@ use crate::execute::{self, Deletion};
 use crate::files::{self, FileLoad};
 use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, fnv64};
-use crate::reconcile::{self, Health, set_condition};
+use crate::reconcile::{self, set_condition};
 
 /// Standalone driver settings.
 #[derive(Clone, Debug)]
@@ -85,9 +85,10 @@ struct Tracked {
     created: Timestamp,
 }
 
+/// One cluster in `/status` (what `fleetlb status` prints), in every driver.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ClusterView<'a> {
+pub(crate) struct ClusterView<'a> {
     namespace: &'a str,
     name: &'a str,
     route: &'a str,
@@ -95,17 +96,43 @@ struct ClusterView<'a> {
     provider: &'static str,
     desired: usize,
     created: String,
-    file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
     deleting: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     rejected_edit: Option<&'a str>,
     status: &'a Option<fleetlb_crds::BackendClusterStatus>,
 }
 
+impl<'a> ClusterView<'a> {
+    pub(crate) fn new(obj: &'a BackendCluster, created: String, deleting: bool) -> Self {
+        Self {
+            namespace: obj.metadata.namespace.as_deref().unwrap_or("default"),
+            name: obj.metadata.name.as_deref().unwrap_or(""),
+            route: &obj.spec.route,
+            instance_type: &obj.spec.instance_type,
+            provider: obj.spec.provider.kind(),
+            desired: reconcile::desired_replicas(obj),
+            created,
+            file: None,
+            deleting,
+            rejected_edit: None,
+            status: &obj.status,
+        }
+    }
+}
+
+/// The `/status` document.
 #[derive(Serialize)]
-struct StatusView<'a> {
-    clusters: Vec<ClusterView<'a>>,
-    errors: Vec<&'a str>,
+pub(crate) struct StatusView<'a> {
+    pub(crate) clusters: Vec<ClusterView<'a>>,
+    pub(crate) errors: Vec<&'a str>,
+}
+
+impl StatusView<'_> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
 }
 
 /// The standalone driver's state.
@@ -329,7 +356,7 @@ impl Standalone {
         let started = Instant::now();
         let now = Timestamp::now();
         let mut busy = false;
-        let health = self.health();
+        let health = execute::health_by_cluster(&self.dataplane);
         // One list per provider for all clusters.
         let mut by_kind: HashMap<&'static str, Vec<Arc<BackendCluster>>> = HashMap::new();
         for t in self.tracked.values() {
@@ -496,50 +523,21 @@ impl Standalone {
         }
     }
 
-    fn health(&self) -> HashMap<String, HashMap<String, Health>> {
-        self.dataplane
-            .snapshot()
-            .into_iter()
-            .map(|c| {
-                let m = c
-                    .endpoints
-                    .into_iter()
-                    .map(|e| {
-                        let h = Health {
-                            healthy: e.healthy,
-                            latency_ms: e.probe_ms.map(|_| e.latency_ms),
-                        };
-                        (e.id, h)
-                    })
-                    .collect();
-                (c.cluster, m)
-            })
-            .collect()
-    }
-
     fn status_json(&self) -> Vec<u8> {
         let clusters = self
             .tracked
             .values()
             .map(|t| ClusterView {
-                namespace: t.obj.metadata.namespace.as_deref().unwrap_or("default"),
-                name: t.obj.metadata.name.as_deref().unwrap_or(""),
-                route: &t.obj.spec.route,
-                instance_type: &t.obj.spec.instance_type,
-                provider: t.obj.spec.provider.kind(),
-                desired: reconcile::desired_replicas(&t.obj),
-                created: t.created.to_string(),
-                file: t.file.display().to_string(),
-                deleting: t.deleting,
+                file: Some(t.file.display().to_string()),
                 rejected_edit: t.rejected.as_deref(),
-                status: &t.obj.status,
+                ..ClusterView::new(&t.obj, t.created.to_string(), t.deleting)
             })
             .collect();
-        let view = StatusView {
+        StatusView {
             clusters,
             errors: self.errors.iter().map(String::as_str).collect(),
-        };
-        serde_json::to_vec_pretty(&view).unwrap_or_default()
+        }
+        .to_json()
     }
 }
 
