@@ -676,3 +676,24 @@ async fn needs_a_cluster() {
         .expect("deleted (finalizer released) within 5 minutes")
         .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_shutting_down_gives_the_lease_up() {
+    let (mut e, mut api) = elector("replica-a");
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.ok(&lease("replica-a", "1"));
+        let renewal = api.next().await;
+        let body = renewal.body.clone();
+        renewal.ok(&body);
+    });
+    assert!(leads);
+    let ((), ()) = tokio::join!(e.release(), async {
+        api.next().await.ok(&lease("replica-a", "2"));
+        let call = api.next().await;
+        assert_eq!(call.method, Method::PUT);
+        assert_eq!(call.body["spec"]["holderIdentity"], Value::Null);
+        assert_eq!(call.body["metadata"]["resourceVersion"], "2");
+        let body = call.body.clone();
+        call.ok(&body);
+    });
+}
