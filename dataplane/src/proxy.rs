@@ -376,10 +376,9 @@ pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: 
     {
         h.insert(&X_REQUEST_ID, v);
     }
-    let ip = peer.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::try_from(xff) {
         h.insert(&X_FORWARDED_FOR, v);
