@@ -441,25 +441,8 @@ async fn a_cluster_with_every_backend_down_gets_503s_others_are_unaffected_and_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_threads_share_the_port_and_drain_on_shutdown() {
     let a = Upstream::start("a").await;
-    let dataplane =
-        fleetlb_dataplane::Dataplane::new(ProxyConfig::default(), &prometheus::Registry::new())
-            .unwrap();
-    let (_routes, rx) = tokio::sync::watch::channel(RouteTable {
-        routes: vec![route(vec![a.endpoint()])],
-    });
-    dataplane.watch_routes(rx);
-    let listener = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let threads = dataplane.serve_threads(listener, 3, &stop_rx).unwrap();
-    let dp = dataplane.clone();
-    eventually("a healthy", || {
-        dp.snapshot()
-            .iter()
-            .flat_map(|c| &c.endpoints)
-            .any(|e| e.state == "healthy")
-    })
-    .await;
+    let t = Threaded::start(ProxyConfig::default(), &a, 3).await;
+    let (addr, stop, threads) = (t.addr, t.stop, t.threads);
     // New connections land on all three threads' listeners; every one is served.
     for _ in 0..200 {
         let r = exchange(
@@ -530,23 +513,8 @@ async fn the_connection_limit_holds_for_the_process_not_per_proxy_thread() {
         max_connections: 3,
         ..Default::default()
     };
-    let dataplane = fleetlb_dataplane::Dataplane::new(cfg, &prometheus::Registry::new()).unwrap();
-    let (_routes, rx) = tokio::sync::watch::channel(RouteTable {
-        routes: vec![route(vec![a.endpoint()])],
-    });
-    dataplane.watch_routes(rx);
-    let listener = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let _threads = dataplane.serve_threads(listener, 2, &stop_rx).unwrap();
-    let dp = dataplane.clone();
-    eventually("a healthy", || {
-        dp.snapshot()
-            .iter()
-            .flat_map(|c| &c.endpoints)
-            .any(|e| e.state == "healthy")
-    })
-    .await;
+    let t = Threaded::start(cfg, &a, 2).await;
+    let addr = t.addr;
     // Keep-alive connections, each kept open after its first answer.
     let mut held = Vec::new();
     let mut statuses = Vec::new();
@@ -564,4 +532,43 @@ async fn the_connection_limit_holds_for_the_process_not_per_proxy_thread() {
         held.push(s);
     }
     assert_eq!(statuses, ["200", "200", "200", "503", "503", "503"]);
+}
+
+/// A data plane serving route `/c` over `up` on `threads` proxy threads, `up` healthy.
+struct Threaded {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    _routes: tokio::sync::watch::Sender<RouteTable>,
+}
+
+impl Threaded {
+    async fn start(cfg: ProxyConfig, up: &Upstream, threads: usize) -> Self {
+        let dataplane =
+            fleetlb_dataplane::Dataplane::new(cfg, &prometheus::Registry::new()).unwrap();
+        let (routes, rx) = tokio::sync::watch::channel(RouteTable {
+            routes: vec![route(vec![up.endpoint()])],
+        });
+        dataplane.watch_routes(rx);
+        let listener = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let threads = dataplane
+            .serve_threads(listener, threads, &stop_rx)
+            .unwrap();
+        eventually(&format!("{} healthy", up.name), || {
+            dataplane
+                .snapshot()
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .any(|e| e.state == "healthy")
+        })
+        .await;
+        Self {
+            addr,
+            stop,
+            threads,
+            _routes: routes,
+        }
+    }
 }
