@@ -13,6 +13,7 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 
 use crate::endpoint::Endpoint;
+use crate::h1;
 
 /// Request body sent upstream: the client's streamed body, or nothing (probes, retries).
 pub enum UpstreamBody {
@@ -71,13 +72,24 @@ impl Drop for InflightGuard {
 pub struct ResponseBody(Kind);
 
 enum Kind {
+    /// Read by hyper's client (requests with a body).
     Upstream(Incoming, #[allow(dead_code)] Option<InflightGuard>),
+    /// Read by fleetlb's own client; the guard's endpoint takes the connection back at the end.
+    Own(h1::Body, Option<InflightGuard>),
     Message(Option<Bytes>),
 }
+
+/// Error type of response bodies: the upstream connection failed mid-body. The client's
+/// response is then cut short, never completed with a wrong length.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
     pub(crate) fn upstream(body: Incoming, guard: InflightGuard) -> Self {
         Self(Kind::Upstream(body, Some(guard)))
+    }
+
+    pub(crate) fn own(body: h1::Body, guard: InflightGuard) -> Self {
+        Self(Kind::Own(body, Some(guard)))
     }
 
     /// A complete short body.
@@ -88,19 +100,31 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
             Kind::Upstream(body, guard) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = polled {
                     guard.take();
                 }
-                polled
+                polled.map_err(Into::into)
+            }
+            Kind::Own(body, guard) => {
+                let Some(g) = guard.as_ref() else {
+                    return Poll::Ready(None);
+                };
+                let polled = body.poll_data(cx, &g.0.pool);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
+                    Poll::Pending => {}
+                    _ => drop(guard.take()),
+                }
+                polled.map(|o| o.map(|r| r.map(Frame::data).map_err(Into::into)))
             }
             Kind::Message(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
@@ -109,6 +133,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Upstream(b, _) => b.is_end_stream(),
+            Kind::Own(b, _) => b.is_end_stream(),
             Kind::Message(b) => b.is_none(),
         }
     }
@@ -116,6 +141,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Upstream(b, _) => b.size_hint(),
+            Kind::Own(b, _) => b.size_hint(),
             Kind::Message(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Message(None) => SizeHint::with_exact(0),
         }

@@ -26,6 +26,8 @@ pub(crate) struct Endpoint {
     pub authority: Authority,
     pub state: EndpointState,
     pub metrics: EndpointMetrics,
+    /// Idle keep-alive connections to this endpoint (see `h1`).
+    pub pool: crate::h1::Pool,
 }
 
 impl Endpoint {
@@ -38,6 +40,7 @@ impl Endpoint {
             authority,
             state: EndpointState::new(now),
             metrics,
+            pool: Default::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ mod balance;
 mod body;
 mod endpoint;
 mod error;
+mod h1;
 pub mod metrics;
 mod outlier;
 pub mod path;

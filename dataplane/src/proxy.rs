@@ -27,6 +27,7 @@ use crate::balance;
 use crate::body::{InflightGuard, ResponseBody, UpstreamBody};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
+use crate::h1;
 use crate::outlier;
 use crate::table::Cluster;
 
@@ -36,6 +37,23 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+static EMPTY_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
+/// An upstream's answer, from either client.
+enum Answer {
+    Own(h1::Answer),
+    Hyper(Response<Incoming>),
+}
+
+/// A failed upstream exchange, from either client.
+struct SendError {
+    /// Nothing reached the upstream.
+    connect: bool,
+    /// The endpoint refused the connection.
+    refused: bool,
+    err: Box<dyn std::error::Error + Send + Sync>,
+}
 
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
@@ -149,6 +167,13 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Requests without a body and not asking for an upgrade (nearly all) take fleetlb's own
+    // upstream client (`h1`); the rest hyper's, which streams bodies and hands over upgrades.
+    let own_client = replayable && client_upgrade.is_none();
+    let settings = h1::Settings {
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.pool_idle_timeout,
+    };
     let mut body = Some(body);
     let mut headers = Some(parts.headers);
     let mut failed: Option<Arc<Endpoint>> = None;
@@ -177,28 +202,80 @@ async fn forward(
         }
         ep.metrics.selections.inc();
 
-        let last = attempt == attempts;
-        let mut up = Request::new(match body.take() {
-            Some(b) if !b.is_end_stream() => UpstreamBody::Client(b),
-            _ => UpstreamBody::Empty(Default::default()),
-        });
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = upstream_uri(&ep, &path);
-        *up.headers_mut() = if last {
-            headers.take().unwrap_or_default()
-        } else {
-            headers.clone().unwrap_or_default()
-        };
-
         let guard = InflightGuard::new(ep.clone());
         let sent = Instant::now();
-        let result = tokio::time::timeout(cluster.request_timeout, client.request(up)).await;
+        let result = if own_client {
+            // Bodiless, not an upgrade: fleetlb's own client, headers borrowed, not cloned.
+            let head = h1::Head {
+                method: &parts.method,
+                path: &path,
+                headers: headers.as_ref().unwrap_or(&EMPTY_HEADERS),
+                authority: ep.authority.as_str(),
+            };
+            let sending = h1::send(&ep.pool, ep.addr, &head, settings, idempotent);
+            match tokio::time::timeout(cluster.request_timeout, sending).await {
+                Ok(Ok(answer)) => Ok(Ok(Answer::Own(answer))),
+                Ok(Err(err)) => Ok(Err(SendError {
+                    connect: err.is_connect(),
+                    refused: err.is_refused(),
+                    err: err.into(),
+                })),
+                Err(elapsed) => Err(elapsed),
+            }
+        } else {
+            let last = attempt == attempts;
+            let mut up = Request::new(match body.take() {
+                Some(b) if !b.is_end_stream() => UpstreamBody::Client(b),
+                _ => UpstreamBody::Empty(Default::default()),
+            });
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = upstream_uri(&ep, &path);
+            *up.headers_mut() = if last {
+                headers.take().unwrap_or_default()
+            } else {
+                headers.clone().unwrap_or_default()
+            };
+            match tokio::time::timeout(cluster.request_timeout, client.request(up)).await {
+                Ok(Ok(resp)) => Ok(Ok(Answer::Hyper(resp))),
+                Ok(Err(err)) => Ok(Err(SendError {
+                    connect: err.is_connect(),
+                    refused: refused(&err),
+                    err: err.into(),
+                })),
+                Err(elapsed) => Err(elapsed),
+            }
+        };
         let rtt = sent.elapsed();
         let now = shared.clock.now();
         match result {
-            Ok(Ok(mut resp)) => {
+            Ok(Ok(Answer::Own(answer))) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
-                learn_from_status(shared, cluster, &ep, &resp, rtt, now);
+                learn_from_status(
+                    shared,
+                    cluster,
+                    &ep,
+                    answer.status,
+                    &answer.headers,
+                    rtt,
+                    now,
+                );
+                let mut resp = Response::new(ResponseBody::own(answer.body, guard));
+                *resp.status_mut() = answer.status;
+                *resp.headers_mut() = answer.headers;
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp);
+            }
+            Ok(Ok(Answer::Hyper(mut resp))) => {
+                ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
+                learn_from_status(
+                    shared,
+                    cluster,
+                    &ep,
+                    resp.status(),
+                    resp.headers(),
+                    rtt,
+                    now,
+                );
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(client) = client_upgrade.take()
                 {
@@ -209,13 +286,16 @@ async fn forward(
                 strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| ResponseBody::upstream(b, guard)));
             }
-            Ok(Err(err)) => {
-                let connect = err.is_connect();
+            Ok(Err(SendError {
+                connect,
+                refused: was_refused,
+                err,
+            })) => {
                 ep.state.observe(penalty, now, decay);
                 outlier::on_failure(&shared.metrics, cluster, &ep, now);
                 if connect {
                     ep.metrics.connect_errors.inc();
-                    let t = if refused(&err) {
+                    let t = if was_refused {
                         ep.state.mark_down()
                     } else {
                         ep.state.failure(cluster.health.unhealthy_threshold)
@@ -281,18 +361,18 @@ fn learn_from_status(
     shared: &Shared,
     cluster: &Cluster,
     ep: &Endpoint,
-    resp: &Response<Incoming>,
+    status: StatusCode,
+    headers: &HeaderMap,
     rtt: Duration,
     now: u64,
 ) {
     let decay = cluster.balancing.decay.as_nanos() as f64;
-    let status = resp.status().as_u16();
+    let status = status.as_u16();
     if status >= 500 || status == 429 {
         let penalty = shared.config.failure_penalty.max(rtt);
         ep.state.observe(penalty.as_nanos() as f64, now, decay);
         outlier::on_failure(&shared.metrics, cluster, ep, now);
-        let retry_after = resp
-            .headers()
+        let retry_after = headers
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
@@ -332,8 +412,24 @@ fn upstream_uri(ep: &Endpoint, path: &PathAndQuery) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
 
-/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in `Connection`.
+/// Hop-by-hop headers other than those `Connection` names (RFC 9110 7.6.1).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == header::PROXY_AUTHORIZATION
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in `Connection`. Most
+/// messages carry none: one pass over the names finds that without hashing any.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -360,6 +456,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A random 128-bit request id in 32 lowercase hex digits.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
 /// `X-Request-Id` when asked and missing.
 pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
@@ -370,11 +478,8 @@ pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: 
         h.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(h);
-    if request_id
-        && !h.contains_key(&X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
-    {
-        h.insert(&X_REQUEST_ID, v);
+    if request_id && !h.contains_key(&X_REQUEST_ID) {
+        h.insert(&X_REQUEST_ID, self::request_id());
     }
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
