@@ -87,7 +87,10 @@ start_nginx() { # ports...
     for p in "$@"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
     echo "    keepalive 256; }"
     echo "  server { listen 127.0.0.1:$NGINX_PORT backlog=4096; keepalive_requests 1000000;"
-    echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }"
+    echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+    # The same request headers fleetlb adds by default, so all three do the same work.
+    echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme;"
+    echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } } }"
   } > "$WORK/nginx/nginx.conf"
   nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
   NGINX_PID=$!; PIDS+=($NGINX_PID)
@@ -101,6 +104,9 @@ start_haproxy() { # ports...
     echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
     echo "  retry-on conn-failure empty-response"
     echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT"; echo "  default_backend b"
+    # The same request headers fleetlb adds by default, so all three do the same work.
+    echo "  option forwardfor"; echo "  http-request set-header X-Forwarded-Proto http"
+    echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"; echo "  http-request set-header X-Request-Id %[uuid]"
     echo "backend b"; echo "  balance roundrobin"
     i=1; for p in "$@"; do echo "  server s$i 127.0.0.1:$p check inter 1s fall 2 rise 2"; i=$((i + 1)); done
   } > "$WORK/haproxy.cfg"

@@ -645,6 +645,40 @@ fn find_crlf(buf: &[u8]) -> Result<Option<usize>, &'static str> {
     }
 }
 
+/// For the fuzzer (`fuzz/fuzz_targets/upstream_response.rs`): frames `data` as an upstream
+/// answer the way `exchange` and `Body` do; the final status and the decoded body, or `None`
+/// when the answer is rejected or incomplete.
+#[doc(hidden)]
+pub fn frame_response(data: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
+    let mut buf = BytesMut::from(data);
+    loop {
+        match parse(&buf, head_request).ok()? {
+            Parsed::Partial => return None,
+            Parsed::Interim(len) => buf.advance(len),
+            Parsed::Final(len, answer) => {
+                buf.advance(len);
+                let mut out = Vec::new();
+                match answer.body.framing {
+                    Framing::Length(n) => {
+                        let n = n.min(buf.len() as u64) as usize;
+                        out.extend_from_slice(&buf[..n]);
+                    }
+                    Framing::Chunked(mut dec) => loop {
+                        match dec.decode(&mut buf).ok()? {
+                            Some(Step::Data(d)) => out.extend_from_slice(&d),
+                            Some(Step::End) => break,
+                            None => return None,
+                        }
+                    },
+                    Framing::Close => out.extend_from_slice(&buf),
+                    Framing::Done => {}
+                }
+                return Some((answer.status.as_u16(), out));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,11 @@ mod body;
 mod endpoint;
 mod error;
 mod h1;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h1::frame_response;
+}
 pub mod metrics;
 mod outlier;
 pub mod path;

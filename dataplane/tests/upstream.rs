@@ -1,0 +1,186 @@
+//! What fleetlb's own upstream client (requests without a body) does with every way an HTTP/1
+//! upstream can frame, interleave or botch an answer, seen by a client through the proxy. The
+//! upstream is a raw TCP server on 127.0.0.1:0 writing exact bytes.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use fleetlb_dataplane::{EndpointConfig, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A raw upstream. `/health` answers 200; `/c/<case>` answers the bytes of that case. Counts
+/// the connections that carried at least one `/c` request.
+struct Raw {
+    addr: SocketAddr,
+    proxied_conns: Arc<AtomicU64>,
+}
+
+/// The bytes for a case and whether to close the connection after writing them.
+fn answer(method: &str, path: &str) -> (&'static [u8], bool) {
+    if path == "/health" {
+        return (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false);
+    }
+    match (method, path.trim_start_matches("/c/")) {
+        (_, "chunked") => (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n1;ext=x\r\n \r\n5\r\nworld\r\n0\r\ntrailer: 1\r\n\r\n",
+            false,
+        ),
+        (_, "early-hints") => (
+            b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            false,
+        ),
+        (_, "until-close") => (b"HTTP/1.1 200 OK\r\n\r\nthe body ends when the connection does", true),
+        (_, "close-after") => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
+        (_, "no-content") => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        (_, "garbage") => (b"NOT HTTP AT ALL\r\n\r\n", true),
+        (_, "short") => (b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nonly this", true),
+        ("HEAD", _) => (b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n", false),
+        _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    }
+}
+
+impl Raw {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxied_conns = Arc::new(AtomicU64::new(0));
+        let conns = proxied_conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let conns = conns.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let mut counted = false;
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                            buf.drain(..end + 4);
+                            let mut line = head.split_whitespace();
+                            let (method, path) =
+                                (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                            if path.starts_with("/c") && !counted {
+                                counted = true;
+                                conns.fetch_add(1, Relaxed);
+                            }
+                            let (bytes, close) = answer(method, path);
+                            if s.write_all(bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            proxied_conns,
+        }
+    }
+}
+
+async fn behind_proxy() -> (Raw, Proxy) {
+    let raw = Raw::start().await;
+    let ep = EndpointConfig {
+        id: "raw".into(),
+        addr: raw.addr,
+    };
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![ep])]).await;
+    proxy.wait_healthy(1).await;
+    (raw, proxy)
+}
+
+#[tokio::test]
+async fn every_upstream_framing_reaches_the_client_whole() {
+    let (_raw, proxy) = behind_proxy().await;
+    let c = client();
+    for (case, body) in [
+        ("chunked", "hello world"),
+        ("early-hints", "final"),
+        ("until-close", "the body ends when the connection does"),
+        ("no-content", ""),
+        ("plain", "ok"),
+    ] {
+        let (status, got) = get(&c, &proxy.url(&format!("/c/{case}"))).await.unwrap();
+        assert_eq!(
+            (status, got.as_str()),
+            (if case == "no-content" { 204 } else { 200 }, body),
+            "{case}"
+        );
+    }
+    // HEAD: the length is announced, no body follows, and the connection stays usable.
+    let r = exchange(
+        proxy.addr,
+        b"HEAD /c/x HTTP/1.1\r\nHost: x\r\n\r\nGET /c/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("content-length: 1000\r\n"), "{r}");
+    assert!(
+        r.ends_with("\r\n\r\nok"),
+        "HEAD then GET on one connection: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_one_upstream_connection() {
+    let (raw, proxy) = behind_proxy().await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(get(&c, &proxy.url("/c/plain")).await.unwrap().0, 200);
+    }
+    // One client making sequential requests needs one upstream connection, whatever the
+    // number of proxy requests; the health checks use their own.
+    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
+    // A chunked answer, decoded to its end, leaves its connection reusable too.
+    for _ in 0..10 {
+        assert_eq!(get(&c, &proxy.url("/c/chunked")).await.unwrap().0, 200);
+    }
+    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
+    let (raw, proxy) = behind_proxy().await;
+    let c = client();
+    // Each answer keeps the connection open by HTTP's rules and then the upstream closes it:
+    // the next request must never be sent into that dead connection and fail.
+    for i in 0..100 {
+        let r = get(&c, &proxy.url("/c/close-after")).await;
+        assert_eq!(r, Ok((200, "ok".to_string())), "request {i}");
+    }
+    assert!(raw.proxied_conns.load(Relaxed) >= 100);
+}
+
+#[tokio::test]
+async fn a_malformed_or_cut_upstream_answer_is_a_502_or_a_cut_response() {
+    let (_raw, proxy) = behind_proxy().await;
+    let r = exchange(
+        proxy.addr,
+        b"GET /c/garbage HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    let r = exchange(
+        proxy.addr,
+        b"GET /c/short HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // The bytes that came are relayed, then the connection ends short of the length.
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("\r\n\r\nonly this"), "{r:?}");
+    // Still serving.
+    assert_eq!(get(&client(), &proxy.url("/c/plain")).await.unwrap().0, 200);
+}
