@@ -60,7 +60,7 @@ pub(crate) async fn handle(
     shared: &Shared,
     client: &crate::UpstreamClient,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer_ip: &HeaderValue,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     match crate::path::normalize(req.uri().path()) {
@@ -91,7 +91,7 @@ pub(crate) async fn handle(
         }
     };
     let upgrade = upgrade_request(&mut req);
-    prepare_request_headers(req.headers_mut(), peer, shared.config.request_id);
+    prepare_headers(req.headers_mut(), peer_ip, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -203,7 +203,7 @@ async fn forward(
         ep.metrics.selections.inc();
 
         let guard = InflightGuard::new(ep.clone());
-        let sent = Instant::now();
+        let sent = now;
         let result = if own_client {
             // Bodiless, not an upgrade: fleetlb's own client, headers borrowed, not cloned.
             let head = h1::Head {
@@ -245,8 +245,8 @@ async fn forward(
                 Err(elapsed) => Err(elapsed),
             }
         };
-        let rtt = sent.elapsed();
         let now = shared.clock.now();
+        let rtt = Duration::from_nanos(now.saturating_sub(sent));
         match result {
             Ok(Ok(Answer::Own(answer))) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
@@ -471,6 +471,16 @@ fn request_id() -> HeaderValue {
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
 /// `X-Request-Id` when asked and missing.
 pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
+    prepare_headers(h, &peer_ip(peer), request_id);
+}
+
+/// The client's address as an `X-Forwarded-For` element; made once per client connection.
+pub(crate) fn peer_ip(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::try_from(peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `prepare_request_headers` with the client's address already formatted.
+fn prepare_headers(h: &mut HeaderMap, peer_ip: &HeaderValue, request_id: bool) {
     // A request with both Transfer-Encoding and Content-Length is framed by the former (RFC 9112
     // 6.3); the length must not travel on, or the upstream could frame the body differently
     // (request smuggling). The body is re-framed upstream.
@@ -481,12 +491,19 @@ pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: 
     if request_id && !h.contains_key(&X_REQUEST_ID) {
         h.insert(&X_REQUEST_ID, self::request_id());
     }
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        h.insert(&X_FORWARDED_FOR, v);
+    match h.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
+            joined.extend_from_slice(prev.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            h.insert(&X_FORWARDED_FOR, peer_ip.clone());
+        }
     }
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if !h.contains_key(&X_FORWARDED_HOST)
