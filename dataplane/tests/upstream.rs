@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,8 +21,21 @@ struct Raw {
     proxied_conns: Arc<AtomicU64>,
 }
 
+/// Size of the `/c/big` answer's body.
+const BIG: usize = 8 << 20;
+
 /// The bytes for a case and whether to close the connection after writing them.
-fn answer(method: &str, path: &str) -> (&'static [u8], bool) {
+fn answer(method: &str, path: &str) -> (Cow<'static, [u8]>, bool) {
+    if path == "/c/big" {
+        let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+        v.extend((0..BIG).map(|i| (i % 251) as u8));
+        return (Cow::Owned(v), false);
+    }
+    let (bytes, close) = fixed(method, path);
+    (Cow::Borrowed(bytes), close)
+}
+
+fn fixed(method: &str, path: &str) -> (&'static [u8], bool) {
     if path == "/health" {
         return (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false);
     }
@@ -72,7 +86,7 @@ impl Raw {
                                 conns.fetch_add(1, Relaxed);
                             }
                             let (bytes, close) = answer(method, path);
-                            if s.write_all(bytes).await.is_err() || close {
+                            if s.write_all(&bytes).await.is_err() || close {
                                 return;
                             }
                         }
@@ -183,4 +197,24 @@ async fn a_malformed_or_cut_upstream_answer_is_a_502_or_a_cut_response() {
     assert!(r.ends_with("\r\n\r\nonly this"), "{r:?}");
     // Still serving.
     assert_eq!(get(&client(), &proxy.url("/c/plain")).await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn a_large_answer_streams_through_intact_and_the_connection_is_reused() {
+    let (raw, proxy) = behind_proxy().await;
+    let c = client();
+    for _ in 0..3 {
+        let resp = c.get(proxy.url("/c/big").parse().unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body.len(), BIG);
+        assert!(
+            body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+            "body corrupted"
+        );
+    }
+    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
 }
