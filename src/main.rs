@@ -23,11 +23,6 @@ use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// mimalloc: the request path allocates small, short-lived buffers on every core; glibc's malloc
-/// cost about a tenth of the proxy's user time in `perf` (bench/compare.sh throughput).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for bad flags and bad configuration (BSD `EX_USAGE`).
 const EX_USAGE: u8 = 64;
 

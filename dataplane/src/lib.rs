@@ -113,6 +113,7 @@ impl Clock {
     }
 }
 
+/// hyper's pooled client, for requests with a body and upgrades; bodiless requests use `h1`.
 pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 pub(crate) struct Shared {

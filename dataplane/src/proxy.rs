@@ -2,6 +2,8 @@
 //!
 //! Per request: one lock-free table load, one or two endpoint estimates read, one upstream
 //! request over a pooled keep-alive connection, atomic metric updates. Bodies stream both ways.
+//! Requests without a body (nearly all) go through fleetlb's own HTTP/1.1 client (`h1`), in
+//! the client connection's task; requests with a body and upgrades through hyper's.
 //!
 //! Retries: a request whose connection attempt failed (nothing was sent), or an idempotent
 //! request whose connection broke before any response byte, goes to another endpoint, up to
