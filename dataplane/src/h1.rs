@@ -141,6 +141,14 @@ impl Pool {
         idle.push(c);
     }
 
+    /// Closes idle connections older than `max_idle` or closed by the peer, in every shard.
+    pub fn expire(&self, max_idle: Duration) {
+        for shard in &self.shards {
+            let mut idle = shard.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| c.idle_since.elapsed() < max_idle && c.alive());
+        }
+    }
+
     /// Idle connections across all threads.
     pub fn idle(&self) -> usize {
         self.shards

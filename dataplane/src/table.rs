@@ -115,6 +115,11 @@ pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<Rou
                 for c in &shared.table.load().clusters {
                     outlier::sweep_latency(&shared.metrics, c, now);
                     c.retry_budget.tick();
+                    // Idle upstream connections past their time or closed by the backend are
+                    // closed here, not left in CLOSE_WAIT until the next request.
+                    for ep in c.endpoints.iter() {
+                        ep.pool.expire(shared.config.pool_idle_timeout);
+                    }
                 }
             }
         }

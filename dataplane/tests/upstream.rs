@@ -176,6 +176,25 @@ async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
         assert_eq!(r, Ok((200, "ok".to_string())), "request {i}");
     }
     assert!(raw.proxied_conns.load(Relaxed) >= 100);
+    // And the proxy's side of those closed connections does not linger in CLOSE_WAIT.
+    let port = raw.addr.port();
+    eventually("no upstream connection left in CLOSE_WAIT", || {
+        close_wait_to(port) == 0
+    })
+    .await;
+}
+
+/// Sockets in CLOSE_WAIT (the peer closed, this side did not) to 127.0.0.1:`port`.
+fn close_wait_to(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!("0100007F:{port:04X}");
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == remote && f[3] == "08"
+        })
+        .count()
 }
 
 #[tokio::test]
