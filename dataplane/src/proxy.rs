@@ -193,7 +193,9 @@ async fn forward(
                 .with_label_values(&[cluster.name.as_str()])
                 .set(1);
         }
-        let ep = pick.endpoint.clone();
+        // Borrowed from the cluster this request holds: one reference-count bump per request
+        // (the in-flight guard's), on a count every proxy thread shares.
+        let ep = pick.endpoint;
         if attempt == 1 {
             cluster.retry_budget.deposit();
         } else if cluster.retry_budget.withdraw() {
@@ -324,7 +326,7 @@ async fn forward(
                 if !(connect || idempotent) {
                     return Err(last_err);
                 }
-                failed = Some(ep);
+                failed = Some(ep.clone());
             }
             Err(_elapsed) => {
                 ep.state.observe(penalty, now, decay);
