@@ -6,11 +6,13 @@
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3; installs none of them itself:
 #   apt-get install -y nginx-light haproxy wrk
 # Every process listens on 127.0.0.1 only and everything started here is stopped on exit.
-# Environment: DURATION (seconds per run, default 10), CONNS (wrk connections, default 64).
+# Environment: DURATION (seconds per run, default 10), CONNS (wrk connections, default 64),
+# RUNS (interleaved throughput runs per target, default 3; the median is reported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
+RUNS=${RUNS:-3}
 SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory tool)
@@ -167,7 +169,7 @@ PY
   HOLD_PID=$!
 }
 
-echo "# fleetlb vs nginx vs HAProxy on $(nproc) cores, $(date -u +%Y-%m-%d) (DURATION=${DURATION}s, CONNS=$CONNS)"
+echo "# fleetlb vs nginx vs HAProxy on $(nproc) cores, $(date -u +%Y-%m-%d) (DURATION=${DURATION}s, CONNS=$CONNS, RUNS=$RUNS)"
 echo
 
 for scenario in "${SCENARIOS[@]}"; do
@@ -175,12 +177,33 @@ for scenario in "${SCENARIOS[@]}"; do
   throughput)
     start_backends 0 0 0 0 0 0 0 0
     start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
-    echo "## throughput: 8 instant backends, keep-alive, closed loop (wrk -t2 -c$CONNS)"
-    echo "| target | req/s | p50 ms | p99 ms |"; echo "|---|---|---|---|"
-    read -r d_rps d50 d99 < <(wrk_run "http://127.0.0.1:${ports[0]}/bench"); echo "| one backend, direct | $d_rps | $d50 | $d99 |"
-    read -r f_rps f50 f99 < <(wrk_run "http://127.0.0.1:$FLEET_PORT/bench"); echo "| fleetlb (peak-ewma) | $f_rps | $f50 | $f99 |"
-    read -r n_rps n50 n99 < <(wrk_run "http://127.0.0.1:$NGINX_PORT/bench"); echo "| nginx (round robin, keepalive 256) | $n_rps | $n50 | $n99 |"
-    read -r h_rps h50 h99 < <(wrk_run "http://127.0.0.1:$HAPROXY_PORT/bench"); echo "| HAProxy (roundrobin, http-reuse always) | $h_rps | $h50 | $h99 |"
+    echo "## throughput: 8 instant backends, keep-alive, closed loop (wrk -t2 -c$CONNS), median of $RUNS interleaved runs"
+    echo "| target | req/s (median) | each run | p50 ms | p99 ms |"; echo "|---|---|---|---|---|"
+    # Targets take turns, run after run, so a machine getting busier or quieter during the
+    # benchmark weighs on all of them alike; the median of each is reported.
+    declare -A url=([direct]="http://127.0.0.1:${ports[0]}/bench" [fleetlb]="http://127.0.0.1:$FLEET_PORT/bench"
+                    [nginx]="http://127.0.0.1:$NGINX_PORT/bench" [haproxy]="http://127.0.0.1:$HAPROXY_PORT/bench")
+    declare -A runs=()
+    for _ in $(seq 1 "$RUNS"); do
+      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_run "${url[$t]}");"; done
+    done
+    median() { # "rps p50 p99;..." -> "median_rps runs_list p50 p99" (p50/p99 of the median run)
+      python3 -c "
+import sys
+rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[0])
+m = rs[len(rs) // 2]
+print('%.0f %s %.3f %.3f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1], m[2]))" "$1"
+    }
+    declare -A label=([direct]="one backend, direct" [fleetlb]="fleetlb (peak-ewma)"
+                      [nginx]="nginx (round robin, keepalive 256)" [haproxy]="HAProxy (roundrobin, http-reuse always)")
+    for t in direct fleetlb nginx haproxy; do
+      read -r m each p50 p99 < <(median "${runs[$t]}")
+      echo "| ${label[$t]} | $m | $each | $p50 | $p99 |"
+      [ "$t" = fleetlb ] && f_rps=$m
+      [ "$t" = nginx ] && n_rps=$m
+      [ "$t" = haproxy ] && h_rps=$m
+    done
+    python3 -c "print(); print('fleetlb / nginx = %.2f, fleetlb / HAProxy = %.2f (goal: >= 1 and > 1)' % ($f_rps / $n_rps, $f_rps / $h_rps))"
     half=$((f_rps / 2))
     echo; echo "p99 added at half of fleetlb's throughput ($half req/s, open loop, fleetlb bench):"
     echo "| target | p50 ms | p99 ms | errors |"; echo "|---|---|---|---|"
