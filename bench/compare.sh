@@ -134,6 +134,31 @@ wrk_run() { # url
     END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
 }
 
+cpu_ticks() { # pids... -> user+system clock ticks of the processes and their children so far
+  local total=0
+  for p in "$@"; do
+    for q in $p $(pgrep -P "$p" || true); do
+      t=$(awk '{print $14 + $15}' /proc/"$q"/stat 2>/dev/null || echo 0); total=$((total + t))
+    done
+  done
+  echo $total
+}
+
+# wrk_run plus the CPU the process PID (and its children) spent per request meanwhile:
+# -> "req/s p50_ms p99_ms cpu_us_per_request"
+wrk_cpu_run() { # url pid
+  wrk -t2 -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
+  local before after out
+  before=$(cpu_ticks "$2")
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$1" 2>/dev/null)
+  after=$(cpu_ticks "$2")
+  echo "$out" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
+    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+    END { printf "%.0f %.3f %.3f %.1f\n", rps, p50, p99, (n > 0 ? ticks * 1e6 / hz / n : 0) }'
+}
+
 # fleetlb bench open loop -> "p50_ms p99_ms errors"
 rate_run() { # target rate [extra args]
   local out="$WORK/run-$RANDOM"
@@ -178,27 +203,30 @@ for scenario in "${SCENARIOS[@]}"; do
     start_backends 0 0 0 0 0 0 0 0
     start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
     echo "## throughput: 8 instant backends, keep-alive, closed loop (wrk -t2 -c$CONNS), median of $RUNS interleaved runs"
-    echo "| target | req/s (median) | each run | p50 ms | p99 ms |"; echo "|---|---|---|---|---|"
+    echo "| target | req/s (median) | each run | p50 ms | p99 ms | CPU µs per request |"; echo "|---|---|---|---|---|---|"
     # Targets take turns, run after run, so a machine getting busier or quieter during the
     # benchmark weighs on all of them alike; the median of each is reported.
     declare -A url=([direct]="http://127.0.0.1:${ports[0]}/bench" [fleetlb]="http://127.0.0.1:$FLEET_PORT/bench"
                     [nginx]="http://127.0.0.1:$NGINX_PORT/bench" [haproxy]="http://127.0.0.1:$HAPROXY_PORT/bench")
+    # CPU per request: of the proxy (its workers or threads included); for the direct row, of
+    # the one backend.
+    declare -A pid=([direct]=$victim [fleetlb]=$FLEET_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
     declare -A runs=()
     for _ in $(seq 1 "$RUNS"); do
-      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_run "${url[$t]}");"; done
+      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_cpu_run "${url[$t]}" "${pid[$t]}");"; done
     done
-    median() { # "rps p50 p99;..." -> "median_rps runs_list p50 p99" (p50/p99 of the median run)
+    median() { # "rps p50 p99 cpu;..." -> "median_rps runs_list p50 p99 cpu" (the median run's)
       python3 -c "
 import sys
 rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[0])
 m = rs[len(rs) // 2]
-print('%.0f %s %.3f %.3f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1], m[2]))" "$1"
+print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1], m[2], m[3]))" "$1"
     }
     declare -A label=([direct]="one backend, direct" [fleetlb]="fleetlb (peak-ewma)"
                       [nginx]="nginx (round robin, keepalive 256)" [haproxy]="HAProxy (roundrobin, http-reuse always)")
     for t in direct fleetlb nginx haproxy; do
-      read -r m each p50 p99 < <(median "${runs[$t]}")
-      echo "| ${label[$t]} | $m | $each | $p50 | $p99 |"
+      read -r m each p50 p99 cpu < <(median "${runs[$t]}")
+      echo "| ${label[$t]} | $m | $each | $p50 | $p99 | $cpu |"
       [ "$t" = fleetlb ] && f_rps=$m
       [ "$t" = nginx ] && n_rps=$m
       [ "$t" = haproxy ] && h_rps=$m

@@ -296,16 +296,15 @@ async fn exchange(pool: &Pool, mut c: Conn, head: &Head<'_>) -> Result<Answer, F
         }
         // A buffer may hold interim (1xx) heads before the final one.
         while !c.buf.is_empty() {
-            match parse(&c.buf, head.method == Method::HEAD).map_err(Failure::Other)? {
+            match parse(&mut c.buf, head.method == Method::HEAD).map_err(Failure::Other)? {
                 Parsed::Partial => {
                     if c.buf.len() > MAX_HEAD {
                         return Err(Failure::Other(Error::Protocol("head too large")));
                     }
                     break;
                 }
-                Parsed::Interim(len) => c.buf.advance(len),
-                Parsed::Final(len, mut answer) => {
-                    c.buf.advance(len);
+                Parsed::Interim => {}
+                Parsed::Final(mut answer) => {
                     answer.body.start(c, pool);
                     return Ok(answer);
                 }
@@ -317,47 +316,74 @@ async fn exchange(pool: &Pool, mut c: Conn, head: &Head<'_>) -> Result<Answer, F
 #[allow(clippy::large_enum_variant)] // a transient on the stack, never stored
 enum Parsed {
     Partial,
-    /// A 1xx head of this many bytes, skipped.
-    Interim(usize),
-    /// The final head (this many bytes) and its body framing.
-    Final(usize, Answer),
+    /// A 1xx head, consumed and skipped.
+    Interim,
+    /// The final head, consumed, and its body framing.
+    Final(Answer),
 }
 
-fn parse(buf: &[u8], head_request: bool) -> Result<Parsed, Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Ok(httparse::Status::Complete(len)) => len,
-        Err(httparse::Error::TooManyHeaders) => return Err(Error::Protocol("too many headers")),
-        Err(_) => return Err(Error::Protocol("bad head")),
+/// Parses the head at the start of `buf`, consuming it when complete. The final head's header
+/// values are slices of the connection buffer (no copy); its map is a recycled one when this
+/// thread has one.
+fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
+    // Where each header's name and value sit in `buf`, so the parser's borrow can end before
+    // the head is split off.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+            Ok(httparse::Status::Complete(len)) => len,
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Protocol("too many headers"));
+            }
+            Err(_) => return Err(Error::Protocol("bad head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            // A head is at most a few tens of KiB (`MAX_HEAD`): offsets fit in u32.
+            *span = (
+                name as u32,
+                h.name.len() as u32,
+                value as u32,
+                h.value.len() as u32,
+            );
+        }
+        (
+            len,
+            resp.code.unwrap_or(0),
+            resp.version == Some(1),
+            resp.headers.len(),
+        )
     };
-    let code = resp.code.unwrap_or(0);
     if (100..200).contains(&code) {
         // 101 is only valid in answer to an upgrade, which never takes this path.
-        return if code == 101 {
-            Err(Error::Protocol("unasked protocol switch"))
-        } else {
-            Ok(Parsed::Interim(len))
-        };
+        if code == 101 {
+            return Err(Error::Protocol("unasked protocol switch"));
+        }
+        buf.advance(len);
+        return Ok(Parsed::Interim);
     }
     let status = StatusCode::from_u16(code).map_err(|_| Error::Protocol("bad status"))?;
-    let http11 = resp.version == Some(1);
-    let raw = Bytes::copy_from_slice(&buf[..len]);
-    let base = buf.as_ptr() as usize;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let raw = buf.split_to(len).freeze();
+    let mut headers = spare_map(count);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut other_coding = false;
     let mut close = !http11;
-    for h in resp.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Error::Protocol("bad name"))?;
-        let at = h.value.as_ptr() as usize - base;
-        let value = HeaderValue::from_maybe_shared(raw.slice(at..at + h.value.len()))
+    for &(n_at, n_len, v_at, v_len) in &spans[..count] {
+        let (n_at, n_len, v_at, v_len) =
+            (n_at as usize, n_len as usize, v_at as usize, v_len as usize);
+        let name = HeaderName::from_bytes(&raw[n_at..n_at + n_len])
+            .map_err(|_| Error::Protocol("bad name"))?;
+        let bytes = &raw[v_at..v_at + v_len];
+        let value = HeaderValue::from_maybe_shared(raw.slice(v_at..v_at + v_len))
             .map_err(|_| Error::Protocol("bad value"))?;
         if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(h.value)
+            let n = std::str::from_utf8(bytes)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
@@ -367,7 +393,7 @@ fn parse(buf: &[u8], head_request: bool) -> Result<Parsed, Error> {
             }
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
-            for coding in h.value.split(|&b| b == b',') {
+            for coding in bytes.split(|&b| b == b',') {
                 let coding = coding.trim_ascii();
                 if coding.eq_ignore_ascii_case(b"chunked") {
                     chunked = true;
@@ -376,8 +402,7 @@ fn parse(buf: &[u8], head_request: bool) -> Result<Parsed, Error> {
                 }
             }
         } else if name == header::CONNECTION {
-            close |= h
-                .value
+            close |= bytes
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
@@ -399,19 +424,46 @@ fn parse(buf: &[u8], head_request: bool) -> Result<Parsed, Error> {
         close = true;
         Framing::Close
     };
-    Ok(Parsed::Final(
-        len,
-        Answer {
-            status,
-            headers,
-            body: Body {
-                conn: None,
-                framing,
-                reuse: !close,
-                failed: None,
-            },
+    Ok(Parsed::Final(Answer {
+        status,
+        headers,
+        body: Body {
+            conn: None,
+            framing,
+            reuse: !close,
+            failed: None,
         },
-    ))
+    }))
+}
+
+thread_local! {
+    /// Header maps of finished requests, reused for the next answers parsed on this thread.
+    static SPARE_MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most header maps kept for reuse per thread.
+const MAX_SPARE_MAPS: usize = 64;
+
+/// Gives a request's header map back once it was sent and answered, so the next answer's
+/// headers reuse its allocation instead of making one.
+pub(crate) fn recycle(mut map: HeaderMap) {
+    map.clear();
+    SPARE_MAPS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < MAX_SPARE_MAPS {
+            s.push(map);
+        }
+    });
+}
+
+fn spare_map(n: usize) -> HeaderMap {
+    match SPARE_MAPS.with(|s| s.borrow_mut().pop()) {
+        Some(mut m) => {
+            m.reserve(n);
+            m
+        }
+        None => HeaderMap::with_capacity(n),
+    }
 }
 
 enum Framing {
@@ -660,11 +712,10 @@ fn find_crlf(buf: &[u8]) -> Result<Option<usize>, &'static str> {
 pub fn frame_response(data: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
     let mut buf = BytesMut::from(data);
     loop {
-        match parse(&buf, head_request).ok()? {
+        match parse(&mut buf, head_request).ok()? {
             Parsed::Partial => return None,
-            Parsed::Interim(len) => buf.advance(len),
-            Parsed::Final(len, answer) => {
-                buf.advance(len);
+            Parsed::Interim => {}
+            Parsed::Final(answer) => {
                 let mut out = Vec::new();
                 match answer.body.framing {
                     Framing::Length(n) => {
@@ -735,8 +786,8 @@ mod tests {
 
     #[test]
     fn heads_are_framed_as_rfc_9112_says() {
-        let body_of = |raw: &[u8], head: bool| match parse(raw, head) {
-            Ok(Parsed::Final(_, a)) => (a.body.framing, a.body.reuse, a.headers),
+        let body_of = |raw: &[u8], head: bool| match parse(&mut BytesMut::from(raw), head) {
+            Ok(Parsed::Final(a)) => (a.body.framing, a.body.reuse, a.headers),
             _ => panic!("not a final head: {raw:?}"),
         };
         let (f, reuse, _) = body_of(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", false);
@@ -759,14 +810,16 @@ mod tests {
         assert!(!reuse);
         let (_, reuse, _) = body_of(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false);
         assert!(!reuse, "HTTP/1.0 is not kept alive");
-        assert!(matches!(
-            parse(b"HTTP/1.1 100 Continue\r\n\r\n", false),
-            Ok(Parsed::Interim(25))
-        ));
-        assert!(matches!(
-            parse(b"HTTP/1.1 200 OK\r\ncontent-le", false),
-            Ok(Parsed::Partial)
-        ));
+        let mut interim = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"[..]);
+        assert!(matches!(parse(&mut interim, false), Ok(Parsed::Interim)));
+        assert_eq!(
+            &interim[..],
+            b"HTTP/1.1 200",
+            "the interim head is consumed"
+        );
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(matches!(parse(&mut partial, false), Ok(Parsed::Partial)));
+        assert_eq!(partial.len(), 27, "nothing is consumed from a partial head");
         for bad in [
             &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
@@ -776,7 +829,7 @@ mod tests {
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"NOTHTTP\r\n\r\n",
         ] {
-            assert!(parse(bad, false).is_err(), "{bad:?}");
+            assert!(parse(&mut BytesMut::from(bad), false).is_err(), "{bad:?}");
         }
     }
 

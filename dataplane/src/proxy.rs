@@ -233,7 +233,7 @@ async fn forward(
                 _ => UpstreamBody::Empty(Default::default()),
             });
             *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = upstream_uri(&ep, &path);
+            *up.uri_mut() = upstream_uri(ep, &path);
             *up.headers_mut() = if last {
                 headers.take().unwrap_or_default()
             } else {
@@ -257,12 +257,15 @@ async fn forward(
                 learn_from_status(
                     shared,
                     cluster,
-                    &ep,
+                    ep,
                     answer.status,
                     &answer.headers,
                     rtt,
                     now,
                 );
+                if let Some(sent) = headers.take() {
+                    h1::recycle(sent);
+                }
                 let mut resp = Response::new(ResponseBody::own(answer.body, guard));
                 *resp.status_mut() = answer.status;
                 *resp.headers_mut() = answer.headers;
@@ -271,15 +274,7 @@ async fn forward(
             }
             Ok(Ok(Answer::Hyper(mut resp))) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
-                learn_from_status(
-                    shared,
-                    cluster,
-                    &ep,
-                    resp.status(),
-                    resp.headers(),
-                    rtt,
-                    now,
-                );
+                learn_from_status(shared, cluster, ep, resp.status(), resp.headers(), rtt, now);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(client) = client_upgrade.take()
                 {
@@ -296,7 +291,7 @@ async fn forward(
                 err,
             })) => {
                 ep.state.observe(penalty, now, decay);
-                outlier::on_failure(&shared.metrics, cluster, &ep, now);
+                outlier::on_failure(&shared.metrics, cluster, ep, now);
                 if connect {
                     ep.metrics.connect_errors.inc();
                     let t = if was_refused {
@@ -330,7 +325,7 @@ async fn forward(
             }
             Err(_elapsed) => {
                 ep.state.observe(penalty, now, decay);
-                outlier::on_failure(&shared.metrics, cluster, &ep, now);
+                outlier::on_failure(&shared.metrics, cluster, ep, now);
                 tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cluster.request_timeout, "upstream timed out");
                 return Err(ProxyError::UpstreamTimeout);
             }
