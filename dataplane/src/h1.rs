@@ -330,9 +330,12 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     // the head is split off.
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, code, http11, count) = {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(buf) {
+        // Left uninitialised: the parser writes the slots it uses (3 KiB not zeroed per answer).
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+        let len = match parsed {
             Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
             Ok(httparse::Status::Complete(len)) => len,
             Err(httparse::Error::TooManyHeaders) => {

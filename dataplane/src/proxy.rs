@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -464,7 +464,20 @@ fn request_id() -> HeaderValue {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Carved out of a per-thread block shared by 128 ids: no allocation per request.
+    ID_BLOCK.with(|block| {
+        let mut block = block.borrow_mut();
+        if block.capacity() < out.len() {
+            *block = BytesMut::with_capacity(out.len() * 128);
+        }
+        block.extend_from_slice(&out);
+        HeaderValue::from_maybe_shared(block.split_to(out.len()).freeze())
+            .unwrap_or_else(|_| HeaderValue::from_static("0"))
+    })
+}
+
+thread_local! {
+    static ID_BLOCK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
