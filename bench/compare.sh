@@ -233,13 +233,25 @@ print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1
     done
     python3 -c "print(); print('fleetlb / nginx = %.2f, fleetlb / HAProxy = %.2f (goal: >= 1 and > 1)' % ($f_rps / $n_rps, $f_rps / $h_rps))"
     half=$((f_rps / 2))
-    echo; echo "p99 added at half of fleetlb's throughput ($half req/s, open loop, fleetlb bench):"
-    echo "| target | p50 ms | p99 ms | errors |"; echo "|---|---|---|---|"
-    read -r a b c < <(rate_run "http://127.0.0.1:${ports[0]}" "$half"); echo "| one backend, direct | $a | $b | $c |"; direct99=$b
-    read -r a b c < <(rate_run "http://127.0.0.1:$FLEET_PORT" "$half"); echo "| fleetlb | $a | $b | $c |"
-    echo; echo "fleetlb p99 added over direct: $(python3 -c "print('%.3f ms' % ($b - $direct99))")"
-    read -r a b c < <(rate_run "http://127.0.0.1:$NGINX_PORT" "$half"); echo "nginx p99 at the same rate: $b ms"
-    read -r a b c < <(rate_run "http://127.0.0.1:$HAPROXY_PORT" "$half"); echo "HAProxy p99 at the same rate: $b ms"
+    echo; echo "p99 at half of fleetlb's throughput ($half req/s, open loop, fleetlb bench), median of $RUNS interleaved runs:"
+    echo "| target | p50 ms | p99 ms (median) | p99 of each run | errors |"; echo "|---|---|---|---|---|"
+    declare -A rate_url=([direct]="http://127.0.0.1:${ports[0]}" [fleetlb]="http://127.0.0.1:$FLEET_PORT"
+                         [nginx]="http://127.0.0.1:$NGINX_PORT" [haproxy]="http://127.0.0.1:$HAPROXY_PORT")
+    declare -A rate_runs=()
+    for _ in $(seq 1 "$RUNS"); do
+      for t in direct fleetlb nginx haproxy; do rate_runs[$t]+="$(rate_run "${rate_url[$t]}" "$half");"; done
+    done
+    declare -A p99=()
+    for t in direct fleetlb nginx haproxy; do
+      # "p50 p99 errors;..." -> the run with the median p99, every run's p99, errors in all runs
+      read -r a b each c < <(python3 -c "
+import sys
+rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[1])
+m = rs[len(rs) // 2]
+print('%.3f %.3f %s %d' % (m[0], m[1], ','.join('%.3f' % r[1] for r in rs), sum(r[2] for r in rs)))" "${rate_runs[$t]}")
+      echo "| ${label[$t]} | $a | $b | $each | $c |"; p99[$t]=$b
+    done
+    echo; python3 -c "print('fleetlb p99 added over direct: %.3f ms (goal < 1 ms); nginx: %.3f ms; HAProxy: %.3f ms' % (${p99[fleetlb]} - ${p99[direct]}, ${p99[nginx]} - ${p99[direct]}, ${p99[haproxy]} - ${p99[direct]}))"
     echo
     stop_all ;;
   hetero)
