@@ -134,6 +134,10 @@ impl Pool {
 
     fn give_back(&self, mut c: Conn) {
         c.idle_since = Instant::now();
+        // A buffer grown by an outsized head is not kept for the connection's idle life.
+        if c.buf.capacity() > 4 * READ_CHUNK {
+            c.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
         let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
