@@ -125,28 +125,22 @@ stop_all() { # everything started so far; waits until the backend ports are free
 }
 
 # wrk -> "req/s p50_ms p99_ms"
-wrk_run() { # url
-  wrk -t2 -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
-  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$1" 2>/dev/null | awk '
-    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    /Requests\/sec/ { rps = $2 }
-    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
-    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
-}
-
-cpu_ticks() { # pids... -> user+system clock ticks of the processes and their children so far
-  local total=0
+tree_sum() { # file awk_program pids... -> sum of what awk_program prints for /proc/PID/FILE
+  local file=$1 prog=$2 total=0 v
+  shift 2
   for p in "$@"; do
     for q in $p $(pgrep -P "$p" || true); do
-      t=$(awk '{print $14 + $15}' /proc/"$q"/stat 2>/dev/null || echo 0); total=$((total + t))
+      v=$(awk "$prog" /proc/"$q"/"$file" 2>/dev/null || echo 0); total=$((total + ${v:-0}))
     done
   done
   echo $total
 }
+cpu_ticks() { tree_sum stat '{print $14 + $15}' "$@"; } # user+system clock ticks so far
+rss_kb() { tree_sum status '/VmRSS/ {print $2}' "$@"; } # resident KiB
 
-# wrk_run plus the CPU the process PID (and its children) spent per request meanwhile:
-# -> "req/s p50_ms p99_ms cpu_us_per_request"
-wrk_cpu_run() { # url pid
+# wrk (after a 1 s warm-up) and the CPU the process PID (and its children) spent per request
+# meanwhile -> "req/s p50_ms p99_ms cpu_us_per_request"
+wrk_run() { # url pid
   wrk -t2 -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
   local before after out
   before=$(cpu_ticks "$2")
@@ -166,16 +160,6 @@ rate_run() { # target rate [extra args]
   "$FLEETLB" bench --target "$1" --path /bench --rate "$2" --duration 2s -c 256 --max-error-rate 1 >/dev/null 2>&1
   "$FLEETLB" bench --target "$1" --path /bench --rate "$2" --duration "${DURATION}s" -c 256 --out "$out" --max-error-rate 1 >/dev/null 2>&1
   python3 -c "import json,sys; p=json.load(open('$out/summary.json'))['paths'][0]; print('%.3f %.3f %d' % (p['latency_ms']['p50'], p['latency_ms']['p99'], p['failed']))"
-}
-
-rss_kb() { # pids... -> total VmRSS in KiB of the processes and their children
-  local total=0
-  for p in "$@"; do
-    for q in $p $(pgrep -P "$p" || true); do
-      r=$(awk '/VmRSS/ {print $2}' /proc/"$q"/status 2>/dev/null || echo 0); total=$((total + r))
-    done
-  done
-  echo $total
 }
 
 hold_connections() { # port count -> keeps COUNT keep-alive connections open until killed
@@ -213,7 +197,7 @@ for scenario in "${SCENARIOS[@]}"; do
     declare -A pid=([direct]=$victim [fleetlb]=$FLEET_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
     declare -A runs=()
     for _ in $(seq 1 "$RUNS"); do
-      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_cpu_run "${url[$t]}" "${pid[$t]}");"; done
+      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_run "${url[$t]}" "${pid[$t]}");"; done
     done
     median() { # "rps p50 p99 cpu;..." -> "median_rps runs_list p50 p99 cpu" (the median run's)
       python3 -c "
@@ -305,7 +289,7 @@ print('%.3f %.3f %s %d' % (m[0], m[1], ','.join('%.3f' % r[1] for r in rs), sum(
     start_backends 0
     echo "## tool: fleetlb bench vs wrk against one instant backend, $CONNS connections, ${DURATION}s closed loop"
     echo "| load generator | req/s |"; echo "|---|---|"
-    read -r w_rps _ _ < <(wrk_run "http://127.0.0.1:${ports[0]}/bench"); echo "| wrk -t2 -c$CONNS | $w_rps |"
+    read -r w_rps _ _ _ < <(wrk_run "http://127.0.0.1:${ports[0]}/bench" "$victim"); echo "| wrk -t2 -c$CONNS | $w_rps |"
     out="$WORK/tool"
     "$FLEETLB" bench --target "http://127.0.0.1:${ports[0]}" --path /bench -c "$CONNS" --duration "${DURATION}s" --out "$out" >/dev/null 2>&1
     b_rps=$(python3 -c "import json; print('%.0f' % json.load(open('$out/summary.json'))['paths'][0]['throughput_rps'])")

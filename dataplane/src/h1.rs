@@ -73,6 +73,17 @@ struct Conn {
 }
 
 impl Conn {
+    /// Fit for another request: idle for less than `max_idle` and still open.
+    fn reusable(&self, max_idle: Duration) -> bool {
+        self.idle_since.elapsed() < max_idle && self.alive()
+    }
+
+    /// Reads what the socket has into the buffer (at least `READ_CHUNK` of room); 0 at EOF.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
     /// True unless the peer closed (or wrote to) this idle connection. Costs no system call for
     /// a quiet connection: its read readiness was cleared by the short read that ended its last
     /// response, and only a new event (a FIN, a reset) sets it again.
@@ -110,12 +121,6 @@ impl Default for Pool {
     }
 }
 
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle", &self.idle()).finish()
-    }
-}
-
 impl Pool {
     fn shard(&self) -> &Mutex<Vec<Conn>> {
         &self.shards[SHARD.with(|s| *s) % self.shards.len()]
@@ -125,7 +130,7 @@ impl Pool {
     fn take(&self, max_idle: Duration) -> Option<Conn> {
         let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
-            if c.idle_since.elapsed() < max_idle && c.alive() {
+            if c.reusable(max_idle) {
                 return Some(c);
             }
         }
@@ -149,16 +154,8 @@ impl Pool {
     pub fn expire(&self, max_idle: Duration) {
         for shard in &self.shards {
             let mut idle = shard.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| c.idle_since.elapsed() < max_idle && c.alive());
+            idle.retain(|c| c.reusable(max_idle));
         }
-    }
-
-    /// Idle connections across all threads.
-    pub fn idle(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |v| v.len()))
-            .sum()
     }
 }
 
@@ -264,12 +261,6 @@ fn encode(head: &Head<'_>, out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
-async fn read_more(c: &mut Conn) -> io::Result<usize> {
-    c.buf.reserve(READ_CHUNK);
-    std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut c.io), cx, &mut c.buf))
-        .await
-}
-
 async fn exchange(pool: &Pool, mut c: Conn, head: &Head<'_>) -> Result<Answer, Failure> {
     c.buf.clear();
     encode(head, &mut c.buf);
@@ -281,7 +272,7 @@ async fn exchange(pool: &Pool, mut c: Conn, head: &Head<'_>) -> Result<Answer, F
     }
     c.buf.clear();
     loop {
-        match read_more(&mut c).await {
+        match std::future::poll_fn(|cx| c.poll_read(cx)).await {
             Ok(0) if c.buf.is_empty() => {
                 return Err(Failure::Unanswered {
                     written: true,
@@ -567,13 +558,7 @@ impl Body {
                     }
                 }
             }
-            c.buf.reserve(READ_CHUNK);
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut c.io),
-                cx,
-                &mut c.buf
-            ));
-            match read {
+            match ready!(c.poll_read(cx)) {
                 Ok(0) if matches!(self.framing, Framing::Close) => {
                     self.framing = Framing::Done;
                     self.conn = None;

@@ -40,8 +40,6 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-static EMPTY_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
-
 /// An upstream's answer, from either client.
 enum Answer {
     Own(h1::Answer),
@@ -177,7 +175,7 @@ async fn forward(
         idle_timeout: cfg.pool_idle_timeout,
     };
     let mut body = Some(body);
-    let mut headers = Some(parts.headers);
+    let mut headers = parts.headers;
     let mut failed: Option<Arc<Endpoint>> = None;
     let mut last_err = ProxyError::NoHealthyEndpoint;
 
@@ -213,7 +211,7 @@ async fn forward(
             let head = h1::Head {
                 method: &parts.method,
                 path: &path,
-                headers: headers.as_ref().unwrap_or(&EMPTY_HEADERS),
+                headers: &headers,
                 authority: ep.authority.as_str(),
             };
             let sending = h1::send(&ep.pool, ep.addr, &head, settings, idempotent);
@@ -235,9 +233,9 @@ async fn forward(
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = upstream_uri(ep, &path);
             *up.headers_mut() = if last {
-                headers.take().unwrap_or_default()
+                std::mem::take(&mut headers)
             } else {
-                headers.clone().unwrap_or_default()
+                headers.clone()
             };
             match tokio::time::timeout(cluster.request_timeout, client.request(up)).await {
                 Ok(Ok(resp)) => Ok(Ok(Answer::Hyper(resp))),
@@ -263,9 +261,7 @@ async fn forward(
                     rtt,
                     now,
                 );
-                if let Some(sent) = headers.take() {
-                    h1::recycle(sent);
-                }
+                h1::recycle(headers);
                 let mut resp = Response::new(ResponseBody::own(answer.body, guard));
                 *resp.status_mut() = answer.status;
                 *resp.headers_mut() = answer.headers;

@@ -184,6 +184,31 @@ async fn an_upstream_closing_kept_alive_connections_costs_no_request() {
     .await;
 }
 
+#[tokio::test]
+async fn a_connection_the_backend_closed_is_not_used_even_for_a_request_that_cannot_be_resent() {
+    let (raw, proxy) = behind_proxy().await;
+    assert_eq!(
+        get(&client(), &proxy.url("/c/close-after"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    // The backend's close has reached the proxy (its side of the connection waits in
+    // CLOSE_WAIT, pooled): a POST, which is never resent once written, must not go there.
+    let port = raw.addr.port();
+    eventually("the backend's close reached the proxy", || {
+        close_wait_to(port) > 0
+    })
+    .await;
+    let r = exchange(
+        proxy.addr,
+        b"POST /c/plain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
 /// Sockets in CLOSE_WAIT (the peer closed, this side did not) to 127.0.0.1:`port`.
 fn close_wait_to(port: u16) -> usize {
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
