@@ -226,3 +226,75 @@ async fn out_dir_gets_one_csv_row_per_request_json_and_charts() {
         );
     }
 }
+
+/// An instant HTTP server that notes when each request arrived.
+async fn stamping_server() -> (String, Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    seen.lock().unwrap().push(tokio::time::Instant::now());
+                    async { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::new()))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), arrivals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_sends_each_request_at_its_own_time_not_in_millisecond_bursts() {
+    // 5000 req/s: one request every 200 µs. Paced by a 1 ms timer they would leave five at a
+    // time, microseconds apart, each up to 1 ms late (and that lateness counted as latency).
+    let (target, arrivals) = stamping_server().await;
+    let cfg = BenchConfig {
+        requests: Some(1000),
+        concurrency: 32,
+        rate: Some(5000.0),
+        ..config(target)
+    };
+    let run = fleetlb_bench::load::run_path(&cfg, "/x", None).await;
+    assert_eq!(run.records.len(), 1000);
+    let mut at = arrivals.lock().unwrap().clone();
+    at.sort();
+    let mut gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median >= Duration::from_micros(100),
+        "requests arrive bunched: median gap {median:?}, want about 200 µs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_over_several_threads_sends_every_request_exactly_once() {
+    // Above 25 000 req/s the load is split over threads (as many as there are cores): between
+    // them, every request number is sent once, none past the count or the duration.
+    for (requests, duration) in [(Some(3000), None), (None, Some(Duration::from_millis(100)))] {
+        let (target, arrivals) = stamping_server().await;
+        let cfg = BenchConfig {
+            requests,
+            duration,
+            concurrency: 64,
+            rate: Some(30_000.0),
+            ..config(target)
+        };
+        let run = fleetlb_bench::load::run_path(&cfg, "/x", None).await;
+        let seqs: Vec<u64> = run.records.iter().map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            (0..3000).collect::<Vec<_>>(),
+            "{requests:?} {duration:?}"
+        );
+        assert!(run.records.iter().all(|r| r.outcome == Ok(200)));
+        assert_eq!(arrivals.lock().unwrap().len(), 3000);
+    }
+}
