@@ -24,7 +24,7 @@ pub struct BenchConfig {
     pub requests: Option<u64>,
     /// Connections (and workers).
     pub concurrency: usize,
-    /// Open loop: requests per second per path.
+    /// Open loop: requests per second per path (0.001 to 10 000 000; clamped to that range).
     pub rate: Option<f64>,
     /// Run time per path (closed loop: instead of `requests`).
     pub duration: Option<Duration>,

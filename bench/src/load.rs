@@ -176,6 +176,12 @@ fn open_loop(
     deadline: Option<Instant>,
     done: &Arc<AtomicU64>,
 ) -> impl Future<Output = Vec<Record>> + use<> {
+    // The CLI's range; outside it the schedule's times would overflow.
+    let rate = if rate.is_nan() {
+        1.0
+    } else {
+        rate.clamp(0.001, 10_000_000.0)
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let concurrency = cfg.concurrency.max(1);
     let threads = ((rate / RATE_PER_THREAD).ceil() as usize).clamp(1, cores.min(concurrency));
@@ -246,8 +252,8 @@ async fn shard(
         ));
     }
     // Send times of this shard: start + (offset + k * stride) / rate, k = 0, 1, ...
-    let first = Duration::from_secs_f64(seqs.offset as f64 / rate);
-    let period = Duration::from_secs_f64(seqs.stride as f64 / rate);
+    let at = |n: u64| Duration::try_from_secs_f64(n as f64 / rate).unwrap_or(Duration::ZERO);
+    let (first, period) = (at(seqs.offset), at(seqs.stride));
     let count = seqs.count(deadline.map(|d| d.duration_since(start)), rate);
     pace(&permits, start + first, period, count).await;
     permits.add_permits(n);
