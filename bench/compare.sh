@@ -7,12 +7,16 @@
 #   apt-get install -y nginx-light haproxy wrk
 # Every process listens on 127.0.0.1 only and everything started here is stopped on exit.
 # Environment: DURATION (seconds per run, default 10), CONNS (wrk connections, default 64),
-# RUNS (interleaved throughput runs per target, default 3; the median is reported).
+# RUNS (interleaved throughput runs per target, default 3; the median is reported), WORKERS
+# (threads or worker processes of each proxy, the same for all three: a number, or auto = one
+# per core, each proxy's own default; default auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 RUNS=${RUNS:-3}
+WORKERS=${WORKERS:-auto}
+case $WORKERS in auto | [1-9] | [1-9][0-9]) ;; *) echo "bench/compare.sh: WORKERS must be auto or 1-99" >&2; exit 64 ;; esac
 SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory tool)
@@ -66,7 +70,7 @@ start_fleetlb() { # ports...
     for p in "$@"; do echo "      - 127.0.0.1:$p"; done
   } > "$WORK/fleetlb/bench.yaml"
   # shellcheck disable=SC2086
-  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN ${FLEETLB_ARGS:-} 2>"$WORK/fleetlb.log" &
+  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") ${FLEETLB_ARGS:-} 2>"$WORK/fleetlb.log" &
   FLEET_PID=$!; PIDS+=($FLEET_PID)
   wait_port $FLEET_PORT
   # Ready when every endpoint passed its health checks.
@@ -80,7 +84,7 @@ start_fleetlb() { # ports...
 start_nginx() { # ports...
   mkdir -p "$WORK/nginx"
   {
-    echo "worker_processes auto; daemon off; pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;"
+    echo "worker_processes $WORKERS; daemon off; pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;"
     echo "events { worker_connections 8000; }"
     echo "http { access_log off;"
     echo "  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;"
@@ -101,7 +105,7 @@ start_nginx() { # ports...
 
 start_haproxy() { # ports...
   {
-    echo "global"; echo "  nbthread $(nproc)"; echo "  maxconn 8000"
+    echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn 8000"
     echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
     echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
     echo "  retry-on conn-failure empty-response"
@@ -202,7 +206,7 @@ print("machine check (3 s, one spinner per core, nothing else running): "
 PY
 }
 
-echo "# fleetlb vs nginx vs HAProxy on $(nproc) cores, $(date -u +%Y-%m-%d) (DURATION=${DURATION}s, CONNS=$CONNS, RUNS=$RUNS)"
+echo "# fleetlb vs nginx vs HAProxy on $(nproc) cores, $(date -u +%Y-%m-%d) (DURATION=${DURATION}s, CONNS=$CONNS, RUNS=$RUNS, WORKERS=$WORKERS)"
 echo
 machine_check
 echo
