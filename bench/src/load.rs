@@ -58,6 +58,9 @@ pub struct Record {
     pub start_us: u64,
     /// Time to the end of the response body (or the failure) from `start_us`, µs.
     pub latency_us: u64,
+    /// Open loop: how long after `start_us` the request actually left, waiting for a free
+    /// connection or for the generator itself (part of `latency_us`), µs; 0 in closed loop.
+    pub lag_us: u64,
     /// The HTTP status, or why there was none.
     pub outcome: Result<u16, ErrorKind>,
     /// The instance that answered, from `"instance_id"` in a JSON body.
@@ -72,6 +75,8 @@ pub struct PathRun {
     pub records: Vec<Record>,
     /// From the first send to the last completion.
     pub wall: Duration,
+    /// Paced at a fixed rate (records carry `lag_us`).
+    pub open_loop: bool,
 }
 
 /// Runs the load for one path.
@@ -125,6 +130,7 @@ pub async fn run_path(
         path: path.to_string(),
         records,
         wall,
+        open_loop: cfg.rate.is_some(),
     }
 }
 
@@ -204,6 +210,7 @@ fn open_loop(
                 .enable_all()
                 .build()
             else {
+                eprintln!("fleetlb bench: cannot start a load thread's runtime");
                 return;
             };
             let records = rt.block_on(shard(workers, seqs, rate, start, deadline, done));
@@ -464,12 +471,14 @@ impl Worker {
             if deadline.is_some_and(|d| scheduled >= d) {
                 break;
             }
+            let lag = Instant::now().duration_since(scheduled);
             let (outcome, instance) = self.one().await;
             let now = Instant::now();
             out.push(Record {
                 seq,
                 start_us: scheduled.duration_since(start).as_micros() as u64,
                 latency_us: now.duration_since(scheduled).as_micros() as u64,
+                lag_us: lag.as_micros() as u64,
                 outcome,
                 instance,
             });

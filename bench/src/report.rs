@@ -80,6 +80,10 @@ pub struct PathSummary {
     pub latency_ms: Latency,
     /// Per instance, most requests first.
     pub instances: Vec<InstanceSummary>,
+    /// Open loop: how late requests left after their scheduled time (waiting for a free
+    /// connection, or a generator that cannot keep up); included in `latency_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_ms: Option<Latency>,
 }
 
 /// The whole run, as written to `summary.json`.
@@ -116,11 +120,13 @@ fn histogram() -> Histogram<u64> {
 /// Summarises one path's records.
 pub fn summarize(run: &PathRun) -> PathSummary {
     let mut all = histogram();
+    let mut lag = histogram();
     let mut per: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
     let mut errors = BTreeMap::new();
     let mut status = BTreeMap::new();
     let (mut ok, mut failed) = (0, 0);
     for r in &run.records {
+        let _ = lag.record(r.lag_us.max(1));
         match r.outcome {
             Ok(code) => {
                 let _ = all.record(r.latency_us.max(1));
@@ -176,6 +182,7 @@ pub fn summarize(run: &PathRun) -> PathSummary {
         },
         latency_ms: Latency::of(&all),
         instances,
+        send_lag_ms: run.open_loop.then(|| Latency::of(&lag)),
     }
 }
 
@@ -216,6 +223,16 @@ pub fn table(s: &Summary) -> String {
             l.p999,
             l.max
         );
+    }
+    for p in &s.paths {
+        if let Some(lag) = &p.send_lag_ms {
+            let _ = writeln!(
+                out,
+                "{}: requests left {:.2} ms (p50) / {:.2} ms (p99) / {:.2} ms (max) after their scheduled time, \
+                 counted in the latency; a large lag means too few connections (-c) for the rate",
+                p.path, lag.p50, lag.p99, lag.max
+            );
+        }
     }
     for p in &s.paths {
         if !p.errors.is_empty() || p.status.keys().any(|k| k != "2xx") {
@@ -351,6 +368,7 @@ mod tests {
                 seq: i,
                 start_us: i * 1000,
                 latency_us: (i + 1) * 1000,
+                lag_us: 0,
                 outcome: Ok(200),
                 instance: Some(if i % 4 == 0 { b.clone() } else { a.clone() }),
             })
@@ -359,6 +377,7 @@ mod tests {
             seq: 100,
             start_us: 0,
             latency_us: 5,
+            lag_us: 0,
             outcome: Err(ErrorKind::Connect),
             instance: None,
         });
@@ -366,8 +385,13 @@ mod tests {
             path: "/c".into(),
             records,
             wall: Duration::from_secs(1),
+            open_loop: false,
         });
         assert_eq!((s.count, s.ok, s.failed), (101, 100, 1));
+        assert_eq!(
+            s.send_lag_ms, None,
+            "closed loop has no schedule to lag behind"
+        );
         assert_eq!(s.errors["connect"], 1);
         assert!((s.latency_ms.p50 - 50.0).abs() < 0.1, "{:?}", s.latency_ms);
         assert!((s.latency_ms.p99 - 99.0).abs() < 0.1, "{:?}", s.latency_ms);

@@ -298,3 +298,36 @@ async fn open_loop_over_several_threads_sends_every_request_exactly_once() {
         assert_eq!(arrivals.lock().unwrap().len(), 3000);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_says_when_too_few_connections_made_requests_wait() {
+    // 100 req/s to a 20 ms server: one connection can carry 50 req/s, so requests queue for
+    // it and leave ever later; with 8 connections each leaves on time.
+    let target = server(Duration::from_millis(20), None, Duration::ZERO).await;
+    let run = |concurrency| {
+        let target = target.clone();
+        async move {
+            run(&BenchConfig {
+                requests: Some(60),
+                concurrency,
+                rate: Some(100.0),
+                ..config(target)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let starved = run(1).await;
+    let enough = run(8).await;
+    let lag = |s: &fleetlb_bench::Summary| s.paths[0].send_lag_ms.clone().unwrap();
+    // 60 requests over 0.6 s, one at a time at 20 ms: the last leaves ~0.6 s late.
+    assert!(lag(&starved).max >= 400.0, "{:?}", lag(&starved));
+    assert!(
+        lag(&enough).p99 < lag(&starved).p50,
+        "{:?} vs {:?}",
+        lag(&enough),
+        lag(&starved)
+    );
+    let table = fleetlb_bench::report::table(&starved);
+    assert!(table.contains("after their scheduled time"), "{table}");
+}
