@@ -156,15 +156,18 @@ fn closed_loop(
         };
         workers.spawn(w.run(start, seqs, done.clone(), None, deadline));
     }
-    async move {
-        let mut records = Vec::with_capacity(total.unwrap_or(1024).min(10_000_000) as usize);
-        while let Some(r) = workers.join_next().await {
-            if let Ok(mut rs) = r {
-                records.append(&mut rs);
-            }
+    collect(workers)
+}
+
+/// Every worker's records, as the workers finish.
+async fn collect(mut workers: JoinSet<Vec<Record>>) -> Vec<Record> {
+    let mut records = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        if let Ok(mut rs) = r {
+            records.append(&mut rs);
         }
-        records
     }
+    records
 }
 
 /// Requests per second one open-loop thread is given before another is added.
@@ -225,7 +228,7 @@ fn open_loop(
         }
     }
     async move {
-        let mut records = Vec::with_capacity(total.unwrap_or(1024).min(10_000_000) as usize);
+        let mut records = Vec::new();
         for rx in shards {
             if let Ok(mut rs) = rx.await {
                 records.append(&mut rs);
@@ -264,13 +267,7 @@ async fn shard(
     let count = seqs.count(deadline.map(|d| d.duration_since(start)), rate);
     pace(&permits, start + first, period, count).await;
     permits.add_permits(n);
-    let mut records = Vec::new();
-    while let Some(r) = set.join_next().await {
-        if let Ok(mut rs) = r {
-            records.append(&mut rs);
-        }
-    }
-    records
+    collect(set).await
 }
 
 /// Releases `count` permits, one at `first`, then one every `period`.
