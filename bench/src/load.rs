@@ -153,6 +153,7 @@ fn closed_loop(
             total,
             stride: 1,
             offset: 0,
+            rate: None,
         };
         workers.spawn(w.run(start, seqs, done.clone(), None, deadline));
     }
@@ -205,6 +206,7 @@ fn open_loop(
             total,
             stride: threads as u64,
             offset: i as u64,
+            rate: Some(rate),
         };
         let done = done.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -216,7 +218,7 @@ fn open_loop(
                 eprintln!("fleetlb bench: cannot start a load thread's runtime");
                 return;
             };
-            let records = rt.block_on(shard(workers, seqs, rate, start, deadline, done));
+            let records = rt.block_on(shard(workers, seqs, start, deadline, done));
             let _ = tx.send(records);
         };
         match std::thread::Builder::new()
@@ -243,7 +245,6 @@ fn open_loop(
 async fn shard(
     workers: Vec<Worker>,
     seqs: Seqs,
-    rate: f64,
     start: Instant,
     deadline: Option<Instant>,
     done: Arc<AtomicU64>,
@@ -253,18 +254,12 @@ async fn shard(
     let mut set = JoinSet::new();
     for w in workers {
         let seqs = seqs.clone();
-        set.spawn(w.run(
-            start,
-            seqs,
-            done.clone(),
-            Some((rate, permits.clone())),
-            deadline,
-        ));
+        set.spawn(w.run(start, seqs, done.clone(), Some(permits.clone()), deadline));
     }
-    // Send times of this shard: start + (offset + k * stride) / rate, k = 0, 1, ...
-    let at = |n: u64| Duration::try_from_secs_f64(n as f64 / rate).unwrap_or(Duration::ZERO);
-    let (first, period) = (at(seqs.offset), at(seqs.stride));
-    let count = seqs.count(deadline.map(|d| d.duration_since(start)), rate);
+    // Send times of this shard: start + at(offset + k * stride), k = 0, 1, ...
+    let first = seqs.at(seqs.offset).unwrap_or_default();
+    let period = seqs.at(seqs.stride).unwrap_or_default();
+    let count = seqs.count(deadline.map(|d| d.duration_since(start)));
     pace(&permits, start + first, period, count).await;
     permits.add_permits(n);
     collect(set).await
@@ -273,13 +268,14 @@ async fn shard(
 /// Releases `count` permits, one at `first`, then one every `period`.
 async fn pace(permits: &Semaphore, first: Instant, period: Duration, count: u64) {
     #[cfg(target_os = "linux")]
-    match timerfd::pace(permits, first, period, count).await {
+    let released = match timerfd::pace(permits, first, period, count).await {
         Ok(()) => return,
         // No timerfd (a sandbox forbidding it): tokio's timer below, 1 ms slots.
-        Err(released) => return coarse_pace(permits, first, period, count, released).await,
-    }
-    #[allow(unreachable_code)]
-    coarse_pace(permits, first, period, count, 0).await
+        Err(released) => released,
+    };
+    #[cfg(not(target_os = "linux"))]
+    let released = 0;
+    coarse_pace(permits, first, period, count, released).await
 }
 
 /// [`pace`] on tokio's timer, from permit `released` on.
@@ -377,13 +373,14 @@ mod timerfd {
 }
 
 /// Which request numbers a worker takes: `offset + k * stride` for the k-th ticket of its
-/// shard, below `total`.
+/// shard, below `total`; in open loop, request `seq` is due `seq / rate` after the start.
 #[derive(Clone)]
 struct Seqs {
     ticket: Arc<AtomicU64>,
     total: Option<u64>,
     stride: u64,
     offset: u64,
+    rate: Option<f64>,
 }
 
 impl Seqs {
@@ -394,11 +391,15 @@ impl Seqs {
         (self.total.is_none_or(|t| seq < t)).then_some(seq)
     }
 
-    /// How many requests of this shard are scheduled before `within` (at `rate`), and below
-    /// `total`.
-    fn count(&self, within: Option<Duration>, rate: f64) -> u64 {
+    /// Open loop: when request `seq` is due, after the start (`None` past `Duration::MAX`).
+    fn at(&self, seq: u64) -> Option<Duration> {
+        Duration::try_from_secs_f64(seq as f64 / self.rate?).ok()
+    }
+
+    /// How many requests of this shard are scheduled before `within`, and below `total`.
+    fn count(&self, within: Option<Duration>) -> u64 {
         let mut limit = self.total.unwrap_or(u64::MAX);
-        if let Some(d) = within {
+        if let (Some(d), Some(rate)) = (within, self.rate) {
             limit = limit.min((d.as_secs_f64() * rate).ceil() as u64);
         }
         limit.saturating_sub(self.offset).div_ceil(self.stride)
@@ -446,29 +447,31 @@ impl Worker {
         start: Instant,
         seqs: Seqs,
         done: Arc<AtomicU64>,
-        schedule: Option<(f64, Arc<Semaphore>)>,
+        permits: Option<Arc<Semaphore>>,
         deadline: Option<Instant>,
     ) -> Vec<Record> {
         let mut out = Vec::new();
         loop {
-            if let Some((_, permits)) = &schedule {
+            if let Some(permits) = &permits {
                 match permits.acquire().await {
                     Ok(p) => p.forget(),
                     Err(_) => break,
                 }
             }
             let Some(seq) = seqs.next() else { break };
-            let scheduled = match &schedule {
-                Some((rate, _)) => match Duration::try_from_secs_f64(seq as f64 / rate) {
-                    Ok(offset) => start + offset,
-                    Err(_) => break,
+            let sent = Instant::now();
+            // Open loop: due at its scheduled time; closed loop: due when sent.
+            let scheduled = match seqs.rate {
+                None => sent,
+                Some(_) => match seqs.at(seq).and_then(|d| start.checked_add(d)) {
+                    Some(due) => due,
+                    None => break,
                 },
-                None => Instant::now(),
             };
             if deadline.is_some_and(|d| scheduled >= d) {
                 break;
             }
-            let lag = Instant::now().duration_since(scheduled);
+            let lag = sent.duration_since(scheduled);
             let (outcome, instance) = self.one().await;
             let now = Instant::now();
             out.push(Record {
