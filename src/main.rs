@@ -84,6 +84,22 @@ enum Command {
     },
     /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
     Crd,
+    /// Print the IAM policy the aws provider needs, scoped to one install's controller id
+    /// (manifests/iam-policy.json is this with the placeholder id CONTROLLER_ID).
+    ///
+    /// In Kubernetes the id defaults to fleetlb-<UID of the kube-system namespace>:
+    /// `fleetlb iam-policy --controller-id fleetlb-$(kubectl get ns kube-system -o jsonpath='{.metadata.uid}')`
+    IamPolicy {
+        /// The install's controller id, as given to (or derived by) `fleetlb run`/`standalone`.
+        #[arg(long, value_parser = parse_controller_id)]
+        controller_id: String,
+        /// ARN partition: aws, aws-cn or aws-us-gov.
+        #[arg(long, default_value = "aws", value_parser = ["aws", "aws-cn", "aws-us-gov"])]
+        partition: String,
+        /// Name of the IAM role instances are launched with (spec.provider.aws.iamInstanceProfile).
+        #[arg(long, default_value = "fleetlb-instance", value_parser = parse_controller_id)]
+        instance_role: String,
+    },
     /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
     Status {
         /// Admin address of the running fleetlb.
@@ -177,9 +193,11 @@ struct ListenArgs {
     #[arg(long, env = "FLEETLB_EC2_ENDPOINT")]
     ec2_endpoint: Option<String>,
     /// Identity of this install, tagged on every instance it launches
-    /// (`fleetlb.dev/controller`); instances of other ids are never touched.
-    #[arg(long, default_value = "fleetlb", value_parser = parse_controller_id)]
-    controller_id: String,
+    /// (`fleetlb.dev/controller`); instances of other ids are never touched. Must be unique per
+    /// AWS account and region. `run` derives it from the cluster (fleetlb-<UID of the
+    /// kube-system namespace>) when not given; `standalone` requires it for the aws provider.
+    #[arg(long, env = "FLEETLB_CONTROLLER_ID", value_parser = parse_controller_id)]
+    controller_id: Option<String>,
     /// Proxy threads, each with its own single-threaded runtime, listener (SO_REUSEPORT) and
     /// upstream pool (default: one per core). 0 serves the proxy on the main runtime instead.
     #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
@@ -278,6 +296,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Crd => {
             print!("{}", fleetlb_crds::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::IamPolicy {
+            controller_id,
+            partition,
+            instance_role,
+        } => {
+            print!(
+                "{}",
+                fleetlb_controller::iam::policy_json(&fleetlb_controller::iam::PolicyOptions {
+                    controller_id,
+                    partition,
+                    instance_role,
+                })
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { admin, json } => status::print(admin, json).await,
@@ -447,7 +480,9 @@ enum Proxy {
 }
 
 impl Serving {
-    async fn start(listen: &ListenArgs) -> anyhow::Result<Self> {
+    /// Binds, builds and starts everything but the driver; the aws provider exists only with a
+    /// `controller_id` (this install's identity).
+    async fn start(listen: &ListenArgs, controller_id: Option<String>) -> anyhow::Result<Self> {
         let proxy_listener = bind(listen.listen, "proxy").await?;
         let admin_listener = bind(listen.admin, "admin").await?;
         let proxy_addr = proxy_listener.local_addr()?;
@@ -464,15 +499,18 @@ impl Serving {
         let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
         let local = Arc::new(LocalProvider::new(exe));
         let metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
-        let aws = fleetlb_controller::aws::LazyAwsProvider::new(
-            listen.ec2_endpoint.clone(),
-            listen.controller_id.clone(),
-            metrics.clone(),
-        );
+        let aws = controller_id.map(|id| {
+            tracing::info!(controller_id = %id, "aws provider: this install owns instances tagged fleetlb.dev/controller={id}");
+            Arc::new(fleetlb_controller::aws::LazyAwsProvider::new(
+                listen.ec2_endpoint.clone(),
+                id,
+                metrics.clone(),
+            )) as Arc<dyn fleetlb_controller::provider::Provider>
+        });
         let providers = Providers {
             local: Some(local.clone()),
             fixed: Some(Arc::new(StaticProvider)),
-            aws: Some(Arc::new(aws)),
+            aws,
         };
         let updater = dataplane.watch_routes(routes_rx);
         let proxy = match listen.proxy_threads {
@@ -556,7 +594,16 @@ async fn serve_standalone(
         eprintln!("fleetlb: --config {}: not a directory", dir.display());
         return Ok(ExitCode::from(EX_USAGE));
     }
-    let s = Serving::start(&listen).await?;
+    if listen.controller_id.is_none()
+        && let Some(file) = fleetlb_controller::files::first_aws_object(&dir)
+    {
+        eprintln!(
+            "fleetlb: --controller-id is required: {} uses the aws provider (give this install an id unique in the AWS account and region)",
+            file.display()
+        );
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    let s = Serving::start(&listen, listen.controller_id.clone()).await?;
     let driver = Standalone::new(
         StandaloneConfig::new(dir.clone()),
         s.providers.clone(),
@@ -587,7 +634,19 @@ async fn serve_standalone(
 async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Result<ExitCode> {
     use fleetlb_controller::kubernetes::{self, Context, KubeConfig};
     use fleetlb_controller::lease::{Elector, LeaseConfig};
-    let client = match kube::Client::try_default().await {
+    // Two clients: the watch client waits as long as a watch lasts; every other call (status
+    // writes, Events, the Lease) has a read timeout, so a hung API server fails the call
+    // instead of stalling the reconcile or the leader election forever.
+    let (client, calls) = match kube::Config::infer().await.map_err(|e| e.to_string()).and_then(
+        |config| {
+            let mut bounded = config.clone();
+            bounded.read_timeout = Some(Duration::from_secs(10));
+            bounded.reset_reader_on_write = true;
+            let watch = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let calls = kube::Client::try_from(bounded).map_err(|e| e.to_string())?;
+            Ok((watch, calls))
+        },
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -596,12 +655,24 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
             return Ok(ExitCode::from(EX_USAGE));
         }
     };
+    let controller_id = match listen.controller_id.clone() {
+        Some(id) => id,
+        None => match kubernetes::controller_id_from_cluster(calls.clone()).await {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!(
+                    "fleetlb: cannot derive the controller id from namespace kube-system ({e}); pass --controller-id or allow get on namespaces/kube-system"
+                );
+                return Ok(ExitCode::from(EX_USAGE));
+            }
+        },
+    };
     let identity = lease.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| format!("fleetlb-{}", std::process::id()))
     });
-    let s = Serving::start(&listen).await?;
+    let s = Serving::start(&listen, Some(controller_id)).await?;
     let (leader_tx, leader_rx) = watch::channel(lease.no_leader_election);
     let metrics = s.metrics.clone();
     let mut leader_gauge = leader_rx.clone();
@@ -613,7 +684,7 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
         }
     }));
     if !lease.no_leader_election {
-        let api = kube::Api::namespaced(client.clone(), &lease.lease_namespace);
+        let api = kube::Api::namespaced(calls.clone(), &lease.lease_namespace);
         let elector = Elector::new(
             api,
             LeaseConfig::new(lease.lease_namespace, lease.lease_name, identity.clone()),
@@ -628,14 +699,15 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
         controller: "fleetlb".into(),
         instance: Some(identity),
     };
+    // Every launch, termination and release re-checks leadership right before the call.
     let (providers, dataplane, metrics, routes) = (
-        s.providers.clone(),
+        s.providers.clone().leader_only(leader_rx.clone()),
         s.dataplane.clone(),
         s.metrics.clone(),
         s.routes.clone(),
     );
     let status = s.status.clone();
-    let ctx_client = client.clone();
+    let ctx_client = calls;
     let ready = s.ready.clone();
     let shutdown = stopped(s.stop.subscribe());
     let (proxy_addr, admin_addr) = (s.proxy_addr, s.admin_addr);

@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::time::Duration;
 
 use support::*;
 
@@ -454,4 +455,72 @@ fn the_original_experiment_in_one_command() {
             assert!(i["share"].as_f64().unwrap() < 0.5, "{i}");
         }
     }
+}
+
+#[test]
+fn standalone_with_an_aws_cluster_requires_a_controller_id() {
+    // No shared default identity: two installs in one account would take each other's
+    // instances for orphans.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), example("aws/cluster1.yaml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["standalone", "--config"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("FLEETLB_CONTROLLER_ID")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("fleetlb: --controller-id is required"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_retired_instance_keeps_serving_its_requests_and_goes_as_soon_as_they_end() {
+    let slow = "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: slow\nspec:\n  route: /slow\n  replicas: 1\n  instanceType: t2.large\n  timeoutSeconds: 60\n  deregistrationDelaySeconds: 300\n  provider:\n    local:\n      latencyMs: 3000\n  healthCheck:\n    intervalSeconds: 1\n    timeoutSeconds: 1\n    healthyThreshold: 2\n    unhealthyThreshold: 2\n";
+    let f = Fleetlb::demo(&[("slow.yaml", slow.to_string())]);
+    let instance = |s: &serde_json::Value| -> Option<(String, String)> {
+        let i = &s["clusters"][0]["status"]["instances"][0];
+        Some((i["id"].as_str()?.to_string(), i["state"].as_str()?.to_string()))
+    };
+    eventually("slow is ready", || {
+        let s = f.status();
+        (s["clusters"][0]["status"]["readyReplicas"] == 1).then_some(())
+    });
+    let (id, _) = instance(&f.status()).unwrap();
+    let proxy = f.proxy;
+    let request = std::thread::spawn(move || get(proxy, "/slow").map(|r| r.status));
+    eventually("the request is in flight", || {
+        let r = get(f.admin, "/debug/endpoints")?;
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        (v[0]["endpoints"][0]["inflight"] == 1).then_some(())
+    });
+    // Scale to zero: the instance leaves the endpoint set but is not terminated while its
+    // request runs (the shortest drain is 2 s, the request takes 3 s).
+    f.write("slow.yaml", &slow.replace("replicas: 1", "replicas: 0"));
+    eventually("the instance is draining", || {
+        instance(&f.status()).filter(|(_, s)| s == "draining")
+    });
+    while !request.is_finished() {
+        let (i, state) = instance(&f.status()).expect("the instance is listed");
+        assert_eq!(i, id);
+        assert_eq!(
+            state, "draining",
+            "terminated while a request to it was in flight"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(request.join().unwrap(), Some(200), "the in-flight request completes");
+    // Its last request done, it goes long before the 300 s deregistration delay.
+    eventually("the drained instance is terminated", || {
+        match instance(&f.status()) {
+            None => Some(()),
+            Some((_, s)) if s == "terminated" || s == "shutting-down" => Some(()),
+            _ => None,
+        }
+    });
 }

@@ -179,6 +179,14 @@ fn rbac_grants_only_what_the_controller_needs() {
             if resources.contains(&"leases") {
                 assert_eq!(v["kind"], "Role", "leases only in fleetlb's own namespace");
             }
+            if resources.contains(&"namespaces") {
+                assert_eq!(verbs, ["get"], "{r}");
+                assert_eq!(
+                    r["resourceNames"],
+                    serde_json::json!(["kube-system"]),
+                    "only kube-system's UID is read: {r}"
+                );
+            }
         }
     }
 }
@@ -279,6 +287,21 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
 }
 
 #[test]
+fn the_shipped_iam_policy_is_the_generated_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["iam-policy", "--controller-id", "CONTROLLER_ID"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shipped = std::fs::read_to_string(root().join("manifests/iam-policy.json")).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        shipped,
+        "manifests/iam-policy.json is stale: fleetlb iam-policy --controller-id CONTROLLER_ID > manifests/iam-policy.json"
+    );
+}
+
+#[test]
 fn iam_policy_scopes_mutations_to_owned_instances() {
     let policy: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("manifests/iam-policy.json")).unwrap(),
@@ -296,11 +319,10 @@ fn iam_policy_scopes_mutations_to_owned_instances() {
             .collect()
     };
     for s in find("ec2:TerminateInstances") {
-        assert!(
-            s["Condition"]
-                .to_string()
-                .contains("aws:ResourceTag/fleetlb.dev/controller"),
-            "terminate not scoped: {s}"
+        assert_eq!(
+            s["Condition"]["StringEquals"]["aws:ResourceTag/fleetlb.dev/controller"],
+            "CONTROLLER_ID",
+            "terminate not scoped to this install: {s}"
         );
     }
     for s in find("ec2:CreateTags") {
@@ -327,4 +349,36 @@ fn iam_policy_scopes_mutations_to_owned_instances() {
             "wildcard action: {s}"
         );
     }
+}
+
+#[test]
+fn the_readme_autoscaler_targets_the_scale_subresource_fleetlb_serves() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    let text = std::fs::read_to_string(root().join("examples/autoscaling/hpa.yaml")).unwrap();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        readme.contains(&body),
+        "the README shows examples/autoscaling/hpa.yaml (without its comments)"
+    );
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let v = serde_json::to_value(yaml).unwrap();
+    round_trip::<HorizontalPodAutoscaler>(&v);
+    // What the HPA needs from the target: a scale subresource with replicas paths and a label
+    // selector path, and a selector the controller fills in.
+    let target = &v["spec"]["scaleTargetRef"];
+    assert_eq!(target["apiVersion"], "fleetlb.dev/v1alpha1");
+    assert_eq!(target["kind"], "BackendCluster");
+    let crd = rendered()
+        .into_iter()
+        .find(|o| o["kind"] == "CustomResourceDefinition")
+        .unwrap();
+    let scale = &crd["spec"]["versions"][0]["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.replicas");
+    assert_eq!(scale["statusReplicasPath"], ".status.replicas");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector");
 }

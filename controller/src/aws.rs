@@ -1,7 +1,7 @@
 //! The `aws` provider: EC2 instances through aws-sdk-ec2.
 //!
-//! - **Ownership by tag, at creation**: every instance is launched with `TagSpecifications`
-//!   carrying `fleetlb.dev/controller` (this install), namespace, name, object UID, slot, attempt,
+//! - **Ownership by tag, at creation**: every instance, volume and network interface is launched
+//!   with `TagSpecifications` carrying `fleetlb.dev/controller` (this install), namespace, name, object UID, slot, attempt,
 //!   spec hash and port, plus the user's tags — never tagged after the fact.
 //! - **One DescribeInstances for all clusters per pass**, filtered by the controller tag and by
 //!   every non-terminated state, paginated.
@@ -9,14 +9,17 @@
 //!   all of which are recomputed from EC2's own tags after a restart, so a repeated launch intent
 //!   is the same token and EC2 returns the instance it already made instead of a second one. If
 //!   EC2 answers a token with an instance that is already gone, the next attempt number is used.
-//! - **Capacity**: subnets are used round-robin; `InsufficientInstanceCapacity` marks that
-//!   (instance type, subnet) unavailable for three minutes and the launch moves to the next one.
+//! - **Replays are the same launch**: the subnet is a function of (slot, attempt), so a repeated
+//!   `ClientToken` always carries the same `SubnetId` (EC2 answers a repeat with other
+//!   parameters `IdempotentParameterMismatch`, which fleetlb reads as "already launched, wait for
+//!   DescribeInstances to show it", never as a failure).
+//! - **Capacity**: `InsufficientInstanceCapacity` marks that (instance type, subnet) unavailable
+//!   for three minutes and the launch moves on to the next attempt, which is the next subnet.
 //! - Instances require IMDSv2. Without `userData`, a small bootstrap serves an HTTP app like the
 //!   original FastAPI one on `spec.port`. User data is never logged.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,7 +34,10 @@ use futures::future::BoxFuture;
 
 use crate::Error;
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, LaunchedAs, Provider};
+use crate::provider::{
+    ClusterKey, Instance, InstanceState, LaunchRequest, LaunchedAs, Provider, ProviderKind,
+    subnet_for,
+};
 
 /// Tag keys fleetlb puts on every instance.
 pub mod tags {
@@ -189,7 +195,6 @@ pub struct AwsProvider {
     controller_id: String,
     metrics: Metrics,
     no_capacity: Mutex<HashMap<(String, String), Instant>>,
-    next_subnet: AtomicUsize,
 }
 
 impl AwsProvider {
@@ -211,7 +216,6 @@ impl AwsProvider {
             controller_id,
             metrics,
             no_capacity: Mutex::new(HashMap::new()),
-            next_subnet: AtomicUsize::new(0),
         }
     }
 
@@ -273,7 +277,7 @@ impl AwsProvider {
         aws: &fleetlb_crds::AwsProvider,
         subnet: Option<&str>,
         attempt: u32,
-    ) -> Result<Instance, (Error, bool)> {
+    ) -> Result<Option<Instance>, (Error, bool)> {
         let token = client_token(&req.owner_uid, req.slot, &req.spec_hash, attempt);
         let mut tag_list = vec![
             tag(tags::CONTROLLER, &self.controller_id),
@@ -319,8 +323,12 @@ impl AwsProvider {
                     .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
                     .build(),
             )
+            // Every resource type RunInstances creates carries the ownership tag in the
+            // request: IAM evaluates `aws:RequestTag` per resource type, so an untagged network
+            // interface alone would make the whole call `UnauthorizedOperation`.
             .tag_specifications(spec(ResourceType::Instance))
             .tag_specifications(spec(ResourceType::Volume))
+            .tag_specifications(spec(ResourceType::NetworkInterface))
             .set_security_group_ids(
                 (!aws.security_group_ids.is_empty()).then(|| aws.security_group_ids.clone()),
             );
@@ -352,7 +360,7 @@ impl AwsProvider {
                         false,
                     )
                 })?;
-                to_instance(i, &self.controller_id).ok_or_else(|| {
+                to_instance(i, &self.controller_id).map(Some).ok_or_else(|| {
                     (
                         Error::Provider {
                             provider: "aws",
@@ -363,6 +371,12 @@ impl AwsProvider {
                         false,
                     )
                 })
+            }
+            // The token was used before with other parameters: EC2 made (or is making) the
+            // instance of this intent. Not a failure: wait for DescribeInstances to show it.
+            Err(e) if e.code() == Some("IdempotentParameterMismatch") => {
+                tracing::info!(slot = req.slot, attempt, "launch already made under this ClientToken; waiting for EC2 to list it");
+                Ok(None)
             }
             Err(e) => {
                 let capacity = e.code() == Some("InsufficientInstanceCapacity");
@@ -478,6 +492,8 @@ fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) -> Option<Ins
                 g
             },
         }),
+        client_token: i.client_token().filter(|t| !t.is_empty()).map(String::from),
+        provider: ProviderKind::Aws,
     })
 }
 
@@ -536,7 +552,10 @@ impl Provider for AwsProvider {
         .boxed()
     }
 
-    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
         async move {
             let ProviderSpec::Aws(aws) = &req.provider else {
                 return Err(Error::Provider {
@@ -545,17 +564,10 @@ impl Provider for AwsProvider {
                     message: "not an aws spec".into(),
                 });
             };
-            // Subnets round-robin, skipping those without capacity for this type.
-            let subnets: Vec<Option<&str>> = if aws.subnet_ids.is_empty() {
-                vec![None]
-            } else {
-                let start = self.next_subnet.fetch_add(1, Relaxed);
-                (0..aws.subnet_ids.len())
-                    .map(|k| aws.subnet_ids[(start + k) % aws.subnet_ids.len()].as_str())
-                    .filter(|s| self.capacity_ok(&req.instance_type, s))
-                    .map(Some)
-                    .collect()
-            };
+            // The subnet follows from (slot, attempt): a replay of this intent carries the same
+            // parameters. Falling back to another subnet (no capacity in this one) or past a
+            // token EC2 already spent on an instance that is gone is the next attempt, hence a
+            // new token, never the old token with another subnet.
             let mut last = Error::Provider {
                 provider: "aws",
                 operation: "launch",
@@ -564,26 +576,23 @@ impl Provider for AwsProvider {
                     req.instance_type
                 ),
             };
-            for subnet in subnets {
-                let mut attempt = req.attempt;
-                // A token EC2 already used for an instance that is gone: move to the next attempt.
-                for _ in 0..5 {
-                    match self.run_one(req, aws, subnet, attempt).await {
-                        Ok(i)
-                            if matches!(
-                                i.state,
-                                InstanceState::Terminated | InstanceState::ShuttingDown
-                            ) =>
-                        {
-                            attempt += 1
-                        }
-                        Ok(i) => return Ok(i),
-                        Err((e, true)) => {
-                            last = e;
-                            break;
-                        }
-                        Err((e, false)) => return Err(e),
-                    }
+            let tries = u32::try_from(aws.subnet_ids.len()).unwrap_or(u32::MAX).max(1) + 4;
+            for attempt in req.attempt..req.attempt.saturating_add(tries) {
+                let subnet = subnet_for(&aws.subnet_ids, req.slot, attempt);
+                if let Some(s) = subnet
+                    && !self.capacity_ok(&req.instance_type, s)
+                {
+                    continue;
+                }
+                match self.run_one(req, aws, subnet, attempt).await {
+                    Ok(Some(i))
+                        if matches!(
+                            i.state,
+                            InstanceState::Terminated | InstanceState::ShuttingDown
+                        ) => {}
+                    Ok(i) => return Ok(i),
+                    Err((e, true)) => last = e,
+                    Err((e, false)) => return Err(e),
                 }
             }
             Err(last)
@@ -678,7 +687,10 @@ impl Provider for LazyAwsProvider {
         async move { self.get().await.list(clusters).await }.boxed()
     }
 
-    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
         async move { self.get().await.launch(req).await }.boxed()
     }
 

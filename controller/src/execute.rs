@@ -2,16 +2,17 @@
 //! provider, shared by the standalone and Kubernetes drivers so both launch, drain, terminate
 //! and delete the same way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use fleetlb_crds::{BackendCluster, BackendClusterStatus, DeletionPolicy};
+use fleetlb_crds::{BackendCluster, BackendClusterStatus, DeletionPolicy, LaunchIntent};
 use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
+use crate::Providers;
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, InstanceState, Provider};
+use crate::provider::{ClusterKey, Instance, InstanceState, Provider, ProviderKind};
 use crate::reconcile::{self, Health, Observed, set_condition};
 
 /// What one reconcile of one object did.
@@ -76,15 +77,21 @@ pub fn backoff((first, max): (Duration, Duration), n: u32) -> Duration {
 
 /// Inputs of [`apply`] besides the object.
 pub struct Inputs<'a> {
-    /// The object's provider.
+    /// The object's provider (`spec.provider`).
     pub provider: &'a dyn Provider,
-    /// This object's instances as the provider lists them.
+    /// Every provider, to retire instances of a provider the object no longer uses.
+    pub providers: &'a Providers,
+    /// This object's instances as the providers list them (every kind, every owner UID).
     pub instances: &'a [Instance],
     /// What the prober knows, by instance id.
     pub health: &'a HashMap<String, Health>,
+    /// Requests in flight, by instance id (instances that left the endpoint set included).
+    pub inflight: &'a HashMap<String, u32>,
     /// Instances out of the endpoint set, by when they left; updated here.
     pub draining: &'a mut HashMap<String, Instant>,
-    /// Time between leaving the endpoint set and termination.
+    /// Shortest time between leaving the endpoint set and termination, long enough for every
+    /// proxy replica to stop sending new requests. Termination waits longer while requests are
+    /// in flight, up to `spec.deregistrationDelaySeconds`.
     pub drain: Duration,
     /// Controller metrics.
     pub metrics: &'a Metrics,
@@ -139,7 +146,7 @@ pub async fn apply(
         || inp
             .instances
             .iter()
-            .any(|i| i.state != InstanceState::Running);
+            .any(|i| !matches!(i.state, InstanceState::Running | InstanceState::Terminated));
     if inp.backoff.generation != bc.metadata.generation {
         *inp.backoff = LaunchBackoff {
             generation: bc.metadata.generation,
@@ -179,9 +186,14 @@ pub async fn apply(
     }
     for req in launches {
         match inp.provider.launch(req).await {
-            Ok(i) => {
+            Ok(Some(i)) => {
                 tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched");
+                record_launched(&mut out.status, req.slot, &i);
                 out.launched.push((i.id, req.slot));
+            }
+            Ok(None) => {
+                // Already launched under this intent; it shows up in a later listing.
+                out.busy = true;
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -228,21 +240,22 @@ pub async fn apply(
         }
         inp.draining.entry(id).or_insert(at);
     }
-    let live: HashSet<&str> = inp
+    let present: HashSet<&str> = inp
         .instances
         .iter()
-        .filter(|i| i.state.is_live())
+        .filter(|i| i.state.needs_terminate())
         .map(|i| i.id.as_str())
         .collect();
-    inp.draining.retain(|id, _| live.contains(id.as_str()));
+    inp.draining.retain(|id, _| present.contains(id.as_str()));
+    let delay = bc.spec.deregistration_delay().max(inp.drain);
     let due: Vec<String> = inp
         .draining
         .iter()
-        .filter(|(_, since)| since.elapsed() >= inp.drain)
+        .filter(|(id, since)| drained(since.elapsed(), inp.drain, delay, inp.inflight.get(*id)))
         .map(|(id, _)| id.clone())
         .collect();
     if !due.is_empty() {
-        match inp.provider.terminate(&due).await {
+        match terminate_by_kind(inp.providers, inp.instances, &due).await {
             Ok(()) => {
                 tracing::info!(cluster = %key, ids = ?due, "instances terminated");
                 out.terminated = due;
@@ -253,51 +266,203 @@ pub async fn apply(
     out
 }
 
+/// Whether an instance that left the endpoint set `elapsed` ago may be terminated: after the
+/// shortest drain once no request is in flight to it, after the deregistration delay anyway.
+fn drained(elapsed: Duration, min: Duration, delay: Duration, inflight: Option<&u32>) -> bool {
+    elapsed >= delay || (elapsed >= min && inflight.is_none_or(|n| *n == 0))
+}
+
+/// Terminates `ids`, each through the provider that lists it (after a change of
+/// `spec.provider`, old instances belong to the old provider).
+async fn terminate_by_kind(
+    providers: &Providers,
+    instances: &[Instance],
+    ids: &[String],
+) -> Result<(), crate::Error> {
+    for (kind, ids) in by_kind(instances, ids) {
+        if let Some(p) = providers.get(kind) {
+            p.terminate(&ids).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `ids` grouped by the provider kind that lists them.
+fn by_kind(instances: &[Instance], ids: &[String]) -> BTreeMap<ProviderKind, Vec<String>> {
+    let mut out: BTreeMap<ProviderKind, Vec<String>> = BTreeMap::new();
+    for i in instances.iter().filter(|i| ids.contains(&i.id)) {
+        out.entry(i.provider).or_default().push(i.id.clone());
+    }
+    out
+}
+
+/// Records in the status's launch intents what the launch of `slot` made (instance id, and the
+/// attempt and subnet it ended up with after a capacity fallback).
+fn record_launched(status: &mut BackendClusterStatus, slot: u32, i: &Instance) {
+    if let Some(l) = status.launches.iter_mut().find(|l| l.slot == slot) {
+        l.instance_id = Some(i.id.clone());
+        l.attempt = i.attempt;
+        if let Some(t) = &i.client_token {
+            l.client_token = t.clone();
+        }
+        if let Some(subnet) = i.launched_as.as_ref().and_then(|a| a.subnet_id.clone()) {
+            l.subnet_id = Some(subnet);
+        }
+    }
+}
+
 /// Where the deletion of an object stands.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Deletion {
     /// Nothing of it is left to wait for: forget the object (release the finalizer).
     Done,
-    /// Instances are still terminating (or a call failed): look again later.
-    Waiting,
+    /// Still waiting (for what, in words for a condition message): instances draining or
+    /// terminating, a recent launch the provider does not list yet, or a failed call.
+    Waiting(String),
 }
 
-/// One step of deleting `bc`: under `Delete`, terminate every live instance and wait until the
-/// provider shows them all terminated; under `Orphan`, drop ownership and finish.
-pub async fn delete(bc: &BackendCluster, provider: &dyn Provider, mine: &[Instance]) -> Deletion {
+/// Deletion settings.
+#[derive(Clone, Copy, Debug)]
+pub struct DeleteSettings {
+    /// Shortest drain before terminating (see [`Inputs::drain`]).
+    pub drain: Duration,
+    /// How long after a launch intent was recorded deletion waits for the provider to list its
+    /// instance (EC2's DescribeInstances is eventually consistent). Past it, an intent nothing
+    /// answers to is taken as never launched.
+    pub launch_visibility: Duration,
+}
+
+impl Default for DeleteSettings {
+    fn default() -> Self {
+        Self {
+            drain: Duration::from_secs(5),
+            launch_visibility: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The launch intents in `bc`'s status whose instance the provider does not list yet, recorded
+/// within `window` before `now`.
+pub fn unresolved_launches<'a>(
+    bc: &'a BackendCluster,
+    mine: &[Instance],
+    now: Timestamp,
+    window: Duration,
+) -> Vec<&'a LaunchIntent> {
+    bc.status
+        .iter()
+        .flat_map(|s| &s.launches)
+        .filter(|l| {
+            let recent = l.recorded_at.as_ref().is_some_and(|t| {
+                now.duration_since(t.0)
+                    .try_into()
+                    .is_ok_and(|age: Duration| age < window)
+            });
+            let seen = mine.iter().any(|i| {
+                i.client_token.as_deref() == Some(l.client_token.as_str())
+                    || l.instance_id.as_deref() == Some(i.id.as_str())
+            });
+            recent && !seen
+        })
+        .collect()
+}
+
+/// One step of deleting `bc`, called until it answers [`Deletion::Done`]. First every recent
+/// launch intent is resolved (its instance listed, or the visibility window over), so nothing
+/// launched is forgotten. Then under `Delete`: the instances drain (until no request is in
+/// flight, at most the deregistration delay, counted from the deletion) and are terminated,
+/// stopped ones included, and deletion waits until the provider shows them all gone; under
+/// `Orphan`: fleetlb's ownership is dropped and they keep running.
+pub async fn delete(
+    bc: &BackendCluster,
+    providers: &Providers,
+    mine: &[Instance],
+    inflight: &HashMap<String, u32>,
+    now: Timestamp,
+    settings: DeleteSettings,
+) -> Deletion {
     let key = ClusterKey::of(bc);
-    if !provider.manages_instances() {
+    let kind = ProviderKind::of(&bc.spec.provider);
+    let manages = providers.get(kind).is_some_and(|p| p.manages_instances())
+        || mine.iter().any(|i| i.provider != ProviderKind::Static);
+    if !manages {
         return Deletion::Done;
     }
-    let live: Vec<String> = mine
+    let pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
+    let present: Vec<String> = mine
         .iter()
-        .filter(|i| i.state.is_live())
+        .filter(|i| i.state.needs_terminate())
         .map(|i| i.id.clone())
         .collect();
     if bc.spec.deletion_policy == DeletionPolicy::Orphan {
-        if !live.is_empty() {
-            if let Err(e) = provider.release(&live).await {
-                tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
-                return Deletion::Waiting;
+        if !present.is_empty() {
+            for (kind, ids) in by_kind(mine, &present) {
+                let Some(p) = providers.get(kind) else {
+                    continue;
+                };
+                if let Err(e) = p.release(&ids).await {
+                    tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
+                    return Deletion::Waiting(format!("releasing instances failed: {e}"));
+                }
+                tracing::info!(cluster = %key, count = ids.len(), "instances orphaned: left running, no longer owned");
             }
-            tracing::info!(cluster = %key, count = live.len(), "instances orphaned: left running, no longer owned");
         }
+        return match pending.first() {
+            None => Deletion::Done,
+            Some(l) => Deletion::Waiting(waiting_for_launch(l, pending.len())),
+        };
+    }
+    if present.is_empty() && pending.is_empty() && mine.iter().all(|i| i.state == InstanceState::Terminated) {
         return Deletion::Done;
     }
-    if mine.iter().all(|i| i.state == InstanceState::Terminated) {
-        return Deletion::Done;
-    }
-    if !live.is_empty() {
-        match provider.terminate(&live).await {
+    let since_deletion: Duration = bc
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| now.duration_since(t.0).try_into().ok())
+        .unwrap_or(Duration::MAX);
+    let delay = bc.spec.deregistration_delay().max(settings.drain);
+    let (due, draining): (Vec<String>, Vec<String>) = present
+        .into_iter()
+        .partition(|id| drained(since_deletion, settings.drain, delay, inflight.get(id)));
+    if !due.is_empty() {
+        match terminate_by_kind(providers, mine, &due).await {
             Ok(()) => {
-                tracing::info!(cluster = %key, count = live.len(), "terminating instances of deleted BackendCluster")
+                tracing::info!(cluster = %key, count = due.len(), "terminating instances of deleted BackendCluster")
             }
             Err(e) => {
-                tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry")
+                tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry");
+                return Deletion::Waiting(format!("terminating instances failed: {e}"));
             }
         }
     }
-    Deletion::Waiting
+    if let Some(l) = pending.first() {
+        return Deletion::Waiting(waiting_for_launch(l, pending.len()));
+    }
+    if !draining.is_empty() {
+        return Deletion::Waiting(format!(
+            "draining {} instance(s) with requests in flight (at most {}s)",
+            draining.len(),
+            delay.as_secs()
+        ));
+    }
+    let left = mine
+        .iter()
+        .filter(|i| i.state != InstanceState::Terminated)
+        .count();
+    Deletion::Waiting(format!("waiting for {left} instance(s) to terminate"))
+}
+
+fn waiting_for_launch(l: &LaunchIntent, n: usize) -> String {
+    format!(
+        "waiting for the provider to list {n} recent launch(es) before releasing the object (slot {} token {}{})",
+        l.slot,
+        l.client_token,
+        l.instance_id
+            .as_deref()
+            .map(|id| format!(", instance {id}"))
+            .unwrap_or_default()
+    )
 }
 
 /// What the prober knows, by cluster name and instance id (the [`Health`] each plan needs).

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::Error;
 use crate::provider::{
-    ClusterKey, Instance, InstanceState, LaunchRequest, Provider, fnv64, spec_hash,
+    ClusterKey, Instance, InstanceState, LaunchRequest, Provider, ProviderKind, fnv64, spec_hash,
 };
 
 /// Derives instances from `spec.provider.static.endpoints`.
@@ -59,6 +59,8 @@ impl Provider for StaticProvider {
                         spec_hash: hash.clone(),
                         launched_at: SystemTime::UNIX_EPOCH,
                         launched_as: None,
+                        client_token: None,
+                        provider: ProviderKind::Static,
                     });
                 }
             }
@@ -67,7 +69,10 @@ impl Provider for StaticProvider {
         .boxed()
     }
 
-    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
         async move {
             Err(Error::Provider {
                 provider: "static",

@@ -11,7 +11,7 @@
 //! - Failures back off per object, exponentially with jitter, so throttled objects do not
 //!   retry in lockstep.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::Providers;
 use crate::execute::{self, Deletion};
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance};
+use crate::provider::{ClusterKey, Instance, ProviderKind};
 use crate::reconcile::set_condition;
 use crate::standalone::{ClusterView, StatusView, route_config};
 
@@ -53,6 +53,8 @@ pub struct KubeConfig {
     pub drain: Duration,
     /// Unowned instances older than this are terminated (default 60 s).
     pub orphan_grace: Duration,
+    /// Deletion: how long to wait for the provider to list recent launches (default 2 min).
+    pub launch_visibility: Duration,
     /// Provider listings younger than this are shared between reconciles (default 1 s).
     pub inventory_max_age: Duration,
     /// First and last per-object retry delays after an error (default 1 s and 5 min).
@@ -66,6 +68,7 @@ impl Default for KubeConfig {
             busy: Duration::from_secs(2),
             drain: Duration::from_secs(5),
             orphan_grace: Duration::from_secs(60),
+            launch_visibility: Duration::from_secs(120),
             inventory_max_age: Duration::from_secs(1),
             backoff: (Duration::from_secs(1), Duration::from_secs(300)),
         }
@@ -83,10 +86,10 @@ pub enum Error {
     Provider(#[from] crate::Error),
     /// No provider for `spec.provider` in this process.
     #[error("the {0} provider is not configured in this process")]
-    NoProvider(&'static str),
-    /// Deletion waits for instances to terminate.
-    #[error("waiting for {0} instance(s) to terminate")]
-    Terminating(usize),
+    NoProvider(ProviderKind),
+    /// Deletion waits (for what, in words).
+    #[error("deletion in progress: {0}")]
+    Terminating(String),
     /// The finalizer machinery failed.
     #[error(transparent)]
     Finalizer(Box<finalizer::Error<Error>>),
@@ -98,44 +101,89 @@ struct Listing {
 }
 
 /// Provider listings shared between reconciles: one list call per provider kind per
-/// `max_age`, for all objects.
-#[derive(Default)]
+/// `max_age`, for all objects. Each kind has its own lock, so a slow listing of one provider
+/// never stalls reconciles of another.
 pub struct Inventory {
-    by_kind: tokio::sync::Mutex<HashMap<&'static str, Listing>>,
+    by_kind: BTreeMap<ProviderKind, tokio::sync::Mutex<Option<Listing>>>,
+}
+
+impl Default for Inventory {
+    fn default() -> Self {
+        Self {
+            by_kind: ProviderKind::ALL
+                .into_iter()
+                .map(|k| (k, tokio::sync::Mutex::new(None)))
+                .collect(),
+        }
+    }
 }
 
 impl Inventory {
     async fn get(
         &self,
-        kind: &'static str,
+        kind: ProviderKind,
         providers: &Providers,
         clusters: &[Arc<BackendCluster>],
         max_age: Duration,
     ) -> Result<Arc<Vec<Instance>>, Error> {
         let provider = providers.get(kind).ok_or(Error::NoProvider(kind))?;
+        let Some(slot) = self.by_kind.get(&kind) else {
+            return Err(Error::NoProvider(kind));
+        };
         // Held across the call: concurrent reconciles wait for one listing instead of each
         // making their own.
-        let mut map = self.by_kind.lock().await;
-        if let Some(l) = map.get(kind)
+        let mut cached = slot.lock().await;
+        if let Some(l) = cached.as_ref()
             && l.at.elapsed() < max_age
         {
             return Ok(l.instances.clone());
         }
         let instances = Arc::new(provider.list(clusters).await?);
-        map.insert(
-            kind,
-            Listing {
-                at: Instant::now(),
-                instances: instances.clone(),
-            },
-        );
+        *cached = Some(Listing {
+            at: Instant::now(),
+            instances: instances.clone(),
+        });
         Ok(instances)
     }
 
     /// Forgets the listing of `kind` (after a launch or termination).
-    async fn invalidate(&self, kind: &'static str) {
-        self.by_kind.lock().await.remove(kind);
+    async fn invalidate(&self, kind: ProviderKind) {
+        if let Some(slot) = self.by_kind.get(&kind) {
+            *slot.lock().await = None;
+        }
     }
+
+    /// This object's instances from every provider kind it uses or used (the spec's, and those
+    /// its status still lists instances of, so a change of `spec.provider` retires the old ones).
+    async fn instances_of(
+        &self,
+        bc: &BackendCluster,
+        providers: &Providers,
+        clusters: &[Arc<BackendCluster>],
+        max_age: Duration,
+    ) -> Result<(Vec<Instance>, BTreeSet<ProviderKind>), Error> {
+        let key = ClusterKey::of(bc);
+        let kinds = kinds_of(bc);
+        let mut mine = Vec::new();
+        for kind in &kinds {
+            let listing = self.get(*kind, providers, clusters, max_age).await?;
+            mine.extend(listing.iter().filter(|i| i.owner == key).cloned());
+        }
+        Ok((mine, kinds))
+    }
+}
+
+/// The provider kinds `bc` uses (`spec.provider`) or still has instances of (its status).
+fn kinds_of(bc: &BackendCluster) -> BTreeSet<ProviderKind> {
+    let mut kinds = BTreeSet::from([ProviderKind::of(&bc.spec.provider)]);
+    kinds.extend(
+        bc.status
+            .iter()
+            .flat_map(|s| &s.instances)
+            .filter(|i| i.state != "terminated")
+            .filter_map(|i| i.provider.as_deref().and_then(ProviderKind::parse)),
+    );
+    kinds
 }
 
 /// Everything a reconcile needs.
@@ -451,12 +499,12 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
 
 async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let key = ClusterKey::of(bc);
-    let kind = bc.spec.provider.kind();
+    let kind = ProviderKind::of(&bc.spec.provider);
     let now = Timestamp::now();
-    let listing = match ctx
+    let (mine, kinds) = match ctx
         .inventory
-        .get(
-            kind,
+        .instances_of(
+            bc,
             &ctx.providers,
             &ctx.store.state(),
             ctx.cfg.inventory_max_age,
@@ -486,18 +534,20 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let provider = ctx.providers.get(kind).ok_or(Error::NoProvider(kind))?;
-    let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
     let health = execute::health_by_cluster(&ctx.dataplane)
         .remove(&key.to_string())
         .unwrap_or_default();
+    let inflight = ctx.dataplane.inflight();
     let mut draining = locked(&ctx.draining).remove(&key).unwrap_or_default();
     let mut launch_backoff = locked(&ctx.launch_backoff).remove(&key).unwrap_or_default();
     let applied = execute::apply(
         bc,
         execute::Inputs {
             provider: provider.as_ref(),
+            providers: &ctx.providers,
             instances: &mine,
             health: &health,
+            inflight: &inflight,
             draining: &mut draining,
             drain: ctx.cfg.drain,
             metrics: &ctx.metrics,
@@ -515,7 +565,9 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     locked(&ctx.draining).insert(key.clone(), draining);
     locked(&ctx.launch_backoff).insert(key.clone(), launch_backoff);
     if !applied.launched.is_empty() || !applied.terminated.is_empty() {
-        ctx.inventory.invalidate(kind).await;
+        for k in &kinds {
+            ctx.inventory.invalidate(*k).await;
+        }
     }
     // Status first: it takes retired instances out of every replica's endpoint set.
     ctx.write_status(bc, applied.status).await?;
@@ -576,19 +628,37 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
 
 async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let key = ClusterKey::of(bc);
-    let kind = bc.spec.provider.kind();
-    let Some(provider) = ctx.providers.get(kind) else {
+    let kinds = kinds_of(bc);
+    if kinds.iter().all(|k| ctx.providers.get(*k).is_none()) {
         // Nothing this process could clean up; do not hold the object forever.
-        tracing::warn!(cluster = %key, provider = kind, "deleting without a configured provider");
+        tracing::warn!(cluster = %key, provider = %ProviderKind::of(&bc.spec.provider), "deleting without a configured provider");
         return Ok(Action::await_change());
-    };
-    ctx.inventory.invalidate(kind).await;
-    let listing = ctx
+    }
+    for k in &kinds {
+        ctx.inventory.invalidate(*k).await;
+    }
+    let (mine, _) = ctx
         .inventory
-        .get(kind, &ctx.providers, &ctx.store.state(), Duration::ZERO)
+        .instances_of(bc, &ctx.providers, &ctx.store.state(), Duration::ZERO)
         .await?;
-    let mine: Vec<Instance> = listing.iter().filter(|i| i.owner == key).cloned().collect();
-    match execute::delete(bc, provider.as_ref(), &mine).await {
+    let uid = bc.metadata.uid.clone().unwrap_or_default();
+    let mine: Vec<Instance> = mine
+        .into_iter()
+        .filter(|i| i.owner_uid == uid || i.provider == ProviderKind::Static)
+        .collect();
+    let step = execute::delete(
+        bc,
+        &ctx.providers,
+        &mine,
+        &ctx.dataplane.inflight(),
+        Timestamp::now(),
+        execute::DeleteSettings {
+            drain: ctx.cfg.drain,
+            launch_visibility: ctx.cfg.launch_visibility,
+        },
+    )
+    .await;
+    match step {
         Deletion::Done => {
             execute::forget_cluster(&ctx.metrics, &key);
             ctx.forget(&key);
@@ -602,20 +672,31 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
                     }
                     fleetlb_crds::DeletionPolicy::Orphan => format!(
                         "{} instance(s) left running and released (deletionPolicy: Orphan)",
-                        mine.iter().filter(|i| i.state.is_live()).count()
+                        mine.iter().filter(|i| i.state.needs_terminate()).count()
                     ),
                 },
             )
             .await;
             Ok(Action::await_change())
         }
-        Deletion::Waiting => {
-            ctx.inventory.invalidate(kind).await;
-            Err(Error::Terminating(
-                mine.iter()
-                    .filter(|i| i.state != crate::provider::InstanceState::Terminated)
-                    .count(),
-            ))
+        Deletion::Waiting(why) => {
+            for k in &kinds {
+                ctx.inventory.invalidate(*k).await;
+            }
+            let mut status = bc.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                false,
+                "Deleting",
+                &why,
+                bc.metadata.generation,
+                Timestamp::now(),
+            );
+            if let Err(e) = ctx.write_status(bc, status).await {
+                tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
+            }
+            Err(Error::Terminating(why))
         }
     }
 }
@@ -646,6 +727,8 @@ pub async fn sweep_orphans(ctx: &Context) {
         return;
     }
     let objects = ctx.store.state();
+    // An instance belongs to an object by (namespace/name, UID): one of a deleted object's
+    // predecessor under the same name is no object's.
     let owners: HashSet<(ClusterKey, String)> = objects
         .iter()
         .map(|o| {
@@ -655,8 +738,7 @@ pub async fn sweep_orphans(ctx: &Context) {
             )
         })
         .collect();
-    let known: HashSet<ClusterKey> = owners.iter().map(|(k, _)| k.clone()).collect();
-    for kind in ["aws", "local"] {
+    for kind in [ProviderKind::Aws, ProviderKind::Local] {
         let Some(p) = ctx.providers.get(kind) else {
             continue;
         };
@@ -669,7 +751,10 @@ pub async fn sweep_orphans(ctx: &Context) {
         };
         let orphans: Vec<String> = listing
             .iter()
-            .filter(|i| i.state.is_live() && !known.contains(&i.owner))
+            .filter(|i| {
+                i.state.needs_terminate()
+                    && !owners.contains(&(i.owner.clone(), i.owner_uid.clone()))
+            })
             .filter(|i| {
                 i.launched_at
                     .elapsed()
@@ -680,12 +765,28 @@ pub async fn sweep_orphans(ctx: &Context) {
         if orphans.is_empty() {
             continue;
         }
-        tracing::warn!(provider = kind, ids = ?orphans, "orphan instances: no BackendCluster owns them; terminating");
+        tracing::warn!(provider = %kind, ids = ?orphans, "orphan instances: no BackendCluster owns them; terminating");
         if p.terminate(&orphans).await.is_ok() {
             ctx.metrics.orphans_terminated.inc_by(orphans.len() as u64);
             ctx.inventory.invalidate(kind).await;
         }
     }
+}
+
+/// This install's id in a cluster, when `--controller-id` is not given: `fleetlb-` and the
+/// UID of the `kube-system` namespace, which is unique per cluster and survives controller
+/// reinstalls (the identity cluster-identity tools use). Two clusters in one AWS account and
+/// region therefore never see each other's instances as theirs.
+pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns: Api<Namespace> = Api::all(client);
+    let uid = ns.get("kube-system").await?.metadata.uid.unwrap_or_default();
+    if uid.is_empty() {
+        return Err(kube::Error::Service(
+            "namespace kube-system has no metadata.uid".into(),
+        ));
+    }
+    Ok(format!("fleetlb-{uid}"))
 }
 
 /// Runs the controller until `shutdown`: the reconcile loop, a route-table refresh and the

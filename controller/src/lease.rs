@@ -11,8 +11,12 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::Error;
+use crate::provider::{Instance, LaunchRequest, Provider};
 
 /// Lease settings (client-go's defaults).
 #[derive(Clone, Debug)]
@@ -67,8 +71,29 @@ impl Elector {
     }
 
     /// One attempt to acquire or renew; returns whether this replica may act now.
+    ///
+    /// The attempt is bounded: a leader's by what is left of its renew deadline (so a GET or PUT
+    /// that never answers ends leadership exactly when the deadline passes, before any other
+    /// replica can take over), a follower's by the renew deadline.
     pub async fn step(&mut self) -> bool {
-        match self.try_acquire_or_renew().await {
+        let budget = match self.renewed {
+            Some(t) => self.cfg.renew_deadline.saturating_sub(t.elapsed()),
+            None => self.cfg.renew_deadline,
+        };
+        let attempt = tokio::time::timeout(budget, self.try_acquire_or_renew()).await;
+        let result = match attempt {
+            Ok(r) => r,
+            Err(_) => {
+                let held = self.renewed.take().is_some();
+                tracing::warn!(
+                    deadline = ?self.cfg.renew_deadline,
+                    was_leader = held,
+                    "leader election: the API server did not answer within the renew deadline"
+                );
+                return false;
+            }
+        };
+        match result {
             Ok(true) => {
                 self.renewed = Some(Instant::now());
                 true
@@ -209,5 +234,78 @@ pub async fn run(
         }
     }
     leader.send_replace(false);
-    elector.release().await;
+    let deadline = elector.cfg.renew_deadline;
+    if tokio::time::timeout(deadline, elector.release()).await.is_err() {
+        tracing::warn!("leader election: releasing the Lease timed out; it expires on its own");
+    }
+}
+
+/// A provider that acts only while this replica leads: every launch, termination and release
+/// re-reads the leader flag immediately before calling the provider, so a replica that lost the
+/// Lease mid-reconcile (its renewal hung past the renew deadline) makes no further EC2 call,
+/// whatever its reconcile had already decided. Listing stays allowed (it changes nothing).
+pub struct LeaderOnly {
+    inner: std::sync::Arc<dyn Provider>,
+    leader: watch::Receiver<bool>,
+}
+
+impl LeaderOnly {
+    /// Wraps `inner`, gated on `leader`.
+    pub fn new(inner: std::sync::Arc<dyn Provider>, leader: watch::Receiver<bool>) -> Self {
+        Self { inner, leader }
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), Error> {
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            Err(Error::Provider {
+                provider: self.inner.name(),
+                operation,
+                message: "NotLeader: this replica no longer holds the leader-election Lease"
+                    .into(),
+            })
+        }
+    }
+}
+
+impl Provider for LeaderOnly {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn list<'a>(
+        &'a self,
+        clusters: &'a [std::sync::Arc<fleetlb_crds::BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        self.inner.list(clusters)
+    }
+
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+        match self.check("launch") {
+            Ok(()) => self.inner.launch(req),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        match self.check("terminate") {
+            Ok(()) => self.inner.terminate(ids),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        match self.check("release") {
+            Ok(()) => self.inner.release(ids),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn manages_instances(&self) -> bool {
+        self.inner.manages_instances()
+    }
 }

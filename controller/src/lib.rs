@@ -13,6 +13,7 @@ pub mod backend;
 pub mod execute;
 pub mod files;
 pub mod fixed;
+pub mod iam;
 pub mod kubernetes;
 pub mod lease;
 pub mod local;
@@ -23,7 +24,7 @@ pub mod standalone;
 
 use std::sync::Arc;
 
-use provider::Provider;
+use provider::{Provider, ProviderKind};
 
 /// Controller errors, each naming what failed and where.
 #[derive(Debug, thiserror::Error)]
@@ -40,25 +41,39 @@ pub enum Error {
     },
 }
 
-/// The providers available to a driver, by `spec.provider` key.
+/// The providers available to a driver, by `spec.provider` kind.
 #[derive(Clone, Default)]
 pub struct Providers {
     /// `local`: child processes.
-    pub local: Option<Arc<local::LocalProvider>>,
+    pub local: Option<Arc<dyn Provider>>,
     /// `static`: listed endpoints.
-    pub fixed: Option<Arc<fixed::StaticProvider>>,
+    pub fixed: Option<Arc<dyn Provider>>,
     /// `aws`: EC2.
     pub aws: Option<Arc<dyn Provider>>,
 }
 
 impl Providers {
-    /// The provider for a `spec.provider` key.
-    pub fn get(&self, kind: &str) -> Option<Arc<dyn Provider>> {
+    /// The provider of `kind`, if this process has one.
+    pub fn get(&self, kind: ProviderKind) -> Option<Arc<dyn Provider>> {
         match kind {
-            "local" => self.local.clone().map(|p| p as Arc<dyn Provider>),
-            "static" => self.fixed.clone().map(|p| p as Arc<dyn Provider>),
-            "aws" => self.aws.clone(),
-            _ => None,
+            ProviderKind::Local => self.local.clone(),
+            ProviderKind::Static => self.fixed.clone(),
+            ProviderKind::Aws => self.aws.clone(),
+        }
+    }
+
+    /// The same providers, each refusing to launch, terminate or release unless `leader` says
+    /// this replica leads at the moment of the call (see [`lease::LeaderOnly`]).
+    pub fn leader_only(self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+        let wrap = |p: Option<Arc<dyn Provider>>| {
+            p.map(|inner| {
+                Arc::new(lease::LeaderOnly::new(inner, leader.clone())) as Arc<dyn Provider>
+            })
+        };
+        Self {
+            local: wrap(self.local),
+            fixed: wrap(self.fixed),
+            aws: wrap(self.aws),
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::Error;
-use crate::provider::{Instance, InstanceState, LaunchRequest, Provider};
+use crate::provider::{Instance, InstanceState, LaunchRequest, Provider, ProviderKind, client_token};
 
 struct Proc {
     meta: Instance,
@@ -146,6 +146,13 @@ impl LocalProvider {
             spec_hash: req.spec_hash.clone(),
             launched_at: SystemTime::now(),
             launched_as: None,
+            client_token: Some(client_token(
+                &req.owner_uid,
+                req.slot,
+                &req.spec_hash,
+                req.attempt,
+            )),
+            provider: ProviderKind::Local,
         };
         let stdin = child.stdin.take();
         self.lock().insert(
@@ -206,8 +213,11 @@ impl Provider for LocalProvider {
         .boxed()
     }
 
-    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>> {
-        async move { self.spawn(req) }.boxed()
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+        async move { self.spawn(req).map(Some) }.boxed()
     }
 
     fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {

@@ -83,6 +83,18 @@ impl InstanceState {
     pub fn is_live(self) -> bool {
         matches!(self, InstanceState::Pending | InstanceState::Running)
     }
+
+    /// Stopped (or being stopped) behind fleetlb's back: a console Stop, a scheduled retirement,
+    /// a Spot stop. Such an instance serves nothing and stays listed indefinitely, so it is
+    /// replaced and terminated.
+    pub fn is_stopped(self) -> bool {
+        matches!(self, InstanceState::Stopping | InstanceState::Stopped)
+    }
+
+    /// Still exists and will not go away unless fleetlb terminates it: live or stopped.
+    pub fn needs_terminate(self) -> bool {
+        self.is_live() || self.is_stopped()
+    }
 }
 
 /// One instance as a provider reports it.
@@ -111,6 +123,57 @@ pub struct Instance {
     /// The launch configuration the provider reports, to catch changes made outside fleetlb
     /// (`None` where there is nothing to compare, as for local processes).
     pub launched_as: Option<LaunchedAs>,
+    /// The idempotency token it was launched with (EC2 `ClientToken`), which ties it to the
+    /// launch intent recorded in status.
+    pub client_token: Option<String>,
+    /// The provider that reports it (so a cluster whose `spec.provider` changed retires its old
+    /// instances through the old provider).
+    pub provider: ProviderKind,
+}
+
+/// The providers, by their `spec.provider` key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProviderKind {
+    /// EC2.
+    Aws,
+    /// Local child processes.
+    Local,
+    /// Listed endpoints.
+    Static,
+}
+
+impl ProviderKind {
+    /// Every kind.
+    pub const ALL: [ProviderKind; 3] = [ProviderKind::Aws, ProviderKind::Local, ProviderKind::Static];
+
+    /// The `spec.provider` key (`aws`, `local`, `static`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Aws => "aws",
+            ProviderKind::Local => "local",
+            ProviderKind::Static => "static",
+        }
+    }
+
+    /// The kind `spec` names.
+    pub fn of(spec: &ProviderSpec) -> Self {
+        match spec {
+            ProviderSpec::Aws(_) => ProviderKind::Aws,
+            ProviderSpec::Local(_) => ProviderKind::Local,
+            ProviderSpec::Static(_) => ProviderKind::Static,
+        }
+    }
+
+    /// The kind for a `spec.provider` key.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An instance's configuration as the provider reports it.
@@ -201,8 +264,14 @@ pub trait Provider: Send + Sync {
         clusters: &'a [Arc<BackendCluster>],
     ) -> BoxFuture<'a, Result<Vec<Instance>, Error>>;
 
-    /// Launches one instance. Must be idempotent for the same `client_token`.
-    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Instance, Error>>;
+    /// Launches one instance. Must be idempotent for the same intent (the EC2 `ClientToken`).
+    /// `Ok(None)`: the provider says this intent was already launched (EC2's
+    /// `IdempotentParameterMismatch` for a replayed token) and the instance is not listed yet:
+    /// nothing to do but wait for it to appear.
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Option<Instance>, Error>>;
 
     /// Starts terminating `ids`; returns once the provider has accepted the request.
     fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>>;
@@ -218,6 +287,18 @@ pub trait Provider: Send + Sync {
     fn manages_instances(&self) -> bool {
         true
     }
+}
+
+/// The subnet of launch attempt `attempt` of `slot`: a function of the intent alone, so a
+/// replayed launch (same `ClientToken`) always carries the same `SubnetId`, as EC2 requires of
+/// an idempotent repeat. Consecutive slots and attempts walk through the subnets, so a fleet
+/// spreads over them and a replacement (the next attempt) lands in the next one.
+pub fn subnet_for(subnets: &[String], slot: u32, attempt: u32) -> Option<&str> {
+    if subnets.is_empty() {
+        return None;
+    }
+    let k = (u64::from(slot) + u64::from(attempt)) % subnets.len() as u64;
+    subnets.get(usize::try_from(k).ok()?).map(String::as_str)
 }
 
 /// Stable 64-bit FNV-1a, for spec hashes and tokens that must not change across releases.

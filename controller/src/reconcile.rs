@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::provider::{
-    ClusterKey, Instance, InstanceState, LaunchRequest, client_token, spec_hash,
+    ClusterKey, Instance, InstanceState, LaunchRequest, client_token, spec_hash, subnet_for,
 };
 
 /// What the prober knows of one instance.
@@ -63,37 +63,38 @@ pub fn desired_replicas(bc: &BackendCluster) -> usize {
 
 /// Decides launches, retirements, endpoints and status for one object.
 ///
-/// Rules: instances of another object UID are retired (a re-created object never adopts its
-/// predecessor's instances); excess instances are retired unhealthy first, then newest;
-/// instances from an older spec (drift) are replaced surge-first: they keep serving until the
-/// current spec has `replicas` healthy instances, then retire; dead instances are replaced.
+/// Rules: instances of another object UID are not this object's: never counted, never retired
+/// here (a re-created object never adopts its predecessor's instances; the orphan sweep deals
+/// with instances no object owns); excess instances are retired unhealthy first, then newest;
+/// instances from an older spec (drift, including a change of `spec.provider`) are replaced
+/// surge-first: they keep serving until the current spec has `replicas` healthy instances, then
+/// retire; dead instances are replaced; stopped ones (a console Stop, a scheduled retirement, a
+/// Spot stop) serve nothing, so they are replaced and retired at once.
 pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) -> Plan {
     let key = ClusterKey::of(bc);
     let hash = spec_hash(bc);
     let desired = desired_replicas(bc);
     let healthy = |i: &Instance| obs.health.get(&i.id).is_some_and(|h| h.healthy);
 
-    let live: Vec<&Instance> = obs
+    let own = |i: &Instance| !obs.managed || i.owner_uid == uid;
+    let mut retire: Vec<String> = obs
+        .instances
+        .iter()
+        .filter(|i| own(i) && i.state.is_stopped() && !obs.draining.contains(&i.id))
+        .map(|i| i.id.clone())
+        .collect();
+    let mine: Vec<&Instance> = obs
         .instances
         .iter()
         .copied()
-        .filter(|i| i.state.is_live() && !obs.draining.contains(&i.id))
+        .filter(|i| own(i) && i.state.is_live() && !obs.draining.contains(&i.id))
         .collect();
-    let mut retire: Vec<String> = Vec::new();
-    let mut mine: Vec<&Instance> = Vec::new();
-    for i in live {
-        if obs.managed && i.owner_uid != uid {
-            retire.push(i.id.clone());
-        } else {
-            mine.push(i);
-        }
-    }
     let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
         mine.iter().partition(|i| i.drift(bc).is_none());
 
     let mut launch = Vec::new();
-    if obs.managed {
-        if current.len() > desired {
+    {
+        if obs.managed && current.len() > desired {
             // Keep healthy and older instances; retire unhealthy first, then newest.
             current.sort_by(|a, b| {
                 healthy(b)
@@ -135,7 +136,13 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             }
         }
         let room = (desired + surge).saturating_sub(current.len() + drifted_left);
-        let to_launch = desired.saturating_sub(current.len()).min(room);
+        // An unmanaged provider (`static`) launches nothing; its drifted predecessors (the
+        // instances of a provider the cluster no longer uses) still retire surge-first above.
+        let to_launch = if obs.managed {
+            desired.saturating_sub(current.len()).min(room)
+        } else {
+            0
+        };
         let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
         let mut free = (0u32..).filter(|s| !used.contains(s));
         // The next attempt of a slot follows every instance it ever had (terminated ones too).
@@ -214,7 +221,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         observed_generation: bc.metadata.generation,
         replicas: i32::try_from(serving.len()).unwrap_or(i32::MAX),
         ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
-        selector: None,
+        selector: Some(selector(&key)),
         provider: Some(bc.spec.provider.kind().to_string()),
         conditions: bc
             .status
@@ -224,6 +231,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         instances: obs
             .instances
             .iter()
+            .filter(|i| own(i))
             .map(|i| InstanceStatus {
                 id: i.id.clone(),
                 address: i.address.map(|a| a.to_string()),
@@ -234,6 +242,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 },
                 healthy: healthy(i),
                 latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
+                provider: Some(i.provider.as_str().to_string()),
             })
             .collect(),
         endpoints: ranked
@@ -244,7 +253,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
             })
             .collect(),
-        launches: recorded_launches(bc, &launch),
+        launches: recorded_launches(bc, &launch, now),
     };
     status.instances.sort_by(|a, b| a.id.cmp(&b.id));
 
@@ -354,8 +363,18 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     }
 }
 
+/// The scale subresource's label selector of a cluster (`status.selector`): instances are not
+/// pods, but HPA and KEDA refuse a scale target without a non-empty selector.
+pub fn selector(key: &ClusterKey) -> String {
+    format!("fleetlb.dev/backendcluster={}", key.name)
+}
+
 /// The latest intent per slot: the previous record with this plan's launches on top.
-fn recorded_launches(bc: &BackendCluster, launch: &[LaunchRequest]) -> Vec<LaunchIntent> {
+fn recorded_launches(
+    bc: &BackendCluster,
+    launch: &[LaunchRequest],
+    now: Timestamp,
+) -> Vec<LaunchIntent> {
     let mut by_slot: std::collections::BTreeMap<u32, LaunchIntent> = bc
         .status
         .iter()
@@ -369,6 +388,14 @@ fn recorded_launches(bc: &BackendCluster, launch: &[LaunchRequest]) -> Vec<Launc
                 slot: r.slot,
                 attempt: r.attempt,
                 client_token: client_token(&r.owner_uid, r.slot, &r.spec_hash, r.attempt),
+                subnet_id: match &r.provider {
+                    fleetlb_crds::ProviderSpec::Aws(a) => {
+                        subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)
+                    }
+                    _ => None,
+                },
+                instance_id: None,
+                recorded_at: Some(Time(now)),
             },
         );
     }

@@ -20,6 +20,7 @@ use fleetlb_crds::BackendCluster;
 use fleetlb_dataplane::{
     BalancingConfig, Dataplane, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -29,7 +30,7 @@ use crate::Providers;
 use crate::execute::{self, Deletion};
 use crate::files::{self, FileLoad};
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, fnv64};
+use crate::provider::{ClusterKey, Instance, ProviderKind, fnv64};
 use crate::reconcile::{self, set_condition};
 
 /// Standalone driver settings.
@@ -46,6 +47,8 @@ pub struct StandaloneConfig {
     /// Instances of this controller that no object owns are terminated once this old
     /// (default 30 s, Karpenter's).
     pub orphan_grace: Duration,
+    /// Deletion: how long to wait for the provider to list recent launches (default 2 min).
+    pub launch_visibility: Duration,
     /// First and longest delay before retrying a failed launch (default 1 s and 5 min; doubled
     /// per failure, jittered; an edit of the object retries at once).
     pub launch_backoff: (Duration, Duration),
@@ -60,6 +63,7 @@ impl StandaloneConfig {
             resync: Duration::from_secs(2),
             drain: Duration::from_secs(2),
             orphan_grace: Duration::from_secs(30),
+            launch_visibility: Duration::from_secs(120),
             launch_backoff: (Duration::from_secs(1), Duration::from_secs(300)),
         }
     }
@@ -146,7 +150,7 @@ pub struct Standalone {
     logged: HashSet<String>,
     last_hash: Option<u64>,
     loaded_once: bool,
-    used_kinds: HashSet<&'static str>,
+    used_kinds: HashSet<ProviderKind>,
 }
 
 impl Standalone {
@@ -271,6 +275,7 @@ impl Standalone {
             if !present.contains(key) && !t.deleting {
                 tracing::info!(cluster = %key, "BackendCluster removed from {}; deleting", t.file.display());
                 t.deleting = true;
+                t.obj.metadata.deletion_timestamp = Some(Time(now));
             }
         }
         self.report(errors);
@@ -309,6 +314,7 @@ impl Standalone {
                 t.file = file.to_path_buf();
                 if t.deleting {
                     t.deleting = false;
+                    t.obj.metadata.deletion_timestamp = None;
                 }
                 if t.obj.spec != bc.spec {
                     t.obj.spec = bc.spec;
@@ -357,41 +363,38 @@ impl Standalone {
         let now = Timestamp::now();
         let mut busy = false;
         let health = execute::health_by_cluster(&self.dataplane);
+        let inflight = self.dataplane.inflight();
         // One list per provider for all clusters.
-        let mut by_kind: HashMap<&'static str, Vec<Arc<BackendCluster>>> = HashMap::new();
+        let mut by_kind: HashMap<ProviderKind, Vec<Arc<BackendCluster>>> = HashMap::new();
         for t in self.tracked.values() {
             by_kind
-                .entry(t.obj.spec.provider.kind())
+                .entry(ProviderKind::of(&t.obj.spec.provider))
                 .or_default()
                 .push(Arc::new(t.obj.clone()));
         }
         let mut instances: HashMap<ClusterKey, Vec<Instance>> = HashMap::new();
-        let mut kind_of: HashMap<String, &'static str> = HashMap::new();
-        let mut list_errors: HashMap<&'static str, String> = HashMap::new();
+        let mut list_errors: HashMap<ProviderKind, String> = HashMap::new();
         // A provider that had objects stays listed after its last one goes, so its orphans are
-        // found; one never used is not called at all (no credentials needed for the demo).
+        // found (and a cluster that moved to another provider retires its old instances); one
+        // never used is not called at all (no credentials needed for the demo).
         self.used_kinds.extend(by_kind.keys().copied());
         for kind in &self.used_kinds {
-            by_kind.entry(kind).or_default();
+            by_kind.entry(*kind).or_default();
         }
         for (kind, clusters) in &by_kind {
-            let Some(p) = self.providers.get(kind) else {
-                list_errors.insert(
-                    kind,
-                    format!("the {kind} provider is not configured in this process"),
-                );
+            let Some(p) = self.providers.get(*kind) else {
+                list_errors.insert(*kind, missing_provider(*kind));
                 continue;
             };
             match p.list(clusters).await {
                 Ok(list) => {
                     for i in list {
-                        kind_of.insert(i.id.clone(), kind);
                         instances.entry(i.owner.clone()).or_default().push(i);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(provider = kind, %e, "listing instances failed");
-                    list_errors.insert(kind, e.to_string());
+                    tracing::warn!(provider = %kind, %e, "listing instances failed");
+                    list_errors.insert(*kind, e.to_string());
                 }
             }
         }
@@ -399,25 +402,64 @@ impl Standalone {
         let empty = HashMap::new();
         let mut routes = Vec::new();
         let mut forget = Vec::new();
+        // Instances of this install that no object owns: another UID under a tracked name, or
+        // a name nothing tracks.
+        let mut strays: Vec<Instance> = Vec::new();
         for (key, t) in self.tracked.iter_mut() {
-            let kind = t.obj.spec.provider.kind();
+            let kind = ProviderKind::of(&t.obj.spec.provider);
             let provider = self.providers.get(kind);
-            let mine = instances.remove(key).unwrap_or_default();
+            let uid = t.obj.metadata.uid.clone().unwrap_or_default();
+            let (mine, foreign): (Vec<Instance>, Vec<Instance>) = instances
+                .remove(key)
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|i| i.owner_uid == uid || i.provider == ProviderKind::Static);
+            strays.extend(foreign);
             if t.deleting {
-                let done = match &provider {
-                    Some(p) => execute::delete(&t.obj, p.as_ref(), &mine).await == Deletion::Done,
-                    None => true,
-                };
-                if done {
-                    tracing::info!(cluster = %key, "BackendCluster deleted");
-                    forget.push(key.clone());
+                let listed = mine.iter().all(|i| !list_errors.contains_key(&i.provider))
+                    && !list_errors.contains_key(&kind);
+                let step = if listed {
+                    execute::delete(
+                        &t.obj,
+                        &self.providers,
+                        &mine,
+                        &inflight,
+                        now,
+                        execute::DeleteSettings {
+                            drain: self.cfg.drain,
+                            launch_visibility: self.cfg.launch_visibility,
+                        },
+                    )
+                    .await
                 } else {
-                    busy = true;
+                    Deletion::Waiting(format!(
+                        "cannot list instances: {}",
+                        list_errors.get(&kind).cloned().unwrap_or_default()
+                    ))
+                };
+                match step {
+                    Deletion::Done => {
+                        tracing::info!(cluster = %key, "BackendCluster deleted");
+                        forget.push(key.clone());
+                    }
+                    Deletion::Waiting(why) => {
+                        let status = t.obj.status.get_or_insert_with(Default::default);
+                        set_condition(
+                            &mut status.conditions,
+                            "Ready",
+                            false,
+                            "Deleting",
+                            &why,
+                            t.obj.metadata.generation,
+                            now,
+                        );
+                        busy = true;
+                    }
                 }
                 continue;
             }
-            let Some(provider) = provider.filter(|_| !list_errors.contains_key(kind)) else {
-                let why = list_errors.get(kind).cloned().unwrap_or_default();
+            let Some(provider) = provider.filter(|_| !list_errors.contains_key(&kind)) else {
+                let why = list_errors.get(&kind).cloned().unwrap_or_default();
                 let status = t.obj.status.get_or_insert_with(Default::default);
                 set_condition(
                     &mut status.conditions,
@@ -436,8 +478,10 @@ impl Standalone {
                 &t.obj,
                 execute::Inputs {
                     provider: provider.as_ref(),
+                    providers: &self.providers,
                     instances: &mine,
                     health: health.get(&key.to_string()).unwrap_or(&empty),
+                    inflight: &inflight,
                     draining: &mut t.draining,
                     drain: self.cfg.drain,
                     metrics: &self.metrics,
@@ -464,7 +508,8 @@ impl Standalone {
             routes.push(route_config(key, &t.obj, applied.endpoints));
             t.obj.status = Some(status);
         }
-        self.sweep_orphans(instances, &kind_of).await;
+        strays.extend(instances.into_values().flatten());
+        self.sweep_orphans(strays).await;
         for key in forget {
             execute::forget_cluster(&self.metrics, &key);
             self.tracked.remove(&key);
@@ -490,27 +535,21 @@ impl Standalone {
     /// grace period (a launch whose object was deleted meanwhile, an object removed while
     /// fleetlb was down). Runs only after the directory has been read, so a restart never
     /// mistakes every instance for an orphan.
-    async fn sweep_orphans(
-        &mut self,
-        leftover: HashMap<ClusterKey, Vec<Instance>>,
-        kind_of: &HashMap<String, &'static str>,
-    ) {
-        if !self.loaded_once {
+    async fn sweep_orphans(&mut self, strays: Vec<Instance>) {
+        // While any file or document fails to load, the objects it defines are unknown here
+        // and their instances would look like orphans: sweep nothing until it loads.
+        if !self.loaded_once || !self.errors.is_empty() {
             return;
         }
-        let mut by_kind: HashMap<&'static str, Vec<String>> = HashMap::new();
-        for (key, list) in leftover {
-            for i in list {
-                let old = i
-                    .launched_at
-                    .elapsed()
-                    .is_ok_and(|age| age >= self.cfg.orphan_grace);
-                if i.state.is_live() && old {
-                    tracing::warn!(cluster = %key, id = %i.id, "orphan instance: no BackendCluster owns it; terminating");
-                    if let Some(kind) = kind_of.get(&i.id) {
-                        by_kind.entry(kind).or_default().push(i.id);
-                    }
-                }
+        let mut by_kind: HashMap<ProviderKind, Vec<String>> = HashMap::new();
+        for i in strays {
+            let old = i
+                .launched_at
+                .elapsed()
+                .is_ok_and(|age| age >= self.cfg.orphan_grace);
+            if i.state.needs_terminate() && old {
+                tracing::warn!(cluster = %i.owner, id = %i.id, uid = %i.owner_uid, "orphan instance: no BackendCluster owns it; terminating");
+                by_kind.entry(i.provider).or_default().push(i.id);
             }
         }
         for (kind, ids) in by_kind {
@@ -538,6 +577,14 @@ impl Standalone {
             errors: self.errors.iter().map(String::as_str).collect(),
         }
         .to_json()
+    }
+}
+
+/// Why a provider is missing in this process, for the object's condition.
+pub(crate) fn missing_provider(kind: ProviderKind) -> String {
+    match kind {
+        ProviderKind::Aws => "the aws provider needs a unique id for this install: start fleetlb with --controller-id (instances of other ids are never touched)".into(),
+        _ => format!("the {kind} provider is not configured in this process"),
     }
 }
 

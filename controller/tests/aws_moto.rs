@@ -29,6 +29,7 @@ fn yaml(env: &Env, name: &str, replicas: u32, policy: &str) -> String {
 struct Driver {
     driver: Standalone,
     out: Outputs,
+    dataplane: Dataplane,
     _rx: watch::Receiver<RouteTable>,
     _status: watch::Receiver<Bytes>,
 }
@@ -54,6 +55,7 @@ fn driver_with(
     let aws = AwsProvider::with_timeouts(conf, controller_id.into(), metrics.clone(), timeouts);
     let providers = Providers {
         aws: Some(Arc::new(aws)),
+        fixed: Some(Arc::new(fleetlb_controller::fixed::StaticProvider)),
         ..Default::default()
     };
     // The data plane is only a health source here; nothing probes the fake addresses.
@@ -66,7 +68,8 @@ fn driver_with(
     let (status, status_rx) = watch::channel(Bytes::new());
     let (ready, _) = watch::channel(false);
     Driver {
-        driver: Standalone::new(cfg, providers, dataplane, metrics),
+        driver: Standalone::new(cfg, providers, dataplane.clone(), metrics),
+        dataplane,
         out: Outputs {
             routes,
             status,
@@ -141,7 +144,7 @@ async fn launches_tagged_instances_scales_replaces_and_deletes() {
         is.iter().filter_map(|i| i.subnet_id()).collect();
     assert_eq!(
         subnets_used.len(),
-        env.subnets.len().min(2),
+        env.subnets.len().min(4),
         "instances spread over the subnets"
     );
     let attr = env
@@ -283,7 +286,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         spec_hash: "h".into(),
         attempt: 0,
     };
-    let first = p.launch(&req).await.unwrap();
+    let first = p.launch(&req).await.unwrap().expect("launched");
     let described = env
         .ec2
         .describe_instances()
@@ -538,4 +541,647 @@ async fn an_instance_whose_security_groups_change_outside_fleetlb_is_replaced() 
         progressing["message"].as_str().unwrap().contains(&open),
         "{progressing}"
     );
+}
+
+/// The `/status` document of a driver.
+fn status(d: &Driver) -> serde_json::Value {
+    serde_json::from_slice(&d.out.status.borrow()).unwrap()
+}
+
+/// States of every instance of `name` carrying `controller` (terminated ones too).
+async fn states(env: &Env, controller: &str, name: &str) -> Vec<(String, String)> {
+    use aws_sdk_ec2::types::Filter;
+    let out = env
+        .ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::CONTROLLER))
+                .values(controller)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::NAME))
+                .values(name)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut v: Vec<(String, String)> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap().to_string(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_launch_carries_the_same_token_and_subnet() {
+    let env = env().await;
+    assert_eq!(env.subnets.len(), 3, "moto's default VPC has three subnets or more");
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    // EC2 does not list the new instances yet: every pass replays the launches, and so does
+    // a restarted controller.
+    proxy.hide_new(true);
+    let mut d = driver_with(&conf, dir.path(), "ctl-s", |_| {});
+    for _ in 0..3 {
+        d.driver.step(&d.out).await;
+    }
+    for _ in 0..2 {
+        let mut crashed = driver_with(&conf, dir.path(), "ctl-s", |_| {});
+        crashed.driver.step(&crashed.out).await;
+    }
+    d.driver.step(&d.out).await;
+    let mut by_token: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for body in proxy.requests() {
+        let f = support::form(&body);
+        let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        if get("Action").as_deref() == Some("RunInstances") {
+            by_token
+                .entry(get("ClientToken").unwrap())
+                .or_default()
+                .insert(get("SubnetId").unwrap_or_default());
+        }
+    }
+    assert_eq!(by_token.len(), 2, "one token per slot: {by_token:?}");
+    assert!(
+        proxy.count("RunInstances") >= 6,
+        "the launches were replayed ({} calls)",
+        proxy.count("RunInstances")
+    );
+    for (token, subnets) in &by_token {
+        assert_eq!(subnets.len(), 1, "{token} was sent with subnets {subnets:?}");
+    }
+    assert_eq!(proxy.mismatches(), 0, "EC2 answered IdempotentParameterMismatch");
+    proxy.hide_new(false);
+    converge(&mut d, &env, "ctl-s", "web", 2).await;
+    let subnets: std::collections::BTreeSet<_> = live(&env.ec2, "ctl-s", "web")
+        .await
+        .iter()
+        .filter_map(|i| i.subnet_id().map(String::from))
+        .collect();
+    assert_eq!(subnets.len(), 2, "the two slots sit in two subnets");
+
+    // A token EC2 already saw with other parameters (here: the subnet list reordered, so the
+    // same intent maps to another subnet) is "already launched", not a failure.
+    let registry = prometheus::Registry::new();
+    let p = AwsProvider::new(&conf, "ctl-s".into(), Metrics::new(&registry).unwrap());
+    let mut req = solo_request(&env, &env.subnets);
+    assert!(p.launch(&req).await.unwrap().is_some());
+    let mut reordered = env.subnets.clone();
+    reordered.rotate_left(1);
+    req = solo_request(&env, &reordered);
+    assert!(
+        p.launch(&req).await.unwrap().is_none(),
+        "IdempotentParameterMismatch means the launch exists"
+    );
+    assert_eq!(proxy.mismatches(), 1);
+}
+
+fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
+    LaunchRequest {
+        owner: ClusterKey {
+            namespace: "default".into(),
+            name: "solo".into(),
+        },
+        owner_uid: "uid-solo".into(),
+        slot: 0,
+        instance_type: "t2.micro".into(),
+        port: 8000,
+        provider: fleetlb_crds::ProviderSpec::Aws(fleetlb_crds::AwsProvider {
+            image_id: env.image.clone(),
+            subnet_ids: subnets.to_vec(),
+            ..Default::default()
+        }),
+        spec_hash: "h".into(),
+        attempt: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-stop");
+    converge(&mut d, &env, "ctl-stop", "web", 2).await;
+    let victim = live(&env.ec2, "ctl-stop", "web").await[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    env.ec2
+        .stop_instances()
+        .instance_ids(&victim)
+        .send()
+        .await
+        .unwrap();
+    let mut replaced = false;
+    for _ in 0..20 {
+        d.driver.step(&d.out).await;
+        let st = states(&env, "ctl-stop", "web").await;
+        let victim_state = st.iter().find(|(id, _)| *id == victim).map(|(_, s)| s.clone());
+        let running = st.iter().filter(|(_, s)| s == "running").count();
+        if running == 2 && victim_state.as_deref() == Some("terminated") {
+            replaced = true;
+            break;
+        }
+    }
+    assert!(
+        replaced,
+        "stopped instance not replaced and terminated: {:?}",
+        states(&env, "ctl-stop", "web").await
+    );
+
+    // Stop one more, then delete the cluster: deletion terminates the stopped one too and
+    // completes.
+    let victim = live(&env.ec2, "ctl-stop", "web").await[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    env.ec2
+        .stop_instances()
+        .instance_ids(&victim)
+        .send()
+        .await
+        .unwrap();
+    std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    let mut gone = false;
+    for _ in 0..20 {
+        d.driver.step(&d.out).await;
+        if status(&d)["clusters"].as_array().unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "deletion never completed: {}", status(&d));
+    let left: Vec<_> = states(&env, "ctl-stop", "web")
+        .await
+        .into_iter()
+        .filter(|(_, s)| s != "terminated" && s != "shutting-down")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installs_in_one_account_never_touch_each_others_instances() {
+    let env = env().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The same namespace/name (and so, in standalone, the same derived UID) in both.
+    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    std::fs::write(dir_b.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    let mut a = driver(&env, dir_a.path(), "ctl-one");
+    let mut b = driver(&env, dir_b.path(), "ctl-two");
+    converge(&mut b, &env, "ctl-two", "web", 2).await;
+    let theirs = |v: Vec<aws_sdk_ec2::types::Instance>| {
+        let mut v: Vec<(String, Vec<(String, String)>)> = v
+            .iter()
+            .map(|i| {
+                let mut t: Vec<(String, String)> = i
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+                    .collect();
+                t.sort();
+                (i.instance_id().unwrap().to_string(), t)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = theirs(live(&env.ec2, "ctl-two", "web").await);
+    let check = async |what: &str| {
+        assert_eq!(
+            theirs(live(&env.ec2, "ctl-two", "web").await),
+            before,
+            "{what}: the other install's instances changed"
+        );
+    };
+    // Create, scale up, scale down, delete, sweep: each step by install one, install two idle.
+    converge(&mut a, &env, "ctl-one", "web", 2).await;
+    check("create").await;
+    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 3, "Delete")).unwrap();
+    converge(&mut a, &env, "ctl-one", "web", 3).await;
+    check("scale up").await;
+    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    converge(&mut a, &env, "ctl-one", "web", 1).await;
+    check("scale down").await;
+    std::fs::remove_file(dir_a.path().join("web.yaml")).unwrap();
+    converge(&mut a, &env, "ctl-one", "web", 0).await;
+    check("delete").await;
+    // Install one, with no object at all, sweeps orphans (grace zero) over several passes.
+    for _ in 0..3 {
+        a.driver.step(&a.out).await;
+    }
+    check("sweep").await;
+    // And the other way round: install two scales and deletes; install one's nothing is
+    // untouched, and install two's own convergence is unaffected by install one's history.
+    std::fs::write(dir_b.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    converge(&mut b, &env, "ctl-two", "web", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    for policy in ["Delete", "Orphan"] {
+        let ctl = format!("ctl-vis-{}", policy.to_lowercase());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, policy)).unwrap();
+        let mut d = driver_with(&conf, dir.path(), &ctl, |c| {
+            c.launch_visibility = Duration::from_secs(600);
+        });
+        proxy.hide_new(true);
+        d.driver.step(&d.out).await;
+        assert_eq!(live(&env.ec2, &ctl, "web").await.len(), 2, "launched");
+        // Deleted while DescribeInstances does not show the two new instances yet.
+        std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        for _ in 0..3 {
+            d.driver.step(&d.out).await;
+        }
+        let v = status(&d);
+        let c = &v["clusters"][0];
+        assert_eq!(c["deleting"], true, "{policy}: released too early: {v}");
+        let ready = c["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
+        assert_eq!(ready["reason"], "Deleting", "{ready}");
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap()
+                .contains("waiting for the provider to list 2 recent launch"),
+            "{ready}"
+        );
+        // EC2 catches up: deletion resolves both launches and completes.
+        proxy.hide_new(false);
+        for _ in 0..10 {
+            d.driver.step(&d.out).await;
+            if status(&d)["clusters"].as_array().unwrap().is_empty() {
+                break;
+            }
+        }
+        assert!(
+            status(&d)["clusters"].as_array().unwrap().is_empty(),
+            "{policy}: never completed: {}",
+            status(&d)
+        );
+        match policy {
+            "Delete" => assert!(
+                live(&env.ec2, &ctl, "web").await.is_empty(),
+                "Delete left instances running"
+            ),
+            _ => {
+                // Released: still running, no longer carrying this install's tag, and a later
+                // sweep (grace zero) does not touch them.
+                assert!(live(&env.ec2, &ctl, "web").await.is_empty(), "still owned");
+                let running = running_named(&env, "web").await;
+                assert!(running >= 2, "orphaned instances must keep running");
+                for _ in 0..2 {
+                    d.driver.step(&d.out).await;
+                }
+                assert_eq!(running_named(&env, "web").await, running, "the sweep killed them");
+            }
+        }
+    }
+}
+
+/// Running instances tagged `fleetlb.dev/name = name`, whoever owns them.
+async fn running_named(env: &Env, name: &str) -> usize {
+    use aws_sdk_ec2::types::Filter;
+    env.ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::NAME))
+                .values(name)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .reservations()
+        .iter()
+        .map(|r| r.instances().len())
+        .sum()
+}
+
+/// Whether `policy` allows `action` on a resource of `resource_type` (`instance`, `subnet`,
+/// ...) in the request context `ctx`, by IAM's rules for the operators the policy uses: an
+/// Allow statement whose Action names the action, whose Resource covers the type, and whose
+/// every condition holds (`StringEquals`: the key is present with one of the values;
+/// `ForAllValues:StringEquals`: every value of the key is among them).
+fn allows(
+    policy: &serde_json::Value,
+    action: &str,
+    resource_type: &str,
+    ctx: &std::collections::HashMap<String, Vec<String>>,
+) -> bool {
+    use serde_json::Value;
+    let list = |v: &Value| -> Vec<String> {
+        match v {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    policy["Statement"].as_array().unwrap().iter().any(|s| {
+        if s["Effect"] != "Allow" || !list(&s["Action"]).iter().any(|a| a == action) {
+            return false;
+        }
+        let covers = list(&s["Resource"]).iter().any(|r| {
+            r == "*"
+                || r.rsplit(':')
+                    .next()
+                    .and_then(|t| t.strip_suffix("/*"))
+                    .is_some_and(|t| t == resource_type)
+        });
+        if !covers {
+            return false;
+        }
+        let Some(conds) = s["Condition"].as_object() else {
+            return true;
+        };
+        conds.iter().all(|(op, keys)| {
+            keys.as_object().unwrap().iter().all(|(key, want)| {
+                let want = list(want);
+                let have = ctx.get(key).cloned().unwrap_or_default();
+                match op.as_str() {
+                    "StringEquals" => have.len() == 1 && want.contains(&have[0]),
+                    "ForAllValues:StringEquals" => have.iter().all(|h| want.contains(h)),
+                    other => panic!("operator {other} is not modelled by this test"),
+                }
+            })
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_policy_and_no_more() {
+    use std::collections::HashMap;
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    let id = "ctl-iam";
+    let policy = fleetlb_controller::iam::policy(&fleetlb_controller::iam::PolicyOptions {
+        controller_id: id.into(),
+        partition: "aws".into(),
+        instance_role: "fleetlb-instance".into(),
+    });
+    // Launch, scale down (terminate), delete with Orphan (release).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Orphan")).unwrap();
+    let mut d = driver_with(&conf, dir.path(), id, |_| {});
+    converge(&mut d, &env, id, "web", 2).await;
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, "Orphan")).unwrap();
+    converge(&mut d, &env, id, "web", 1).await;
+    // Each instance's controller tag before the release removes it.
+    let owner: HashMap<String, String> = env
+        .ec2
+        .describe_instances()
+        .send()
+        .await
+        .unwrap()
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap().to_string(),
+                tag(i, tags::CONTROLLER).unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    converge(&mut d, &env, id, "web", 0).await;
+
+    let requests: Vec<Vec<(String, String)>> =
+        proxy.requests().iter().map(|b| support::form(b)).collect();
+    let mut seen: std::collections::BTreeSet<String> = Default::default();
+    let ctx = |pairs: &[(&str, &str)]| -> HashMap<String, Vec<String>> {
+        let mut m: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in pairs {
+            m.entry(k.to_string()).or_default().push(v.to_string());
+        }
+        m
+    };
+    for f in &requests {
+        let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let action = get("Action").unwrap();
+        seen.insert(action.to_string());
+        assert!(
+            fleetlb_controller::aws::EC2_OPERATIONS.contains(&action),
+            "{action} is not in the list the policy is made from"
+        );
+        let ec2 = format!("ec2:{action}");
+        match action {
+            "DescribeInstances" => assert!(allows(&policy, &ec2, "instance", &ctx(&[]))),
+            "RunInstances" => {
+                // Tags per resource type, as IAM sees them in the request:
+                // TagSpecification.N.ResourceType and TagSpecification.N.Tag.M.Key/Value.
+                type Spec = (String, std::collections::BTreeMap<String, (String, String)>);
+                let mut specs: std::collections::BTreeMap<String, Spec> = Default::default();
+                for (k, v) in f {
+                    let Some(rest) = k.strip_prefix("TagSpecification.") else {
+                        continue;
+                    };
+                    let (n, field) = rest.split_once('.').unwrap();
+                    let spec = specs.entry(n.to_string()).or_default();
+                    if field == "ResourceType" {
+                        spec.0 = v.clone();
+                    } else if let Some((m, part)) =
+                        field.strip_prefix("Tag.").and_then(|t| t.split_once('.'))
+                    {
+                        let tag = spec.1.entry(m.to_string()).or_default();
+                        match part {
+                            "Key" => tag.0 = v.clone(),
+                            _ => tag.1 = v.clone(),
+                        }
+                    }
+                }
+                let mut tags_of: HashMap<String, Vec<(String, String)>> = HashMap::new();
+                for (rtype, tags) in specs.into_values() {
+                    tags_of.entry(rtype).or_default().extend(tags.into_values());
+                }
+                // Every resource type RunInstances creates is allowed with its request tags,
+                // and so is tagging it at creation.
+                for created in ["instance", "volume", "network-interface"] {
+                    let tags = tags_of.get(created).cloned().unwrap_or_default();
+                    let mut c: HashMap<String, Vec<String>> = HashMap::new();
+                    for (k, v) in &tags {
+                        c.entry(format!("aws:RequestTag/{k}")).or_default().push(v.clone());
+                    }
+                    assert!(
+                        allows(&policy, &ec2, created, &c),
+                        "RunInstances would be UnauthorizedOperation on {created} (tags {tags:?})"
+                    );
+                    c.insert("ec2:CreateAction".into(), vec!["RunInstances".into()]);
+                    assert!(allows(&policy, "ec2:CreateTags", created, &c), "{created}");
+                }
+                assert!(allows(&policy, &ec2, "image", &ctx(&[])));
+                if get("SubnetId").is_some() {
+                    assert!(allows(&policy, &ec2, "subnet", &ctx(&[])));
+                }
+            }
+            "TerminateInstances" | "DeleteTags" => {
+                let ids: Vec<&str> = f
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("InstanceId.") || k.starts_with("ResourceId."))
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                assert!(!ids.is_empty());
+                let keys: Vec<&str> = f
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("Tag.") && k.ends_with(".Key"))
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                for i in ids {
+                    let tag = owner.get(i).map(String::as_str).unwrap_or("");
+                    let mut c = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", tag)]);
+                    if action == "DeleteTags" {
+                        c.insert("aws:TagKeys".into(), keys.iter().map(|k| k.to_string()).collect());
+                    }
+                    assert!(allows(&policy, &ec2, "instance", &c), "{action} on {i} ({tag})");
+                }
+            }
+            other => panic!("unexpected call {other}"),
+        }
+    }
+    assert_eq!(
+        seen.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["DeleteTags", "DescribeInstances", "RunInstances", "TerminateInstances"],
+        "the scenario exercises every call"
+    );
+
+    // Nothing broader: the policy names exactly these actions, and refuses another install's
+    // instances, untagged network interfaces, and any other tag key.
+    let mut actions: Vec<String> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| match &s["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+            _ => vec![],
+        })
+        .collect();
+    actions.sort();
+    actions.dedup();
+    assert_eq!(
+        actions,
+        [
+            "ec2:CreateTags",
+            "ec2:DeleteTags",
+            "ec2:DescribeInstances",
+            "ec2:RunInstances",
+            "ec2:TerminateInstances",
+            "iam:PassRole"
+        ]
+    );
+    let other = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", "someone-else")]);
+    assert!(!allows(&policy, "ec2:TerminateInstances", "instance", &other));
+    let mut other_keys = other.clone();
+    other_keys.insert("aws:TagKeys".into(), vec![tags::CONTROLLER.into()]);
+    assert!(!allows(&policy, "ec2:DeleteTags", "instance", &other_keys));
+    let mut mine_other_key = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", id)]);
+    mine_other_key.insert("aws:TagKeys".into(), vec!["team".into()]);
+    assert!(!allows(&policy, "ec2:DeleteTags", "instance", &mine_other_key));
+    assert!(!allows(&policy, "ec2:RunInstances", "network-interface", &ctx(&[])));
+    assert!(!allows(
+        &policy,
+        "ec2:RunInstances",
+        "instance",
+        &ctx(&[("aws:RequestTag/fleetlb.dev/controller", "someone-else")])
+    ));
+    assert!(!allows(&policy, "ec2:RunInstances", "launch-template", &ctx(&[])));
+    for s in policy["Statement"].as_array().unwrap() {
+        if s["Resource"] == "*" {
+            assert_eq!(s["Action"], serde_json::json!(["ec2:DescribeInstances"]), "{s}");
+        }
+    }
+}
+
+/// An HTTP server on 127.0.0.1 answering 200 to everything (a static endpoint).
+async fn ok_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_moved_to_another_provider_retires_the_old_providers_instances() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-move");
+    // Probes run here: the static endpoint must pass its health check before the EC2
+    // instance may go (surge-first).
+    let _probes = d.dataplane.watch_routes(d._rx.clone());
+    converge(&mut d, &env, "ctl-move", "web", 1).await;
+    let (addr, _server) = ok_server().await;
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        format!(
+            "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: web\nspec:\n  route: /web\n  replicas: 1\n  instanceType: t2.micro\n  healthCheck:\n    intervalSeconds: 1\n    timeoutSeconds: 1\n    healthyThreshold: 2\n    unhealthyThreshold: 2\n  provider:\n    static:\n      endpoints: [\"{addr}\"]\n"
+        ),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        d.driver.step(&d.out).await;
+        if live(&env.ec2, "ctl-move", "web").await.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the aws instance of a cluster now on static was never terminated: {}",
+            status(&d)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = status(&d);
+    assert_eq!(v["clusters"][0]["status"]["readyReplicas"], 1, "{v}");
 }

@@ -39,6 +39,12 @@ struct Call {
 }
 
 impl ApiServer {
+    /// The next request, however long it takes (paused-time tests).
+    async fn next_unbounded(&mut self) -> SendResponse<Response<Body>> {
+        let (_req, reply) = self.0.next_request().await.expect("the client is alive");
+        reply
+    }
+
     /// The next request the driver makes.
     async fn next(&mut self) -> Call {
         let (req, reply) = tokio::time::timeout(DEADLINE, self.0.next_request())
@@ -351,27 +357,38 @@ async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
             "2026-11-28T00:01:00Z".parse().unwrap(),
         ));
     let deleting = Arc::new(deleting);
-    // Until EC2 shows every instance terminated, the finalizer stays (no API call at all).
+    // Until EC2 shows every instance terminated, the finalizer stays (the only API calls are
+    // status writes saying what deletion waits for).
     let mut released = false;
-    for _ in 0..20 {
-        let t = tokio::spawn(kubernetes::reconcile(deleting.clone(), h.ctx.clone()));
-        let r = tokio::select! {
-            r = finish(t) => r,
-            call = h.api.next() => {
-                let (type_, reason, note) = call.event();
-                assert_eq!((type_.as_str(), reason.as_str()), ("Normal", "Deleted"));
-                assert_eq!(note, "every instance terminated; deletion complete");
-                assert!(live_instances(&env).await.is_empty(), "finalizer released while instances live");
-                let call = h.api.next().await;
-                assert_eq!(call.method, Method::PATCH);
-                assert_eq!(
-                    call.body,
-                    json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
-                           {"op": "remove", "path": "/metadata/finalizers/0"}])
-                );
-                call.ok(&json!(obj));
-                released = true;
-                break;
+    let mut waiting_for = Vec::new();
+    'passes: for _ in 0..20 {
+        let mut t = tokio::spawn(kubernetes::reconcile(deleting.clone(), h.ctx.clone()));
+        let r = loop {
+            tokio::select! {
+                r = &mut t => break r.unwrap(),
+                call = h.api.next() => {
+                    if call.uri.contains("/status") {
+                        let c = condition(&call.body["status"], "Ready");
+                        assert_eq!(c["reason"], "Deleting");
+                        waiting_for.push(c["message"].as_str().unwrap().to_string());
+                        call.ok(&json!(obj));
+                        continue;
+                    }
+                    let (type_, reason, note) = call.event();
+                    assert_eq!((type_.as_str(), reason.as_str()), ("Normal", "Deleted"));
+                    assert_eq!(note, "every instance terminated; deletion complete");
+                    assert!(live_instances(&env).await.is_empty(), "finalizer released while instances live");
+                    let call = h.api.next().await;
+                    assert_eq!(call.method, Method::PATCH);
+                    assert_eq!(
+                        call.body,
+                        json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                               {"op": "remove", "path": "/metadata/finalizers/0"}])
+                    );
+                    call.ok(&json!(obj));
+                    released = true;
+                    break 'passes;
+                }
             }
         };
         assert!(
@@ -379,6 +396,10 @@ async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
             "{r:?}"
         );
     }
+    assert!(
+        waiting_for.iter().all(|m| m.contains("terminate")),
+        "{waiting_for:?}"
+    );
     assert!(released, "finalizer released once instances are gone");
     assert!(live_instances(&env).await.is_empty());
 }
@@ -696,4 +717,125 @@ async fn a_leader_shutting_down_gives_the_lease_up() {
         let body = call.body.clone();
         call.ok(&body);
     });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and_calls_no_ec2() {
+    use fleetlb_controller::lease::LeaderOnly;
+    use fleetlb_controller::provider::Provider;
+    let (mut e, mut api) = elector("replica-a");
+    let (leads, ()) = tokio::join!(e.step(), async {
+        api.next().await.ok(&lease("replica-a", "1"));
+        let renewal = api.next().await;
+        let body = renewal.body.clone();
+        renewal.ok(&body);
+    });
+    assert!(leads);
+    let renewed = tokio::time::Instant::now();
+    let (tx, leader) = watch::channel(true);
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let gated = LeaderOnly::new(Arc::new(Counting(calls.clone())), leader.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let election = tokio::spawn(fleetlb_controller::lease::run(e, tx, async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    // From now on the API server reads every request and never answers.
+    let held = tokio::spawn(async move {
+        let mut calls = Vec::new();
+        loop {
+            calls.push(api.next_unbounded().await);
+        }
+    });
+    let mut watch_leader = leader.clone();
+    watch_leader.wait_for(|l| !*l).await.unwrap();
+    let after = renewed.elapsed();
+    assert!(
+        after <= LeaseConfig::new(String::new(), String::new(), String::new()).renew_deadline,
+        "stopped leading {after:?} after the last renewal"
+    );
+    assert!(gated.terminate(&["i-1".into()]).await.is_err());
+    assert!(gated.launch(&dummy_launch()).await.is_err());
+    assert!(gated.release(&["i-1".into()]).await.is_err());
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "an EC2 call after leadership ended");
+    stop_tx.send_replace(true);
+    // Shutting down does not hang on the dead API server either.
+    tokio::time::timeout(Duration::from_secs(60), election)
+        .await
+        .expect("the election loop ends despite the hung API server")
+        .unwrap();
+    held.abort();
+}
+
+/// A provider that counts the calls that change something.
+struct Counting(Arc<std::sync::atomic::AtomicU64>);
+
+impl fleetlb_controller::provider::Provider for Counting {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+    fn list<'a>(
+        &'a self,
+        _: &'a [Arc<BackendCluster>],
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Vec<fleetlb_controller::provider::Instance>, fleetlb_controller::Error>,
+    > {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn launch<'a>(
+        &'a self,
+        _: &'a fleetlb_controller::provider::LaunchRequest,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Option<fleetlb_controller::provider::Instance>, fleetlb_controller::Error>,
+    > {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(None) })
+    }
+    fn terminate<'a>(
+        &'a self,
+        _: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<(), fleetlb_controller::Error>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+    fn release<'a>(
+        &'a self,
+        _: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<(), fleetlb_controller::Error>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
+    fleetlb_controller::provider::LaunchRequest {
+        owner: fleetlb_controller::provider::ClusterKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+        owner_uid: "uid-web".into(),
+        slot: 0,
+        instance_type: "t2.micro".into(),
+        port: 8000,
+        provider: fleetlb_crds::ProviderSpec::Local(Default::default()),
+        spec_hash: "h".into(),
+        attempt: 0,
+    }
+}
+
+#[tokio::test]
+async fn without_a_controller_id_run_derives_one_from_the_kube_system_namespace() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let mut api = ApiServer(handle);
+    let (id, ()) = tokio::join!(kubernetes::controller_id_from_cluster(client), async {
+        let call = api.next().await;
+        assert_eq!(call.method, Method::GET);
+        assert_eq!(call.uri, "/api/v1/namespaces/kube-system");
+        call.ok(&json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "kube-system", "uid": "4a1c1f0e-7b52-4c43-9d7e-2f1f2b4e9a10"}}));
+    });
+    assert_eq!(id.unwrap(), "fleetlb-4a1c1f0e-7b52-4c43-9d7e-2f1f2b4e9a10");
 }

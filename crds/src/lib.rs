@@ -100,6 +100,14 @@ pub struct BackendClusterSpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
+    /// Seconds an instance that leaves the endpoint set (scale-down, replacement, deletion) keeps
+    /// running for the requests it is still serving (0-3600; default: `timeoutSeconds`, the
+    /// longest a request may wait for its answer). Ends early once the instance has no request
+    /// in flight. ALB's `deregistration_delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub deregistration_delay_seconds: Option<u32>,
+
     /// How drifted and dead instances are replaced.
     #[serde(default)]
     pub rollout: Rollout,
@@ -421,7 +429,8 @@ pub struct BackendClusterStatus {
     /// Instances that pass their health check.
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Label selector for the scale subresource (instances carry no pod labels; kept empty).
+    /// Label selector for the scale subresource (`fleetlb.dev/backendcluster=NAME`): instances are
+    /// not pods, but an HPA or KEDA needs a non-empty selector to act on the scale subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
     /// The provider in use (`aws`, `local`, `static`), for `kubectl get bc`'s PROVIDER column.
@@ -453,6 +462,17 @@ pub struct LaunchIntent {
     pub attempt: u32,
     /// Idempotency token sent with the launch (EC2 `ClientToken`).
     pub client_token: String,
+    /// Subnet the launch goes to (`aws` with `subnetIds`): a function of slot and attempt, so a
+    /// replayed launch carries the same parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// The instance the launch made, once the provider answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// When the intent was recorded: deletion waits (boundedly) for the provider to list the
+    /// instances of recent launches before releasing the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// One instance as the provider and the prober see it.
@@ -471,6 +491,10 @@ pub struct InstanceStatus {
     /// Latest latency estimate in milliseconds, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
+    /// The provider that reports it (`aws`, `local`, `static`); after a change of
+    /// `spec.provider`, the old provider's instances are retired through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// One endpoint of the ranked set the data plane receives.
@@ -484,6 +508,16 @@ pub struct EndpointStatus {
     /// Latency estimate in milliseconds, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
+}
+
+impl BackendClusterSpec {
+    /// `deregistrationDelaySeconds`, or its default `timeoutSeconds`.
+    pub fn deregistration_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.deregistration_delay_seconds
+                .unwrap_or(self.timeout_seconds),
+        ))
+    }
 }
 
 impl BackendCluster {

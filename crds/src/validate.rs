@@ -165,6 +165,15 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
             format!("must be between 1 and 3600, got {}", spec.timeout_seconds),
         );
     }
+    if let Some(d) = spec.deregistration_delay_seconds
+        && d > 3600
+    {
+        err(
+            &mut e,
+            "spec.deregistrationDelaySeconds",
+            format!("must be between 0 and 3600, got {d}"),
+        );
+    }
     let b = &spec.balancing;
     for (name, v, lo, hi) in [
         ("spec.balancing.decaySeconds", b.decay_seconds, 1, 600),

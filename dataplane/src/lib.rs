@@ -30,6 +30,7 @@ pub mod routes;
 mod server;
 mod table;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +125,10 @@ pub(crate) struct Shared {
     pub config: ProxyConfig,
     /// `config.max_connections` permits, shared by every listener of the process.
     pub connection_limit: Arc<tokio::sync::Semaphore>,
+    /// Endpoints that left the table with requests still in flight, by instance id, kept until
+    /// those requests end so the controller can see when an instance has drained. Touched by
+    /// the route updater and [`Dataplane::inflight`] only, never on the request path.
+    pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
 }
 
 /// An upstream client with pooled keep-alive connections; connection tasks run on the runtime
@@ -178,6 +183,7 @@ impl Dataplane {
                 metrics: Metrics::new(registry)?,
                 connection_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
                 config,
+                departed: std::sync::Mutex::default(),
             }),
         })
     }
@@ -248,6 +254,28 @@ impl Dataplane {
             );
         }
         Ok(handles)
+    }
+
+    /// Requests in flight per instance id: endpoints in the table, and endpoints that left it
+    /// while requests to them were still running (a retired instance draining). An id missing
+    /// here has none.
+    pub fn inflight(&self) -> HashMap<String, u32> {
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for c in &self.shared.table.load().clusters {
+            for e in &c.endpoints {
+                *out.entry(e.id.clone()).or_default() += e.state.inflight();
+            }
+        }
+        let mut departed = self
+            .shared
+            .departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        departed.retain(|_, e| e.state.inflight() > 0);
+        for (id, e) in departed.iter() {
+            *out.entry(id.clone()).or_default() += e.state.inflight();
+        }
+        out
     }
 
     /// What the balancer knows right now, per cluster and endpoint.

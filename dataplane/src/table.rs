@@ -194,6 +194,13 @@ fn apply(
     }
     for ((cluster, id, addr), gone) in live.drain() {
         gone.task.abort();
+        if gone.endpoint.state.inflight() > 0 {
+            shared
+                .departed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), gone.endpoint.clone());
+        }
         shared.metrics.forget_endpoint(&cluster, &addr.to_string());
         tracing::info!(%cluster, endpoint = %addr, %id, "endpoint removed");
     }

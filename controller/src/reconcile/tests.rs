@@ -19,6 +19,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             outlier_detection: Default::default(),
             timeout_seconds: 30,
             deletion_policy: Default::default(),
+            deregistration_delay_seconds: None,
             rollout: Default::default(),
         },
     );
@@ -39,6 +40,8 @@ fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u
         spec_hash: spec_hash(bc),
         launched_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
         launched_as: None,
+        client_token: None,
+        provider: crate::provider::ProviderKind::Local,
     }
 }
 
@@ -177,13 +180,75 @@ fn drift_is_replaced_surge_first() {
 }
 
 #[test]
-fn instances_of_a_deleted_predecessor_are_not_adopted() {
+fn instances_of_another_uid_are_neither_adopted_nor_retired() {
+    // Another object's instance under the same name (a predecessor, or another install's):
+    // not counted, not served, and never retired by this object's plan.
     let b = bc(1, "t2.micro");
     let mut foreign = inst(&b, "i-prev", 0, InstanceState::Running, 10);
     foreign.owner_uid = "uid-0".into();
     let p = run(&b, &[foreign], &["i-prev"]);
-    assert_eq!(p.retire, vec!["i-prev"]);
+    assert!(p.retire.is_empty(), "retired another object's instance");
     assert_eq!(p.launch.len(), 1);
+    assert!(p.endpoints.is_empty());
+    assert!(p.status.instances.is_empty());
+}
+
+#[test]
+fn stopped_instances_are_replaced_and_retired() {
+    let b = bc(2, "t2.micro");
+    let p = run(
+        &b,
+        &[
+            inst(&b, "i-a", 0, InstanceState::Running, 10),
+            inst(&b, "i-stopped", 1, InstanceState::Stopped, 10),
+            inst(&b, "i-stopping", 2, InstanceState::Stopping, 10),
+        ],
+        &["i-a"],
+    );
+    let mut retired = p.retire.clone();
+    retired.sort();
+    assert_eq!(retired, vec!["i-stopped", "i-stopping"]);
+    assert_eq!(p.launch.len(), 1, "one replacement for the missing replica");
+    assert_eq!(p.launch[0].slot, 1);
+    assert_eq!(p.launch[0].attempt, 1, "the next attempt of the stopped slot");
+    assert_eq!(p.status.replicas, 1);
+}
+
+#[test]
+fn the_scale_subresource_has_a_selector() {
+    let b = bc(1, "t2.micro");
+    let p = run(&b, &[], &[]);
+    assert_eq!(
+        p.status.selector.as_deref(),
+        Some("fleetlb.dev/backendcluster=cluster1")
+    );
+}
+
+#[test]
+fn a_launch_intent_records_its_subnet_and_time() {
+    let mut b = bc(2, "t2.micro");
+    b.spec.provider = ProviderSpec::Aws(fleetlb_crds::AwsProvider {
+        image_id: "ami-1".into(),
+        subnet_ids: vec!["subnet-a".into(), "subnet-b".into(), "subnet-c".into()],
+        ..Default::default()
+    });
+    let p = run(&b, &[], &[]);
+    let subnets: Vec<_> = p
+        .status
+        .launches
+        .iter()
+        .map(|l| (l.slot, l.attempt, l.subnet_id.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        subnets,
+        vec![(0, 0, "subnet-a".into()), (1, 0, "subnet-b".into())]
+    );
+    assert!(p.status.launches.iter().all(|l| l.recorded_at.is_some()));
+    // The same intent planned again (a replay) names the same subnet.
+    b.status = Some(p.status.clone());
+    let again = run(&b, &[], &[]);
+    assert_eq!(again.status.launches[1].subnet_id.as_deref(), Some("subnet-b"));
+    assert_eq!(again.status.launches[1].client_token, p.status.launches[1].client_token);
 }
 
 #[test]

@@ -86,7 +86,7 @@ pub async fn env() -> Env {
     let subnets = subnets
         .subnets()
         .iter()
-        .take(2)
+        .take(3)
         .map(|s| s.subnet_id().unwrap().to_string())
         .collect();
     Env {
@@ -113,10 +113,28 @@ pub enum Fault {
 struct FaultState {
     faults: HashMap<String, Fault>,
     counts: HashMap<String, u64>,
+    /// Every request body that reached the proxy, in order.
+    requests: Vec<String>,
+    /// RunInstances by ClientToken: the parameters of the first call and moto's answer.
+    tokens: HashMap<String, (String, Bytes)>,
+    /// Answers of `IdempotentParameterMismatch`.
+    mismatches: u64,
+    /// While set, instances launched through the proxy are missing from DescribeInstances.
+    hide_new: bool,
+    hidden: Vec<String>,
 }
 
-/// A small HTTP proxy between the SDK and moto that injects faults per EC2 action and counts
-/// the calls that reach it.
+/// A small HTTP proxy between the SDK and moto that adds what moto does not enforce and real
+/// EC2 does:
+///
+/// - **ClientToken idempotency with parameter matching**: a RunInstances repeating a token
+///   with the same parameters gets the first answer again (no second instance); with other
+///   parameters it gets `IdempotentParameterMismatch`.
+/// - **Eventual consistency** on demand ([`FaultProxy::hide_new`]): new instances missing
+///   from DescribeInstances for as long as the test says.
+/// - **Faults** per action (throttling, server errors, no answer at all).
+///
+/// It records every request body, so tests check what the code really sent.
 pub struct FaultProxy {
     pub url: String,
     state: Arc<Mutex<FaultState>>,
@@ -152,11 +170,39 @@ impl FaultProxy {
                             let (mut parts, body) = req.into_parts();
                             let body = body.collect().await?.to_bytes();
                             let action = form_value(&body, "Action").unwrap_or_default();
-                            let fault = {
+                            let text = String::from_utf8_lossy(&body).to_string();
+                            let token = (action == "RunInstances")
+                                .then(|| form_value(&body, "ClientToken"))
+                                .flatten();
+                            let (fault, replay) = {
                                 let mut s = st.lock().unwrap();
                                 *s.counts.entry(action.clone()).or_default() += 1;
-                                s.faults.get(&action).copied()
+                                s.requests.push(text.clone());
+                                let replay = token.as_ref().and_then(|t| {
+                                    s.tokens.get(t).map(|(params, answer)| {
+                                        (params == &text).then(|| answer.clone())
+                                    })
+                                });
+                                if matches!(replay, Some(None)) {
+                                    s.mismatches += 1;
+                                }
+                                (s.faults.get(&action).copied(), replay)
                             };
+                            match replay {
+                                Some(Some(answer)) => {
+                                    return Ok(Response::builder()
+                                        .status(200)
+                                        .body(Full::new(answer))
+                                        .unwrap());
+                                }
+                                Some(None) => {
+                                    return Ok(error_response(
+                                        400,
+                                        "IdempotentParameterMismatch",
+                                    ));
+                                }
+                                None => {}
+                            }
                             if let Some(f) = fault {
                                 let (status, code) = match f {
                                     Fault::Throttle => (503, "RequestLimitExceeded"),
@@ -166,15 +212,7 @@ impl FaultProxy {
                                         unreachable!()
                                     }
                                 };
-                                let xml = format!(
-                                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>injected by the test</Message></Error></Errors><RequestID>fault</RequestID></Response>"
-                                );
-                                return Ok::<_, hyper::Error>(
-                                    Response::builder()
-                                        .status(status)
-                                        .body(Full::new(Bytes::from(xml)))
-                                        .unwrap(),
-                                );
+                                return Ok::<_, hyper::Error>(error_response(status, code));
                             }
                             let mut uri = upstream.clone().into_parts();
                             uri.path_and_query = parts.uri.path_and_query().cloned();
@@ -183,8 +221,27 @@ impl FaultProxy {
                                 .request(Request::from_parts(parts, Full::new(body)))
                                 .await
                                 .unwrap();
-                            let (parts, body) = resp.into_parts();
-                            let body = body.collect().await?.to_bytes();
+                            let (mut parts, body) = resp.into_parts();
+                            // The body may be rewritten below; its length comes from the body.
+                            parts.headers.remove(hyper::header::CONTENT_LENGTH);
+                            parts.headers.remove(hyper::header::TRANSFER_ENCODING);
+                            let mut body = body.collect().await?.to_bytes();
+                            let mut s = st.lock().unwrap();
+                            if let Some(t) = token
+                                && parts.status.is_success()
+                            {
+                                s.tokens.insert(t, (text, body.clone()));
+                                if s.hide_new {
+                                    let ids = instance_ids(&body);
+                                    s.hidden.extend(ids);
+                                }
+                            }
+                            if action == "DescribeInstances" && !s.hidden.is_empty() {
+                                body = Bytes::from(without_reservations_of(
+                                    &String::from_utf8_lossy(&body),
+                                    &s.hidden,
+                                ));
+                            }
                             Ok(Response::from_parts(parts, Full::new(body)))
                         }
                     });
@@ -206,6 +263,26 @@ impl FaultProxy {
         };
     }
 
+    /// While `on`, instances launched through the proxy are missing from DescribeInstances
+    /// (EC2's eventual consistency, stretched); turning it off shows them all.
+    pub fn hide_new(&self, on: bool) {
+        let mut s = self.state.lock().unwrap();
+        s.hide_new = on;
+        if !on {
+            s.hidden.clear();
+        }
+    }
+
+    /// Every request body that reached the proxy so far (form-encoded EC2 Query requests).
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// How many RunInstances were answered `IdempotentParameterMismatch`.
+    pub fn mismatches(&self) -> u64 {
+        self.state.lock().unwrap().mismatches
+    }
+
     /// Calls of `action` that reached the proxy.
     pub fn count(&self, action: &str) -> u64 {
         self.state
@@ -223,6 +300,100 @@ fn form_value(body: &[u8], key: &str) -> Option<String> {
         let (k, v) = kv.split_once('=')?;
         (k == key).then(|| v.to_string())
     })
+}
+
+/// The form parameters of an EC2 Query request body, percent-decoded, in order.
+pub fn form(body: &str) -> Vec<(String, String)> {
+    body.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn error_response(status: u16, code: &str) -> Response<Full<Bytes>> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>injected by the test</Message></Error></Errors><RequestID>fault</RequestID></Response>"
+    );
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from(xml)))
+        .unwrap()
+}
+
+/// The instance ids in an EC2 XML answer.
+fn instance_ids(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    text.split("<instanceId>")
+        .skip(1)
+        .filter_map(|s| s.split_once("</instanceId>").map(|(id, _)| id.to_string()))
+        .collect()
+}
+
+/// A DescribeInstances answer without the reservations holding any of `hidden`.
+fn without_reservations_of(xml: &str, hidden: &[String]) -> String {
+    let (Some(start), Some(end)) = (xml.find("<reservationSet>"), xml.find("</reservationSet>"))
+    else {
+        return xml.to_string();
+    };
+    let inner = &xml[start + "<reservationSet>".len()..end];
+    // Top-level <item> elements of the set are reservations; nested ones are counted by depth.
+    let mut kept = String::new();
+    let mut depth = 0usize;
+    let mut item_start = 0usize;
+    let mut i = 0usize;
+    while i < inner.len() {
+        let rest = &inner[i..];
+        if rest.starts_with("<item>") {
+            if depth == 0 {
+                item_start = i;
+            }
+            depth += 1;
+            i += "<item>".len();
+        } else if rest.starts_with("</item>") {
+            depth = depth.saturating_sub(1);
+            i += "</item>".len();
+            if depth == 0 {
+                let item = &inner[item_start..i];
+                if !hidden
+                    .iter()
+                    .any(|id| item.contains(&format!("<instanceId>{id}</instanceId>")))
+                {
+                    kept.push_str(item);
+                }
+            }
+        } else {
+            i += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    format!(
+        "{}<reservationSet>{kept}{}",
+        &xml[..start],
+        &xml[end..]
+    )
 }
 
 /// Live (pending or running) instances carrying `controller` as owner, of cluster `name` when

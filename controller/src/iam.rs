@@ -1,0 +1,117 @@
+//! The IAM policy the `aws` provider needs, generated for one install (`fleetlb iam-policy`).
+//!
+//! It allows exactly what [`crate::aws`] calls, scoped to the install's controller id:
+//!
+//! - `DescribeInstances` on `*` (EC2's Describe calls support no resource-level permissions).
+//! - `RunInstances` creates an instance, its volumes and its network interfaces only with
+//!   `fleetlb.dev/controller = ID` in the request's tags. IAM evaluates `aws:RequestTag` per
+//!   resource type the call creates, which is why the provider tags all three at creation.
+//! - `RunInstances` may use any image, subnet, security group and key pair (the spec names
+//!   them); nothing else (no launch templates, no Spot requests: fleetlb uses neither).
+//! - `CreateTags` only as part of `RunInstances` (`ec2:CreateAction`), with the same tag.
+//! - `TerminateInstances` only on instances already tagged with this install's id, so one
+//!   install's credentials can never terminate another's instances.
+//! - `DeleteTags` (`deletionPolicy: Orphan`) only of the key `fleetlb.dev/controller`, only on
+//!   instances carrying this install's id.
+//! - `iam:PassRole` of the instance role only, only to EC2 (for `spec.provider.aws.iamInstanceProfile`).
+
+use serde_json::{Value, json};
+
+use crate::aws::tags;
+
+/// Settings of the generated policy.
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    /// The install's controller id (`--controller-id`, or `fleetlb-<kube-system UID>`).
+    pub controller_id: String,
+    /// ARN partition (`aws`, `aws-cn`, `aws-us-gov`).
+    pub partition: String,
+    /// Name of the IAM role instances may be launched with (behind `iamInstanceProfile`).
+    pub instance_role: String,
+}
+
+/// The policy document for `opts`.
+pub fn policy(opts: &PolicyOptions) -> Value {
+    let p = &opts.partition;
+    let id = &opts.controller_id;
+    let arn = |kind: &str| format!("arn:{p}:ec2:*:*:{kind}/*");
+    let owned = [
+        arn("instance"),
+        arn("volume"),
+        arn("network-interface"),
+    ];
+    let request_tag = format!("aws:RequestTag/{}", tags::CONTROLLER);
+    let resource_tag = format!("aws:ResourceTag/{}", tags::CONTROLLER);
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DescribeUnscoped",
+                "Effect": "Allow",
+                "Action": ["ec2:DescribeInstances"],
+                "Resource": "*"
+            },
+            {
+                "Sid": "RunInstancesOnlyWithThisInstallsTag",
+                "Effect": "Allow",
+                "Action": "ec2:RunInstances",
+                "Resource": owned,
+                "Condition": { "StringEquals": { request_tag.clone(): id } }
+            },
+            {
+                "Sid": "RunInstancesSharedResources",
+                "Effect": "Allow",
+                "Action": "ec2:RunInstances",
+                "Resource": [
+                    format!("arn:{p}:ec2:*::image/*"),
+                    arn("subnet"),
+                    arn("security-group"),
+                    arn("key-pair"),
+                ]
+            },
+            {
+                "Sid": "CreateTagsOnlyAtLaunch",
+                "Effect": "Allow",
+                "Action": "ec2:CreateTags",
+                "Resource": owned,
+                "Condition": {
+                    "StringEquals": {
+                        "ec2:CreateAction": "RunInstances",
+                        request_tag: id
+                    }
+                }
+            },
+            {
+                "Sid": "TerminateOnlyThisInstallsInstances",
+                "Effect": "Allow",
+                "Action": "ec2:TerminateInstances",
+                "Resource": arn("instance"),
+                "Condition": { "StringEquals": { resource_tag.clone(): id } }
+            },
+            {
+                "Sid": "ReleaseOnlyThisInstallsInstances",
+                "Effect": "Allow",
+                "Action": "ec2:DeleteTags",
+                "Resource": arn("instance"),
+                "Condition": {
+                    "StringEquals": { resource_tag: id },
+                    "ForAllValues:StringEquals": { "aws:TagKeys": [tags::CONTROLLER] }
+                }
+            },
+            {
+                "Sid": "PassOnlyTheInstanceRole",
+                "Effect": "Allow",
+                "Action": "iam:PassRole",
+                "Resource": format!("arn:{p}:iam::*:role/{}", opts.instance_role),
+                "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
+            }
+        ]
+    })
+}
+
+/// The policy as `fleetlb iam-policy` prints it (pretty JSON, one trailing newline).
+pub fn policy_json(opts: &PolicyOptions) -> String {
+    let mut s = serde_json::to_string_pretty(&policy(opts)).unwrap_or_default();
+    s.push('\n');
+    s
+}
