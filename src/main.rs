@@ -25,6 +25,8 @@ use tokio::sync::watch;
 
 /// Exit code for bad flags and bad configuration (BSD `EX_USAGE`).
 const EX_USAGE: u8 = 64;
+/// Exit code when a service fleetlb needs (the API server) does not answer (`EX_UNAVAILABLE`).
+const EX_UNAVAILABLE: u8 = 69;
 
 /// Latency-aware load balancer and EC2 fleet controller.
 ///
@@ -637,16 +639,17 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
     // Two clients: the watch client waits as long as a watch lasts; every other call (status
     // writes, Events, the Lease) has a read timeout, so a hung API server fails the call
     // instead of stalling the reconcile or the leader election forever.
-    let (client, calls) = match kube::Config::infer().await.map_err(|e| e.to_string()).and_then(
-        |config| {
+    let (client, calls) = match kube::Config::infer()
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
             let mut bounded = config.clone();
             bounded.read_timeout = Some(Duration::from_secs(10));
             bounded.reset_reader_on_write = true;
             let watch = kube::Client::try_from(config).map_err(|e| e.to_string())?;
             let calls = kube::Client::try_from(bounded).map_err(|e| e.to_string())?;
             Ok((watch, calls))
-        },
-    ) {
+        }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -659,11 +662,19 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
         Some(id) => id,
         None => match kubernetes::controller_id_from_cluster(calls.clone()).await {
             Ok(id) => id,
-            Err(e) => {
+            // Refused (RBAC, no such namespace): configuration.
+            Err(kube::Error::Api(e)) => {
                 eprintln!(
                     "fleetlb: cannot derive the controller id from namespace kube-system ({e}); pass --controller-id or allow get on namespaces/kube-system"
                 );
                 return Ok(ExitCode::from(EX_USAGE));
+            }
+            // No answer: the API server is unavailable.
+            Err(e) => {
+                eprintln!(
+                    "fleetlb: the API server does not answer (reading namespace kube-system for the controller id: {e})"
+                );
+                return Ok(ExitCode::from(EX_UNAVAILABLE));
             }
         },
     };
@@ -733,7 +744,7 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
         )
         .await;
         if r.is_err() {
-            std::process::exit(69);
+            std::process::exit(i32::from(EX_UNAVAILABLE));
         }
         for t in tasks {
             let _ = t.await;

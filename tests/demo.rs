@@ -370,6 +370,18 @@ fn run_without_a_cluster_says_so_and_exits() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the API server does not answer"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // With --controller-id nothing is read before the BackendCluster list, which fails the
+    // same way.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--controller-id", "ctl-test"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot list BackendClusters"), "{err}");
 }
 
@@ -485,7 +497,10 @@ fn a_retired_instance_keeps_serving_its_requests_and_goes_as_soon_as_they_end() 
     let f = Fleetlb::demo(&[("slow.yaml", slow.to_string())]);
     let instance = |s: &serde_json::Value| -> Option<(String, String)> {
         let i = &s["clusters"][0]["status"]["instances"][0];
-        Some((i["id"].as_str()?.to_string(), i["state"].as_str()?.to_string()))
+        Some((
+            i["id"].as_str()?.to_string(),
+            i["state"].as_str()?.to_string(),
+        ))
     };
     eventually("slow is ready", || {
         let s = f.status();
@@ -514,7 +529,11 @@ fn a_retired_instance_keeps_serving_its_requests_and_goes_as_soon_as_they_end() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(request.join().unwrap(), Some(200), "the in-flight request completes");
+    assert_eq!(
+        request.join().unwrap(),
+        Some(200),
+        "the in-flight request completes"
+    );
     // Its last request done, it goes long before the 300 s deregistration delay.
     eventually("the drained instance is terminated", || {
         match instance(&f.status()) {

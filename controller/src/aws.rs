@@ -278,7 +278,7 @@ impl AwsProvider {
         subnet: Option<&str>,
         attempt: u32,
     ) -> Result<Option<Instance>, (Error, bool)> {
-        let token = client_token(&req.owner_uid, req.slot, &req.spec_hash, attempt);
+        let token = req.token(attempt);
         let mut tag_list = vec![
             tag(tags::CONTROLLER, &self.controller_id),
             tag(tags::NAMESPACE, &req.owner.namespace),
@@ -360,22 +360,28 @@ impl AwsProvider {
                         false,
                     )
                 })?;
-                to_instance(i, &self.controller_id).map(Some).ok_or_else(|| {
-                    (
-                        Error::Provider {
-                            provider: "aws",
-                            operation: "launch",
-                            message: "RunInstances returned an instance without fleetlb's tags"
-                                .into(),
-                        },
-                        false,
-                    )
-                })
+                to_instance(i, &self.controller_id)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        (
+                            Error::Provider {
+                                provider: "aws",
+                                operation: "launch",
+                                message: "RunInstances returned an instance without fleetlb's tags"
+                                    .into(),
+                            },
+                            false,
+                        )
+                    })
             }
             // The token was used before with other parameters: EC2 made (or is making) the
             // instance of this intent. Not a failure: wait for DescribeInstances to show it.
             Err(e) if e.code() == Some("IdempotentParameterMismatch") => {
-                tracing::info!(slot = req.slot, attempt, "launch already made under this ClientToken; waiting for EC2 to list it");
+                tracing::info!(
+                    slot = req.slot,
+                    attempt,
+                    "launch already made under this ClientToken; waiting for EC2 to list it"
+                );
                 Ok(None)
             }
             Err(e) => {
@@ -502,6 +508,10 @@ impl Provider for AwsProvider {
         "aws"
     }
 
+    fn token_scope(&self) -> &str {
+        &self.controller_id
+    }
+
     fn list<'a>(
         &'a self,
         _clusters: &'a [Arc<BackendCluster>],
@@ -576,7 +586,10 @@ impl Provider for AwsProvider {
                     req.instance_type
                 ),
             };
-            let tries = u32::try_from(aws.subnet_ids.len()).unwrap_or(u32::MAX).max(1) + 4;
+            let tries = u32::try_from(aws.subnet_ids.len())
+                .unwrap_or(u32::MAX)
+                .max(1)
+                + 4;
             for attempt in req.attempt..req.attempt.saturating_add(tries) {
                 let subnet = subnet_for(&aws.subnet_ids, req.slot, attempt);
                 if let Some(s) = subnet
@@ -678,6 +691,10 @@ impl LazyAwsProvider {
 impl Provider for LazyAwsProvider {
     fn name(&self) -> &'static str {
         "aws"
+    }
+
+    fn token_scope(&self) -> &str {
+        &self.controller_id
     }
 
     fn list<'a>(

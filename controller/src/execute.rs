@@ -125,6 +125,7 @@ pub async fn apply(
             health: inp.health,
             draining: &draining,
             managed: inp.provider.manages_instances(),
+            token_scope: inp.provider.token_scope(),
         },
         now,
     );
@@ -412,7 +413,10 @@ pub async fn delete(
             Some(l) => Deletion::Waiting(waiting_for_launch(l, pending.len())),
         };
     }
-    if present.is_empty() && pending.is_empty() && mine.iter().all(|i| i.state == InstanceState::Terminated) {
+    if present.is_empty()
+        && pending.is_empty()
+        && mine.iter().all(|i| i.state == InstanceState::Terminated)
+    {
         return Deletion::Done;
     }
     let since_deletion: Duration = bc

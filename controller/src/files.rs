@@ -167,6 +167,22 @@ fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
     }
 }
 
+/// The first file in `dir` defining a BackendCluster with the `aws` provider, if any (the
+/// standalone driver refuses to start without a controller id then).
+pub fn first_aws_object(dir: &Path) -> Option<PathBuf> {
+    let (_, texts) = read_dir(dir).ok()?;
+    texts.iter().find_map(|(path, text)| {
+        let load = parse_file(path, text);
+        let docs = load.outcome.ok()?;
+        docs.into_iter()
+            .any(|d| {
+                d.result
+                    .is_ok_and(|bc| matches!(bc.spec.provider, fleetlb_crds::ProviderSpec::Aws(_)))
+            })
+            .then(|| path.clone())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,20 +251,4 @@ mod tests {
         let e = f.outcome.unwrap_err();
         assert!(e.starts_with("bad.yaml: document 1: invalid YAML"), "{e}");
     }
-}
-
-/// The first file in `dir` defining a BackendCluster with the `aws` provider, if any (the
-/// standalone driver refuses to start without a controller id then).
-pub fn first_aws_object(dir: &Path) -> Option<PathBuf> {
-    let (_, texts) = read_dir(dir).ok()?;
-    texts.iter().find_map(|(path, text)| {
-        let load = parse_file(path, text);
-        let docs = load.outcome.ok()?;
-        docs.into_iter()
-            .any(|d| {
-                d.result
-                    .is_ok_and(|bc| matches!(bc.spec.provider, fleetlb_crds::ProviderSpec::Aws(_)))
-            })
-            .then(|| path.clone())
-    })
 }

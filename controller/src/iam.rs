@@ -35,11 +35,7 @@ pub fn policy(opts: &PolicyOptions) -> Value {
     let p = &opts.partition;
     let id = &opts.controller_id;
     let arn = |kind: &str| format!("arn:{p}:ec2:*:*:{kind}/*");
-    let owned = [
-        arn("instance"),
-        arn("volume"),
-        arn("network-interface"),
-    ];
+    let owned = [arn("instance"), arn("volume"), arn("network-interface")];
     let request_tag = format!("aws:RequestTag/{}", tags::CONTROLLER);
     let resource_tag = format!("aws:ResourceTag/{}", tags::CONTROLLER);
     json!({

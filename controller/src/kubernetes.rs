@@ -780,7 +780,12 @@ pub async fn sweep_orphans(ctx: &Context) {
 pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::Error> {
     use k8s_openapi::api::core::v1::Namespace;
     let ns: Api<Namespace> = Api::all(client);
-    let uid = ns.get("kube-system").await?.metadata.uid.unwrap_or_default();
+    let uid = ns
+        .get("kube-system")
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default();
     if uid.is_empty() {
         return Err(kube::Error::Service(
             "namespace kube-system has no metadata.uid".into(),

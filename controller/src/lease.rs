@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
-use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -235,7 +235,10 @@ pub async fn run(
     }
     leader.send_replace(false);
     let deadline = elector.cfg.renew_deadline;
-    if tokio::time::timeout(deadline, elector.release()).await.is_err() {
+    if tokio::time::timeout(deadline, elector.release())
+        .await
+        .is_err()
+    {
         tracing::warn!("leader election: releasing the Lease timed out; it expires on its own");
     }
 }
@@ -262,8 +265,7 @@ impl LeaderOnly {
             Err(Error::Provider {
                 provider: self.inner.name(),
                 operation,
-                message: "NotLeader: this replica no longer holds the leader-election Lease"
-                    .into(),
+                message: "NotLeader: this replica no longer holds the leader-election Lease".into(),
             })
         }
     }
@@ -307,5 +309,9 @@ impl Provider for LeaderOnly {
 
     fn manages_instances(&self) -> bool {
         self.inner.manages_instances()
+    }
+
+    fn token_scope(&self) -> &str {
+        self.inner.token_scope()
     }
 }

@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::Error;
-use crate::provider::{Instance, InstanceState, LaunchRequest, Provider, ProviderKind, client_token};
+use crate::provider::{Instance, InstanceState, LaunchRequest, Provider, ProviderKind};
 
 struct Proc {
     meta: Instance,
@@ -146,12 +146,7 @@ impl LocalProvider {
             spec_hash: req.spec_hash.clone(),
             launched_at: SystemTime::now(),
             launched_as: None,
-            client_token: Some(client_token(
-                &req.owner_uid,
-                req.slot,
-                &req.spec_hash,
-                req.attempt,
-            )),
+            client_token: Some(req.token(req.attempt)),
             provider: ProviderKind::Local,
         };
         let stdin = child.stdin.take();

@@ -144,7 +144,8 @@ pub enum ProviderKind {
 
 impl ProviderKind {
     /// Every kind.
-    pub const ALL: [ProviderKind; 3] = [ProviderKind::Aws, ProviderKind::Local, ProviderKind::Static];
+    pub const ALL: [ProviderKind; 3] =
+        [ProviderKind::Aws, ProviderKind::Local, ProviderKind::Static];
 
     /// The `spec.provider` key (`aws`, `local`, `static`).
     pub fn as_str(self) -> &'static str {
@@ -246,6 +247,21 @@ pub struct LaunchRequest {
     /// Launch attempt for the slot: one more than any instance the slot had. Together with
     /// owner UID, slot and spec hash it names the launch intent (the EC2 `ClientToken`).
     pub attempt: u32,
+    /// The provider's [`Provider::token_scope`] (this install's id for `aws`).
+    pub token_scope: String,
+}
+
+impl LaunchRequest {
+    /// The idempotency token of attempt `attempt` of this request's slot.
+    pub fn token(&self, attempt: u32) -> String {
+        scoped_token(
+            &self.token_scope,
+            &self.owner_uid,
+            self.slot,
+            &self.spec_hash,
+            attempt,
+        )
+    }
 }
 
 /// A source of instances.
@@ -287,6 +303,13 @@ pub trait Provider: Send + Sync {
     fn manages_instances(&self) -> bool {
         true
     }
+
+    /// What makes this provider's launch tokens unique beyond the object (`aws`: the install's
+    /// controller id, since EC2 keeps tokens per account: two installs with objects of the same
+    /// UID, as standalone derives them from namespace and name, must not send the same token).
+    fn token_scope(&self) -> &str {
+        ""
+    }
 }
 
 /// The subnet of launch attempt `attempt` of `slot`: a function of the intent alone, so a
@@ -317,6 +340,16 @@ pub fn spec_hash(bc: &BackendCluster) -> String {
     let provider = serde_json::to_string(&s.provider).unwrap_or_default();
     let key = format!("{}|{}|{}", s.instance_type, s.port, provider);
     format!("{:016x}", fnv64(key.as_bytes()))
+}
+
+/// [`client_token`] within `scope` (see [`Provider::token_scope`]); an empty scope gives
+/// [`client_token`]'s token.
+pub fn scoped_token(scope: &str, uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
+    if scope.is_empty() {
+        client_token(uid, slot, spec_hash, attempt)
+    } else {
+        client_token(&format!("{scope}/{uid}"), slot, spec_hash, attempt)
+    }
 }
 
 /// The idempotency token of one launch intent (at most 64 ASCII characters): the same owner

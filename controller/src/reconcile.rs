@@ -15,9 +15,7 @@ use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::provider::{
-    ClusterKey, Instance, InstanceState, LaunchRequest, client_token, spec_hash, subnet_for,
-};
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, spec_hash, subnet_for};
 
 /// What the prober knows of one instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -38,6 +36,8 @@ pub struct Observed<'a> {
     pub draining: &'a HashSet<String>,
     /// Whether the provider launches and terminates (false for `static`).
     pub managed: bool,
+    /// The provider's launch-token scope ([`crate::provider::Provider::token_scope`]).
+    pub token_scope: &'a str,
 }
 
 /// The decision.
@@ -177,6 +177,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 provider: bc.spec.provider.clone(),
                 spec_hash: hash.clone(),
                 attempt: attempt_of(slot),
+                token_scope: obs.token_scope.to_string(),
             });
         }
     }
@@ -387,7 +388,7 @@ fn recorded_launches(
             LaunchIntent {
                 slot: r.slot,
                 attempt: r.attempt,
-                client_token: client_token(&r.owner_uid, r.slot, &r.spec_hash, r.attempt),
+                client_token: r.token(r.attempt),
                 subnet_id: match &r.provider {
                     fleetlb_crds::ProviderSpec::Aws(a) => {
                         subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)

@@ -285,6 +285,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         provider: bc.spec.provider.clone(),
         spec_hash: "h".into(),
         attempt: 0,
+        token_scope: String::new(),
     };
     let first = p.launch(&req).await.unwrap().expect("launched");
     let described = env
@@ -590,7 +591,11 @@ async fn states(env: &Env, controller: &str, name: &str) -> Vec<(String, String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_launch_carries_the_same_token_and_subnet() {
     let env = env().await;
-    assert_eq!(env.subnets.len(), 3, "moto's default VPC has three subnets or more");
+    assert_eq!(
+        env.subnets.len(),
+        3,
+        "moto's default VPC has three subnets or more"
+    );
     let proxy = FaultProxy::start(&env._moto.url).await;
     let conf = sdk_config(&proxy.url);
     let dir = tempfile::tempdir().unwrap();
@@ -626,9 +631,17 @@ async fn a_replayed_launch_carries_the_same_token_and_subnet() {
         proxy.count("RunInstances")
     );
     for (token, subnets) in &by_token {
-        assert_eq!(subnets.len(), 1, "{token} was sent with subnets {subnets:?}");
+        assert_eq!(
+            subnets.len(),
+            1,
+            "{token} was sent with subnets {subnets:?}"
+        );
     }
-    assert_eq!(proxy.mismatches(), 0, "EC2 answered IdempotentParameterMismatch");
+    assert_eq!(
+        proxy.mismatches(),
+        0,
+        "EC2 answered IdempotentParameterMismatch"
+    );
     proxy.hide_new(false);
     converge(&mut d, &env, "ctl-s", "web", 2).await;
     let subnets: std::collections::BTreeSet<_> = live(&env.ec2, "ctl-s", "web")
@@ -671,6 +684,7 @@ fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
         }),
         spec_hash: "h".into(),
         attempt: 0,
+        token_scope: "ctl-s".into(),
     }
 }
 
@@ -695,7 +709,10 @@ async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion
     for _ in 0..20 {
         d.driver.step(&d.out).await;
         let st = states(&env, "ctl-stop", "web").await;
-        let victim_state = st.iter().find(|(id, _)| *id == victim).map(|(_, s)| s.clone());
+        let victim_state = st
+            .iter()
+            .find(|(id, _)| *id == victim)
+            .map(|(_, s)| s.clone());
         let running = st.iter().filter(|(_, s)| s == "running").count();
         if running == 2 && victim_state.as_deref() == Some("terminated") {
             replaced = true;
@@ -742,11 +759,23 @@ async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion
 async fn two_installs_in_one_account_never_touch_each_others_instances() {
     let env = env().await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // The same namespace/name (and so, in standalone, the same derived UID) in both.
-    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
-    std::fs::write(dir_b.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
-    let mut a = driver(&env, dir_a.path(), "ctl-one");
-    let mut b = driver(&env, dir_b.path(), "ctl-two");
+    // The same namespace/name (and so, in standalone, the same derived UID) in both, through
+    // the proxy that holds EC2's ClientToken rule: one account's tokens are shared by both
+    // installs, so their launches must not send the same token with other tags.
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    std::fs::write(
+        dir_a.path().join("web.yaml"),
+        yaml(&env, "web", 2, "Delete"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir_b.path().join("web.yaml"),
+        yaml(&env, "web", 2, "Delete"),
+    )
+    .unwrap();
+    let mut a = driver_with(&conf, dir_a.path(), "ctl-one", |_| {});
+    let mut b = driver_with(&conf, dir_b.path(), "ctl-two", |_| {});
     converge(&mut b, &env, "ctl-two", "web", 2).await;
     let theirs = |v: Vec<aws_sdk_ec2::types::Instance>| {
         let mut v: Vec<(String, Vec<(String, String)>)> = v
@@ -775,10 +804,18 @@ async fn two_installs_in_one_account_never_touch_each_others_instances() {
     // Create, scale up, scale down, delete, sweep: each step by install one, install two idle.
     converge(&mut a, &env, "ctl-one", "web", 2).await;
     check("create").await;
-    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 3, "Delete")).unwrap();
+    std::fs::write(
+        dir_a.path().join("web.yaml"),
+        yaml(&env, "web", 3, "Delete"),
+    )
+    .unwrap();
     converge(&mut a, &env, "ctl-one", "web", 3).await;
     check("scale up").await;
-    std::fs::write(dir_a.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    std::fs::write(
+        dir_a.path().join("web.yaml"),
+        yaml(&env, "web", 1, "Delete"),
+    )
+    .unwrap();
     converge(&mut a, &env, "ctl-one", "web", 1).await;
     check("scale down").await;
     std::fs::remove_file(dir_a.path().join("web.yaml")).unwrap();
@@ -791,8 +828,17 @@ async fn two_installs_in_one_account_never_touch_each_others_instances() {
     check("sweep").await;
     // And the other way round: install two scales and deletes; install one's nothing is
     // untouched, and install two's own convergence is unaffected by install one's history.
-    std::fs::write(dir_b.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    std::fs::write(
+        dir_b.path().join("web.yaml"),
+        yaml(&env, "web", 1, "Delete"),
+    )
+    .unwrap();
     converge(&mut b, &env, "ctl-two", "web", 1).await;
+    assert_eq!(
+        proxy.mismatches(),
+        0,
+        "the installs sent one ClientToken with other parameters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -860,7 +906,11 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
                 for _ in 0..2 {
                     d.driver.step(&d.out).await;
                 }
-                assert_eq!(running_named(&env, "web").await, running, "the sweep killed them");
+                assert_eq!(
+                    running_named(&env, "web").await,
+                    running,
+                    "the sweep killed them"
+                );
             }
         }
     }
@@ -907,7 +957,10 @@ fn allows(
     let list = |v: &Value| -> Vec<String> {
         match v {
             Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         }
     };
@@ -1035,7 +1088,9 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
                     let tags = tags_of.get(created).cloned().unwrap_or_default();
                     let mut c: HashMap<String, Vec<String>> = HashMap::new();
                     for (k, v) in &tags {
-                        c.entry(format!("aws:RequestTag/{k}")).or_default().push(v.clone());
+                        c.entry(format!("aws:RequestTag/{k}"))
+                            .or_default()
+                            .push(v.clone());
                     }
                     assert!(
                         allows(&policy, &ec2, created, &c),
@@ -1065,9 +1120,15 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
                     let tag = owner.get(i).map(String::as_str).unwrap_or("");
                     let mut c = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", tag)]);
                     if action == "DeleteTags" {
-                        c.insert("aws:TagKeys".into(), keys.iter().map(|k| k.to_string()).collect());
+                        c.insert(
+                            "aws:TagKeys".into(),
+                            keys.iter().map(|k| k.to_string()).collect(),
+                        );
                     }
-                    assert!(allows(&policy, &ec2, "instance", &c), "{action} on {i} ({tag})");
+                    assert!(
+                        allows(&policy, &ec2, "instance", &c),
+                        "{action} on {i} ({tag})"
+                    );
                 }
             }
             other => panic!("unexpected call {other}"),
@@ -1075,7 +1136,12 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
     }
     assert_eq!(
         seen.iter().map(String::as_str).collect::<Vec<_>>(),
-        ["DeleteTags", "DescribeInstances", "RunInstances", "TerminateInstances"],
+        [
+            "DeleteTags",
+            "DescribeInstances",
+            "RunInstances",
+            "TerminateInstances"
+        ],
         "the scenario exercises every call"
     );
 
@@ -1087,7 +1153,9 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
         .iter()
         .flat_map(|s| match &s["Action"] {
             serde_json::Value::String(a) => vec![a.clone()],
-            serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+            serde_json::Value::Array(a) => {
+                a.iter().map(|x| x.as_str().unwrap().to_string()).collect()
+            }
             _ => vec![],
         })
         .collect();
@@ -1105,24 +1173,48 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
         ]
     );
     let other = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", "someone-else")]);
-    assert!(!allows(&policy, "ec2:TerminateInstances", "instance", &other));
+    assert!(!allows(
+        &policy,
+        "ec2:TerminateInstances",
+        "instance",
+        &other
+    ));
     let mut other_keys = other.clone();
     other_keys.insert("aws:TagKeys".into(), vec![tags::CONTROLLER.into()]);
     assert!(!allows(&policy, "ec2:DeleteTags", "instance", &other_keys));
     let mut mine_other_key = ctx(&[("aws:ResourceTag/fleetlb.dev/controller", id)]);
     mine_other_key.insert("aws:TagKeys".into(), vec!["team".into()]);
-    assert!(!allows(&policy, "ec2:DeleteTags", "instance", &mine_other_key));
-    assert!(!allows(&policy, "ec2:RunInstances", "network-interface", &ctx(&[])));
+    assert!(!allows(
+        &policy,
+        "ec2:DeleteTags",
+        "instance",
+        &mine_other_key
+    ));
+    assert!(!allows(
+        &policy,
+        "ec2:RunInstances",
+        "network-interface",
+        &ctx(&[])
+    ));
     assert!(!allows(
         &policy,
         "ec2:RunInstances",
         "instance",
         &ctx(&[("aws:RequestTag/fleetlb.dev/controller", "someone-else")])
     ));
-    assert!(!allows(&policy, "ec2:RunInstances", "launch-template", &ctx(&[])));
+    assert!(!allows(
+        &policy,
+        "ec2:RunInstances",
+        "launch-template",
+        &ctx(&[])
+    ));
     for s in policy["Statement"].as_array().unwrap() {
         if s["Resource"] == "*" {
-            assert_eq!(s["Action"], serde_json::json!(["ec2:DescribeInstances"]), "{s}");
+            assert_eq!(
+                s["Action"],
+                serde_json::json!(["ec2:DescribeInstances"]),
+                "{s}"
+            );
         }
     }
 }

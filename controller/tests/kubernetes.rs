@@ -264,7 +264,7 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
     // A previous leader recorded slot 1's launch (attempt 3) and died before RunInstances
     // returned: the intent is repeated with the same token.
     let hash = fleetlb_controller::provider::spec_hash(&obj);
-    let token = fleetlb_controller::provider::client_token("uid-web", 1, &hash, 3);
+    let token = fleetlb_controller::provider::scoped_token("ctl-kube", "uid-web", 1, &hash, 3);
     obj.status = serde_json::from_value(
         json!({"launches": [{"slot": 1, "attempt": 3, "clientToken": token}]}),
     )
@@ -288,10 +288,17 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
     assert_eq!(condition(&status, "Ready")["status"], "False");
     assert_eq!(condition(&status, "Ready")["reason"], "Launching");
     assert_eq!(condition(&status, "Progressing")["status"], "True");
+    let replay = &status["launches"][1];
     assert_eq!(
-        status["launches"][1],
-        json!({"slot": 1, "attempt": 3, "clientToken": token})
+        (&replay["slot"], &replay["attempt"], &replay["clientToken"]),
+        (&json!(1), &json!(3), &json!(token))
     );
+    // The subnet is a function of (slot, attempt): the replay carries the one the first try did.
+    assert_eq!(
+        replay["subnetId"],
+        json!(env.subnets[(1 + 3) % env.subnets.len()])
+    );
+    assert!(replay["recordedAt"].is_string());
     assert_eq!(status["launches"][0]["slot"], 0);
     assert_eq!(
         ec2_calls(&h.registry),
@@ -299,6 +306,24 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
         "intents are written before RunInstances"
     );
     let mut with_status = obj.clone();
+    with_status.status = serde_json::from_value(status).ok();
+    call.ok(&serde_json::to_value(&with_status).unwrap());
+    // After the launches: the status with the instance each intent made.
+    let call = h.api.next().await;
+    assert!(
+        call.uri.contains("/backendclusters/web/status?"),
+        "{}",
+        call.uri
+    );
+    let status = call.body["status"].clone();
+    for l in status["launches"].as_array().unwrap() {
+        assert!(
+            l["instanceId"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("i-")),
+            "{l}"
+        );
+    }
     with_status.status = serde_json::from_value(status).ok();
     call.ok(&serde_json::to_value(&with_status).unwrap());
 
@@ -346,6 +371,8 @@ async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
     let obj = object(&env, 2, true);
     let mut h = harness(&env, true, &[&obj]);
     let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    // Intents, then the instances they made, then the Event.
+    h.api.next().await.ok(&json!(obj));
     h.api.next().await.ok(&json!(obj));
     h.api.next().await.event();
     finish(t).await.unwrap();
@@ -633,8 +660,8 @@ async fn a_leader_cut_off_from_the_api_server_stops_acting_before_its_lease_expi
     );
     tokio::time::advance(Duration::from_secs(6)).await;
     assert!(
-        !step(&mut e, &mut api, unreachable).await,
-        "no renewal for 11 s (deadline 10 s, lease 15 s): stops acting"
+        !e.step().await,
+        "no renewal for 11 s (deadline 10 s, lease 15 s): stops acting, without even asking"
     );
 }
 
@@ -757,7 +784,11 @@ async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and
     assert!(gated.terminate(&["i-1".into()]).await.is_err());
     assert!(gated.launch(&dummy_launch()).await.is_err());
     assert!(gated.release(&["i-1".into()]).await.is_err());
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "an EC2 call after leadership ended");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "an EC2 call after leadership ended"
+    );
     stop_tx.send_replace(true);
     // Shutting down does not hang on the dead API server either.
     tokio::time::timeout(Duration::from_secs(60), election)
@@ -822,6 +853,7 @@ fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
         provider: fleetlb_crds::ProviderSpec::Local(Default::default()),
         spec_hash: "h".into(),
         attempt: 0,
+        token_scope: String::new(),
     }
 }
 

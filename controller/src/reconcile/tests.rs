@@ -68,6 +68,7 @@ fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
             health: &health,
             draining: &draining,
             managed: true,
+            token_scope: "",
         },
         Timestamp::UNIX_EPOCH,
     )
@@ -210,7 +211,10 @@ fn stopped_instances_are_replaced_and_retired() {
     assert_eq!(retired, vec!["i-stopped", "i-stopping"]);
     assert_eq!(p.launch.len(), 1, "one replacement for the missing replica");
     assert_eq!(p.launch[0].slot, 1);
-    assert_eq!(p.launch[0].attempt, 1, "the next attempt of the stopped slot");
+    assert_eq!(
+        p.launch[0].attempt, 1,
+        "the next attempt of the stopped slot"
+    );
     assert_eq!(p.status.replicas, 1);
 }
 
@@ -247,8 +251,14 @@ fn a_launch_intent_records_its_subnet_and_time() {
     // The same intent planned again (a replay) names the same subnet.
     b.status = Some(p.status.clone());
     let again = run(&b, &[], &[]);
-    assert_eq!(again.status.launches[1].subnet_id.as_deref(), Some("subnet-b"));
-    assert_eq!(again.status.launches[1].client_token, p.status.launches[1].client_token);
+    assert_eq!(
+        again.status.launches[1].subnet_id.as_deref(),
+        Some("subnet-b")
+    );
+    assert_eq!(
+        again.status.launches[1].client_token,
+        p.status.launches[1].client_token
+    );
 }
 
 #[test]

@@ -196,10 +196,7 @@ impl FaultProxy {
                                         .unwrap());
                                 }
                                 Some(None) => {
-                                    return Ok(error_response(
-                                        400,
-                                        "IdempotentParameterMismatch",
-                                    ));
+                                    return Ok(error_response(400, "IdempotentParameterMismatch"));
                                 }
                                 None => {}
                             }
@@ -389,11 +386,7 @@ fn without_reservations_of(xml: &str, hidden: &[String]) -> String {
             i += rest.chars().next().map_or(1, char::len_utf8);
         }
     }
-    format!(
-        "{}<reservationSet>{kept}{}",
-        &xml[..start],
-        &xml[end..]
-    )
+    format!("{}<reservationSet>{kept}{}", &xml[..start], &xml[end..])
 }
 
 /// Live (pending or running) instances carrying `controller` as owner, of cluster `name` when
