@@ -99,7 +99,7 @@ enum Command {
         #[arg(long, default_value = "aws", value_parser = ["aws", "aws-cn", "aws-us-gov"])]
         partition: String,
         /// Name of the IAM role instances are launched with (spec.provider.aws.iamInstanceProfile).
-        #[arg(long, default_value = "fleetlb-instance", value_parser = parse_controller_id)]
+        #[arg(long, default_value = "fleetlb-instance", value_parser = parse_role_name)]
         instance_role: String,
     },
     /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
@@ -231,6 +231,21 @@ fn parse_controller_id(s: &str) -> Result<String, String> {
         Ok(s.to_string())
     } else {
         Err("must be 1-63 letters, digits, '-', '.' or '_'".into())
+    }
+}
+
+/// An IAM role name with an optional path (`fleetlb-instance`, `teams/web/fleetlb-instance`).
+fn parse_role_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 512
+        && !s.starts_with('/')
+        && !s.ends_with('/')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("must be an IAM role name, optionally with its path (letters, digits, +=,.@_-/)".into())
     }
 }
 
@@ -484,7 +499,11 @@ enum Proxy {
 impl Serving {
     /// Binds, builds and starts everything but the driver; the aws provider exists only with a
     /// `controller_id` (this install's identity).
-    async fn start(listen: &ListenArgs, controller_id: Option<String>) -> anyhow::Result<Self> {
+    async fn start(
+        listen: &ListenArgs,
+        controller_id: Option<String>,
+        leader: Option<watch::Receiver<bool>>,
+    ) -> anyhow::Result<Self> {
         let proxy_listener = bind(listen.listen, "proxy").await?;
         let admin_listener = bind(listen.admin, "admin").await?;
         let proxy_addr = proxy_listener.local_addr()?;
@@ -507,6 +526,7 @@ impl Serving {
                 listen.ec2_endpoint.clone(),
                 id,
                 metrics.clone(),
+                leader.clone(),
             )) as Arc<dyn fleetlb_controller::provider::Provider>
         });
         let providers = Providers {
@@ -605,7 +625,7 @@ async fn serve_standalone(
         );
         return Ok(ExitCode::from(EX_USAGE));
     }
-    let s = Serving::start(&listen, listen.controller_id.clone()).await?;
+    let s = Serving::start(&listen, listen.controller_id.clone(), None).await?;
     let driver = Standalone::new(
         StandaloneConfig::new(dir.clone()),
         s.providers.clone(),
@@ -663,7 +683,7 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
         None => match kubernetes::controller_id_from_cluster(calls.clone()).await {
             Ok(id) => id,
             // Refused (RBAC, no such namespace): configuration.
-            Err(kube::Error::Api(e)) => {
+            Err(kube::Error::Api(e)) if e.code < 500 => {
                 eprintln!(
                     "fleetlb: cannot derive the controller id from namespace kube-system ({e}); pass --controller-id or allow get on namespaces/kube-system"
                 );
@@ -683,8 +703,11 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| format!("fleetlb-{}", std::process::id()))
     });
-    let s = Serving::start(&listen, Some(controller_id)).await?;
-    let (leader_tx, leader_rx) = watch::channel(lease.no_leader_election);
+    let no_leader_election = lease.no_leader_election;
+    let (leader_tx, leader_rx) = watch::channel(no_leader_election);
+    // Every RunInstances, TerminateInstances and DeleteTags attempt is sent only while this
+    // replica leads (checked right before the request goes out).
+    let s = Serving::start(&listen, Some(controller_id), Some(leader_rx.clone())).await?;
     let metrics = s.metrics.clone();
     let mut leader_gauge = leader_rx.clone();
     s.metrics.leader.set(i64::from(lease.no_leader_election));
@@ -735,7 +758,10 @@ async fn serve_kubernetes(listen: ListenArgs, lease: LeaseArgs) -> anyhow::Resul
                     store,
                     routes,
                     status,
-                    KubeConfig::default(),
+                    KubeConfig {
+                        sole_proxy: no_leader_election,
+                        ..KubeConfig::default()
+                    },
                 )
             },
             client,

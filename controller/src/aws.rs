@@ -35,7 +35,7 @@ use futures::future::BoxFuture;
 use crate::Error;
 use crate::metrics::Metrics;
 use crate::provider::{
-    ClusterKey, Instance, InstanceState, LaunchRequest, LaunchedAs, Provider, ProviderKind,
+    ClusterKey, Instance, InstanceState, Launch, LaunchRequest, LaunchedAs, Provider, ProviderKind,
     subnet_for,
 };
 
@@ -154,12 +154,45 @@ impl Default for Timeouts {
     }
 }
 
+/// Refuses every attempt (retries included) of a mutating EC2 call unless this replica leads at
+/// the moment the request would be sent: the last check before the wire, so a replica that lost
+/// the Lease while a call waited for the rate limit or between SDK retries sends nothing.
+#[derive(Debug)]
+struct LeaderGate(tokio::sync::watch::Receiver<bool>);
+
+impl aws_sdk_ec2::config::Intercept for LeaderGate {
+    fn name(&self) -> &'static str {
+        "fleetlb-leader-gate"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_ec2::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_ec2::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_ec2::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if *self.0.borrow() {
+            Ok(())
+        } else {
+            Err("NotLeader: this replica no longer holds the leader-election Lease".into())
+        }
+    }
+}
+
 impl Clients {
-    fn new(conf: &aws_config::SdkConfig, t: Timeouts) -> Self {
+    fn new(
+        conf: &aws_config::SdkConfig,
+        t: Timeouts,
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         // Rates well under EC2's default refill rates (non-mutating 20/s, RunInstances 2/s
         // with a large bucket, TerminateInstances 5/s), bursts of 20.
-        let api = |partition: &'static str, per_second: f64| {
-            let c = aws_sdk_ec2::config::Builder::from(conf)
+        let api = |partition: &'static str, per_second: f64, mutating: bool| {
+            let mut b = aws_sdk_ec2::config::Builder::from(conf);
+            if mutating && let Some(l) = &leader {
+                b = b.interceptor(LeaderGate(l.clone()));
+            }
+            let c = b
                 .timeout_config(
                     aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
                         .connect_timeout(t.connect)
@@ -181,10 +214,10 @@ impl Clients {
             }
         };
         Self {
-            describe: api("fleetlb-ec2-describe", 10.0),
-            run: api("fleetlb-ec2-run", 2.0),
-            terminate: api("fleetlb-ec2-terminate", 5.0),
-            tags: api("fleetlb-ec2-tags", 5.0),
+            describe: api("fleetlb-ec2-describe", 10.0, false),
+            run: api("fleetlb-ec2-run", 2.0, true),
+            terminate: api("fleetlb-ec2-terminate", 5.0, true),
+            tags: api("fleetlb-ec2-tags", 5.0, true),
         }
     }
 }
@@ -211,8 +244,20 @@ impl AwsProvider {
         metrics: Metrics,
         timeouts: Timeouts,
     ) -> Self {
+        Self::with_options(conf, controller_id, metrics, timeouts, None)
+    }
+
+    /// [`AwsProvider::with_timeouts`], sending `RunInstances`, `TerminateInstances` and
+    /// `DeleteTags` (every attempt, retries included) only while `leader` is true.
+    pub fn with_options(
+        conf: &aws_config::SdkConfig,
+        controller_id: String,
+        metrics: Metrics,
+        timeouts: Timeouts,
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         Self {
-            client: Clients::new(conf, timeouts),
+            client: Clients::new(conf, timeouts, leader),
             controller_id,
             metrics,
             no_capacity: Mutex::new(HashMap::new()),
@@ -225,12 +270,19 @@ impl AwsProvider {
         endpoint: Option<String>,
         controller_id: String,
         metrics: Metrics,
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Self {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(url) = endpoint {
             loader = loader.endpoint_url(url);
         }
-        Self::new(&loader.load().await, controller_id, metrics)
+        Self::with_options(
+            &loader.load().await,
+            controller_id,
+            metrics,
+            Timeouts::default(),
+            leader,
+        )
     }
 
     fn count<T, E: ProvideErrorMetadata>(&self, op: &str, r: &Result<T, E>) {
@@ -276,8 +328,8 @@ impl AwsProvider {
         req: &LaunchRequest,
         aws: &fleetlb_crds::AwsProvider,
         subnet: Option<&str>,
-        attempt: u32,
-    ) -> Result<Option<Instance>, (Error, bool)> {
+    ) -> Result<Launch, Error> {
+        let attempt = req.attempt;
         let token = req.token(attempt);
         let mut tag_list = vec![
             tag(tags::CONTROLLER, &self.controller_id),
@@ -315,7 +367,7 @@ impl AwsProvider {
             .instance_type(InstanceType::from(req.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(token)
+            .client_token(&token)
             .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
@@ -348,50 +400,87 @@ impl AwsProvider {
         }
         let r = call.send().await;
         self.count("RunInstances", &r);
+        let launch_error = |message: &str| Error::Provider {
+            provider: "aws",
+            operation: "launch",
+            message: message.into(),
+        };
         match r {
             Ok(out) => {
-                let i = out.instances().first().ok_or_else(|| {
-                    (
-                        Error::Provider {
-                            provider: "aws",
-                            operation: "launch",
-                            message: "RunInstances returned no instance".into(),
-                        },
-                        false,
-                    )
+                let i = out
+                    .instances()
+                    .first()
+                    .ok_or_else(|| launch_error("RunInstances returned no instance"))?;
+                let i = to_instance(i, &self.controller_id).ok_or_else(|| {
+                    launch_error("RunInstances returned an instance without fleetlb's tags")
                 })?;
-                to_instance(i, &self.controller_id)
-                    .map(Some)
-                    .ok_or_else(|| {
-                        (
-                            Error::Provider {
-                                provider: "aws",
-                                operation: "launch",
-                                message: "RunInstances returned an instance without fleetlb's tags"
-                                    .into(),
-                            },
-                            false,
-                        )
-                    })
+                Ok(gone_or_made(i))
             }
-            // The token was used before with other parameters: EC2 made (or is making) the
-            // instance of this intent. Not a failure: wait for DescribeInstances to show it.
+            // The token was used before with other parameters. Which instance holds it says
+            // whether this is our launch (wait for it to be listed) or a second install using
+            // this controller id (a configuration error, reported).
             Err(e) if e.code() == Some("IdempotentParameterMismatch") => {
-                tracing::info!(
-                    slot = req.slot,
-                    attempt,
-                    "launch already made under this ClientToken; waiting for EC2 to list it"
-                );
-                Ok(None)
+                self.by_token(&token).await
             }
             Err(e) => {
-                let capacity = e.code() == Some("InsufficientInstanceCapacity");
-                if capacity && let Some(s) = subnet {
+                if e.code() == Some("InsufficientInstanceCapacity")
+                    && let Some(s) = subnet
+                {
                     self.mark_no_capacity(&req.instance_type, s);
+                    return Ok(Launch::NextAttempt(Self::fail("launch", &e).to_string()));
                 }
-                Err((Self::fail("launch", &e), capacity))
+                Err(Self::fail("launch", &e))
             }
         }
+    }
+
+    /// The launch behind a ClientToken EC2 already knows, found by the `client-token` filter.
+    async fn by_token(&self, token: &str) -> Result<Launch, Error> {
+        let r = self
+            .client
+            .describe
+            .ready()
+            .await
+            .describe_instances()
+            .filters(Filter::builder().name("client-token").values(token).build())
+            .send()
+            .await;
+        self.count("DescribeInstances", &r);
+        let out = r.map_err(|e| Self::fail("launch", &e))?;
+        let Some(found) = out.reservations().iter().flat_map(|r| r.instances()).next() else {
+            // Not listed yet (DescribeInstances is eventually consistent): wait.
+            return Ok(Launch::Pending);
+        };
+        match to_instance(found, &self.controller_id) {
+            Some(i) => Ok(gone_or_made(i)),
+            None => Err(Error::Provider {
+                provider: "aws",
+                operation: "launch",
+                message: format!(
+                    "IdempotentParameterMismatch: ClientToken {token} belongs to instance {} of controller id {:?}: does another install use --controller-id {}?",
+                    found.instance_id().unwrap_or("?"),
+                    tag_of(found, tags::CONTROLLER).unwrap_or(""),
+                    self.controller_id
+                ),
+            }),
+        }
+    }
+}
+
+/// An instance a token answered with: ours, or gone already (the token is spent: next attempt).
+fn gone_or_made(i: Instance) -> Launch {
+    if matches!(
+        i.state,
+        InstanceState::Terminated | InstanceState::ShuttingDown
+    ) {
+        Launch::NextAttempt(format!(
+            "the launch token of attempt {} was spent on {}, which is {}",
+            i.attempt,
+            i.id,
+            i.state.as_str()
+        ))
+    } else {
+        Launch::Made(Box::new(i))
     }
 }
 
@@ -562,10 +651,7 @@ impl Provider for AwsProvider {
         .boxed()
     }
 
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Launch, Error>> {
         async move {
             let ProviderSpec::Aws(aws) = &req.provider else {
                 return Err(Error::Provider {
@@ -575,40 +661,19 @@ impl Provider for AwsProvider {
                 });
             };
             // The subnet follows from (slot, attempt): a replay of this intent carries the same
-            // parameters. Falling back to another subnet (no capacity in this one) or past a
-            // token EC2 already spent on an instance that is gone is the next attempt, hence a
-            // new token, never the old token with another subnet.
-            let mut last = Error::Provider {
-                provider: "aws",
-                operation: "launch",
-                message: format!(
-                    "InsufficientInstanceCapacity: no subnet has {} capacity right now",
+            // parameters. A subnet without capacity, or a token EC2 already spent on an
+            // instance that is gone, means the next attempt (new token, next subnet), which the
+            // caller records before launching it.
+            let subnet = subnet_for(&aws.subnet_ids, req.slot, req.attempt);
+            if let Some(s) = subnet
+                && !self.capacity_ok(&req.instance_type, s)
+            {
+                return Ok(Launch::NextAttempt(format!(
+                    "InsufficientInstanceCapacity: {s} has no {} capacity (seen in the last 3 minutes)",
                     req.instance_type
-                ),
-            };
-            let tries = u32::try_from(aws.subnet_ids.len())
-                .unwrap_or(u32::MAX)
-                .max(1)
-                + 4;
-            for attempt in req.attempt..req.attempt.saturating_add(tries) {
-                let subnet = subnet_for(&aws.subnet_ids, req.slot, attempt);
-                if let Some(s) = subnet
-                    && !self.capacity_ok(&req.instance_type, s)
-                {
-                    continue;
-                }
-                match self.run_one(req, aws, subnet, attempt).await {
-                    Ok(Some(i))
-                        if matches!(
-                            i.state,
-                            InstanceState::Terminated | InstanceState::ShuttingDown
-                        ) => {}
-                    Ok(i) => return Ok(i),
-                    Err((e, true)) => last = e,
-                    Err((e, false)) => return Err(e),
-                }
+                )));
             }
-            Err(last)
+            self.run_one(req, aws, subnet).await
         }
         .boxed()
     }
@@ -661,16 +726,23 @@ pub struct LazyAwsProvider {
     endpoint: Option<String>,
     controller_id: String,
     metrics: Metrics,
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
     cell: tokio::sync::OnceCell<AwsProvider>,
 }
 
 impl LazyAwsProvider {
     /// See [`AwsProvider::from_env`].
-    pub fn new(endpoint: Option<String>, controller_id: String, metrics: Metrics) -> Self {
+    pub fn new(
+        endpoint: Option<String>,
+        controller_id: String,
+        metrics: Metrics,
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         Self {
             endpoint,
             controller_id,
             metrics,
+            leader,
             cell: tokio::sync::OnceCell::new(),
         }
     }
@@ -682,6 +754,7 @@ impl LazyAwsProvider {
                     self.endpoint.clone(),
                     self.controller_id.clone(),
                     self.metrics.clone(),
+                    self.leader.clone(),
                 )
             })
             .await
@@ -704,10 +777,7 @@ impl Provider for LazyAwsProvider {
         async move { self.get().await.list(clusters).await }.boxed()
     }
 
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Launch, Error>> {
         async move { self.get().await.launch(req).await }.boxed()
     }
 

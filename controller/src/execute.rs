@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::Providers;
 use crate::metrics::Metrics;
-use crate::provider::{ClusterKey, Instance, InstanceState, Provider, ProviderKind};
+use crate::provider::{ClusterKey, Instance, InstanceState, Launch, Provider, ProviderKind};
 use crate::reconcile::{self, Health, Observed, set_condition};
 
 /// What one reconcile of one object did.
@@ -57,6 +57,13 @@ pub fn error_reason(message: &str) -> &'static str {
     }
 }
 
+/// Where [`apply`] writes the planned status (with its launch intents) before each launch;
+/// an error stops the launches.
+pub type Record<'a> = dyn Fn(BackendClusterStatus) -> futures::future::BoxFuture<'a, Result<(), String>>
+    + Send
+    + Sync
+    + 'a;
+
 /// Launch retry state of one object: after a failed launch, the next one waits an exponentially
 /// growing, jittered delay (objects failing together do not retry in lockstep). A new
 /// `metadata.generation` (the user changed the spec) retries at once.
@@ -85,8 +92,10 @@ pub struct Inputs<'a> {
     pub instances: &'a [Instance],
     /// What the prober knows, by instance id.
     pub health: &'a HashMap<String, Health>,
-    /// Requests in flight, by instance id (instances that left the endpoint set included).
-    pub inflight: &'a HashMap<String, u32>,
+    /// Requests in flight, by instance id (instances that left the endpoint set included), when
+    /// this process sees every request (one proxy); `None` where other replicas serve too, and
+    /// a retired instance then always gets the whole deregistration delay.
+    pub inflight: Option<&'a HashMap<String, u32>>,
     /// Instances out of the endpoint set, by when they left; updated here.
     pub draining: &'a mut HashMap<String, Instant>,
     /// Shortest time between leaving the endpoint set and termination, long enough for every
@@ -111,7 +120,7 @@ pub async fn apply(
     bc: &BackendCluster,
     inp: Inputs<'_>,
     now: Timestamp,
-    record: impl AsyncFnOnce(&BackendClusterStatus) -> Result<(), String>,
+    record: &Record<'_>,
 ) -> Applied {
     let key = ClusterKey::of(bc);
     let refs: Vec<&Instance> = inp.instances.iter().collect();
@@ -179,35 +188,76 @@ pub async fn apply(
         );
         launches = &[];
     } else if !launches.is_empty()
-        && let Err(e) = record(&out.status).await
+        && let Err(e) = record(out.status.clone()).await
     {
         tracing::warn!(cluster = %key, error = %e, "cannot record launch intents; launching nothing");
         out.launch_error = Some(("StatusWriteFailed", e));
         launches = &[];
     }
-    for req in launches {
-        match inp.provider.launch(req).await {
-            Ok(Some(i)) => {
-                tracing::info!(cluster = %key, id = %i.id, slot = req.slot, instance_type = %req.instance_type, "instance launched");
-                record_launched(&mut out.status, req.slot, &i);
-                out.launched.push((i.id, req.slot));
-            }
-            Ok(None) => {
-                // Already launched under this intent; it shows up in a later listing.
-                out.busy = true;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                let b = &mut *inp.backoff;
-                b.failures = b.failures.saturating_add(1);
-                let delay = backoff(inp.backoff_range, b.failures);
-                b.until = Some(Instant::now() + delay);
-                b.last = Some((error_reason(&msg), msg.clone()));
-                tracing::warn!(cluster = %key, error = %msg, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
-                out.launch_error = Some((error_reason(&msg), msg));
-                break;
-            }
+    'slots: for planned in launches {
+        let mut req = planned.clone();
+        let mut skipped = Vec::new();
+        // Each attempt is recorded before it is launched (a crash replays the attempt that
+        // was really sent); at most one attempt per subnet, and a few for spent tokens.
+        let tries = match &req.provider {
+            fleetlb_crds::ProviderSpec::Aws(a) => a.subnet_ids.len().max(1) + 2,
+            _ => 3,
+        };
+        for _ in 0..tries {
+            let result = inp.provider.launch(&req).await;
+            let msg = match result {
+                Ok(Launch::Made(i)) => {
+                    tracing::info!(cluster = %key, id = %i.id, slot = req.slot, attempt = req.attempt, instance_type = %req.instance_type, "instance launched");
+                    record_launched(&mut out.status, req.slot, &i);
+                    out.launched.push((i.id.clone(), req.slot));
+                    continue 'slots;
+                }
+                Ok(Launch::Pending) => {
+                    // Already launched under this intent; it shows up in a later listing.
+                    tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, "launch already made under this token; waiting for the provider to list it");
+                    out.busy = true;
+                    continue 'slots;
+                }
+                Ok(Launch::NextAttempt(why)) => {
+                    tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
+                    skipped.push(why);
+                    req.attempt += 1;
+                    let intent = reconcile::intent_for(&req, now);
+                    if let Some(l) = out.status.launches.iter_mut().find(|l| l.slot == req.slot) {
+                        *l = intent;
+                    } else {
+                        out.status.launches.push(intent);
+                    }
+                    match record(out.status.clone()).await {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            out.launch_error = Some(("StatusWriteFailed", e));
+                            break 'slots;
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            fail_launch(
+                &mut out,
+                &mut *inp.backoff,
+                inp.backoff_range,
+                &key,
+                req.slot,
+                msg,
+            );
+            break 'slots;
         }
+        let msg = skipped.pop().unwrap_or_default();
+        fail_launch(
+            &mut out,
+            &mut *inp.backoff,
+            inp.backoff_range,
+            &key,
+            req.slot,
+            msg,
+        );
+        break;
     }
     if !launches.is_empty() && out.launch_error.is_none() {
         inp.backoff.failures = 0;
@@ -252,7 +302,7 @@ pub async fn apply(
     let due: Vec<String> = inp
         .draining
         .iter()
-        .filter(|(id, since)| drained(since.elapsed(), inp.drain, delay, inp.inflight.get(*id)))
+        .filter(|(id, since)| drained(since.elapsed(), inp.drain, delay, idle(inp.inflight, id)))
         .map(|(id, _)| id.clone())
         .collect();
     if !due.is_empty() {
@@ -267,10 +317,40 @@ pub async fn apply(
     out
 }
 
+/// Records a failed launch: backoff, the error for the condition, and, when the provider
+/// answered with a definite refusal (nothing was launched), an intent deletion need not wait
+/// for.
+fn fail_launch(
+    out: &mut Applied,
+    b: &mut LaunchBackoff,
+    range: (Duration, Duration),
+    key: &ClusterKey,
+    slot: u32,
+    msg: String,
+) {
+    b.failures = b.failures.saturating_add(1);
+    let delay = backoff(range, b.failures);
+    b.until = Some(Instant::now() + delay);
+    let reason = error_reason(&msg);
+    b.last = Some((reason, msg.clone()));
+    tracing::warn!(cluster = %key, error = %msg, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
+    if reason != "ProviderUnavailable"
+        && let Some(l) = out.status.launches.iter_mut().find(|l| l.slot == slot)
+    {
+        l.recorded_at = None;
+    }
+    out.launch_error = Some((reason, msg));
+}
+
 /// Whether an instance that left the endpoint set `elapsed` ago may be terminated: after the
 /// shortest drain once no request is in flight to it, after the deregistration delay anyway.
-fn drained(elapsed: Duration, min: Duration, delay: Duration, inflight: Option<&u32>) -> bool {
-    elapsed >= delay || (elapsed >= min && inflight.is_none_or(|n| *n == 0))
+fn drained(elapsed: Duration, min: Duration, delay: Duration, idle: bool) -> bool {
+    elapsed >= delay || (elapsed >= min && idle)
+}
+
+/// Whether instance `id` is known to have no request in flight.
+fn idle(inflight: Option<&HashMap<String, u32>>, id: &str) -> bool {
+    inflight.is_some_and(|m| m.get(id).is_none_or(|n| *n == 0))
 }
 
 /// Terminates `ids`, each through the provider that lists it (after a change of
@@ -378,7 +458,7 @@ pub async fn delete(
     bc: &BackendCluster,
     providers: &Providers,
     mine: &[Instance],
-    inflight: &HashMap<String, u32>,
+    inflight: Option<&HashMap<String, u32>>,
     now: Timestamp,
     settings: DeleteSettings,
 ) -> Deletion {
@@ -389,7 +469,34 @@ pub async fn delete(
     if !manages {
         return Deletion::Done;
     }
-    let pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
+    let mut pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
+    // A launch that answered with its instance id is acted on by that id even before the
+    // provider lists it (terminated under Delete, released under Orphan); EC2 may still say
+    // it does not know the id for a few seconds, then the intent stays pending.
+    if let Some(p) = providers.get(kind) {
+        let mut still = Vec::new();
+        for l in pending {
+            let Some(id) = l.instance_id.clone() else {
+                still.push(l);
+                continue;
+            };
+            let ids = [id];
+            let r = match bc.spec.deletion_policy {
+                DeletionPolicy::Delete => p.terminate(&ids).await,
+                DeletionPolicy::Orphan => p.release(&ids).await,
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(cluster = %key, id = %ids[0], "instance of a recent launch handled by id before it is listed")
+                }
+                Err(e) => {
+                    tracing::info!(cluster = %key, id = %ids[0], %e, "instance of a recent launch not known yet; will retry");
+                    still.push(l);
+                }
+            }
+        }
+        pending = still;
+    }
     let present: Vec<String> = mine
         .iter()
         .filter(|i| i.state.needs_terminate())
@@ -428,7 +535,7 @@ pub async fn delete(
     let delay = bc.spec.deregistration_delay().max(settings.drain);
     let (due, draining): (Vec<String>, Vec<String>) = present
         .into_iter()
-        .partition(|id| drained(since_deletion, settings.drain, delay, inflight.get(id)));
+        .partition(|id| drained(since_deletion, settings.drain, delay, idle(inflight, id)));
     if !due.is_empty() {
         match terminate_by_kind(providers, mine, &due).await {
             Ok(()) => {

@@ -72,7 +72,7 @@ impl Provider for StaticProvider {
     fn launch<'a>(
         &'a self,
         req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+    ) -> BoxFuture<'a, Result<crate::provider::Launch, Error>> {
         async move {
             Err(Error::Provider {
                 provider: "static",

@@ -6,8 +6,9 @@
 //! - `RunInstances` creates an instance, its volumes and its network interfaces only with
 //!   `fleetlb.dev/controller = ID` in the request's tags. IAM evaluates `aws:RequestTag` per
 //!   resource type the call creates, which is why the provider tags all three at creation.
-//! - `RunInstances` may use any image, subnet, security group and key pair (the spec names
-//!   them); nothing else (no launch templates, no Spot requests: fleetlb uses neither).
+//! - `RunInstances` may use any image (and the snapshots behind an EBS-backed one), subnet,
+//!   security group and key pair (the spec names them); nothing else (no launch templates, no
+//!   Spot requests: fleetlb uses neither).
 //! - `CreateTags` only as part of `RunInstances` (`ec2:CreateAction`), with the same tag.
 //! - `TerminateInstances` only on instances already tagged with this install's id, so one
 //!   install's credentials can never terminate another's instances.
@@ -60,6 +61,7 @@ pub fn policy(opts: &PolicyOptions) -> Value {
                 "Action": "ec2:RunInstances",
                 "Resource": [
                     format!("arn:{p}:ec2:*::image/*"),
+                    format!("arn:{p}:ec2:*::snapshot/*"),
                     arn("subnet"),
                     arn("security-group"),
                     arn("key-pair"),

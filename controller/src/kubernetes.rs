@@ -59,6 +59,11 @@ pub struct KubeConfig {
     pub inventory_max_age: Duration,
     /// First and last per-object retry delays after an error (default 1 s and 5 min).
     pub backoff: (Duration, Duration),
+    /// This process is the only proxy replica (`--no-leader-election`): it sees every request,
+    /// so a retired instance is terminated as soon as its last request ends. With several
+    /// replicas the leader cannot see the others' requests, and a retired instance gets its
+    /// whole deregistration delay (default false).
+    pub sole_proxy: bool,
 }
 
 impl Default for KubeConfig {
@@ -71,6 +76,7 @@ impl Default for KubeConfig {
             launch_visibility: Duration::from_secs(120),
             inventory_max_age: Duration::from_secs(1),
             backoff: (Duration::from_secs(1), Duration::from_secs(300)),
+            sole_proxy: false,
         }
     }
 }
@@ -87,6 +93,9 @@ pub enum Error {
     /// No provider for `spec.provider` in this process.
     #[error("the {0} provider is not configured in this process")]
     NoProvider(ProviderKind),
+    /// This replica stopped leading during the reconcile.
+    #[error("this replica no longer holds the leader-election Lease")]
+    NotLeader,
     /// Deletion waits (for what, in words).
     #[error("deletion in progress: {0}")]
     Terminating(String),
@@ -173,9 +182,16 @@ impl Inventory {
     }
 }
 
-/// The provider kinds `bc` uses (`spec.provider`) or still has instances of (its status).
+/// The provider kinds `bc` uses (`spec.provider`), used at the last reconcile
+/// (`status.provider`), or still has instances of (`status.instances`).
 fn kinds_of(bc: &BackendCluster) -> BTreeSet<ProviderKind> {
     let mut kinds = BTreeSet::from([ProviderKind::of(&bc.spec.provider)]);
+    kinds.extend(
+        bc.status
+            .as_ref()
+            .and_then(|s| s.provider.as_deref())
+            .and_then(ProviderKind::parse),
+    );
     kinds.extend(
         bc.status
             .iter()
@@ -336,6 +352,11 @@ impl Context {
         });
         if unchanged {
             return Ok(());
+        }
+        // A replica that lost the Lease while its reconcile ran must not overwrite what the
+        // new leader wrote (its launch intents above all).
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
         }
         let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), &key.namespace);
         let patch = serde_json::json!({
@@ -537,7 +558,7 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let health = execute::health_by_cluster(&ctx.dataplane)
         .remove(&key.to_string())
         .unwrap_or_default();
-    let inflight = ctx.dataplane.inflight();
+    let inflight = ctx.cfg.sole_proxy.then(|| ctx.dataplane.inflight());
     let mut draining = locked(&ctx.draining).remove(&key).unwrap_or_default();
     let mut launch_backoff = locked(&ctx.launch_backoff).remove(&key).unwrap_or_default();
     let applied = execute::apply(
@@ -547,7 +568,7 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             providers: &ctx.providers,
             instances: &mine,
             health: &health,
-            inflight: &inflight,
+            inflight: inflight.as_ref(),
             draining: &mut draining,
             drain: ctx.cfg.drain,
             metrics: &ctx.metrics,
@@ -555,10 +576,12 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             backoff_range: ctx.cfg.backoff,
         },
         now,
-        async |status| {
-            ctx.write_status(bc, status.clone())
-                .await
-                .map_err(|e| e.to_string())
+        &|status| {
+            Box::pin(async move {
+                ctx.write_status(bc, status)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
         },
     )
     .await;
@@ -650,7 +673,10 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         bc,
         &ctx.providers,
         &mine,
-        &ctx.dataplane.inflight(),
+        ctx.cfg
+            .sole_proxy
+            .then(|| ctx.dataplane.inflight())
+            .as_ref(),
         Timestamp::now(),
         execute::DeleteSettings {
             drain: ctx.cfg.drain,
@@ -749,7 +775,7 @@ pub async fn sweep_orphans(ctx: &Context) {
         else {
             continue;
         };
-        let orphans: Vec<String> = listing
+        let candidates: Vec<&Instance> = listing
             .iter()
             .filter(|i| {
                 i.state.needs_terminate()
@@ -760,9 +786,31 @@ pub async fn sweep_orphans(ctx: &Context) {
                     .elapsed()
                     .is_ok_and(|age| age >= ctx.cfg.orphan_grace)
             })
-            .map(|i| i.id.clone())
             .collect();
-        if orphans.is_empty() {
+        // The store can lag behind the API server (a stalled watch): before terminating, ask
+        // the API server itself whether each owner is really gone.
+        let mut orphans = Vec::new();
+        let mut checked: HashMap<ClusterKey, Option<String>> = HashMap::new();
+        for i in candidates {
+            let uid = match checked.get(&i.owner) {
+                Some(uid) => uid.clone(),
+                None => {
+                    let api: Api<BackendCluster> =
+                        Api::namespaced(ctx.client.clone(), &i.owner.namespace);
+                    let Ok(found) = api.get_opt(&i.owner.name).await else {
+                        // Cannot tell: keep it for the next sweep.
+                        continue;
+                    };
+                    let uid = found.and_then(|o| o.metadata.uid);
+                    checked.insert(i.owner.clone(), uid.clone());
+                    uid
+                }
+            };
+            if uid.as_deref() != Some(i.owner_uid.as_str()) {
+                orphans.push(i.id.clone());
+            }
+        }
+        if orphans.is_empty() || !ctx.is_leader() {
             continue;
         }
         tracing::warn!(provider = %kind, ids = ?orphans, "orphan instances: no BackendCluster owns them; terminating");

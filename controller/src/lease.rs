@@ -80,6 +80,10 @@ impl Elector {
             Some(t) => self.cfg.renew_deadline.saturating_sub(t.elapsed()),
             None => self.cfg.renew_deadline,
         };
+        // A renewal counts from when it was sent, not from when its answer came: the record
+        // may be committed long before a slow answer arrives, and other replicas measure the
+        // lease from the record.
+        let sent = Instant::now();
         let attempt = tokio::time::timeout(budget, self.try_acquire_or_renew()).await;
         let result = match attempt {
             Ok(r) => r,
@@ -95,7 +99,7 @@ impl Elector {
         };
         match result {
             Ok(true) => {
-                self.renewed = Some(Instant::now());
+                self.renewed = Some(sent);
                 true
             }
             Ok(false) => {
@@ -286,7 +290,7 @@ impl Provider for LeaderOnly {
     fn launch<'a>(
         &'a self,
         req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
+    ) -> BoxFuture<'a, Result<crate::provider::Launch, Error>> {
         match self.check("launch") {
             Ok(()) => self.inner.launch(req),
             Err(e) => Box::pin(async move { Err(e) }),

@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::Error;
-use crate::provider::{Instance, InstanceState, LaunchRequest, Provider, ProviderKind};
+use crate::provider::{Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind};
 
 struct Proc {
     meta: Instance,
@@ -208,11 +208,8 @@ impl Provider for LocalProvider {
         .boxed()
     }
 
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>> {
-        async move { self.spawn(req).map(Some) }.boxed()
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Launch, Error>> {
+        async move { self.spawn(req).map(|i| Launch::Made(Box::new(i))) }.boxed()
     }
 
     fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {

@@ -264,6 +264,20 @@ impl LaunchRequest {
     }
 }
 
+/// What a launch call did.
+#[derive(Debug)]
+pub enum Launch {
+    /// The instance of this intent (made now, or earlier under the same token).
+    Made(Box<Instance>),
+    /// The provider already has this intent (EC2's `IdempotentParameterMismatch` for a replayed
+    /// token) and does not list its instance yet: wait for it to appear.
+    Pending,
+    /// This attempt cannot be used (its subnet has no capacity, or its token was spent on an
+    /// instance that is gone): the caller records the next attempt, then launches that, so a
+    /// crash in between replays the next attempt rather than this one.
+    NextAttempt(String),
+}
+
 /// A source of instances.
 ///
 /// Called by the reconcile loop only, never on the request path. Every method may be retried by
@@ -280,14 +294,9 @@ pub trait Provider: Send + Sync {
         clusters: &'a [Arc<BackendCluster>],
     ) -> BoxFuture<'a, Result<Vec<Instance>, Error>>;
 
-    /// Launches one instance. Must be idempotent for the same intent (the EC2 `ClientToken`).
-    /// `Ok(None)`: the provider says this intent was already launched (EC2's
-    /// `IdempotentParameterMismatch` for a replayed token) and the instance is not listed yet:
-    /// nothing to do but wait for it to appear.
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Option<Instance>, Error>>;
+    /// Launches attempt `req.attempt` of one slot, and only that attempt. Must be idempotent
+    /// for the same intent (the EC2 `ClientToken`).
+    fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Launch, Error>>;
 
     /// Starts terminating `ids`; returns once the provider has accepted the request.
     fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>>;

@@ -15,7 +15,9 @@ use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, spec_hash, subnet_for};
+use crate::provider::{
+    ClusterKey, Instance, InstanceState, LaunchRequest, ProviderKind, spec_hash, subnet_for,
+};
 
 /// What the prober knows of one instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -76,7 +78,8 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     let desired = desired_replicas(bc);
     let healthy = |i: &Instance| obs.health.get(&i.id).is_some_and(|h| h.healthy);
 
-    let own = |i: &Instance| !obs.managed || i.owner_uid == uid;
+    // Static endpoints carry no owner; every other instance is this object's only by UID.
+    let own = |i: &Instance| i.provider == ProviderKind::Static || i.owner_uid == uid;
     let mut retire: Vec<String> = obs
         .instances
         .iter()
@@ -367,7 +370,33 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
 /// The scale subresource's label selector of a cluster (`status.selector`): instances are not
 /// pods, but HPA and KEDA refuse a scale target without a non-empty selector.
 pub fn selector(key: &ClusterKey) -> String {
-    format!("fleetlb.dev/backendcluster={}", key.name)
+    // A label value is at most 63 characters; object names may be longer.
+    if key.name.len() <= 63 {
+        format!("fleetlb.dev/backendcluster={}", key.name)
+    } else {
+        format!(
+            "fleetlb.dev/backendcluster-hash={:016x}",
+            crate::provider::fnv64(key.name.as_bytes())
+        )
+    }
+}
+
+/// The launch intent of `r` as status records it: its token and subnet follow from the slot
+/// and attempt, so a replay is the same request.
+pub fn intent_for(r: &LaunchRequest, now: Timestamp) -> LaunchIntent {
+    LaunchIntent {
+        slot: r.slot,
+        attempt: r.attempt,
+        client_token: r.token(r.attempt),
+        subnet_id: match &r.provider {
+            fleetlb_crds::ProviderSpec::Aws(a) => {
+                subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)
+            }
+            _ => None,
+        },
+        instance_id: None,
+        recorded_at: Some(Time(now)),
+    }
 }
 
 /// The latest intent per slot: the previous record with this plan's launches on top.
@@ -383,22 +412,7 @@ fn recorded_launches(
         .map(|l| (l.slot, l.clone()))
         .collect();
     for r in launch {
-        by_slot.insert(
-            r.slot,
-            LaunchIntent {
-                slot: r.slot,
-                attempt: r.attempt,
-                client_token: r.token(r.attempt),
-                subnet_id: match &r.provider {
-                    fleetlb_crds::ProviderSpec::Aws(a) => {
-                        subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)
-                    }
-                    _ => None,
-                },
-                instance_id: None,
-                recorded_at: Some(Time(now)),
-            },
-        );
+        by_slot.insert(r.slot, intent_for(r, now));
     }
     by_slot.into_values().collect()
 }

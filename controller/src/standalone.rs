@@ -423,7 +423,7 @@ impl Standalone {
                         &t.obj,
                         &self.providers,
                         &mine,
-                        &inflight,
+                        Some(&inflight),
                         now,
                         execute::DeleteSettings {
                             drain: self.cfg.drain,
@@ -481,7 +481,7 @@ impl Standalone {
                     providers: &self.providers,
                     instances: &mine,
                     health: health.get(&key.to_string()).unwrap_or(&empty),
-                    inflight: &inflight,
+                    inflight: Some(&inflight),
                     draining: &mut t.draining,
                     drain: self.cfg.drain,
                     metrics: &self.metrics,
@@ -489,7 +489,7 @@ impl Standalone {
                     backoff_range: self.cfg.launch_backoff,
                 },
                 now,
-                async |_| Ok(()),
+                &|_| Box::pin(async { Ok(()) }),
             )
             .await;
             busy |= applied.busy;

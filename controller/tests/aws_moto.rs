@@ -287,7 +287,9 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         attempt: 0,
         token_scope: String::new(),
     };
-    let first = p.launch(&req).await.unwrap().expect("launched");
+    let fleetlb_controller::provider::Launch::Made(first) = p.launch(&req).await.unwrap() else {
+        panic!("not launched")
+    };
     let described = env
         .ec2
         .describe_instances()
@@ -655,16 +657,47 @@ async fn a_replayed_launch_carries_the_same_token_and_subnet() {
     // same intent maps to another subnet) is "already launched", not a failure.
     let registry = prometheus::Registry::new();
     let p = AwsProvider::new(&conf, "ctl-s".into(), Metrics::new(&registry).unwrap());
+    use fleetlb_controller::provider::Launch;
     let mut req = solo_request(&env, &env.subnets);
-    assert!(p.launch(&req).await.unwrap().is_some());
+    let Launch::Made(first) = p.launch(&req).await.unwrap() else {
+        panic!("not launched")
+    };
     let mut reordered = env.subnets.clone();
     reordered.rotate_left(1);
     req = solo_request(&env, &reordered);
-    assert!(
-        p.launch(&req).await.unwrap().is_none(),
-        "IdempotentParameterMismatch means the launch exists"
-    );
+    match p.launch(&req).await.unwrap() {
+        Launch::Made(i) => assert_eq!(i.id, first.id, "the token's own instance"),
+        other => panic!("IdempotentParameterMismatch means the launch exists: {other:?}"),
+    }
     assert_eq!(proxy.mismatches(), 1);
+    // While DescribeInstances does not show it yet, the launch is pending, not failed.
+    proxy.hide_new(true);
+    let mut fresh = solo_request(&env, &env.subnets);
+    fresh.slot = 1;
+    let Launch::Made(hidden) = p.launch(&fresh).await.unwrap() else {
+        panic!("not launched")
+    };
+    fresh.provider = solo_request(&env, &reordered).provider;
+    assert!(
+        matches!(p.launch(&fresh).await.unwrap(), Launch::Pending),
+        "{} is not listed yet",
+        hidden.id
+    );
+    proxy.hide_new(false);
+    // The same token held by another install (two installs given one --controller-id would
+    // do this): a clear error, not an endless wait.
+    let other = AwsProvider::new(
+        &conf,
+        "ctl-other".into(),
+        Metrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let mut theirs = solo_request(&env, &reordered);
+    theirs.token_scope = "ctl-s".into();
+    let err = other.launch(&theirs).await.unwrap_err().to_string();
+    assert!(
+        err.contains("IdempotentParameterMismatch") && err.contains("ctl-s"),
+        "{err}"
+    );
 }
 
 fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
@@ -841,6 +874,28 @@ async fn two_installs_in_one_account_never_touch_each_others_instances() {
     );
 }
 
+/// The Ready condition of the first cluster in a driver's `/status`.
+fn ready(d: &Driver) -> serde_json::Value {
+    status(d)["clusters"][0]["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone()
+}
+
+/// Steps `d` until its `/status` lists no cluster (at most 10 passes).
+async fn until_deleted(d: &mut Driver, what: &str) {
+    for _ in 0..10 {
+        d.driver.step(&d.out).await;
+        if status(d)["clusters"].as_array().unwrap().is_empty() {
+            return;
+        }
+    }
+    panic!("{what}: deletion never completed: {}", status(d));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
     let env = env().await;
@@ -849,49 +904,38 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
     for policy in ["Delete", "Orphan"] {
         let ctl = format!("ctl-vis-{}", policy.to_lowercase());
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, policy)).unwrap();
+        std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, policy)).unwrap();
         let mut d = driver_with(&conf, dir.path(), &ctl, |c| {
             c.launch_visibility = Duration::from_secs(600);
         });
+        // The launch takes effect, but its answer is lost (the controller never learns the
+        // instance id) and DescribeInstances does not show the instance yet.
         proxy.hide_new(true);
+        proxy.set("RunInstances", Some(Fault::LoseAnswer));
         d.driver.step(&d.out).await;
-        assert_eq!(live(&env.ec2, &ctl, "web").await.len(), 2, "launched");
-        // Deleted while DescribeInstances does not show the two new instances yet.
+        proxy.set("RunInstances", None);
+        assert_eq!(live(&env.ec2, &ctl, "web").await.len(), 1, "launched");
         std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
         for _ in 0..3 {
             d.driver.step(&d.out).await;
         }
         let v = status(&d);
-        let c = &v["clusters"][0];
-        assert_eq!(c["deleting"], true, "{policy}: released too early: {v}");
-        let ready = c["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "Ready")
-            .unwrap()
-            .clone();
-        assert_eq!(ready["reason"], "Deleting", "{ready}");
+        assert_eq!(
+            v["clusters"][0]["deleting"], true,
+            "{policy}: released too early: {v}"
+        );
+        let r = ready(&d);
+        assert_eq!(r["reason"], "Deleting", "{r}");
         assert!(
-            ready["message"]
+            r["message"]
                 .as_str()
                 .unwrap()
-                .contains("waiting for the provider to list 2 recent launch"),
-            "{ready}"
+                .contains("waiting for the provider to list 1 recent launch"),
+            "{r}"
         );
-        // EC2 catches up: deletion resolves both launches and completes.
+        // EC2 catches up: deletion finds the launch by its token and completes.
         proxy.hide_new(false);
-        for _ in 0..10 {
-            d.driver.step(&d.out).await;
-            if status(&d)["clusters"].as_array().unwrap().is_empty() {
-                break;
-            }
-        }
-        assert!(
-            status(&d)["clusters"].as_array().unwrap().is_empty(),
-            "{policy}: never completed: {}",
-            status(&d)
-        );
+        until_deleted(&mut d, policy).await;
         match policy {
             "Delete" => assert!(
                 live(&env.ec2, &ctl, "web").await.is_empty(),
@@ -902,7 +946,7 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
                 // sweep (grace zero) does not touch them.
                 assert!(live(&env.ec2, &ctl, "web").await.is_empty(), "still owned");
                 let running = running_named(&env, "web").await;
-                assert!(running >= 2, "orphaned instances must keep running");
+                assert!(running >= 1, "orphaned instances must keep running");
                 for _ in 0..2 {
                     d.driver.step(&d.out).await;
                 }
@@ -914,6 +958,23 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
             }
         }
     }
+
+    // Launches that answered with their ids are acted on by id at once, listed or not.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.yaml"), yaml(&env, "api", 2, "Delete")).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-ids", |c| {
+        c.launch_visibility = Duration::from_secs(600);
+    });
+    proxy.hide_new(true);
+    d.driver.step(&d.out).await;
+    assert_eq!(live(&env.ec2, "ctl-ids", "api").await.len(), 2, "launched");
+    std::fs::remove_file(dir.path().join("api.yaml")).unwrap();
+    until_deleted(&mut d, "known ids").await;
+    assert!(
+        live(&env.ec2, "ctl-ids", "api").await.is_empty(),
+        "instances of the deleted cluster still run"
+    );
+    proxy.hide_new(false);
 }
 
 /// Running instances tagged `fleetlb.dev/name = name`, whoever owns them.
@@ -1100,6 +1161,8 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
                     assert!(allows(&policy, "ec2:CreateTags", created, &c), "{created}");
                 }
                 assert!(allows(&policy, &ec2, "image", &ctx(&[])));
+                // The root volume of an EBS-backed image comes from its snapshot.
+                assert!(allows(&policy, &ec2, "snapshot", &ctx(&[])));
                 if get("SubnetId").is_some() {
                     assert!(allows(&policy, &ec2, "subnet", &ctx(&[])));
                 }
@@ -1276,4 +1339,96 @@ async fn a_cluster_moved_to_another_provider_retires_the_old_providers_instances
     }
     let v = status(&d);
     assert_eq!(v["clusters"][0]["status"]["readyReplicas"], 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_leading_sends_no_mutating_ec2_request() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    let registry = prometheus::Registry::new();
+    let (leader_tx, leader) = watch::channel(true);
+    let p = AwsProvider::with_options(
+        &conf,
+        "ctl-gate".into(),
+        Metrics::new(&registry).unwrap(),
+        fleetlb_controller::aws::Timeouts::default(),
+        Some(leader),
+    );
+    let mut req = solo_request(&env, &env.subnets);
+    req.token_scope = "ctl-gate".into();
+    let fleetlb_controller::provider::Launch::Made(i) = p.launch(&req).await.unwrap() else {
+        panic!("a leader launches")
+    };
+    let sent = proxy.count("RunInstances");
+    // Leadership ends (the renew deadline passed while this call was being prepared): the
+    // check sits right before the request goes out, retries included.
+    leader_tx.send_replace(false);
+    req.slot = 1;
+    let e = p.launch(&req).await.unwrap_err().to_string();
+    assert!(e.contains("NotLeader"), "{e}");
+    let e = p
+        .terminate(std::slice::from_ref(&i.id))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NotLeader"), "{e}");
+    let e = p
+        .release(std::slice::from_ref(&i.id))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NotLeader"), "{e}");
+    assert_eq!(proxy.count("RunInstances"), sent);
+    assert_eq!(proxy.count("TerminateInstances"), 0);
+    assert_eq!(proxy.count("DeleteTags"), 0);
+    // Reading goes on (a follower serves from what it lists).
+    assert!(p.list(&[]).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_without_capacity_means_the_next_attempt_with_its_own_token() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    // Slot 0's first attempt goes to the first subnet, which has no capacity.
+    proxy.no_capacity_in(&env.subnets[0]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
+    converge(&mut d, &env, "ctl-cap", "web", 1).await;
+    let runs: Vec<(String, String)> = proxy
+        .requests()
+        .iter()
+        .map(|b| support::form(b))
+        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
+        .map(|f| {
+            let get = |k: &str| f.iter().find(|(n, _)| n == k).unwrap().1.clone();
+            (get("ClientToken"), get("SubnetId"))
+        })
+        .collect();
+    let mut pairs = runs.clone();
+    pairs.dedup();
+    assert_eq!(
+        pairs.len(),
+        2,
+        "one refused attempt, then the next: {runs:?}"
+    );
+    assert_eq!(pairs[0].1, env.subnets[0]);
+    assert_eq!(
+        pairs[1].1, env.subnets[1],
+        "the next attempt is the next subnet"
+    );
+    assert_ne!(pairs[0].0, pairs[1].0, "the next attempt has its own token");
+    let i = &live(&env.ec2, "ctl-cap", "web").await[0];
+    assert_eq!(tag(i, tags::ATTEMPT), Some("1"));
+    // The status records the attempt that was really launched.
+    let l = &status(&d)["clusters"][0]["status"]["launches"][0];
+    assert_eq!(l["attempt"], 1, "{l}");
+    assert_eq!(l["clientToken"], pairs[1].0.as_str());
+    assert_eq!(l["subnetId"], env.subnets[1].as_str());
+    // A restarted controller with no memory of the capacity error launches nothing more.
+    let mut fresh = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
+    fresh.driver.step(&fresh.out).await;
+    assert_eq!(live(&env.ec2, "ctl-cap", "web").await.len(), 1);
 }

@@ -819,10 +819,10 @@ impl fleetlb_controller::provider::Provider for Counting {
         _: &'a fleetlb_controller::provider::LaunchRequest,
     ) -> futures::future::BoxFuture<
         'a,
-        Result<Option<fleetlb_controller::provider::Instance>, fleetlb_controller::Error>,
+        Result<fleetlb_controller::provider::Launch, fleetlb_controller::Error>,
     > {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async { Ok(None) })
+        Box::pin(async { Ok(fleetlb_controller::provider::Launch::Pending) })
     }
     fn terminate<'a>(
         &'a self,

@@ -107,6 +107,9 @@ pub enum Fault {
     ServerError,
     /// No answer at all (the request is read, the response never comes).
     Hang,
+    /// The call takes effect (it reaches moto) but its answer is lost: 500 `InternalError`,
+    /// for every retry too. What a crash or a network cut right after the call looks like.
+    LoseAnswer,
 }
 
 #[derive(Default)]
@@ -122,6 +125,8 @@ struct FaultState {
     /// While set, instances launched through the proxy are missing from DescribeInstances.
     hide_new: bool,
     hidden: Vec<String>,
+    /// Subnets without capacity: RunInstances there answers `InsufficientInstanceCapacity`.
+    full: Vec<String>,
 }
 
 /// A small HTTP proxy between the SDK and moto that adds what moto does not enforce and real
@@ -188,7 +193,17 @@ impl FaultProxy {
                                 }
                                 (s.faults.get(&action).copied(), replay)
                             };
+                            let lose = matches!(fault, Some(Fault::LoseAnswer));
+                            let full = action == "RunInstances"
+                                && form_value(&body, "SubnetId")
+                                    .is_some_and(|sn| st.lock().unwrap().full.contains(&sn));
+                            if full {
+                                return Ok(error_response(500, "InsufficientInstanceCapacity"));
+                            }
                             match replay {
+                                Some(_) if lose => {
+                                    return Ok(error_response(500, "InternalError"));
+                                }
                                 Some(Some(answer)) => {
                                     return Ok(Response::builder()
                                         .status(200)
@@ -200,7 +215,7 @@ impl FaultProxy {
                                 }
                                 None => {}
                             }
-                            if let Some(f) = fault {
+                            if let Some(f) = fault.filter(|_| !lose) {
                                 let (status, code) = match f {
                                     Fault::Throttle => (503, "RequestLimitExceeded"),
                                     Fault::ServerError => (500, "InternalError"),
@@ -208,8 +223,26 @@ impl FaultProxy {
                                         std::future::pending::<()>().await;
                                         unreachable!()
                                     }
+                                    Fault::LoseAnswer => unreachable!("handled after the call"),
                                 };
                                 return Ok::<_, hyper::Error>(error_response(status, code));
+                            }
+                            // moto has no `client-token` filter; EC2 does. The proxy applies
+                            // it: the call goes to moto without it, and the answer keeps only
+                            // the reservations of that token.
+                            let mut body = body;
+                            let mut by_token = None;
+                            if action == "DescribeInstances"
+                                && form_value(&body, "Filter.1.Name").as_deref()
+                                    == Some("client-token")
+                            {
+                                by_token = form_value(&body, "Filter.1.Value.1");
+                                let kept: Vec<&str> = text
+                                    .split('&')
+                                    .filter(|kv| !kv.starts_with("Filter.1."))
+                                    .collect();
+                                body = Bytes::from(kept.join("&"));
+                                parts.headers.remove(hyper::header::CONTENT_LENGTH);
                             }
                             let mut uri = upstream.clone().into_parts();
                             uri.path_and_query = parts.uri.path_and_query().cloned();
@@ -233,11 +266,20 @@ impl FaultProxy {
                                     s.hidden.extend(ids);
                                 }
                             }
+                            if let Some(t) = &by_token {
+                                body = Bytes::from(only_reservations_with(
+                                    &String::from_utf8_lossy(&body),
+                                    &format!("<clientToken>{t}</clientToken>"),
+                                ));
+                            }
                             if action == "DescribeInstances" && !s.hidden.is_empty() {
                                 body = Bytes::from(without_reservations_of(
                                     &String::from_utf8_lossy(&body),
                                     &s.hidden,
                                 ));
+                            }
+                            if lose {
+                                return Ok(error_response(500, "InternalError"));
                             }
                             Ok(Response::from_parts(parts, Full::new(body)))
                         }
@@ -268,6 +310,11 @@ impl FaultProxy {
         if !on {
             s.hidden.clear();
         }
+    }
+
+    /// RunInstances in `subnet` answers `InsufficientInstanceCapacity` from now on.
+    pub fn no_capacity_in(&self, subnet: &str) {
+        self.state.lock().unwrap().full.push(subnet.to_string());
     }
 
     /// Every request body that reached the proxy so far (form-encoded EC2 Query requests).
@@ -352,6 +399,20 @@ fn instance_ids(body: &[u8]) -> Vec<String> {
 
 /// A DescribeInstances answer without the reservations holding any of `hidden`.
 fn without_reservations_of(xml: &str, hidden: &[String]) -> String {
+    filter_reservations(xml, |item| {
+        !hidden
+            .iter()
+            .any(|id| item.contains(&format!("<instanceId>{id}</instanceId>")))
+    })
+}
+
+/// A DescribeInstances answer with only the reservations containing `needle`.
+fn only_reservations_with(xml: &str, needle: &str) -> String {
+    filter_reservations(xml, |item| item.contains(needle))
+}
+
+/// A DescribeInstances answer with the reservations `keep` accepts.
+fn filter_reservations(xml: &str, keep: impl Fn(&str) -> bool) -> String {
     let (Some(start), Some(end)) = (xml.find("<reservationSet>"), xml.find("</reservationSet>"))
     else {
         return xml.to_string();
@@ -375,10 +436,7 @@ fn without_reservations_of(xml: &str, hidden: &[String]) -> String {
             i += "</item>".len();
             if depth == 0 {
                 let item = &inner[item_start..i];
-                if !hidden
-                    .iter()
-                    .any(|id| item.contains(&format!("<instanceId>{id}</instanceId>")))
-                {
+                if keep(item) {
                     kept.push_str(item);
                 }
             }
