@@ -194,70 +194,67 @@ pub async fn apply(
         out.launch_error = Some(("StatusWriteFailed", e));
         launches = &[];
     }
-    'slots: for planned in launches {
+    for planned in launches {
         let mut req = planned.clone();
-        let mut skipped = Vec::new();
         // Each attempt is recorded before it is launched (a crash replays the attempt that
         // was really sent); at most one attempt per subnet, and a few for spent tokens.
         let tries = match &req.provider {
             fleetlb_crds::ProviderSpec::Aws(a) => a.subnet_ids.len().max(1) + 2,
             _ => 3,
         };
-        for _ in 0..tries {
-            let result = inp.provider.launch(&req).await;
-            let msg = match result {
-                Ok(Launch::Made(i)) => {
-                    tracing::info!(cluster = %key, id = %i.id, slot = req.slot, attempt = req.attempt, instance_type = %req.instance_type, "instance launched");
-                    record_launched(&mut out.status, req.slot, &i);
-                    out.launched.push((i.id.clone(), req.slot));
-                    continue 'slots;
-                }
-                Ok(Launch::Pending) => {
-                    // Already launched under this intent; it shows up in a later listing.
-                    tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, "launch already made under this token; waiting for the provider to list it");
-                    out.busy = true;
-                    continue 'slots;
-                }
-                Ok(Launch::NextAttempt(why)) => {
-                    tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
-                    skipped.push(why);
-                    req.attempt += 1;
-                    let intent = reconcile::intent_for(&req, now);
-                    if let Some(l) = out.status.launches.iter_mut().find(|l| l.slot == req.slot) {
-                        *l = intent;
-                    } else {
-                        out.status.launches.push(intent);
+        let stop: Option<Stop> = 'attempts: {
+            let mut skipped = String::new();
+            for _ in 0..tries {
+                match inp.provider.launch(&req).await {
+                    Ok(Launch::Made(i)) => {
+                        tracing::info!(cluster = %key, id = %i.id, slot = req.slot, attempt = req.attempt, instance_type = %req.instance_type, "instance launched");
+                        record_launched(&mut out.status, req.slot, &i);
+                        out.launched.push((i.id.clone(), req.slot));
+                        break 'attempts None;
                     }
-                    match record(out.status.clone()).await {
-                        Ok(()) => continue,
-                        Err(e) => {
-                            out.launch_error = Some(("StatusWriteFailed", e));
-                            break 'slots;
+                    Ok(Launch::Pending) => {
+                        // Already launched under this intent; it shows up in a later listing.
+                        tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, "launch already made under this token; waiting for the provider to list it");
+                        out.busy = true;
+                        break 'attempts None;
+                    }
+                    Ok(Launch::NextAttempt(why)) => {
+                        tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
+                        skipped = why;
+                        req.attempt += 1;
+                        let intent = reconcile::intent_for(&req, now);
+                        match out.status.launches.iter_mut().find(|l| l.slot == req.slot) {
+                            Some(l) => *l = intent,
+                            None => out.status.launches.push(intent),
+                        }
+                        if let Err(e) = record(out.status.clone()).await {
+                            break 'attempts Some(Stop::Record(e));
                         }
                     }
+                    Err(e) => break 'attempts Some(Stop::Failed(e.to_string())),
                 }
-                Err(e) => e.to_string(),
-            };
-            fail_launch(
-                &mut out,
-                &mut *inp.backoff,
-                inp.backoff_range,
-                &key,
-                req.slot,
-                msg,
-            );
-            break 'slots;
+            }
+            Some(Stop::Failed(skipped))
+        };
+        match stop {
+            None => {}
+            Some(Stop::Record(e)) => {
+                tracing::warn!(cluster = %key, error = %e, "cannot record the next launch attempt; launching nothing more");
+                out.launch_error = Some(("StatusWriteFailed", e));
+                break;
+            }
+            Some(Stop::Failed(msg)) => {
+                fail_launch(
+                    &mut out,
+                    &mut *inp.backoff,
+                    inp.backoff_range,
+                    &key,
+                    req.slot,
+                    msg,
+                );
+                break;
+            }
         }
-        let msg = skipped.pop().unwrap_or_default();
-        fail_launch(
-            &mut out,
-            &mut *inp.backoff,
-            inp.backoff_range,
-            &key,
-            req.slot,
-            msg,
-        );
-        break;
     }
     if !launches.is_empty() && out.launch_error.is_none() {
         inp.backoff.failures = 0;
@@ -315,6 +312,14 @@ pub async fn apply(
         }
     }
     out
+}
+
+/// Why the launches of one reconcile stopped early.
+enum Stop {
+    /// The status with the next attempt could not be written.
+    Record(String),
+    /// The provider refused or failed (the message).
+    Failed(String),
 }
 
 /// Records a failed launch: backoff, the error for the condition, and, when the provider
@@ -562,6 +567,21 @@ pub async fn delete(
         .filter(|i| i.state != InstanceState::Terminated)
         .count();
     Deletion::Waiting(format!("waiting for {left} instance(s) to terminate"))
+}
+
+/// Sets `Ready=False, reason=Deleting` with what deletion waits for.
+pub fn mark_deleting(bc: &mut BackendCluster, why: &str, now: Timestamp) {
+    let generation = bc.metadata.generation;
+    let status = bc.status.get_or_insert_with(Default::default);
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        "Deleting",
+        why,
+        generation,
+        now,
+    );
 }
 
 fn waiting_for_launch(l: &LaunchIntent, n: usize) -> String {

@@ -709,16 +709,9 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             for k in &kinds {
                 ctx.inventory.invalidate(*k).await;
             }
-            let mut status = bc.status.clone().unwrap_or_default();
-            set_condition(
-                &mut status.conditions,
-                "Ready",
-                false,
-                "Deleting",
-                &why,
-                bc.metadata.generation,
-                Timestamp::now(),
-            );
+            let mut marked = bc.clone();
+            execute::mark_deleting(&mut marked, &why, Timestamp::now());
+            let status = marked.status.unwrap_or_default();
             if let Err(e) = ctx.write_status(bc, status).await {
                 tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
             }

@@ -443,16 +443,7 @@ impl Standalone {
                         forget.push(key.clone());
                     }
                     Deletion::Waiting(why) => {
-                        let status = t.obj.status.get_or_insert_with(Default::default);
-                        set_condition(
-                            &mut status.conditions,
-                            "Ready",
-                            false,
-                            "Deleting",
-                            &why,
-                            t.obj.metadata.generation,
-                            now,
-                        );
+                        execute::mark_deleting(&mut t.obj, &why, now);
                         busy = true;
                     }
                 }

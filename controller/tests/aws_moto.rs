@@ -721,14 +721,9 @@ fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion() {
-    let env = env().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
-    let mut d = driver(&env, dir.path(), "ctl-stop");
-    converge(&mut d, &env, "ctl-stop", "web", 2).await;
-    let victim = live(&env.ec2, "ctl-stop", "web").await[0]
+/// Stops one live instance of `name` behind fleetlb's back (a console Stop); returns its id.
+async fn stop_one(env: &Env, controller: &str, name: &str) -> String {
+    let victim = live(&env.ec2, controller, name).await[0]
         .instance_id()
         .unwrap()
         .to_string();
@@ -738,6 +733,17 @@ async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion
         .send()
         .await
         .unwrap();
+    victim
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion() {
+    let env = env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    let mut d = driver(&env, dir.path(), "ctl-stop");
+    converge(&mut d, &env, "ctl-stop", "web", 2).await;
+    let victim = stop_one(&env, "ctl-stop", "web").await;
     let mut replaced = false;
     for _ in 0..20 {
         d.driver.step(&d.out).await;
@@ -760,16 +766,7 @@ async fn stopped_instances_are_replaced_then_terminated_and_never_block_deletion
 
     // Stop one more, then delete the cluster: deletion terminates the stopped one too and
     // completes.
-    let victim = live(&env.ec2, "ctl-stop", "web").await[0]
-        .instance_id()
-        .unwrap()
-        .to_string();
-    env.ec2
-        .stop_instances()
-        .instance_ids(&victim)
-        .send()
-        .await
-        .unwrap();
+    stop_one(&env, "ctl-stop", "web").await;
     std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
     let mut gone = false;
     for _ in 0..20 {
