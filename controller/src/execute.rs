@@ -212,16 +212,29 @@ pub async fn apply(
                         out.launched.push((i.id.clone(), req.slot));
                         break 'attempts None;
                     }
-                    Ok(Launch::Pending) => {
+                    Ok(Launch::Pending) if !stale(&out.status, req.slot, now) => {
                         // Already launched under this intent; it shows up in a later listing.
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, "launch already made under this token; waiting for the provider to list it");
                         out.busy = true;
                         break 'attempts None;
                     }
-                    Ok(Launch::NextAttempt(why)) => {
+                    result @ (Ok(Launch::NextAttempt(_)) | Ok(Launch::Pending)) => {
+                        let why = match result {
+                            Ok(Launch::NextAttempt(why)) => why,
+                            _ => format!(
+                                "the provider has held this launch token for over {}s without listing an instance for it",
+                                PENDING_LIMIT.as_secs()
+                            ),
+                        };
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
                         skipped = why;
-                        req.attempt += 1;
+                        let Some(next) = req.attempt.checked_add(1) else {
+                            break 'attempts Some(Stop::Failed(format!(
+                                "slot {} has used every launch attempt",
+                                req.slot
+                            )));
+                        };
+                        req.attempt = next;
                         let intent = reconcile::intent_for(&req, now);
                         match out.status.launches.iter_mut().find(|l| l.slot == req.slot) {
                             Some(l) => *l = intent,
@@ -244,14 +257,7 @@ pub async fn apply(
                 break;
             }
             Some(Stop::Failed(msg)) => {
-                fail_launch(
-                    &mut out,
-                    &mut *inp.backoff,
-                    inp.backoff_range,
-                    &key,
-                    req.slot,
-                    msg,
-                );
+                fail_launch(&mut out, &mut *inp.backoff, inp.backoff_range, &key, msg);
                 break;
             }
         }
@@ -314,6 +320,23 @@ pub async fn apply(
     out
 }
 
+/// How long a launch the provider says it already has (EC2's `IdempotentParameterMismatch`)
+/// may stay unlisted before the slot moves on to its next attempt: EC2 lists new instances
+/// within seconds, so a token it holds without an instance for this long was spent on
+/// parameters fleetlb no longer sends.
+const PENDING_LIMIT: Duration = Duration::from_secs(300);
+
+/// Whether the intent of `slot` was first recorded over [`PENDING_LIMIT`] ago.
+fn stale(status: &BackendClusterStatus, slot: u32, now: Timestamp) -> bool {
+    status
+        .launches
+        .iter()
+        .find(|l| l.slot == slot)
+        .and_then(|l| l.recorded_at.as_ref())
+        .and_then(|t| Duration::try_from(now.duration_since(t.0)).ok())
+        .is_some_and(|age| age > PENDING_LIMIT)
+}
+
 /// Why the launches of one reconcile stopped early.
 enum Stop {
     /// The status with the next attempt could not be written.
@@ -322,15 +345,14 @@ enum Stop {
     Failed(String),
 }
 
-/// Records a failed launch: backoff, the error for the condition, and, when the provider
-/// answered with a definite refusal (nothing was launched), an intent deletion need not wait
-/// for.
+/// Records a failed launch: backoff and the error for the condition. The intent stays: an
+/// earlier attempt of the same token may have been accepted before this one failed, so deletion
+/// still waits (boundedly) for it to be listed.
 fn fail_launch(
     out: &mut Applied,
     b: &mut LaunchBackoff,
     range: (Duration, Duration),
     key: &ClusterKey,
-    slot: u32,
     msg: String,
 ) {
     b.failures = b.failures.saturating_add(1);
@@ -339,11 +361,6 @@ fn fail_launch(
     let reason = error_reason(&msg);
     b.last = Some((reason, msg.clone()));
     tracing::warn!(cluster = %key, error = %msg, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
-    if reason != "ProviderUnavailable"
-        && let Some(l) = out.status.launches.iter_mut().find(|l| l.slot == slot)
-    {
-        l.recorded_at = None;
-    }
     out.launch_error = Some((reason, msg));
 }
 
@@ -460,7 +477,7 @@ pub fn unresolved_launches<'a>(
 /// stopped ones included, and deletion waits until the provider shows them all gone; under
 /// `Orphan`: fleetlb's ownership is dropped and they keep running.
 pub async fn delete(
-    bc: &BackendCluster,
+    bc: &mut BackendCluster,
     providers: &Providers,
     mine: &[Instance],
     inflight: Option<&HashMap<String, u32>>,
@@ -474,17 +491,24 @@ pub async fn delete(
     if !manages {
         return Deletion::Done;
     }
-    let mut pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
     // A launch that answered with its instance id is acted on by that id even before the
-    // provider lists it (terminated under Delete, released under Orphan); EC2 may still say
-    // it does not know the id for a few seconds, then the intent stays pending.
-    if let Some(p) = providers.get(kind) {
-        let mut still = Vec::new();
-        for l in pending {
-            let Some(id) = l.instance_id.clone() else {
-                still.push(l);
-                continue;
-            };
+    // provider lists it (terminated under Delete, released under Orphan), through the provider
+    // that made it (the one of the last reconcile); EC2 may still say it does not know the id
+    // for a few seconds, then the intent stays pending. A handled intent is marked so (no
+    // `recordedAt`): a released instance no longer carries the tag IAM requires for a second
+    // DeleteTags, and deletion does not wait for it again.
+    let made_by = bc
+        .status
+        .as_ref()
+        .and_then(|s| s.provider.as_deref())
+        .and_then(ProviderKind::parse)
+        .unwrap_or(kind);
+    let by_id: Vec<(u32, String)> = unresolved_launches(bc, mine, now, settings.launch_visibility)
+        .iter()
+        .filter_map(|l| Some((l.slot, l.instance_id.clone()?)))
+        .collect();
+    if let Some(p) = providers.get(made_by) {
+        for (slot, id) in by_id {
             let ids = [id];
             let r = match bc.spec.deletion_policy {
                 DeletionPolicy::Delete => p.terminate(&ids).await,
@@ -492,16 +516,22 @@ pub async fn delete(
             };
             match r {
                 Ok(()) => {
-                    tracing::info!(cluster = %key, id = %ids[0], "instance of a recent launch handled by id before it is listed")
+                    tracing::info!(cluster = %key, id = %ids[0], "instance of a recent launch handled by id before it is listed");
+                    if let Some(l) = bc
+                        .status
+                        .as_mut()
+                        .and_then(|s| s.launches.iter_mut().find(|l| l.slot == slot))
+                    {
+                        l.recorded_at = None;
+                    }
                 }
                 Err(e) => {
-                    tracing::info!(cluster = %key, id = %ids[0], %e, "instance of a recent launch not known yet; will retry");
-                    still.push(l);
+                    tracing::info!(cluster = %key, id = %ids[0], %e, "instance of a recent launch not known yet; will retry")
                 }
             }
         }
-        pending = still;
     }
+    let pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
     let present: Vec<String> = mine
         .iter()
         .filter(|i| i.state.needs_terminate())

@@ -669,8 +669,9 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         .into_iter()
         .filter(|i| i.owner_uid == uid || i.provider == ProviderKind::Static)
         .collect();
+    let mut deleting = bc.clone();
     let step = execute::delete(
-        bc,
+        &mut deleting,
         &ctx.providers,
         &mine,
         ctx.cfg
@@ -709,9 +710,8 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
             for k in &kinds {
                 ctx.inventory.invalidate(*k).await;
             }
-            let mut marked = bc.clone();
-            execute::mark_deleting(&mut marked, &why, Timestamp::now());
-            let status = marked.status.unwrap_or_default();
+            execute::mark_deleting(&mut deleting, &why, Timestamp::now());
+            let status = deleting.status.unwrap_or_default();
             if let Err(e) = ctx.write_status(bc, status).await {
                 tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
             }
@@ -790,9 +790,14 @@ pub async fn sweep_orphans(ctx: &Context) {
                 None => {
                     let api: Api<BackendCluster> =
                         Api::namespaced(ctx.client.clone(), &i.owner.namespace);
-                    let Ok(found) = api.get_opt(&i.owner.name).await else {
-                        // Cannot tell: keep it for the next sweep.
-                        continue;
+                    let found = match api.get_opt(&i.owner.name).await {
+                        Ok(found) => found,
+                        Err(e) => {
+                            // Cannot tell: terminate nothing more this time (a hung API server
+                            // would cost a read timeout per instance otherwise).
+                            tracing::warn!(cluster = %i.owner, error = %e, "orphan sweep: cannot confirm the owner is gone; sweeping later");
+                            break;
+                        }
                     };
                     let uid = found.and_then(|o| o.metadata.uid);
                     checked.insert(i.owner.clone(), uid.clone());

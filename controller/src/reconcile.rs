@@ -156,7 +156,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 .instances
                 .iter()
                 .filter(|i| i.slot == slot && i.owner_uid == uid)
-                .map(|i| i.attempt + 1)
+                .map(|i| i.attempt.saturating_add(1))
                 .max()
                 .unwrap_or(0);
             let recorded = bc
@@ -412,7 +412,15 @@ fn recorded_launches(
         .map(|l| (l.slot, l.clone()))
         .collect();
     for r in launch {
-        by_slot.insert(r.slot, intent_for(r, now));
+        let mut intent = intent_for(r, now);
+        // A replay of the same intent keeps when it was first recorded and what it made.
+        if let Some(prev) = by_slot.get(&r.slot)
+            && prev.client_token == intent.client_token
+        {
+            intent.recorded_at = prev.recorded_at.clone().or(intent.recorded_at);
+            intent.instance_id = prev.instance_id.clone();
+        }
+        by_slot.insert(r.slot, intent);
     }
     by_slot.into_values().collect()
 }

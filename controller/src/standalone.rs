@@ -420,7 +420,7 @@ impl Standalone {
                     && !list_errors.contains_key(&kind);
                 let step = if listed {
                     execute::delete(
-                        &t.obj,
+                        &mut t.obj,
                         &self.providers,
                         &mine,
                         Some(&inflight),
