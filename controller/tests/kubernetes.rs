@@ -775,7 +775,10 @@ async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and
         }
     });
     let mut watch_leader = leader.clone();
-    watch_leader.wait_for(|l| !*l).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), watch_leader.wait_for(|l| !*l))
+        .await
+        .expect("leadership ends while the API server does not answer")
+        .unwrap();
     let after = renewed.elapsed();
     assert!(
         after <= LeaseConfig::new(String::new(), String::new(), String::new()).renew_deadline,
