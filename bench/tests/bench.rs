@@ -254,24 +254,31 @@ async fn stamping_server() -> (String, Arc<std::sync::Mutex<Vec<tokio::time::Ins
 async fn open_loop_sends_each_request_at_its_own_time_not_in_millisecond_bursts() {
     // 5000 req/s: one request every 200 µs. Paced by a 1 ms timer they would leave five at a
     // time, microseconds apart, each up to 1 ms late (and that lateness counted as latency).
-    let (target, arrivals) = stamping_server().await;
-    let cfg = BenchConfig {
-        requests: Some(1000),
-        concurrency: 32,
-        rate: Some(5000.0),
-        ..config(target)
-    };
-    let run = fleetlb_bench::load::run_path(&cfg, "/x", None).await;
-    assert_eq!(run.records.len(), 1000);
-    let mut at = arrivals.lock().unwrap().clone();
-    at.sort();
-    let mut gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
-    gaps.sort();
-    let median = gaps[gaps.len() / 2];
-    assert!(
-        median >= Duration::from_micros(100),
-        "requests arrive bunched: median gap {median:?}, want about 200 µs"
-    );
+    // A millisecond timer bunches every run; a 2-core machine busy with the other tests can
+    // stall the generator (which then catches up in a burst) in one run now and then. So: up to
+    // three runs, and one that arrives evenly paced passes.
+    let mut medians = Vec::new();
+    for _ in 0..3 {
+        let (target, arrivals) = stamping_server().await;
+        let cfg = BenchConfig {
+            requests: Some(1000),
+            concurrency: 32,
+            rate: Some(5000.0),
+            ..config(target)
+        };
+        let run = fleetlb_bench::load::run_path(&cfg, "/x", None).await;
+        assert_eq!(run.records.len(), 1000);
+        let mut at = arrivals.lock().unwrap().clone();
+        at.sort();
+        let mut gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort();
+        let median = gaps[gaps.len() / 2];
+        if median >= Duration::from_micros(100) {
+            return;
+        }
+        medians.push(median);
+    }
+    panic!("requests arrive bunched: median gaps {medians:?}, want about 200 µs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
