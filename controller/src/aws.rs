@@ -330,7 +330,7 @@ impl AwsProvider {
         subnet: Option<&str>,
     ) -> Result<Launch, Error> {
         let attempt = req.attempt;
-        let token = req.token(attempt);
+        let token = req.token();
         let mut tag_list = vec![
             tag(tags::CONTROLLER, &self.controller_id),
             tag(tags::NAMESPACE, &req.owner.namespace),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fleetlb_crds::{BackendCluster, BackendClusterStatus, DeletionPolicy, LaunchIntent};
 use fleetlb_dataplane::EndpointConfig;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
@@ -205,27 +206,29 @@ pub async fn apply(
         let stop: Option<Stop> = 'attempts: {
             let mut skipped = String::new();
             for _ in 0..tries {
-                match inp.provider.launch(&req).await {
+                let result = match inp.provider.launch(&req).await {
+                    Ok(Launch::Pending) if stale(&out.status, req.slot, now) => {
+                        Ok(Launch::NextAttempt(format!(
+                            "the provider has held this launch token for over {}s without listing an instance for it",
+                            PENDING_LIMIT.as_secs()
+                        )))
+                    }
+                    other => other,
+                };
+                match result {
                     Ok(Launch::Made(i)) => {
                         tracing::info!(cluster = %key, id = %i.id, slot = req.slot, attempt = req.attempt, instance_type = %req.instance_type, "instance launched");
                         record_launched(&mut out.status, req.slot, &i);
                         out.launched.push((i.id.clone(), req.slot));
                         break 'attempts None;
                     }
-                    Ok(Launch::Pending) if !stale(&out.status, req.slot, now) => {
+                    Ok(Launch::Pending) => {
                         // Already launched under this intent; it shows up in a later listing.
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, "launch already made under this token; waiting for the provider to list it");
                         out.busy = true;
                         break 'attempts None;
                     }
-                    result @ (Ok(Launch::NextAttempt(_)) | Ok(Launch::Pending)) => {
-                        let why = match result {
-                            Ok(Launch::NextAttempt(why)) => why,
-                            _ => format!(
-                                "the provider has held this launch token for over {}s without listing an instance for it",
-                                PENDING_LIMIT.as_secs()
-                            ),
-                        };
+                    Ok(Launch::NextAttempt(why)) => {
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
                         skipped = why;
                         let Some(next) = req.attempt.checked_add(1) else {
@@ -333,8 +336,13 @@ fn stale(status: &BackendClusterStatus, slot: u32, now: Timestamp) -> bool {
         .iter()
         .find(|l| l.slot == slot)
         .and_then(|l| l.recorded_at.as_ref())
-        .and_then(|t| Duration::try_from(now.duration_since(t.0)).ok())
+        .and_then(|t| age(t, now))
         .is_some_and(|age| age > PENDING_LIMIT)
+}
+
+/// How long ago `t` was (`None` when it lies in the future).
+fn age(t: &Time, now: Timestamp) -> Option<Duration> {
+    Duration::try_from(now.duration_since(t.0)).ok()
 }
 
 /// Why the launches of one reconcile stopped early.
@@ -435,18 +443,9 @@ pub struct DeleteSettings {
     pub launch_visibility: Duration,
 }
 
-impl Default for DeleteSettings {
-    fn default() -> Self {
-        Self {
-            drain: Duration::from_secs(5),
-            launch_visibility: Duration::from_secs(120),
-        }
-    }
-}
-
 /// The launch intents in `bc`'s status whose instance the provider does not list yet, recorded
 /// within `window` before `now`.
-pub fn unresolved_launches<'a>(
+fn unresolved_launches<'a>(
     bc: &'a BackendCluster,
     mine: &[Instance],
     now: Timestamp,
@@ -456,11 +455,11 @@ pub fn unresolved_launches<'a>(
         .iter()
         .flat_map(|s| &s.launches)
         .filter(|l| {
-            let recent = l.recorded_at.as_ref().is_some_and(|t| {
-                now.duration_since(t.0)
-                    .try_into()
-                    .is_ok_and(|age: Duration| age < window)
-            });
+            let recent = l
+                .recorded_at
+                .as_ref()
+                .and_then(|t| age(t, now))
+                .is_some_and(|age| age < window);
             let seen = mine.iter().any(|i| {
                 i.client_token.as_deref() == Some(l.client_token.as_str())
                     || l.instance_id.as_deref() == Some(i.id.as_str())
@@ -538,17 +537,15 @@ pub async fn delete(
         .map(|i| i.id.clone())
         .collect();
     if bc.spec.deletion_policy == DeletionPolicy::Orphan {
-        if !present.is_empty() {
-            for (kind, ids) in by_kind(mine, &present) {
-                let Some(p) = providers.get(kind) else {
-                    continue;
-                };
-                if let Err(e) = p.release(&ids).await {
-                    tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
-                    return Deletion::Waiting(format!("releasing instances failed: {e}"));
-                }
-                tracing::info!(cluster = %key, count = ids.len(), "instances orphaned: left running, no longer owned");
+        for (kind, ids) in by_kind(mine, &present) {
+            let Some(p) = providers.get(kind) else {
+                continue;
+            };
+            if let Err(e) = p.release(&ids).await {
+                tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
+                return Deletion::Waiting(format!("releasing instances failed: {e}"));
             }
+            tracing::info!(cluster = %key, count = ids.len(), "instances orphaned: left running, no longer owned");
         }
         return match pending.first() {
             None => Deletion::Done,
@@ -565,7 +562,7 @@ pub async fn delete(
         .metadata
         .deletion_timestamp
         .as_ref()
-        .and_then(|t| now.duration_since(t.0).try_into().ok())
+        .and_then(|t| age(t, now))
         .unwrap_or(Duration::MAX);
     let delay = bc.spec.deregistration_delay().max(settings.drain);
     let (due, draining): (Vec<String>, Vec<String>) = present

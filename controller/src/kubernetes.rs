@@ -277,6 +277,12 @@ impl Context {
         *self.leader.borrow()
     }
 
+    /// Requests in flight per instance, where this process is the only proxy (see
+    /// [`KubeConfig::sole_proxy`]).
+    fn inflight(&self) -> Option<HashMap<String, u32>> {
+        self.cfg.sole_proxy.then(|| self.dataplane.inflight())
+    }
+
     /// Rebuilds the data plane's route table from every object in the store: its spec, and the
     /// endpoints the leader published in its status. An object being deleted leaves the table;
     /// of two objects claiming one route, the older keeps it; an object whose spec fails
@@ -558,7 +564,7 @@ async fn apply(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
     let health = execute::health_by_cluster(&ctx.dataplane)
         .remove(&key.to_string())
         .unwrap_or_default();
-    let inflight = ctx.cfg.sole_proxy.then(|| ctx.dataplane.inflight());
+    let inflight = ctx.inflight();
     let mut draining = locked(&ctx.draining).remove(&key).unwrap_or_default();
     let mut launch_backoff = locked(&ctx.launch_backoff).remove(&key).unwrap_or_default();
     let applied = execute::apply(
@@ -665,19 +671,13 @@ async fn cleanup(bc: &BackendCluster, ctx: &Context) -> Result<Action, Error> {
         .instances_of(bc, &ctx.providers, &ctx.store.state(), Duration::ZERO)
         .await?;
     let uid = bc.metadata.uid.clone().unwrap_or_default();
-    let mine: Vec<Instance> = mine
-        .into_iter()
-        .filter(|i| i.owner_uid == uid || i.provider == ProviderKind::Static)
-        .collect();
+    let mine: Vec<Instance> = mine.into_iter().filter(|i| i.belongs_to(&uid)).collect();
     let mut deleting = bc.clone();
     let step = execute::delete(
         &mut deleting,
         &ctx.providers,
         &mine,
-        ctx.cfg
-            .sole_proxy
-            .then(|| ctx.dataplane.inflight())
-            .as_ref(),
+        ctx.inflight().as_ref(),
         Timestamp::now(),
         execute::DeleteSettings {
             drain: ctx.cfg.drain,

@@ -146,7 +146,7 @@ impl LocalProvider {
             spec_hash: req.spec_hash.clone(),
             launched_at: SystemTime::now(),
             launched_as: None,
-            client_token: Some(req.token(req.attempt)),
+            client_token: Some(req.token()),
             provider: ProviderKind::Local,
         };
         let stdin = child.stdin.take();

@@ -189,6 +189,13 @@ pub struct LaunchedAs {
 }
 
 impl Instance {
+    /// Whether it belongs to the object with UID `uid`: by UID, since a re-created object (or
+    /// another install's object of the same name) must never adopt it; static endpoints carry
+    /// no owner and belong to the object that lists them.
+    pub fn belongs_to(&self, uid: &str) -> bool {
+        self.provider == ProviderKind::Static || self.owner_uid == uid
+    }
+
     /// Why this instance no longer matches `bc`'s spec (changed by the user, or behind fleetlb's
     /// back), if it does not.
     pub fn drift(&self, bc: &BackendCluster) -> Option<String> {
@@ -252,14 +259,14 @@ pub struct LaunchRequest {
 }
 
 impl LaunchRequest {
-    /// The idempotency token of attempt `attempt` of this request's slot.
-    pub fn token(&self, attempt: u32) -> String {
+    /// The idempotency token of this request (its slot's attempt `attempt`).
+    pub fn token(&self) -> String {
         scoped_token(
             &self.token_scope,
             &self.owner_uid,
             self.slot,
             &self.spec_hash,
-            attempt,
+            self.attempt,
         )
     }
 }

@@ -15,9 +15,7 @@ use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::provider::{
-    ClusterKey, Instance, InstanceState, LaunchRequest, ProviderKind, spec_hash, subnet_for,
-};
+use crate::provider::{ClusterKey, Instance, InstanceState, LaunchRequest, spec_hash, subnet_for};
 
 /// What the prober knows of one instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -78,19 +76,17 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     let desired = desired_replicas(bc);
     let healthy = |i: &Instance| obs.health.get(&i.id).is_some_and(|h| h.healthy);
 
-    // Static endpoints carry no owner; every other instance is this object's only by UID.
-    let own = |i: &Instance| i.provider == ProviderKind::Static || i.owner_uid == uid;
     let mut retire: Vec<String> = obs
         .instances
         .iter()
-        .filter(|i| own(i) && i.state.is_stopped() && !obs.draining.contains(&i.id))
+        .filter(|i| i.belongs_to(uid) && i.state.is_stopped() && !obs.draining.contains(&i.id))
         .map(|i| i.id.clone())
         .collect();
     let mine: Vec<&Instance> = obs
         .instances
         .iter()
         .copied()
-        .filter(|i| own(i) && i.state.is_live() && !obs.draining.contains(&i.id))
+        .filter(|i| i.belongs_to(uid) && i.state.is_live() && !obs.draining.contains(&i.id))
         .collect();
     let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
         mine.iter().partition(|i| i.drift(bc).is_none());
@@ -235,7 +231,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         instances: obs
             .instances
             .iter()
-            .filter(|i| own(i))
+            .filter(|i| i.belongs_to(uid))
             .map(|i| InstanceStatus {
                 id: i.id.clone(),
                 address: i.address.map(|a| a.to_string()),
@@ -387,7 +383,7 @@ pub fn intent_for(r: &LaunchRequest, now: Timestamp) -> LaunchIntent {
     LaunchIntent {
         slot: r.slot,
         attempt: r.attempt,
-        client_token: r.token(r.attempt),
+        client_token: r.token(),
         subnet_id: match &r.provider {
             fleetlb_crds::ProviderSpec::Aws(a) => {
                 subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)

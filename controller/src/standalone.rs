@@ -413,7 +413,7 @@ impl Standalone {
                 .remove(key)
                 .unwrap_or_default()
                 .into_iter()
-                .partition(|i| i.owner_uid == uid || i.provider == ProviderKind::Static);
+                .partition(|i| i.belongs_to(&uid));
             strays.extend(foreign);
             if t.deleting {
                 let listed = mine.iter().all(|i| !list_errors.contains_key(&i.provider))

@@ -140,6 +140,10 @@ struct Harness {
 }
 
 fn harness(env: &Env, leader: bool, objects: &[&BackendCluster]) -> Harness {
+    harness_with(env, leader, objects, KubeConfig::default())
+}
+
+fn harness_with(env: &Env, leader: bool, objects: &[&BackendCluster], cfg: KubeConfig) -> Harness {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let registry = prometheus::Registry::new();
@@ -173,7 +177,7 @@ fn harness(env: &Env, leader: bool, objects: &[&BackendCluster]) -> Harness {
         store,
         routes_tx,
         status_tx,
-        KubeConfig::default(),
+        cfg,
     );
     Harness {
         ctx: Arc::new(ctx),
@@ -873,4 +877,72 @@ async fn without_a_controller_id_run_derives_one_from_the_kube_system_namespace(
             "metadata": {"name": "kube-system", "uid": "4a1c1f0e-7b52-4c43-9d7e-2f1f2b4e9a10"}}));
     });
     assert_eq!(id.unwrap(), "fleetlb-4a1c1f0e-7b52-4c43-9d7e-2f1f2b4e9a10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
+    use fleetlb_controller::provider::{ClusterKey, Launch, LaunchRequest, Provider};
+    let env = env().await;
+    // An instance of this install whose object the store does not know (a stalled watch).
+    let obj = object(&env, 1, true);
+    let aws = AwsProvider::new(
+        &env.conf,
+        "ctl-kube".into(),
+        Metrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let req = LaunchRequest {
+        owner: ClusterKey::of(&obj),
+        owner_uid: "uid-web".into(),
+        slot: 0,
+        instance_type: "t2.micro".into(),
+        port: 8000,
+        provider: obj.spec.provider.clone(),
+        spec_hash: "h".into(),
+        attempt: 0,
+        token_scope: String::new(),
+    };
+    assert!(matches!(aws.launch(&req).await.unwrap(), Launch::Made(_)));
+    let mut h = harness_with(
+        &env,
+        true,
+        &[],
+        KubeConfig {
+            orphan_grace: Duration::ZERO,
+            ..KubeConfig::default()
+        },
+    );
+    let sweep =
+        |ctx: Arc<Context>| tokio::spawn(async move { kubernetes::sweep_orphans(&ctx).await });
+    let owner_uri = "/apis/fleetlb.dev/v1alpha1/namespaces/default/backendclusters/web";
+    // The API server still has the owner: nothing is terminated.
+    let t = sweep(h.ctx.clone());
+    let call = h.api.next().await;
+    assert_eq!(call.method, Method::GET);
+    assert!(call.uri.starts_with(owner_uri), "{}", call.uri);
+    call.ok(&json!(obj));
+    tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    assert_eq!(
+        live_instances(&env).await.len(),
+        1,
+        "swept an owned instance"
+    );
+    // The API server cannot tell: nothing is terminated either.
+    let t = sweep(h.ctx.clone());
+    h.api.next().await.status(500, "InternalError");
+    tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    assert_eq!(
+        live_instances(&env).await.len(),
+        1,
+        "swept on an unanswered check"
+    );
+    // Gone for real: terminated.
+    let t = sweep(h.ctx.clone());
+    let call = h.api.next().await;
+    assert!(call.uri.starts_with(owner_uri), "{}", call.uri);
+    call.status(404, "NotFound");
+    tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    assert!(
+        live_instances(&env).await.is_empty(),
+        "orphan not terminated"
+    );
 }

@@ -126,8 +126,8 @@ pub(crate) struct Shared {
     /// `config.max_connections` permits, shared by every listener of the process.
     pub connection_limit: Arc<tokio::sync::Semaphore>,
     /// Endpoints that left the table with requests still in flight, by instance id, kept until
-    /// those requests end so the controller can see when an instance has drained. Touched by
-    /// the route updater and [`Dataplane::inflight`] only, never on the request path.
+    /// those requests end (the route updater's 1 s sweep drops them) so the controller can see
+    /// when an instance has drained. Never touched on the request path.
     pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
 }
 
@@ -266,12 +266,11 @@ impl Dataplane {
                 *out.entry(e.id.clone()).or_default() += e.state.inflight();
             }
         }
-        let mut departed = self
+        let departed = self
             .shared
             .departed
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        departed.retain(|_, e| e.state.inflight() > 0);
         for (id, e) in departed.iter() {
             *out.entry(id.clone()).or_default() += e.state.inflight();
         }

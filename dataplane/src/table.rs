@@ -111,6 +111,13 @@ pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<Rou
                 }
             }
             _ = sweep.tick() => {
+                // Departed endpoints are kept only while requests to them run (and their
+                // pooled connections with them).
+                shared
+                    .departed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|_, e| e.state.inflight() > 0);
                 let now = shared.clock.now();
                 for c in &shared.table.load().clusters {
                     outlier::sweep_latency(&shared.metrics, c, now);
