@@ -9,48 +9,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Empty;
-use hyper::body::Incoming;
 
 use crate::endpoint::Endpoint;
 use crate::h1;
-
-/// Request body sent upstream: the client's streamed body, or nothing (probes, retries).
-pub enum UpstreamBody {
-    /// The client's body, streamed through.
-    Client(Incoming),
-    /// No body.
-    Empty(Empty<Bytes>),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::Empty(_) => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Client(b) => b.is_end_stream(),
-            UpstreamBody::Empty(_) => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Client(b) => b.size_hint(),
-            UpstreamBody::Empty(_) => SizeHint::with_exact(0),
-        }
-    }
-}
 
 /// Counts a request in flight to an endpoint until dropped (with the response body's last byte).
 pub(crate) struct InflightGuard(Arc<Endpoint>);
@@ -72,9 +33,8 @@ impl Drop for InflightGuard {
 pub struct ResponseBody(Kind);
 
 enum Kind {
-    /// Read by hyper's client (requests with a body).
-    Upstream(Incoming, #[allow(dead_code)] Option<InflightGuard>),
-    /// Read by fleetlb's own client; the guard's endpoint takes the connection back at the end.
+    /// Read by fleetlb's upstream client; the guard's endpoint takes the connection back at the
+    /// end.
     Own(h1::Body, Option<InflightGuard>),
     Message(Option<Bytes>),
 }
@@ -84,10 +44,6 @@ enum Kind {
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: Incoming, guard: InflightGuard) -> Self {
-        Self(Kind::Upstream(body, Some(guard)))
-    }
-
     pub(crate) fn own(body: h1::Body, guard: InflightGuard) -> Self {
         Self(Kind::Own(body, Some(guard)))
     }
@@ -107,13 +63,6 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
-            Kind::Upstream(body, guard) => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None) = polled {
-                    guard.take();
-                }
-                polled.map_err(Into::into)
-            }
             Kind::Own(body, guard) => {
                 let Some(g) = guard.as_ref() else {
                     return Poll::Ready(None);
@@ -132,7 +81,6 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.0 {
-            Kind::Upstream(b, _) => b.is_end_stream(),
             Kind::Own(b, _) => b.is_end_stream(),
             Kind::Message(b) => b.is_none(),
         }
@@ -140,7 +88,6 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
-            Kind::Upstream(b, _) => b.size_hint(),
             Kind::Own(b, _) => b.size_hint(),
             Kind::Message(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Message(None) => SizeHint::with_exact(0),

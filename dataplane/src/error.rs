@@ -7,6 +7,11 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ResponseBody;
 
+/// nginx's status for a request whose client closed the connection first.
+fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
 /// Why fleetlb answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -27,6 +32,16 @@ pub enum ProxyError {
     /// No response headers within the request timeout.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The client's request body broke the framing rules (e.g. a bad chunk size).
+    #[error("malformed request body")]
+    BadRequestBody,
+    /// The client went away before its answer (nginx logs this as 499). Never sent: there is
+    /// no one to send it to; it names the cause in logs and metrics.
+    #[error("client closed the request")]
+    ClientClosed,
+    /// The client stopped sending its body for longer than the request timeout.
+    #[error("client request body timed out")]
+    ClientTimeout,
 }
 
 impl ProxyError {
@@ -38,6 +53,9 @@ impl ProxyError {
             ProxyError::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect | ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::ClientClosed => client_closed(),
+            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -50,6 +68,9 @@ impl ProxyError {
             ProxyError::UpstreamConnect => "connect",
             ProxyError::UpstreamReset => "reset",
             ProxyError::UpstreamTimeout => "timeout",
+            ProxyError::BadRequestBody => "bad_request_body",
+            ProxyError::ClientClosed => "client_closed",
+            ProxyError::ClientTimeout => "client_timeout",
         }
     }
 
@@ -63,12 +84,24 @@ impl ProxyError {
             ProxyError::UpstreamConnect => "upstream connection failed\n",
             ProxyError::UpstreamReset => "upstream connection reset\n",
             ProxyError::UpstreamTimeout => "upstream timed out\n",
+            ProxyError::BadRequestBody => "malformed request body\n",
+            ProxyError::ClientClosed => "client closed the request\n",
+            ProxyError::ClientTimeout => "request body timed out\n",
         }
     }
 
-    /// The response for this error.
+    /// The response for this error. After a client's body failed, the connection's framing
+    /// is lost: the answer closes it.
     pub fn response(self) -> Response<ResponseBody> {
-        plain(self.status(), self.body())
+        let mut resp = plain(self.status(), self.body());
+        if matches!(
+            self,
+            ProxyError::BadRequestBody | ProxyError::ClientClosed | ProxyError::ClientTimeout
+        ) {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 

@@ -36,14 +36,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use body::{ResponseBody, UpstreamBody};
+pub use body::ResponseBody;
 pub use error::ProxyError;
 pub use metrics::Metrics;
 /// The request-header rewriting applied to every forwarded request (public for the fuzz targets).
@@ -114,12 +111,8 @@ impl Clock {
     }
 }
 
-/// hyper's pooled client, for requests with a body and upgrades; bodiless requests use `h1`.
-pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
-
 pub(crate) struct Shared {
     pub table: ArcSwap<Table>,
-    pub client: UpstreamClient,
     pub clock: Clock,
     pub metrics: Metrics,
     pub config: ProxyConfig,
@@ -129,19 +122,6 @@ pub(crate) struct Shared {
     /// those requests end (the route updater's 1 s sweep drops them) so the controller can see
     /// when an instance has drained. Never touched on the request path.
     pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
-}
-
-/// An upstream client with pooled keep-alive connections; connection tasks run on the runtime
-/// that first uses it.
-fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .build(connector)
 }
 
 /// Binds a listener with a deep accept queue (4096, capped by `net.core.somaxconn`), so a burst
@@ -174,11 +154,9 @@ pub struct Dataplane {
 impl Dataplane {
     /// Builds the proxy and registers its metrics in `registry`.
     pub fn new(config: ProxyConfig, registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let client = upstream_client(&config);
         Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(Table::default()),
-                client,
                 clock: Clock::new(),
                 metrics: Metrics::new(registry)?,
                 connection_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
@@ -197,13 +175,7 @@ impl Dataplane {
     /// Serves clients on `listener` until `shutdown` completes, then drains in-flight requests
     /// (up to `ProxyConfig::drain_timeout`) and returns.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        server::serve(
-            self.shared.clone(),
-            self.shared.client.clone(),
-            listener,
-            shutdown,
-        )
-        .await
+        server::serve(self.shared.clone(), listener, shutdown).await
     }
 
     /// Serves clients on `threads` threads (at least one), each with its own single-threaded
@@ -244,8 +216,8 @@ impl Dataplane {
                             let Ok(listener) = TcpListener::from_std(std_listener) else {
                                 return;
                             };
-                            let client = upstream_client(&shared.config);
-                            server::serve(shared, client, listener, async move {
+                            h1::enter_proxy_thread(n);
+                            server::serve(shared, listener, async move {
                                 let _ = stop.wait_for(|s| *s).await;
                             })
                             .await;
@@ -312,6 +284,7 @@ impl Dataplane {
                             ejected_for_ms: ejection.map(|(_, until)| (until - now) / 1_000_000),
                             ejections: s.ejections(),
                             inflight: s.inflight(),
+                            idle_connections: e.pool.idle(),
                             selections,
                             share: if total == 0 {
                                 0.0
@@ -414,6 +387,8 @@ pub struct EndpointSnapshot {
     pub ejections: u32,
     /// Requests in flight.
     pub inflight: u32,
+    /// Kept-alive upstream connections waiting for a request.
+    pub idle_connections: usize,
     /// Requests sent to it since it joined.
     pub selections: u64,
     /// Its share of the cluster's selections.

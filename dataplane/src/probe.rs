@@ -1,22 +1,23 @@
 //! Active health checks: one task per endpoint.
 //!
-//! Each probe is a `GET <path>` over the shared pooled client (so it measures request RTT, not
-//! connection set-up), with the check's timeout. A 2xx passes. Passing probes also refresh the
+//! Each probe is a `GET <path>` through the proxy's upstream client (`h1`) over a kept-alive
+//! connection from the endpoint's pool (so it measures request RTT, not connection set-up, and
+//! costs a write and a read), with the check's timeout. A 2xx passes. Passing probes also refresh the
 //! RTT that the endpoint's latency estimate relaxes toward when it gets no traffic. The first
 //! probe goes out at once so new instances are admitted within `healthy_threshold` intervals.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http::Method;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::Shared;
-use crate::body::UpstreamBody;
 use crate::endpoint::{Endpoint, Transition};
+use crate::h1;
 use crate::routes::HealthConfig;
 
 /// Largest health response body read (and discarded) so the connection can be reused.
@@ -32,16 +33,21 @@ pub(crate) fn spawn(
 }
 
 async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc<Endpoint>) {
-    let uri = match Uri::try_from(format!("http://{}{}", ep.addr, health.path)) {
-        Ok(u) => u,
-        Err(err) => {
-            tracing::error!(%cluster, endpoint = %ep.addr, path = %health.path, %err, "health check path is not a valid URI; endpoint stays unhealthy");
+    let path = match PathAndQuery::try_from(health.path.as_str()) {
+        Ok(p) if p.as_str().starts_with('/') => p,
+        _ => {
+            tracing::error!(%cluster, endpoint = %ep.addr, path = %health.path, "health check path is not a valid path; endpoint stays unhealthy");
             return;
         }
     };
+    let mut headers = HeaderMap::with_capacity(1);
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("fleetlb-health-check"),
+    );
     loop {
         let started = Instant::now();
-        let ok = probe_once(&shared, &uri, health.timeout).await;
+        let ok = probe_once(&shared, &ep, &path, &headers, health.timeout).await;
         let rtt = started.elapsed().as_nanos() as u64;
         let now = shared.clock.now();
         let t = ep.state.record_probe(
@@ -80,19 +86,40 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
     }
 }
 
-async fn probe_once(shared: &Shared, uri: &Uri, limit: Duration) -> bool {
-    let req = Request::get(uri.clone())
-        .header(http::header::USER_AGENT, "fleetlb-health-check")
-        .body(UpstreamBody::Empty(Empty::<Bytes>::new()));
-    let Ok(req) = req else { return false };
+async fn probe_once(
+    shared: &Shared,
+    ep: &Endpoint,
+    path: &PathAndQuery,
+    headers: &HeaderMap,
+    limit: Duration,
+) -> bool {
+    let head = h1::Head {
+        method: &Method::GET,
+        path,
+        headers,
+        authority: ep.authority.as_str(),
+        framing: h1::ReqFraming::None,
+        upgrade: false,
+    };
+    let settings = h1::Settings {
+        connect_timeout: shared.config.connect_timeout.min(limit),
+        idle_timeout: shared.config.pool_idle_timeout,
+    };
     let attempt = async {
-        let resp = shared.client.request(req).await.ok()?;
-        let status = resp.status();
-        Limited::new(resp.into_body(), MAX_PROBE_BODY)
-            .collect()
+        let waiting = h1::Waiting::default();
+        let mut answer = h1::send(&ep.pool, ep.addr, &head, None, settings, true, &waiting)
             .await
             .ok()?;
-        Some(status.is_success())
+        // The body is read (and dropped) so the connection can carry the next probe.
+        let mut read = 0;
+        while let Some(chunk) = std::future::poll_fn(|cx| answer.body.poll_data(cx, &ep.pool)).await
+        {
+            read += chunk.ok()?.len();
+            if read > MAX_PROBE_BODY {
+                return None;
+            }
+        }
+        Some(answer.status.is_success())
     };
     matches!(timeout(limit, attempt).await, Ok(Some(true)))
 }

@@ -1,14 +1,17 @@
 //! The request path: route, pick, forward, stream back, learn.
 //!
 //! Per request: one lock-free table load, one or two endpoint estimates read, one upstream
-//! request over a pooled keep-alive connection, atomic metric updates. Bodies stream both ways.
-//! Requests without a body (nearly all) go through fleetlb's own HTTP/1.1 client (`h1`), in
-//! the client connection's task; requests with a body and upgrades through hyper's.
+//! exchange over a pooled keep-alive connection through fleetlb's HTTP/1.1 client (`h1`), in
+//! the client connection's task, atomic metric updates. Bodies stream both ways.
 //!
 //! Retries: a request whose connection attempt failed (nothing was sent), or an idempotent
-//! request whose connection broke before any response byte, goes to another endpoint, up to
-//! `ProxyConfig::max_attempts` in all. Only requests without a body are retried, since a
-//! streamed body cannot be replayed.
+//! request without a body whose connection broke before any response byte, goes to another
+//! endpoint, up to `ProxyConfig::max_attempts` in all. A streamed body cannot be replayed.
+//!
+//! Blame: only what the endpoint did is learned from. A client whose body is malformed (400,
+//! `bad_request_body`), who goes away before the answer (`client_closed`, nginx's 499) or who
+//! stalls its body past the request timeout (408, `client_timeout`) never touches an
+//! endpoint's estimate, failure count, health or ejection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -26,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::balance;
-use crate::body::{InflightGuard, ResponseBody, UpstreamBody};
+use crate::body::{InflightGuard, ResponseBody};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
 use crate::h1;
@@ -40,25 +43,9 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// An upstream's answer, from either client.
-enum Answer {
-    Own(h1::Answer),
-    Hyper(Response<Incoming>),
-}
-
-/// A failed upstream exchange, from either client.
-struct SendError {
-    /// Nothing reached the upstream.
-    connect: bool,
-    /// The endpoint refused the connection.
-    refused: bool,
-    err: Box<dyn std::error::Error + Send + Sync>,
-}
-
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
     shared: &Shared,
-    client: &crate::UpstreamClient,
     mut req: Request<Incoming>,
     peer_ip: &HeaderValue,
 ) -> Response<ResponseBody> {
@@ -91,19 +78,34 @@ pub(crate) async fn handle(
         }
     };
     let upgrade = upgrade_request(&mut req);
+    // An HTTP/2 client names the host in `:authority`, not `Host`: upstreams (HTTP/1.1) need
+    // it as `Host`, and `X-Forwarded-Host` is made from it.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(authority) = req.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
     prepare_headers(req.headers_mut(), peer_ip, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    let mut resp = match forward(shared, client, &cluster, req, upgrade.map(|(_, on)| on)).await {
+    // Dropped before it is disarmed: the client went away before its answer.
+    let mut abandoned = Abandoned {
+        shared,
+        cluster: &cluster,
+        armed: true,
+    };
+    let mut resp = match forward(shared, &cluster, req, upgrade.map(|(_, on)| on)).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
             err.response()
         }
     };
+    abandoned.armed = false;
     if let Some(via) = &shared.config.via {
         resp.headers_mut().append(header::VIA, via.clone());
     }
@@ -113,6 +115,26 @@ pub(crate) async fn handle(
         .duration
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// Counts a request whose client went away before the answer (hyper drops the request's
+/// future when the client closes mid-request), so the upstream exchange was cancelled.
+struct Abandoned<'a> {
+    shared: &'a Shared,
+    cluster: &'a Cluster,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let err = ProxyError::ClientClosed;
+            self.shared
+                .metrics
+                .proxy_error(&self.cluster.name, err.reason());
+            self.cluster.metrics.count(err.status().as_u16());
+        }
+    }
 }
 
 fn bad_path(shared: &Shared) -> Response<ResponseBody> {
@@ -146,7 +168,6 @@ fn is_idempotent(m: &Method) -> bool {
 
 async fn forward(
     shared: &Shared,
-    client: &crate::UpstreamClient,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
     mut client_upgrade: Option<OnUpgrade>,
@@ -154,32 +175,29 @@ async fn forward(
     let cfg = &shared.config;
     let decay = cluster.balancing.decay.as_nanos() as f64;
     let penalty = cfg.failure_penalty.as_nanos() as f64;
-    let (parts, body) = req.into_parts();
-    let replayable = body.is_end_stream();
+    let (parts, mut body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
-    let attempts = if replayable {
-        cfg.max_attempts.max(1)
+    let framing = if body.is_end_stream() {
+        h1::ReqFraming::None
+    } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        h1::ReqFraming::Length
     } else {
-        1
+        h1::ReqFraming::Chunked
     };
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    // Requests without a body and not asking for an upgrade (nearly all) take fleetlb's own
-    // upstream client (`h1`); the rest hyper's, which streams bodies and hands over upgrades.
-    let own_client = replayable && client_upgrade.is_none();
     let settings = h1::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.pool_idle_timeout,
     };
-    let mut body = Some(body);
-    let mut headers = parts.headers;
+    let headers = parts.headers;
     let mut failed: Option<Arc<Endpoint>> = None;
     let mut last_err = ProxyError::NoHealthyEndpoint;
 
-    for attempt in 1..=attempts {
+    for attempt in 1..=cfg.max_attempts.max(1) {
         let now = shared.clock.now();
         let Some(pick) = balance::pick(cluster, now, failed.as_deref()) else {
             return Err(last_err);
@@ -206,51 +224,30 @@ async fn forward(
 
         let guard = InflightGuard::new(ep.clone());
         let sent = now;
-        let result = if own_client {
-            // Bodiless, not an upgrade: fleetlb's own client, headers borrowed, not cloned.
-            let head = h1::Head {
-                method: &parts.method,
-                path: &path,
-                headers: &headers,
-                authority: ep.authority.as_str(),
-            };
-            let sending = h1::send(&ep.pool, ep.addr, &head, settings, idempotent);
-            match tokio::time::timeout(cluster.request_timeout, sending).await {
-                Ok(Ok(answer)) => Ok(Ok(Answer::Own(answer))),
-                Ok(Err(err)) => Ok(Err(SendError {
-                    connect: err.is_connect(),
-                    refused: err.is_refused(),
-                    err: err.into(),
-                })),
-                Err(elapsed) => Err(elapsed),
-            }
-        } else {
-            let last = attempt == attempts;
-            let mut up = Request::new(match body.take() {
-                Some(b) if !b.is_end_stream() => UpstreamBody::Client(b),
-                _ => UpstreamBody::Empty(Default::default()),
-            });
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = upstream_uri(ep, &path);
-            *up.headers_mut() = if last {
-                std::mem::take(&mut headers)
-            } else {
-                headers.clone()
-            };
-            match tokio::time::timeout(cluster.request_timeout, client.request(up)).await {
-                Ok(Ok(resp)) => Ok(Ok(Answer::Hyper(resp))),
-                Ok(Err(err)) => Ok(Err(SendError {
-                    connect: err.is_connect(),
-                    refused: refused(&err),
-                    err: err.into(),
-                })),
-                Err(elapsed) => Err(elapsed),
-            }
+        let head = h1::Head {
+            method: &parts.method,
+            path: &path,
+            headers: &headers,
+            authority: ep.authority.as_str(),
+            framing,
+            upgrade: client_upgrade.is_some(),
         };
+        let waiting = h1::Waiting::default();
+        let client_body = (framing != h1::ReqFraming::None).then_some(&mut body);
+        let sending = h1::send(
+            &ep.pool,
+            ep.addr,
+            &head,
+            client_body,
+            settings,
+            idempotent,
+            &waiting,
+        );
+        let result = tokio::time::timeout(cluster.request_timeout, sending).await;
         let now = shared.clock.now();
         let rtt = Duration::from_nanos(now.saturating_sub(sent));
         match result {
-            Ok(Ok(Answer::Own(answer))) => {
+            Ok(Ok(mut answer)) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
                 learn_from_status(
                     shared,
@@ -261,36 +258,38 @@ async fn forward(
                     rtt,
                     now,
                 );
-                h1::recycle(headers);
-                let mut resp = Response::new(ResponseBody::own(answer.body, guard));
+                let switched = answer.body.take_switched();
+                let mut resp = Response::new(match switched {
+                    Some(_) => ResponseBody::message(Bytes::new()),
+                    None => ResponseBody::own(answer.body, guard),
+                });
                 *resp.status_mut() = answer.status;
                 *resp.headers_mut() = answer.headers;
-                strip_hop_by_hop(resp.headers_mut());
+                match (switched, client_upgrade.take()) {
+                    (Some(upstream), Some(client)) => {
+                        // The upgrade's own headers stay: they tell the client what it got.
+                        tunnel(client, upstream, cluster.name.clone());
+                    }
+                    _ => strip_hop_by_hop(resp.headers_mut()),
+                }
+                h1::recycle(headers);
                 return Ok(resp);
             }
-            Ok(Ok(Answer::Hyper(mut resp))) => {
-                ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
-                learn_from_status(shared, cluster, ep, resp.status(), resp.headers(), rtt, now);
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(client) = client_upgrade.take()
-                {
-                    tunnel(client, hyper::upgrade::on(&mut resp), cluster.name.clone());
-                    drop(guard);
-                    return Ok(resp.map(|_| ResponseBody::message(Bytes::new())));
+            Ok(Err(err)) => {
+                if let Some(fault) = err.client_fault() {
+                    // The client's doing: nothing is learned about the endpoint.
+                    tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, ?err, "client request body failed");
+                    return Err(match fault {
+                        h1::ClientFault::Malformed => ProxyError::BadRequestBody,
+                        h1::ClientFault::Gone => ProxyError::ClientClosed,
+                    });
                 }
-                strip_hop_by_hop(resp.headers_mut());
-                return Ok(resp.map(|b| ResponseBody::upstream(b, guard)));
-            }
-            Ok(Err(SendError {
-                connect,
-                refused: was_refused,
-                err,
-            })) => {
                 ep.state.observe(penalty, now, decay);
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
+                let connect = err.is_connect();
                 if connect {
                     ep.metrics.connect_errors.inc();
-                    let t = if was_refused {
+                    let t = if err.is_refused() {
                         ep.state.mark_down()
                     } else {
                         ep.state.failure(cluster.health.unhealthy_threshold)
@@ -314,10 +313,18 @@ async fn forward(
                     last_err = ProxyError::UpstreamReset;
                 }
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, attempt, ?err, "upstream request failed");
-                if !(connect || idempotent) {
+                // Nothing was sent: any request may go elsewhere. Something was: only an
+                // idempotent one without a body (a body cannot be replayed).
+                let replayable = framing == h1::ReqFraming::None && idempotent;
+                if !(connect || replayable) {
                     return Err(last_err);
                 }
                 failed = Some(ep.clone());
+            }
+            Err(_elapsed) if waiting.on_client() => {
+                // The client stopped sending its body; the endpoint was waiting for it.
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled past the request timeout");
+                return Err(ProxyError::ClientTimeout);
             }
             Err(_elapsed) => {
                 ep.state.observe(penalty, now, decay);
@@ -330,20 +337,28 @@ async fn forward(
     Err(last_err)
 }
 
-/// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
-/// either side closes.
-fn tunnel(client: OnUpgrade, upstream: OnUpgrade, cluster: String) {
+/// Joins the client's upgraded connection and the upstream's switched one (with the bytes the
+/// upstream sent after its `101`) and copies bytes both ways until either side closes.
+fn tunnel(client: OnUpgrade, upstream: h1::Conn, cluster: String) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(c) => c,
             Err(err) => {
                 tracing::debug!(%cluster, ?err, "upgrade failed");
                 return;
             }
         };
         let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        let h1::Conn {
+            io: mut up, buf, ..
+        } = upstream;
+        if !buf.is_empty()
+            && let Err(err) = tokio::io::AsyncWriteExt::write_all(&mut client, &buf).await
+        {
+            tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
+            return;
+        }
+        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
             tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
         }
     });
@@ -386,25 +401,6 @@ fn learn_from_status(
         ep.state.request_succeeded();
         ep.state.observe(rtt.as_nanos() as f64, now, decay);
     }
-}
-
-fn refused(err: &hyper_util::client::legacy::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = src {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::ConnectionRefused;
-        }
-        src = e.source();
-    }
-    false
-}
-
-fn upstream_uri(ep: &Endpoint, path: &PathAndQuery) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(ep.authority.clone());
-    parts.path_and_query = Some(path.clone());
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"))
 }
 
 /// Hop-by-hop headers other than those `Connection` names (RFC 9110 7.6.1).

@@ -10,13 +10,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::{Shared, UpstreamClient, proxy};
+use crate::{Shared, proxy};
 
 /// What the connections of one listener share: a single `Arc` clone per connection and per
-/// request, instead of cloning the data plane handle and the client's inner handles each time.
+/// request.
 struct Listener {
     shared: Arc<Shared>,
-    client: UpstreamClient,
     builder: auto::Builder<TokioExecutor>,
 }
 
@@ -26,7 +25,6 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 /// `ProxyConfig::drain_timeout` for requests in flight to finish.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    client: UpstreamClient,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -40,11 +38,7 @@ pub(crate) async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let (first_byte, drain) = (cfg.header_read_timeout, cfg.drain_timeout);
-    let this = Arc::new(Listener {
-        shared,
-        client,
-        builder,
-    });
+    let this = Arc::new(Listener { shared, builder });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -77,9 +71,7 @@ pub(crate) async fn serve(
         let svc = service_fn(move |req| {
             let this = svc_this.clone();
             let peer_ip = peer_ip.clone();
-            async move {
-                Ok::<_, Infallible>(proxy::handle(&this.shared, &this.client, req, &peer_ip).await)
-            }
+            async move { Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip).await) }
         });
         let watcher = graceful.watcher();
         let this = this.clone();

@@ -1,0 +1,307 @@
+//! Message bodies on an upstream connection: the client's request body written out as it
+//! arrives, and the upstream's response body read as the client takes it. Neither is ever
+//! buffered whole.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tokio::io::AsyncWrite;
+
+use super::Error;
+use super::chunked::{Chunked, Step, chunk_head};
+use super::pool::{Conn, Pool};
+
+/// How the upstream's response body is delimited (RFC 9112 section 6.3).
+pub(crate) enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+    /// A `101 Switching Protocols` answer to an upgrade: the connection is no longer HTTP.
+    Switched,
+}
+
+/// A response body read from the upstream connection as the client takes it. When the body
+/// ends cleanly on a reusable connection, the connection returns to its pool.
+pub(crate) struct Body {
+    pub(super) conn: Option<Conn>,
+    pub(super) framing: Framing,
+    pub(super) reuse: bool,
+    /// A failure reported on the next poll, once the bytes before it have been flushed to the
+    /// client (the server side only flushes when the body is pending).
+    failed: Option<Error>,
+}
+
+impl Body {
+    pub(super) fn new(framing: Framing, reuse: bool) -> Self {
+        Self {
+            conn: None,
+            framing,
+            reuse,
+            failed: None,
+        }
+    }
+
+    /// Attaches the connection; gives it straight back when the body is already complete.
+    pub(super) fn start(&mut self, conn: Conn, pool: &Pool) {
+        self.conn = Some(conn);
+        if let Framing::Length(0) = self.framing {
+            self.finish(pool);
+        }
+    }
+
+    /// After a `101`, the upstream connection and the bytes it sent after the head.
+    pub fn take_switched(&mut self) -> Option<Conn> {
+        match self.framing {
+            Framing::Switched => self.conn.take(),
+            _ => None,
+        }
+    }
+
+    fn finish(&mut self, pool: &Pool) {
+        self.framing = Framing::Done;
+        if let Some(c) = self.conn.take()
+            && self.reuse
+            && c.buf.is_empty()
+        {
+            pool.give_back(c);
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.failed.is_none()
+            && matches!(
+                self.framing,
+                Framing::Done | Framing::Length(0) | Framing::Switched
+            )
+    }
+
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Length(n) => http_body::SizeHint::with_exact(n),
+            Framing::Done | Framing::Switched => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+
+    /// Next chunk of the body; `pool` takes the connection back at the end.
+    pub fn poll_data(
+        &mut self,
+        cx: &mut Context<'_>,
+        pool: &Pool,
+    ) -> Poll<Option<Result<Bytes, Error>>> {
+        if let Some(err) = self.failed.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
+        loop {
+            let Some(c) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut self.framing {
+                Framing::Done | Framing::Switched => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    self.finish(pool);
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !c.buf.is_empty() {
+                        let n = (*left).min(c.buf.len() as u64) as usize;
+                        let data = c.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.finish(pool);
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                Framing::Chunked(dec) => match dec.decode(&mut c.buf) {
+                    Err(e) => return Poll::Ready(Some(Err(Error::Protocol(e)))),
+                    Ok(Some(Step::Data(data))) => return Poll::Ready(Some(Ok(data))),
+                    Ok(Some(Step::End)) => {
+                        self.finish(pool);
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                },
+                Framing::Close => {
+                    if !c.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(c.buf.split().freeze())));
+                    }
+                }
+            }
+            match ready!(c.poll_read(cx)) {
+                Ok(0) if matches!(self.framing, Framing::Close) => {
+                    self.framing = Framing::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => self.failed = Some(Error::Protocol("body cut short")),
+                Err(e) => self.failed = Some(Error::Io(e)),
+                Ok(_) => continue,
+            }
+            self.conn = None;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+    }
+}
+
+/// Which side an exchange is waiting on, the upstream (to take the request or answer it) or
+/// the client (for the next piece of its body); a timeout is blamed on that side.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(std::sync::atomic::AtomicBool);
+
+impl Waiting {
+    /// True while the exchange waits for the client's body.
+    pub fn on_client(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn set_client(&self, client: bool) {
+        self.0.store(client, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Why writing a request body upstream stopped.
+pub(crate) enum SendError {
+    /// The client's body failed: malformed, or the client went away.
+    Client(hyper::Error),
+    /// The upstream stopped taking it.
+    Upstream(io::Error),
+}
+
+/// Writes the client's request body upstream as it arrives: the next frame is taken from the
+/// client only once the last one is written, so a client is held to the upstream's pace and
+/// nothing piles up in between.
+pub(crate) struct Sender<'a> {
+    body: &'a mut Incoming,
+    chunked: bool,
+    /// What is left to write of the current frame: chunk size line, data, CRLF.
+    queue: VecDeque<Bytes>,
+    done: bool,
+    /// A frame was taken from the client, so the request can no longer be sent again.
+    pub consumed: bool,
+}
+
+impl<'a> Sender<'a> {
+    pub fn new(body: &'a mut Incoming, chunked: bool) -> Self {
+        Self {
+            body,
+            chunked,
+            queue: VecDeque::with_capacity(3),
+            done: false,
+            consumed: false,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done && self.queue.is_empty()
+    }
+
+    /// Stops sending (the upstream answered, or stopped reading).
+    pub fn abandon(&mut self) {
+        self.done = true;
+        self.queue.clear();
+    }
+
+    /// Writes until the body is complete (`Ready(Ok)`), or both the upstream and the client
+    /// make it wait. `waiting` says which one does.
+    pub fn poll_send<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+        waiting: &Waiting,
+    ) -> Poll<Result<(), SendError>> {
+        loop {
+            if !self.queue.is_empty() {
+                waiting.set_client(false);
+                let slices: [io::IoSlice<'_>; 3] = std::array::from_fn(|i| {
+                    io::IoSlice::new(self.queue.get(i).map_or(&[][..], |b| &b[..]))
+                });
+                let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))
+                    .map_err(SendError::Upstream)?;
+                if n == 0 {
+                    return Poll::Ready(Err(SendError::Upstream(io::ErrorKind::WriteZero.into())));
+                }
+                while n > 0 {
+                    let Some(front) = self.queue.front_mut() else {
+                        break;
+                    };
+                    let k = n.min(front.len());
+                    front.advance(k);
+                    n -= k;
+                    if front.is_empty() {
+                        self.queue.pop_front();
+                    }
+                }
+                continue;
+            }
+            if self.done {
+                waiting.set_client(false);
+                return Poll::Ready(Ok(()));
+            }
+            waiting.set_client(true);
+            match ready!(Pin::new(&mut *self.body).poll_frame(cx)) {
+                None => {
+                    self.done = true;
+                    if self.chunked {
+                        self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(SendError::Client(e))),
+                Some(Ok(frame)) => {
+                    self.consumed = true;
+                    match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) if self.chunked => {
+                            self.queue.push_back(chunk_head(data.len()));
+                            self.queue.push_back(data);
+                            self.queue.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        Ok(data) => self.queue.push_back(data),
+                        Err(frame) => {
+                            // Trailers travel in the last chunk; with a fixed length there is
+                            // no room for them, and they are dropped.
+                            if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                                self.queue.push_back(trailer_block(&trailers));
+                                self.done = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The last chunk with its trailer fields (those that may be trailers: not framing, routing
+/// or hop-by-hop fields).
+fn trailer_block(trailers: &http::HeaderMap) -> Bytes {
+    use http::header;
+    let mut out = Vec::from(&b"0\r\n"[..]);
+    for (name, value) in trailers {
+        if [
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::HOST,
+            header::CONNECTION,
+            header::TE,
+            header::TRAILER,
+        ]
+        .contains(name)
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}

@@ -1,0 +1,279 @@
+//! fleetlb's HTTP/1.1 upstream client: every upstream exchange goes through here (proxied
+//! requests with or without a body, upgrades, health checks), so there is one behaviour for
+//! stale pooled connections, idle expiry, timeouts and clocks.
+//!
+//! The task that serves the client writes the request and reads the answer over a keep-alive
+//! connection from the endpoint's idle list for its runtime (`pool`): no cross-thread lock, no
+//! channel, no extra task. A response whose body came with its head (the usual small answer)
+//! gives its connection back before it is even handed to the client. A request body is written
+//! as it arrives while the upstream is watched for an early answer (`body::Sender`). A
+//! connection goes back to the pool only after a complete exchange on a reusable HTTP/1.1
+//! connection.
+//!
+//! Who failed is kept apart: a client whose body is malformed or who goes away mid-body is
+//! [`Error::Client`], never an upstream failure.
+//!
+//! - `pool`: idle connections; `codec`: heads; `chunked`: the chunked coding; `body`: bodies.
+
+mod body;
+mod chunked;
+mod codec;
+mod pool;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+pub(crate) use body::{Body, Waiting};
+#[doc(hidden)]
+pub use codec::frame_response;
+pub(crate) use codec::recycle;
+pub(crate) use codec::{Answer, Head, ReqFraming};
+pub(crate) use pool::{Conn, Pool, enter_proxy_thread};
+
+use body::{SendError, Sender};
+use codec::{MAX_HEAD, Parsed};
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("upstream closed the connection before answering")]
+    Closed,
+    #[error("upstream i/o: {0}")]
+    Io(#[source] io::Error),
+    #[error("malformed upstream response: {0}")]
+    Protocol(&'static str),
+    /// The client's request body failed; the upstream did nothing wrong.
+    #[error("client request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// What a client did wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientFault {
+    /// Its body broke the framing rules (e.g. a bad chunk size).
+    Malformed,
+    /// It went away (closed or reset) before its body was complete.
+    Gone,
+}
+
+impl Error {
+    /// Nothing reached the upstream: safe to try another endpoint for any request.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_) | Error::ConnectTimeout)
+    }
+
+    /// The endpoint actively refused the connection (nothing listens there).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Error::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    }
+
+    /// The client's fault, if it was: hyper reports a body that breaks the framing rules as
+    /// invalid data or input, and anything else (end of stream, reset, a dropped connection,
+    /// an HTTP/2 stream reset) as the client going away.
+    pub fn client_fault(&self) -> Option<ClientFault> {
+        let Error::Client(e) = self else { return None };
+        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                return Some(match io.kind() {
+                    io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => {
+                        ClientFault::Malformed
+                    }
+                    _ => ClientFault::Gone,
+                });
+            }
+            src = s.source();
+        }
+        Some(if e.is_parse() {
+            ClientFault::Malformed
+        } else {
+            ClientFault::Gone
+        })
+    }
+}
+
+/// Connection settings.
+#[derive(Clone, Copy)]
+pub(crate) struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Sends `head` and `body` to `addr` and reads the response head. A pooled connection the
+/// upstream had closed meanwhile (the keep-alive race) is retried once on a new connection
+/// when no body byte was taken from the client yet, and either nothing came back to an
+/// idempotent request or the request could not even be written. `waiting` tells, at any
+/// moment, which side the exchange waits on.
+pub(crate) async fn send(
+    pool: &Pool,
+    addr: SocketAddr,
+    head: &Head<'_>,
+    mut body: Option<&mut Incoming>,
+    settings: Settings,
+    idempotent: bool,
+    waiting: &Waiting,
+) -> Result<Answer, Error> {
+    if let Some(conn) = pool.take(settings.idle_timeout) {
+        match exchange(pool, conn, head, body.as_deref_mut(), waiting).await {
+            Err(Failure::Unanswered {
+                written,
+                consumed: false,
+                err,
+            }) if idempotent || !written => {
+                tracing::trace!(%addr, ?err, "pooled connection was closed; reconnecting");
+            }
+            Err(f) => return Err(f.into()),
+            Ok(a) => return Ok(a),
+        }
+    }
+    waiting.set_client(false);
+    let conn = connect(addr, settings.connect_timeout).await?;
+    exchange(pool, conn, head, body, waiting)
+        .await
+        .map_err(Error::from)
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
+    let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return Err(Error::Connect(e)),
+        Err(_) => return Err(Error::ConnectTimeout),
+    };
+    io.set_nodelay(true).map_err(Error::Connect)?;
+    Ok(Conn::new(io))
+}
+
+enum Failure {
+    /// No response byte arrived. `written`: the whole head was written; `consumed`: part of
+    /// the client's body was taken (and cannot be sent again).
+    Unanswered {
+        written: bool,
+        consumed: bool,
+        err: Error,
+    },
+    Other(Error),
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Unanswered { err, .. } | Failure::Other(err) => err,
+        }
+    }
+}
+
+async fn exchange(
+    pool: &Pool,
+    mut c: Conn,
+    head: &Head<'_>,
+    body: Option<&mut Incoming>,
+    waiting: &Waiting,
+) -> Result<Answer, Failure> {
+    c.buf.clear();
+    codec::encode(head, &mut c.buf);
+    if let Err(e) = c.io.write_all(&c.buf).await {
+        return Err(Failure::Unanswered {
+            written: false,
+            consumed: false,
+            err: Error::Io(e),
+        });
+    }
+    c.buf.clear();
+    let mut sender = body.map(|b| Sender::new(b, head.framing == ReqFraming::Chunked));
+    let mut answer =
+        std::future::poll_fn(|cx| poll_answer(cx, &mut c, head, &mut sender, waiting)).await?;
+    answer.body.start(c, pool);
+    Ok(answer)
+}
+
+/// Reads the answer while writing the request body, until the final head has arrived. An
+/// upstream may answer before the body is complete (a 413, a 401): the rest of the body is
+/// then not sent, and the connection is not reused.
+fn poll_answer(
+    cx: &mut std::task::Context<'_>,
+    c: &mut Conn,
+    head: &Head<'_>,
+    sender: &mut Option<Sender<'_>>,
+    waiting: &Waiting,
+) -> std::task::Poll<Result<Answer, Failure>> {
+    use std::task::Poll;
+    loop {
+        let consumed = sender.as_ref().is_some_and(|s| s.consumed);
+        let unanswered = |err| Failure::Unanswered {
+            written: true,
+            consumed,
+            err,
+        };
+        match c.poll_read(cx) {
+            Poll::Ready(Ok(0)) if c.buf.is_empty() => {
+                return Poll::Ready(Err(unanswered(Error::Closed)));
+            }
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(Failure::Other(Error::Protocol(
+                    "closed inside the head",
+                ))));
+            }
+            Poll::Ready(Ok(_)) => {
+                // A buffer may hold interim (1xx) heads before the final one.
+                while !c.buf.is_empty() {
+                    match codec::parse(&mut c.buf, head.method == http::Method::HEAD, head.upgrade)
+                        .map_err(Failure::Other)?
+                    {
+                        Parsed::Partial => {
+                            if c.buf.len() > MAX_HEAD {
+                                return Poll::Ready(Err(Failure::Other(Error::Protocol(
+                                    "head too large",
+                                ))));
+                            }
+                            break;
+                        }
+                        Parsed::Interim => {}
+                        Parsed::Final(mut answer) => {
+                            if let Some(s) = sender.as_mut()
+                                && !s.is_done()
+                            {
+                                s.abandon();
+                                answer.body.reuse = false;
+                            }
+                            waiting.set_client(false);
+                            return Poll::Ready(Ok(answer));
+                        }
+                    }
+                }
+                continue;
+            }
+            Poll::Ready(Err(e)) if c.buf.is_empty() => {
+                return Poll::Ready(Err(unanswered(Error::Io(e))));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Other(Error::Io(e)))),
+            Poll::Pending => {}
+        }
+        // No answer yet: feed the upstream the body.
+        let Some(s) = sender.as_mut().filter(|s| !s.is_done()) else {
+            waiting.set_client(false);
+            return Poll::Pending;
+        };
+        match s.poll_send(cx, &mut c.io, waiting) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(SendError::Client(e))) => {
+                return Poll::Ready(Err(Failure::Other(Error::Client(e))));
+            }
+            Poll::Ready(Err(SendError::Upstream(e))) => {
+                // It stopped reading; it may still answer (and then close). If it does not,
+                // the read above reports the failure.
+                tracing::trace!(?e, "upstream stopped taking the request body");
+                s.abandon();
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
