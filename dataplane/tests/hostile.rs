@@ -5,7 +5,8 @@
 
 mod support;
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use fleetlb_dataplane::{ProxyConfig, RouteConfig};
@@ -191,6 +192,7 @@ async fn a_client_stalling_mid_body_is_cut_off_at_the_route_timeout() {
     let a = Upstream::start("a").await;
     let mut r = route(vec![a.endpoint()]);
     r.request_timeout = Duration::from_millis(500);
+    r.outlier.consecutive_failures = 1;
     let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
     proxy.wait_healthy(1).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -204,10 +206,17 @@ async fn a_client_stalling_mid_body_is_cut_off_at_the_route_timeout() {
         .await
         .expect("the stalled request ends");
     let r = String::from_utf8_lossy(&buf);
-    assert!(
-        r.is_empty() || r.starts_with("HTTP/1.1 408") || r.starts_with("HTTP/1.1 504"),
-        "{r}"
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    // The backend waited for the client: nothing is held against it.
+    assert_eq!(
+        proxy.metric(
+            "fleetlb_proxy_errors_total",
+            &[("reason", "client_timeout")]
+        ),
+        1.0
     );
+    assert_eq!(proxy.metric("fleetlb_ejections_total", &[]), 0.0);
+    still_serves(&proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,4 +327,152 @@ async fn a_backend_resetting_mid_body_truncates_that_response_and_nothing_else()
     }
     // The proxy itself is unharmed: its admin view still answers and lists the endpoint.
     assert_eq!(proxy.dataplane.snapshot().len(), 1);
+}
+
+/// Each endpoint's latency estimate (ms), ejection count and state.
+fn endpoint_states(proxy: &Proxy) -> Vec<(String, f64, u32, &'static str)> {
+    proxy
+        .dataplane
+        .snapshot()
+        .into_iter()
+        .flat_map(|c| c.endpoints)
+        .map(|e| (e.id, e.latency_ms, e.ejections, e.state))
+        .collect()
+}
+
+/// Runs `n` copies of `one` with at most `width` at a time.
+async fn many<F: std::future::Future<Output = ()> + Send + 'static>(
+    n: usize,
+    width: usize,
+    one: impl Fn() -> F,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        if set.len() >= width {
+            set.join_next().await.unwrap().unwrap();
+        }
+        set.spawn(one());
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_faults_never_count_against_backends() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut r = route(vec![a.endpoint(), b.endpoint()]);
+    // Ejection as strict as it gets: any failure blamed on a backend would show.
+    r.outlier.consecutive_failures = 3;
+    r.outlier.max_ejection_percent = 100;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    proxy.wait_healthy(2).await;
+    let warm = load(proxy.url("/c"), 200, 4).await;
+    assert_eq!(ok_count(&warm), 200);
+    let addr = proxy.addr;
+    const N: usize = 1000;
+
+    // 1. Malformed chunked bodies: the client's error, answered 400.
+    let bad = Arc::new(AtomicU64::new(0));
+    let counter = bad.clone();
+    many(N, 50, move || {
+        let counter = counter.clone();
+        async move {
+            let r = exchange(
+                addr,
+                b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+            )
+            .await;
+            if r.starts_with("HTTP/1.1 400") {
+                counter.fetch_add(1, Relaxed);
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        bad.load(Relaxed),
+        N as u64,
+        "every malformed body gets a 400"
+    );
+
+    // 2. Uploads abandoned mid-body: 10 of 1000 promised bytes, then the client leaves (once
+    // its request has reached a backend, so the proxy surely saw it).
+    let hits = || a.hits.load(Relaxed) + b.hits.load(Relaxed);
+    for _ in 0..N / 100 {
+        let before = hits();
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+                .await
+                .unwrap();
+            batch.push(s);
+        }
+        settle(|| hits() >= before + 100).await;
+        assert!(
+            hits() >= before + 100,
+            "{} of 100 reached a backend",
+            hits() - before
+        );
+        drop(batch);
+    }
+
+    // 3. Clients hanging up before the answer: the backends take 200 ms; each client leaves as
+    // soon as its request has reached a backend.
+    a.delay_ms.store(200, Relaxed);
+    b.delay_ms.store(200, Relaxed);
+    for _ in 0..N / 100 {
+        let before = hits();
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            batch.push(s);
+        }
+        settle(|| hits() >= before + 100).await;
+        assert!(
+            hits() >= before + 100,
+            "{} of 100 reached a backend",
+            hits() - before
+        );
+        drop(batch);
+    }
+    a.delay_ms.store(0, Relaxed);
+    b.delay_ms.store(0, Relaxed);
+
+    let closed = || proxy.metric("fleetlb_proxy_errors_total", &[("reason", "client_closed")]);
+    settle(|| closed() >= (2 * N) as f64).await;
+    assert_eq!(
+        closed(),
+        (2 * N) as f64,
+        "every abandoned request is the client's"
+    );
+    assert_eq!(
+        proxy.metric(
+            "fleetlb_proxy_errors_total",
+            &[("reason", "bad_request_body")]
+        ),
+        N as f64
+    );
+    for reason in ["reset", "connect", "timeout"] {
+        assert_eq!(
+            proxy.metric("fleetlb_proxy_errors_total", &[("reason", reason)]),
+            0.0,
+            "no upstream error ({reason}) was counted"
+        );
+    }
+    assert_eq!(proxy.metric("fleetlb_ejections_total", &[]), 0.0);
+    for (id, latency_ms, ejections, state) in endpoint_states(&proxy) {
+        assert_eq!((ejections, state), (0, "healthy"), "{id}");
+        // A failure would have charged the 1 s penalty; the answers seen were all fast.
+        assert!(latency_ms < 100.0, "{id}: estimate {latency_ms} ms");
+    }
+    // Both backends keep serving.
+    let (a0, b0) = (a.hits.load(Relaxed), b.hits.load(Relaxed));
+    let after = load(proxy.url("/c"), 200, 4).await;
+    assert_eq!(ok_count(&after), 200, "{:?}", failures(&after));
+    assert!(a.hits.load(Relaxed) > a0 && b.hits.load(Relaxed) > b0);
 }

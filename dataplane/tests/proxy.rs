@@ -10,21 +10,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn ok_count(results: &[Result<(u16, String), String>]) -> usize {
-    results.iter().filter(|r| matches!(r, Ok((200, _)))).count()
-}
-
-fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
-    results
-        .iter()
-        .filter_map(|r| match r {
-            Ok((200, _)) => None,
-            Ok((s, b)) => Some(format!("{s} {b}")),
-            Err(e) => Some(e.clone()),
-        })
-        .collect()
-}
-
 /// Three upstreams `a`, `b`, `c` behind route `/c`, all healthy.
 async fn three_healthy() -> ([Upstream; 3], Proxy) {
     let ups = [
@@ -374,6 +359,10 @@ async fn http2_clients_are_served() {
     let resp = h2.get(proxy.url("/c").parse().unwrap()).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
+    // The client's `:authority` reaches the HTTP/1.1 backend as `Host` and X-Forwarded-Host.
+    let authority = proxy.addr.to_string();
+    assert_eq!(resp.headers()["x-seen-host"], authority.as_str());
+    assert_eq!(resp.headers()["x-seen-forwarded-host"], authority.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

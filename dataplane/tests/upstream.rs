@@ -1,15 +1,17 @@
-//! What fleetlb's own upstream client (requests without a body) does with every way an HTTP/1
-//! upstream can frame, interleave or botch an answer, seen by a client through the proxy. The
-//! upstream is a raw TCP server on 127.0.0.1:0 writing exact bytes.
+//! What fleetlb's upstream client does with every way an HTTP/1 upstream can frame, interleave
+//! or botch an answer, how it sends request bodies and how it keeps connections, seen by a
+//! client through the proxy. The upstream is a raw TCP server on 127.0.0.1:0 writing exact
+//! bytes, or (for bodies and the pool) the test support's hyper server.
 
 mod support;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
-use fleetlb_dataplane::{EndpointConfig, ProxyConfig};
+use fleetlb_dataplane::{EndpointConfig, HealthConfig, ProxyConfig};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -19,6 +21,8 @@ use tokio::net::TcpListener;
 struct Raw {
     addr: SocketAddr,
     proxied_conns: Arc<AtomicU64>,
+    /// Connections open right now (the proxy's probes' and requests').
+    open: Arc<AtomicI64>,
 }
 
 /// Size of the `/c/big` answer's body.
@@ -26,6 +30,20 @@ const BIG: usize = 8 << 20;
 
 /// The bytes for a case and whether to close the connection after writing them.
 fn answer(method: &str, path: &str) -> (Cow<'static, [u8]>, bool) {
+    if path == "/c/huge-head" {
+        let mut v = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        v.extend(std::iter::repeat_n(b'a', 70 * 1024));
+        v.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+        return (Cow::Owned(v), false);
+    }
+    if path == "/c/many-headers" {
+        let mut v = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..101 {
+            v.extend_from_slice(format!("x-h{i}: 1\r\n").as_bytes());
+        }
+        v.extend_from_slice(b"content-length: 2\r\n\r\nok");
+        return (Cow::Owned(v), false);
+    }
     if path == "/c/big" {
         let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
         v.extend((0..BIG).map(|i| (i % 251) as u8));
@@ -53,6 +71,18 @@ fn fixed(method: &str, path: &str) -> (&'static [u8], bool) {
         (_, "no-content") => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
         (_, "garbage") => (b"NOT HTTP AT ALL\r\n\r\n", true),
         (_, "short") => (b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nonly this", true),
+        // More bytes than the length: a second, unasked answer (a smuggling attempt).
+        (_, "trailing") => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled",
+            false,
+        ),
+        // Refuses the body before reading it.
+        (_, "too-large") => (
+            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+            // Kept open (and the body read and dropped): a close with unread bytes would be a
+            // reset, which can overtake the answer.
+            false,
+        ),
         ("HEAD", _) => (b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n", false),
         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
     }
@@ -63,14 +93,24 @@ impl Raw {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let proxied_conns = Arc::new(AtomicU64::new(0));
-        let conns = proxied_conns.clone();
+        let open = Arc::new(AtomicI64::new(0));
+        let (conns, open2) = (proxied_conns.clone(), open.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
                 let conns = conns.clone();
+                let open = open2.clone();
+                open.fetch_add(1, Relaxed);
                 tokio::spawn(async move {
+                    struct Closed(Arc<AtomicI64>);
+                    impl Drop for Closed {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Relaxed);
+                        }
+                    }
+                    let _closed = Closed(open);
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
                     let mut counted = false;
@@ -101,17 +141,24 @@ impl Raw {
         Self {
             addr,
             proxied_conns,
+            open,
         }
     }
 }
 
 async fn behind_proxy() -> (Raw, Proxy) {
+    behind_proxy_with(ProxyConfig::default(), support::fast_health()).await
+}
+
+async fn behind_proxy_with(cfg: ProxyConfig, health: HealthConfig) -> (Raw, Proxy) {
     let raw = Raw::start().await;
     let ep = EndpointConfig {
         id: "raw".into(),
         addr: raw.addr,
     };
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![ep])]).await;
+    let mut r = route(vec![ep]);
+    r.health = health;
+    let proxy = Proxy::start(cfg, vec![r]).await;
     proxy.wait_healthy(1).await;
     (raw, proxy)
 }
@@ -156,13 +203,13 @@ async fn keep_alive_reuses_one_upstream_connection() {
         assert_eq!(get(&c, &proxy.url("/c/plain")).await.unwrap().0, 200);
     }
     // One client making sequential requests needs one upstream connection, whatever the
-    // number of proxy requests; the health checks use their own.
-    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
+    // number of proxy requests (and the health checks share the pool: at most one more).
+    assert!(raw.proxied_conns.load(Relaxed) <= 2);
     // A chunked answer, decoded to its end, leaves its connection reusable too.
     for _ in 0..10 {
         assert_eq!(get(&c, &proxy.url("/c/chunked")).await.unwrap().0, 200);
     }
-    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
+    assert!(raw.proxied_conns.load(Relaxed) <= 2);
 }
 
 #[tokio::test]
@@ -260,5 +307,168 @@ async fn a_large_answer_streams_through_intact_and_the_connection_is_reused() {
             "body corrupted"
         );
     }
-    assert_eq!(raw.proxied_conns.load(Relaxed), 1);
+    assert!(raw.proxied_conns.load(Relaxed) <= 2);
+}
+
+#[tokio::test]
+async fn an_upstream_head_over_the_limits_is_a_502() {
+    let (_raw, proxy) = behind_proxy().await;
+    for case in ["huge-head", "many-headers"] {
+        let r = exchange(
+            proxy.addr,
+            format!("GET /c/{case} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 502"), "{case}: {:.80}", r);
+    }
+    assert_eq!(get(&client(), &proxy.url("/c/plain")).await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn bytes_after_a_content_length_body_never_reach_another_request() {
+    let (raw, proxy) = behind_proxy().await;
+    let c = client();
+    let before = raw.proxied_conns.load(Relaxed);
+    assert_eq!(
+        get(&c, &proxy.url("/c/trailing")).await.unwrap(),
+        (200, "ok".to_string())
+    );
+    // The extra bytes could be read as the next request's answer: that connection is dropped.
+    for _ in 0..5 {
+        assert_eq!(
+            get(&c, &proxy.url("/c/plain")).await.unwrap(),
+            (200, "ok".to_string())
+        );
+    }
+    assert!(raw.proxied_conns.load(Relaxed) > before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_expire() {
+    let cfg = ProxyConfig {
+        pool_idle_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    // One probe makes the endpoint healthy; the next is far off.
+    let health = HealthConfig {
+        interval: Duration::from_secs(600),
+        healthy_threshold: 1,
+        ..support::fast_health()
+    };
+    let (raw, proxy) = behind_proxy_with(cfg, health).await;
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(get(&c, &proxy.url("/c/plain")).await.unwrap().0, 200);
+    }
+    assert!(raw.open.load(Relaxed) >= 1);
+    // Nothing uses them: the proxy closes every one (the route updater's sweep, each second).
+    eventually("idle upstream connections closed by the proxy", || {
+        raw.open.load(Relaxed) == 0
+    })
+    .await;
+    let idle: usize = proxy
+        .dataplane
+        .snapshot()
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .map(|e| e.idle_connections)
+        .sum();
+    assert_eq!(idle, 0);
+    // And the next request opens a fresh one.
+    assert_eq!(get(&c, &proxy.url("/c/plain")).await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_at_most_its_limit_of_idle_connections() {
+    let cfg = ProxyConfig {
+        connect_timeout: Duration::from_secs(10),
+        ..ProxyConfig::default()
+    };
+    let (up, proxy) = one_healthy(cfg).await;
+    // 280 requests at once, each holding its connection for 500 ms: 280 connections.
+    up.delay_ms.store(500, Relaxed);
+    let results = load(proxy.url("/c"), 280, 280).await;
+    assert_eq!(ok_count(&results), 280, "{:?}", failures(&results));
+    let idle: usize = proxy
+        .dataplane
+        .snapshot()
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .map(|e| e.idle_connections)
+        .sum();
+    assert!((2..=256).contains(&idle), "{idle} idle connections kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_reach_the_upstream_framed_for_it() {
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
+    // A chunked body is re-framed (chunked again) with every byte.
+    let r = exchange(
+        proxy.addr,
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("x-seen-body-bytes: 11\r\n"), "{r}");
+    // A length travels on with its body.
+    let r = exchange(
+        proxy.addr,
+        b"PUT /c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",
+    )
+    .await;
+    assert!(r.contains("x-seen-body-bytes: 4\r\n"), "{r}");
+    assert!(r.contains("x-seen-content-length: 4\r\n"), "{r}");
+    // An HTTP/2 client's body without a length.
+    type Streamed = http_body_util::StreamBody<
+        futures::stream::Iter<
+            std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+    let h2: hyper_util::client::legacy::Client<_, Streamed> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let frames = vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"01234"))),
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"56789"))),
+    ];
+    let req = http::Request::post(proxy.url("/c"))
+        .body(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-seen-body-bytes"], "10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_a_body_early_is_answered_at_once() {
+    let (_raw, proxy) = behind_proxy().await;
+    // The upstream answers 413 on the head, without reading the 16 MiB body.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    const SIZE: usize = 16 << 20;
+    s.write_all(
+        format!("POST /c/too-large HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // Keep sending while reading: the answer must come although the body never completes.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..SIZE / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut head = vec![0u8; 12];
+    tokio::time::timeout(DEADLINE, rd.read_exact(&mut head))
+        .await
+        .expect("answered before the body ended")
+        .unwrap();
+    assert_eq!(&head[..], b"HTTP/1.1 413");
+    writer.abort();
 }

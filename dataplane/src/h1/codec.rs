@@ -107,7 +107,8 @@ pub(crate) fn parse(
             .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
         let len = match parsed {
             Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Complete(_)) => return Err(Error::Protocol("head too large")),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(Error::Protocol("too many headers"));
             }

@@ -40,6 +40,17 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     );
 }
 
+/// Polls `f` every 20 ms until it is true or the deadline passes; the caller then asserts,
+/// with the values that tell what happened.
+pub async fn settle(mut f: impl FnMut() -> bool) {
+    let _ = tokio::time::timeout(DEADLINE, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// An upstream HTTP server whose latency and status can change while it runs. `/health` always
 /// answers 200 at once; other paths answer after `delay_ms` with `status`, body = its name.
 pub struct Upstream {
@@ -167,6 +178,8 @@ async fn answer(
     let content_length = req.headers().get(http::header::CONTENT_LENGTH).cloned();
     let seen_path = req.uri().to_string();
     let xff = req.headers().get("x-forwarded-for").cloned();
+    let host = req.headers().get(http::header::HOST).cloned();
+    let xfh = req.headers().get("x-forwarded-host").cloned();
     let received = req
         .into_body()
         .collect()
@@ -186,6 +199,12 @@ async fn answer(
     if let Some(v) = xff {
         resp.headers_mut().insert("x-seen-forwarded-for", v);
     }
+    if let Some(v) = host {
+        resp.headers_mut().insert("x-seen-host", v);
+    }
+    if let Some(v) = xfh {
+        resp.headers_mut().insert("x-seen-forwarded-host", v);
+    }
     resp
 }
 
@@ -193,6 +212,7 @@ async fn answer(
 pub struct Proxy {
     pub addr: SocketAddr,
     pub dataplane: Dataplane,
+    pub registry: prometheus::Registry,
     pub routes: watch::Sender<RouteTable>,
     pub stop: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<()>,
@@ -217,7 +237,8 @@ pub fn route(endpoints: Vec<EndpointConfig>) -> RouteConfig {
 
 impl Proxy {
     pub async fn start(config: ProxyConfig, routes: Vec<RouteConfig>) -> Self {
-        let dataplane = Dataplane::new(config, &prometheus::Registry::new()).unwrap();
+        let registry = prometheus::Registry::new();
+        let dataplane = Dataplane::new(config, &registry).unwrap();
         let (tx, rx) = watch::channel(RouteTable { routes });
         dataplane.watch_routes(rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -233,6 +254,7 @@ impl Proxy {
         Self {
             addr,
             dataplane,
+            registry,
             routes: tx,
             stop: Some(stop_tx),
             done,
@@ -265,6 +287,25 @@ impl Proxy {
         .await;
     }
 
+    /// The value of counter or gauge `name` whose labels include `labels` (summed), 0 if none.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.dataplane.refresh_gauges();
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+            .sum()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -290,6 +331,23 @@ pub async fn get(c: &TestClient, url: &str) -> Result<(u16, String), String> {
         .map_err(|e| format!("{e:?}"))?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+/// Requests answered 200.
+pub fn ok_count(results: &[Result<(u16, String), String>]) -> usize {
+    results.iter().filter(|r| matches!(r, Ok((200, _)))).count()
+}
+
+/// Every answer but a 200, and every error.
+pub fn failures(results: &[Result<(u16, String), String>]) -> Vec<String> {
+    results
+        .iter()
+        .filter_map(|r| match r {
+            Ok((200, _)) => None,
+            Ok((s, b)) => Some(format!("{s} {b}")),
+            Err(e) => Some(e.clone()),
+        })
+        .collect()
 }
 
 /// `total` GETs with `concurrency` workers; returns every (status, body) or error.
