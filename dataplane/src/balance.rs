@@ -11,8 +11,10 @@
 //! and the **share cap** skips an endpoint whose in-flight count would exceed `max_share` times
 //! its fair share of the cluster's in-flight requests (at least 2).
 //!
-//! Nothing here allocates or locks: eligibility is counted in a pass over the endpoints and the
-//! chosen ones are found in a second pass.
+//! Each pick reads every endpoint's eligibility once, into a bit set ([`Admitted`]), and
+//! chooses from that snapshot: another proxy thread changing an endpoint's health meanwhile can
+//! change the choice, never make it fail. Nothing here locks, and nothing allocates for a
+//! cluster of up to 256 endpoints.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -74,15 +76,16 @@ pub(crate) fn pick<'a>(
 ) -> Option<Pick<'a>> {
     let eps = &cluster.endpoints;
     let mut mode = Mode::Normal;
-    let mut n = eps.iter().filter(|e| admitted(mode, e, now, avoid)).count();
-    if n == 0 {
+    let mut admitted = Admitted::read(eps, mode, now, avoid);
+    if admitted.n == 0 {
         mode = Mode::Panic;
-        n = eps.iter().filter(|e| admitted(mode, e, now, avoid)).count();
-        if n == 0 {
+        admitted = Admitted::read(eps, mode, now, avoid);
+        if admitted.n == 0 {
             return None;
         }
     }
-    let nth = |i: usize| eps.iter().filter(|e| admitted(mode, e, now, avoid)).nth(i);
+    let n = admitted.n;
+    let nth = |i: usize| &eps[admitted.nth(i)];
     let cap = (cluster.balancing.max_share * f64::from(cluster.inflight() + 1) / n as f64).max(2.0);
     let over = |e: &Endpoint| f64::from(e.state.inflight() + 1) > cap;
     // Of two candidates, the better unless it is over the cap and the other is not.
@@ -95,35 +98,114 @@ pub(crate) fn pick<'a>(
         }
     };
     let endpoint = if n == 1 {
-        nth(0)?
+        nth(0)
     } else {
         match cluster.balancing.policy {
             Policy::PeakEwma => {
                 let (a, b) = two_distinct(n);
-                let (a, b) = (nth(a)?, nth(b)?);
+                let (a, b) = (nth(a), nth(b));
                 choose(a, b, cost(cluster, a, now) <= cost(cluster, b, now))
             }
             Policy::LeastRequest => {
                 let (a, b) = two_distinct(n);
-                let (a, b) = (nth(a)?, nth(b)?);
+                let (a, b) = (nth(a), nth(b));
                 choose(a, b, a.state.inflight() <= b.state.inflight())
             }
             Policy::LowestLatency => {
                 let decay = cluster.balancing.decay.as_nanos() as f64;
                 let est = |e: &Endpoint| e.state.estimate_ns(now, decay);
-                let candidates = || eps.iter().filter(|e| admitted(mode, e, now, avoid));
+                let candidates = || admitted.iter().map(|i| &eps[i]);
                 candidates()
                     .filter(|e| !over(e))
                     .min_by(|a, b| est(a).total_cmp(&est(b)))
                     .or_else(|| candidates().min_by(|a, b| est(a).total_cmp(&est(b))))?
             }
-            Policy::RoundRobin => nth(cluster.rr.fetch_add(1, Relaxed) % n)?,
+            Policy::RoundRobin => nth(cluster.rr.fetch_add(1, Relaxed) % n),
         }
     };
     Some(Pick {
         endpoint,
         panic: matches!(mode, Mode::Panic),
     })
+}
+
+/// Which endpoints (by index) could take a request, read once per pick.
+struct Admitted {
+    inline: [u64; 4],
+    /// For clusters of more than 256 endpoints.
+    heap: Vec<u64>,
+    /// How many bits are set.
+    n: usize,
+}
+
+impl Admitted {
+    fn read(eps: &[Arc<Endpoint>], mode: Mode, now: u64, avoid: Option<&Endpoint>) -> Self {
+        let words = eps.len().div_ceil(64);
+        let mut this = Self {
+            inline: [0; 4],
+            heap: if words > 4 {
+                vec![0; words]
+            } else {
+                Vec::new()
+            },
+            n: 0,
+        };
+        let mut n = 0;
+        let bits = this.bits_mut();
+        for (i, e) in eps.iter().enumerate() {
+            if admitted(mode, e, now, avoid) {
+                bits[i / 64] |= 1 << (i % 64);
+                n += 1;
+            }
+        }
+        this.n = n;
+        this
+    }
+
+    fn bits(&self) -> &[u64] {
+        if self.heap.is_empty() {
+            &self.inline
+        } else {
+            &self.heap
+        }
+    }
+
+    fn bits_mut(&mut self) -> &mut [u64] {
+        if self.heap.is_empty() {
+            &mut self.inline
+        } else {
+            &mut self.heap
+        }
+    }
+
+    /// Index of the `k`-th admitted endpoint (`k < n`).
+    fn nth(&self, mut k: usize) -> usize {
+        for (w, &word) in self.bits().iter().enumerate() {
+            let ones = word.count_ones() as usize;
+            if k < ones {
+                let mut word = word;
+                for _ in 0..k {
+                    word &= word - 1;
+                }
+                return w * 64 + word.trailing_zeros() as usize;
+            }
+            k -= ones;
+        }
+        0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.bits().iter().enumerate().flat_map(|(w, &word)| {
+            let mut word = word;
+            std::iter::from_fn(move || {
+                (word != 0).then(|| {
+                    let i = word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    w * 64 + i
+                })
+            })
+        })
+    }
 }
 
 /// Two distinct uniformly random indices below `n` (n >= 2).

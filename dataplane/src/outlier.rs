@@ -22,6 +22,9 @@ pub(crate) fn try_eject(
     reason: EjectReason,
     period: Option<Duration>,
 ) -> bool {
+    // Count and eject under the cluster's lock, so threads ejecting at once cannot together
+    // go past the budget. Only failures get here, never a request that went well.
+    let _deciding = cluster.ejecting.lock().unwrap_or_else(|p| p.into_inner());
     if ep.state.is_ejected(now) {
         return false;
     }

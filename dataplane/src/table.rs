@@ -52,6 +52,8 @@ pub(crate) struct Cluster {
     pub rr: AtomicUsize,
     /// Retry budget, shared across route-table updates.
     pub retry_budget: Arc<RetryBudget>,
+    /// Held while an ejection is decided (see `outlier::try_eject`).
+    pub ejecting: std::sync::Mutex<()>,
     pub metrics: ClusterMetrics,
 }
 
@@ -72,6 +74,7 @@ impl Cluster {
             endpoints,
             rr: AtomicUsize::new(0),
             retry_budget,
+            ejecting: std::sync::Mutex::new(()),
             metrics,
         }
     }

@@ -264,3 +264,97 @@ fn latency_outliers_are_ejected_on_mean_latency_not_spikes() {
         .collect();
     assert_eq!(ejected, vec![false, false, false, true]);
 }
+
+#[test]
+fn eligibility_changing_on_other_threads_never_fails_a_pick() {
+    use std::sync::atomic::AtomicBool;
+    for policy in [
+        Policy::PeakEwma,
+        Policy::LeastRequest,
+        Policy::LowestLatency,
+        Policy::RoundRobin,
+    ] {
+        // Endpoint 0 is always eligible; the others come and go on another thread.
+        let c = Arc::new(cluster(policy, &[2.0; 8]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    for e in &c.endpoints[1..] {
+                        e.state.mark_down();
+                    }
+                    for e in &c.endpoints[1..] {
+                        e.state.success(LATER, 1);
+                    }
+                }
+            })
+        };
+        let pickers: Vec<_> = (0..2)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    (0..200_000)
+                        .filter(|_| pick(&c, LATER, None).is_none())
+                        .count()
+                })
+            })
+            .collect();
+        let failed: usize = pickers.into_iter().map(|t| t.join().unwrap()).sum();
+        stop.store(true, Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(failed, 0, "{policy:?}: picks that found no endpoint");
+    }
+}
+
+#[test]
+fn concurrent_ejections_never_exceed_the_budget() {
+    use crate::endpoint::EjectReason;
+    use crate::outlier::try_eject;
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    for trial in 0..500 {
+        // 8 endpoints, 50 %: at most 4 ejected, however many threads decide at once.
+        let c = Arc::new(cluster(Policy::PeakEwma, &[1.0; 8]));
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, start, metrics) = (c.clone(), start.clone(), metrics.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    try_eject(
+                        &metrics,
+                        &c,
+                        &c.endpoints[i],
+                        LATER,
+                        EjectReason::ConsecutiveFailures,
+                        None,
+                    )
+                })
+            })
+            .collect();
+        let ejected = threads
+            .into_iter()
+            .filter(|_| true)
+            .map(|t| t.join().unwrap())
+            .filter(|&e| e)
+            .count();
+        let actually = c
+            .endpoints
+            .iter()
+            .filter(|e| e.state.is_ejected(LATER))
+            .count();
+        assert_eq!(ejected, actually);
+        assert!(actually <= 4, "trial {trial}: {actually} of 8 ejected");
+    }
+}
+
+#[test]
+fn clusters_beyond_the_inline_snapshot_are_picked_from_whole() {
+    // 300 endpoints: the eligibility snapshot spills to the heap; round robin still visits
+    // every one, and only eligible ones.
+    let c = cluster(Policy::RoundRobin, &[1.0; 300]);
+    c.endpoints[299].state.mark_down();
+    let counts = shares(&c, 299 * 2);
+    assert!(counts[..299].iter().all(|&n| n == 2), "{counts:?}");
+    assert_eq!(counts[299], 0);
+}
