@@ -358,3 +358,33 @@ fn clusters_beyond_the_inline_snapshot_are_picked_from_whole() {
     assert!(counts[..299].iter().all(|&n| n == 2), "{counts:?}");
     assert_eq!(counts[299], 0);
 }
+
+#[test]
+fn identical_endpoints_share_a_burst_evenly_despite_probe_noise() {
+    // Four identical instances whose health checks happened to answer 0.2 to 0.6 ms apart; a
+    // burst of 1000 requests arrives before any answer comes back.
+    let c = cluster(Policy::PeakEwma, &[0.2, 0.3, 0.45, 0.6]);
+    for _ in 0..1000 {
+        let p = pick(&c, LATER, None).expect("an endpoint");
+        p.endpoint.state.begin();
+    }
+    let shares: Vec<f64> = c
+        .endpoints
+        .iter()
+        .map(|e| f64::from(e.state.inflight()) / 1000.0)
+        .collect();
+    assert!(
+        shares.iter().all(|s| (0.2..=0.3).contains(s)),
+        "shares {shares:?}"
+    );
+}
+
+#[test]
+fn a_slow_endpoint_still_gets_little_of_a_burst() {
+    let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0, 40.0]);
+    for _ in 0..1000 {
+        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+    }
+    let slow = c.endpoints[3].state.inflight();
+    assert!(slow < 100, "the 40 ms endpoint holds {slow} of 1000");
+}
