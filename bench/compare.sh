@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
-#   bench/compare.sh [scenario ...]      scenarios: throughput hetero failover memory tool (default: all)
+#   bench/compare.sh [scenario ...]      scenarios: throughput burst hetero failover memory probes tool
+#                                        (default: all)
 #
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3; installs none of them itself:
 #   apt-get install -y nginx-light haproxy wrk
@@ -19,7 +20,7 @@ WORKERS=${WORKERS:-auto}
 case $WORKERS in auto | [1-9] | [1-9][0-9]) ;; *) echo "bench/compare.sh: WORKERS must be auto or 1-99" >&2; exit 64 ;; esac
 SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput hetero failover memory tool)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool)
 
 for tool in nginx haproxy wrk python3; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk)" >&2; exit 64; }
@@ -48,6 +49,17 @@ start_backends() { # latency_ms... ; sets ports=(...) and victim (the first back
     "$FLEETLB" backend --id "b$i" --cluster bench --port "$port" --latency-ms "$lat" --concurrency 100000 >/dev/null 2>&1 &
     PIDS+=($!); ports+=("$port"); i=$((i + 1))
     [ "$i" -eq 2 ] && victim=$!
+  done
+  for p in "${ports[@]}"; do wait_port "$p"; done
+}
+
+start_profile_backends() { # profile count ; like start_backends, each mimicking an instance type
+  local i
+  ports=()
+  for i in $(seq 1 "$2"); do
+    local port=$((BASE + i))
+    "$FLEETLB" backend --id "b$i" --cluster bench --port "$port" --profile "$1" >/dev/null 2>&1 &
+    PIDS+=($!); ports+=("$port")
   done
   for p in "${ports[@]}"; do wait_port "$p"; done
 }
@@ -85,11 +97,11 @@ start_nginx() { # ports...
   mkdir -p "$WORK/nginx"
   {
     echo "worker_processes $WORKERS; daemon off; pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;"
-    echo "events { worker_connections 8000; }"
+    echo "events { worker_connections 20000; }"
     echo "http { access_log off;"
     echo "  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;"
     echo "  fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;"
-    echo "  upstream up {"
+    echo "  upstream up { ${NGINX_BALANCE:-}"
     for p in "$@"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
     echo "    keepalive 256; }"
     echo "  server { listen 127.0.0.1:$NGINX_PORT backlog=4096; keepalive_requests 1000000;"
@@ -105,7 +117,7 @@ start_nginx() { # ports...
 
 start_haproxy() { # ports...
   {
-    echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn 8000"
+    echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn 20000"
     echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
     echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
     echo "  retry-on conn-failure empty-response"
@@ -167,7 +179,8 @@ rate_run() { # target rate [extra args]
 }
 
 hold_connections() { # port count -> keeps COUNT keep-alive connections open until killed
-  python3 - "$1" "$2" <<'PY' &
+  rm -f "$WORK/held"
+  python3 - "$1" "$2" "$WORK/held" <<'PY' &
 import socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
 socks = []
@@ -176,7 +189,7 @@ for _ in range(n):
     s.sendall(b"GET /bench HTTP/1.1\r\nHost: x\r\n\r\n")
     s.recv(4096)
     socks.append(s)
-print("held", flush=True, file=sys.stderr)
+open(sys.argv[3], "w").close()
 time.sleep(3600)
 PY
   HOLD_PID=$!
@@ -241,31 +254,12 @@ print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1
     for t in direct fleetlb nginx haproxy; do
       read -r m each p50 p99 cpu < <(median "${runs[$t]}")
       echo "| ${label[$t]} | $m | $each | $p50 | $p99 | $cpu |"
-      [ "$t" = fleetlb ] && f_rps=$m
-      [ "$t" = nginx ] && n_rps=$m
+      [ "$t" = fleetlb ] && f_rps=$m && f_cpu=$cpu
+      [ "$t" = nginx ] && n_rps=$m && n_cpu=$cpu
       [ "$t" = haproxy ] && h_rps=$m
     done
     python3 -c "print(); print('fleetlb / nginx = %.2f, fleetlb / HAProxy = %.2f (goal: >= 1 and > 1)' % ($f_rps / $n_rps, $f_rps / $h_rps))"
-    half=$((f_rps / 2))
-    echo; echo "p99 at half of fleetlb's throughput ($half req/s, open loop, fleetlb bench), median of $RUNS interleaved runs:"
-    echo "| target | p50 ms | p99 ms (median) | p99 of each run | errors |"; echo "|---|---|---|---|---|"
-    declare -A rate_url=([direct]="http://127.0.0.1:${ports[0]}" [fleetlb]="http://127.0.0.1:$FLEET_PORT"
-                         [nginx]="http://127.0.0.1:$NGINX_PORT" [haproxy]="http://127.0.0.1:$HAPROXY_PORT")
-    declare -A rate_runs=()
-    for _ in $(seq 1 "$RUNS"); do
-      for t in direct fleetlb nginx haproxy; do rate_runs[$t]+="$(rate_run "${rate_url[$t]}" "$half");"; done
-    done
-    declare -A p99=()
-    for t in direct fleetlb nginx haproxy; do
-      # "p50 p99 errors;..." -> the run with the median p99, every run's p99, errors in all runs
-      read -r a b each c < <(python3 -c "
-import sys
-rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[1])
-m = rs[len(rs) // 2]
-print('%.3f %.3f %s %d' % (m[0], m[1], ','.join('%.3f' % r[1] for r in rs), sum(r[2] for r in rs)))" "${rate_runs[$t]}")
-      echo "| ${label[$t]} | $a | $b | $each | $c |"; p99[$t]=$b
-    done
-    echo; python3 -c "print('fleetlb p99 added over direct: %.3f ms (goal < 1 ms); nginx: %.3f ms; HAProxy: %.3f ms' % (${p99[fleetlb]} - ${p99[direct]}, ${p99[nginx]} - ${p99[direct]}, ${p99[haproxy]} - ${p99[direct]}))"
+    python3 -c "print('fleetlb CPU per request / nginx = %.2f (goal <= 1)' % ($f_cpu / $n_cpu))"
     echo
     stop_all ;;
   hetero)
@@ -301,18 +295,88 @@ print('%.3f %.3f %s %d' % (m[0], m[1], ','.join('%.3f' % r[1] for r in rs), sum(
     done
     echo ;;
   memory)
+    HOLD=${HOLD:-10000}
     start_backends 0 0
-    echo "## memory: RSS with 1000 open keep-alive client connections"
-    echo "| target | RSS idle (MiB) | RSS with 1000 connections (MiB) |"; echo "|---|---|---|"
+    echo "## memory: RSS with $HOLD idle keep-alive client connections (each made one request)"
+    echo "| target | RSS idle (MiB) | RSS with $HOLD connections (MiB) | KiB per connection |"; echo "|---|---|---|---|"
     start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    declare -A per=()
     for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
       set -- $t
       idle=$(rss_kb "$2")
-      hold_connections "$3" 1000; sleep 3
+      hold_connections "$3" "$HOLD"
+      for _ in $(seq 1 600); do [ -e "$WORK/held" ] && break; sleep 0.1; done; sleep 1
       busy=$(rss_kb "$2")
       kill $HOLD_PID 2>/dev/null || true; wait $HOLD_PID 2>/dev/null || true
-      echo "| $1 | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") |"
+      per[$1]=$(python3 -c "print('%.1f' % (($busy - $idle) / $HOLD))")
+      echo "| $1 | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") | ${per[$1]} |"
     done
+    echo; python3 -c "print('fleetlb KiB per idle connection / nginx = %.2f (goal <= 1)' % (${per[fleetlb]} / ${per[nginx]}))"
+    echo
+    stop_all ;;
+  burst)
+    # The original experiment: four identical t2.micro-like instances (6 ms, 4 requests at a
+    # time), 1000 requests from 1000 connections at once, ten runs in a row.
+    BURSTS=${BURSTS:-10}
+    start_profile_backends t2.micro 4
+    start_fleetlb "${ports[@]}"; NGINX_BALANCE="least_conn;" start_nginx "${ports[@]}"
+    echo "## burst: 4 identical t2.micro-like backends, fleetlb bench -n 1000 -c 1000, $BURSTS runs each, interleaved"
+    echo "| run | fleetlb shares % | fleetlb wall s | nginx least_conn shares % | nginx wall s |"; echo "|---|---|---|---|---|"
+    burst_run() { # port -> "share,share,share,share wall"
+      local out="$WORK/burst-$RANDOM"
+      "$FLEETLB" bench --target "http://127.0.0.1:$1" --path /bench -n 1000 -c 1000 --out "$out" --max-error-rate 1 >/dev/null 2>&1
+      python3 -c "
+import json; p = json.load(open('$out/summary.json'))['paths'][0]
+s = sorted(i['share'] * 100 for i in p['instances']) + [0.0] * (4 - len(p['instances']))
+print(','.join('%.1f' % x for x in s), '%.3f' % p['wall_s'], p['failed'])"
+    }
+    f_all=(); f_walls=(); n_walls=()
+    for r in $(seq 1 "$BURSTS"); do
+      read -r fs fw ff < <(burst_run $FLEET_PORT)
+      read -r ns nw nf < <(burst_run $NGINX_PORT)
+      echo "| $r | $fs | $fw | $ns | $nw |"
+      f_all+=("$fs"); f_walls+=("$fw"); n_walls+=("$nw")
+      [ "$ff" = 0 ] && [ "$nf" = 0 ] || echo "(run $r: failed requests: fleetlb $ff, nginx $nf)"
+    done
+    python3 -c "
+import statistics as st
+shares = [float(x) for r in '${f_all[*]}'.split() for x in r.split(',')]
+fw = [float(x) for x in '${f_walls[*]}'.split()]; nw = [float(x) for x in '${n_walls[*]}'.split()]
+print()
+print('fleetlb shares over all runs: %.1f-%.1f %% (goal: every share within 20-30 %%)' % (min(shares), max(shares)))
+print('median wall: fleetlb %.3f s, nginx least_conn %.3f s (goal: fleetlb <= nginx)' % (st.median(fw), st.median(nw)))"
+    echo
+    stop_all ;;
+  probes)
+    # Health checking alone, no traffic: 200 clusters x 8 static endpoints, probed every 2 s
+    # (800 probes/s), then the CPU of one proxied request on the same process for comparison.
+    CLUSTERS=${CLUSTERS:-200}
+    start_backends 0 0 0 0 0 0 0 0
+    mkdir -p "$WORK/probes"
+    for c in $(seq 1 "$CLUSTERS"); do
+      {
+        echo "apiVersion: fleetlb.dev/v1alpha1"; echo "kind: BackendCluster"; echo "metadata: {name: p$c}"
+        echo "spec:"; echo "  route: /p$c"; echo "  replicas: 8"; echo "  instanceType: t2.micro"
+        echo "  healthCheck: {intervalSeconds: 2}"; echo "  provider:"; echo "    static:"; echo "      endpoints:"
+        for p in "${ports[@]}"; do echo "      - 127.0.0.1:$p"; done
+      } > "$WORK/probes/p$c.yaml"
+    done
+    RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/probes" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN 2>"$WORK/probes.log" &
+    FLEET_PID=$!; PIDS+=($FLEET_PID)
+    wait_port $FLEET_PORT
+    endpoints=$((CLUSTERS * 8))
+    for _ in $(seq 1 300); do
+      n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
+      [ "$n" -ge "$endpoints" ] && break; sleep 0.2
+    done
+    sleep 3 # past the first, faster, probes of new endpoints
+    before=$(cpu_ticks $FLEET_PID); sleep "$DURATION"; after=$(cpu_ticks $FLEET_PID)
+    per_probe=$(python3 -c "print('%.1f' % (($after - $before) * 1e6 / $(getconf CLK_TCK) / ($endpoints / 2.0 * $DURATION)))")
+    read -r _ _ _ per_req < <(wrk_run "http://127.0.0.1:$FLEET_PORT/p1" "$FLEET_PID")
+    echo "## probes: $endpoints endpoints ($CLUSTERS clusters x 8) probed every 2 s, no traffic"
+    echo "| CPU µs per probe | CPU µs per proxied request (wrk, same process, probes running) |"; echo "|---|---|"
+    echo "| $per_probe | $per_req |"
+    echo; python3 -c "print('CPU per probe / per proxied request = %.2f (goal <= 1)' % ($per_probe / $per_req))"
     echo
     stop_all ;;
   tool)
@@ -326,6 +390,6 @@ print('%.3f %.3f %s %d' % (m[0], m[1], ','.join('%.3f' % r[1] for r in rs), sum(
     echo "| fleetlb bench -c $CONNS | $b_rps |"
     echo
     stop_all ;;
-  *) echo "unknown scenario $scenario (throughput hetero failover memory tool)" >&2; exit 64 ;;
+  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool)" >&2; exit 64 ;;
   esac
 done
