@@ -42,6 +42,12 @@ pub enum ProxyError {
     /// The client stopped sending its body for longer than the request timeout.
     #[error("client request body timed out")]
     ClientTimeout,
+    /// A transfer coding other than chunked, which fleetlb cannot pass on faithfully.
+    #[error("unsupported transfer coding")]
+    UnsupportedTransferCoding,
+    /// More than one Host, or an authority that cannot be a Host.
+    #[error("bad host")]
+    BadHost,
 }
 
 impl ProxyError {
@@ -56,6 +62,8 @@ impl ProxyError {
             ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
             ProxyError::ClientClosed => client_closed(),
             ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::BadHost => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -71,6 +79,8 @@ impl ProxyError {
             ProxyError::BadRequestBody => "bad_request_body",
             ProxyError::ClientClosed => "client_closed",
             ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            ProxyError::BadHost => "bad_host",
         }
     }
 
@@ -87,6 +97,8 @@ impl ProxyError {
             ProxyError::BadRequestBody => "malformed request body\n",
             ProxyError::ClientClosed => "client closed the request\n",
             ProxyError::ClientTimeout => "request body timed out\n",
+            ProxyError::UnsupportedTransferCoding => "unsupported transfer coding\n",
+            ProxyError::BadHost => "bad host\n",
         }
     }
 
@@ -96,7 +108,11 @@ impl ProxyError {
         let mut resp = plain(self.status(), self.body());
         if matches!(
             self,
-            ProxyError::BadRequestBody | ProxyError::ClientClosed | ProxyError::ClientTimeout
+            ProxyError::BadRequestBody
+                | ProxyError::ClientClosed
+                | ProxyError::ClientTimeout
+                | ProxyError::UnsupportedTransferCoding
+                | ProxyError::BadHost
         ) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -72,7 +72,10 @@ pub struct ProxyConfig {
     pub request_id: bool,
     /// `Via` header added to responses, e.g. `1.1 fleetlb` (default none).
     pub via: Option<http::HeaderValue>,
-    /// Idle pooled upstream connections are closed after this long (default 90 s).
+    /// Idle pooled upstream connections are closed after this long (default 4 s: below the
+    /// keep-alive of common application servers, uvicorn's and Node's 5 s, so fleetlb closes
+    /// an idle connection before the backend does and never sends a request into one the
+    /// backend is closing).
     pub pool_idle_timeout: Duration,
 }
 
@@ -88,7 +91,7 @@ impl Default for ProxyConfig {
             max_attempts: 3,
             request_id: true,
             via: None,
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(4),
         }
     }
 }

@@ -24,7 +24,11 @@ pub(crate) fn try_eject(
 ) -> bool {
     // Count and eject under the cluster's lock, so threads ejecting at once cannot together
     // go past the budget. Only failures get here, never a request that went well.
-    let _deciding = cluster.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+    let _deciding = cluster
+        .carried
+        .ejecting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if ep.state.is_ejected(now) {
         return false;
     }

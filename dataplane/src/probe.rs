@@ -104,10 +104,10 @@ async fn probe_once(
     let settings = h1::Settings {
         connect_timeout: shared.config.connect_timeout.min(limit),
         idle_timeout: shared.config.pool_idle_timeout,
+        timeout: None,
     };
     let attempt = async {
-        let waiting = h1::Waiting::default();
-        let mut answer = h1::send(&ep.pool, ep.addr, &head, None, settings, true, &waiting)
+        let mut answer = h1::send(&ep.pool, ep.addr, &head, &mut None, settings, true)
             .await
             .ok()?;
         // The body is read (and dropped) so the connection can carry the next probe.

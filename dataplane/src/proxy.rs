@@ -77,15 +77,12 @@ pub(crate) async fn handle(
             }
         }
     };
-    let upgrade = upgrade_request(&mut req);
-    // An HTTP/2 client names the host in `:authority`, not `Host`: upstreams (HTTP/1.1) need
-    // it as `Host`, and `X-Forwarded-Host` is made from it.
-    if !req.headers().contains_key(header::HOST)
-        && let Some(authority) = req.uri().authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        req.headers_mut().insert(header::HOST, host);
+    if let Err(err) = check_framing_and_host(&mut req) {
+        shared.metrics.proxy_error(&cluster.name, err.reason());
+        cluster.metrics.count(err.status().as_u16());
+        return err.response();
     }
+    let upgrade = upgrade_request(&mut req);
     prepare_headers(req.headers_mut(), peer_ip, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
@@ -142,8 +139,39 @@ fn bad_path(shared: &Shared) -> Response<ResponseBody> {
     ProxyError::BadPath.response()
 }
 
-/// For an HTTP/1.1 `Connection: upgrade` request (WebSocket and friends), the protocol asked
-/// for and the client side of the upgrade.
+/// Refuses what cannot be forwarded faithfully, and settles the host the upstream sees:
+/// - a transfer coding other than `chunked` (`gzip, chunked`): fleetlb re-frames bodies and
+///   would pass the coded bytes on as plain ones, so 501 (RFC 9112 section 6.1);
+/// - more than one `Host` line: 400;
+/// - a target with an authority (HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target)
+///   sets `Host`, which it outranks (RFC 9112 section 3.2.2); `X-Forwarded-Host` is made
+///   from it.
+fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    for te in h.get_all(header::TRANSFER_ENCODING) {
+        let only_chunked = te.as_bytes().split(|&b| b == b',').all(|c| {
+            let c = c.trim_ascii();
+            c.is_empty() || c.eq_ignore_ascii_case(b"chunked")
+        });
+        if !only_chunked {
+            return Err(ProxyError::UnsupportedTransferCoding);
+        }
+    }
+    let mut hosts = h.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadHost);
+    }
+    if let Some(authority) = req.uri().authority() {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadHost)?;
+        req.headers_mut().insert(header::HOST, host);
+    }
+    Ok(())
+}
+
+/// For an HTTP/1.1 `Connection: upgrade` request to WebSocket, the protocol asked for and the
+/// client side of the upgrade. Other upgrades (`h2c` above all, which would hand the client a
+/// direct HTTP/2 line to the backend past fleetlb's routing) go on as plain requests, their
+/// `Upgrade` stripped with the other hop-by-hop headers.
 fn upgrade_request(req: &mut Request<Incoming>) -> Option<(HeaderValue, OnUpgrade)> {
     let h = req.headers();
     let wants = h
@@ -153,7 +181,10 @@ fn upgrade_request(req: &mut Request<Incoming>) -> Option<(HeaderValue, OnUpgrad
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let proto = h.get(header::UPGRADE)?.clone();
-    if !wants || req.version() != Version::HTTP_11 {
+    if !wants
+        || req.version() != Version::HTTP_11
+        || !proto.as_bytes().eq_ignore_ascii_case(b"websocket")
+    {
         return None;
     }
     Some((proto, hyper::upgrade::on(req)))
@@ -175,15 +206,22 @@ async fn forward(
     let cfg = &shared.config;
     let decay = cluster.balancing.decay.as_nanos() as f64;
     let penalty = cfg.failure_penalty.as_nanos() as f64;
-    let (parts, mut body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
     let framing = if body.is_end_stream() {
         h1::ReqFraming::None
-    } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+    } else if let Some(n) = body.size_hint().exact() {
+        // One length, as hyper counted it: a repeated or listed Content-Length never travels
+        // on for an upstream to read differently.
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         h1::ReqFraming::Length
     } else {
+        parts.headers.remove(header::CONTENT_LENGTH);
         h1::ReqFraming::Chunked
     };
+    let mut body = (framing != h1::ReqFraming::None).then_some(body);
     let path = parts
         .uri
         .path_and_query()
@@ -192,6 +230,7 @@ async fn forward(
     let settings = h1::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.pool_idle_timeout,
+        timeout: Some(cluster.request_timeout),
     };
     let headers = parts.headers;
     let mut failed: Option<Arc<Endpoint>> = None;
@@ -213,8 +252,8 @@ async fn forward(
         // (the in-flight guard's), on a count every proxy thread shares.
         let ep = pick.endpoint;
         if attempt == 1 {
-            cluster.retry_budget.deposit();
-        } else if cluster.retry_budget.withdraw() {
+            cluster.carried.retry_budget.deposit();
+        } else if cluster.carried.retry_budget.withdraw() {
             cluster.metrics.retries.inc();
         } else {
             tracing::debug!(cluster = %cluster.name, "retry budget spent");
@@ -232,22 +271,12 @@ async fn forward(
             framing,
             upgrade: client_upgrade.is_some(),
         };
-        let waiting = h1::Waiting::default();
-        let client_body = (framing != h1::ReqFraming::None).then_some(&mut body);
-        let sending = h1::send(
-            &ep.pool,
-            ep.addr,
-            &head,
-            client_body,
-            settings,
-            idempotent,
-            &waiting,
-        );
-        let result = tokio::time::timeout(cluster.request_timeout, sending).await;
+        let sending = h1::send(&ep.pool, ep.addr, &head, &mut body, settings, idempotent);
+        let result = sending.await;
         let now = shared.clock.now();
         let rtt = Duration::from_nanos(now.saturating_sub(sent));
         match result {
-            Ok(Ok(mut answer)) => {
+            Ok(mut answer) => {
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
                 learn_from_status(
                     shared,
@@ -259,6 +288,15 @@ async fn forward(
                     now,
                 );
                 let switched = answer.body.take_switched();
+                let agreed = answer
+                    .headers
+                    .get(header::UPGRADE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                if switched.is_some() && !agreed {
+                    // It switched to something not asked for: nothing to relay safely.
+                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "upstream switched to a protocol the client did not ask for");
+                    return Err(ProxyError::UpstreamReset);
+                }
                 let mut resp = Response::new(match switched {
                     Some(_) => ResponseBody::message(Bytes::new()),
                     None => ResponseBody::own(answer.body, guard),
@@ -275,7 +313,7 @@ async fn forward(
                 h1::recycle(headers);
                 return Ok(resp);
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 if let Some(fault) = err.client_fault() {
                     // The client's doing: nothing is learned about the endpoint.
                     tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, ?err, "client request body failed");
@@ -283,6 +321,26 @@ async fn forward(
                         h1::ClientFault::Malformed => ProxyError::BadRequestBody,
                         h1::ClientFault::Gone => ProxyError::ClientClosed,
                     });
+                }
+                match err {
+                    h1::Error::Timeout { client: true } => {
+                        // The client stopped sending its body; the endpoint was waiting for it.
+                        tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled past the request timeout");
+                        return Err(ProxyError::ClientTimeout);
+                    }
+                    h1::Error::Timeout { client: false } => {
+                        ep.state.observe(penalty, now, decay);
+                        outlier::on_failure(&shared.metrics, cluster, ep, now);
+                        tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cluster.request_timeout, "upstream timed out");
+                        return Err(ProxyError::UpstreamTimeout);
+                    }
+                    h1::Error::Stale(_) => {
+                        // A kept-alive connection the backend closed just as the request went
+                        // out: not the backend's fault, and not safe to send again.
+                        tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, ?err, "pooled connection closed under a request that cannot be resent");
+                        return Err(ProxyError::UpstreamReset);
+                    }
+                    _ => {}
                 }
                 ep.state.observe(penalty, now, decay);
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
@@ -313,24 +371,14 @@ async fn forward(
                     last_err = ProxyError::UpstreamReset;
                 }
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, attempt, ?err, "upstream request failed");
-                // Nothing was sent: any request may go elsewhere. Something was: only an
-                // idempotent one without a body (a body cannot be replayed).
+                // Nothing was sent: any request may go elsewhere (its body, if any, is still
+                // here). Something was: only an idempotent one without a body.
+                let body_intact = framing == h1::ReqFraming::None || body.is_some();
                 let replayable = framing == h1::ReqFraming::None && idempotent;
-                if !(connect || replayable) {
+                if !((connect && body_intact) || replayable) {
                     return Err(last_err);
                 }
                 failed = Some(ep.clone());
-            }
-            Err(_elapsed) if waiting.on_client() => {
-                // The client stopped sending its body; the endpoint was waiting for it.
-                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled past the request timeout");
-                return Err(ProxyError::ClientTimeout);
-            }
-            Err(_elapsed) => {
-                ep.state.observe(penalty, now, decay);
-                outlier::on_failure(&shared.metrics, cluster, ep, now);
-                tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cluster.request_timeout, "upstream timed out");
-                return Err(ProxyError::UpstreamTimeout);
             }
         }
     }

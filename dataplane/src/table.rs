@@ -39,6 +39,15 @@ impl Table {
     }
 }
 
+/// A cluster's state that carries over from one route table to the next, so requests holding
+/// the old table and the new one share it.
+#[derive(Default)]
+pub(crate) struct Carried {
+    pub retry_budget: RetryBudget,
+    /// Held while an ejection is decided (see `outlier::try_eject`).
+    pub ejecting: std::sync::Mutex<()>,
+}
+
 /// One route's cluster.
 pub(crate) struct Cluster {
     pub name: String,
@@ -50,10 +59,8 @@ pub(crate) struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin position.
     pub rr: AtomicUsize,
-    /// Retry budget, shared across route-table updates.
-    pub retry_budget: Arc<RetryBudget>,
-    /// Held while an ejection is decided (see `outlier::try_eject`).
-    pub ejecting: std::sync::Mutex<()>,
+    /// What outlives route-table updates: the retry budget and the ejection lock.
+    pub carried: Arc<Carried>,
     pub metrics: ClusterMetrics,
 }
 
@@ -62,7 +69,7 @@ impl Cluster {
         route: &RouteConfig,
         endpoints: Vec<Arc<Endpoint>>,
         metrics: ClusterMetrics,
-        retry_budget: Arc<RetryBudget>,
+        carried: Arc<Carried>,
     ) -> Self {
         Self {
             name: route.cluster.clone(),
@@ -73,8 +80,7 @@ impl Cluster {
             request_timeout: route.request_timeout,
             endpoints,
             rr: AtomicUsize::new(0),
-            retry_budget,
-            ejecting: std::sync::Mutex::new(()),
+            carried,
             metrics,
         }
     }
@@ -95,7 +101,7 @@ struct Probed {
 pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<RouteTable>) {
     // (cluster name, endpoint id, address) -> endpoint and its prober.
     let mut live: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();
-    let mut budgets: HashMap<String, Arc<RetryBudget>> = HashMap::new();
+    let mut budgets: HashMap<String, Arc<Carried>> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
@@ -124,7 +130,7 @@ pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<Rou
                 let now = shared.clock.now();
                 for c in &shared.table.load().clusters {
                     outlier::sweep_latency(&shared.metrics, c, now);
-                    c.retry_budget.tick();
+                    c.carried.retry_budget.tick();
                     // Idle upstream connections past their time or closed by the backend are
                     // closed here, not left in CLOSE_WAIT until the next request.
                     for ep in c.endpoints.iter() {
@@ -140,7 +146,7 @@ fn apply(
     shared: &Arc<Shared>,
     snapshot: &RouteTable,
     live: &mut HashMap<(String, String, std::net::SocketAddr), Probed>,
-    budgets: &mut HashMap<String, Arc<RetryBudget>>,
+    budgets: &mut HashMap<String, Arc<Carried>>,
 ) {
     let now = shared.clock.now();
     let mut next: HashMap<(String, String, std::net::SocketAddr), Probed> = HashMap::new();

@@ -50,6 +50,10 @@ async fn malformed_and_smuggling_shaped_requests_never_reach_a_backend() {
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"POST /c HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // A coding fleetlb would strip while re-framing: 501, not gzip bytes passed as plain.
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // Two hosts: which one would the backend believe?
+        b"GET /c HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
     ];
     for raw in cases {
         let before = up.hits.load(Relaxed);
@@ -67,6 +71,19 @@ async fn malformed_and_smuggling_shaped_requests_never_reach_a_backend() {
         );
     }
     still_serves(&proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_authority_outranks_the_host_header() {
+    let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
+    let r = exchange(
+        proxy.addr,
+        b"GET http://real.example/c HTTP/1.1\r\nHost: spoofed.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(header(&r, "x-seen-host"), Some("real.example"));
+    assert_eq!(header(&r, "x-seen-forwarded-host"), Some("real.example"));
 }
 
 /// `/c` served by `a`, `/d` by `b`.
@@ -217,6 +234,44 @@ async fn a_client_stalling_mid_body_is_cut_off_at_the_route_timeout() {
     );
     assert_eq!(proxy.metric("fleetlb_ejections_total", &[]), 0.0);
     still_serves(&proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_still_moving_is_never_cut_at_the_request_timeout() {
+    let a = Upstream::start("a").await;
+    let mut r = route(vec![a.endpoint()]);
+    r.request_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    proxy.wait_healthy(1).await;
+    // 30 pieces of 16 KiB, one every 60 ms: nearly 2 s in all, never 300 ms without a byte.
+    const PIECES: usize = 30;
+    const PIECE: usize = 16 << 10;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            PIECES * PIECE
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let piece = vec![b'p'; PIECE];
+    let mut pace = tokio::time::interval(Duration::from_millis(60));
+    for _ in 0..PIECES {
+        // The client's own pace, what this test is about (not a wait for the proxy).
+        pace.tick().await;
+        s.write_all(&piece).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = String::from_utf8_lossy(&buf);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let expected = (PIECES * PIECE).to_string();
+    assert_eq!(header(&r, "x-seen-body-bytes"), Some(expected.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

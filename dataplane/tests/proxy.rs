@@ -235,9 +235,11 @@ async fn forwarded_headers_reach_the_upstream() {
 async fn websocket_style_upgrades_pass_through() {
     let (_up, proxy) = one_healthy(ProxyConfig::default()).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
         .await
@@ -252,6 +254,14 @@ async fn websocket_style_upgrades_pass_through() {
         .unwrap()
         .unwrap();
     assert_eq!(&echo, b"ping through the tunnel");
+    // Any other upgrade (h2c above all: a direct HTTP/2 line to the backend, past fleetlb's
+    // routing) goes on as a plain request, its Upgrade stripped.
+    let r = exchange(
+        proxy.addr,
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

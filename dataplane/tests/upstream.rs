@@ -125,6 +125,21 @@ impl Raw {
                                 counted = true;
                                 conns.fetch_add(1, Relaxed);
                             }
+                            if path == "/c/echo" {
+                                // Streams: the body is read here, not as heads.
+                                let len: usize = head
+                                    .lines()
+                                    .find_map(|l| {
+                                        let (k, v) = l.split_once(':')?;
+                                        k.eq_ignore_ascii_case("content-length")
+                                            .then(|| v.trim().parse().ok())?
+                                    })
+                                    .unwrap_or(0);
+                                if stream_body(&mut s, &mut buf, path, len).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
                             let (bytes, close) = answer(method, path);
                             if s.write_all(&bytes).await.is_err() || close {
                                 return;
@@ -144,6 +159,37 @@ impl Raw {
             open,
         }
     }
+}
+
+/// `/c/echo` answers at once and echoes the body as it arrives (a full-duplex server).
+async fn stream_body(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    _path: &str,
+    len: usize,
+) -> std::io::Result<()> {
+    s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await?;
+    let mut left = len;
+    let mut chunk = vec![0u8; 16 * 1024];
+    while left > 0 {
+        let piece: Vec<u8> = if buf.is_empty() {
+            let n = s.read(&mut chunk[..left.min(16 * 1024)]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            chunk[..n].to_vec()
+        } else {
+            let n = buf.len().min(left);
+            buf.drain(..n).collect()
+        };
+        left -= piece.len();
+        s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await?;
+        s.write_all(&piece).await?;
+        s.write_all(b"\r\n").await?;
+    }
+    s.write_all(b"0\r\n\r\n").await
 }
 
 async fn behind_proxy() -> (Raw, Proxy) {
@@ -471,4 +517,49 @@ async fn an_upstream_refusing_a_body_early_is_answered_at_once() {
         .unwrap();
     assert_eq!(&head[..], b"HTTP/1.1 413");
     writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_duplex_upstream_gets_the_whole_body_while_it_answers() {
+    let (_raw, proxy) = behind_proxy().await;
+    const SIZE: usize = 4 << 20;
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(
+            format!("POST /c/echo HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        for piece in sent.chunks(64 << 10) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, rd.read_to_end(&mut got))
+        .await
+        .expect("the echo ends once the whole body went through")
+        .unwrap();
+    let _ = writer.await;
+    let text_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    // Decode the chunked echo the proxy relayed.
+    let mut rest = &got[text_end..];
+    let mut echoed = Vec::new();
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).unwrap();
+        rest = &rest[eol + 2..];
+        if n == 0 {
+            break;
+        }
+        echoed.extend_from_slice(&rest[..n]);
+        rest = &rest[n + 2..];
+    }
+    assert_eq!(echoed.len(), SIZE);
+    assert!(echoed == body, "echo differs from the body");
 }

@@ -32,6 +32,8 @@ pub(crate) struct Body {
     pub(super) conn: Option<Conn>,
     pub(super) framing: Framing,
     pub(super) reuse: bool,
+    /// The rest of the request body, when the answer began before it was all sent.
+    sending: Option<Sender>,
     /// A failure reported on the next poll, once the bytes before it have been flushed to the
     /// client (the server side only flushes when the body is pending).
     failed: Option<Error>,
@@ -43,13 +45,16 @@ impl Body {
             conn: None,
             framing,
             reuse,
+            sending: None,
             failed: None,
         }
     }
 
-    /// Attaches the connection; gives it straight back when the body is already complete.
-    pub(super) fn start(&mut self, conn: Conn, pool: &Pool) {
+    /// Attaches the connection, and the request body still being sent if there is one; gives
+    /// the connection straight back when both are already complete.
+    pub(super) fn start(&mut self, conn: Conn, pool: &Pool, sending: Option<Sender>) {
         self.conn = Some(conn);
+        self.sending = sending;
         if let Framing::Length(0) = self.framing {
             self.finish(pool);
         }
@@ -63,10 +68,14 @@ impl Body {
         }
     }
 
+    /// The answer is complete. Its connection is reused only when the request went out whole
+    /// too, and nothing came after the answer.
     fn finish(&mut self, pool: &Pool) {
         self.framing = Framing::Done;
+        let request_sent = self.sending.take().is_none();
         if let Some(c) = self.conn.take()
             && self.reuse
+            && request_sent
             && c.buf.is_empty()
         {
             pool.give_back(c);
@@ -102,6 +111,24 @@ impl Body {
             let Some(c) = self.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            if let Some(s) = self.sending.as_mut() {
+                match s.poll_send(cx, &mut c.io) {
+                    Poll::Ready(Ok(())) => self.sending = None,
+                    Poll::Pending => {}
+                    Poll::Ready(Err(SendError::Upstream(e))) => {
+                        // It stopped reading; its answer may still come whole.
+                        tracing::trace!(?e, "upstream stopped taking the request body");
+                        self.sending = None;
+                        self.reuse = false;
+                    }
+                    Poll::Ready(Err(SendError::Client(e))) => {
+                        // The client broke its own request: the exchange is void.
+                        self.sending = None;
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(Error::Client(e))));
+                    }
+                }
+            }
             match &mut self.framing {
                 Framing::Done | Framing::Switched => return Poll::Ready(None),
                 Framing::Length(0) => {
@@ -151,22 +178,6 @@ impl Body {
     }
 }
 
-/// Which side an exchange is waiting on, the upstream (to take the request or answer it) or
-/// the client (for the next piece of its body); a timeout is blamed on that side.
-#[derive(Debug, Default)]
-pub(crate) struct Waiting(std::sync::atomic::AtomicBool);
-
-impl Waiting {
-    /// True while the exchange waits for the client's body.
-    pub fn on_client(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub(super) fn set_client(&self, client: bool) {
-        self.0.store(client, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Why writing a request body upstream stopped.
 pub(crate) enum SendError {
     /// The client's body failed: malformed, or the client went away.
@@ -177,49 +188,63 @@ pub(crate) enum SendError {
 
 /// Writes the client's request body upstream as it arrives: the next frame is taken from the
 /// client only once the last one is written, so a client is held to the upstream's pace and
-/// nothing piles up in between.
-pub(crate) struct Sender<'a> {
-    body: &'a mut Incoming,
+/// nothing piles up in between. It keeps going after the upstream's answer has begun (an
+/// upstream may answer while it reads, as streaming servers do).
+pub(crate) struct Sender {
+    body: Incoming,
     chunked: bool,
     /// What is left to write of the current frame: chunk size line, data, CRLF.
     queue: VecDeque<Bytes>,
     done: bool,
     /// A frame was taken from the client, so the request can no longer be sent again.
     pub consumed: bool,
+    /// Bytes moved (taken from the client or written upstream) since the last look.
+    progressed: bool,
+    /// The last poll waits for the client, not for the upstream.
+    pub waiting_on_client: bool,
+    /// The upstream stopped taking the body: nothing more is sent, and the connection is not
+    /// reused.
+    pub broken: bool,
 }
 
-impl<'a> Sender<'a> {
-    pub fn new(body: &'a mut Incoming, chunked: bool) -> Self {
+impl Sender {
+    pub fn new(body: Incoming, chunked: bool) -> Self {
         Self {
             body,
             chunked,
             queue: VecDeque::with_capacity(3),
             done: false,
             consumed: false,
+            progressed: false,
+            waiting_on_client: false,
+            broken: false,
         }
+    }
+
+    /// The client's body back, when nothing of it was taken.
+    pub fn into_untouched(self) -> Option<Incoming> {
+        (!self.consumed).then_some(self.body)
     }
 
     pub fn is_done(&self) -> bool {
         self.done && self.queue.is_empty()
     }
 
-    /// Stops sending (the upstream answered, or stopped reading).
-    pub fn abandon(&mut self) {
-        self.done = true;
-        self.queue.clear();
+    /// True once if bytes moved since the last call.
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
     }
 
     /// Writes until the body is complete (`Ready(Ok)`), or both the upstream and the client
-    /// make it wait. `waiting` says which one does.
+    /// make it wait.
     pub fn poll_send<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut W,
-        waiting: &Waiting,
     ) -> Poll<Result<(), SendError>> {
         loop {
             if !self.queue.is_empty() {
-                waiting.set_client(false);
+                self.waiting_on_client = false;
                 let slices: [io::IoSlice<'_>; 3] = std::array::from_fn(|i| {
                     io::IoSlice::new(self.queue.get(i).map_or(&[][..], |b| &b[..]))
                 });
@@ -228,6 +253,7 @@ impl<'a> Sender<'a> {
                 if n == 0 {
                     return Poll::Ready(Err(SendError::Upstream(io::ErrorKind::WriteZero.into())));
                 }
+                self.progressed = true;
                 while n > 0 {
                     let Some(front) = self.queue.front_mut() else {
                         break;
@@ -242,11 +268,13 @@ impl<'a> Sender<'a> {
                 continue;
             }
             if self.done {
-                waiting.set_client(false);
+                self.waiting_on_client = false;
                 return Poll::Ready(Ok(()));
             }
-            waiting.set_client(true);
-            match ready!(Pin::new(&mut *self.body).poll_frame(cx)) {
+            self.waiting_on_client = true;
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            self.waiting_on_client = false;
+            match frame {
                 None => {
                     self.done = true;
                     if self.chunked {
@@ -256,52 +284,22 @@ impl<'a> Sender<'a> {
                 Some(Err(e)) => return Poll::Ready(Err(SendError::Client(e))),
                 Some(Ok(frame)) => {
                     self.consumed = true;
-                    match frame.into_data() {
-                        Ok(data) if data.is_empty() => {}
-                        Ok(data) if self.chunked => {
+                    self.progressed = true;
+                    // Request trailers are dropped: they could carry fields the proxy sets
+                    // itself (X-Forwarded-For, X-Request-Id) past its rewriting.
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        if self.chunked {
                             self.queue.push_back(chunk_head(data.len()));
                             self.queue.push_back(data);
                             self.queue.push_back(Bytes::from_static(b"\r\n"));
-                        }
-                        Ok(data) => self.queue.push_back(data),
-                        Err(frame) => {
-                            // Trailers travel in the last chunk; with a fixed length there is
-                            // no room for them, and they are dropped.
-                            if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
-                                self.queue.push_back(trailer_block(&trailers));
-                                self.done = true;
-                            }
+                        } else {
+                            self.queue.push_back(data);
                         }
                     }
                 }
             }
         }
     }
-}
-
-/// The last chunk with its trailer fields (those that may be trailers: not framing, routing
-/// or hop-by-hop fields).
-fn trailer_block(trailers: &http::HeaderMap) -> Bytes {
-    use http::header;
-    let mut out = Vec::from(&b"0\r\n"[..]);
-    for (name, value) in trailers {
-        if [
-            header::CONTENT_LENGTH,
-            header::TRANSFER_ENCODING,
-            header::HOST,
-            header::CONNECTION,
-            header::TE,
-            header::TRAILER,
-        ]
-        .contains(name)
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Bytes::from(out)
 }

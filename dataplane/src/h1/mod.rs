@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-pub(crate) use body::{Body, Waiting};
+pub(crate) use body::Body;
 #[doc(hidden)]
 pub use codec::frame_response;
 pub(crate) use codec::recycle;
@@ -54,6 +54,13 @@ pub(crate) enum Error {
     /// The client's request body failed; the upstream did nothing wrong.
     #[error("client request body: {0}")]
     Client(#[source] hyper::Error),
+    /// No answer within the timeout (`client`: the exchange was waiting for the client's body).
+    #[error("timed out")]
+    Timeout { client: bool },
+    /// A kept-alive connection closed by the upstream as the request went out, with a request
+    /// that could not be sent again.
+    #[error("pooled connection closed by the upstream: {0}")]
+    Stale(#[source] Box<Error>),
 }
 
 /// What a client did wrong.
@@ -106,24 +113,27 @@ impl Error {
 pub(crate) struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long the upstream may take to answer once the request is sent, and how long a
+    /// request body may go without moving while it is sent; `None` when the caller bounds
+    /// the exchange itself.
+    pub timeout: Option<Duration>,
 }
 
 /// Sends `head` and `body` to `addr` and reads the response head. A pooled connection the
 /// upstream had closed meanwhile (the keep-alive race) is retried once on a new connection
 /// when no body byte was taken from the client yet, and either nothing came back to an
-/// idempotent request or the request could not even be written. `waiting` tells, at any
-/// moment, which side the exchange waits on.
+/// idempotent request or the request could not even be written. `body` is taken when sent;
+/// it is left in place when nothing of it was, so the caller may try another endpoint.
 pub(crate) async fn send(
     pool: &Pool,
     addr: SocketAddr,
     head: &Head<'_>,
-    mut body: Option<&mut Incoming>,
+    body: &mut Option<Incoming>,
     settings: Settings,
     idempotent: bool,
-    waiting: &Waiting,
 ) -> Result<Answer, Error> {
     if let Some(conn) = pool.take(settings.idle_timeout) {
-        match exchange(pool, conn, head, body.as_deref_mut(), waiting).await {
+        match exchange(pool, conn, head, body, settings.timeout).await {
             Err(Failure::Unanswered {
                 written,
                 consumed: false,
@@ -131,13 +141,15 @@ pub(crate) async fn send(
             }) if idempotent || !written => {
                 tracing::trace!(%addr, ?err, "pooled connection was closed; reconnecting");
             }
+            // The backend closed a kept-alive connection as the request went out: a race
+            // between two idle timers, not a sign of a sick backend.
+            Err(Failure::Unanswered { err, .. }) => return Err(Error::Stale(Box::new(err))),
             Err(f) => return Err(f.into()),
             Ok(a) => return Ok(a),
         }
     }
-    waiting.set_client(false);
     let conn = connect(addr, settings.connect_timeout).await?;
-    exchange(pool, conn, head, body, waiting)
+    exchange(pool, conn, head, body, settings.timeout)
         .await
         .map_err(Error::from)
 }
@@ -175,12 +187,21 @@ async fn exchange(
     pool: &Pool,
     mut c: Conn,
     head: &Head<'_>,
-    body: Option<&mut Incoming>,
-    waiting: &Waiting,
+    body: &mut Option<Incoming>,
+    timeout: Option<Duration>,
 ) -> Result<Answer, Failure> {
     c.buf.clear();
     codec::encode(head, &mut c.buf);
-    if let Err(e) = c.io.write_all(&c.buf).await {
+    let written = match timeout {
+        Some(t) => tokio::time::timeout(t, c.io.write_all(&c.buf))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        None => c.io.write_all(&c.buf).await,
+    };
+    if let Err(e) = written {
+        if e.kind() == io::ErrorKind::TimedOut {
+            return Err(Failure::Other(Error::Timeout { client: false }));
+        }
         return Err(Failure::Unanswered {
             written: false,
             consumed: false,
@@ -188,22 +209,39 @@ async fn exchange(
         });
     }
     c.buf.clear();
-    let mut sender = body.map(|b| Sender::new(b, head.framing == ReqFraming::Chunked));
-    let mut answer =
-        std::future::poll_fn(|cx| poll_answer(cx, &mut c, head, &mut sender, waiting)).await?;
-    answer.body.start(c, pool);
-    Ok(answer)
+    let mut sender = body
+        .take()
+        .map(|b| Sender::new(b, head.framing == ReqFraming::Chunked));
+    let mut timer = std::pin::pin!(timeout.map(tokio::time::sleep));
+    let answer = std::future::poll_fn(|cx| {
+        poll_answer(cx, &mut c, head, &mut sender, timer.as_mut(), timeout)
+    })
+    .await;
+    match answer {
+        Ok(mut answer) => {
+            answer
+                .body
+                .start(c, pool, sender.filter(|s| !s.is_done() && !s.broken));
+            Ok(answer)
+        }
+        Err(f) => {
+            // Nothing of the body was taken: it is the caller's again.
+            *body = sender.and_then(Sender::into_untouched);
+            Err(f)
+        }
+    }
 }
 
-/// Reads the answer while writing the request body, until the final head has arrived. An
-/// upstream may answer before the body is complete (a 413, a 401): the rest of the body is
-/// then not sent, and the connection is not reused.
+/// Reads the answer while writing the request body, until the final head has arrived (the
+/// body goes on being sent with the answer, see `Body`). `timer` runs out `timeout` after the
+/// request was sent whole, or after the body last moved while it is being sent.
 fn poll_answer(
     cx: &mut std::task::Context<'_>,
     c: &mut Conn,
     head: &Head<'_>,
-    sender: &mut Option<Sender<'_>>,
-    waiting: &Waiting,
+    sender: &mut Option<Sender>,
+    mut timer: std::pin::Pin<&mut Option<tokio::time::Sleep>>,
+    timeout: Option<Duration>,
 ) -> std::task::Poll<Result<Answer, Failure>> {
     use std::task::Poll;
     loop {
@@ -238,13 +276,9 @@ fn poll_answer(
                         }
                         Parsed::Interim => {}
                         Parsed::Final(mut answer) => {
-                            if let Some(s) = sender.as_mut()
-                                && !s.is_done()
-                            {
-                                s.abandon();
+                            if sender.as_ref().is_some_and(|s| s.broken) {
                                 answer.body.reuse = false;
                             }
-                            waiting.set_client(false);
                             return Poll::Ready(Ok(answer));
                         }
                     }
@@ -258,22 +292,37 @@ fn poll_answer(
             Poll::Pending => {}
         }
         // No answer yet: feed the upstream the body.
-        let Some(s) = sender.as_mut().filter(|s| !s.is_done()) else {
-            waiting.set_client(false);
+        let mut sent_whole = false;
+        if let Some(s) = sender.as_mut().filter(|s| !s.is_done() && !s.broken) {
+            match s.poll_send(cx, &mut c.io) {
+                Poll::Ready(Ok(())) => sent_whole = true,
+                Poll::Pending => {}
+                Poll::Ready(Err(SendError::Client(e))) => {
+                    return Poll::Ready(Err(Failure::Other(Error::Client(e))));
+                }
+                Poll::Ready(Err(SendError::Upstream(e))) => {
+                    // It stopped reading; it may still answer (and then close). If it does
+                    // not, the read above reports the failure.
+                    tracing::trace!(?e, "upstream stopped taking the request body");
+                    s.broken = true;
+                }
+            }
+            if (s.take_progress() || sent_whole)
+                && let (Some(t), Some(timeout)) = (timer.as_mut().as_pin_mut(), timeout)
+            {
+                t.reset(tokio::time::Instant::now() + timeout);
+            }
+        }
+        if let Some(t) = timer.as_mut().as_pin_mut()
+            && t.poll(cx).is_ready()
+        {
+            let client = sender
+                .as_ref()
+                .is_some_and(|s| !s.is_done() && s.waiting_on_client);
+            return Poll::Ready(Err(Failure::Other(Error::Timeout { client })));
+        }
+        if !sent_whole {
             return Poll::Pending;
-        };
-        match s.poll_send(cx, &mut c.io, waiting) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(SendError::Client(e))) => {
-                return Poll::Ready(Err(Failure::Other(Error::Client(e))));
-            }
-            Poll::Ready(Err(SendError::Upstream(e))) => {
-                // It stopped reading; it may still answer (and then close). If it does not,
-                // the read above reports the failure.
-                tracing::trace!(?e, "upstream stopped taking the request body");
-                s.abandon();
-            }
-            Poll::Pending => return Poll::Pending,
         }
     }
 }

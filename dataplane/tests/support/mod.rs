@@ -154,7 +154,7 @@ async fn answer(
         return Response::new(Full::new(Bytes::from_static(b"ok")));
     }
     hits.fetch_add(1, Relaxed);
-    if req.headers().contains_key(http::header::UPGRADE) {
+    if let Some(proto) = req.headers().get(http::header::UPGRADE).cloned() {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -167,8 +167,7 @@ async fn answer(
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut()
             .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
-        resp.headers_mut()
-            .insert(http::header::UPGRADE, "echo".parse().unwrap());
+        resp.headers_mut().insert(http::header::UPGRADE, proto);
         return resp;
     }
     let ms = delay.load(Relaxed);
