@@ -162,7 +162,12 @@ fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError>
         return Err(ProxyError::BadHost);
     }
     if let Some(authority) = req.uri().authority() {
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadHost)?;
+        // Host and port only: userinfo (`http://user:pass@host/`) never becomes a Host.
+        let host = match authority.port() {
+            Some(port) => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+            None => HeaderValue::from_str(authority.host()),
+        }
+        .map_err(|_| ProxyError::BadHost)?;
         req.headers_mut().insert(header::HOST, host);
     }
     Ok(())
@@ -277,6 +282,19 @@ async fn forward(
         let rtt = Duration::from_nanos(now.saturating_sub(sent));
         match result {
             Ok(mut answer) => {
+                let switched = answer.body.take_switched();
+                let agreed = answer
+                    .headers
+                    .get(header::UPGRADE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                if switched.is_some() && !agreed {
+                    // It switched to something not asked for: nothing to relay safely, and
+                    // the endpoint's doing.
+                    ep.state.observe(penalty, now, decay);
+                    outlier::on_failure(&shared.metrics, cluster, ep, now);
+                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "upstream switched to a protocol the client did not ask for");
+                    return Err(ProxyError::UpstreamReset);
+                }
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
                 learn_from_status(
                     shared,
@@ -287,16 +305,6 @@ async fn forward(
                     rtt,
                     now,
                 );
-                let switched = answer.body.take_switched();
-                let agreed = answer
-                    .headers
-                    .get(header::UPGRADE)
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                if switched.is_some() && !agreed {
-                    // It switched to something not asked for: nothing to relay safely.
-                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "upstream switched to a protocol the client did not ask for");
-                    return Err(ProxyError::UpstreamReset);
-                }
                 let mut resp = Response::new(match switched {
                     Some(_) => ResponseBody::message(Bytes::new()),
                     None => ResponseBody::own(answer.body, guard),

@@ -84,6 +84,16 @@ async fn the_target_authority_outranks_the_host_header() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(header(&r, "x-seen-host"), Some("real.example"));
     assert_eq!(header(&r, "x-seen-forwarded-host"), Some("real.example"));
+    // Userinfo in the target never becomes a Host.
+    let r = exchange(
+        proxy.addr,
+        b"GET http://user:secret@real.example:8080/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!r.contains("secret"), "{r}");
+    if r.starts_with("HTTP/1.1 200") {
+        assert_eq!(header(&r, "x-seen-host"), Some("real.example:8080"));
+    }
 }
 
 /// `/c` served by `a`, `/d` by `b`.

@@ -3,6 +3,7 @@
 //! buffered whole.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -26,6 +27,14 @@ pub(crate) enum Framing {
     Switched,
 }
 
+/// The rest of a request body sent while the answer is read, and the timer bounding how long
+/// it may go without moving.
+pub(crate) struct Sending {
+    pub sender: Sender,
+    pub timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub timeout: Option<std::time::Duration>,
+}
+
 /// A response body read from the upstream connection as the client takes it. When the body
 /// ends cleanly on a reusable connection, the connection returns to its pool.
 pub(crate) struct Body {
@@ -33,7 +42,7 @@ pub(crate) struct Body {
     pub(super) framing: Framing,
     pub(super) reuse: bool,
     /// The rest of the request body, when the answer began before it was all sent.
-    sending: Option<Sender>,
+    sending: Option<Sending>,
     /// A failure reported on the next poll, once the bytes before it have been flushed to the
     /// client (the server side only flushes when the body is pending).
     failed: Option<Error>,
@@ -52,7 +61,7 @@ impl Body {
 
     /// Attaches the connection, and the request body still being sent if there is one; gives
     /// the connection straight back when both are already complete.
-    pub(super) fn start(&mut self, conn: Conn, pool: &Pool, sending: Option<Sender>) {
+    pub(super) fn start(&mut self, conn: Conn, pool: &Pool, sending: Option<Sending>) {
         self.conn = Some(conn);
         self.sending = sending;
         if let Framing::Length(0) = self.framing {
@@ -112,9 +121,25 @@ impl Body {
                 return Poll::Ready(None);
             };
             if let Some(s) = self.sending.as_mut() {
-                match s.poll_send(cx, &mut c.io) {
+                let polled = s.sender.poll_send(cx, &mut c.io);
+                if s.sender.take_progress()
+                    && let (Some(t), Some(timeout)) = (s.timer.as_mut(), s.timeout)
+                {
+                    t.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                match polled {
                     Poll::Ready(Ok(())) => self.sending = None,
-                    Poll::Pending => {}
+                    Poll::Pending => {
+                        if let Some(t) = s.timer.as_mut()
+                            && t.as_mut().poll(cx).is_ready()
+                        {
+                            // The body stopped moving: the exchange cannot complete.
+                            let client = s.sender.waiting_on_client;
+                            self.sending = None;
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(Error::Timeout { client })));
+                        }
+                    }
                     Poll::Ready(Err(SendError::Upstream(e))) => {
                         // It stopped reading; its answer may still come whole.
                         tracing::trace!(?e, "upstream stopped taking the request body");

@@ -137,13 +137,17 @@ pub(crate) async fn send(
             Err(Failure::Unanswered {
                 written,
                 consumed: false,
+                at_once: true,
                 err,
             }) if idempotent || !written => {
                 tracing::trace!(%addr, ?err, "pooled connection was closed; reconnecting");
             }
             // The backend closed a kept-alive connection as the request went out: a race
-            // between two idle timers, not a sign of a sick backend.
-            Err(Failure::Unanswered { err, .. }) => return Err(Error::Stale(Box::new(err))),
+            // between two idle timers, not a sign of a sick backend. (A close that comes
+            // later is the backend's doing, and counts.)
+            Err(Failure::Unanswered {
+                at_once: true, err, ..
+            }) => return Err(Error::Stale(Box::new(err))),
             Err(f) => return Err(f.into()),
             Ok(a) => return Ok(a),
         }
@@ -164,12 +168,18 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
     Ok(Conn::new(io))
 }
 
+/// How soon after the request went out a close still counts as the keep-alive race (the
+/// backend's idle timer firing as the request arrived) rather than the backend failing it.
+const RACE_WINDOW: Duration = Duration::from_millis(100);
+
 enum Failure {
     /// No response byte arrived. `written`: the whole head was written; `consumed`: part of
-    /// the client's body was taken (and cannot be sent again).
+    /// the client's body was taken (and cannot be sent again); `at_once`: the connection
+    /// failed within `RACE_WINDOW` of the head going out.
     Unanswered {
         written: bool,
         consumed: bool,
+        at_once: bool,
         err: Error,
     },
     Other(Error),
@@ -205,6 +215,7 @@ async fn exchange(
         return Err(Failure::Unanswered {
             written: false,
             consumed: false,
+            at_once: true,
             err: Error::Io(e),
         });
     }
@@ -213,15 +224,29 @@ async fn exchange(
         .take()
         .map(|b| Sender::new(b, head.framing == ReqFraming::Chunked));
     let mut timer = std::pin::pin!(timeout.map(tokio::time::sleep));
+    let mut state = Exchange {
+        sent_at: tokio::time::Instant::now(),
+        heard: false,
+        timeout,
+    };
     let answer = std::future::poll_fn(|cx| {
-        poll_answer(cx, &mut c, head, &mut sender, timer.as_mut(), timeout)
+        poll_answer(cx, &mut c, head, &mut sender, timer.as_mut(), &mut state)
     })
     .await;
     match answer {
         Ok(mut answer) => {
-            answer
-                .body
-                .start(c, pool, sender.filter(|s| !s.is_done() && !s.broken));
+            // The rest of the body goes out with the answer, under the same deadline (a timer
+            // of its own: only this rare case pays for the allocation).
+            let deadline = timer.as_ref().as_pin_ref().map(|t| t.deadline());
+            let sending =
+                sender
+                    .filter(|s| !s.is_done() && !s.broken)
+                    .map(|sender| body::Sending {
+                        sender,
+                        timer: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                        timeout,
+                    });
+            answer.body.start(c, pool, sending);
             Ok(answer)
         }
         Err(f) => {
@@ -230,6 +255,15 @@ async fn exchange(
             Err(f)
         }
     }
+}
+
+/// What `poll_answer` keeps between polls.
+struct Exchange {
+    /// When the head went out.
+    sent_at: tokio::time::Instant,
+    /// A response byte arrived (an interim head counts).
+    heard: bool,
+    timeout: Option<Duration>,
 }
 
 /// Reads the answer while writing the request body, until the final head has arrived (the
@@ -241,15 +275,25 @@ fn poll_answer(
     head: &Head<'_>,
     sender: &mut Option<Sender>,
     mut timer: std::pin::Pin<&mut Option<tokio::time::Sleep>>,
-    timeout: Option<Duration>,
+    state: &mut Exchange,
 ) -> std::task::Poll<Result<Answer, Failure>> {
     use std::task::Poll;
+    let timeout = state.timeout;
     loop {
         let consumed = sender.as_ref().is_some_and(|s| s.consumed);
-        let unanswered = |err| Failure::Unanswered {
-            written: true,
-            consumed,
-            err,
+        let (heard, sent_at) = (state.heard, state.sent_at);
+        let unanswered = |err| {
+            if heard {
+                // It answered (a 100 Continue) and then failed: not a stale connection.
+                Failure::Other(err)
+            } else {
+                Failure::Unanswered {
+                    written: true,
+                    consumed,
+                    at_once: sent_at.elapsed() < RACE_WINDOW,
+                    err,
+                }
+            }
         };
         match c.poll_read(cx) {
             Poll::Ready(Ok(0)) if c.buf.is_empty() => {
@@ -261,6 +305,7 @@ fn poll_answer(
                 ))));
             }
             Poll::Ready(Ok(_)) => {
+                state.heard = true;
                 // A buffer may hold interim (1xx) heads before the final one.
                 while !c.buf.is_empty() {
                     match codec::parse(&mut c.buf, head.method == http::Method::HEAD, head.upgrade)
