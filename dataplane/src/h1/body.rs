@@ -41,8 +41,9 @@ pub(crate) struct Body {
     pub(super) conn: Option<Conn>,
     pub(super) framing: Framing,
     pub(super) reuse: bool,
-    /// The rest of the request body, when the answer began before it was all sent.
-    sending: Option<Sending>,
+    /// The rest of the request body, when the answer began before it was all sent (boxed:
+    /// rare, and kept out of every answer's size).
+    sending: Option<Box<Sending>>,
     /// A failure reported on the next poll, once the bytes before it have been flushed to the
     /// client (the server side only flushes when the body is pending).
     failed: Option<Error>,
@@ -63,7 +64,7 @@ impl Body {
     /// the connection straight back when both are already complete.
     pub(super) fn start(&mut self, conn: Conn, pool: &Pool, sending: Option<Sending>) {
         self.conn = Some(conn);
-        self.sending = sending;
+        self.sending = sending.map(Box::new);
         if let Framing::Length(0) = self.framing {
             self.finish(pool);
         }
