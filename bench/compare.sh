@@ -20,6 +20,8 @@ WORKERS=${WORKERS:-auto}
 case $WORKERS in auto | [1-9] | [1-9][0-9]) ;; *) echo "bench/compare.sh: WORKERS must be auto or 1-99" >&2; exit 64 ;; esac
 SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# HAProxy needs two descriptors per connection and refuses to start beyond the limit.
+HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 )); [ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool)
 
 for tool in nginx haproxy wrk python3; do
@@ -117,7 +119,7 @@ start_nginx() { # ports...
 
 start_haproxy() { # ports...
   {
-    echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn 20000"
+    echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn $HAPROXY_MAXCONN"
     echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
     echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
     echo "  retry-on conn-failure empty-response"
@@ -303,13 +305,16 @@ print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1
     declare -A per=()
     for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
       set -- $t
+      n=$HOLD
+      # HAProxy's maxconn is bounded by this machine's descriptor limit (see HAPROXY_MAXCONN).
+      [ "$1" = haproxy ] && [ "$n" -gt $((HAPROXY_MAXCONN - 100)) ] && n=$((HAPROXY_MAXCONN - 100))
       idle=$(rss_kb "$2")
-      hold_connections "$3" "$HOLD"
+      hold_connections "$3" "$n"
       for _ in $(seq 1 600); do [ -e "$WORK/held" ] && break; sleep 0.1; done; sleep 1
       busy=$(rss_kb "$2")
       kill $HOLD_PID 2>/dev/null || true; wait $HOLD_PID 2>/dev/null || true
-      per[$1]=$(python3 -c "print('%.1f' % (($busy - $idle) / $HOLD))")
-      echo "| $1 | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") | ${per[$1]} |"
+      per[$1]=$(python3 -c "print('%.1f' % (($busy - $idle) / $n))")
+      echo "| $1$([ "$n" = "$HOLD" ] || echo " ($n connections: its descriptor limit here)") | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") | ${per[$1]} |"
     done
     echo; python3 -c "print('fleetlb KiB per idle connection / nginx = %.2f (goal <= 1)' % (${per[fleetlb]} / ${per[nginx]}))"
     echo

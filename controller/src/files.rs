@@ -36,19 +36,77 @@ pub struct Doc {
 
 /// The manifest files of `dir` and a hash of their names and contents (to detect changes).
 pub fn read_dir(dir: &Path) -> std::io::Result<(u64, Vec<(PathBuf, String)>)> {
+    read_dir_cached(dir, &mut FileCache::default())
+}
+
+/// What a directory's files held when last read, so a poll reads only the files whose size,
+/// modification or status-change time or inode changed (a Kubernetes ConfigMap volume swaps a symlink: the
+/// inode changes) and otherwise costs one `stat` per file.
+#[derive(Default)]
+pub struct FileCache {
+    files: std::collections::HashMap<PathBuf, (FileStamp, String)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    /// Inode and status-change time (a permission change makes an unreadable file readable).
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let (inode, changed) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.ino(), (meta.ctime(), meta.ctime_nsec()))
+        };
+        #[cfg(not(unix))]
+        let (inode, changed) = (0, (0, 0));
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode,
+            changed,
+        }
+    }
+}
+
+/// [`read_dir`] reading only what changed since `cache` last saw it.
+pub fn read_dir_cached(
+    dir: &Path,
+    cache: &mut FileCache,
+) -> std::io::Result<(u64, Vec<(PathBuf, String)>)> {
     let mut files = Vec::new();
+    let mut seen = std::collections::HashMap::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if name.starts_with('.') || !is_yaml || !path.is_file() {
+        if name.starts_with('.') || !is_yaml {
             continue;
         }
-        match std::fs::read_to_string(&path) {
-            Ok(text) => files.push((path, text)),
-            Err(e) => files.push((path, format!("\u{0}unreadable: {e}"))),
+        // Follows symlinks, like reading the file does.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
         }
+        let stamp = FileStamp::of(&meta);
+        let text = match cache.files.remove(&path) {
+            Some((was, text)) if was == stamp => text,
+            _ => match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) => format!("\u{0}unreadable: {e}"),
+            },
+        };
+        seen.insert(path.clone(), (stamp, text.clone()));
+        files.push((path, text));
     }
+    cache.files = seen;
     files.sort();
     let mut all = Vec::new();
     for (p, t) in &files {

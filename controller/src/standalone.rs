@@ -149,6 +149,8 @@ pub struct Standalone {
     errors: Vec<String>,
     logged: HashSet<String>,
     last_hash: Option<u64>,
+    /// The directory's files as last read (a poll re-reads only changed ones).
+    file_cache: files::FileCache,
     loaded_once: bool,
     used_kinds: HashSet<ProviderKind>,
 }
@@ -171,6 +173,7 @@ impl Standalone {
             errors: Vec::new(),
             logged: HashSet::new(),
             last_hash: None,
+            file_cache: files::FileCache::default(),
             loaded_once: false,
             used_kinds: HashSet::new(),
         }
@@ -209,7 +212,7 @@ impl Standalone {
 
     /// Reads the directory; returns whether anything changed.
     fn load(&mut self) -> bool {
-        let (hash, texts) = match files::read_dir(&self.cfg.dir) {
+        let (hash, texts) = match files::read_dir_cached(&self.cfg.dir, &mut self.file_cache) {
             Ok(x) => x,
             Err(e) => {
                 let msg = format!("{}: cannot read directory: {e}", self.cfg.dir.display());
