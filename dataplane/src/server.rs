@@ -71,7 +71,11 @@ pub(crate) async fn serve(
         let svc = service_fn(move |req| {
             let this = svc_this.clone();
             let peer_ip = peer_ip.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip).await) }
+            // Boxed: hyper keeps the service's future inside every connection, idle ones too;
+            // one allocation per request keeps that space out of every idle connection.
+            Box::pin(async move {
+                Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip).await)
+            })
         });
         let watcher = graceful.watcher();
         let this = this.clone();
