@@ -423,6 +423,24 @@ async fn many<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
+/// 100 clients send `raw` and hang up once their requests have reached a backend (`hits`
+/// counts them), so the proxy surely saw each one.
+async fn leave_once_received(addr: std::net::SocketAddr, raw: &[u8], hits: &impl Fn() -> u64) {
+    let before = hits();
+    let mut batch = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        batch.push(s);
+    }
+    settle(|| hits() >= before + 100).await;
+    assert!(
+        hits() >= before + 100,
+        "{} of 100 reached a backend",
+        hits() - before
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_faults_never_count_against_backends() {
     let a = Upstream::start("a").await;
@@ -465,22 +483,12 @@ async fn client_faults_never_count_against_backends() {
     // its request has reached a backend, so the proxy surely saw it).
     let hits = || a.hits.load(Relaxed) + b.hits.load(Relaxed);
     for _ in 0..N / 100 {
-        let before = hits();
-        let mut batch = Vec::new();
-        for _ in 0..100 {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
-                .await
-                .unwrap();
-            batch.push(s);
-        }
-        settle(|| hits() >= before + 100).await;
-        assert!(
-            hits() >= before + 100,
-            "{} of 100 reached a backend",
-            hits() - before
-        );
-        drop(batch);
+        leave_once_received(
+            addr,
+            b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789",
+            &hits,
+        )
+        .await;
     }
 
     // 3. Clients hanging up before the answer: the backends take 200 ms; each client leaves as
@@ -488,22 +496,7 @@ async fn client_faults_never_count_against_backends() {
     a.delay_ms.store(200, Relaxed);
     b.delay_ms.store(200, Relaxed);
     for _ in 0..N / 100 {
-        let before = hits();
-        let mut batch = Vec::new();
-        for _ in 0..100 {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            batch.push(s);
-        }
-        settle(|| hits() >= before + 100).await;
-        assert!(
-            hits() >= before + 100,
-            "{} of 100 reached a backend",
-            hits() - before
-        );
-        drop(batch);
+        leave_once_received(addr, b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n", &hits).await;
     }
     a.delay_ms.store(0, Relaxed);
     b.delay_ms.store(0, Relaxed);

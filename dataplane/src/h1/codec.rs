@@ -334,40 +334,30 @@ mod tests {
     }
 
     #[test]
-    fn request_heads_carry_host_and_a_length_for_empty_posts() {
+    fn request_heads_carry_host_and_their_framing() {
         let mut h = HeaderMap::new();
         h.insert("x-a", HeaderValue::from_static("1"));
         let path = PathAndQuery::from_static("/p?q=1");
-        let mut out = BytesMut::new();
-        encode(
-            &Head {
+        let encoded = |framing| {
+            let mut out = BytesMut::new();
+            let head = Head {
                 method: &Method::POST,
                 path: &path,
                 headers: &h,
                 authority: "127.0.0.1:1",
-                framing: ReqFraming::None,
+                framing,
                 upgrade: false,
-            },
-            &mut out,
+            };
+            encode(&head, &mut out);
+            out
+        };
+        assert_eq!(
+            &encoded(ReqFraming::None)[..],
+            b"POST /p?q=1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
+            "an empty POST says so"
         );
         assert_eq!(
-            &out[..],
-            b"POST /p?q=1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"
-        );
-        out.clear();
-        encode(
-            &Head {
-                method: &Method::POST,
-                path: &path,
-                headers: &h,
-                authority: "127.0.0.1:1",
-                framing: ReqFraming::Chunked,
-                upgrade: false,
-            },
-            &mut out,
-        );
-        assert_eq!(
-            &out[..],
+            &encoded(ReqFraming::Chunked)[..],
             b"POST /p?q=1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n",
             "a body of unknown length is chunked"
         );
