@@ -70,10 +70,32 @@ pub(crate) const LATENCY_RESOLUTION_NS: f64 = 5_000_000.0;
 /// Cost of sending one more request to `e` under peak-EWMA: (latency + resolution) x
 /// (in-flight + 1), divided by the slow-start ramp. Lower wins.
 pub(crate) fn cost(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
+    latency_term(c, e, now) * f64::from(e.state.inflight() + 1)
+}
+
+/// The latency side of the cost: (estimate + resolution) / slow-start ramp.
+fn latency_term(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
     let b = &c.balancing;
     (e.state.estimate_ns(now, b.decay.as_nanos() as f64) + LATENCY_RESOLUTION_NS)
-        * f64::from(e.state.inflight() + 1)
         / ramp(e, now, b.slow_start.as_nanos() as u64)
+}
+
+/// Two endpoints whose latencies are within this factor of each other are taken as equally
+/// fast, and the one with fewer requests in flight wins (nginx's least_conn): a latency
+/// measured under the last burst's queue, or a health check that happened to answer a
+/// millisecond late, is not a reason to load one identical instance more than another. Past
+/// it, latency weighs in (a 40 ms instance against 2 ms ones: 6.4x).
+pub(crate) const SAME_LATENCY: f64 = 1.5;
+
+/// Of `a` and `b`, whether `a` is the better choice under peak-EWMA.
+fn ewma_prefers(c: &Cluster, a: &Endpoint, b: &Endpoint, now: u64) -> bool {
+    let (la, lb) = (latency_term(c, a, now), latency_term(c, b, now));
+    let (ia, ib) = (a.state.inflight(), b.state.inflight());
+    if la.max(lb) <= SAME_LATENCY * la.min(lb) {
+        ia <= ib
+    } else {
+        la * f64::from(ia + 1) <= lb * f64::from(ib + 1)
+    }
 }
 
 /// Chooses an endpoint of `cluster` for one request, never `avoid` (the endpoint that just
@@ -113,7 +135,7 @@ pub(crate) fn pick<'a>(
             Policy::PeakEwma => {
                 let (a, b) = two_distinct(n);
                 let (a, b) = (nth(a), nth(b));
-                choose(a, b, cost(cluster, a, now) <= cost(cluster, b, now))
+                choose(a, b, ewma_prefers(cluster, a, b, now))
             }
             Policy::LeastRequest => {
                 let (a, b) = two_distinct(n);

@@ -388,3 +388,20 @@ fn a_slow_endpoint_still_gets_little_of_a_burst() {
     let slow = c.endpoints[3].state.inflight();
     assert!(slow < 100, "the 40 ms endpoint holds {slow} of 1000");
 }
+
+#[test]
+fn latencies_from_the_last_burst_do_not_skew_the_next() {
+    // Identical instances whose estimates still carry the previous burst's queueing peaks,
+    // 250 to 320 ms (within 1.5x of each other): the next burst is split by requests in
+    // flight, evenly, as least_conn would.
+    let c = cluster(Policy::PeakEwma, &[1.0, 1.0, 1.0, 1.0]);
+    let decay = c.balancing.decay.as_nanos() as f64;
+    for (e, peak) in c.endpoints.iter().zip([250.0, 320.0, 280.0, 300.0]) {
+        e.state.observe(peak * MS, LATER, decay);
+    }
+    for _ in 0..1000 {
+        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+    }
+    let held: Vec<u32> = c.endpoints.iter().map(|e| e.state.inflight()).collect();
+    assert!(held.iter().all(|&n| (240..=260).contains(&n)), "{held:?}");
+}
