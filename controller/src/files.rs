@@ -57,6 +57,20 @@ struct FileStamp {
 }
 
 impl FileStamp {
+    /// Changed within the last 2 s: a file rewritten in place within one timestamp tick of
+    /// being read looks unchanged, so such a file is read again until its stamp is older
+    /// (git's "racily clean" rule).
+    fn recent(&self) -> bool {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let modified = self
+            .modified
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(secs, |d| d.as_secs() as i64);
+        secs - modified.max(self.changed.0) < 2
+    }
+
     fn of(meta: &std::fs::Metadata) -> Self {
         #[cfg(unix)]
         let (inode, changed) = {
@@ -97,10 +111,14 @@ pub fn read_dir_cached(
         }
         let stamp = FileStamp::of(&meta);
         let text = match cache.files.remove(&path) {
-            Some((was, text)) if was == stamp => text,
+            Some((was, text)) if was == stamp && !stamp.recent() => text,
             _ => match std::fs::read_to_string(&path) {
                 Ok(text) => text,
-                Err(e) => format!("\u{0}unreadable: {e}"),
+                Err(e) => {
+                    // Not cached: the next poll tries again (EMFILE and friends pass).
+                    files.push((path, format!("\u{0}unreadable: {e}")));
+                    continue;
+                }
             },
         };
         seen.insert(path.clone(), (stamp, text.clone()));

@@ -70,31 +70,40 @@ pub(crate) const LATENCY_RESOLUTION_NS: f64 = 5_000_000.0;
 /// Cost of sending one more request to `e` under peak-EWMA: (latency + resolution) x
 /// (in-flight + 1), divided by the slow-start ramp. Lower wins.
 pub(crate) fn cost(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
-    latency_term(c, e, now) * f64::from(e.state.inflight() + 1)
-}
-
-/// The latency side of the cost: (estimate + resolution) / slow-start ramp.
-fn latency_term(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
     let b = &c.balancing;
-    (e.state.estimate_ns(now, b.decay.as_nanos() as f64) + LATENCY_RESOLUTION_NS)
+    (estimate(c, e, now) + LATENCY_RESOLUTION_NS) * f64::from(e.state.inflight() + 1)
         / ramp(e, now, b.slow_start.as_nanos() as u64)
 }
 
-/// Two endpoints whose latencies are within this factor of each other are taken as equally
-/// fast, and the one with fewer requests in flight wins (nginx's least_conn): a latency
-/// measured under the last burst's queue, or a health check that happened to answer a
-/// millisecond late, is not a reason to load one identical instance more than another. Past
-/// it, latency weighs in (a 40 ms instance against 2 ms ones: 6.4x).
-pub(crate) const SAME_LATENCY: f64 = 1.5;
+fn estimate(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
+    e.state
+        .estimate_ns(now, c.balancing.decay.as_nanos() as f64)
+}
 
-/// Of `a` and `b`, whether `a` is the better choice under peak-EWMA.
+/// Two latency estimates this close count as the same: within `SAME_LATENCY_NS` of each
+/// other, or within `SAME_LATENCY_RATIO` times. A health check that happened to answer a
+/// millisecond late, or the queueing peaks of the last burst (hundreds of milliseconds,
+/// differing by a fifth between identical instances), are not a reason to load one identical
+/// instance more than another; a 2 ms instance against a 3 ms one, or a t2.micro against a
+/// t2.large, still differ.
+pub(crate) const SAME_LATENCY_NS: f64 = 2_000_000.0;
+/// See [`SAME_LATENCY_NS`].
+pub(crate) const SAME_LATENCY_RATIO: f64 = 1.3;
+
+/// Of `a` and `b`, whether `a` is the better choice under peak-EWMA. Equally fast (see
+/// [`SAME_LATENCY_NS`]): fewer requests in flight wins, as with nginx's least_conn, each count
+/// divided by the slow-start ramp (so a new endpoint still ramps up). Otherwise the lower
+/// cost. An endpoint in the middle of failing is never taken as equally fast: its estimate
+/// carries the failure penalty, and its empty queue must not attract traffic.
 fn ewma_prefers(c: &Cluster, a: &Endpoint, b: &Endpoint, now: u64) -> bool {
-    let (la, lb) = (latency_term(c, a, now), latency_term(c, b, now));
-    let (ia, ib) = (a.state.inflight(), b.state.inflight());
-    if la.max(lb) <= SAME_LATENCY * la.min(lb) {
-        ia <= ib
+    let (ea, eb) = (estimate(c, a, now), estimate(c, b, now));
+    let same = (ea - eb).abs() <= SAME_LATENCY_NS || ea.max(eb) <= SAME_LATENCY_RATIO * ea.min(eb);
+    if same && !a.state.failing() && !b.state.failing() {
+        let slow_start = c.balancing.slow_start.as_nanos() as u64;
+        let load = |e: &Endpoint| f64::from(e.state.inflight() + 1) / ramp(e, now, slow_start);
+        load(a) <= load(b)
     } else {
-        la * f64::from(ia + 1) <= lb * f64::from(ib + 1)
+        cost(c, a, now) <= cost(c, b, now)
     }
 }
 

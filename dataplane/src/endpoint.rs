@@ -192,6 +192,11 @@ impl EndpointState {
         self.failure_run.fetch_add(1, Relaxed).saturating_add(1)
     }
 
+    /// Its last request failed (a run of failures is going on).
+    pub fn failing(&self) -> bool {
+        self.failure_run.load(Relaxed) != 0
+    }
+
     /// Ends a run of failures.
     pub fn request_succeeded(&self) {
         if self.failure_run.load(Relaxed) != 0 {

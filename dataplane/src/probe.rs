@@ -92,16 +92,17 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
 /// endpoints over the ticks.
 const PROBE_TICK: Duration = Duration::from_millis(100);
 
-/// `t` rounded up to the next `PROBE_TICK` boundary of the runtime's clock.
+/// `t` rounded to the nearest `PROBE_TICK` boundary of the runtime's clock (never before
+/// now: every probe interval is far longer than half a tick).
 fn on_tick(t: Instant) -> Instant {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let epoch = Instant::from_std(*EPOCH.get_or_init(std::time::Instant::now));
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
     let Some(since) = t.checked_duration_since(epoch) else {
         return t;
     };
     let tick = PROBE_TICK.as_nanos();
-    let rounded = since.as_nanos().div_ceil(tick) * tick;
-    epoch + Duration::from_nanos(rounded.min(u128::from(u64::MAX)) as u64)
+    let rounded = (since.as_nanos() + tick / 2) / tick * tick;
+    (epoch + Duration::from_nanos(rounded.min(u128::from(u64::MAX)) as u64)).max(Instant::now())
 }
 
 async fn probe_once(

@@ -405,3 +405,25 @@ fn latencies_from_the_last_burst_do_not_skew_the_next() {
     let held: Vec<u32> = c.endpoints.iter().map(|e| e.state.inflight()).collect();
     assert!(held.iter().all(|&n| (240..=260).contains(&n)), "{held:?}");
 }
+
+#[test]
+fn an_equally_fast_new_endpoint_still_ramps_up() {
+    // Three endpoints long healthy and one at half of its slow start, all equally fast: the
+    // new one is given about half of what the others hold, not an equal share at once.
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let old: Vec<_> = (0..3).map(|i| endpoint(&metrics, i, 1.0, 0)).collect();
+    let start = LATER - 2_500_000_000; // healthy 2.5 s before LATER, of a 5 s slow start
+    let new = endpoint(&metrics, 3, 1.0, start);
+    let mut route = RouteConfig::new("c", "/c", vec![]);
+    route.balancing.slow_start = Duration::from_secs(5);
+    let mut eps = old;
+    eps.push(new);
+    let c = Cluster::new(&route, eps, metrics.cluster("c"), Default::default());
+    for _ in 0..1000 {
+        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+    }
+    let held: Vec<u32> = c.endpoints.iter().map(|e| e.state.inflight()).collect();
+    let old_mean = f64::from(held[0] + held[1] + held[2]) / 3.0;
+    let ratio = f64::from(held[3]) / old_mean;
+    assert!((0.35..=0.65).contains(&ratio), "{held:?}");
+}
