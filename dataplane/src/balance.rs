@@ -70,9 +70,13 @@ pub(crate) const LATENCY_RESOLUTION_NS: f64 = 5_000_000.0;
 /// Cost of sending one more request to `e` under peak-EWMA: (latency + resolution) x
 /// (in-flight + 1), divided by the slow-start ramp. Lower wins.
 pub(crate) fn cost(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
-    let b = &c.balancing;
-    (estimate(c, e, now) + LATENCY_RESOLUTION_NS) * f64::from(e.state.inflight() + 1)
-        / ramp(e, now, b.slow_start.as_nanos() as u64)
+    cost_at(c, e, estimate(c, e, now), now)
+}
+
+/// `cost` with the endpoint's estimate already read (it costs an `exp`).
+fn cost_at(c: &Cluster, e: &Endpoint, estimate: f64, now: u64) -> f64 {
+    (estimate + LATENCY_RESOLUTION_NS) * f64::from(e.state.inflight() + 1)
+        / ramp(e, now, c.balancing.slow_start.as_nanos() as u64)
 }
 
 fn estimate(c: &Cluster, e: &Endpoint, now: u64) -> f64 {
@@ -103,7 +107,7 @@ fn ewma_prefers(c: &Cluster, a: &Endpoint, b: &Endpoint, now: u64) -> bool {
         let load = |e: &Endpoint| f64::from(e.state.inflight() + 1) / ramp(e, now, slow_start);
         load(a) <= load(b)
     } else {
-        cost(c, a, now) <= cost(c, b, now)
+        cost_at(c, a, ea, now) <= cost_at(c, b, eb, now)
     }
 }
 

@@ -201,12 +201,7 @@ async fn a_huge_body_behind_expect_continue_streams_through() {
     for _ in 0..SIZE / chunk.len() {
         s.write_all(&chunk).await.unwrap();
     }
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let r = String::from_utf8_lossy(&buf);
+    let r = read_to_close(&mut s).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(
         header(&r, "x-seen-body-bytes"),
@@ -273,12 +268,7 @@ async fn an_upload_still_moving_is_never_cut_at_the_request_timeout() {
         pace.tick().await;
         s.write_all(&piece).await.unwrap();
     }
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let r = String::from_utf8_lossy(&buf);
+    let r = read_to_close(&mut s).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let expected = (PIECES * PIECE).to_string();
     assert_eq!(header(&r, "x-seen-body-bytes"), Some(expected.as_str()));

@@ -299,12 +299,7 @@ async fn connections_over_the_limit_get_a_clean_503() {
     let _held1 = TcpStream::connect(proxy.addr).await.unwrap();
     let _held2 = TcpStream::connect(proxy.addr).await.unwrap();
     let mut third = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, third.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf);
+    let text = read_to_close(&mut third).await;
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.ends_with("connection limit reached\n"), "{text}");
     drop(_held1);
@@ -346,16 +341,8 @@ async fn conflicting_framing_never_reaches_the_upstream() {
     )
     .await
     .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&buf)
-    );
+    let r = read_to_close(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(up.hits.load(Relaxed), before);
 }
 

@@ -83,6 +83,13 @@ fn fixed(method: &str, path: &str) -> (&'static [u8], bool) {
             // reset, which can overtake the answer.
             false,
         ),
+        // Closes without a word: an idle timer firing just as the request arrived.
+        (_, "drop") => (b"", true),
+        // Switches to a protocol the client did not ask for.
+        (_, "wrong-switch") => (
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+            true,
+        ),
         ("HEAD", _) => (b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n", false),
         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
     }
@@ -562,4 +569,43 @@ async fn a_full_duplex_upstream_gets_the_whole_body_while_it_answers() {
     }
     assert_eq!(echoed.len(), SIZE);
     assert!(echoed == body, "echo differs from the body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_caught_in_the_keep_alive_race_is_not_held_against_the_backend() {
+    let raw = Raw::start().await;
+    let ep = EndpointConfig {
+        id: "raw".into(),
+        addr: raw.addr,
+    };
+    let mut r = route(vec![ep]);
+    // One failure held against it would eject it.
+    r.outlier.consecutive_failures = 1;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    proxy.wait_healthy(1).await;
+    // A kept-alive connection to reuse, then a POST the backend drops on it at once: not safe
+    // to send again, so a 502, but the backend's idle timer, not a failing backend.
+    assert_eq!(get(&client(), &proxy.url("/c/plain")).await.unwrap().0, 200);
+    let r = exchange(
+        proxy.addr,
+        b"POST /c/drop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    assert_eq!(proxy.metric("fleetlb_ejections_total", &[]), 0.0);
+    let snapshot = proxy.dataplane.snapshot();
+    let e = &snapshot[0].endpoints[0];
+    assert_eq!(e.state, "healthy");
+    assert!(e.latency_ms < 100.0, "estimate {} ms", e.latency_ms);
+}
+
+#[tokio::test]
+async fn a_switch_to_a_protocol_not_asked_for_is_a_502() {
+    let (_raw, proxy) = behind_proxy().await;
+    let r = exchange(
+        proxy.addr,
+        b"GET /c/wrong-switch HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
 }

@@ -427,3 +427,15 @@ fn an_equally_fast_new_endpoint_still_ramps_up() {
     let ratio = f64::from(held[3]) / old_mean;
     assert!((0.35..=0.65).contains(&ratio), "{held:?}");
 }
+
+#[test]
+fn an_endpoint_in_the_middle_of_failing_is_never_taken_as_equally_fast() {
+    // A slow cluster (800 ms) and an endpoint that just failed (its 1 s penalty is within
+    // 1.3x): its empty queue must not win it every pair, as an equal would.
+    let c = cluster(Policy::PeakEwma, &[800.0, 800.0]);
+    let decay = c.balancing.decay.as_nanos() as f64;
+    c.endpoints[0].state.observe(1000.0 * MS, LATER, decay);
+    c.endpoints[0].state.request_failed();
+    let counts = shares(&c, 1000);
+    assert_eq!(counts[0], 0, "{counts:?}");
+}

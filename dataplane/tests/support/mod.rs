@@ -383,6 +383,16 @@ pub async fn one_healthy(cfg: ProxyConfig) -> (Upstream, Proxy) {
     (up, proxy)
 }
 
+/// Reads what the proxy sends until it closes the connection, within the deadline.
+pub async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read_to_end(s, &mut buf))
+        .await
+        .expect("the proxy closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&buf).to_string()
+}
+
 /// Sends `raw` on a new connection and reads until the proxy closes it.
 pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
