@@ -66,6 +66,18 @@ impl ApiServer {
             reply,
         }
     }
+
+    /// The next request, which must be a status write of BackendCluster `name`.
+    async fn next_status_of(&mut self, name: &str) -> Call {
+        let call = self.next().await;
+        assert!(
+            call.uri
+                .contains(&format!("/backendclusters/{name}/status?")),
+            "{}",
+            call.uri
+        );
+        call
+    }
 }
 
 impl Call {
@@ -313,12 +325,7 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
     with_status.status = serde_json::from_value(status).ok();
     call.ok(&serde_json::to_value(&with_status).unwrap());
     // After the launches: the status with the instance each intent made.
-    let call = h.api.next().await;
-    assert!(
-        call.uri.contains("/backendclusters/web/status?"),
-        "{}",
-        call.uri
-    );
+    let call = h.api.next_status_of("web").await;
     let status = call.body["status"].clone();
     for l in status["launches"].as_array().unwrap() {
         assert!(
@@ -346,12 +353,7 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
         Arc::new(with_status.clone()),
         h.ctx.clone(),
     ));
-    let call = h.api.next().await;
-    assert!(
-        call.uri.contains("/backendclusters/web/status?"),
-        "{}",
-        call.uri
-    );
+    let call = h.api.next_status_of("web").await;
     let status = call.body["status"].clone();
     assert_eq!(status["replicas"], 2);
     let mut reported: Vec<String> = status["instances"]
@@ -490,12 +492,7 @@ async fn a_spec_the_schema_cannot_reject_gets_invalid_spec_and_no_ec2_call() {
         ("Warning", "InvalidSpec")
     );
     assert!(note.contains("spec.healthCheck.timeoutSeconds"), "{note}");
-    let call = h.api.next().await;
-    assert!(
-        call.uri.contains("/backendclusters/web/status?"),
-        "{}",
-        call.uri
-    );
+    let call = h.api.next_status_of("web").await;
     let ready = condition(&call.body["status"], "Ready").clone();
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "InvalidSpec");
@@ -532,12 +529,7 @@ async fn the_younger_of_two_objects_claiming_one_route_is_refused() {
         note.contains("spec.route: /web is already served by web"),
         "{note}"
     );
-    let call = h.api.next().await;
-    assert!(
-        call.uri.contains("/backendclusters/web2/status?"),
-        "{}",
-        call.uri
-    );
+    let call = h.api.next_status_of("web2").await;
     call.ok(&json!(young));
     finish(t).await.unwrap();
     assert_eq!(ec2_calls(&h.registry), 0);
