@@ -17,7 +17,7 @@ fn root() -> &'static Path {
 fn crd_schema() -> Value {
     let text = std::fs::read_to_string(root().join("manifests/crd.yaml")).unwrap();
     let crd: Value =
-        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap()).unwrap();
+        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap()).unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
@@ -106,9 +106,9 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 
 fn documents(path: &Path) -> Result<Vec<Value>, String> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| {
-            serde_yaml::Value::deserialize(d)
+            serde_yaml_ng::Value::deserialize(d)
                 .map_err(|e| e.to_string())
                 .map(|v| serde_json::to_value(v).unwrap())
         })

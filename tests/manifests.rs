@@ -31,9 +31,9 @@ fn rendered() -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| {
-            let v = serde_yaml::Value::deserialize(d).unwrap();
+            let v = serde_yaml_ng::Value::deserialize(d).unwrap();
             serde_json::to_value(v).unwrap()
         })
         .collect()
@@ -257,7 +257,7 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
     let text =
         std::fs::read_to_string(root().join("manifests/monitoring/prometheusrule.yaml")).unwrap();
     let rule: Value =
-        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap()).unwrap();
+        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap()).unwrap();
     let spec = &rule["spec"];
     for g in spec["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
@@ -272,7 +272,7 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rules.yaml");
-    std::fs::write(&file, serde_yaml::to_string(spec).unwrap()).unwrap();
+    std::fs::write(&file, serde_yaml_ng::to_string(spec).unwrap()).unwrap();
     let out = Command::new("promtool")
         .args(["check", "rules"])
         .arg(&file)
@@ -365,7 +365,7 @@ fn the_readme_autoscaler_targets_the_scale_subresource_fleetlb_serves() {
         readme.contains(&body),
         "the README shows examples/autoscaling/hpa.yaml (without its comments)"
     );
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let v = serde_json::to_value(yaml).unwrap();
     round_trip::<HorizontalPodAutoscaler>(&v);
     // What the HPA needs from the target: a scale subresource with replicas paths and a label

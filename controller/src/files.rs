@@ -146,9 +146,9 @@ pub fn parse_file(path: &Path, text: &str) -> FileLoad {
         };
     }
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let value = match serde_yaml::Value::deserialize(de) {
+        let value = match serde_yaml_ng::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
                 return FileLoad {
@@ -177,9 +177,9 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
+fn parse_doc(file: &str, index: usize, value: serde_yaml_ng::Value) -> Doc {
     let str_at =
-        |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        |v: &serde_yaml_ng::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let meta = value.get("metadata");
     let name = meta.and_then(|m| str_at(m, "name"));
     let namespace = meta
@@ -226,7 +226,7 @@ fn parse_doc(file: &str, index: usize, value: serde_yaml::Value) -> Doc {
             "metadata.namespace: {namespace:?} must be a DNS label"
         ));
     }
-    // Through JSON: serde_yaml 0.9 reads enums from `!tags` only, the API's shape is `{local: {}}`.
+    // Through JSON: serde_yaml_ng reads enums from `!tags` only, the API's shape is `{local: {}}`.
     let json = match serde_json::to_value(&value) {
         Ok(j) => j,
         Err(e) => return fail(format!("not representable as JSON: {e}")),

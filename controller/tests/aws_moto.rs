@@ -269,7 +269,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
     let registry = prometheus::Registry::new();
     let p = AwsProvider::new(&env.conf, "ctl-c".into(), Metrics::new(&registry).unwrap());
     let bc: fleetlb_crds::BackendCluster =
-        serde_yaml::from_str::<serde_yaml::Value>(&yaml(&env, "solo", 1, "Delete"))
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&yaml(&env, "solo", 1, "Delete"))
             .ok()
             .and_then(|v| serde_json::from_value(serde_json::to_value(v).unwrap()).ok())
             .unwrap();

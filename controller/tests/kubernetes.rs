@@ -685,7 +685,7 @@ async fn needs_a_cluster() {
         "/../examples/cluster1.yaml"
     ))
     .unwrap();
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let obj: BackendCluster = serde_json::from_value(serde_json::to_value(yaml).unwrap()).unwrap();
     let name = obj.metadata.name.clone().unwrap();
     let created = api
