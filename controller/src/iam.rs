@@ -18,7 +18,7 @@
 
 use serde_json::{Value, json};
 
-use crate::aws::tags;
+use crate::provider::aws::tags;
 
 /// Settings of the generated policy.
 #[derive(Clone, Debug)]

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -15,8 +14,6 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::Error;
-use crate::provider::{Instance, LaunchRequest, Provider};
 
 /// Lease settings (client-go's defaults).
 #[derive(Clone, Debug)]
@@ -244,78 +241,5 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("leader election: releasing the Lease timed out; it expires on its own");
-    }
-}
-
-/// A provider that acts only while this replica leads: every launch, termination and release
-/// re-reads the leader flag immediately before calling the provider, so a replica that lost the
-/// Lease mid-reconcile (its renewal hung past the renew deadline) makes no further EC2 call,
-/// whatever its reconcile had already decided. Listing stays allowed (it changes nothing).
-pub struct LeaderOnly {
-    inner: std::sync::Arc<dyn Provider>,
-    leader: watch::Receiver<bool>,
-}
-
-impl LeaderOnly {
-    /// Wraps `inner`, gated on `leader`.
-    pub fn new(inner: std::sync::Arc<dyn Provider>, leader: watch::Receiver<bool>) -> Self {
-        Self { inner, leader }
-    }
-
-    fn check(&self, operation: &'static str) -> Result<(), Error> {
-        if *self.leader.borrow() {
-            Ok(())
-        } else {
-            Err(Error::Provider {
-                provider: self.inner.name(),
-                operation,
-                message: "NotLeader: this replica no longer holds the leader-election Lease".into(),
-            })
-        }
-    }
-}
-
-impl Provider for LeaderOnly {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn list<'a>(
-        &'a self,
-        clusters: &'a [std::sync::Arc<fleetlb_crds::BackendCluster>],
-    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
-        self.inner.list(clusters)
-    }
-
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<crate::provider::Launch, Error>> {
-        match self.check("launch") {
-            Ok(()) => self.inner.launch(req),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
-    }
-
-    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
-        match self.check("terminate") {
-            Ok(()) => self.inner.terminate(ids),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
-    }
-
-    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
-        match self.check("release") {
-            Ok(()) => self.inner.release(ids),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
-    }
-
-    fn manages_instances(&self) -> bool {
-        self.inner.manages_instances()
-    }
-
-    fn token_scope(&self) -> &str {
-        self.inner.token_scope()
     }
 }

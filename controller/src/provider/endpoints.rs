@@ -14,17 +14,18 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::Error;
+use crate::error::{ErrorClass, Operation};
 use crate::provider::{
     ClusterKey, Instance, InstanceState, LaunchRequest, Provider, ProviderKind, fnv64, spec_hash,
 };
 
 /// Derives instances from `spec.provider.static.endpoints`.
 #[derive(Default)]
-pub struct StaticProvider;
+pub struct EndpointsProvider;
 
-impl Provider for StaticProvider {
-    fn name(&self) -> &'static str {
-        "static"
+impl Provider for EndpointsProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Static
     }
 
     fn list<'a>(
@@ -74,11 +75,12 @@ impl Provider for StaticProvider {
         req: &'a LaunchRequest,
     ) -> BoxFuture<'a, Result<crate::provider::Launch, Error>> {
         async move {
-            Err(Error::Provider {
-                provider: "static",
-                operation: "launch",
-                message: format!("{}: static endpoints are listed, not launched", req.owner),
-            })
+            Err(Error::new(
+                ProviderKind::Static,
+                Operation::Launch,
+                ErrorClass::Invalid,
+                format!("{}: static endpoints are listed, not launched", req.owner),
+            ))
         }
         .boxed()
     }

@@ -5,16 +5,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use fleetlb_crds::{BackendCluster, BackendClusterStatus, DeletionPolicy, LaunchIntent};
+use fleetlb_crds::{BackendCluster, BackendClusterStatus};
 use fleetlb_dataplane::EndpointConfig;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::Providers;
+use crate::error::{ErrorClass, Reason};
+use crate::provider::Providers;
 use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, InstanceState, Launch, Provider, ProviderKind};
 use crate::reconcile::{self, Health, Observed, set_condition};
+use super::observe::count_states;
 
 /// What one reconcile of one object did.
 #[derive(Debug, Default)]
@@ -31,31 +33,18 @@ pub struct Applied {
     pub retired: Vec<String>,
     /// Instances whose termination was requested this time.
     pub terminated: Vec<String>,
-    /// The launch error that stopped this reconcile's launches, with its condition reason.
-    pub launch_error: Option<(&'static str, String)>,
+    /// The launch error that stopped this reconcile's launches.
+    pub launch_error: Option<LaunchError>,
 }
 
-/// The condition reason for a provider error message (`Throttled`, `ProviderUnavailable`,
-/// `InsufficientCapacity`, `LaunchFailed`).
-pub fn error_reason(message: &str) -> &'static str {
-    const THROTTLED: [&str; 3] = ["RequestLimitExceeded", "Throttling", "ThrottlingException"];
-    const UNAVAILABLE: [&str; 6] = [
-        "InternalError",
-        "InternalFailure",
-        "Unavailable",
-        "timeout",
-        "timed out",
-        "dispatch failure",
-    ];
-    if THROTTLED.iter().any(|c| message.contains(c)) {
-        "Throttled"
-    } else if UNAVAILABLE.iter().any(|c| message.contains(c)) {
-        "ProviderUnavailable"
-    } else if message.contains("InsufficientInstanceCapacity") {
-        "InsufficientCapacity"
-    } else {
-        "LaunchFailed"
-    }
+/// Why the launches of one reconcile stopped, for the condition and the Warning Event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct LaunchError {
+    /// The condition reason.
+    pub reason: Reason,
+    /// What happened, in the provider's words.
+    pub message: String,
 }
 
 /// Where [`apply`] writes the planned status (with its launch intents) before each launch;
@@ -73,7 +62,7 @@ pub struct LaunchBackoff {
     failures: u32,
     until: Option<Instant>,
     generation: Option<i64>,
-    last: Option<(&'static str, String)>,
+    last: Option<LaunchError>,
 }
 
 /// The delay before retry number `n` (1-based): `first * 2^(n-1)` capped at `max`, then a
@@ -170,11 +159,11 @@ pub async fn apply(
         && !launches.is_empty()
     {
         // Still backing off: plan, serve and report, but do not call the provider.
-        let (reason, msg) = inp
-            .backoff
-            .last
-            .clone()
-            .unwrap_or(("LaunchFailed", String::new()));
+        let LaunchError { reason, message: msg } =
+            inp.backoff.last.clone().unwrap_or(LaunchError {
+                reason: Reason::LaunchFailed,
+                message: String::new(),
+            });
         let secs = until
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
@@ -182,7 +171,7 @@ pub async fn apply(
             &mut out.status.conditions,
             "Degraded",
             true,
-            reason,
+            reason.as_str(),
             &format!("{msg} (next launch attempt in {secs:.0}s)"),
             bc.metadata.generation,
             now,
@@ -192,7 +181,10 @@ pub async fn apply(
         && let Err(e) = record(out.status.clone()).await
     {
         tracing::warn!(cluster = %key, error = %e, "cannot record launch intents; launching nothing");
-        out.launch_error = Some(("StatusWriteFailed", e));
+        out.launch_error = Some(LaunchError {
+            reason: Reason::StatusWriteFailed,
+            message: e,
+        });
         launches = &[];
     }
     for planned in launches {
@@ -204,14 +196,20 @@ pub async fn apply(
             _ => 3,
         };
         let stop: Option<Stop> = 'attempts: {
-            let mut skipped = String::new();
+            let mut skipped = LaunchError {
+                reason: Reason::LaunchFailed,
+                message: String::new(),
+            };
             for _ in 0..tries {
                 let result = match inp.provider.launch(&req).await {
                     Ok(Launch::Pending) if stale(&out.status, req.slot, now) => {
-                        Ok(Launch::NextAttempt(format!(
-                            "the provider has held this launch token for over {}s without listing an instance for it",
-                            PENDING_LIMIT.as_secs()
-                        )))
+                        Ok(Launch::NextAttempt(
+                            ErrorClass::Other,
+                            format!(
+                                "the provider has held this launch token for over {}s without listing an instance for it",
+                                PENDING_LIMIT.as_secs()
+                            ),
+                        ))
                     }
                     other => other,
                 };
@@ -228,14 +226,21 @@ pub async fn apply(
                         out.busy = true;
                         break 'attempts None;
                     }
-                    Ok(Launch::NextAttempt(why)) => {
+                    Ok(Launch::NextAttempt(class, why)) => {
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
-                        skipped = why;
+                        skipped = LaunchError {
+                            reason: if class == ErrorClass::Capacity {
+                                Reason::InsufficientCapacity
+                            } else {
+                                Reason::LaunchFailed
+                            },
+                            message: why,
+                        };
                         let Some(next) = req.attempt.checked_add(1) else {
-                            break 'attempts Some(Stop::Failed(format!(
-                                "slot {} has used every launch attempt",
-                                req.slot
-                            )));
+                            break 'attempts Some(Stop::Failed(LaunchError {
+                                reason: Reason::LaunchFailed,
+                                message: format!("slot {} has used every launch attempt", req.slot),
+                            }));
                         };
                         req.attempt = next;
                         let intent = reconcile::intent_for(&req, now);
@@ -247,20 +252,29 @@ pub async fn apply(
                             break 'attempts Some(Stop::Record(e));
                         }
                     }
-                    Err(e) => break 'attempts Some(Stop::Failed(e.to_string())),
+                    Err(e) => {
+                        break 'attempts Some(Stop::Failed(LaunchError {
+                            reason: e.reason(),
+                            message: e.to_string(),
+                        }));
+                    }
                 }
             }
+            // Every attempt moved on (capacity in each subnet, spent tokens).
             Some(Stop::Failed(skipped))
         };
         match stop {
             None => {}
             Some(Stop::Record(e)) => {
                 tracing::warn!(cluster = %key, error = %e, "cannot record the next launch attempt; launching nothing more");
-                out.launch_error = Some(("StatusWriteFailed", e));
+                out.launch_error = Some(LaunchError {
+                    reason: Reason::StatusWriteFailed,
+                    message: e,
+                });
                 break;
             }
-            Some(Stop::Failed(msg)) => {
-                fail_launch(&mut out, &mut *inp.backoff, inp.backoff_range, &key, msg);
+            Some(Stop::Failed(err)) => {
+                fail_launch(&mut out, &mut *inp.backoff, inp.backoff_range, &key, err);
                 break;
             }
         }
@@ -278,13 +292,13 @@ pub async fn apply(
             "success"
         }])
         .inc();
-    if let Some((reason, e)) = &out.launch_error {
+    if let Some(e) = &out.launch_error {
         set_condition(
             &mut out.status.conditions,
             "Degraded",
             true,
-            reason,
-            e,
+            e.reason.as_str(),
+            &e.message,
             bc.metadata.generation,
             now,
         );
@@ -341,7 +355,7 @@ fn stale(status: &BackendClusterStatus, slot: u32, now: Timestamp) -> bool {
 }
 
 /// How long ago `t` was (`None` when it lies in the future).
-fn age(t: &Time, now: Timestamp) -> Option<Duration> {
+pub(super) fn age(t: &Time, now: Timestamp) -> Option<Duration> {
     Duration::try_from(now.duration_since(t.0)).ok()
 }
 
@@ -349,8 +363,8 @@ fn age(t: &Time, now: Timestamp) -> Option<Duration> {
 enum Stop {
     /// The status with the next attempt could not be written.
     Record(String),
-    /// The provider refused or failed (the message).
-    Failed(String),
+    /// The provider refused or failed.
+    Failed(LaunchError),
 }
 
 /// Records a failed launch: backoff and the error for the condition. The intent stays: an
@@ -361,31 +375,30 @@ fn fail_launch(
     b: &mut LaunchBackoff,
     range: (Duration, Duration),
     key: &ClusterKey,
-    msg: String,
+    err: LaunchError,
 ) {
     b.failures = b.failures.saturating_add(1);
     let delay = backoff(range, b.failures);
     b.until = Some(Instant::now() + delay);
-    let reason = error_reason(&msg);
-    b.last = Some((reason, msg.clone()));
-    tracing::warn!(cluster = %key, error = %msg, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
-    out.launch_error = Some((reason, msg));
+    b.last = Some(err.clone());
+    tracing::warn!(cluster = %key, error = %err.message, reason = %err.reason, retry_in = ?delay, failures = b.failures, "launch failed; backing off");
+    out.launch_error = Some(err);
 }
 
 /// Whether an instance that left the endpoint set `elapsed` ago may be terminated: after the
 /// shortest drain once no request is in flight to it, after the deregistration delay anyway.
-fn drained(elapsed: Duration, min: Duration, delay: Duration, idle: bool) -> bool {
+pub(super) fn drained(elapsed: Duration, min: Duration, delay: Duration, idle: bool) -> bool {
     elapsed >= delay || (elapsed >= min && idle)
 }
 
 /// Whether instance `id` is known to have no request in flight.
-fn idle(inflight: Option<&HashMap<String, u32>>, id: &str) -> bool {
+pub(super) fn idle(inflight: Option<&HashMap<String, u32>>, id: &str) -> bool {
     inflight.is_some_and(|m| m.get(id).is_none_or(|n| *n == 0))
 }
 
 /// Terminates `ids`, each through the provider that lists it (after a change of
 /// `spec.provider`, old instances belong to the old provider).
-async fn terminate_by_kind(
+pub(super) async fn terminate_by_kind(
     providers: &Providers,
     instances: &[Instance],
     ids: &[String],
@@ -399,7 +412,7 @@ async fn terminate_by_kind(
 }
 
 /// `ids` grouped by the provider kind that lists them.
-fn by_kind(instances: &[Instance], ids: &[String]) -> BTreeMap<ProviderKind, Vec<String>> {
+pub(super) fn by_kind(instances: &[Instance], ids: &[String]) -> BTreeMap<ProviderKind, Vec<String>> {
     let mut out: BTreeMap<ProviderKind, Vec<String>> = BTreeMap::new();
     for i in instances.iter().filter(|i| ids.contains(&i.id)) {
         out.entry(i.provider).or_default().push(i.id.clone());
@@ -422,272 +435,3 @@ fn record_launched(status: &mut BackendClusterStatus, slot: u32, i: &Instance) {
     }
 }
 
-/// Where the deletion of an object stands.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Deletion {
-    /// Nothing of it is left to wait for: forget the object (release the finalizer).
-    Done,
-    /// Still waiting (for what, in words for a condition message): instances draining or
-    /// terminating, a recent launch the provider does not list yet, or a failed call.
-    Waiting(String),
-}
-
-/// Deletion settings.
-#[derive(Clone, Copy, Debug)]
-pub struct DeleteSettings {
-    /// Shortest drain before terminating (see [`Inputs::drain`]).
-    pub drain: Duration,
-    /// How long after a launch intent was recorded deletion waits for the provider to list its
-    /// instance (EC2's DescribeInstances is eventually consistent). Past it, an intent nothing
-    /// answers to is taken as never launched.
-    pub launch_visibility: Duration,
-}
-
-/// The launch intents in `bc`'s status whose instance the provider does not list yet, recorded
-/// within `window` before `now`.
-fn unresolved_launches<'a>(
-    bc: &'a BackendCluster,
-    mine: &[Instance],
-    now: Timestamp,
-    window: Duration,
-) -> Vec<&'a LaunchIntent> {
-    bc.status
-        .iter()
-        .flat_map(|s| &s.launches)
-        .filter(|l| {
-            let recent = l
-                .recorded_at
-                .as_ref()
-                .and_then(|t| age(t, now))
-                .is_some_and(|age| age < window);
-            let seen = mine.iter().any(|i| {
-                i.client_token.as_deref() == Some(l.client_token.as_str())
-                    || l.instance_id.as_deref() == Some(i.id.as_str())
-            });
-            recent && !seen
-        })
-        .collect()
-}
-
-/// One step of deleting `bc`, called until it answers [`Deletion::Done`]. First every recent
-/// launch intent is resolved (its instance listed, or the visibility window over), so nothing
-/// launched is forgotten. Then under `Delete`: the instances drain (until no request is in
-/// flight, at most the deregistration delay, counted from the deletion) and are terminated,
-/// stopped ones included, and deletion waits until the provider shows them all gone; under
-/// `Orphan`: fleetlb's ownership is dropped and they keep running.
-pub async fn delete(
-    bc: &mut BackendCluster,
-    providers: &Providers,
-    mine: &[Instance],
-    inflight: Option<&HashMap<String, u32>>,
-    now: Timestamp,
-    settings: DeleteSettings,
-) -> Deletion {
-    let key = ClusterKey::of(bc);
-    let kind = ProviderKind::of(&bc.spec.provider);
-    let manages = providers.get(kind).is_some_and(|p| p.manages_instances())
-        || mine.iter().any(|i| i.provider != ProviderKind::Static);
-    if !manages {
-        return Deletion::Done;
-    }
-    // A launch that answered with its instance id is acted on by that id even before the
-    // provider lists it (terminated under Delete, released under Orphan), through the provider
-    // that made it (the one of the last reconcile); EC2 may still say it does not know the id
-    // for a few seconds, then the intent stays pending. A handled intent is marked so (no
-    // `recordedAt`): a released instance no longer carries the tag IAM requires for a second
-    // DeleteTags, and deletion does not wait for it again.
-    let made_by = bc
-        .status
-        .as_ref()
-        .and_then(|s| s.provider.as_deref())
-        .and_then(ProviderKind::parse)
-        .unwrap_or(kind);
-    let by_id: Vec<(u32, String)> = unresolved_launches(bc, mine, now, settings.launch_visibility)
-        .iter()
-        .filter_map(|l| Some((l.slot, l.instance_id.clone()?)))
-        .collect();
-    if let Some(p) = providers.get(made_by) {
-        for (slot, id) in by_id {
-            let ids = [id];
-            let r = match bc.spec.deletion_policy {
-                DeletionPolicy::Delete => p.terminate(&ids).await,
-                DeletionPolicy::Orphan => p.release(&ids).await,
-            };
-            match r {
-                Ok(()) => {
-                    tracing::info!(cluster = %key, id = %ids[0], "instance of a recent launch handled by id before it is listed");
-                    if let Some(l) = bc
-                        .status
-                        .as_mut()
-                        .and_then(|s| s.launches.iter_mut().find(|l| l.slot == slot))
-                    {
-                        l.recorded_at = None;
-                    }
-                }
-                Err(e) => {
-                    tracing::info!(cluster = %key, id = %ids[0], %e, "instance of a recent launch not known yet; will retry")
-                }
-            }
-        }
-    }
-    let pending = unresolved_launches(bc, mine, now, settings.launch_visibility);
-    let present: Vec<String> = mine
-        .iter()
-        .filter(|i| i.state.needs_terminate())
-        .map(|i| i.id.clone())
-        .collect();
-    if bc.spec.deletion_policy == DeletionPolicy::Orphan {
-        for (kind, ids) in by_kind(mine, &present) {
-            let Some(p) = providers.get(kind) else {
-                continue;
-            };
-            if let Err(e) = p.release(&ids).await {
-                tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
-                return Deletion::Waiting(format!("releasing instances failed: {e}"));
-            }
-            tracing::info!(cluster = %key, count = ids.len(), "instances orphaned: left running, no longer owned");
-        }
-        return match pending.first() {
-            None => Deletion::Done,
-            Some(l) => Deletion::Waiting(waiting_for_launch(l, pending.len())),
-        };
-    }
-    if present.is_empty()
-        && pending.is_empty()
-        && mine.iter().all(|i| i.state == InstanceState::Terminated)
-    {
-        return Deletion::Done;
-    }
-    let since_deletion: Duration = bc
-        .metadata
-        .deletion_timestamp
-        .as_ref()
-        .and_then(|t| age(t, now))
-        .unwrap_or(Duration::MAX);
-    let delay = bc.spec.deregistration_delay().max(settings.drain);
-    let (due, draining): (Vec<String>, Vec<String>) = present
-        .into_iter()
-        .partition(|id| drained(since_deletion, settings.drain, delay, idle(inflight, id)));
-    if !due.is_empty() {
-        match terminate_by_kind(providers, mine, &due).await {
-            Ok(()) => {
-                tracing::info!(cluster = %key, count = due.len(), "terminating instances of deleted BackendCluster")
-            }
-            Err(e) => {
-                tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry");
-                return Deletion::Waiting(format!("terminating instances failed: {e}"));
-            }
-        }
-    }
-    if let Some(l) = pending.first() {
-        return Deletion::Waiting(waiting_for_launch(l, pending.len()));
-    }
-    if !draining.is_empty() {
-        return Deletion::Waiting(format!(
-            "draining {} instance(s) with requests in flight (at most {}s)",
-            draining.len(),
-            delay.as_secs()
-        ));
-    }
-    let left = mine
-        .iter()
-        .filter(|i| i.state != InstanceState::Terminated)
-        .count();
-    Deletion::Waiting(format!("waiting for {left} instance(s) to terminate"))
-}
-
-/// Sets `Ready=False, reason=Deleting` with what deletion waits for.
-pub fn mark_deleting(bc: &mut BackendCluster, why: &str, now: Timestamp) {
-    let generation = bc.metadata.generation;
-    let status = bc.status.get_or_insert_with(Default::default);
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        false,
-        "Deleting",
-        why,
-        generation,
-        now,
-    );
-}
-
-fn waiting_for_launch(l: &LaunchIntent, n: usize) -> String {
-    format!(
-        "waiting for the provider to list {n} recent launch(es) before releasing the object (slot {} token {}{})",
-        l.slot,
-        l.client_token,
-        l.instance_id
-            .as_deref()
-            .map(|id| format!(", instance {id}"))
-            .unwrap_or_default()
-    )
-}
-
-/// What the prober knows, by cluster name and instance id (the [`Health`] each plan needs).
-pub fn health_by_cluster(
-    dataplane: &fleetlb_dataplane::Dataplane,
-) -> HashMap<String, HashMap<String, Health>> {
-    dataplane
-        .snapshot()
-        .into_iter()
-        .map(|c| {
-            let by_id = c
-                .endpoints
-                .into_iter()
-                .map(|e| {
-                    let h = Health {
-                        healthy: e.healthy,
-                        latency_ms: e.probe_ms.map(|_| e.latency_ms),
-                    };
-                    (e.id, h)
-                })
-                .collect();
-            (c.cluster, by_id)
-        })
-        .collect()
-}
-
-/// Instance counts per provider state, for the `fleetlb_controller_instances` gauge.
-pub fn count_states(instances: &[Instance]) -> Vec<(&'static str, i64)> {
-    use InstanceState as S;
-    [
-        S::Pending,
-        S::Running,
-        S::ShuttingDown,
-        S::Stopping,
-        S::Stopped,
-    ]
-    .iter()
-    .map(|s| {
-        (
-            s.as_str(),
-            instances.iter().filter(|i| i.state == *s).count() as i64,
-        )
-    })
-    .collect()
-}
-
-/// Removes the instance gauges of a cluster that is gone.
-pub fn forget_cluster(metrics: &Metrics, key: &ClusterKey) {
-    let cluster = key.to_string();
-    for (state, _) in count_states(&[]) {
-        let _ = metrics
-            .instances
-            .remove_label_values(&[cluster.as_str(), state]);
-    }
-}
-
-/// The endpoints last published in `bc`'s status (what to keep serving when the provider
-/// cannot be asked, and what non-leader replicas serve).
-pub fn status_endpoints(bc: &BackendCluster) -> Vec<EndpointConfig> {
-    bc.status
-        .iter()
-        .flat_map(|s| &s.endpoints)
-        .filter_map(|e| {
-            Some(EndpointConfig {
-                id: e.id.clone(),
-                addr: e.address.parse().ok()?,
-            })
-        })
-        .collect()
-}

@@ -1,8 +1,10 @@
 //! The `local` provider: "instances" are `fleetlb backend` child processes on 127.0.0.1.
 //!
-//! Each launch picks a free loopback port, gives the instance an EC2-style id and spawns
-//! `fleetlb backend --id i-… --cluster … --port … --profile <instanceType> --exit-on-stdin-eof`.
-//! The instance is `pending` until it prints its ready line, `running` after, `shutting-down`
+//! Each launch gives the instance an EC2-style id and spawns
+//! `fleetlb backend --id i-… --cluster … --port 0 --profile <instanceType> --exit-on-stdin-eof`:
+//! the child binds a port of its own choosing and prints it (`ready 127.0.0.1:PORT`), so two
+//! launches can never be handed the same port. The instance is `pending` (without an address)
+//! until it prints its ready line, `running` at that address after, `shutting-down`
 //! once terminated and `terminated` when the process has exited (reported once, then forgotten).
 //!
 //! Children never outlive fleetlb, even on SIGKILL: each child's stdin is a pipe whose only
@@ -11,11 +13,10 @@
 //! Terminating an instance closes its pipe the same way, so it drains and exits cleanly.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fleetlb_crds::{BackendCluster, ProviderSpec};
@@ -25,13 +26,15 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::Error;
+use crate::error::{ErrorClass, Operation};
 use crate::provider::{Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind};
 
 struct Proc {
     meta: Instance,
     child: Child,
     stdin: Option<ChildStdin>,
-    ready: Arc<AtomicBool>,
+    /// The address the child printed once it listens.
+    ready: Arc<OnceLock<SocketAddr>>,
     terminating_since: Option<std::time::Instant>,
 }
 
@@ -97,17 +100,12 @@ impl LocalProvider {
             ProviderSpec::Local(l) => l.latency_ms,
             _ => None,
         };
-        let port = free_port().map_err(|e| Error::Provider {
-            provider: "local",
-            operation: "launch",
-            message: format!("no free loopback port: {e}"),
-        })?;
         let id = format!("i-0{:015x}", fastrand::u64(..) >> 4);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("backend")
             .args(["--id", &id])
             .args(["--cluster", &req.owner.to_string()])
-            .args(["--port", &port.to_string()])
+            .args(["--port", "0"])
             .args(["--profile", &req.instance_type])
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
@@ -117,19 +115,22 @@ impl LocalProvider {
         if let Some(ms) = latency {
             cmd.args(["--latency-ms", &ms.to_string()]);
         }
-        let mut child = cmd.spawn().map_err(|e| Error::Provider {
-            provider: "local",
-            operation: "launch",
-            message: format!("cannot start {}: {e}", self.exe.display()),
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::new(
+                ProviderKind::Local,
+                Operation::Launch,
+                ErrorClass::Other,
+                format!("cannot start {}: {e}", self.exe.display()),
+            )
         })?;
-        let ready = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(OnceLock::new());
         if let Some(out) = child.stdout.take() {
             let ready = ready.clone();
             tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if line.starts_with("ready ") {
-                        ready.store(true, Ordering::Relaxed);
+                    if let Some(addr) = line.strip_prefix("ready ").and_then(|a| a.parse().ok()) {
+                        let _ = ready.set(addr);
                     }
                 }
             });
@@ -140,7 +141,7 @@ impl LocalProvider {
             owner_uid: req.owner_uid.clone(),
             slot: req.slot,
             attempt: req.attempt,
-            address: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+            address: None,
             state: InstanceState::Pending,
             instance_type: req.instance_type.clone(),
             spec_hash: req.spec_hash.clone(),
@@ -164,14 +165,9 @@ impl LocalProvider {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 impl Provider for LocalProvider {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
     }
 
     fn list<'a>(
@@ -185,6 +181,7 @@ impl Provider for LocalProvider {
             for (id, p) in procs.iter_mut() {
                 let exited = matches!(p.child.try_wait(), Ok(Some(_)) | Err(_));
                 let mut meta = p.meta.clone();
+                meta.address = p.ready.get().copied();
                 meta.state = if exited {
                     gone.push(id.clone());
                     InstanceState::Terminated
@@ -193,7 +190,7 @@ impl Provider for LocalProvider {
                         let _ = p.child.start_kill();
                     }
                     InstanceState::ShuttingDown
-                } else if p.ready.load(Ordering::Relaxed) {
+                } else if meta.address.is_some() {
                     InstanceState::Running
                 } else {
                     InstanceState::Pending

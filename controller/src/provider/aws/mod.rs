@@ -18,46 +18,34 @@
 //! - Instances require IMDSv2. Without `userData`, a small bootstrap serves an HTTP app like the
 //!   original FastAPI one on `spec.port`. User data is never logged.
 
+mod bootstrap;
+mod client;
+mod schema;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
+    InstanceType, ResourceType, TagSpecification,
 };
 use fleetlb_crds::{BackendCluster, ProviderSpec};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::Error;
+use crate::error::{ErrorClass, Operation};
 use crate::metrics::Metrics;
-use crate::provider::{
-    ClusterKey, Instance, InstanceState, Launch, LaunchRequest, LaunchedAs, Provider, ProviderKind,
-    subnet_for,
-};
+use crate::provider::{Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind, subnet_for};
 
-/// Tag keys fleetlb puts on every instance.
-pub mod tags {
-    /// The controller install that owns the instance.
-    pub const CONTROLLER: &str = "fleetlb.dev/controller";
-    /// Owner namespace.
-    pub const NAMESPACE: &str = "fleetlb.dev/namespace";
-    /// Owner name.
-    pub const NAME: &str = "fleetlb.dev/name";
-    /// Owner UID.
-    pub const UID: &str = "fleetlb.dev/uid";
-    /// Slot.
-    pub const SLOT: &str = "fleetlb.dev/slot";
-    /// Launch attempt for the slot.
-    pub const ATTEMPT: &str = "fleetlb.dev/attempt";
-    /// Spec hash.
-    pub const SPEC_HASH: &str = "fleetlb.dev/spec-hash";
-    /// Port the instance serves on.
-    pub const PORT: &str = "fleetlb.dev/port";
-}
+pub use bootstrap::default_user_data;
+use client::{Clients, fail};
+pub use client::Timeouts;
+pub use crate::provider::client_token;
+pub use schema::keys as tags;
+use schema::{keys, tag, tag_of, to_instance};
 
 /// The EC2 API operations fleetlb calls, for the IAM policy check.
 pub const EC2_OPERATIONS: &[&str] = &[
@@ -69,158 +57,6 @@ pub const EC2_OPERATIONS: &[&str] = &[
 
 /// How long an (instance type, subnet) stays unavailable after `InsufficientInstanceCapacity`.
 const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
-
-/// A client-side rate limit for one EC2 API (client-go's QPS and burst): a token bucket that
-/// makes callers wait rather than send faster than EC2's own per-API buckets refill, so a burst
-/// of reconciles (a controller restart with many objects) does not end in throttling.
-struct RateLimit {
-    per_second: f64,
-    burst: f64,
-    state: Mutex<(f64, tokio::time::Instant)>,
-}
-
-impl RateLimit {
-    fn new(per_second: f64, burst: f64) -> Self {
-        Self {
-            per_second,
-            burst,
-            state: Mutex::new((burst, tokio::time::Instant::now())),
-        }
-    }
-
-    /// Waits for a token.
-    async fn acquire(&self) {
-        let wait = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let (tokens, at) = &mut *st;
-            let now = tokio::time::Instant::now();
-            *tokens =
-                (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
-            *at = now;
-            *tokens -= 1.0;
-            if *tokens >= 0.0 {
-                return;
-            }
-            Duration::from_secs_f64(-*tokens / self.per_second)
-        };
-        tokio::time::sleep(wait).await;
-    }
-}
-
-/// One SDK client and rate limit per EC2 API fleetlb calls. The SDK retries throttled and 5xx
-/// calls itself (standard mode: 3 attempts, jittered exponential backoff); the drivers back off
-/// per object beyond that. Separate retry partitions keep a throttled `RunInstances` from
-/// draining the retry budget of the `DescribeInstances` every reconcile needs.
-struct Clients {
-    describe: Api,
-    run: Api,
-    terminate: Api,
-    tags: Api,
-}
-
-/// The client and rate limit of one EC2 API.
-struct Api {
-    client: aws_sdk_ec2::Client,
-    limit: RateLimit,
-}
-
-impl Api {
-    /// The client, once the rate limit lets a call through.
-    async fn ready(&self) -> &aws_sdk_ec2::Client {
-        self.limit.acquire().await;
-        &self.client
-    }
-}
-
-/// How long EC2 calls may take: a hung endpoint fails the call (and is retried) instead of
-/// stalling reconciles forever.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// TCP/TLS connect (default 3 s).
-    pub connect: Duration,
-    /// One attempt (default 20 s).
-    pub attempt: Duration,
-    /// The whole call with its retries (default 60 s).
-    pub operation: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(3),
-            attempt: Duration::from_secs(20),
-            operation: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Refuses every attempt (retries included) of a mutating EC2 call unless this replica leads at
-/// the moment the request would be sent: the last check before the wire, so a replica that lost
-/// the Lease while a call waited for the rate limit or between SDK retries sends nothing.
-#[derive(Debug)]
-struct LeaderGate(tokio::sync::watch::Receiver<bool>);
-
-impl aws_sdk_ec2::config::Intercept for LeaderGate {
-    fn name(&self) -> &'static str {
-        "fleetlb-leader-gate"
-    }
-
-    fn read_before_transmit(
-        &self,
-        _context: &aws_sdk_ec2::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
-        _runtime_components: &aws_sdk_ec2::config::RuntimeComponents,
-        _cfg: &mut aws_sdk_ec2::config::ConfigBag,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if *self.0.borrow() {
-            Ok(())
-        } else {
-            Err("NotLeader: this replica no longer holds the leader-election Lease".into())
-        }
-    }
-}
-
-impl Clients {
-    fn new(
-        conf: &aws_config::SdkConfig,
-        t: Timeouts,
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
-    ) -> Self {
-        // Rates well under EC2's default refill rates (non-mutating 20/s, RunInstances 2/s
-        // with a large bucket, TerminateInstances 5/s), bursts of 20.
-        let api = |partition: &'static str, per_second: f64, mutating: bool| {
-            let mut b = aws_sdk_ec2::config::Builder::from(conf);
-            if mutating && let Some(l) = &leader {
-                b = b.interceptor(LeaderGate(l.clone()));
-            }
-            let c = b
-                .timeout_config(
-                    aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
-                        .connect_timeout(t.connect)
-                        .operation_attempt_timeout(t.attempt)
-                        .operation_timeout(t.operation)
-                        .build(),
-                )
-                .retry_partition(aws_sdk_ec2::config::retry::RetryPartition::new(partition))
-                .retry_config(
-                    aws_sdk_ec2::config::retry::RetryConfig::standard()
-                        .with_max_attempts(3)
-                        .with_initial_backoff(Duration::from_millis(200))
-                        .with_max_backoff(Duration::from_secs(5)),
-                )
-                .build();
-            Api {
-                client: aws_sdk_ec2::Client::from_conf(c),
-                limit: RateLimit::new(per_second, 20.0),
-            }
-        };
-        Self {
-            describe: api("fleetlb-ec2-describe", 10.0, false),
-            run: api("fleetlb-ec2-run", 2.0, true),
-            terminate: api("fleetlb-ec2-terminate", 5.0, true),
-            tags: api("fleetlb-ec2-tags", 5.0, true),
-        }
-    }
-}
 
 /// EC2 through aws-sdk-ec2.
 pub struct AwsProvider {
@@ -296,19 +132,6 @@ impl AwsProvider {
             .inc();
     }
 
-    fn fail<E: ProvideErrorMetadata + std::error::Error>(op: &'static str, e: &E) -> Error {
-        Error::Provider {
-            provider: "aws",
-            operation: op,
-            message: match (e.code(), e.message()) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                (Some(c), None) => c.to_string(),
-                // Timeouts, connection failures: the error chain, readable.
-                _ => aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
-            },
-        }
-    }
-
     fn capacity_ok(&self, instance_type: &str, subnet: &str) -> bool {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, since| since.elapsed() < CAPACITY_BACKOFF);
@@ -332,14 +155,14 @@ impl AwsProvider {
         let attempt = req.attempt;
         let token = req.token();
         let mut tag_list = vec![
-            tag(tags::CONTROLLER, &self.controller_id),
-            tag(tags::NAMESPACE, &req.owner.namespace),
-            tag(tags::NAME, &req.owner.name),
-            tag(tags::UID, &req.owner_uid),
-            tag(tags::SLOT, &req.slot.to_string()),
-            tag(tags::ATTEMPT, &attempt.to_string()),
-            tag(tags::SPEC_HASH, &req.spec_hash),
-            tag(tags::PORT, &req.port.to_string()),
+            tag(keys::CONTROLLER, &self.controller_id),
+            tag(keys::NAMESPACE, &req.owner.namespace),
+            tag(keys::NAME, &req.owner.name),
+            tag(keys::UID, &req.owner_uid),
+            tag(keys::SLOT, &req.slot.to_string()),
+            tag(keys::ATTEMPT, &attempt.to_string()),
+            tag(keys::SPEC_HASH, &req.spec_hash),
+            tag(keys::PORT, &req.port.to_string()),
             tag("Name", &format!("{}-{}", req.owner, req.slot)),
         ];
         for (k, v) in &aws.tags {
@@ -400,10 +223,8 @@ impl AwsProvider {
         }
         let r = call.send().await;
         self.count("RunInstances", &r);
-        let launch_error = |message: &str| Error::Provider {
-            provider: "aws",
-            operation: "launch",
-            message: message.into(),
+        let launch_error = |message: &str| {
+            Error::new(ProviderKind::Aws, Operation::Launch, ErrorClass::Other, message)
         };
         match r {
             Ok(out) => {
@@ -427,9 +248,12 @@ impl AwsProvider {
                     && let Some(s) = subnet
                 {
                     self.mark_no_capacity(&req.instance_type, s);
-                    return Ok(Launch::NextAttempt(Self::fail("launch", &e).to_string()));
+                    return Ok(Launch::NextAttempt(
+                        ErrorClass::Capacity,
+                        fail(Operation::Launch, &e).message,
+                    ));
                 }
-                Err(Self::fail("launch", &e))
+                Err(fail(Operation::Launch, &e))
             }
         }
     }
@@ -446,23 +270,24 @@ impl AwsProvider {
             .send()
             .await;
         self.count("DescribeInstances", &r);
-        let out = r.map_err(|e| Self::fail("launch", &e))?;
+        let out = r.map_err(|e| fail(Operation::Launch, &e))?;
         let Some(found) = out.reservations().iter().flat_map(|r| r.instances()).next() else {
             // Not listed yet (DescribeInstances is eventually consistent): wait.
             return Ok(Launch::Pending);
         };
         match to_instance(found, &self.controller_id) {
             Some(i) => Ok(gone_or_made(i)),
-            None => Err(Error::Provider {
-                provider: "aws",
-                operation: "launch",
-                message: format!(
+            None => Err(Error::new(
+                ProviderKind::Aws,
+                Operation::Launch,
+                ErrorClass::Invalid,
+                format!(
                     "IdempotentParameterMismatch: ClientToken {token} belongs to instance {} of controller id {:?}: does another install use --controller-id {}?",
                     found.instance_id().unwrap_or("?"),
-                    tag_of(found, tags::CONTROLLER).unwrap_or(""),
+                    tag_of(found, keys::CONTROLLER).unwrap_or(""),
                     self.controller_id
                 ),
-            }),
+            )),
         }
     }
 }
@@ -473,7 +298,9 @@ fn gone_or_made(i: Instance) -> Launch {
         i.state,
         InstanceState::Terminated | InstanceState::ShuttingDown
     ) {
-        Launch::NextAttempt(format!(
+        Launch::NextAttempt(
+            ErrorClass::Other,
+            format!(
             "the launch token of attempt {} was spent on {}, which is {}",
             i.attempt,
             i.id,
@@ -484,117 +311,9 @@ fn gone_or_made(i: Instance) -> Launch {
     }
 }
 
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().key(k).value(v).build()
-}
-
-pub use crate::provider::client_token;
-
-/// The default bootstrap: a tiny HTTP app like the original FastAPI one, answering `/health`
-/// and naming the instance (from IMDSv2) and cluster on every other path.
-pub fn default_user_data(owner: &ClusterKey, port: u16) -> String {
-    format!(
-        r#"#!/bin/bash
-# fleetlb default bootstrap: an HTTP app like the original experiment's FastAPI one.
-TOKEN=$(curl -sX PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
-export INSTANCE_ID=$(curl -s -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/instance-id)
-export CLUSTER_NAME='{owner}'
-cat > /opt/fleetlb-app.py <<'PY'
-import json, os
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-iid, cluster = os.environ["INSTANCE_ID"], os.environ["CLUSTER_NAME"]
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/health":
-            body = {{"status": "ok"}}
-        else:
-            body = {{"message": f"Instance {{iid}} of {{cluster}} has received the request", "instance_id": iid, "cluster": cluster}}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer(("0.0.0.0", {port}), H).serve_forever()
-PY
-nohup python3 /opt/fleetlb-app.py >/var/log/fleetlb-app.log 2>&1 &
-"#
-    )
-}
-
-fn tag_of<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
-    i.tags()
-        .iter()
-        .find(|t| t.key() == Some(key))
-        .and_then(|t| t.value())
-}
-
-fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) -> Option<Instance> {
-    if tag_of(i, tags::CONTROLLER) != Some(controller) {
-        return None;
-    }
-    let state = match i.state().and_then(|s| s.name()) {
-        Some(InstanceStateName::Pending) => InstanceState::Pending,
-        Some(InstanceStateName::Running) => InstanceState::Running,
-        Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
-        Some(InstanceStateName::Stopping) => InstanceState::Stopping,
-        Some(InstanceStateName::Stopped) => InstanceState::Stopped,
-        _ => InstanceState::Terminated,
-    };
-    let port: u16 = tag_of(i, tags::PORT)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8000);
-    let address = i
-        .private_ip_address()
-        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, port));
-    Some(Instance {
-        id: i.instance_id()?.to_string(),
-        owner: ClusterKey {
-            namespace: tag_of(i, tags::NAMESPACE)?.to_string(),
-            name: tag_of(i, tags::NAME)?.to_string(),
-        },
-        owner_uid: tag_of(i, tags::UID).unwrap_or("").to_string(),
-        slot: tag_of(i, tags::SLOT)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        attempt: tag_of(i, tags::ATTEMPT)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        address,
-        state,
-        instance_type: i
-            .instance_type()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        spec_hash: tag_of(i, tags::SPEC_HASH).unwrap_or("").to_string(),
-        launched_at: i
-            .launch_time()
-            .and_then(|t| SystemTime::try_from(*t).ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH),
-        launched_as: Some(LaunchedAs {
-            image_id: i.image_id().map(String::from),
-            subnet_id: i.subnet_id().map(String::from),
-            security_groups: {
-                let mut g: Vec<String> = i
-                    .security_groups()
-                    .iter()
-                    .filter_map(|g| g.group_id().map(String::from))
-                    .collect();
-                g.sort();
-                g
-            },
-        }),
-        client_token: i.client_token().filter(|t| !t.is_empty()).map(String::from),
-        provider: ProviderKind::Aws,
-    })
-}
-
 impl Provider for AwsProvider {
-    fn name(&self) -> &'static str {
-        "aws"
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Aws
     }
 
     fn token_scope(&self) -> &str {
@@ -622,7 +341,7 @@ impl Provider for AwsProvider {
                 .describe_instances()
                 .filters(
                     Filter::builder()
-                        .name(format!("tag:{}", tags::CONTROLLER))
+                        .name(format!("tag:{}", keys::CONTROLLER))
                         .values(&self.controller_id)
                         .build(),
                 )
@@ -637,7 +356,7 @@ impl Provider for AwsProvider {
             let mut out = Vec::new();
             while let Some(page) = pages.next().await {
                 self.count("DescribeInstances", &page);
-                let page = page.map_err(|e| Self::fail("list", &e))?;
+                let page = page.map_err(|e| fail(Operation::List, &e))?;
                 for r in page.reservations() {
                     out.extend(
                         r.instances()
@@ -654,11 +373,12 @@ impl Provider for AwsProvider {
     fn launch<'a>(&'a self, req: &'a LaunchRequest) -> BoxFuture<'a, Result<Launch, Error>> {
         async move {
             let ProviderSpec::Aws(aws) = &req.provider else {
-                return Err(Error::Provider {
-                    provider: "aws",
-                    operation: "launch",
-                    message: "not an aws spec".into(),
-                });
+                return Err(Error::new(
+                    ProviderKind::Aws,
+                    Operation::Launch,
+                    ErrorClass::Invalid,
+                    "not an aws spec",
+                ));
             };
             // The subnet follows from (slot, attempt): a replay of this intent carries the same
             // parameters. A subnet without capacity, or a token EC2 already spent on an
@@ -668,7 +388,9 @@ impl Provider for AwsProvider {
             if let Some(s) = subnet
                 && !self.capacity_ok(&req.instance_type, s)
             {
-                return Ok(Launch::NextAttempt(format!(
+                return Ok(Launch::NextAttempt(
+                    ErrorClass::Capacity,
+                    format!(
                     "InsufficientInstanceCapacity: {s} has no {} capacity (seen in the last 3 minutes)",
                     req.instance_type
                 )));
@@ -691,7 +413,7 @@ impl Provider for AwsProvider {
                     .send()
                     .await;
                 self.count("TerminateInstances", &r);
-                r.map_err(|e| Self::fail("terminate", &e))?;
+                r.map_err(|e| fail(Operation::Terminate, &e))?;
             }
             Ok(())
         }
@@ -708,11 +430,11 @@ impl Provider for AwsProvider {
                     .await
                     .delete_tags()
                     .set_resources(Some(chunk.to_vec()))
-                    .tags(tag(tags::CONTROLLER, &self.controller_id))
+                    .tags(tag(keys::CONTROLLER, &self.controller_id))
                     .send()
                     .await;
                 self.count("DeleteTags", &r);
-                r.map_err(|e| Self::fail("release", &e))?;
+                r.map_err(|e| fail(Operation::Release, &e))?;
             }
             Ok(())
         }
@@ -762,8 +484,8 @@ impl LazyAwsProvider {
 }
 
 impl Provider for LazyAwsProvider {
-    fn name(&self) -> &'static str {
-        "aws"
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Aws
     }
 
     fn token_scope(&self) -> &str {
@@ -793,30 +515,6 @@ impl Provider for LazyAwsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_limit_lets_a_burst_through_then_paces_calls() {
-        let limit = RateLimit::new(2.0, 3.0);
-        let start = tokio::time::Instant::now();
-        for _ in 0..3 {
-            limit.acquire().await;
-        }
-        assert_eq!(start.elapsed(), Duration::ZERO, "the burst passes at once");
-        for _ in 0..4 {
-            limit.acquire().await;
-        }
-        // Four more at 2 per second.
-        assert!(
-            start.elapsed() >= Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
-        );
-        assert!(
-            start.elapsed() < Duration::from_millis(2100),
-            "{:?}",
-            start.elapsed()
-        );
-    }
 
     #[test]
     fn tokens_are_stable_short_and_distinct_per_intent() {

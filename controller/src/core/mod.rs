@@ -1,0 +1,397 @@
+//! The controller core, shared by both drivers: per-object state, the provider inventory, the
+//! reconcile and deletion of one object (conditions and Events included), route building with
+//! one conflict rule, the orphan sweep and the `/status` view.
+//!
+//! A driver only says where objects come from (a directory, the API server) and where status
+//! and Events go (a [`Sink`]); the same input gives the same conditions and Events in both.
+
+pub mod delete;
+mod events;
+pub mod execute;
+pub mod inventory;
+mod observe;
+pub mod routes;
+pub mod sweep;
+pub mod view;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetlb_crds::BackendCluster;
+use fleetlb_dataplane::Dataplane;
+use k8s_openapi::jiff::Timestamp;
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::error::{ErrorClass, Reason};
+use crate::metrics::Metrics;
+use crate::provider::{ClusterKey, Instance, ProviderKind, Providers};
+use crate::reconcile::set_condition;
+use delete::{DeleteSettings, Deletion};
+use execute::LaunchBackoff;
+use inventory::{Inventory, kinds_of};
+pub use events::{Event, EventType, Sink};
+use events::applied_events;
+pub use observe::{count_states, forget_cluster, health_by_cluster};
+
+/// Settings of the core, the same meaning in both drivers (their defaults differ).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Time between an instance leaving the endpoint set and its termination, long enough for
+    /// every proxy replica to see the change.
+    pub drain: Duration,
+    /// Unowned instances older than this are terminated (Karpenter's 30 s standalone, 60 s in
+    /// Kubernetes where the cache can lag).
+    pub orphan_grace: Duration,
+    /// Deletion: how long to wait for the provider to list recent launches (default 2 min).
+    pub launch_visibility: Duration,
+    /// First and longest delay before retrying a failed launch or reconcile (default 1 s and
+    /// 5 min; doubled per failure, jittered; an edit of the object retries at once).
+    pub backoff: (Duration, Duration),
+    /// Provider listings younger than this are shared between reconciles (default 1 s).
+    pub inventory_max_age: Duration,
+    /// A provider listing taking longer fails as `ProviderUnavailable` (default 90 s, beyond
+    /// the EC2 client's own 60 s call timeout).
+    pub list_deadline: Duration,
+    /// This process is the only proxy: it sees every request, so a retired instance is
+    /// terminated as soon as its last request ends. Otherwise a retired instance gets its whole
+    /// deregistration delay.
+    pub sole_proxy: bool,
+}
+
+impl Settings {
+    /// Standalone defaults: one process, drain 2 s, orphans after 30 s.
+    pub fn standalone() -> Self {
+        Self {
+            drain: Duration::from_secs(2),
+            orphan_grace: Duration::from_secs(30),
+            sole_proxy: true,
+            ..Self::kubernetes()
+        }
+    }
+
+    /// Kubernetes defaults: drain 5 s (every replica sees the status change), orphans after
+    /// 60 s, not the sole proxy.
+    pub fn kubernetes() -> Self {
+        Self {
+            drain: Duration::from_secs(5),
+            orphan_grace: Duration::from_secs(60),
+            launch_visibility: Duration::from_secs(120),
+            backoff: (Duration::from_secs(1), Duration::from_secs(300)),
+            inventory_max_age: Duration::from_secs(1),
+            list_deadline: Duration::from_secs(90),
+            sole_proxy: false,
+        }
+    }
+}
+
+/// What a reconcile ended with, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing in motion: look again at the resync period.
+    Settled,
+    /// Instances launching, draining or not yet running: look again soon.
+    Busy,
+}
+
+/// Why a reconcile failed (retried with per-object backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A provider call failed (its class decides the condition reason).
+    #[error(transparent)]
+    Provider(#[from] Error),
+    /// The status could not be recorded.
+    #[error("cannot write status: {0}")]
+    Status(String),
+    /// A launch failed (after its retries); launches back off.
+    #[error(transparent)]
+    Launch(#[from] execute::LaunchError),
+}
+
+/// Per-object state kept between reconciles.
+#[derive(Default)]
+struct ObjectState {
+    /// Instances out of the endpoint set, by when they left.
+    draining: HashMap<String, Instant>,
+    /// Launch retry state.
+    backoff: LaunchBackoff,
+    /// Consecutive failed reconciles.
+    failures: u32,
+}
+
+/// The core: providers, the data plane's view of health, metrics, settings, and the state of
+/// every object.
+pub struct Core {
+    /// Instance providers.
+    pub providers: Providers,
+    /// The local data plane: health and latency of endpoints.
+    pub dataplane: Dataplane,
+    /// Controller metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub cfg: Settings,
+    inventory: Inventory,
+    objects: Mutex<HashMap<ClusterKey, ObjectState>>,
+}
+
+impl Core {
+    /// A core over `providers`.
+    pub fn new(providers: Providers, dataplane: Dataplane, metrics: Metrics, cfg: Settings) -> Self {
+        Self {
+            inventory: Inventory::new(cfg.inventory_max_age, cfg.list_deadline),
+            providers,
+            dataplane,
+            metrics,
+            cfg,
+            objects: Mutex::default(),
+        }
+    }
+
+    fn objects(&self) -> std::sync::MutexGuard<'_, HashMap<ClusterKey, ObjectState>> {
+        // Every map here stays consistent between statements, also after a panic elsewhere.
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a failed reconcile of `key`; returns how many in a row.
+    pub fn failed(&self, key: &ClusterKey) -> u32 {
+        let mut objects = self.objects();
+        let n = &mut objects.entry(key.clone()).or_default().failures;
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// The delay before retrying `key` after its `n`th failure in a row.
+    pub fn retry_delay(&self, n: u32) -> Duration {
+        execute::backoff(self.cfg.backoff, n)
+    }
+
+    /// Requests in flight per instance, where this process is the only proxy.
+    fn inflight(&self) -> Option<HashMap<String, u32>> {
+        self.cfg.sole_proxy.then(|| self.dataplane.inflight())
+    }
+
+    /// Why fleetlb will not act on `bc` (an invalid spec, a route another object holds), if so.
+    pub fn refusal(
+        &self,
+        bc: &BackendCluster,
+        objects: &[Arc<BackendCluster>],
+    ) -> Option<(Reason, String)> {
+        if let Err(errors) = bc.validate() {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Some((Reason::InvalidSpec, text.join("; ")));
+        }
+        routes::route_holder(bc, objects).map(|other| {
+            (
+                Reason::RouteConflict,
+                format!("spec.route: {} is already served by {other}", bc.spec.route),
+            )
+        })
+    }
+
+    /// One reconcile of a live object: refuse it (invalid, route taken), or list its
+    /// instances, launch, drain and terminate, write its status and Events through `sink`.
+    pub async fn reconcile(
+        &self,
+        bc: &BackendCluster,
+        objects: &[Arc<BackendCluster>],
+        sink: &dyn Sink,
+    ) -> Result<Next, Failure> {
+        let key = ClusterKey::of(bc);
+        let now = Timestamp::now();
+        if let Some((reason, message)) = self.refusal(bc, objects) {
+            // No provider call for a spec fleetlb will not act on.
+            let mut status = bc.status.clone().unwrap_or_default();
+            status.observed_generation = bc.metadata.generation;
+            for type_ in ["Ready", "Degraded"] {
+                set_condition(
+                    &mut status.conditions,
+                    type_,
+                    type_ == "Degraded",
+                    reason.as_str(),
+                    &message,
+                    bc.metadata.generation,
+                    now,
+                );
+            }
+            if bc.status.as_ref() != Some(&status) {
+                sink.event(bc, Event::warning(reason, message.clone())).await;
+                tracing::warn!(cluster = %key, %reason, %message, "not acting on this BackendCluster");
+            }
+            sink.write_status(bc, status).await.map_err(Failure::Status)?;
+            self.clear_failures(&key);
+            return Ok(Next::Settled);
+        }
+        let kind = ProviderKind::of(&bc.spec.provider);
+        let listed = match self.providers.require(kind) {
+            Ok(p) => self
+                .inventory
+                .instances_of(bc, &self.providers, objects, None)
+                .await
+                .map(|l| (p, l)),
+            Err(e) => Err(e),
+        };
+        let (provider, (mine, kinds)) = match listed {
+            Ok(x) => x,
+            Err(e) => {
+                // Keep serving what the status lists; say why nothing else happens.
+                let mut status = bc.status.clone().unwrap_or_default();
+                set_condition(
+                    &mut status.conditions,
+                    "Degraded",
+                    true,
+                    e.reason().as_str(),
+                    &e.to_string(),
+                    bc.metadata.generation,
+                    now,
+                );
+                if e.class == ErrorClass::NotConfigured {
+                    set_condition(
+                        &mut status.conditions,
+                        "Ready",
+                        false,
+                        e.reason().as_str(),
+                        &e.to_string(),
+                        bc.metadata.generation,
+                        now,
+                    );
+                }
+                self.metrics.reconcile.with_label_values(&["error"]).inc();
+                sink.write_status(bc, status).await.map_err(Failure::Status)?;
+                return Err(Failure::Provider(e));
+            }
+        };
+        let health = health_by_cluster(&self.dataplane)
+            .remove(&key.to_string())
+            .unwrap_or_default();
+        let inflight = self.inflight();
+        let mut state = self.objects().remove(&key).unwrap_or_default();
+        let applied = execute::apply(
+            bc,
+            execute::Inputs {
+                provider: provider.as_ref(),
+                providers: &self.providers,
+                instances: &mine,
+                health: &health,
+                inflight: inflight.as_ref(),
+                draining: &mut state.draining,
+                drain: self.cfg.drain,
+                metrics: &self.metrics,
+                backoff: &mut state.backoff,
+                backoff_range: self.cfg.backoff,
+            },
+            now,
+            &|status| sink.write_status(bc, status),
+        )
+        .await;
+        self.objects().insert(key.clone(), state);
+        if !applied.launched.is_empty() || !applied.terminated.is_empty() {
+            for k in &kinds {
+                self.inventory.invalidate(*k).await;
+            }
+        }
+        // Status first: it takes retired instances out of every replica's endpoint set.
+        sink.write_status(bc, applied.status)
+            .await
+            .map_err(Failure::Status)?;
+        for event in applied_events(bc, &applied.launched, &applied.retired, &applied.terminated) {
+            sink.event(bc, event).await;
+        }
+        if let Some(e) = applied.launch_error {
+            sink.event(bc, Event::warning(e.reason, e.message.clone()))
+                .await;
+            return Err(Failure::Launch(e));
+        }
+        self.clear_failures(&key);
+        Ok(if applied.busy { Next::Busy } else { Next::Settled })
+    }
+
+    fn clear_failures(&self, key: &ClusterKey) {
+        if let Some(s) = self.objects().get_mut(key) {
+            s.failures = 0;
+        }
+    }
+
+    /// One step of deleting `bc` (its `metadata.deletionTimestamp` set), called until it
+    /// answers [`Deletion::Done`]; then every record of the object is dropped and a `Deleted`
+    /// Event published. While waiting, `Ready=False/Deleting` says for what.
+    pub async fn delete(
+        &self,
+        bc: &BackendCluster,
+        objects: &[Arc<BackendCluster>],
+        sink: &dyn Sink,
+    ) -> Deletion {
+        let key = ClusterKey::of(bc);
+        let kinds = kinds_of(bc);
+        if kinds.iter().all(|k| self.providers.get(*k).is_none()) {
+            // Nothing this process could clean up; do not hold the object forever.
+            tracing::warn!(cluster = %key, provider = %ProviderKind::of(&bc.spec.provider), "deleting without a configured provider");
+            self.forget(&key);
+            return Deletion::Done;
+        }
+        for k in &kinds {
+            self.inventory.invalidate(*k).await;
+        }
+        let mut deleting = bc.clone();
+        let now = Timestamp::now();
+        let step = match self
+            .inventory
+            .instances_of(bc, &self.providers, objects, Some(Duration::ZERO))
+            .await
+        {
+            Ok((mine, _)) => {
+                let uid = bc.metadata.uid.clone().unwrap_or_default();
+                let mine: Vec<Instance> =
+                    mine.into_iter().filter(|i| i.belongs_to(&uid)).collect();
+                let step = delete::delete(
+                    &mut deleting,
+                    &self.providers,
+                    &mine,
+                    self.inflight().as_ref(),
+                    now,
+                    DeleteSettings {
+                        drain: self.cfg.drain,
+                        launch_visibility: self.cfg.launch_visibility,
+                    },
+                )
+                .await;
+                if step == Deletion::Done {
+                    self.forget(&key);
+                    let note = match bc.spec.deletion_policy {
+                        fleetlb_crds::DeletionPolicy::Delete => {
+                            "every instance terminated; deletion complete".to_string()
+                        }
+                        fleetlb_crds::DeletionPolicy::Orphan => format!(
+                            "{} instance(s) left running and released (deletionPolicy: Orphan)",
+                            mine.iter().filter(|i| i.state.needs_terminate()).count()
+                        ),
+                    };
+                    tracing::info!(cluster = %key, "BackendCluster deleted");
+                    sink.event(bc, Event::normal("Deleted", note)).await;
+                }
+                step
+            }
+            Err(e) => Deletion::Waiting(format!("cannot list instances: {e}")),
+        };
+        if let Deletion::Waiting(why) = &step {
+            for k in &kinds {
+                self.inventory.invalidate(*k).await;
+            }
+            delete::mark_deleting(&mut deleting, why, now);
+            if let Err(e) = sink
+                .write_status(bc, deleting.status.unwrap_or_default())
+                .await
+            {
+                tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
+            }
+        }
+        step
+    }
+
+    /// Drops every record of a deleted object.
+    fn forget(&self, key: &ClusterKey) {
+        self.objects().remove(key);
+        forget_cluster(&self.metrics, key);
+    }
+}
+

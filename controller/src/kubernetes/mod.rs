@@ -1,0 +1,343 @@
+//! The Kubernetes driver (`fleetlb run`): BackendCluster objects from the API server.
+//!
+//! - A kube-runtime [`Controller`] calls [`reconcile`] per object: a finalizer guards deletion;
+//!   the [`Core`] decides, as in standalone; status is written by server-side apply on
+//!   `/status` and Events are Event objects ([`sink`]).
+//! - Only the replica holding the Lease ([`crate::lease`]) acts on providers and writes; every
+//!   replica runs the data plane, fed from the objects' specs and the endpoints in their status
+//!   (the leader's decisions), and probes the endpoints itself.
+//! - Failures back off per object, exponentially with jitter, so throttled objects do not
+//!   retry in lockstep.
+
+mod sink;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetlb_crds::{BackendCluster, BackendClusterStatus};
+use fleetlb_dataplane::RouteTable;
+use futures::{FutureExt, StreamExt};
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::Client;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::core::delete::Deletion;
+use crate::core::view::{ClusterView, StatusView};
+use crate::core::{Core, Failure, Next, Settings, routes};
+use crate::provider::ClusterKey;
+
+/// The finalizer fleetlb puts on every BackendCluster it manages.
+pub const FINALIZER: &str = "fleetlb.dev/instances";
+/// Field manager of fleetlb's server-side apply writes.
+pub const MANAGER: &str = "fleetlb";
+
+/// Kubernetes driver settings.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// Reconcile period of a settled object (default 30 s).
+    pub resync: Duration,
+    /// Reconcile period while instances launch or drain (default 2 s).
+    pub busy: Duration,
+    /// The core's settings ([`Settings::kubernetes`]; `sole_proxy` with
+    /// `--no-leader-election`).
+    pub core: Settings,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(30),
+            busy: Duration::from_secs(2),
+            core: Settings::kubernetes(),
+        }
+    }
+}
+
+/// Reconcile errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a call.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The core's reconcile failed.
+    #[error(transparent)]
+    Core(#[from] Failure),
+    /// Deletion waits (for what, in words).
+    #[error("deletion in progress: {0}")]
+    Terminating(String),
+    /// The finalizer machinery failed.
+    #[error(transparent)]
+    Finalizer(Box<finalizer::Error<Error>>),
+}
+
+/// Where the driver is connected: the API, this replica's name in Events, leadership, and
+/// where the data plane's routes and `/status` go.
+pub struct Wiring {
+    /// API client (with a read timeout: a hung API server fails the call).
+    pub client: Client,
+    /// This replica in Events.
+    pub reporter: Reporter,
+    /// Whether this replica holds the Lease.
+    pub leader: watch::Receiver<bool>,
+    /// Route table for the data plane.
+    pub routes: watch::Sender<RouteTable>,
+    /// `/status` JSON (the same shape as standalone's, for `fleetlb status`).
+    pub status: watch::Sender<bytes::Bytes>,
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Whether this replica holds the Lease.
+    pub leader: watch::Receiver<bool>,
+    /// Every BackendCluster, as the controller's reflector sees them.
+    pub store: Store<BackendCluster>,
+    /// Route table for the data plane.
+    pub routes: watch::Sender<RouteTable>,
+    /// `/status` JSON.
+    pub status: watch::Sender<bytes::Bytes>,
+    /// Settings.
+    pub cfg: KubeConfig,
+    /// The shared controller core.
+    pub core: Core,
+    /// The last status written per object, and when (writes of an unchanged status are skipped).
+    written: Mutex<HashMap<ClusterKey, (Instant, BackendClusterStatus)>>,
+}
+
+impl Context {
+    /// A context over `core` and the objects of `store`.
+    pub fn new(wiring: Wiring, core: Core, store: Store<BackendCluster>, cfg: KubeConfig) -> Self {
+        Self {
+            recorder: Recorder::new(wiring.client.clone(), wiring.reporter),
+            client: wiring.client,
+            leader: wiring.leader,
+            store,
+            routes: wiring.routes,
+            status: wiring.status,
+            cfg,
+            core,
+            written: Mutex::default(),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Rebuilds the data plane's route table from every object in the store (see
+    /// [`routes::build_routes`]).
+    pub fn publish_routes(&self) {
+        let objects = self.store.state();
+        self.routes.send_if_modified(|cur| {
+            let routes = routes::build_routes(&objects, cur);
+            if cur.routes == routes {
+                false
+            } else {
+                cur.routes = routes;
+                true
+            }
+        });
+    }
+
+    /// Publishes every object's spec summary and status as `/status` JSON.
+    pub fn publish_status(&self) {
+        let objects = self.store.state();
+        let view = StatusView {
+            clusters: objects.iter().map(|o| ClusterView::new(o)).collect(),
+            errors: Vec::new(),
+        };
+        let body = bytes::Bytes::from(view.to_json());
+        self.status.send_if_modified(|cur| {
+            if *cur == body {
+                false
+            } else {
+                *cur = body;
+                true
+            }
+        });
+    }
+}
+
+/// Reconciles one BackendCluster (kube-runtime calls this; tests call it directly).
+pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.publish_routes();
+    if !ctx.is_leader() {
+        // Another replica acts; this one only serves.
+        return Ok(Action::requeue(ctx.cfg.resync));
+    }
+    let started = Instant::now();
+    let objects = ctx.store.state();
+    let settled = |next: Next| {
+        Action::requeue(match next {
+            Next::Busy => ctx.cfg.busy,
+            Next::Settled => ctx.cfg.resync,
+        })
+    };
+    // An object fleetlb will not act on gets its condition, and no finalizer.
+    if bc.metadata.deletion_timestamp.is_none() && ctx.core.refusal(&bc, &objects).is_some() {
+        let next = ctx.core.reconcile(&bc, &objects, ctx.as_ref()).await?;
+        return Ok(settled(next));
+    }
+    let key = ClusterKey::of(&bc);
+    let api: Api<BackendCluster> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let result = finalizer(&api, FINALIZER, bc, |event| async {
+        match event {
+            finalizer::Event::Apply(bc) => {
+                let next = ctx.core.reconcile(&bc, &objects, ctx.as_ref()).await?;
+                Ok(settled(next))
+            }
+            finalizer::Event::Cleanup(bc) => {
+                match ctx.core.delete(&bc, &objects, ctx.as_ref()).await {
+                    Deletion::Done => {
+                        locked(&ctx.written).remove(&key);
+                        Ok(Action::await_change())
+                    }
+                    Deletion::Waiting(why) => Err(Error::Terminating(why)),
+                }
+            }
+        }
+    })
+    .await;
+    ctx.core
+        .metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result.map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// After an error: retry with per-object exponential backoff and jitter (waiting for
+/// terminations is polled at the busy period instead).
+pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let waiting = matches!(error, Error::Finalizer(f) if matches!(**f, finalizer::Error::CleanupFailed(Error::Terminating(_))));
+    if waiting {
+        return Action::requeue(ctx.cfg.busy);
+    }
+    let key = ClusterKey::of(&bc);
+    tracing::warn!(cluster = %key, %error, "reconcile failed");
+    Action::requeue(ctx.core.retry_delay(ctx.core.failed(&key)))
+}
+
+/// Terminates instances of this controller whose object no longer exists and that are older
+/// than the grace period. Runs on the leader only, after the store has been filled. The store
+/// can lag behind the API server (a stalled watch): before terminating, the API server itself
+/// is asked whether each owner is really gone.
+pub async fn sweep_orphans(ctx: &Context) {
+    if !ctx.is_leader() {
+        return;
+    }
+    let confirm = |key: &ClusterKey| {
+        let api: Api<BackendCluster> = Api::namespaced(ctx.client.clone(), &key.namespace);
+        let name = key.name.clone();
+        async move {
+            match api.get_opt(&name).await {
+                Ok(found) => Ok(found.and_then(|o| o.metadata.uid)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        .boxed()
+    };
+    ctx.core.sweep(&ctx.store.state(), &confirm).await;
+}
+
+/// The data behind `m`, also after a panic elsewhere poisoned it.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This install's id in a cluster, when `--controller-id` is not given: `fleetlb-` and the
+/// UID of the `kube-system` namespace, which is unique per cluster and survives controller
+/// reinstalls (the identity cluster-identity tools use). Two clusters in one AWS account and
+/// region therefore never see each other's instances as theirs.
+pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns: Api<Namespace> = Api::all(client);
+    let uid = ns
+        .get("kube-system")
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default();
+    if uid.is_empty() {
+        return Err(kube::Error::Service(
+            "namespace kube-system has no metadata.uid".into(),
+        ));
+    }
+    Ok(format!("fleetlb-{uid}"))
+}
+
+/// Runs the controller until `shutdown`: the reconcile loop, a route-table refresh and the
+/// orphan sweep. Returns an error at once when the API server does not serve BackendClusters
+/// (the CRD is not installed).
+pub async fn run(
+    ctx_parts: impl FnOnce(Store<BackendCluster>) -> Context,
+    client: Client,
+    ready: watch::Sender<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), kube::Error> {
+    let api: Api<BackendCluster> = Api::all(client);
+    api.list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| {
+            match &e {
+                kube::Error::Api(s) if s.code == 404 => tracing::error!(
+                    "the API server does not serve BackendClusters: install the CRD with kubectl apply -f manifests/crd.yaml"
+                ),
+                _ => tracing::error!(error = %e, "cannot list BackendClusters"),
+            }
+            e
+        })?;
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let ctx = Arc::new(ctx_parts(store.clone()));
+    // A replica that becomes leader reconciles everything at once rather than at the next resync.
+    let became_leader = futures::stream::unfold(ctx.leader.clone(), |mut leader| async move {
+        loop {
+            leader.changed().await.ok()?;
+            if *leader.borrow_and_update() {
+                return Some(((), leader));
+            }
+        }
+    });
+    let background = {
+        let ctx = ctx.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+            ctx.publish_routes();
+            ctx.publish_status();
+            ready.send_replace(true);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last_sweep = Instant::now();
+            loop {
+                tick.tick().await;
+                ctx.publish_routes();
+                ctx.publish_status();
+                if last_sweep.elapsed() >= ctx.cfg.resync {
+                    last_sweep = Instant::now();
+                    sweep_orphans(&ctx).await;
+                }
+            }
+        })
+    };
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(16))
+        .reconcile_all_on(became_leader)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| std::future::ready(()))
+        .await;
+    background.abort();
+    Ok(())
+}

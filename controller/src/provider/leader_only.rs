@@ -1,0 +1,82 @@
+//! Providers gated on leadership.
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::{Instance, LaunchRequest, Provider, ProviderKind};
+use crate::Error;
+use crate::error::{ErrorClass, Operation};
+
+/// A provider that acts only while this replica leads: every launch, termination and release
+/// re-reads the leader flag immediately before calling the provider, so a replica that lost the
+/// Lease mid-reconcile (its renewal hung past the renew deadline) makes no further EC2 call,
+/// whatever its reconcile had already decided. Listing stays allowed (it changes nothing).
+pub struct LeaderOnly {
+    inner: std::sync::Arc<dyn Provider>,
+    leader: watch::Receiver<bool>,
+}
+
+impl LeaderOnly {
+    /// Wraps `inner`, gated on `leader`.
+    pub fn new(inner: std::sync::Arc<dyn Provider>, leader: watch::Receiver<bool>) -> Self {
+        Self { inner, leader }
+    }
+
+    fn check(&self, operation: Operation) -> Result<(), Error> {
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                self.inner.kind(),
+                operation,
+                ErrorClass::NotLeader,
+                "NotLeader: this replica no longer holds the leader-election Lease",
+            ))
+        }
+    }
+}
+
+impl Provider for LeaderOnly {
+    fn kind(&self) -> ProviderKind {
+        self.inner.kind()
+    }
+
+    fn list<'a>(
+        &'a self,
+        clusters: &'a [std::sync::Arc<fleetlb_crds::BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        self.inner.list(clusters)
+    }
+
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<crate::provider::Launch, Error>> {
+        match self.check(Operation::Launch) {
+            Ok(()) => self.inner.launch(req),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn terminate<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        match self.check(Operation::Terminate) {
+            Ok(()) => self.inner.terminate(ids),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+        match self.check(Operation::Release) {
+            Ok(()) => self.inner.release(ids),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn manages_instances(&self) -> bool {
+        self.inner.manages_instances()
+    }
+
+    fn token_scope(&self) -> &str {
+        self.inner.token_scope()
+    }
+}

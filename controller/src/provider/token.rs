@@ -1,0 +1,51 @@
+//! Stable hashes and idempotency tokens: the same intent always gives the same token, across
+//! restarts and releases.
+
+use fleetlb_crds::BackendCluster;
+
+/// The subnet of launch attempt `attempt` of `slot`: a function of the intent alone, so a
+/// replayed launch (same `ClientToken`) always carries the same `SubnetId`, as EC2 requires of
+/// an idempotent repeat. Consecutive slots and attempts walk through the subnets, so a fleet
+/// spreads over them and a replacement (the next attempt) lands in the next one.
+pub fn subnet_for(subnets: &[String], slot: u32, attempt: u32) -> Option<&str> {
+    if subnets.is_empty() {
+        return None;
+    }
+    let k = (u64::from(slot) + u64::from(attempt)) % subnets.len() as u64;
+    subnets.get(usize::try_from(k).ok()?).map(String::as_str)
+}
+
+/// Stable 64-bit FNV-1a, for spec hashes and tokens that must not change across releases.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash of the spec fields whose change requires new instances (type, port, provider settings).
+pub fn spec_hash(bc: &BackendCluster) -> String {
+    let s = &bc.spec;
+    let provider = serde_json::to_string(&s.provider).unwrap_or_default();
+    let key = format!("{}|{}|{}", s.instance_type, s.port, provider);
+    format!("{:016x}", fnv64(key.as_bytes()))
+}
+
+/// [`client_token`] within `scope` (see [`Provider::token_scope`]); an empty scope gives
+/// [`client_token`]'s token.
+pub fn scoped_token(scope: &str, uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
+    if scope.is_empty() {
+        client_token(uid, slot, spec_hash, attempt)
+    } else {
+        client_token(&format!("{scope}/{uid}"), slot, spec_hash, attempt)
+    }
+}
+
+/// The idempotency token of one launch intent (at most 64 ASCII characters): the same owner
+/// UID, slot, spec hash and attempt always give the same token.
+pub fn client_token(uid: &str, slot: u32, spec_hash: &str, attempt: u32) -> String {
+    let h = fnv64(format!("{uid}|{slot}|{spec_hash}|{attempt}").as_bytes());
+    format!("fleetlb-{h:016x}-{slot}-{attempt}")
+}
