@@ -127,11 +127,21 @@ pub(crate) struct Shared {
     pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
 }
 
+/// Which address reuse a listener allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// `SO_REUSEADDR` only: a restart binds at once, a second live listener is refused.
+    Address,
+    /// `SO_REUSEPORT` too: a second process (a successor, or a proxy thread) binds the same
+    /// address and takes over without the port ever refusing connections. Never with port 0
+    /// in tests that run in parallel: read the port back from the first listener instead.
+    Port,
+}
+
 /// Binds a listener with a deep accept queue (4096, capped by `net.core.somaxconn`), so a burst
-/// of simultaneous connections is not answered with SYN retransmits a second later. With
-/// `reuse_port`, a second process can bind the same address (`SO_REUSEPORT`) and take over
-/// without the port ever refusing connections.
-pub fn listen(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// of simultaneous connections is not answered with SYN retransmits a second later.
+pub fn listen(addr: std::net::SocketAddr, reuse: Reuse) -> std::io::Result<TcpListener> {
+    let reuse_port = reuse == Reuse::Port;
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -206,7 +216,7 @@ impl Dataplane {
                 Some(l) => l,
                 None => {
                     let _in_rt = rt.enter();
-                    listen(addr, true)?.into_std()?
+                    listen(addr, Reuse::Port)?.into_std()?
                 }
             };
             let shared = self.shared.clone();
@@ -273,11 +283,11 @@ impl Dataplane {
                             id: e.id.clone(),
                             address: e.addr.to_string(),
                             state: if s.is_ejected(now) {
-                                "ejected"
+                                EndpointState::Ejected
                             } else if s.is_healthy() {
-                                "healthy"
+                                EndpointState::Healthy
                             } else {
-                                "unhealthy"
+                                EndpointState::Unhealthy
                             },
                             healthy: s.is_healthy(),
                             latency_ms: s.estimate_ns(now, decay) / 1e6,
@@ -302,7 +312,7 @@ impl Dataplane {
                     prefix: c.prefix.clone(),
                     policy: c.balancing.policy.as_str(),
                     panic: !c.endpoints.is_empty()
-                        && endpoints.iter().all(|e| e.state != "healthy"),
+                        && endpoints.iter().all(|e| e.state != EndpointState::Healthy),
                     endpoints,
                 }
             })
@@ -330,13 +340,9 @@ impl Dataplane {
                 m.inflight
                     .with_label_values(&[cl, &e.address])
                     .set(i64::from(e.inflight));
-                counts[match e.state {
-                    "healthy" => 0,
-                    "unhealthy" => 1,
-                    _ => 2,
-                }] += 1;
+                counts[e.state as usize] += 1;
             }
-            for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
+            for (state, n) in EndpointState::ALL.iter().map(|s| s.as_str()).zip(counts) {
                 m.endpoints
                     .with_label_values(&[c.cluster.as_str(), state])
                     .set(n);
@@ -344,6 +350,36 @@ impl Dataplane {
             if !c.panic {
                 m.panic_mode.with_label_values(&[c.cluster.as_str()]).set(0);
             }
+        }
+    }
+}
+
+/// What the balancer makes of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointState {
+    /// Passes its health checks and is not ejected: gets traffic.
+    Healthy = 0,
+    /// Fails its health checks.
+    Unhealthy = 1,
+    /// Ejected by outlier detection for a while.
+    Ejected = 2,
+}
+
+impl EndpointState {
+    /// Every state, in gauge order.
+    pub const ALL: [EndpointState; 3] = [
+        EndpointState::Healthy,
+        EndpointState::Unhealthy,
+        EndpointState::Ejected,
+    ];
+
+    /// The state's name in metrics and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Ejected => "ejected",
         }
     }
 }
@@ -371,7 +407,7 @@ pub struct EndpointSnapshot {
     /// `host:port`.
     pub address: String,
     /// `healthy`, `unhealthy` or `ejected`.
-    pub state: &'static str,
+    pub state: EndpointState,
     /// Passes its health check.
     pub healthy: bool,
     /// The balancer's latency estimate (peak EWMA relaxing toward the probe RTT), ms.

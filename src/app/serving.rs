@@ -1,0 +1,174 @@
+//! What every serving mode shares: listeners, metrics, the data plane, admin endpoints,
+//! providers, and the drain on the way out.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use fleetlb_controller::Providers;
+use fleetlb_controller::provider::endpoints::EndpointsProvider;
+use fleetlb_controller::provider::local::LocalProvider;
+use fleetlb_dataplane::admin::{self, AdminState};
+use fleetlb_dataplane::{Dataplane, ProxyConfig, Reuse, RouteTable};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::AppError;
+use crate::cli::ListenArgs;
+
+/// What every serving mode shares: listeners, metrics, data plane, admin endpoints, providers.
+pub(super) struct Serving {
+    proxy: Proxy,
+    pub(super) proxy_addr: SocketAddr,
+    pub(super) admin_addr: SocketAddr,
+    pub(super) dataplane: Dataplane,
+    pub(super) routes: watch::Sender<RouteTable>,
+    pub(super) status: watch::Sender<Bytes>,
+    pub(super) ready: watch::Sender<bool>,
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) local: Arc<LocalProvider>,
+    pub(super) providers: Providers,
+    pub(super) metrics: fleetlb_controller::metrics::Metrics,
+    pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Where the proxy listener is served.
+enum Proxy {
+    /// On the main runtime (`--proxy-threads 0`).
+    Main(TcpListener),
+    /// On dedicated threads.
+    Threads(Vec<std::thread::JoinHandle<()>>),
+}
+
+impl Serving {
+    /// Binds, builds and starts everything but the driver; the aws provider exists only with a
+    /// `controller_id` (this install's identity).
+    pub(super) async fn start(
+        listen: &ListenArgs,
+        controller_id: Option<String>,
+        leader: Option<watch::Receiver<bool>>,
+    ) -> anyhow::Result<Self> {
+        let proxy_listener = fleetlb_dataplane::listen(listen.listen, Reuse::Port)
+            .with_context(|| format!("cannot listen on {} (proxy)", listen.listen))?;
+        let admin_listener = fleetlb_dataplane::listen(listen.admin, Reuse::Address)
+            .with_context(|| format!("cannot listen on {} (admin)", listen.admin))?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let registry = prometheus::Registry::new();
+        let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
+        let (routes, routes_rx) = watch::channel(RouteTable::default());
+        let (status, status_rx) =
+            watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
+        let (ready, ready_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+
+        let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
+        let local = Arc::new(LocalProvider::new(exe));
+        let metrics = fleetlb_controller::metrics::Metrics::new(&registry)?;
+        let aws = controller_id.map(|id| {
+            tracing::info!(controller_id = %id, "aws provider: this install owns instances tagged fleetlb.dev/controller={id}");
+            Arc::new(fleetlb_controller::provider::aws::LazyAwsProvider::new(
+                listen.ec2_endpoint.clone(),
+                id,
+                metrics.clone(),
+                leader.clone(),
+            )) as Arc<dyn fleetlb_controller::provider::Provider>
+        });
+        let providers = Providers {
+            local: Some(local.clone()),
+            endpoints: Some(Arc::new(EndpointsProvider)),
+            aws,
+        };
+        let updater = dataplane.watch_routes(routes_rx);
+        let proxy = match listen.proxy_threads {
+            Some(0) => Proxy::Main(proxy_listener),
+            n => Proxy::Threads(
+                dataplane
+                    .serve_threads(
+                        proxy_listener,
+                        n.map_or_else(
+                            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                            usize::from,
+                        ),
+                        &stop_rx,
+                    )
+                    .with_context(|| format!("cannot start proxy threads on {proxy_addr}"))?,
+            ),
+        };
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::new(AdminState {
+                registry,
+                dataplane: dataplane.clone(),
+                status: status_rx,
+                ready: ready_rx,
+            }),
+            stopped(stop_rx),
+        ));
+        Ok(Self {
+            proxy,
+            proxy_addr,
+            admin_addr,
+            dataplane,
+            routes,
+            status,
+            ready,
+            stop,
+            local,
+            providers,
+            metrics,
+            tasks: vec![updater, admin_task],
+        })
+    }
+
+    /// Serves until `shutdown` completes or the driver ends on its own (an error), then drains
+    /// the proxy, waits for the driver, ends the local instances; returns the driver's result.
+    pub(super) async fn serve(
+        self,
+        driver: tokio::task::JoinHandle<Result<(), AppError>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AppError> {
+        let stop = self.stop;
+        let mut driver = driver;
+        let mut ended = None;
+        let signal = async {
+            tokio::select! {
+                () = shutdown => tracing::info!("shutting down: draining requests in flight"),
+                r = &mut driver => ended = Some(r),
+            }
+            let _ = stop.send(true);
+        };
+        match self.proxy {
+            Proxy::Main(listener) => self.dataplane.serve(listener, signal).await,
+            Proxy::Threads(threads) => {
+                // The main runtime keeps probes, admin and the controller.
+                signal.await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                })
+                .await;
+            }
+        }
+        let result = match ended {
+            Some(r) => r,
+            None => driver.await,
+        }
+        .unwrap_or_else(|e| Err(AppError::Failed(anyhow::anyhow!("the controller task failed: {e}"))));
+        self.local.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Completes once `rx` says stop.
+pub(super) async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,283 @@
+//! The command line: every flag, its default and its check. A bad value is refused here, by
+//! clap, with one line naming the flag (exit code 64); nothing after parsing re-validates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Latency-aware load balancer and EC2 fleet controller.
+///
+/// fleetlb keeps fleets of instances described by BackendCluster objects running, and balances
+/// HTTP requests across them by path prefix, sending each request to the instance that answers
+/// fastest without herding.
+#[derive(Parser)]
+#[command(name = "fleetlb", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr (`RUST_LOG` sets the level, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the whole loop on this machine, no cloud, no cluster: BackendClusters from
+    /// `examples/`, instances as local `fleetlb backend` processes, the proxy in front.
+    ///
+    /// Try `curl localhost:8000/cluster1`, `curl localhost:9090/metrics`, `fleetlb status`, and
+    /// edit `replicas` in examples/cluster1.yaml while it runs.
+    Demo {
+        /// Directory of BackendCluster YAML files (watched for edits, additions, deletions).
+        /// When `examples` does not exist here, the built-in demo clusters are written to a
+        /// temporary directory and used instead.
+        #[arg(long, default_value = "examples", value_parser = parse_demo_dir)]
+        config: PathBuf,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run the controller and proxy from BackendCluster YAML files in a directory, without
+    /// Kubernetes. Any provider works: local, static, aws.
+    Standalone {
+        /// Directory of BackendCluster YAML files (watched for edits, additions, deletions).
+        #[arg(long, value_parser = parse_dir)]
+        config: PathBuf,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run in Kubernetes: watch BackendCluster objects through the API server.
+    ///
+    /// Every replica serves traffic; the one holding the leader-election Lease also launches and
+    /// terminates instances and writes status.
+    Run {
+        #[command(flatten)]
+        listen: ListenArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
+    },
+    /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
+    Crd,
+    /// Print the IAM policy the aws provider needs, scoped to one install's controller id
+    /// (manifests/iam-policy.json is this with the placeholder id CONTROLLER_ID).
+    ///
+    /// In Kubernetes the id defaults to fleetlb-<UID of the kube-system namespace>:
+    /// `fleetlb iam-policy --controller-id fleetlb-$(kubectl get ns kube-system -o jsonpath='{.metadata.uid}')`
+    IamPolicy {
+        /// The install's controller id, as given to (or derived by) `fleetlb run`/`standalone`.
+        #[arg(long, value_parser = parse_controller_id)]
+        controller_id: String,
+        /// ARN partition: aws, aws-cn or aws-us-gov.
+        #[arg(long, default_value = "aws", value_parser = ["aws", "aws-cn", "aws-us-gov"])]
+        partition: String,
+        /// Name of the IAM role instances are launched with (spec.provider.aws.iamInstanceProfile).
+        #[arg(long, default_value = "fleetlb-instance", value_parser = parse_role_name)]
+        instance_role: String,
+    },
+    /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
+    Status {
+        /// Admin address of the running fleetlb.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// Print the raw JSON of `/status` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load-test a running load balancer, like the original experiment: `-n` requests with `-c`
+    /// connections per path (closed loop), or `--rate` requests/s for `--duration` (open loop,
+    /// latency from the scheduled send time). Prints a table per path and per instance; `--out`
+    /// writes one CSV per path and summary.json; `--compare A.json B.json` compares two runs.
+    /// Exits 1 when the error rate exceeds `--max-error-rate`.
+    Bench(BenchArgs),
+    /// Serve as one demo instance, like the original experiment's FastAPI app: `GET /health`,
+    /// and JSON naming the instance and cluster on every other path.
+    Backend {
+        /// Instance id to report.
+        #[arg(long)]
+        id: String,
+        /// Cluster name to report.
+        #[arg(long)]
+        cluster: String,
+        /// Port to listen on, on 127.0.0.1 (0 picks a free one; the chosen address is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Instance type whose profile (service time, concurrency) to mimic, e.g. t2.micro.
+        #[arg(long, default_value = "t2.micro")]
+        profile: String,
+        /// Override the profile's service time, in milliseconds.
+        #[arg(long)]
+        latency_ms: Option<u64>,
+        /// Override the profile's concurrency.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: Option<u32>,
+        /// Exit (after draining) when standard input reaches end-of-file; the local provider
+        /// uses this so instances never outlive fleetlb.
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Base URL of the load balancer.
+    #[arg(long, default_value = "http://127.0.0.1:8000", value_parser = parse_target)]
+    pub target: String,
+    /// Path to load (repeat for several; each gets the full load in turn).
+    #[arg(long = "path", required_unless_present = "compare", value_parser = parse_path)]
+    pub paths: Vec<String>,
+    /// Requests per path (closed loop, unless --duration is given).
+    #[arg(short = 'n', long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Connections (concurrent requests).
+    #[arg(short = 'c', long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// Open loop: requests per second per path (0.001 to 10 000 000).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Run time per path, e.g. 30s.
+    #[arg(long, value_parser = fleetlb_bench::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Open a new connection for every request.
+    #[arg(long)]
+    pub no_keepalive: bool,
+    /// Per-request timeout, e.g. 5s.
+    #[arg(long, value_parser = fleetlb_bench::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Directory for per-path CSV files and summary.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Highest tolerated share of failed requests (transport errors, non-2xx/3xx), 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_error_rate)]
+    pub max_error_rate: f64,
+    /// Compare two summary.json files instead of running.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub compare: Option<Vec<PathBuf>>,
+}
+
+#[derive(Args, Clone)]
+pub struct ListenArgs {
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Admin listen address: /metrics /healthz /readyz /status /debug/endpoints.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// EC2 endpoint URL for the aws provider (e.g. a moto_server); AWS_ENDPOINT_URL works too.
+    /// Region and credentials come from the standard AWS chain.
+    #[arg(long, env = "FLEETLB_EC2_ENDPOINT")]
+    pub ec2_endpoint: Option<String>,
+    /// Identity of this install, tagged on every instance it launches
+    /// (`fleetlb.dev/controller`); instances of other ids are never touched. Must be unique per
+    /// AWS account and region. `run` derives it from the cluster (fleetlb-<UID of the
+    /// kube-system namespace>) when not given; `standalone` requires it for the aws provider.
+    #[arg(long, env = "FLEETLB_CONTROLLER_ID", value_parser = parse_controller_id)]
+    pub controller_id: Option<String>,
+    /// Proxy threads, each with its own single-threaded runtime, listener (SO_REUSEPORT) and
+    /// upstream pool (default: one per core). 0 serves the proxy on the main runtime instead.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub proxy_threads: Option<u16>,
+}
+
+#[derive(Args, Clone)]
+pub struct LeaseArgs {
+    /// Namespace of the leader-election Lease: the controller's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fleetlb-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "fleetlb-leader")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease and in Events (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Act without leader election. Only safe with a single replica.
+    #[arg(long)]
+    pub no_leader_election: bool,
+}
+
+pub fn parse_controller_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("must be 1-63 letters, digits, '-', '.' or '_'".into())
+    }
+}
+
+/// An IAM role name with an optional path (`fleetlb-instance`, `teams/web/fleetlb-instance`).
+fn parse_role_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 512
+        && !s.starts_with('/')
+        && !s.ends_with('/')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("must be an IAM role name, optionally with its path (letters, digits, +=,.@_-/)".into())
+    }
+}
+
+
+/// An `http://` URL.
+fn parse_target(s: &str) -> Result<String, String> {
+    if s.starts_with("http://") && s.parse::<http::Uri>().is_ok() {
+        Ok(s.to_string())
+    } else {
+        Err("must be an http:// URL".into())
+    }
+}
+
+/// A request path.
+fn parse_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') && s.parse::<http::uri::PathAndQuery>().is_ok() {
+        Ok(s.to_string())
+    } else {
+        Err("must be a path starting with /".into())
+    }
+}
+
+/// Requests per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.001..=10_000_000.0).contains(&r) => Ok(r),
+        _ => Err("must be between 0.001 and 10000000 requests per second".into()),
+    }
+}
+
+/// A share, 0 to 1.
+fn parse_error_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("must be between 0 and 1".into()),
+    }
+}
+
+/// An existing directory, or `examples` (the demo's default, built in when missing).
+fn parse_demo_dir(s: &str) -> Result<PathBuf, String> {
+    if s == "examples" {
+        Ok(PathBuf::from(s))
+    } else {
+        parse_dir(s)
+    }
+}
+
+/// An existing directory.
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err("not a directory".into())
+    }
+}
