@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetlb_controller::Providers;
-use fleetlb_controller::aws::{AwsProvider, tags};
+use fleetlb_controller::provider::aws::{AwsProvider, tags};
 use fleetlb_controller::metrics::Metrics;
 use fleetlb_controller::provider::{ClusterKey, LaunchRequest, Provider};
 use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
@@ -47,7 +47,7 @@ fn driver_with(
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
     // Short call timeouts, so a hung EC2 endpoint costs the tests little time.
-    let timeouts = fleetlb_controller::aws::Timeouts {
+    let timeouts = fleetlb_controller::provider::aws::Timeouts {
         connect: Duration::from_secs(2),
         attempt: Duration::from_millis(500),
         operation: Duration::from_secs(3),
@@ -55,14 +55,14 @@ fn driver_with(
     let aws = AwsProvider::with_timeouts(conf, controller_id.into(), metrics.clone(), timeouts);
     let providers = Providers {
         aws: Some(Arc::new(aws)),
-        fixed: Some(Arc::new(fleetlb_controller::fixed::StaticProvider)),
+        endpoints: Some(Arc::new(fleetlb_controller::provider::endpoints::EndpointsProvider)),
         ..Default::default()
     };
     // The data plane is only a health source here; nothing probes the fake addresses.
     let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
     let mut cfg = StandaloneConfig::new(dir.to_path_buf());
-    cfg.drain = Duration::ZERO;
-    cfg.orphan_grace = Duration::ZERO;
+    cfg.core.drain = Duration::ZERO;
+    cfg.core.orphan_grace = Duration::ZERO;
     tune(&mut cfg);
     let (routes, rx) = watch::channel(RouteTable::default());
     let (status, status_rx) = watch::channel(Bytes::new());
@@ -302,7 +302,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         .map(str::to_string);
     assert_eq!(
         token,
-        Some(fleetlb_controller::aws::client_token("uid-solo", 0, "h", 0))
+        Some(fleetlb_controller::provider::aws::client_token("uid-solo", 0, "h", 0))
     );
 
     // "solo" has no object: after the grace period (zero here) the next pass terminates it.
@@ -352,7 +352,7 @@ async fn throttling_server_errors_and_hangs_back_off_report_and_converge_when_th
     std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
     // A long first backoff makes "no retry before it ends" a count, not a timing.
     let mut d = driver_with(&conf, dir.path(), "ctl-t", |c| {
-        c.launch_backoff = (Duration::from_secs(3600), Duration::from_secs(3600));
+        c.core.backoff = (Duration::from_secs(3600), Duration::from_secs(3600));
     });
 
     faults.set("RunInstances", Some(Fault::Throttle));
@@ -903,7 +903,7 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, policy)).unwrap();
         let mut d = driver_with(&conf, dir.path(), &ctl, |c| {
-            c.launch_visibility = Duration::from_secs(600);
+            c.core.launch_visibility = Duration::from_secs(600);
         });
         // The launch takes effect, but its answer is lost (the controller never learns the
         // instance id) and DescribeInstances does not show the instance yet.
@@ -960,7 +960,7 @@ async fn deletion_waits_for_launches_ec2_does_not_list_yet() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("api.yaml"), yaml(&env, "api", 2, "Delete")).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-ids", |c| {
-        c.launch_visibility = Duration::from_secs(600);
+        c.core.launch_visibility = Duration::from_secs(600);
     });
     proxy.hide_new(true);
     d.driver.step(&d.out).await;
@@ -1107,7 +1107,7 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
         let action = get("Action").unwrap();
         seen.insert(action.to_string());
         assert!(
-            fleetlb_controller::aws::EC2_OPERATIONS.contains(&action),
+            fleetlb_controller::provider::aws::EC2_OPERATIONS.contains(&action),
             "{action} is not in the list the policy is made from"
         );
         let ec2 = format!("ec2:{action}");
@@ -1349,7 +1349,7 @@ async fn a_replica_that_stops_leading_sends_no_mutating_ec2_request() {
         &conf,
         "ctl-gate".into(),
         Metrics::new(&registry).unwrap(),
-        fleetlb_controller::aws::Timeouts::default(),
+        fleetlb_controller::provider::aws::Timeouts::default(),
         Some(leader),
     );
     let mut req = solo_request(&env, &env.subnets);

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetlb_controller::Providers;
-use fleetlb_controller::aws::AwsProvider;
-use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig};
+use fleetlb_controller::provider::aws::AwsProvider;
+use fleetlb_controller::core::Core;
+use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Wiring};
 use fleetlb_controller::lease::{Elector, LeaseConfig};
 use fleetlb_controller::metrics::Metrics;
 use fleetlb_crds::BackendCluster;
@@ -176,21 +177,18 @@ fn harness_with(env: &Env, leader: bool, objects: &[&BackendCluster], cfg: KubeC
     let (leader_tx, leader_rx) = watch::channel(leader);
     let (routes_tx, routes) = watch::channel(RouteTable::default());
     let (status_tx, status_rx) = watch::channel(bytes::Bytes::new());
-    let ctx = Context::new(
+    let core = Core::new(providers, dataplane, metrics, cfg.core.clone());
+    let wiring = Wiring {
         client,
-        Reporter {
+        reporter: Reporter {
             controller: "fleetlb".into(),
             instance: Some("replica-a".into()),
         },
-        providers,
-        dataplane,
-        metrics,
-        leader_rx,
-        store,
-        routes_tx,
-        status_tx,
-        cfg,
-    );
+        leader: leader_rx,
+        routes: routes_tx,
+        status: status_tx,
+    };
+    let ctx = Context::new(wiring, core, store, cfg);
     Harness {
         ctx: Arc::new(ctx),
         api: ApiServer(handle),
@@ -744,7 +742,7 @@ async fn a_leader_shutting_down_gives_the_lease_up() {
 
 #[tokio::test(start_paused = true)]
 async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and_calls_no_ec2() {
-    use fleetlb_controller::lease::LeaderOnly;
+    use fleetlb_controller::provider::leader_only::LeaderOnly;
     use fleetlb_controller::provider::Provider;
     let (mut e, mut api) = elector("replica-a");
     let (leads, ()) = tokio::join!(e.step(), async {
@@ -801,8 +799,8 @@ async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and
 struct Counting(Arc<std::sync::atomic::AtomicU64>);
 
 impl fleetlb_controller::provider::Provider for Counting {
-    fn name(&self) -> &'static str {
-        "aws"
+    fn kind(&self) -> fleetlb_controller::provider::ProviderKind {
+        fleetlb_controller::provider::ProviderKind::Aws
     }
     fn list<'a>(
         &'a self,
@@ -898,9 +896,10 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
         &env,
         true,
         &[],
-        KubeConfig {
-            orphan_grace: Duration::ZERO,
-            ..KubeConfig::default()
+        {
+            let mut cfg = KubeConfig::default();
+            cfg.core.orphan_grace = Duration::ZERO;
+            cfg
         },
     );
     let sweep =

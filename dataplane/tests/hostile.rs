@@ -391,7 +391,7 @@ fn endpoint_states(proxy: &Proxy) -> Vec<(String, f64, u32, &'static str)> {
         .snapshot()
         .into_iter()
         .flat_map(|c| c.endpoints)
-        .map(|e| (e.id, e.latency_ms, e.ejections, e.state))
+        .map(|e| (e.id, e.latency_ms, e.ejections, e.state.as_str()))
         .collect()
 }
 

@@ -547,7 +547,7 @@ impl Threaded {
                 .snapshot()
                 .iter()
                 .flat_map(|c| &c.endpoints)
-                .any(|e| e.state == "healthy")
+                .any(|e| e.state == fleetlb_dataplane::EndpointState::Healthy)
         })
         .await;
         Self {

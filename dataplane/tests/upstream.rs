@@ -595,7 +595,7 @@ async fn a_post_caught_in_the_keep_alive_race_is_not_held_against_the_backend() 
     assert_eq!(proxy.metric("fleetlb_ejections_total", &[]), 0.0);
     let snapshot = proxy.dataplane.snapshot();
     let e = &snapshot[0].endpoints[0];
-    assert_eq!(e.state, "healthy");
+    assert_eq!(e.state, fleetlb_dataplane::EndpointState::Healthy);
     assert!(e.latency_ms < 100.0, "estimate {} ms", e.latency_ms);
 }
 

@@ -455,7 +455,7 @@ pub async fn live(
     name: Option<&str>,
 ) -> Vec<aws_sdk_ec2::types::Instance> {
     use aws_sdk_ec2::types::Filter;
-    use fleetlb_controller::aws::tags;
+    use fleetlb_controller::provider::aws::tags;
     let mut call = ec2.describe_instances().filters(
         Filter::builder()
             .name(format!("tag:{}", tags::CONTROLLER))

@@ -267,7 +267,7 @@ impl Proxy {
             dp.snapshot()
                 .iter()
                 .flat_map(|c| &c.endpoints)
-                .filter(|e| e.state == "healthy")
+                .filter(|e| e.state == fleetlb_dataplane::EndpointState::Healthy)
                 .count()
                 >= n
         })
@@ -281,7 +281,7 @@ impl Proxy {
             dp.snapshot()
                 .iter()
                 .flat_map(|c| &c.endpoints)
-                .any(|e| e.id == id && e.state != "healthy")
+                .any(|e| e.id == id && e.state != fleetlb_dataplane::EndpointState::Healthy)
         })
         .await;
     }
