@@ -318,6 +318,7 @@ impl Standalone {
     /// One reconcile pass over every object; returns whether anything is still in motion.
     async fn pass(&mut self, out: &Outputs) -> bool {
         let started = Instant::now();
+        self.core.refresh().await;
         let objects: Vec<Arc<BackendCluster>> = self
             .tracked
             .values()

@@ -415,7 +415,7 @@ async fn a_controller_killed_at_random_points_never_exceeds_replicas() {
         // A fresh process each round (no memory but EC2's), killed after a random time: while
         // listing, between RunInstances being sent and answered, mid-termination, or not at all.
         let mut d = driver(&env, dir.path(), "ctl-r");
-        let budget = Duration::from_millis(rng.u64(0..120));
+        let budget = Duration::from_millis(rng.u64(0..60));
         if tokio::time::timeout(budget, d.driver.step(&d.out))
             .await
             .is_err()

@@ -153,6 +153,14 @@ impl Core {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Forgets every provider listing: the next reconcile lists afresh (the standalone driver
+    /// calls this once per pass, so a pass shares one listing per provider).
+    pub async fn refresh(&self) {
+        for kind in ProviderKind::ALL {
+            self.inventory.invalidate(kind).await;
+        }
+    }
+
     /// Counts a failed reconcile of `key`; returns how many in a row.
     pub fn failed(&self, key: &ClusterKey) -> u32 {
         let mut objects = self.objects();
@@ -373,10 +381,11 @@ impl Core {
             }
             Err(e) => Deletion::Waiting(format!("cannot list instances: {e}")),
         };
+        // Whatever was terminated or released, the next listing must show it.
+        for k in &kinds {
+            self.inventory.invalidate(*k).await;
+        }
         if let Deletion::Waiting(why) = &step {
-            for k in &kinds {
-                self.inventory.invalidate(*k).await;
-            }
             delete::mark_deleting(&mut deleting, why, now);
             if let Err(e) = sink
                 .write_status(bc, deleting.status.unwrap_or_default())
