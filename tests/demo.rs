@@ -316,14 +316,25 @@ fn bad_flags_exit_64_with_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("fleetlb: "), "{err}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
-        .args(["standalone", "--config", "/nonexistent/dir"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--config /nonexistent/dir: not a directory")
-    );
+    // Values are checked by the command line itself, each naming its flag.
+    for (args, says) in [
+        (&["standalone", "--config", "/nonexistent/dir"][..], "not a directory"),
+        (&["demo", "--config", "/nonexistent/dir"], "not a directory"),
+        (&["bench", "--path", "x"], "must be a path starting with /"),
+        (&["bench", "--path", "/", "--rate", "0"], "between 0.001 and 10000000"),
+        (&["bench", "--path", "/", "--target", "ftp://x"], "must be an http:// URL"),
+        (&["bench", "--path", "/", "--max-error-rate", "2"], "between 0 and 1"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        let flag = args[args.len() - 2];
+        assert!(err.contains(flag) && err.contains(says), "{args:?}: {err}");
+    }
     for args in [
         &["run", "--proxy-threads", "9999"][..],
         &["run", "--identity"],
@@ -354,7 +365,7 @@ fn run_without_a_cluster_says_so_and_exits() {
 
     // A kubeconfig whose API server does not answer: exits 69 (unavailable) and says why,
     // instead of serving without ever knowing a cluster.
-    let port = free_port();
+    let (_dead, port) = dead_port();
     let kubeconfig = home.path().join("config");
     std::fs::write(
         &kubeconfig,
@@ -386,7 +397,7 @@ fn run_without_a_cluster_says_so_and_exits() {
 
 #[test]
 fn bench_gates_on_the_error_rate() {
-    let port = free_port();
+    let (_dead, port) = dead_port();
     let target = format!("http://127.0.0.1:{port}");
     let run = |max: &str| {
         Command::new(env!("CARGO_BIN_EXE_fleetlb"))

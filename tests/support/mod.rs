@@ -5,18 +5,22 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// A loopback port where nothing listens, held for as long as the socket lives: bound but not
+/// listening, so connections are refused and no other test can take the port meanwhile.
+pub fn dead_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind port 0");
+    let port = socket.local_addr().expect("bound").port();
+    (socket, port)
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `DEADLINE`.
@@ -79,29 +83,33 @@ pub struct Fleetlb {
 }
 
 impl Fleetlb {
-    /// Starts `fleetlb demo` on free ports with the given YAML files in a fresh config dir.
+    /// Starts `fleetlb demo` with the given YAML files in a fresh config dir, its listeners on
+    /// ports the kernel picks (port 0), read back from the banner it prints.
     pub fn demo(files: &[(&str, String)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).expect("write config");
         }
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.path().join("fleetlb.log");
         let child = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
             .args(["demo", "--config"])
             .arg(dir.path())
-            .args([
-                "--listen",
-                &proxy.to_string(),
-                "--admin",
-                &admin.to_string(),
-            ])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("fleetlb starts");
+        // `fleetlb demo: proxy http://ADDR  admin http://ADDR`
+        let (proxy, admin) = eventually("the demo banner", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text.lines().find(|l| l.starts_with("fleetlb demo: proxy "))?;
+            let mut addrs = line
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("http://"))
+                .filter_map(|a| a.parse::<SocketAddr>().ok());
+            Some((addrs.next()?, addrs.next()?))
+        });
         let f = Self {
             child,
             proxy,
