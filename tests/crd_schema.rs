@@ -21,47 +21,6 @@ fn crd_schema() -> Value {
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
-/// The OpenAPI schema as JSON Schema: `nullable` becomes a null type, and objects with declared
-/// properties reject unknown ones (strict field validation, `kubectl apply`'s default).
-fn json_schema(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut out = serde_json::Map::new();
-            for (k, v) in m {
-                if k == "nullable" || k.starts_with("x-kubernetes-") {
-                    continue;
-                }
-                let v = if k == "properties" {
-                    Value::Object(
-                        v.as_object()
-                            .unwrap()
-                            .iter()
-                            .map(|(k, v)| (k.clone(), json_schema(v)))
-                            .collect(),
-                    )
-                } else {
-                    json_schema(v)
-                };
-                out.insert(k.clone(), v);
-            }
-            if m.get("nullable") == Some(&Value::Bool(true))
-                && let Some(Value::String(t)) = out.get("type").cloned()
-            {
-                out.insert("type".into(), json!([t, "null"]));
-            }
-            if m.contains_key("properties")
-                && !m.contains_key("additionalProperties")
-                && m.get("x-kubernetes-preserve-unknown-fields") != Some(&Value::Bool(true))
-            {
-                out.insert("additionalProperties".into(), Value::Bool(false));
-            }
-            Value::Object(out)
-        }
-        Value::Array(a) => Value::Array(a.iter().map(json_schema).collect()),
-        other => other.clone(),
-    }
-}
-
 /// Every error the API server would return for `obj`, each starting with the field path
 /// (`spec.replicas: ...`).
 fn api_server_errors(obj: &Value) -> Vec<String> {
@@ -72,7 +31,7 @@ fn api_server_errors(obj: &Value) -> Vec<String> {
         body.as_object_mut().unwrap().remove(k);
     }
     let validator =
-        jsonschema::draft4::new(&json_schema(&schema)).expect("the CRD schema compiles");
+        jsonschema::draft4::new(&fleetlb_crds::json_schema(&schema)).expect("the CRD schema compiles");
     let mut errors: Vec<String> = validator
         .iter_errors(&body)
         .map(|e| {

@@ -168,7 +168,7 @@ fn invalid_specs_get_one_clear_line_each_and_valid_clusters_keep_serving() {
         ("not-yaml.yaml", "invalid YAML"),
         (
             "replicas-out-of-range.yaml",
-            "spec.replicas: must be between 0 and 1000, got 5000",
+            "spec.replicas: 5000 is greater than the maximum of 1000",
         ),
         ("route-escapes.yaml", "spec.route"),
         (

@@ -5,7 +5,7 @@
 //! apiVersion, `metadata.name` as a DNS label, the schema's types (with the path of a mistyped
 //! field), then [`BackendCluster::validate`]. Problems come back as one line per object naming
 //! file, object, field and problem, e.g.
-//! `examples/invalid/replicas.yaml: BackendCluster default/too-many (document 1): spec.replicas: must be between 0 and 1000, got 5000`.
+//! `examples/invalid/replicas.yaml: BackendCluster default/too-many (document 1): spec.replicas: 5000 is greater than the maximum of 1000`.
 
 use std::path::{Path, PathBuf};
 
@@ -285,7 +285,7 @@ mod tests {
         let e = one(&GOOD.replace("replicas: 2", "replicas: 5000")).unwrap_err();
         assert_eq!(
             e,
-            "x.yaml: BackendCluster default/c1 (document 1): spec.replicas: must be between 0 and 1000, got 5000"
+            "x.yaml: BackendCluster default/c1 (document 1): spec.replicas: 5000 is greater than the maximum of 1000"
         );
         let e = one(&GOOD.replace("replicas: 2", "replicas: two")).unwrap_err();
         assert!(e.contains("spec.replicas: invalid type"), "{e}");

@@ -6,8 +6,9 @@
 //! `static`) and the data plane balances requests across the healthy ones.
 //!
 //! This crate holds types only, no I/O: the CRD manifest (`fleetlb crd`) is generated from them,
-//! and [`BackendCluster::validate`] re-checks in code what the schema checks in the API server, so
-//! the standalone driver (which has no API server) rejects exactly the same objects.
+//! and [`BackendCluster::validate`] checks an object against that generated schema and its CEL
+//! rules, as the API server does, so the standalone driver (which has no API server) rejects
+//! exactly the same objects, with the same rules written once.
 
 mod validate;
 
@@ -16,7 +17,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use validate::{FieldError, validate_spec};
+pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
 
 /// Desired state of a BackendCluster.
 // `printcolumn(...)` repeats `type_ = ...`, which clippy reads as a duplicated attribute.
@@ -219,7 +220,10 @@ pub struct LocalProvider {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StaticProvider {
     /// `host:port` addresses (IP literals or names resolved once per reconcile).
-    #[schemars(length(min = 1, max = 1000))]
+    #[schemars(
+        length(min = 1, max = 1000),
+        extend("items" = {"type": "string", "maxLength": 261, "pattern": validate::ENDPOINT_PATTERN})
+    )]
     pub endpoints: Vec<String>,
 }
 
@@ -235,7 +239,7 @@ pub struct StaticProvider {
 pub struct HealthCheck {
     /// HTTP path probed with GET; any 2xx passes (default `/health`).
     #[serde(default = "default_health_path")]
-    #[schemars(length(min = 1, max = 1024), pattern(r"^/"))]
+    #[schemars(length(min = 1, max = 1024), pattern(validate::HEALTH_PATH_PATTERN))]
     pub path: String,
     /// Seconds between probes (1-300, default 2).
     #[serde(default = "default_interval")]
@@ -521,8 +525,7 @@ impl BackendClusterSpec {
 }
 
 impl BackendCluster {
-    /// Re-checks everything the schema enforces plus the rules that span fields; see
-    /// [`validate_spec`].
+    /// Checks the spec against the CRD schema and its CEL rules; see [`validate_spec`].
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         validate_spec(&self.spec)
     }
