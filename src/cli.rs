@@ -228,7 +228,6 @@ fn parse_role_name(s: &str) -> Result<String, String> {
     }
 }
 
-
 /// An `http://` URL.
 fn parse_target(s: &str) -> Result<String, String> {
     if s.starts_with("http://") && s.parse::<http::Uri>().is_ok() {

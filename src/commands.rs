@@ -59,7 +59,6 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-
 /// `fleetlb backend`: serves until a signal (or, with `exit_on_stdin_eof`, until standard input
 /// closes). Prints `ready ADDR` once it listens: the local provider reads the port from it.
 pub async fn backend(

@@ -169,4 +169,3 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
-

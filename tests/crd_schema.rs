@@ -17,7 +17,8 @@ fn root() -> &'static Path {
 fn crd_schema() -> Value {
     let text = std::fs::read_to_string(root().join("manifests/crd.yaml")).unwrap();
     let crd: Value =
-        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap()).unwrap();
+        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap())
+            .unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
@@ -30,8 +31,8 @@ fn api_server_errors(obj: &Value) -> Vec<String> {
     for k in ["apiVersion", "kind", "metadata"] {
         body.as_object_mut().unwrap().remove(k);
     }
-    let validator =
-        jsonschema::draft4::new(&fleetlb_crds::json_schema(&schema)).expect("the CRD schema compiles");
+    let validator = jsonschema::draft4::new(&fleetlb_crds::json_schema(&schema))
+        .expect("the CRD schema compiles");
     let mut errors: Vec<String> = validator
         .iter_errors(&body)
         .map(|e| {
@@ -132,7 +133,10 @@ fn every_invalid_example_is_rejected_naming_its_field() {
             // fleetlb's own loader (standalone mode, and the controller's re-check) agrees and
             // names the same field.
             let text = std::fs::read_to_string(&path).unwrap();
-            let load = fleetlb_controller::files::parse_file(&path, &text);
+            let load = fleetlb_controller::files::parse_file(
+                &path,
+                &fleetlb_controller::files::FileText::Text(text),
+            );
             let own: Vec<String> = match load.outcome {
                 Err(e) => vec![e],
                 Ok(docs) => docs.into_iter().filter_map(|d| d.result.err()).collect(),

@@ -318,12 +318,24 @@ fn bad_flags_exit_64_with_one_line() {
     }
     // Values are checked by the command line itself, each naming its flag.
     for (args, says) in [
-        (&["standalone", "--config", "/nonexistent/dir"][..], "not a directory"),
+        (
+            &["standalone", "--config", "/nonexistent/dir"][..],
+            "not a directory",
+        ),
         (&["demo", "--config", "/nonexistent/dir"], "not a directory"),
         (&["bench", "--path", "x"], "must be a path starting with /"),
-        (&["bench", "--path", "/", "--rate", "0"], "between 0.001 and 10000000"),
-        (&["bench", "--path", "/", "--target", "ftp://x"], "must be an http:// URL"),
-        (&["bench", "--path", "/", "--max-error-rate", "2"], "between 0 and 1"),
+        (
+            &["bench", "--path", "/", "--rate", "0"],
+            "between 0.001 and 10000000",
+        ),
+        (
+            &["bench", "--path", "/", "--target", "ftp://x"],
+            "must be an http:// URL",
+        ),
+        (
+            &["bench", "--path", "/", "--max-error-rate", "2"],
+            "between 0 and 1",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
             .args(args)

@@ -257,7 +257,8 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
     let text =
         std::fs::read_to_string(root().join("manifests/monitoring/prometheusrule.yaml")).unwrap();
     let rule: Value =
-        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap()).unwrap();
+        serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).unwrap())
+            .unwrap();
     let spec = &rule["spec"];
     for g in spec["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {

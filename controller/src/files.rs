@@ -34,8 +34,17 @@ pub struct Doc {
     pub result: Result<BackendCluster, String>,
 }
 
+/// What reading one file gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileText {
+    /// Its text.
+    Text(String),
+    /// Why it could not be read (not cached: the next poll tries again).
+    Unreadable(String),
+}
+
 /// The manifest files of `dir` and a hash of their names and contents (to detect changes).
-pub fn read_dir(dir: &Path) -> std::io::Result<(u64, Vec<(PathBuf, String)>)> {
+pub fn read_dir(dir: &Path) -> std::io::Result<(u64, Vec<(PathBuf, FileText)>)> {
     read_dir_cached(dir, &mut FileCache::default())
 }
 
@@ -92,7 +101,7 @@ impl FileStamp {
 pub fn read_dir_cached(
     dir: &Path,
     cache: &mut FileCache,
-) -> std::io::Result<(u64, Vec<(PathBuf, String)>)> {
+) -> std::io::Result<(u64, Vec<(PathBuf, FileText)>)> {
     let mut files = Vec::new();
     let mut seen = std::collections::HashMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -116,35 +125,46 @@ pub fn read_dir_cached(
                 Ok(text) => text,
                 Err(e) => {
                     // Not cached: the next poll tries again (EMFILE and friends pass).
-                    files.push((path, format!("\u{0}unreadable: {e}")));
+                    files.push((path, FileText::Unreadable(format!("unreadable: {e}"))));
                     continue;
                 }
             },
         };
         seen.insert(path.clone(), (stamp, text.clone()));
-        files.push((path, text));
+        files.push((path, FileText::Text(text)));
     }
     cache.files = seen;
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     let mut all = Vec::new();
     for (p, t) in &files {
         all.extend_from_slice(p.to_string_lossy().as_bytes());
-        all.push(0);
-        all.extend_from_slice(t.as_bytes());
+        match t {
+            FileText::Text(t) => {
+                all.push(0);
+                all.extend_from_slice(t.as_bytes());
+            }
+            FileText::Unreadable(why) => {
+                all.push(1);
+                all.extend_from_slice(why.as_bytes());
+            }
+        }
         all.push(0);
     }
     Ok((fnv64(&all), files))
 }
 
 /// Parses one file's text.
-pub fn parse_file(path: &Path, text: &str) -> FileLoad {
+pub fn parse_file(path: &Path, text: &FileText) -> FileLoad {
     let shown = path.display().to_string();
-    if let Some(why) = text.strip_prefix('\u{0}') {
-        return FileLoad {
-            path: path.into(),
-            outcome: Err(format!("{shown}: {why}")),
-        };
-    }
+    let text = match text {
+        FileText::Text(t) => t,
+        FileText::Unreadable(why) => {
+            return FileLoad {
+                path: path.into(),
+                outcome: Err(format!("{shown}: {why}")),
+            };
+        }
+    };
     let mut docs = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
@@ -264,7 +284,7 @@ mod tests {
     use super::*;
 
     fn one(yaml: &str) -> Result<BackendCluster, String> {
-        let f = parse_file(Path::new("x.yaml"), yaml);
+        let f = parse_file(Path::new("x.yaml"), &FileText::Text(yaml.into()));
         let mut docs = f.outcome.expect("file parses");
         assert_eq!(docs.len(), 1);
         docs.remove(0).result
@@ -320,10 +340,13 @@ mod tests {
     fn several_documents_and_a_broken_file() {
         let f = parse_file(
             Path::new("m.yaml"),
-            &format!("{GOOD}---\n{}", GOOD.replace("c1", "c2")),
+            &FileText::Text(format!("{GOOD}---\n{}", GOOD.replace("c1", "c2"))),
         );
         assert_eq!(f.outcome.unwrap().len(), 2);
-        let f = parse_file(Path::new("bad.yaml"), "spec: [unclosed");
+        let f = parse_file(
+            Path::new("bad.yaml"),
+            &FileText::Text("spec: [unclosed".into()),
+        );
         let e = f.outcome.unwrap_err();
         assert!(e.starts_with("bad.yaml: document 1: invalid YAML"), "{e}");
     }

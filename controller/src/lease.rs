@@ -14,7 +14,6 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-
 /// Lease settings (client-go's defaults).
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {

@@ -98,8 +98,12 @@ impl Sink for Written {
     fn event<'a>(&'a self, bc: &'a BackendCluster, event: Event) -> BoxFuture<'a, ()> {
         let key = ClusterKey::of(bc);
         match event.type_ {
-            EventType::Normal => tracing::info!(cluster = %key, reason = event.reason, "{}", event.note),
-            EventType::Warning => tracing::warn!(cluster = %key, reason = event.reason, "{}", event.note),
+            EventType::Normal => {
+                tracing::info!(cluster = %key, reason = event.reason, "{}", event.note)
+            }
+            EventType::Warning => {
+                tracing::warn!(cluster = %key, reason = event.reason, "{}", event.note)
+            }
         }
         self.events
             .lock()
@@ -262,13 +266,7 @@ impl Standalone {
         self.report(errors);
     }
 
-    fn upsert(
-        &mut self,
-        key: ClusterKey,
-        mut bc: BackendCluster,
-        file: &Path,
-        now: Timestamp,
-    ) {
+    fn upsert(&mut self, key: ClusterKey, mut bc: BackendCluster, file: &Path, now: Timestamp) {
         match self.tracked.get_mut(&key) {
             Some(t) => {
                 t.rejected = None;

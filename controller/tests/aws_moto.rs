@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetlb_controller::Providers;
-use fleetlb_controller::provider::aws::{AwsProvider, tags};
 use fleetlb_controller::metrics::Metrics;
+use fleetlb_controller::provider::aws::{AwsProvider, tags};
 use fleetlb_controller::provider::{ClusterKey, LaunchRequest, Provider};
 use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
 use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
@@ -55,7 +55,9 @@ fn driver_with(
     let aws = AwsProvider::with_timeouts(conf, controller_id.into(), metrics.clone(), timeouts);
     let providers = Providers {
         aws: Some(Arc::new(aws)),
-        endpoints: Some(Arc::new(fleetlb_controller::provider::endpoints::EndpointsProvider)),
+        endpoints: Some(Arc::new(
+            fleetlb_controller::provider::endpoints::EndpointsProvider,
+        )),
         ..Default::default()
     };
     // The data plane is only a health source here; nothing probes the fake addresses.
@@ -302,7 +304,9 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         .map(str::to_string);
     assert_eq!(
         token,
-        Some(fleetlb_controller::provider::aws::client_token("uid-solo", 0, "h", 0))
+        Some(fleetlb_controller::provider::aws::client_token(
+            "uid-solo", 0, "h", 0
+        ))
     );
 
     // "solo" has no object: after the grace period (zero here) the next pass terminates it.

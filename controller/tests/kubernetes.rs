@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetlb_controller::Providers;
-use fleetlb_controller::provider::aws::AwsProvider;
 use fleetlb_controller::core::Core;
 use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Wiring};
 use fleetlb_controller::lease::{Elector, LeaseConfig};
 use fleetlb_controller::metrics::Metrics;
+use fleetlb_controller::provider::aws::AwsProvider;
 use fleetlb_crds::BackendCluster;
 use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
 use http::{Method, Request, Response};
@@ -742,8 +742,8 @@ async fn a_leader_shutting_down_gives_the_lease_up() {
 
 #[tokio::test(start_paused = true)]
 async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and_calls_no_ec2() {
-    use fleetlb_controller::provider::leader_only::LeaderOnly;
     use fleetlb_controller::provider::Provider;
+    use fleetlb_controller::provider::leader_only::LeaderOnly;
     let (mut e, mut api) = elector("replica-a");
     let (leads, ()) = tokio::join!(e.step(), async {
         api.next().await.ok(&lease("replica-a", "1"));
@@ -892,16 +892,11 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
         token_scope: String::new(),
     };
     assert!(matches!(aws.launch(&req).await.unwrap(), Launch::Made(_)));
-    let mut h = harness_with(
-        &env,
-        true,
-        &[],
-        {
-            let mut cfg = KubeConfig::default();
-            cfg.core.orphan_grace = Duration::ZERO;
-            cfg
-        },
-    );
+    let mut h = harness_with(&env, true, &[], {
+        let mut cfg = KubeConfig::default();
+        cfg.core.orphan_grace = Duration::ZERO;
+        cfg
+    });
     let sweep =
         |ctx: Arc<Context>| tokio::spawn(async move { kubernetes::sweep_orphans(&ctx).await });
     let owner_uri = "/apis/fleetlb.dev/v1alpha1/namespaces/default/backendclusters/web";

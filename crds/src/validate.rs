@@ -188,7 +188,11 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
         return v.clone();
     }
     let errors = schema_errors(&json!({ "spec": value }));
-    let verdict = if errors.is_empty() { Ok(()) } else { Err(errors) };
+    let verdict = if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    };
     let mut memo = verdicts();
     if memo.len() >= VERDICTS_KEPT {
         memo.clear();
@@ -228,32 +232,55 @@ mod tests {
             "", "cluster1", "/a/", "//", "/a//b", "/..", "/a/../b", "/.env", "/a b", "/é",
         ] {
             let e = fields(&spec(json!({"route": bad})));
-            assert!(e.iter().any(|e| e.starts_with("spec.route: ")), "{bad}: {e:?}");
+            assert!(
+                e.iter().any(|e| e.starts_with("spec.route: ")),
+                "{bad}: {e:?}"
+            );
         }
         let e = fields(&spec(json!({"route": "/a b"})));
-        assert!(e[0].contains("is not a path prefix like /cluster1"), "{e:?}");
+        assert!(
+            e[0].contains("is not a path prefix like /cluster1"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn instance_types_endpoints_and_cross_field_rules() {
         for ok in ["t2.micro", "m7g.2xlarge", "u-6tb1.metal"] {
-            assert!(fields(&spec(json!({"instanceType": ok}))).is_empty(), "{ok}");
+            assert!(
+                fields(&spec(json!({"instanceType": ok}))).is_empty(),
+                "{ok}"
+            );
         }
         for bad in ["t2", "T2.micro", ".micro", "t2.", "t2.mi cro", "2t.micro"] {
             let e = fields(&spec(json!({"instanceType": bad})));
-            assert!(e.iter().any(|e| e.starts_with("spec.instanceType: ")), "{bad}: {e:?}");
+            assert!(
+                e.iter().any(|e| e.starts_with("spec.instanceType: ")),
+                "{bad}: {e:?}"
+            );
         }
         let st = |eps: Value| spec(json!({"provider": {"static": {"endpoints": eps}}}));
-        assert!(fields(&st(json!(["10.0.0.1:80", "[::1]:8080", "web.internal:65535"]))).is_empty());
+        assert!(
+            fields(&st(json!([
+                "10.0.0.1:80",
+                "[::1]:8080",
+                "web.internal:65535"
+            ])))
+            .is_empty()
+        );
         for bad in ["10.0.0.1", "host:0", "host:65536", ":80", "a b:80"] {
             let e = fields(&st(json!([bad])));
             assert!(
-                e.iter().any(|e| e.starts_with("spec.provider.static.endpoints.0: ")),
+                e.iter()
+                    .any(|e| e.starts_with("spec.provider.static.endpoints.0: ")),
                 "{bad}: {e:?}"
             );
         }
         let e = fields(&spec(json!({"replicas": 5000})));
-        assert_eq!(e, ["spec.replicas: 5000 is greater than the maximum of 1000"]);
+        assert_eq!(
+            e,
+            ["spec.replicas: 5000 is greater than the maximum of 1000"]
+        );
         // The CEL rule, with the default interval (2 s) filled in.
         let e = fields(&spec(json!({"healthCheck": {"timeoutSeconds": 5}})));
         assert_eq!(

@@ -364,10 +364,15 @@ async fn http2_clients_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_can_take_over_the_proxy_port() {
-    let first = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), fleetlb_dataplane::Reuse::Port).unwrap();
+    let first = fleetlb_dataplane::listen(
+        "127.0.0.1:0".parse().unwrap(),
+        fleetlb_dataplane::Reuse::Port,
+    )
+    .unwrap();
     let addr = first.local_addr().unwrap();
     // The successor binds while the old listener is still open...
-    let second = fleetlb_dataplane::listen(addr, fleetlb_dataplane::Reuse::Port).expect("SO_REUSEPORT lets a successor bind");
+    let second = fleetlb_dataplane::listen(addr, fleetlb_dataplane::Reuse::Port)
+        .expect("SO_REUSEPORT lets a successor bind");
     // ...and once the old one closes, connections keep being accepted.
     drop(first);
     let (client, accepted) = tokio::join!(TcpStream::connect(addr), second.accept());
@@ -536,7 +541,11 @@ impl Threaded {
             routes: vec![route(vec![up.endpoint()])],
         });
         dataplane.watch_routes(rx);
-        let listener = fleetlb_dataplane::listen("127.0.0.1:0".parse().unwrap(), fleetlb_dataplane::Reuse::Port).unwrap();
+        let listener = fleetlb_dataplane::listen(
+            "127.0.0.1:0".parse().unwrap(),
+            fleetlb_dataplane::Reuse::Port,
+        )
+        .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let threads = dataplane

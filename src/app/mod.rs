@@ -76,7 +76,6 @@ pub async fn run_standalone(
     s.serve(driver_task, shutdown).await
 }
 
-
 /// Runs the Kubernetes driver until `shutdown`; fails as unavailable when the API server does
 /// not answer or does not serve BackendClusters (after draining like a normal stop).
 pub async fn run_kubernetes(
@@ -198,7 +197,6 @@ pub async fn run_kubernetes(
     s.serve(driver, shutdown).await
 }
 
-
 /// The built-in demo clusters, for `fleetlb demo` run outside a checkout.
 pub fn write_builtin_examples() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("fleetlb-demo-{}", std::process::id()));
@@ -217,4 +215,3 @@ pub fn write_builtin_examples() -> anyhow::Result<PathBuf> {
     );
     Ok(dir)
 }
-

@@ -158,7 +158,11 @@ impl Serving {
             Some(r) => r,
             None => driver.await,
         }
-        .unwrap_or_else(|e| Err(AppError::Failed(anyhow::anyhow!("the controller task failed: {e}"))));
+        .unwrap_or_else(|e| {
+            Err(AppError::Failed(anyhow::anyhow!(
+                "the controller task failed: {e}"
+            )))
+        });
         self.local.shutdown().await;
         for t in self.tasks {
             t.abort();

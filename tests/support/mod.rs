@@ -103,7 +103,9 @@ impl Fleetlb {
         // `fleetlb demo: proxy http://ADDR  admin http://ADDR`
         let (proxy, admin) = eventually("the demo banner", || {
             let text = std::fs::read_to_string(&log).ok()?;
-            let line = text.lines().find(|l| l.starts_with("fleetlb demo: proxy "))?;
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("fleetlb demo: proxy "))?;
             let mut addrs = line
                 .split_whitespace()
                 .filter_map(|w| w.strip_prefix("http://"))

@@ -212,4 +212,3 @@ fn waiting_for_launch(l: &LaunchIntent, n: usize) -> String {
             .unwrap_or_default()
     )
 }
-

@@ -11,12 +11,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
+use super::observe::count_states;
 use crate::error::{ErrorClass, Reason};
-use crate::provider::Providers;
 use crate::metrics::Metrics;
+use crate::provider::Providers;
 use crate::provider::{ClusterKey, Instance, InstanceState, Launch, Provider, ProviderKind};
 use crate::reconcile::{self, Health, Observed, set_condition};
-use super::observe::count_states;
 
 /// What one reconcile of one object did.
 #[derive(Debug, Default)]
@@ -159,11 +159,13 @@ pub async fn apply(
         && !launches.is_empty()
     {
         // Still backing off: plan, serve and report, but do not call the provider.
-        let LaunchError { reason, message: msg } =
-            inp.backoff.last.clone().unwrap_or(LaunchError {
-                reason: Reason::LaunchFailed,
-                message: String::new(),
-            });
+        let LaunchError {
+            reason,
+            message: msg,
+        } = inp.backoff.last.clone().unwrap_or(LaunchError {
+            reason: Reason::LaunchFailed,
+            message: String::new(),
+        });
         let secs = until
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
@@ -412,7 +414,10 @@ pub(super) async fn terminate_by_kind(
 }
 
 /// `ids` grouped by the provider kind that lists them.
-pub(super) fn by_kind(instances: &[Instance], ids: &[String]) -> BTreeMap<ProviderKind, Vec<String>> {
+pub(super) fn by_kind(
+    instances: &[Instance],
+    ids: &[String],
+) -> BTreeMap<ProviderKind, Vec<String>> {
     let mut out: BTreeMap<ProviderKind, Vec<String>> = BTreeMap::new();
     for i in instances.iter().filter(|i| ids.contains(&i.id)) {
         out.entry(i.provider).or_default().push(i.id.clone());
@@ -434,4 +439,3 @@ fn record_launched(status: &mut BackendClusterStatus, slot: u32, i: &Instance) {
         }
     }
 }
-

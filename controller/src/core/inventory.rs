@@ -52,7 +52,12 @@ impl Inventory {
         let provider = providers.require(kind)?;
         let Some(slot) = self.by_kind.get(&kind) else {
             // Every kind has a slot (see `new`).
-            return Err(Error::new(kind, Operation::List, ErrorClass::Other, "no listing slot"));
+            return Err(Error::new(
+                kind,
+                Operation::List,
+                ErrorClass::Other,
+                "no listing slot",
+            ));
         };
         // Held across the call: concurrent reconciles wait for one listing instead of each
         // making their own. Only reconciles of this kind wait.

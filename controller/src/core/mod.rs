@@ -29,10 +29,10 @@ use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, ProviderKind, Providers};
 use crate::reconcile::set_condition;
 use delete::{DeleteSettings, Deletion};
+use events::applied_events;
+pub use events::{Event, EventType, Sink};
 use execute::LaunchBackoff;
 use inventory::{Inventory, kinds_of};
-pub use events::{Event, EventType, Sink};
-use events::applied_events;
 pub use observe::{count_states, forget_cluster, health_by_cluster};
 
 /// Settings of the core, the same meaning in both drivers (their defaults differ).
@@ -137,7 +137,12 @@ pub struct Core {
 
 impl Core {
     /// A core over `providers`.
-    pub fn new(providers: Providers, dataplane: Dataplane, metrics: Metrics, cfg: Settings) -> Self {
+    pub fn new(
+        providers: Providers,
+        dataplane: Dataplane,
+        metrics: Metrics,
+        cfg: Settings,
+    ) -> Self {
         Self {
             inventory: Inventory::new(cfg.inventory_max_age, cfg.list_deadline),
             providers,
@@ -223,10 +228,13 @@ impl Core {
                 );
             }
             if bc.status.as_ref() != Some(&status) {
-                sink.event(bc, Event::warning(reason, message.clone())).await;
+                sink.event(bc, Event::warning(reason, message.clone()))
+                    .await;
                 tracing::warn!(cluster = %key, %reason, %message, "not acting on this BackendCluster");
             }
-            sink.write_status(bc, status).await.map_err(Failure::Status)?;
+            sink.write_status(bc, status)
+                .await
+                .map_err(Failure::Status)?;
             self.clear_failures(&key);
             return Ok(Next::Settled);
         }
@@ -265,7 +273,9 @@ impl Core {
                     );
                 }
                 self.metrics.reconcile.with_label_values(&["error"]).inc();
-                sink.write_status(bc, status).await.map_err(Failure::Status)?;
+                sink.write_status(bc, status)
+                    .await
+                    .map_err(Failure::Status)?;
                 return Err(Failure::Provider(e));
             }
         };
@@ -311,7 +321,11 @@ impl Core {
             return Err(Failure::Launch(e));
         }
         self.clear_failures(&key);
-        Ok(if applied.busy { Next::Busy } else { Next::Settled })
+        Ok(if applied.busy {
+            Next::Busy
+        } else {
+            Next::Settled
+        })
     }
 
     fn clear_failures(&self, key: &ClusterKey) {
@@ -349,8 +363,7 @@ impl Core {
         {
             Ok((mine, _)) => {
                 let uid = bc.metadata.uid.clone().unwrap_or_default();
-                let mine: Vec<Instance> =
-                    mine.into_iter().filter(|i| i.belongs_to(&uid)).collect();
+                let mine: Vec<Instance> = mine.into_iter().filter(|i| i.belongs_to(&uid)).collect();
                 let step = delete::delete(
                     &mut deleting,
                     &self.providers,
@@ -403,4 +416,3 @@ impl Core {
         forget_cluster(&self.metrics, key);
     }
 }
-

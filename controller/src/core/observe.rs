@@ -59,4 +59,3 @@ pub fn forget_cluster(metrics: &Metrics, key: &ClusterKey) {
             .remove_label_values(&[cluster.as_str(), state]);
     }
 }
-

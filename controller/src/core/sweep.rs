@@ -47,8 +47,7 @@ impl Core {
                 .filter(|i| {
                     i.state.needs_terminate()
                         && !owners.contains(&(i.owner.clone(), i.owner_uid.clone()))
-                        && i
-                            .launched_at
+                        && i.launched_at
                             .elapsed()
                             .is_ok_and(|age| age >= self.cfg.orphan_grace)
                 })
@@ -85,7 +84,9 @@ impl Core {
                     swept += orphans.len();
                     self.inventory.invalidate(kind).await;
                 }
-                Err(e) => tracing::warn!(provider = %kind, error = %e, "orphan sweep: terminating failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(provider = %kind, error = %e, "orphan sweep: terminating failed; will retry")
+                }
             }
         }
         swept

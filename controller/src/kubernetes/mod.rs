@@ -18,13 +18,13 @@ use std::time::Duration;
 use fleetlb_crds::{BackendCluster, BackendClusterStatus};
 use fleetlb_dataplane::RouteTable;
 use futures::{FutureExt, StreamExt};
+use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::Client;
 use tokio::sync::watch;
 use tokio::time::Instant;
 

@@ -95,4 +95,3 @@ fn same_status(
     };
     strip(a) == strip(b)
 }
-

@@ -200,7 +200,6 @@ pub trait Provider: Send + Sync {
     }
 }
 
-
 /// The providers available to a driver, by `spec.provider` kind.
 #[derive(Clone, Default)]
 pub struct Providers {

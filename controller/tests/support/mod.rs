@@ -38,7 +38,10 @@ pub async fn moto() -> Moto {
     std::thread::spawn(move || {
         use std::io::BufRead;
         // Reads to the end: moto logs every request, and a full pipe would stall it.
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
                 let _ = tx.send(url.to_string());
             }

@@ -35,4 +35,3 @@ nohup python3 /opt/fleetlb-app.py >/var/log/fleetlb-app.log 2>&1 &
 "#
     )
 }
-

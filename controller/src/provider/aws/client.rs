@@ -178,7 +178,6 @@ pub(super) fn fail<E: ProvideErrorMetadata + std::error::Error>(op: Operation, e
     )
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +205,4 @@ mod tests {
             start.elapsed()
         );
     }
-
 }

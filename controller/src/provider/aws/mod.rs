@@ -38,12 +38,14 @@ use futures::future::BoxFuture;
 use crate::Error;
 use crate::error::{ErrorClass, Operation};
 use crate::metrics::Metrics;
-use crate::provider::{Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind, subnet_for};
+use crate::provider::{
+    Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind, subnet_for,
+};
 
-pub use bootstrap::default_user_data;
-use client::{Clients, fail};
-pub use client::Timeouts;
 pub use crate::provider::client_token;
+pub use bootstrap::default_user_data;
+pub use client::Timeouts;
+use client::{Clients, fail};
 pub use schema::keys as tags;
 use schema::{keys, tag, tag_of, to_instance};
 
@@ -224,7 +226,12 @@ impl AwsProvider {
         let r = call.send().await;
         self.count("RunInstances", &r);
         let launch_error = |message: &str| {
-            Error::new(ProviderKind::Aws, Operation::Launch, ErrorClass::Other, message)
+            Error::new(
+                ProviderKind::Aws,
+                Operation::Launch,
+                ErrorClass::Other,
+                message,
+            )
         };
         match r {
             Ok(out) => {
@@ -301,11 +308,12 @@ fn gone_or_made(i: Instance) -> Launch {
         Launch::NextAttempt(
             ErrorClass::Other,
             format!(
-            "the launch token of attempt {} was spent on {}, which is {}",
-            i.attempt,
-            i.id,
-            i.state.as_str()
-        ))
+                "the launch token of attempt {} was spent on {}, which is {}",
+                i.attempt,
+                i.id,
+                i.state.as_str()
+            ),
+        )
     } else {
         Launch::Made(Box::new(i))
     }

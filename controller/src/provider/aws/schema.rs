@@ -28,11 +28,9 @@ pub mod keys {
     pub const PORT: &str = "fleetlb.dev/port";
 }
 
-
 pub(super) fn tag(k: &str, v: &str) -> Tag {
     Tag::builder().key(k).value(v).build()
 }
-
 
 pub(super) fn tag_of<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
     i.tags()
@@ -101,4 +99,3 @@ pub(super) fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) ->
         provider: ProviderKind::Aws,
     })
 }
-

@@ -1,0 +1,399 @@
+//! One scenario table through both drivers: the same objects and the same provider behaviour
+//! give the same conditions and the same Events, whether the objects come from YAML files
+//! (standalone, Events in `/status`) or from the API server (Kubernetes, against an API server
+//! that accepts every write and records it).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fleetlb_controller::Providers;
+use fleetlb_controller::core::Core;
+use fleetlb_controller::error::{ErrorClass, Operation};
+use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Wiring};
+use fleetlb_controller::metrics::Metrics;
+use fleetlb_controller::provider::{
+    Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind,
+};
+use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
+use fleetlb_crds::BackendCluster;
+use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use kube::runtime::{reflector, watcher};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower_test::mock;
+
+/// A `local`-kind provider that launches instantly, or fails as told.
+#[derive(Default)]
+struct Fake {
+    list_fails: Option<ErrorClass>,
+    launch_fails: Option<ErrorClass>,
+    instances: Mutex<Vec<Instance>>,
+    next: AtomicU16,
+}
+
+impl Provider for Fake {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    fn list<'a>(
+        &'a self,
+        _clusters: &'a [Arc<BackendCluster>],
+    ) -> BoxFuture<'a, Result<Vec<Instance>, fleetlb_controller::Error>> {
+        let r = match self.list_fails {
+            Some(class) => Err(fleetlb_controller::Error::new(
+                ProviderKind::Local,
+                Operation::List,
+                class,
+                "RequestLimitExceeded: Request limit exceeded.",
+            )),
+            None => Ok(self.instances.lock().unwrap().clone()),
+        };
+        Box::pin(async move { r })
+    }
+
+    fn launch<'a>(
+        &'a self,
+        req: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Launch, fleetlb_controller::Error>> {
+        let r = match self.launch_fails {
+            Some(class) => Err(fleetlb_controller::Error::new(
+                ProviderKind::Local,
+                Operation::Launch,
+                class,
+                "InsufficientInstanceCapacity: none left",
+            )),
+            None => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let i = Instance {
+                    id: format!("i-{n:04}"),
+                    owner: req.owner.clone(),
+                    owner_uid: req.owner_uid.clone(),
+                    slot: req.slot,
+                    attempt: req.attempt,
+                    address: Some(SocketAddr::from(([127, 0, 0, 1], 1000 + n))),
+                    state: InstanceState::Running,
+                    instance_type: req.instance_type.clone(),
+                    spec_hash: req.spec_hash.clone(),
+                    launched_at: SystemTime::now(),
+                    launched_as: None,
+                    client_token: Some(req.token()),
+                    provider: ProviderKind::Local,
+                };
+                self.instances.lock().unwrap().push(i.clone());
+                Ok(Launch::Made(Box::new(i)))
+            }
+        };
+        Box::pin(async move { r })
+    }
+
+    fn terminate<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<(), fleetlb_controller::Error>> {
+        for i in self.instances.lock().unwrap().iter_mut() {
+            if ids.contains(&i.id) {
+                i.state = InstanceState::Terminated;
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// One scenario: objects (name, route, provider kind, oldest first) and the provider's faults.
+struct Scenario {
+    name: &'static str,
+    objects: &'static [(&'static str, &'static str, &'static str)],
+    list_fails: Option<ErrorClass>,
+    launch_fails: Option<ErrorClass>,
+    /// What a user must see: per object, (condition type, status, reason) that must be present,
+    /// and the Event reasons, in order.
+    expect: &'static [(
+        &'static str,
+        &'static [(&'static str, &'static str, &'static str)],
+        &'static [&'static str],
+    )],
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "a new object launches its instances",
+        objects: &[("web", "/web", "local")],
+        list_fails: None,
+        launch_fails: None,
+        expect: &[("web", &[("Degraded", "False", "")], &["Launched"])],
+    },
+    Scenario {
+        name: "the older object keeps a contested route",
+        objects: &[("a", "/shop", "local"), ("b", "/shop", "local")],
+        list_fails: None,
+        launch_fails: None,
+        expect: &[
+            ("a", &[("Degraded", "False", "")], &["Launched"]),
+            (
+                "b",
+                &[
+                    ("Ready", "False", "RouteConflict"),
+                    ("Degraded", "True", "RouteConflict"),
+                ],
+                &["RouteConflict"],
+            ),
+        ],
+    },
+    Scenario {
+        name: "a provider this process does not have",
+        objects: &[("cloud", "/cloud", "aws")],
+        list_fails: None,
+        launch_fails: None,
+        expect: &[(
+            "cloud",
+            &[
+                ("Ready", "False", "ProviderNotConfigured"),
+                ("Degraded", "True", "ProviderNotConfigured"),
+            ],
+            &[],
+        )],
+    },
+    Scenario {
+        name: "listing is throttled",
+        objects: &[("web", "/web", "local")],
+        list_fails: Some(ErrorClass::Throttled),
+        launch_fails: None,
+        expect: &[("web", &[("Degraded", "True", "Throttled")], &[])],
+    },
+    Scenario {
+        name: "no capacity to launch",
+        objects: &[("web", "/web", "local")],
+        list_fails: None,
+        launch_fails: Some(ErrorClass::Capacity),
+        expect: &[(
+            "web",
+            &[("Degraded", "True", "InsufficientCapacity")],
+            &["InsufficientCapacity"],
+        )],
+    },
+];
+
+/// What a user sees of one object: its conditions (type, status, reason) and its Events'
+/// (type, reason).
+#[derive(Debug, PartialEq, Default)]
+struct Seen {
+    conditions: Vec<(String, String, String)>,
+    events: Vec<(String, String)>,
+}
+
+fn conditions(status: &Value) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+            (s("type"), s("status"), s("reason"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn manifest(name: &str, route: &str, provider: &str, age: usize) -> Value {
+    let provider = match provider {
+        "aws" => json!({"aws": {"imageId": "ami-0123456789abcdef0"}}),
+        _ => json!({"local": {}}),
+    };
+    json!({
+        "apiVersion": "fleetlb.dev/v1alpha1",
+        "kind": "BackendCluster",
+        "metadata": {
+            "name": name, "namespace": "default", "uid": format!("uid-{name}"), "generation": 1,
+            "resourceVersion": "1", "finalizers": [FINALIZER],
+            "creationTimestamp": format!("2026-11-28T00:00:{:02}Z", age),
+        },
+        "spec": {"route": route, "replicas": 2, "instanceType": "t2.micro", "provider": provider},
+    })
+}
+
+fn providers(s: &Scenario) -> Providers {
+    Providers {
+        local: Some(Arc::new(Fake {
+            list_fails: s.list_fails,
+            launch_fails: s.launch_fails,
+            ..Fake::default()
+        })),
+        ..Providers::default()
+    }
+}
+
+/// The scenario through the standalone driver: one file per object, one pass.
+async fn standalone(s: &Scenario) -> BTreeMap<String, Seen> {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (name, route, provider)) in s.objects.iter().enumerate() {
+        let mut m = manifest(name, route, provider, i);
+        // A file names no UID, finalizer or creation time: the driver gives them.
+        m["metadata"] = json!({"name": name});
+        std::fs::write(
+            dir.path().join(format!("{i}-{name}.yaml")),
+            serde_json::to_string(&m).unwrap(),
+        )
+        .unwrap();
+    }
+    let registry = prometheus::Registry::new();
+    let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
+    let metrics = Metrics::new(&registry).unwrap();
+    let mut driver = Standalone::new(
+        StandaloneConfig::new(dir.path().to_path_buf()),
+        providers(s),
+        dataplane,
+        metrics,
+    );
+    let (routes, _routes) = watch::channel(RouteTable::default());
+    let (status, _status) = watch::channel(bytes::Bytes::new());
+    let (ready, _ready) = watch::channel(false);
+    let out = Outputs {
+        routes,
+        status,
+        ready,
+    };
+    driver.step(&out).await;
+    let doc: Value = serde_json::from_slice(&out.status.borrow()).unwrap();
+    doc["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let events = c["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                    (s("type"), s("reason"))
+                })
+                .collect();
+            let seen = Seen {
+                conditions: conditions(&c["status"]),
+                events,
+            };
+            (c["name"].as_str().unwrap().to_string(), seen)
+        })
+        .collect()
+}
+
+/// The scenario through the Kubernetes driver: every object in the store, one reconcile each,
+/// against an API server that accepts every status write and Event.
+async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let seen: Arc<Mutex<BTreeMap<String, Seen>>> = Arc::default();
+    let stored: BTreeMap<String, Value> = s
+        .objects
+        .iter()
+        .enumerate()
+        .map(|(i, (name, route, provider))| (name.to_string(), manifest(name, route, provider, i)))
+        .collect();
+    let api = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some((req, reply)) = handle.next_request().await {
+                let uri = req.uri().path().to_string();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let mut seen = seen.lock().unwrap();
+                let mut answer = body.clone();
+                if let Some(name) = uri
+                    .strip_suffix("/status")
+                    .and_then(|u| u.rsplit('/').next())
+                {
+                    seen.entry(name.to_string()).or_default().conditions =
+                        conditions(&body["status"]);
+                    // The object as stored, with the status just written.
+                    answer = stored[name].clone();
+                    answer["status"] = body["status"].clone();
+                } else if uri.contains("/events") {
+                    let name = body["regarding"]["name"].as_str().unwrap_or("").to_string();
+                    let s = |k: &str| body[k].as_str().unwrap_or("").to_string();
+                    seen.entry(name)
+                        .or_default()
+                        .events
+                        .push((s("type"), s("reason")));
+                }
+                reply.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+            }
+        })
+    };
+    let registry = prometheus::Registry::new();
+    let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
+    let metrics = Metrics::new(&registry).unwrap();
+    let cfg = KubeConfig::default();
+    let core = Core::new(providers(s), dataplane, metrics, cfg.core.clone());
+    let objects: Vec<BackendCluster> = s
+        .objects
+        .iter()
+        .enumerate()
+        .map(|(i, (name, route, provider))| {
+            serde_json::from_value(manifest(name, route, provider, i)).unwrap()
+        })
+        .collect();
+    let (store, mut writer) = reflector::store();
+    for o in &objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+    }
+    let wiring = Wiring {
+        client: Client::new(service, "default"),
+        reporter: Reporter {
+            controller: "fleetlb".into(),
+            instance: Some("replica-a".into()),
+        },
+        leader: watch::channel(true).1,
+        routes: watch::channel(RouteTable::default()).0,
+        status: watch::channel(bytes::Bytes::new()).0,
+    };
+    let ctx = Arc::new(Context::new(wiring, core, store, cfg));
+    for o in objects {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            kubernetes::reconcile(Arc::new(o), ctx.clone()),
+        )
+        .await
+        .expect("a reconcile ends");
+    }
+    drop(ctx);
+    api.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    seen
+}
+
+#[tokio::test]
+async fn both_drivers_show_the_same_conditions_and_events() {
+    for s in SCENARIOS {
+        let files = standalone(s).await;
+        let api = kubernetes(s).await;
+        assert_eq!(files, api, "{}: standalone vs Kubernetes", s.name);
+        for (name, conds, events) in s.expect {
+            let got = &files[*name];
+            for (t, status, reason) in *conds {
+                assert!(
+                    got.conditions.iter().any(|(gt, gs, gr)| gt == t
+                        && gs == status
+                        && (reason.is_empty() || gr == reason)),
+                    "{}: {name}: no {t}={status} {reason} in {:?}",
+                    s.name,
+                    got.conditions
+                );
+            }
+            let reasons: Vec<&str> = got.events.iter().map(|(_, r)| r.as_str()).collect();
+            assert_eq!(&reasons, events, "{}: {name}: Events", s.name);
+        }
+    }
+}
