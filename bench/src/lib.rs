@@ -7,6 +7,7 @@
 pub mod chart;
 pub mod load;
 pub mod report;
+mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -108,19 +108,22 @@ impl Provider for Fake {
     }
 }
 
+/// What a user must see of one object: its name, (condition type, status, reason) that must
+/// be present (an empty reason: any), and its Event reasons in order.
+type Expect = (
+    &'static str,
+    &'static [(&'static str, &'static str, &'static str)],
+    &'static [&'static str],
+);
+
 /// One scenario: objects (name, route, provider kind, oldest first) and the provider's faults.
 struct Scenario {
     name: &'static str,
     objects: &'static [(&'static str, &'static str, &'static str)],
     list_fails: Option<ErrorClass>,
     launch_fails: Option<ErrorClass>,
-    /// What a user must see: per object, (condition type, status, reason) that must be present,
-    /// and the Event reasons, in order.
-    expect: &'static [(
-        &'static str,
-        &'static [(&'static str, &'static str, &'static str)],
-        &'static [&'static str],
-    )],
+    /// What a user must see, per object.
+    expect: &'static [Expect],
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -370,8 +373,7 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
     }
     drop(ctx);
     api.abort();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
-    seen
+    std::mem::take(&mut *seen.lock().unwrap())
 }
 
 #[tokio::test]

@@ -10,13 +10,16 @@
 //! rules, as the API server does, so the standalone driver (which has no API server) rejects
 //! exactly the same objects, with the same rules written once.
 
+mod provider;
+mod status;
 mod validate;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use provider::{AwsProvider, LocalProvider, ProviderSpec, StaticProvider};
+pub use status::{BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent};
 pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
 
 /// Desired state of a BackendCluster.
@@ -149,82 +152,6 @@ fn default_port() -> i32 {
 
 fn default_timeout_seconds() -> u32 {
     30
-}
-
-/// Exactly one provider must be set.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum ProviderSpec {
-    /// Real EC2 instances, launched through the EC2 API.
-    Aws(AwsProvider),
-    /// Local child processes of fleetlb on 127.0.0.1 (the demo); no cloud needed.
-    Local(LocalProvider),
-    /// A fixed list of `host:port` endpoints that fleetlb balances but does not manage.
-    Static(StaticProvider),
-}
-
-impl ProviderSpec {
-    /// The provider's name as written in YAML (`aws`, `local`, `static`).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderSpec::Aws(_) => "aws",
-            ProviderSpec::Local(_) => "local",
-            ProviderSpec::Static(_) => "static",
-        }
-    }
-}
-
-/// EC2 launch parameters.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AwsProvider {
-    /// AMI id, e.g. `ami-0abcdef1234567890`.
-    #[schemars(pattern(r"^ami-[0-9a-f]{8,17}$"))]
-    pub image_id: String,
-    /// Subnets to spread instances over, round-robin (one per availability zone is typical).
-    #[serde(default)]
-    #[schemars(length(max = 16))]
-    pub subnet_ids: Vec<String>,
-    /// Security groups attached to every instance.
-    #[serde(default)]
-    #[schemars(length(max = 5))]
-    pub security_group_ids: Vec<String>,
-    /// Instance profile name or ARN passed to the instances.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iam_instance_profile: Option<String>,
-    /// EC2 key pair name for SSH access.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_name: Option<String>,
-    /// Bootstrap script. When empty, fleetlb's default bootstraps a small HTTP app like the
-    /// original FastAPI one. Never logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16384))]
-    pub user_data: Option<String>,
-    /// Extra tags put on every instance at creation.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub tags: std::collections::BTreeMap<String, String>,
-}
-
-/// Local child processes (`fleetlb backend`), for the demo and tests.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LocalProvider {
-    /// Overrides the instance type's service time, in milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 60000))]
-    pub latency_ms: Option<u32>,
-}
-
-/// Endpoints fleetlb balances but does not launch.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StaticProvider {
-    /// `host:port` addresses (IP literals or names resolved once per reconcile).
-    #[schemars(
-        length(min = 1, max = 1000),
-        extend("items" = {"type": "string", "maxLength": 261, "pattern": validate::ENDPOINT_PATTERN})
-    )]
-    pub endpoints: Vec<String>,
 }
 
 /// Active health check, with ALB semantics and defaults scaled for fast feedback
@@ -418,100 +345,6 @@ pub enum DeletionPolicy {
     Delete,
     /// Leave the instances running and drop fleetlb's ownership of them.
     Orphan,
-}
-
-/// Observed state, written by the controller.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BackendClusterStatus {
-    /// The `metadata.generation` this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// Instances that exist and are not terminating.
-    #[serde(default)]
-    pub replicas: i32,
-    /// Instances that pass their health check.
-    #[serde(default)]
-    pub ready_replicas: i32,
-    /// Label selector for the scale subresource (`fleetlb.dev/backendcluster=NAME`): instances are
-    /// not pods, but an HPA or KEDA needs a non-empty selector to act on the scale subresource.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<String>,
-    /// The provider in use (`aws`, `local`, `static`), for `kubectl get bc`'s PROVIDER column.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<String>,
-    /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-    /// Every instance fleetlb knows for this cluster.
-    #[serde(default)]
-    pub instances: Vec<InstanceStatus>,
-    /// Endpoints handed to the data plane, fastest first.
-    #[serde(default)]
-    pub endpoints: Vec<EndpointStatus>,
-    /// The latest launch intent of each slot, written before the provider is asked to launch:
-    /// a controller that crashes mid-launch repeats the same intent (same EC2 `ClientToken`)
-    /// instead of launching a second instance.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub launches: Vec<LaunchIntent>,
-}
-
-/// One launch decided by the controller.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LaunchIntent {
-    /// Slot (0..replicas).
-    pub slot: u32,
-    /// Launch attempt for the slot (a replacement is the next attempt).
-    pub attempt: u32,
-    /// Idempotency token sent with the launch (EC2 `ClientToken`).
-    pub client_token: String,
-    /// Subnet the launch goes to (`aws` with `subnetIds`): a function of slot and attempt, so a
-    /// replayed launch carries the same parameters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subnet_id: Option<String>,
-    /// The instance the launch made, once the provider answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
-    /// When the intent was recorded: deletion waits (boundedly) for the provider to list the
-    /// instances of recent launches before releasing the object.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recorded_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-}
-
-/// One instance as the provider and the prober see it.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct InstanceStatus {
-    /// Provider id (`i-0123...`).
-    pub id: String,
-    /// `host:port` the data plane sends requests to, once known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// Provider state: `pending`, `running`, `shutting-down`, `terminated`, ...
-    pub state: String,
-    /// Whether the instance passes its health check.
-    pub healthy: bool,
-    /// Latest latency estimate in milliseconds, when measured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<f64>,
-    /// The provider that reports it (`aws`, `local`, `static`); after a change of
-    /// `spec.provider`, the old provider's instances are retired through it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<String>,
-}
-
-/// One endpoint of the ranked set the data plane receives.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct EndpointStatus {
-    /// Instance id.
-    pub id: String,
-    /// `host:port`.
-    pub address: String,
-    /// Latency estimate in milliseconds, when measured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<f64>,
 }
 
 impl BackendClusterSpec {

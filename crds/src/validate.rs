@@ -164,15 +164,17 @@ fn friendly(field: &str, message: &str) -> String {
 
 /// Verdicts by the spec's JSON text: a check (mostly CEL) costs about 100 µs, and the route
 /// table is rebuilt from every object every second.
-static VERDICTS: LazyLock<Mutex<HashMap<String, Result<(), Vec<FieldError>>>>> =
-    LazyLock::new(Mutex::default);
+static VERDICTS: LazyLock<Mutex<HashMap<String, Verdict>>> = LazyLock::new(Mutex::default);
+
+/// What [`validate_spec`] says of one spec.
+type Verdict = Result<(), Vec<FieldError>>;
 
 /// Specs remembered at most (then the memory starts over).
 const VERDICTS_KEPT: usize = 4096;
 
 /// Checks `spec` against the CRD schema and its CEL rules; returns every problem, each naming
 /// its field.
-pub fn validate_spec(spec: &BackendClusterSpec) -> Result<(), Vec<FieldError>> {
+pub fn validate_spec(spec: &BackendClusterSpec) -> Verdict {
     let value = match serde_json::to_value(spec) {
         Ok(v) => v,
         Err(e) => {

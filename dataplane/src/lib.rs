@@ -20,6 +20,7 @@ mod h1;
 pub mod fuzzing {
     pub use crate::h1::frame_response;
 }
+mod headers;
 pub mod metrics;
 mod outlier;
 pub mod path;
@@ -42,9 +43,9 @@ use tokio::sync::watch;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
-pub use metrics::Metrics;
 /// The request-header rewriting applied to every forwarded request (public for the fuzz targets).
-pub use proxy::{prepare_request_headers, strip_hop_by_hop};
+pub use headers::{prepare_request_headers, strip_hop_by_hop};
+pub use metrics::Metrics;
 pub use routes::{
     BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
 };

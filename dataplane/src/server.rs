@@ -67,7 +67,7 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_total.inc();
         let svc_this = this.clone();
-        let peer_ip = proxy::peer_ip(peer);
+        let peer_ip = crate::headers::peer_ip(peer);
         let svc = service_fn(move |req| {
             let this = svc_this.clone();
             let peer_ip = peer_ip.clone();
