@@ -28,8 +28,11 @@ for tool in nginx haproxy wrk python3; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk)" >&2; exit 64; }
 done
 
-cargo build --release -q
-FLEETLB=$PWD/target/release/fleetlb
+# FLEETLB=path/to/fleetlb benchmarks that binary instead of building this checkout.
+if [ -z "${FLEETLB:-}" ]; then
+  cargo build --release -q
+  FLEETLB=$PWD/target/release/fleetlb
+fi
 WORK=$(mktemp -d /tmp/fleetlb-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }

@@ -98,30 +98,34 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve as one demo instance, like the original experiment's FastAPI app: `GET /health`,
     /// and JSON naming the instance and cluster on every other path.
-    Backend {
-        /// Instance id to report.
-        #[arg(long)]
-        id: String,
-        /// Cluster name to report.
-        #[arg(long)]
-        cluster: String,
-        /// Port to listen on, on 127.0.0.1 (0 picks a free one; the chosen address is printed).
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// Instance type whose profile (service time, concurrency) to mimic, e.g. t2.micro.
-        #[arg(long, default_value = "t2.micro")]
-        profile: String,
-        /// Override the profile's service time, in milliseconds.
-        #[arg(long)]
-        latency_ms: Option<u64>,
-        /// Override the profile's concurrency.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-        concurrency: Option<u32>,
-        /// Exit (after draining) when standard input reaches end-of-file; the local provider
-        /// uses this so instances never outlive fleetlb.
-        #[arg(long)]
-        exit_on_stdin_eof: bool,
-    },
+    Backend(BackendArgs),
+}
+
+/// `fleetlb backend`.
+#[derive(Args, Clone)]
+pub struct BackendArgs {
+    /// Instance id to report.
+    #[arg(long)]
+    pub id: String,
+    /// Cluster name to report.
+    #[arg(long)]
+    pub cluster: String,
+    /// Port to listen on, on 127.0.0.1 (0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Instance type whose profile (service time, concurrency) to mimic, e.g. t2.micro.
+    #[arg(long, default_value = "t2.micro")]
+    pub profile: String,
+    /// Override the profile's service time, in milliseconds.
+    #[arg(long)]
+    pub latency_ms: Option<u64>,
+    /// Override the profile's concurrency.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: Option<u32>,
+    /// Exit (after draining) when standard input reaches end-of-file; the local provider
+    /// uses this so instances never outlive fleetlb.
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
 }
 
 #[derive(Args, Clone)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::backend::{self, BackendConfig, Profile};
-use crate::cli::BenchArgs;
+use crate::cli::{BackendArgs, BenchArgs};
 
 /// `fleetlb bench`.
 pub async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -61,36 +61,28 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
 
 /// `fleetlb backend`: serves until a signal (or, with `exit_on_stdin_eof`, until standard input
 /// closes). Prints `ready ADDR` once it listens: the local provider reads the port from it.
-pub async fn backend(
-    id: String,
-    cluster: String,
-    port: u16,
-    profile: String,
-    latency_ms: Option<u64>,
-    concurrency: Option<u32>,
-    exit_on_stdin_eof: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut p = Profile::for_instance_type(&profile);
-    if let Some(ms) = latency_ms {
+pub async fn backend(a: BackendArgs) -> anyhow::Result<ExitCode> {
+    let mut p = Profile::for_instance_type(&a.profile);
+    if let Some(ms) = a.latency_ms {
         p.latency = Duration::from_millis(ms);
     }
-    if let Some(c) = concurrency {
+    if let Some(c) = a.concurrency {
         p.concurrency = c as usize;
     }
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
     let listener = fleetlb_dataplane::listen(addr, fleetlb_dataplane::Reuse::Address)
         .with_context(|| format!("cannot listen on {addr} (backend)"))?;
     let addr = listener.local_addr()?;
     // The local provider waits for this line before calling the instance running.
     println!("ready {addr}");
     let cfg = BackendConfig {
-        id,
-        cluster,
-        instance_type: profile,
+        id: a.id,
+        cluster: a.cluster,
+        instance_type: a.profile,
         profile: p,
     };
     let stop = async move {
-        if exit_on_stdin_eof {
+        if a.exit_on_stdin_eof {
             tokio::select! {
                 () = stdin_closed() => {}
                 () = crate::shutdown_signal() => {}

@@ -76,24 +76,7 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
         }
         Command::Status { admin, json } => Ok(status::print(admin, json).await?),
         Command::Bench(args) => Ok(commands::bench(args).await?),
-        Command::Backend {
-            id,
-            cluster,
-            port,
-            profile,
-            latency_ms,
-            concurrency,
-            exit_on_stdin_eof,
-        } => Ok(commands::backend(
-            id,
-            cluster,
-            port,
-            profile,
-            latency_ms,
-            concurrency,
-            exit_on_stdin_eof,
-        )
-        .await?),
+        Command::Backend(args) => Ok(commands::backend(args).await?),
         Command::Demo { config, listen } => {
             let dir = if config.is_dir() {
                 config

@@ -300,6 +300,18 @@ fn status_command_prints_a_table() {
     );
 }
 
+/// Runs `fleetlb args`, which must exit 64 with one line on stderr; returns that line.
+fn usage_error(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{args:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    err
+}
+
 #[test]
 fn bad_flags_exit_64_with_one_line() {
     for args in [
@@ -307,14 +319,7 @@ fn bad_flags_exit_64_with_one_line() {
         &["demo", "--listen", "nope"],
         &["standalone"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("fleetlb: "), "{err}");
+        assert!(usage_error(args).starts_with("fleetlb: "));
     }
     // Values are checked by the command line itself, each naming its flag.
     for (args, says) in [
@@ -337,13 +342,7 @@ fn bad_flags_exit_64_with_one_line() {
             "between 0 and 1",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        let err = usage_error(args);
         let flag = args[args.len() - 2];
         assert!(err.contains(flag) && err.contains(says), "{args:?}: {err}");
     }
@@ -351,11 +350,7 @@ fn bad_flags_exit_64_with_one_line() {
         &["run", "--proxy-threads", "9999"][..],
         &["run", "--identity"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        usage_error(args);
     }
 }
 

@@ -11,7 +11,7 @@
 //! every object, sweeps orphans, publishes the route table to the data plane and `/status`.
 //! Events go to the log and to the object's `events` in `/status`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,8 +27,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::core::delete::Deletion;
+use crate::core::inventory::kinds_of;
 use crate::core::view::{ClusterView, StatusView};
-use crate::core::{Core, Event, EventType, Next, Settings, Sink, routes};
+use crate::core::{Core, Event, EventType, Failure, Next, Settings, Sink, routes};
 use crate::files::{self, FileLoad};
 use crate::provider::{ClusterKey, ProviderKind, fnv64};
 use crate::reconcile::set_condition;
@@ -139,6 +140,10 @@ pub struct Standalone {
     /// The directory's files as last read (a poll re-reads only changed ones).
     file_cache: files::FileCache,
     loaded_once: bool,
+    /// Provider kinds any object has used since start: only those are swept (a provider no
+    /// object ever used is never called, so the demo needs no AWS credentials even with a
+    /// controller id, and a kind whose last object left is still swept).
+    used_kinds: BTreeSet<ProviderKind>,
 }
 
 impl Standalone {
@@ -159,6 +164,7 @@ impl Standalone {
             last_hash: None,
             file_cache: files::FileCache::default(),
             loaded_once: false,
+            used_kinds: BTreeSet::new(),
         }
     }
 
@@ -218,6 +224,7 @@ impl Standalone {
         let mut errors = Vec::new();
         let mut present: HashSet<ClusterKey> = HashSet::new();
         let mut defined_in: HashMap<ClusterKey, PathBuf> = HashMap::new();
+        let mut seen_order: i64 = 0;
         for load in loads {
             let docs = match load.outcome {
                 Ok(docs) => docs,
@@ -245,7 +252,16 @@ impl Standalone {
                     present.insert(key.clone());
                 }
                 match (doc.result, doc.key) {
-                    (Ok(bc), Some(key)) => self.upsert(key, bc, &load.path, now),
+                    (Ok(bc), Some(key)) => {
+                        // Objects first read together are as old as their order in the
+                        // directory (files by name, documents in order): the earlier one keeps
+                        // a contested route, as it did before a restart.
+                        seen_order += 1;
+                        let at = now
+                            .checked_add(k8s_openapi::jiff::SignedDuration::from_nanos(seen_order))
+                            .unwrap_or(now);
+                        self.upsert(key, bc, &load.path, at)
+                    }
                     (Err(e), Some(key)) => {
                         if let Some(t) = self.tracked.get_mut(&key) {
                             t.rejected = Some(e.clone());
@@ -326,16 +342,19 @@ impl Standalone {
         let mut forget = Vec::new();
         for (key, t) in self.tracked.iter_mut() {
             let written = Written::default();
+            self.used_kinds.extend(kinds_of(&t.obj));
             if t.obj.metadata.deletion_timestamp.is_some() {
                 match self.core.delete(&t.obj, &objects, &written).await {
                     Deletion::Done => forget.push(key.clone()),
                     Deletion::Waiting(_) => busy = true,
+                    // Said in the condition; the next resync retries.
+                    Deletion::Failed(_) => {}
                 }
             } else {
                 // Failures are in the conditions; the next pass retries (launches back off).
                 busy |= matches!(
                     self.core.reconcile(&t.obj, &objects, &written).await,
-                    Ok(Next::Busy)
+                    Ok(Next::Busy) | Err(Failure::Launch(_))
                 );
             }
             written.into_tracked(t);
@@ -365,7 +384,9 @@ impl Standalone {
                 let uid = uids.get(key).cloned().flatten();
                 async move { Ok(uid) }.boxed()
             };
-            self.core.sweep(&objects, &confirm).await;
+            self.core
+                .sweep(&objects, Some(&self.used_kinds), &confirm)
+                .await;
         }
         for key in forget {
             self.tracked.remove(&key);
@@ -379,15 +400,7 @@ impl Standalone {
             .values()
             .map(|t| Arc::new(t.obj.clone()))
             .collect();
-        out.routes.send_if_modified(|cur| {
-            let routes = routes::build_routes(&objects, cur);
-            if cur.routes == routes {
-                false
-            } else {
-                cur.routes = routes;
-                true
-            }
-        });
+        routes::publish(&out.routes, &objects);
         let _ = out.status.send(Bytes::from(self.status_json()));
         out.ready.send_if_modified(|r| !std::mem::replace(r, true));
         busy

@@ -30,9 +30,12 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower_test::mock;
 
-/// A `local`-kind provider that launches instantly, or fails as told.
+/// A provider (`local` kind unless `aws`) that launches instantly, or fails as told, and
+/// counts its listings.
 #[derive(Default)]
 struct Fake {
+    aws: bool,
+    lists: std::sync::atomic::AtomicUsize,
     list_fails: Option<ErrorClass>,
     launch_fails: Option<ErrorClass>,
     instances: Mutex<Vec<Instance>>,
@@ -41,13 +44,18 @@ struct Fake {
 
 impl Provider for Fake {
     fn kind(&self) -> ProviderKind {
-        ProviderKind::Local
+        if self.aws {
+            ProviderKind::Aws
+        } else {
+            ProviderKind::Local
+        }
     }
 
     fn list<'a>(
         &'a self,
         _clusters: &'a [Arc<BackendCluster>],
     ) -> BoxFuture<'a, Result<Vec<Instance>, fleetlb_controller::Error>> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
         let r = match self.list_fails {
             Some(class) => Err(fleetlb_controller::Error::new(
                 ProviderKind::Local,
@@ -398,4 +406,48 @@ async fn both_drivers_show_the_same_conditions_and_events() {
             assert_eq!(&reasons, events, "{}: {name}: Events", s.name);
         }
     }
+}
+
+/// A provider no object uses is never called by the standalone driver, orphan sweep included
+/// (the demo with a controller id needs no AWS credentials, and makes no DescribeInstances).
+#[tokio::test]
+async fn standalone_never_lists_a_provider_no_object_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manifest("web", "/web", "local", 0);
+    m["metadata"] = json!({"name": "web"});
+    std::fs::write(dir.path().join("web.yaml"), m.to_string()).unwrap();
+    let aws = Arc::new(Fake {
+        aws: true,
+        ..Fake::default()
+    });
+    let local = Arc::new(Fake::default());
+    let registry = prometheus::Registry::new();
+    let mut cfg = StandaloneConfig::new(dir.path().to_path_buf());
+    cfg.core.orphan_grace = Duration::ZERO;
+    let mut driver = Standalone::new(
+        cfg,
+        Providers {
+            local: Some(local.clone()),
+            aws: Some(aws.clone()),
+            ..Providers::default()
+        },
+        Dataplane::new(ProxyConfig::default(), &registry).unwrap(),
+        Metrics::new(&registry).unwrap(),
+    );
+    let (routes, _routes) = watch::channel(RouteTable::default());
+    let (status, _status) = watch::channel(bytes::Bytes::new());
+    let (ready, _ready) = watch::channel(false);
+    let out = Outputs {
+        routes,
+        status,
+        ready,
+    };
+    for _ in 0..3 {
+        driver.step(&out).await;
+    }
+    assert!(
+        local.lists.load(Ordering::Relaxed) >= 3,
+        "local is listed every pass"
+    );
+    assert_eq!(aws.lists.load(Ordering::Relaxed), 0, "aws was listed");
 }

@@ -33,7 +33,7 @@ impl ProviderSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AwsProvider {
     /// AMI id, e.g. `ami-0abcdef1234567890`.
-    #[schemars(pattern(r"^ami-[0-9a-f]{8,17}$"))]
+    #[schemars(pattern(validate::AMI_PATTERN))]
     pub image_id: String,
     /// Subnets to spread instances over, round-robin (one per availability zone is typical).
     #[serde(default)]

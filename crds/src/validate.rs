@@ -25,12 +25,16 @@ pub(crate) const ROUTE_PATTERN: &str =
 /// EC2 instance type shape: family, a dot, size (`t2.micro`, `m7g.2xlarge`, `u-6tb1.metal`).
 pub(crate) const INSTANCE_TYPE_PATTERN: &str = r"^[a-z][a-z0-9-]*\.[a-z0-9]+$";
 
-/// A `host:port` endpoint: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port
-/// from 1 to 65535.
-pub(crate) const ENDPOINT_PATTERN: &str = r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
+/// A `host:port` endpoint: a non-empty host (a name, possibly with a trailing dot or
+/// underscores; an IPv4 address; a bracketed IPv6 address, possibly with a zone) and a port from
+/// 1 to 65535 (leading zeros allowed).
+pub(crate) const ENDPOINT_PATTERN: &str = r"^.+:0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
 
-/// A health-check path: starts with `/`, printable ASCII without spaces.
-pub(crate) const HEALTH_PATH_PATTERN: &str = r"^/[!-~]*$";
+/// A health-check path: starts with `/`, no spaces or control characters (UTF-8 allowed).
+pub(crate) const HEALTH_PATH_PATTERN: &str = r"^/[^\x00-\x20\x7f]*$";
+
+/// An AMI id (EC2 writes them in lowercase; either case is accepted).
+pub(crate) const AMI_PATTERN: &str = r"^ami-[0-9a-fA-F]{8,17}$";
 
 /// One problem with one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,17 +119,28 @@ pub fn schema_errors(obj: &Value) -> Vec<FieldError> {
             message: "the CRD schema does not compile (a fleetlb bug)".into(),
         }];
     };
+    let mut blocking = false;
     let mut errors: Vec<FieldError> = validator
         .iter_errors(&body)
         .map(|e| {
+            // The API server skips CEL after errors that leave a value of the wrong shape
+            // (apiextensions' `hasBlockingErr`): type, required, enum, maxLength, maxItems.
+            use jsonschema::error::ValidationErrorKind as K;
+            blocking |= matches!(
+                e.kind(),
+                K::Type { .. }
+                    | K::Required { .. }
+                    | K::Enum { .. }
+                    | K::MaxLength { .. }
+                    | K::MaxItems { .. }
+            );
             let path = e.instance_path().to_string();
             let field = path.trim_start_matches('/').replace('/', ".");
             let message = friendly(&field, &e.to_string());
             FieldError { field, message }
         })
         .collect();
-    // CEL rules only run on a structurally valid object, as in the API server.
-    if errors.is_empty()
+    if !blocking
         && let Err(e) = kube::core::cel::Validator::new().validate(&SCHEMA.openapi, &body, None)
     {
         errors.extend(e.into_vec().into_iter().map(|e| FieldError {
@@ -164,7 +179,24 @@ fn friendly(field: &str, message: &str) -> String {
 
 /// Verdicts by the spec's JSON text: a check (mostly CEL) costs about 100 µs, and the route
 /// table is rebuilt from every object every second.
-static VERDICTS: LazyLock<Mutex<HashMap<String, Verdict>>> = LazyLock::new(Mutex::default);
+static VERDICTS: LazyLock<Mutex<HashMap<Digest, Verdict>>> = LazyLock::new(Mutex::default);
+
+/// See [`digest`].
+type Digest = (u64, u64, usize);
+
+/// Two independent 64-bit hashes and the length of `text`: a spec can be hundreds of KiB
+/// (1000 endpoints, 16 KiB of user data), so the memo keeps this, not the text.
+fn digest(text: &str) -> Digest {
+    use std::hash::{Hash, Hasher};
+    let mut sip = std::hash::DefaultHasher::new();
+    text.hash(&mut sip);
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        fnv ^= u64::from(b);
+        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (sip.finish(), fnv, text.len())
+}
 
 /// What [`validate_spec`] says of one spec.
 type Verdict = Result<(), Vec<FieldError>>;
@@ -184,9 +216,9 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Verdict {
             }]);
         }
     };
-    let text = value.to_string();
+    let key = digest(&value.to_string());
     let verdicts = || VERDICTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(v) = verdicts().get(&text) {
+    if let Some(v) = verdicts().get(&key) {
         return v.clone();
     }
     let errors = schema_errors(&json!({ "spec": value }));
@@ -199,7 +231,7 @@ pub fn validate_spec(spec: &BackendClusterSpec) -> Verdict {
     if memo.len() >= VERDICTS_KEPT {
         memo.clear();
     }
-    memo.insert(text, verdict.clone());
+    memo.insert(key, verdict.clone());
     verdict
 }
 

@@ -135,24 +135,24 @@ pub async fn run_kubernetes(
     let metrics = s.metrics.clone();
     let mut leader_gauge = leader_rx.clone();
     s.metrics.leader.set(i64::from(lease.no_leader_election));
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(async move {
+    let gauge = tokio::spawn(async move {
         while leader_gauge.changed().await.is_ok() {
             metrics.leader.set(i64::from(*leader_gauge.borrow()));
         }
-    }));
-    if !lease.no_leader_election {
+    });
+    let elect = (!lease.no_leader_election).then(|| {
         let api = kube::Api::namespaced(calls.clone(), &lease.lease_namespace);
         let elector = Elector::new(
             api,
             LeaseConfig::new(lease.lease_namespace, lease.lease_name, identity.clone()),
         );
-        tasks.push(tokio::spawn(fleetlb_controller::lease::run(
+        // Ends after releasing the Lease on shutdown, so a rolling update hands over at once.
+        tokio::spawn(fleetlb_controller::lease::run(
             elector,
             leader_tx,
             stopped(s.stop.subscribe()),
-        )));
-    }
+        ))
+    });
     let reporter = kube::runtime::events::Reporter {
         controller: "fleetlb".into(),
         instance: Some(identity),
@@ -184,9 +184,16 @@ pub async fn run_kubernetes(
             stop,
         )
         .await;
-        for t in tasks {
-            t.abort();
+        if let Some(elect) = elect {
+            if r.is_ok() {
+                // Shutting down: the Lease is being released, under its own deadline (the
+                // renew deadline); this only bounds the wait.
+                let _ = tokio::time::timeout(Duration::from_secs(15), elect).await;
+            } else {
+                elect.abort();
+            }
         }
+        gauge.abort();
         r.map_err(|e| {
             AppError::Unavailable(format!(
                 "cannot watch BackendClusters ({e}); is the CRD installed (kubectl apply -f manifests/crd.yaml)?"

@@ -20,6 +20,8 @@ pub enum Deletion {
     /// Still waiting (for what, in words for a condition message): instances draining or
     /// terminating, a recent launch the provider does not list yet, or a failed call.
     Waiting(String),
+    /// The instances could not be listed: retry with backoff (the condition says why).
+    Failed(crate::Error),
 }
 
 /// Deletion settings.

@@ -392,14 +392,19 @@ impl Core {
                 }
                 step
             }
-            Err(e) => Deletion::Waiting(format!("cannot list instances: {e}")),
+            Err(e) => Deletion::Failed(e),
         };
         // Whatever was terminated or released, the next listing must show it.
         for k in &kinds {
             self.inventory.invalidate(*k).await;
         }
-        if let Deletion::Waiting(why) = &step {
-            delete::mark_deleting(&mut deleting, why, now);
+        let why = match &step {
+            Deletion::Done => None,
+            Deletion::Waiting(why) => Some(why.clone()),
+            Deletion::Failed(e) => Some(format!("cannot list instances: {e}")),
+        };
+        if let Some(why) = why {
+            delete::mark_deleting(&mut deleting, &why, now);
             if let Err(e) = sink
                 .write_status(bc, deleting.status.unwrap_or_default())
                 .await

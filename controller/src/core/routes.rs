@@ -48,6 +48,21 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
     out.into_values().collect()
 }
 
+/// Publishes the route table for `objects` to the data plane, when it changed.
+pub fn publish(routes: &tokio::sync::watch::Sender<RouteTable>, objects: &[Arc<BackendCluster>]) {
+    // Built outside the channel's lock: readers (the route updater, admin) never wait for it.
+    let current = routes.borrow().clone();
+    let next = build_routes(objects, &current);
+    routes.send_if_modified(|cur| {
+        if cur.routes == next {
+            false
+        } else {
+            cur.routes = next;
+            true
+        }
+    });
+}
+
 /// Which of two objects claiming one route keeps it: the older, then the first by key.
 fn seniority(o: &BackendCluster) -> (Option<Timestamp>, ClusterKey) {
     (

@@ -2,7 +2,7 @@
 //! deleted meanwhile, an object removed while fleetlb was down) are terminated once older than
 //! the grace period. Every configured provider that launches instances is swept.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use fleetlb_crds::BackendCluster;
@@ -18,9 +18,15 @@ pub type Confirm<'a> =
 
 impl Core {
     /// Terminates the instances no object in `objects` owns (by namespace/name and UID) that
-    /// are older than the grace period, once `confirm` agrees their owner is gone. Returns how
-    /// many were terminated.
-    pub async fn sweep(&self, objects: &[Arc<BackendCluster>], confirm: &Confirm<'_>) -> usize {
+    /// are older than the grace period, once `confirm` agrees their owner is gone. Sweeps the
+    /// providers of `kinds` (every configured one when `None`). Returns how many were
+    /// terminated.
+    pub async fn sweep(
+        &self,
+        objects: &[Arc<BackendCluster>],
+        kinds: Option<&BTreeSet<ProviderKind>>,
+        confirm: &Confirm<'_>,
+    ) -> usize {
         let owners: HashSet<(ClusterKey, String)> = objects
             .iter()
             .map(|o| {
@@ -32,6 +38,9 @@ impl Core {
             .collect();
         let mut swept = 0;
         for kind in ProviderKind::ALL {
+            if kinds.is_some_and(|k| !k.contains(&kind)) {
+                continue;
+            }
             let Some(p) = self.providers.get(kind).filter(|p| p.manages_instances()) else {
                 continue;
             };

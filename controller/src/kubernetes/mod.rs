@@ -137,16 +137,7 @@ impl Context {
     /// Rebuilds the data plane's route table from every object in the store (see
     /// [`routes::build_routes`]).
     pub fn publish_routes(&self) {
-        let objects = self.store.state();
-        self.routes.send_if_modified(|cur| {
-            let routes = routes::build_routes(&objects, cur);
-            if cur.routes == routes {
-                false
-            } else {
-                cur.routes = routes;
-                true
-            }
-        });
+        routes::publish(&self.routes, &self.store.state());
     }
 
     /// Publishes every object's spec summary and status as `/status` JSON.
@@ -203,6 +194,8 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
                         Ok(Action::await_change())
                     }
                     Deletion::Waiting(why) => Err(Error::Terminating(why)),
+                    // Counted as a failure: retried with backoff, not at the busy period.
+                    Deletion::Failed(e) => Err(Error::Core(Failure::Provider(e))),
                 }
             }
         }
@@ -246,7 +239,7 @@ pub async fn sweep_orphans(ctx: &Context) {
         }
         .boxed()
     };
-    ctx.core.sweep(&ctx.store.state(), &confirm).await;
+    ctx.core.sweep(&ctx.store.state(), None, &confirm).await;
 }
 
 /// The data behind `m`, also after a panic elsewhere poisoned it.
