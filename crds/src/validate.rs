@@ -294,15 +294,21 @@ mod tests {
             );
         }
         let st = |eps: Value| spec(json!({"provider": {"static": {"endpoints": eps}}}));
-        assert!(
-            fields(&st(json!([
-                "10.0.0.1:80",
-                "[::1]:8080",
-                "web.internal:65535"
-            ])))
-            .is_empty()
-        );
-        for bad in ["10.0.0.1", "host:0", "host:65536", ":80", "a b:80"] {
+        // What the hand-written check accepted before the schema became the one definition.
+        let good = json!([
+            "10.0.0.1:80",
+            "[::1]:8080",
+            "web.internal:65535",
+            "svc.ns.svc.cluster.local.:80",
+            "my_service:080",
+            "[fe80::1%eth0]:80"
+        ]);
+        assert!(fields(&st(good)).is_empty());
+        let e = fields(&spec(json!({"healthCheck": {"path": "/santé"}})));
+        assert!(e.is_empty(), "{e:?}");
+        let e = fields(&spec(json!({"healthCheck": {"path": "/a b"}})));
+        assert!(e[0].starts_with("spec.healthCheck.path: "), "{e:?}");
+        for bad in ["10.0.0.1", "host:0", "host:65536", ":80", "host:x"] {
             let e = fields(&st(json!([bad])));
             assert!(
                 e.iter()
