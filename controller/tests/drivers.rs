@@ -143,14 +143,16 @@ const SCENARIOS: &[Scenario] = &[
         expect: &[("web", &[("Degraded", "False", "")], &["Launched"])],
     },
     Scenario {
+        // "b" is the older (listed first: the earlier file, the earlier creation time), so the
+        // route does not go to the first by name.
         name: "the older object keeps a contested route",
-        objects: &[("a", "/shop", "local"), ("b", "/shop", "local")],
+        objects: &[("b", "/shop", "local"), ("a", "/shop", "local")],
         list_fails: None,
         launch_fails: None,
         expect: &[
-            ("a", &[("Degraded", "False", "")], &["Launched"]),
+            ("b", &[("Degraded", "False", "")], &["Launched"]),
             (
-                "b",
+                "a",
                 &[
                     ("Ready", "False", "RouteConflict"),
                     ("Degraded", "True", "RouteConflict"),

@@ -184,18 +184,20 @@ static VERDICTS: LazyLock<Mutex<HashMap<Digest, Verdict>>> = LazyLock::new(Mutex
 /// See [`digest`].
 type Digest = (u64, u64, usize);
 
+/// Keys of this process's hash: specs that collide cannot be prepared in advance.
+static SEED: LazyLock<std::hash::RandomState> = LazyLock::new(std::hash::RandomState::new);
+
 /// Two independent 64-bit hashes and the length of `text`: a spec can be hundreds of KiB
 /// (1000 endpoints, 16 KiB of user data), so the memo keeps this, not the text.
 fn digest(text: &str) -> Digest {
-    use std::hash::{Hash, Hasher};
-    let mut sip = std::hash::DefaultHasher::new();
-    text.hash(&mut sip);
+    use std::hash::BuildHasher;
+    let sip = SEED.hash_one(text);
     let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         fnv ^= u64::from(b);
         fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (sip.finish(), fnv, text.len())
+    (sip, fnv, text.len())
 }
 
 /// What [`validate_spec`] says of one spec.

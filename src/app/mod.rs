@@ -140,6 +140,9 @@ pub async fn run_kubernetes(
             metrics.leader.set(i64::from(*leader_gauge.borrow()));
         }
     });
+    // The Lease is released only after the controller has stopped (client-go's
+    // ReleaseOnCancel): no reconcile still runs when the next leader starts.
+    let (lease_stop, lease_stop_rx) = watch::channel(false);
     let elect = (!lease.no_leader_election).then(|| {
         let api = kube::Api::namespaced(calls.clone(), &lease.lease_namespace);
         let elector = Elector::new(
@@ -150,7 +153,7 @@ pub async fn run_kubernetes(
         tokio::spawn(fleetlb_controller::lease::run(
             elector,
             leader_tx,
-            stopped(s.stop.subscribe()),
+            stopped(lease_stop_rx),
         ))
     });
     let reporter = kube::runtime::events::Reporter {
@@ -186,8 +189,9 @@ pub async fn run_kubernetes(
         .await;
         if let Some(elect) = elect {
             if r.is_ok() {
-                // Shutting down: the Lease is being released, under its own deadline (the
-                // renew deadline); this only bounds the wait.
+                // Shutting down: release the Lease, under its own deadline (the renew
+                // deadline); this only bounds the wait.
+                let _ = lease_stop.send(true);
                 let _ = tokio::time::timeout(Duration::from_secs(15), elect).await;
             } else {
                 elect.abort();

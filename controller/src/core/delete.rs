@@ -20,7 +20,8 @@ pub enum Deletion {
     /// Still waiting (for what, in words for a condition message): instances draining or
     /// terminating, a recent launch the provider does not list yet, or a failed call.
     Waiting(String),
-    /// The instances could not be listed: retry with backoff (the condition says why).
+    /// A provider call failed (listing, terminating, releasing): retry with backoff; the
+    /// conditions say why.
     Failed(crate::Error),
 }
 
@@ -135,7 +136,7 @@ pub async fn delete(
             };
             if let Err(e) = p.release(&ids).await {
                 tracing::warn!(cluster = %key, %e, "releasing instances failed; will retry");
-                return Deletion::Waiting(format!("releasing instances failed: {e}"));
+                return Deletion::Failed(e);
             }
             tracing::info!(cluster = %key, count = ids.len(), "instances orphaned: left running, no longer owned");
         }
@@ -167,7 +168,7 @@ pub async fn delete(
             }
             Err(e) => {
                 tracing::warn!(cluster = %key, %e, "terminating instances failed; will retry");
-                return Deletion::Waiting(format!("terminating instances failed: {e}"));
+                return Deletion::Failed(e);
             }
         }
     }

@@ -398,19 +398,32 @@ impl Core {
         for k in &kinds {
             self.inventory.invalidate(*k).await;
         }
-        let why = match &step {
-            Deletion::Done => None,
-            Deletion::Waiting(why) => Some(why.clone()),
-            Deletion::Failed(e) => Some(format!("cannot list instances: {e}")),
-        };
-        if let Some(why) = why {
-            delete::mark_deleting(&mut deleting, &why, now);
-            if let Err(e) = sink
+        match &step {
+            Deletion::Done => {}
+            Deletion::Waiting(why) => {
+                self.clear_failures(&key);
+                delete::mark_deleting(&mut deleting, why, now);
+            }
+            Deletion::Failed(e) => {
+                delete::mark_deleting(&mut deleting, &e.to_string(), now);
+                let status = deleting.status.get_or_insert_with(Default::default);
+                set_condition(
+                    &mut status.conditions,
+                    "Degraded",
+                    true,
+                    e.reason().as_str(),
+                    &e.to_string(),
+                    bc.metadata.generation,
+                    now,
+                );
+            }
+        }
+        if step != Deletion::Done
+            && let Err(e) = sink
                 .write_status(bc, deleting.status.unwrap_or_default())
                 .await
-            {
-                tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
-            }
+        {
+            tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
         }
         step
     }

@@ -1,6 +1,9 @@
 //! The orphan sweep: instances of this install that no object owns (a launch whose object was
 //! deleted meanwhile, an object removed while fleetlb was down) are terminated once older than
-//! the grace period. Every configured provider that launches instances is swept.
+//! the grace period. The Kubernetes driver sweeps every configured provider that launches
+//! instances; the standalone driver only the kinds its objects have used since it started (so
+//! instances of a kind no object in the directory uses any more, left by a deletion while
+//! fleetlb was down, are not swept: delete them or restore their object).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
