@@ -13,6 +13,7 @@
 //!   (`static`: listed endpoints).
 //! - [`error`]: provider errors with their class, and condition reasons.
 
+pub mod autoscale;
 pub mod core;
 pub mod error;
 pub mod files;

@@ -6,8 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 
 fuzz_target!(|text: &str| {
-    for de in serde_yaml::Deserializer::from_str(text).take(8) {
-        let Ok(value) = serde_yaml::Value::deserialize(de) else {
+    for de in serde_yaml_ng::Deserializer::from_str(text).take(8) {
+        let Ok(value) = serde_yaml_ng::Value::deserialize(de) else {
             return;
         };
         let Ok(json) = serde_json::to_value(&value) else {
