@@ -531,6 +531,11 @@ fn a_retired_instance_keeps_serving_its_requests_and_goes_as_soon_as_they_end() 
         let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
         (v[0]["endpoints"][0]["inflight"] == 1).then_some(())
     });
+    // The cluster's load, as a peer's autoscaler reads it.
+    let r = get(f.admin, "/debug/load").expect("/debug/load answers");
+    let load: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(load["clusters"][0]["cluster"], "slow", "{load}");
+    assert_eq!(load["clusters"][0]["inflight"], 1, "{load}");
     // Scale to zero: the instance leaves the endpoint set but is not terminated while its
     // request runs (the shortest drain is 2 s, the request takes 3 s).
     f.write("slow.yaml", &slow.replace("replicas: 1", "replicas: 0"));

@@ -1,5 +1,5 @@
 //! The admin listener, separate from the proxy listener: `/metrics`, `/healthz`, `/readyz`,
-//! `/status` and `/debug/endpoints`. It exposes no secrets: status and debug output carry ids,
+//! `/status`, `/debug/endpoints` and `/debug/load`. It exposes no secrets: status and debug output carry ids,
 //! addresses, states and numbers only.
 
 use std::convert::Infallible;
@@ -105,6 +105,12 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
             Ok(v) => with_type(v.into(), "application/json"),
             Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
         },
+        "/debug/load" => {
+            match serde_json::to_vec(&serde_json::json!({ "clusters": state.dataplane.load() })) {
+                Ok(v) => with_type(v.into(), "application/json"),
+                Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+            }
+        }
         _ => plain(
             StatusCode::NOT_FOUND,
             "not found; try /metrics /healthz /readyz /status /debug/endpoints\n",

@@ -263,6 +263,26 @@ impl Dataplane {
         out
     }
 
+    /// Each cluster's load as this proxy sees it (the autoscaler's signal, summed over the
+    /// proxies that serve the cluster): requests in flight now and answered so far.
+    pub fn load(&self) -> Vec<ClusterLoad> {
+        self.shared
+            .table
+            .load()
+            .clusters
+            .iter()
+            .map(|c| ClusterLoad {
+                cluster: c.name.clone(),
+                inflight: c
+                    .endpoints
+                    .iter()
+                    .map(|e| u64::from(e.state.inflight()))
+                    .sum(),
+                answered: c.metrics.answered(),
+            })
+            .collect()
+    }
+
     /// What the balancer knows right now, per cluster and endpoint.
     pub fn snapshot(&self) -> Vec<ClusterSnapshot> {
         let now = self.shared.clock.now();
@@ -353,6 +373,17 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// One cluster's load on one proxy (`/debug/load`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ClusterLoad {
+    /// Cluster name.
+    pub cluster: String,
+    /// Requests in flight to its endpoints now.
+    pub inflight: u64,
+    /// Requests answered so far (a counter: rates come from two readings).
+    pub answered: u64,
 }
 
 /// What the balancer makes of an endpoint.

@@ -231,6 +231,11 @@ pub(crate) struct ClusterMetrics {
 }
 
 impl ClusterMetrics {
+    /// Requests answered so far (every status class).
+    pub fn answered(&self) -> u64 {
+        self.by_class.iter().map(IntCounter::get).sum()
+    }
+
     pub fn count(&self, status: u16) {
         let i = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[i].inc();

@@ -118,6 +118,36 @@ async fn a_thousand_endpoint_set_updates_during_load_fail_no_request() {
     assert_eq!(results.len(), 3000);
 }
 
+/// The autoscaler's signal: what a cluster has in flight and has answered, as the proxy sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_load_counts_requests_in_flight_and_answered() {
+    let up = Upstream::start("a").await;
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![up.endpoint()])]).await;
+    proxy.wait_healthy(1).await;
+    let load = |p: &Proxy| {
+        p.dataplane
+            .load()
+            .into_iter()
+            .find(|l| l.cluster == "c")
+            .unwrap()
+    };
+    assert_eq!((load(&proxy).inflight, load(&proxy).answered), (0, 0));
+    up.delay_ms.store(2_000, Relaxed);
+    let url = proxy.url("/c");
+    let slow: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&client(), &url).await })
+        })
+        .collect();
+    eventually("5 requests in flight", || load(&proxy).inflight == 5).await;
+    for r in slow {
+        assert_eq!(r.await.unwrap(), Ok((200, "a".to_string())));
+    }
+    let l = load(&proxy);
+    assert_eq!((l.inflight, l.answered), (0, 5));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight() {
     let up = Upstream::start("a").await;
