@@ -4,7 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -564,4 +564,79 @@ fn a_retired_instance_keeps_serving_its_requests_and_goes_as_soon_as_they_end() 
             _ => None,
         }
     });
+}
+
+/// Autoscaling end to end on the demo's local provider: open-loop load above the target grows
+/// the cluster with every request answered; with the load nearly gone it shrinks back to
+/// `minReplicas` after the delay, and a light load running through the scale-down loses no
+/// request.
+#[test]
+fn an_autoscaled_cluster_grows_under_load_and_shrinks_back_without_failing_a_request() {
+    let yaml = "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: auto\nspec:\n  route: /auto\n  replicas: 1\n  instanceType: t2.micro\n  provider:\n    local:\n      latencyMs: 100\n  healthCheck:\n    intervalSeconds: 1\n    timeoutSeconds: 1\n    healthyThreshold: 2\n    unhealthyThreshold: 2\n  autoscaling:\n    minReplicas: 1\n    maxReplicas: 4\n    targetInflightPerInstance: 2\n    stableWindowSeconds: 6\n    scaleDownDelaySeconds: 3\n";
+    let f = Fleetlb::demo(&[("auto.yaml", yaml.to_string())]);
+    let at = |s: &serde_json::Value, k: &str| s["clusters"][0]["status"][k].as_u64();
+    let desired = |s: &serde_json::Value| {
+        s["clusters"][0]["status"]["autoscaling"]["desiredReplicas"].as_u64()
+    };
+    eventually("one ready instance", || {
+        (at(&f.status(), "readyReplicas") == Some(1)).then_some(())
+    });
+    // A few connections: at 5 req/s a hundred would each idle past the proxy's 10 s
+    // keep-alive timeout and race its close (a client's keep-alive race, not the scale-down).
+    let bench = |rate: &str, secs: &str| {
+        let out = f.dir.path().join(format!("bench-{rate}.txt"));
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .args(["bench", "--target", &format!("http://{}", f.proxy)])
+            .args(["--path", "/auto", "--rate", rate, "--duration", secs])
+            .args(["--max-error-rate", "0", "-c", "16"])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, out)
+    };
+    let report = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    // 60 req/s x 100 ms = 6 in flight, target 2 per instance: 3 instances (one instance
+    // serves 40 req/s at most, so the queue grows and the panic window acts).
+    let (mut heavy, heavy_out) = bench("60", "15s");
+    eventually("the cluster grows to at least 3 ready instances", || {
+        let s = f.status();
+        (desired(&s)? >= 3 && at(&s, "readyReplicas")? >= 3).then_some(())
+    });
+    assert!(
+        heavy.wait().unwrap().success(),
+        "a request failed under load"
+    );
+    // 5 req/s: half a request in flight, one instance.
+    let (mut light, light_out) = bench("5", "25s");
+    eventually("back to minReplicas", || {
+        let s = f.status();
+        (desired(&s)? == 1 && at(&s, "replicas")? == 1).then_some(())
+    });
+    assert!(
+        light.wait().unwrap().success(),
+        "a request failed during the scale-down:\n{}\n{}",
+        report(&light_out),
+        f.log_text()
+    );
+    let events = f.status()["clusters"][0]["events"].clone();
+    let scaled: Vec<&str> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == "Scaled")
+        .filter_map(|e| e["note"].as_str())
+        .collect();
+    // Each change is an Event (the last 10 are in /status) and a log line.
+    let last = scaled.last().copied().unwrap_or_default();
+    assert!(
+        last.contains(" -> 1: ") && last.ends_with("in flight per instance, target 2"),
+        "{events}"
+    );
+    let log = f.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("scaled 1 -> ") && l.contains("in flight per instance, target 2")),
+        "{log}"
+    );
 }

@@ -48,6 +48,24 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy `spec.autoscaling` asks for, within `bounds` (see
+    /// [`crate::reconcile::autoscaling_bounds`]).
+    pub fn of(a: &fleetlb_crds::Autoscaling, bounds: (u32, u32)) -> Self {
+        let stable = Duration::from_secs(u64::from(a.stable_window_seconds.max(6)));
+        Self {
+            target_rps: a.target_requests_per_second_per_instance.map(f64::from),
+            stable_window: stable,
+            panic_window: stable / 10,
+            scale_down_delay: Duration::from_secs(u64::from(a.scale_down_delay_seconds)),
+            max_scale_up_rate: f64::from(a.max_scale_up_rate.max(1)),
+            ..Self::new(
+                bounds.0,
+                bounds.1,
+                f64::from(a.target_inflight_per_instance.max(1)),
+            )
+        }
+    }
+
     /// The defaults around `min`, `max` and an in-flight target.
     pub fn new(min: u32, max: u32, target_inflight: f64) -> Self {
         Self {
@@ -100,13 +118,14 @@ pub struct Autoscaler {
 }
 
 impl Autoscaler {
-    /// Records a reading (older than the stable window ones are dropped).
-    pub fn record(&mut self, s: Sample, policy: &Policy) {
+    /// Records a reading; readings older than `keep` are dropped (the longest stable window
+    /// that may ask for them).
+    pub fn record(&mut self, s: Sample, keep: Duration) {
         self.samples.push_back(s);
         while self
             .samples
             .front()
-            .is_some_and(|f| s.at.saturating_sub(f.at) > policy.stable_window)
+            .is_some_and(|f| s.at.saturating_sub(f.at) > keep)
         {
             self.samples.pop_front();
         }
@@ -231,7 +250,7 @@ mod tests {
                     inflight: f(t),
                     rps: 0.0,
                 },
-                policy,
+                policy.stable_window,
             );
             *count = a.decide(at, *count, policy).desired;
             out.push(*count);
@@ -337,7 +356,7 @@ mod tests {
                     inflight: 1.0,
                     rps: 500.0,
                 },
-                &p,
+                p.stable_window,
             );
             n = a.decide(at, n, &p).desired;
         }

@@ -322,7 +322,12 @@ mod tests {
     #[test]
     fn every_shipped_example_is_valid_and_every_invalid_one_is_rejected() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for (dir, valid) in [("", true), ("aws", true), ("invalid", false)] {
+        for (dir, valid) in [
+            ("", true),
+            ("aws", true),
+            ("autoscaling", true),
+            ("invalid", false),
+        ] {
             let (_, files) = read_dir(&root.join(dir)).unwrap();
             assert!(!files.is_empty(), "no examples in {dir:?}");
             for (path, text) in files {

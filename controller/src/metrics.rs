@@ -2,7 +2,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Every controller metric, registered once.
@@ -20,6 +21,10 @@ pub struct Metrics {
     pub orphans_terminated: IntCounter,
     /// 1 while this replica acts on providers (always 1 standalone).
     pub leader: IntGauge,
+    /// The autoscaler's instance count, by cluster.
+    pub autoscaler_desired: IntGaugeVec,
+    /// The autoscaler's signal: requests in flight per instance over its stable window.
+    pub autoscaler_inflight: GaugeVec,
 }
 
 impl Metrics {
@@ -64,7 +69,23 @@ impl Metrics {
                 "fleetlb_controller_leader",
                 "1 while this replica is the one acting on providers.",
             )?,
+            autoscaler_desired: IntGaugeVec::new(
+                Opts::new(
+                    "fleetlb_autoscaler_desired_replicas",
+                    "Instances the autoscaler wants, by cluster.",
+                ),
+                &["cluster"],
+            )?,
+            autoscaler_inflight: GaugeVec::new(
+                Opts::new(
+                    "fleetlb_autoscaler_inflight_per_instance",
+                    "Requests in flight per instance over the autoscaler's stable window.",
+                ),
+                &["cluster"],
+            )?,
         };
+        registry.register(Box::new(m.autoscaler_desired.clone()))?;
+        registry.register(Box::new(m.autoscaler_inflight.clone()))?;
         registry.register(Box::new(m.reconcile.clone()))?;
         registry.register(Box::new(m.reconcile_duration.clone()))?;
         registry.register(Box::new(m.ec2_requests.clone()))?;
@@ -76,7 +97,9 @@ impl Metrics {
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn Collector; 6] = [
+        let collectors: [&dyn Collector; 8] = [
+            &self.autoscaler_desired,
+            &self.autoscaler_inflight,
             &self.reconcile,
             &self.reconcile_duration,
             &self.ec2_requests,

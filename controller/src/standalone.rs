@@ -173,7 +173,13 @@ impl Standalone {
     pub async fn run(mut self, out: Outputs, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut next_pass = Instant::now();
+        let mut next_sample = Instant::now();
         loop {
+            if Instant::now() >= next_sample {
+                // The autoscalers' readings, about once a second.
+                self.core.sample();
+                next_sample = Instant::now() + Duration::from_secs(1);
+            }
             let changed = self.load();
             if changed || Instant::now() >= next_pass || !self.loaded_once {
                 let busy = self.pass(&out).await;
@@ -186,7 +192,7 @@ impl Standalone {
                 next_pass = Instant::now() + wait;
             }
             tokio::select! {
-                () = tokio::time::sleep(self.cfg.poll) => {}
+                () = tokio::time::sleep(self.cfg.poll.min(Duration::from_secs(1))) => {}
                 () = &mut shutdown => return,
             }
         }

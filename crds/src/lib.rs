@@ -19,7 +19,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use provider::{AwsProvider, LocalProvider, ProviderSpec, StaticProvider};
-pub use status::{BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent};
+pub use status::{
+    AutoscalingStatus, BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent,
+};
 pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
 
 /// Desired state of a BackendCluster.
@@ -42,6 +44,11 @@ pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
     ),
     printcolumn(name = "Route", type_ = "string", json_path = ".spec.route"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(
+        name = "Autoscaled",
+        type_ = "integer",
+        json_path = ".status.autoscaling.desiredReplicas"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.instanceType"),
     printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
@@ -115,6 +122,64 @@ pub struct BackendClusterSpec {
     /// How drifted and dead instances are replaced.
     #[serde(default)]
     pub rollout: Rollout,
+
+    /// Autoscaling from the requests fleetlb's proxies measure. While set, fleetlb owns the
+    /// instance count within [`minReplicas`, `maxReplicas`]; `replicas` (what `kubectl scale`
+    /// sets) is a floor above `minReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+}
+
+/// The autoscaler's settings (Knative's KPA: a stable window, a panic window of a tenth of it).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not exceed maxReplicas",
+    "fieldPath": ".minReplicas"
+}]))]
+pub struct Autoscaling {
+    /// Fewest instances (0-1000).
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: u32,
+    /// Most instances (1-1000).
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: u32,
+    /// Requests in flight one instance should carry (1-10000, default 8).
+    #[serde(default = "default_target_inflight")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub target_inflight_per_instance: u32,
+    /// Requests per second one instance should carry, as a second signal (the larger need
+    /// wins; 1-1000000, optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target_requests_per_second_per_instance: Option<u32>,
+    /// Seconds of load averaged for steady-state decisions (6-3600, default 60); the panic
+    /// window is a tenth of it.
+    #[serde(default = "default_stable_window")]
+    #[schemars(range(min = 6, max = 3600))]
+    pub stable_window_seconds: u32,
+    /// Seconds the load must stay low before the count goes down (0-3600, default 60).
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_delay_seconds: u32,
+    /// Most growth per decision, as a factor of the current count (1-1000, default 10).
+    #[serde(default = "default_max_scale_up_rate")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_scale_up_rate: u32,
+}
+
+fn default_target_inflight() -> u32 {
+    8
+}
+fn default_stable_window() -> u32 {
+    60
+}
+fn default_scale_down_delay() -> u32 {
+    60
+}
+fn default_max_scale_up_rate() -> u32 {
+    10
 }
 
 /// The replacement budget (Deployment semantics, as percentages of `replicas`).
@@ -430,7 +495,14 @@ mod tests {
         assert_eq!(
             columns,
             [
-                "Route", "Desired", "Ready", "Type", "Provider", "Reason", "Age"
+                "Route",
+                "Desired",
+                "Autoscaled",
+                "Ready",
+                "Type",
+                "Provider",
+                "Reason",
+                "Age"
             ]
         );
     }

@@ -1,6 +1,6 @@
 //! `status`: what the controller observed and decided.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,28 @@ pub struct BackendClusterStatus {
     /// instead of launching a second instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub launches: Vec<LaunchIntent>,
+    /// The autoscaler's count and what it came from (with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the autoscaler decided and from what.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The instance count the autoscaler wants.
+    pub desired_replicas: u32,
+    /// Requests in flight per instance, averaged over the stable window, summed over proxies.
+    pub inflight_per_instance: f64,
+    /// Requests per second per instance over the same window.
+    pub requests_per_second_per_instance: f64,
+    /// The in-flight target per instance.
+    pub target_inflight_per_instance: u32,
+    /// Whether the panic window rules (a burst: scale up only).
+    pub panic: bool,
+    /// When the count last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
 }
 
 /// One launch decided by the controller.

@@ -11,6 +11,7 @@ pub mod execute;
 pub mod inventory;
 mod observe;
 pub mod routes;
+mod scale;
 pub mod sweep;
 pub mod view;
 
@@ -93,6 +94,9 @@ pub enum Next {
     Settled,
     /// Instances launching, draining or not yet running: look again soon.
     Busy,
+    /// Settled, but autoscaled: the count may change with the load at any time (the
+    /// Kubernetes driver looks again at the busy period; standalone passes every resync).
+    Scaling,
 }
 
 /// Why a reconcile failed (retried with per-object backoff).
@@ -133,6 +137,7 @@ pub struct Core {
     pub cfg: Settings,
     inventory: Inventory,
     objects: Mutex<HashMap<ClusterKey, ObjectState>>,
+    loads: Mutex<scale::Loads>,
 }
 
 impl Core {
@@ -150,6 +155,7 @@ impl Core {
             metrics,
             cfg,
             objects: Mutex::default(),
+            loads: Mutex::default(),
         }
     }
 
@@ -279,6 +285,18 @@ impl Core {
                 return Err(Failure::Provider(e));
             }
         };
+        // With `spec.autoscaling`, the plan follows the autoscaler's count.
+        let scaled = self.autoscale(bc, now);
+        let effective;
+        let bc = match &scaled {
+            Some((status, _)) => {
+                let mut b = bc.clone();
+                b.status.get_or_insert_with(Default::default).autoscaling = Some(status.clone());
+                effective = b;
+                &effective
+            }
+            None => bc,
+        };
         let health = health_by_cluster(&self.dataplane)
             .remove(&key.to_string())
             .unwrap_or_default();
@@ -312,6 +330,9 @@ impl Core {
         sink.write_status(bc, applied.status)
             .await
             .map_err(Failure::Status)?;
+        if let Some((_, Some(event))) = scaled.clone() {
+            sink.event(bc, event).await;
+        }
         for event in applied_events(bc, &applied.launched, &applied.retired, &applied.terminated) {
             sink.event(bc, event).await;
         }

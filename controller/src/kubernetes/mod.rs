@@ -170,7 +170,7 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
     let objects = ctx.store.state();
     let settled = |next: Next| {
         Action::requeue(match next {
-            Next::Busy => ctx.cfg.busy,
+            Next::Busy | Next::Scaling => ctx.cfg.busy,
             Next::Settled => ctx.cfg.resync,
         })
     };
@@ -315,6 +315,7 @@ pub async fn run(
             let mut last_sweep = Instant::now();
             loop {
                 tick.tick().await;
+                ctx.core.sample();
                 ctx.publish_routes();
                 ctx.publish_status();
                 if last_sweep.elapsed() >= ctx.cfg.resync {

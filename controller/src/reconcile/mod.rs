@@ -53,12 +53,30 @@ pub struct Plan {
     pub status: BackendClusterStatus,
 }
 
-/// The number of instances `bc` asks for.
+/// The number of instances `bc` asks for: the listed endpoints (`static`), the autoscaler's
+/// count within its bounds (`spec.autoscaling`), else `replicas`.
 pub fn desired_replicas(bc: &BackendCluster) -> usize {
-    match &bc.spec.provider {
-        fleetlb_crds::ProviderSpec::Static(s) => s.endpoints.len(),
+    match (&bc.spec.provider, &bc.spec.autoscaling) {
+        (fleetlb_crds::ProviderSpec::Static(s), _) => s.endpoints.len(),
+        (_, Some(a)) => {
+            let (floor, max) = autoscaling_bounds(bc, a);
+            let wanted = bc
+                .status
+                .as_ref()
+                .and_then(|s| s.autoscaling.as_ref())
+                .map_or(floor, |s| s.desired_replicas);
+            wanted.clamp(floor, max) as usize
+        }
         _ => usize::try_from(bc.spec.replicas).unwrap_or(0),
     }
+}
+
+/// The autoscaler's bounds: at least `minReplicas` and `replicas` (what `kubectl scale` sets: a
+/// floor), at most `maxReplicas`.
+pub fn autoscaling_bounds(bc: &BackendCluster, a: &fleetlb_crds::Autoscaling) -> (u32, u32) {
+    let replicas = u32::try_from(bc.spec.replicas).unwrap_or(0);
+    let max = a.max_replicas.max(a.min_replicas);
+    (a.min_replicas.max(replicas).min(max), max)
 }
 
 /// Decides launches, retirements, endpoints and status for one object.
@@ -254,6 +272,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             })
             .collect(),
         launches: recorded_launches(bc, &launch, now),
+        autoscaling: bc.status.as_ref().and_then(|s| s.autoscaling.clone()),
     };
     status.instances.sort_by(|a, b| a.id.cmp(&b.id));
 

@@ -21,6 +21,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             deletion_policy: Default::default(),
             deregistration_delay_seconds: None,
             rollout: Default::default(),
+            autoscaling: None,
         },
     );
     bc.metadata.generation = Some(1);
@@ -383,4 +384,40 @@ fn a_controller_that_knows_no_health_yet_retires_no_drifted_instance() {
     ];
     let p = run(&new, &is, &[]);
     assert!(p.retire.is_empty(), "{:?}", p.retire);
+}
+
+#[test]
+fn an_autoscaled_cluster_follows_the_autoscaler_within_its_bounds_and_the_replicas_floor() {
+    let mut b = bc(2, "t2.micro");
+    b.spec.autoscaling = Some(fleetlb_crds::Autoscaling {
+        min_replicas: 1,
+        max_replicas: 6,
+        target_inflight_per_instance: 8,
+        target_requests_per_second_per_instance: None,
+        stable_window_seconds: 60,
+        scale_down_delay_seconds: 60,
+        max_scale_up_rate: 10,
+    });
+    // No decision yet: the floor, max(minReplicas, replicas).
+    assert_eq!(desired_replicas(&b), 2);
+    let mut with = |n: u32| {
+        b.status.get_or_insert_with(Default::default).autoscaling =
+            Some(fleetlb_crds::AutoscalingStatus {
+                desired_replicas: n,
+                ..Default::default()
+            });
+        desired_replicas(&b)
+    };
+    assert_eq!(with(5), 5);
+    assert_eq!(with(60), 6, "maxReplicas caps");
+    assert_eq!(with(1), 2, "kubectl scale (replicas) is a floor");
+    b.spec.replicas = 0;
+    b.status
+        .as_mut()
+        .unwrap()
+        .autoscaling
+        .as_mut()
+        .unwrap()
+        .desired_replicas = 0;
+    assert_eq!(desired_replicas(&b), 1, "minReplicas is the floor");
 }

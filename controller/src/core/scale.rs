@@ -1,0 +1,132 @@
+//! Autoscaling in the core: the data plane's load sampled about once a second into one
+//! [`Autoscaler`] per cluster, and each reconcile of an object with `spec.autoscaling` asking
+//! it for the count (the plan then launches or retires toward it).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleetlb_crds::{AutoscalingStatus, BackendCluster};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use tokio::time::Instant;
+
+use super::{Core, Event};
+use crate::autoscale::{Autoscaler, Policy, Sample};
+use crate::provider::ClusterKey;
+use crate::reconcile::{autoscaling_bounds, desired_replicas};
+
+/// Readings kept per cluster: the longest stable window `spec.autoscaling` allows.
+const KEEP: Duration = Duration::from_secs(3600);
+
+/// One cluster's readings.
+#[derive(Default)]
+pub(super) struct ClusterLoad {
+    scaler: Autoscaler,
+    /// The previous reading of the answered counter, and when.
+    last: Option<(Duration, u64)>,
+}
+
+/// Every cluster's readings, on the core's own clock.
+pub(super) struct Loads {
+    origin: Instant,
+    clusters: HashMap<String, ClusterLoad>,
+}
+
+impl Default for Loads {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            clusters: HashMap::new(),
+        }
+    }
+}
+
+impl Core {
+    /// Reads each cluster's load from the data plane (requests in flight, the rate answered
+    /// since the previous reading) into its autoscaler. Drivers call this about once a second.
+    pub fn sample(&self) {
+        let load = self.dataplane.load();
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let now = loads.origin.elapsed();
+        for l in load {
+            let c = loads.clusters.entry(l.cluster).or_default();
+            let rps = match c.last {
+                Some((at, answered)) if now > at => {
+                    l.answered.saturating_sub(answered) as f64 / (now - at).as_secs_f64()
+                }
+                _ => 0.0,
+            };
+            c.last = Some((now, l.answered));
+            c.scaler.record(
+                Sample {
+                    at: now,
+                    inflight: l.inflight as f64,
+                    rps,
+                },
+                KEEP,
+            );
+        }
+    }
+
+    /// The autoscaler's decision for `bc` (none without `spec.autoscaling`): the status to
+    /// record (whose `desiredReplicas` the plan follows) and, when the count changes, a
+    /// `Scaled` Event.
+    pub(super) fn autoscale(
+        &self,
+        bc: &BackendCluster,
+        now: Timestamp,
+    ) -> Option<(AutoscalingStatus, Option<Event>)> {
+        let a = bc.spec.autoscaling.as_ref()?;
+        let policy = Policy::of(a, autoscaling_bounds(bc, a));
+        let current = u32::try_from(desired_replicas(bc)).unwrap_or(u32::MAX);
+        let key = ClusterKey::of(bc).to_string();
+        let d = {
+            let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            let at = loads.origin.elapsed();
+            loads
+                .clusters
+                .entry(key.clone())
+                .or_default()
+                .scaler
+                .decide(at, current, &policy)
+        };
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let previous = bc.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+        let status = AutoscalingStatus {
+            desired_replicas: d.desired,
+            inflight_per_instance: round(d.inflight_per_instance),
+            requests_per_second_per_instance: round(d.rps_per_instance),
+            target_inflight_per_instance: a.target_inflight_per_instance,
+            panic: d.panic,
+            last_scale_time: if d.desired == current {
+                previous.and_then(|p| p.last_scale_time.clone())
+            } else {
+                Some(Time(now))
+            },
+        };
+        self.metrics
+            .autoscaler_desired
+            .with_label_values(&[key.as_str()])
+            .set(i64::from(d.desired));
+        self.metrics
+            .autoscaler_inflight
+            .with_label_values(&[key.as_str()])
+            .set(status.inflight_per_instance);
+        let event = (d.desired != current).then(|| {
+            let note = format!(
+                "scaled {current} -> {}: {:.1} in flight per instance, target {}{}",
+                d.desired,
+                d.inflight_per_instance,
+                a.target_inflight_per_instance,
+                if d.panic {
+                    " (panic window: a burst)"
+                } else {
+                    ""
+                }
+            );
+            tracing::info!(cluster = %key, "{note}");
+            Event::normal("Scaled", note)
+        });
+        Some((status, event))
+    }
+}
