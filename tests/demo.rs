@@ -605,7 +605,8 @@ fn an_autoscaled_cluster_grows_under_load_and_shrinks_back_without_failing_a_req
     });
     assert!(
         heavy.wait().unwrap().success(),
-        "a request failed under load"
+        "a request failed under load:\n{}",
+        report(&heavy_out)
     );
     // 5 req/s: half a request in flight, one instance.
     let (mut light, light_out) = bench("5", "25s");
