@@ -325,7 +325,7 @@ mod tests {
         for (dir, valid) in [
             ("", true),
             ("aws", true),
-            ("autoscaling", true),
+            ("autoscaled", true),
             ("invalid", false),
         ] {
             let (_, files) = read_dir(&root.join(dir)).unwrap();
