@@ -1,7 +1,7 @@
 //! The autoscaling decision (issue #16), pure: from the load the proxies measured for one
 //! cluster, how many instances it should have. Knative's KPA, with HPA's tolerance band:
 //!
-//! - **Signal**: requests in flight summed over the cluster (and, when a rate target is set,
+//! - **Signal**: requests in flight to the cluster's instances (and, when a rate target is set,
 //!   requests per second), sampled about once a second; per-instance load divided by the target
 //!   gives the instances needed (Little's law ties in-flight to rate x latency).
 //! - **Stable window** (60 s): the average over it decides in steady state; within 10 % of the
@@ -55,7 +55,8 @@ impl Policy {
         Self {
             target_rps: a.target_requests_per_second_per_instance.map(f64::from),
             stable_window: stable,
-            panic_window: stable / 10,
+            // A tenth of the stable window, but at least two readings' worth.
+            panic_window: (stable / 10).max(Duration::from_secs(2)),
             scale_down_delay: Duration::from_secs(u64::from(a.scale_down_delay_seconds)),
             max_scale_up_rate: f64::from(a.max_scale_up_rate.max(1)),
             ..Self::new(
@@ -84,7 +85,7 @@ impl Policy {
     }
 }
 
-/// One reading of a cluster's load, summed over every proxy that serves it.
+/// One reading of a cluster's load.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sample {
     /// When.
@@ -198,7 +199,12 @@ impl Autoscaler {
         };
         desired = desired.clamp(policy.min, policy.max);
 
-        // Scale down only to the highest recommendation of the delay.
+        // Scale down only to the highest recommendation of the delay. A fresh autoscaler (a
+        // restart, a new leader) counts the current count as recommended now: the delay runs
+        // from its first decision.
+        if self.recommendations.is_empty() {
+            self.recommendations.push_back((now, current));
+        }
         self.recommendations.push_back((now, desired));
         while self
             .recommendations
@@ -318,6 +324,43 @@ mod tests {
         assert_eq!(n, 2, "back to minReplicas: {counts:?}");
         // Never below the floor, however long it stays idle.
         assert!(counts.iter().all(|c| *c >= 2));
+    }
+
+    #[test]
+    fn a_fresh_autoscaler_waits_the_delay_before_scaling_down() {
+        // A new leader (or a restart) has readings but has decided nothing yet.
+        let p = Policy::new(1, 12, 8.0);
+        let mut a = Autoscaler::default();
+        for t in 0..120u32 {
+            let idle = Sample {
+                at: SEC * t,
+                inflight: 0.0,
+                rps: 0.0,
+            };
+            a.record(idle, p.stable_window);
+        }
+        let mut n = 8;
+        let counts = run(&mut a, &p, SEC * 120, 90, &mut n, |_| 0.0);
+        let first_drop = counts.iter().position(|c| *c < 8).unwrap();
+        assert!(
+            first_drop >= 59,
+            "scaled down after {first_drop} s: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn panic_ends_and_the_count_comes_back_down() {
+        let p = Policy::new(2, 40, 8.0);
+        let mut a = Autoscaler::default();
+        let mut n = 4;
+        run(&mut a, &p, Duration::ZERO, 60, &mut n, |_| 32.0);
+        run(&mut a, &p, SEC * 60, 10, &mut n, |_| 160.0);
+        assert_eq!(n, 20);
+        assert!(a.decide(SEC * 70, n, &p).panic);
+        // Back at the old load: panic ends a stable window later, then the delay, then down.
+        let counts = run(&mut a, &p, SEC * 71, 300, &mut n, |_| 32.0);
+        assert!(!a.decide(SEC * 371, n, &p).panic);
+        assert_eq!(n, 4, "{counts:?}");
     }
 
     #[test]

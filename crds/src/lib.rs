@@ -64,6 +64,11 @@ pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.autoscaling) || !has(self.provider.static)",
+    "message": "autoscaling does not apply to the static provider: its endpoints are listed, not launched",
+    "fieldPath": ".autoscaling"
+}]))]
 pub struct BackendClusterSpec {
     /// Path prefix served by this cluster, e.g. `/cluster1`. Matches the prefix itself and
     /// anything below it (`/cluster1/x`), never a longer sibling (`/cluster10`). The full path is
@@ -139,8 +144,8 @@ pub struct BackendClusterSpec {
     "fieldPath": ".minReplicas"
 }]))]
 pub struct Autoscaling {
-    /// Fewest instances (0-1000).
-    #[schemars(range(min = 0, max = 1000))]
+    /// Fewest instances (1-1000: at zero no request would reach an instance to be measured).
+    #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: u32,
     /// Most instances (1-1000).
     #[schemars(range(min = 1, max = 1000))]

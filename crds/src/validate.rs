@@ -323,6 +323,28 @@ mod tests {
             e,
             ["spec.replicas: 5000 is greater than the maximum of 1000"]
         );
+        // Autoscaling: at least one instance, and never with listed endpoints.
+        let auto = json!({"minReplicas": 0, "maxReplicas": 4});
+        let e = fields(&spec(json!({"autoscaling": auto})));
+        assert_eq!(
+            e,
+            ["spec.autoscaling.minReplicas: 0 is less than the minimum of 1"]
+        );
+        let auto = json!({"minReplicas": 5, "maxReplicas": 4});
+        let e = fields(&spec(json!({"autoscaling": auto})));
+        assert_eq!(
+            e,
+            ["spec.autoscaling.minReplicas: minReplicas must not exceed maxReplicas"]
+        );
+        let e = fields(&spec(json!({
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
+            "provider": {"static": {"endpoints": ["10.0.0.1:80"]}}
+        })));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("spec.autoscaling: autoscaling does not apply to the static provider"),
+            "{e:?}"
+        );
         // The CEL rule, with the default interval (2 s) filled in.
         let e = fields(&spec(json!({"healthCheck": {"timeoutSeconds": 5}})));
         assert_eq!(

@@ -287,6 +287,9 @@ impl Core {
         };
         // With `spec.autoscaling`, the plan follows the autoscaler's count.
         let scaled = self.autoscale(bc, now);
+        // The sink compares against the object as stored: it gets `stored`, not the copy with
+        // the new decision (which would look already written).
+        let stored = bc;
         let effective;
         let bc = match &scaled {
             Some((status, _)) => {
@@ -317,7 +320,7 @@ impl Core {
                 backoff_range: self.cfg.backoff,
             },
             now,
-            &|status| sink.write_status(bc, status),
+            &|status| sink.write_status(stored, status),
         )
         .await;
         self.objects().insert(key.clone(), state);
@@ -327,7 +330,7 @@ impl Core {
             }
         }
         // Status first: it takes retired instances out of every replica's endpoint set.
-        sink.write_status(bc, applied.status)
+        sink.write_status(stored, applied.status)
             .await
             .map_err(Failure::Status)?;
         if let Some((_, Some(event))) = scaled.clone() {
@@ -344,6 +347,8 @@ impl Core {
         self.clear_failures(&key);
         Ok(if applied.busy {
             Next::Busy
+        } else if scaled.is_some() {
+            Next::Scaling
         } else {
             Next::Settled
         })
@@ -453,5 +458,6 @@ impl Core {
     fn forget(&self, key: &ClusterKey) {
         self.objects().remove(key);
         forget_cluster(&self.metrics, key);
+        self.forget_load(key);
     }
 }

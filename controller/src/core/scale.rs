@@ -1,6 +1,8 @@
 //! Autoscaling in the core: the data plane's load sampled about once a second into one
 //! [`Autoscaler`] per cluster, and each reconcile of an object with `spec.autoscaling` asking
-//! it for the count (the plan then launches or retires toward it).
+//! it for the count (the plan then launches or retires toward it). The load is this process's
+//! proxy's: standalone that is all of it; in Kubernetes with several proxy replicas it is this
+//! replica's share (summing the peers' `/debug/load` is still to do, #16).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -68,6 +70,22 @@ impl Core {
         }
     }
 
+    /// Drops a deleted cluster's readings, decisions and gauges (a new object of the same name
+    /// starts afresh).
+    pub(super) fn forget_load(&self, key: &ClusterKey) {
+        let key = key.to_string();
+        self.loads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clusters
+            .remove(&key);
+        let _ = self.metrics.autoscaler_desired.remove_label_values(&[&key]);
+        let _ = self
+            .metrics
+            .autoscaler_inflight
+            .remove_label_values(&[&key]);
+    }
+
     /// The autoscaler's decision for `bc` (none without `spec.autoscaling`): the status to
     /// record (whose `desiredReplicas` the plan follows) and, when the count changes, a
     /// `Scaled` Event.
@@ -77,6 +95,10 @@ impl Core {
         now: Timestamp,
     ) -> Option<(AutoscalingStatus, Option<Event>)> {
         let a = bc.spec.autoscaling.as_ref()?;
+        if matches!(bc.spec.provider, fleetlb_crds::ProviderSpec::Static(_)) {
+            // Listed endpoints are not launched (the schema refuses the combination).
+            return None;
+        }
         let policy = Policy::of(a, autoscaling_bounds(bc, a));
         let current = u32::try_from(desired_replicas(bc)).unwrap_or(u32::MAX);
         let key = ClusterKey::of(bc).to_string();

@@ -272,7 +272,12 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             })
             .collect(),
         launches: recorded_launches(bc, &launch, now),
-        autoscaling: bc.status.as_ref().and_then(|s| s.autoscaling.clone()),
+        autoscaling: bc
+            .spec
+            .autoscaling
+            .as_ref()
+            .and(bc.status.as_ref())
+            .and_then(|s| s.autoscaling.clone()),
     };
     status.instances.sort_by(|a, b| a.id.cmp(&b.id));
 
