@@ -245,6 +245,29 @@ fn providers(s: &Scenario) -> Providers {
     }
 }
 
+/// Where a standalone driver publishes, and the receivers that keep the channels open.
+#[allow(clippy::type_complexity)]
+fn outputs() -> (
+    Outputs,
+    (
+        watch::Receiver<RouteTable>,
+        watch::Receiver<bytes::Bytes>,
+        watch::Receiver<bool>,
+    ),
+) {
+    let (routes, r1) = watch::channel(RouteTable::default());
+    let (status, r2) = watch::channel(bytes::Bytes::new());
+    let (ready, r3) = watch::channel(false);
+    (
+        Outputs {
+            routes,
+            status,
+            ready,
+        },
+        (r1, r2, r3),
+    )
+}
+
 /// The scenario through the standalone driver: one file per object, one pass.
 async fn standalone(s: &Scenario) -> BTreeMap<String, Seen> {
     let dir = tempfile::tempdir().unwrap();
@@ -267,14 +290,7 @@ async fn standalone(s: &Scenario) -> BTreeMap<String, Seen> {
         dataplane,
         metrics,
     );
-    let (routes, _routes) = watch::channel(RouteTable::default());
-    let (status, _status) = watch::channel(bytes::Bytes::new());
-    let (ready, _ready) = watch::channel(false);
-    let out = Outputs {
-        routes,
-        status,
-        ready,
-    };
+    let (out, _receivers) = outputs();
     driver.step(&out).await;
     let doc: Value = serde_json::from_slice(&out.status.borrow()).unwrap();
     doc["clusters"]
@@ -436,14 +452,7 @@ async fn standalone_never_lists_a_provider_no_object_uses() {
         Dataplane::new(ProxyConfig::default(), &registry).unwrap(),
         Metrics::new(&registry).unwrap(),
     );
-    let (routes, _routes) = watch::channel(RouteTable::default());
-    let (status, _status) = watch::channel(bytes::Bytes::new());
-    let (ready, _ready) = watch::channel(false);
-    let out = Outputs {
-        routes,
-        status,
-        ready,
-    };
+    let (out, _receivers) = outputs();
     for _ in 0..3 {
         driver.step(&out).await;
     }

@@ -113,6 +113,24 @@ pub enum Failure {
     Launch(#[from] execute::LaunchError),
 }
 
+/// Sets `Degraded=True` with the reason of a provider error.
+fn degraded_by(
+    status: &mut fleetlb_crds::BackendClusterStatus,
+    e: &Error,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        true,
+        e.reason().as_str(),
+        &e.to_string(),
+        generation,
+        now,
+    );
+}
+
 /// Per-object state kept between reconciles.
 #[derive(Default)]
 struct ObjectState {
@@ -258,15 +276,7 @@ impl Core {
             Err(e) => {
                 // Keep serving what the status lists; say why nothing else happens.
                 let mut status = bc.status.clone().unwrap_or_default();
-                set_condition(
-                    &mut status.conditions,
-                    "Degraded",
-                    true,
-                    e.reason().as_str(),
-                    &e.to_string(),
-                    bc.metadata.generation,
-                    now,
-                );
+                degraded_by(&mut status, &e, bc.metadata.generation, now);
                 if e.class == ErrorClass::NotConfigured {
                     set_condition(
                         &mut status.conditions,
@@ -433,15 +443,7 @@ impl Core {
             Deletion::Failed(e) => {
                 delete::mark_deleting(&mut deleting, &e.to_string(), now);
                 let status = deleting.status.get_or_insert_with(Default::default);
-                set_condition(
-                    &mut status.conditions,
-                    "Degraded",
-                    true,
-                    e.reason().as_str(),
-                    &e.to_string(),
-                    bc.metadata.generation,
-                    now,
-                );
+                degraded_by(status, e, bc.metadata.generation, now);
             }
         }
         if step != Deletion::Done
