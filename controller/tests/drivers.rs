@@ -136,6 +136,14 @@ struct Scenario {
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
+        // No load measured yet: the floor, max(minReplicas, replicas), recorded in status.
+        name: "an autoscaled object records its count",
+        objects: &[("auto", "/auto", "local-autoscaled")],
+        list_fails: None,
+        launch_fails: None,
+        expect: &[("auto", &[("Degraded", "False", "")], &["Launched"])],
+    },
+    Scenario {
         name: "a new object launches its instances",
         objects: &[("web", "/web", "local")],
         list_fails: None,
@@ -201,6 +209,8 @@ const SCENARIOS: &[Scenario] = &[
 struct Seen {
     conditions: Vec<(String, String, String)>,
     events: Vec<(String, String)>,
+    /// `status.autoscaling.desiredReplicas`, where the autoscaler's count is recorded.
+    autoscaled: Option<u64>,
 }
 
 fn conditions(status: &Value) -> Vec<(String, String, String)> {
@@ -218,11 +228,15 @@ fn conditions(status: &Value) -> Vec<(String, String, String)> {
 }
 
 fn manifest(name: &str, route: &str, provider: &str, age: usize) -> Value {
-    let provider = match provider {
-        "aws" => json!({"aws": {"imageId": "ami-0123456789abcdef0"}}),
-        _ => json!({"local": {}}),
+    let (provider, autoscaling) = match provider {
+        "aws" => (json!({"aws": {"imageId": "ami-0123456789abcdef0"}}), None),
+        "local-autoscaled" => (
+            json!({"local": {}}),
+            Some(json!({"minReplicas": 3, "maxReplicas": 6})),
+        ),
+        _ => (json!({"local": {}}), None),
     };
-    json!({
+    let mut m = json!({
         "apiVersion": "fleetlb.dev/v1alpha1",
         "kind": "BackendCluster",
         "metadata": {
@@ -231,7 +245,11 @@ fn manifest(name: &str, route: &str, provider: &str, age: usize) -> Value {
             "creationTimestamp": format!("2026-11-28T00:00:{:02}Z", age),
         },
         "spec": {"route": route, "replicas": 2, "instanceType": "t2.micro", "provider": provider},
-    })
+    });
+    if let Some(a) = autoscaling {
+        m["spec"]["autoscaling"] = a;
+    }
+    m
 }
 
 fn providers(s: &Scenario) -> Providers {
@@ -310,6 +328,7 @@ async fn standalone(s: &Scenario) -> BTreeMap<String, Seen> {
             let seen = Seen {
                 conditions: conditions(&c["status"]),
                 events,
+                autoscaled: c["status"]["autoscaling"]["desiredReplicas"].as_u64(),
             };
             (c["name"].as_str().unwrap().to_string(), seen)
         })
@@ -340,8 +359,9 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
                     .strip_suffix("/status")
                     .and_then(|u| u.rsplit('/').next())
                 {
-                    seen.entry(name.to_string()).or_default().conditions =
-                        conditions(&body["status"]);
+                    let entry = seen.entry(name.to_string()).or_default();
+                    entry.conditions = conditions(&body["status"]);
+                    entry.autoscaled = body["status"]["autoscaling"]["desiredReplicas"].as_u64();
                     // The object as stored, with the status just written.
                     answer = stored[name].clone();
                     answer["status"] = body["status"].clone();
@@ -390,12 +410,21 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
     };
     let ctx = Arc::new(Context::new(wiring, core, store, cfg));
     for o in objects {
-        let _ = tokio::time::timeout(
+        let autoscaled = o.spec.autoscaling.is_some();
+        let action = tokio::time::timeout(
             Duration::from_secs(30),
             kubernetes::reconcile(Arc::new(o), ctx.clone()),
         )
         .await
         .expect("a reconcile ends");
+        if autoscaled {
+            // The count may change with the load at any time: looked at again at the busy
+            // period, not the 30 s resync.
+            assert_eq!(
+                action.ok(),
+                Some(kube::runtime::controller::Action::requeue(ctx.cfg.busy))
+            );
+        }
     }
     drop(ctx);
     api.abort();
@@ -408,6 +437,10 @@ async fn both_drivers_show_the_same_conditions_and_events() {
         let files = standalone(s).await;
         let api = kubernetes(s).await;
         assert_eq!(files, api, "{}: standalone vs Kubernetes", s.name);
+        for (name, _, _) in s.objects {
+            let want = (*name == "auto").then_some(3);
+            assert_eq!(files[*name].autoscaled, want, "{}: {name}", s.name);
+        }
         for (name, conds, events) in s.expect {
             let got = &files[*name];
             for (t, status, reason) in *conds {
