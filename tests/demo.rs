@@ -634,6 +634,16 @@ fn an_autoscaled_cluster_grows_under_load_and_shrinks_back_without_failing_a_req
         last.contains(" -> 1: ") && last.ends_with("in flight per instance, target 2"),
         "{events}"
     );
+    // The README's metrics: the count and the signal, per cluster.
+    let metrics = get(f.admin, "/metrics").expect("/metrics answers").body;
+    assert!(
+        metrics.contains("fleetlb_autoscaler_desired_replicas{cluster=\"auto\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleetlb_autoscaler_inflight_per_instance{cluster=\"auto\"}"),
+        "{metrics}"
+    );
     let log = f.log_text();
     assert!(
         log.lines()

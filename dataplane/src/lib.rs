@@ -242,12 +242,13 @@ impl Dataplane {
         Ok(handles)
     }
 
-    /// Requests in flight per instance id: endpoints in the table, and endpoints that left it
-    /// while requests to them were still running (a retired instance draining). An id missing
-    /// here has none.
-    pub fn inflight(&self) -> HashMap<String, u32> {
+    /// Requests in flight per instance id of `cluster`: its endpoints in the table, and every
+    /// endpoint that left the table while requests to it were still running (a retired
+    /// instance draining). An id missing here has none.
+    pub fn inflight_of(&self, cluster: &str) -> HashMap<String, u32> {
         let mut out: HashMap<String, u32> = HashMap::new();
-        for c in &self.shared.table.load().clusters {
+        let table = self.shared.table.load();
+        for c in table.clusters.iter().filter(|c| c.name == cluster) {
             for e in &c.endpoints {
                 *out.entry(e.id.clone()).or_default() += e.state.inflight();
             }
@@ -263,8 +264,8 @@ impl Dataplane {
         out
     }
 
-    /// Each cluster's load as this proxy sees it (the autoscaler's signal, summed over the
-    /// proxies that serve the cluster): requests in flight now and answered so far.
+    /// Each cluster's load as this proxy sees it (the autoscaler's signal): requests in flight
+    /// now and answered so far.
     pub fn load(&self) -> Vec<ClusterLoad> {
         self.shared
             .table
@@ -273,11 +274,7 @@ impl Dataplane {
             .iter()
             .map(|c| ClusterLoad {
                 cluster: c.name.clone(),
-                inflight: c
-                    .endpoints
-                    .iter()
-                    .map(|e| u64::from(e.state.inflight()))
-                    .sum(),
+                inflight: u64::from(c.inflight()),
                 answered: c.metrics.answered(),
             })
             .collect()
@@ -290,54 +287,19 @@ impl Dataplane {
         table
             .clusters
             .iter()
-            .map(|c| {
-                let decay = c.balancing.decay.as_nanos() as f64;
-                let total: u64 = c.endpoints.iter().map(|e| e.metrics.selections.get()).sum();
-                let endpoints: Vec<EndpointSnapshot> = c
-                    .endpoints
-                    .iter()
-                    .map(|e| {
-                        let s = &e.state;
-                        let selections = e.metrics.selections.get();
-                        let ejection = s.ejection(now);
-                        EndpointSnapshot {
-                            id: e.id.clone(),
-                            address: e.addr.to_string(),
-                            state: if s.is_ejected(now) {
-                                EndpointState::Ejected
-                            } else if s.is_healthy() {
-                                EndpointState::Healthy
-                            } else {
-                                EndpointState::Unhealthy
-                            },
-                            healthy: s.is_healthy(),
-                            latency_ms: s.estimate_ns(now, decay) / 1e6,
-                            probe_ms: s.probe_rtt_ns().map(|n| n as f64 / 1e6),
-                            cost: balance::cost(c, e, now) / 1e6,
-                            ejected_reason: ejection.map(|(r, _)| r.as_str()),
-                            ejected_for_ms: ejection.map(|(_, until)| (until - now) / 1_000_000),
-                            ejections: s.ejections(),
-                            inflight: s.inflight(),
-                            idle_connections: e.pool.idle(),
-                            selections,
-                            share: if total == 0 {
-                                0.0
-                            } else {
-                                selections as f64 / total as f64
-                            },
-                        }
-                    })
-                    .collect();
-                ClusterSnapshot {
-                    cluster: c.name.clone(),
-                    prefix: c.prefix.clone(),
-                    policy: c.balancing.policy.as_str(),
-                    panic: !c.endpoints.is_empty()
-                        && endpoints.iter().all(|e| e.state != EndpointState::Healthy),
-                    endpoints,
-                }
-            })
+            .map(|c| cluster_snapshot(c, now))
             .collect()
+    }
+
+    /// [`Dataplane::snapshot`] of one cluster (a reconcile needs only its own).
+    pub fn cluster_snapshot(&self, cluster: &str) -> Option<ClusterSnapshot> {
+        let now = self.shared.clock.now();
+        let table = self.shared.table.load();
+        table
+            .clusters
+            .iter()
+            .find(|c| c.name == cluster)
+            .map(|c| cluster_snapshot(c, now))
     }
 
     /// Refreshes the per-endpoint gauges from the live table; called before each scrape.
@@ -413,6 +375,55 @@ impl EndpointState {
             EndpointState::Unhealthy => "unhealthy",
             EndpointState::Ejected => "ejected",
         }
+    }
+}
+
+/// What the balancer knows of `c` at `now`.
+fn cluster_snapshot(c: &table::Cluster, now: u64) -> ClusterSnapshot {
+    let decay = c.balancing.decay.as_nanos() as f64;
+    let total: u64 = c.endpoints.iter().map(|e| e.metrics.selections.get()).sum();
+    let endpoints: Vec<EndpointSnapshot> = c
+        .endpoints
+        .iter()
+        .map(|e| {
+            let s = &e.state;
+            let selections = e.metrics.selections.get();
+            let ejection = s.ejection(now);
+            EndpointSnapshot {
+                id: e.id.clone(),
+                address: e.addr.to_string(),
+                state: if s.is_ejected(now) {
+                    EndpointState::Ejected
+                } else if s.is_healthy() {
+                    EndpointState::Healthy
+                } else {
+                    EndpointState::Unhealthy
+                },
+                healthy: s.is_healthy(),
+                latency_ms: s.estimate_ns(now, decay) / 1e6,
+                probe_ms: s.probe_rtt_ns().map(|n| n as f64 / 1e6),
+                cost: balance::cost(c, e, now) / 1e6,
+                ejected_reason: ejection.map(|(r, _)| r.as_str()),
+                ejected_for_ms: ejection.map(|(_, until)| (until - now) / 1_000_000),
+                ejections: s.ejections(),
+                inflight: s.inflight(),
+                idle_connections: e.pool.idle(),
+                selections,
+                share: if total == 0 {
+                    0.0
+                } else {
+                    selections as f64 / total as f64
+                },
+            }
+        })
+        .collect();
+    ClusterSnapshot {
+        cluster: c.name.clone(),
+        prefix: c.prefix.clone(),
+        policy: c.balancing.policy.as_str(),
+        panic: !c.endpoints.is_empty()
+            && endpoints.iter().all(|e| e.state != EndpointState::Healthy),
+        endpoints,
     }
 }
 

@@ -34,7 +34,7 @@ use events::applied_events;
 pub use events::{Event, EventType, Sink};
 use execute::LaunchBackoff;
 use inventory::{Inventory, kinds_of};
-pub use observe::{count_states, forget_cluster, health_by_cluster};
+pub use observe::{count_states, forget_cluster, health_of};
 
 /// Settings of the core, the same meaning in both drivers (their defaults differ).
 #[derive(Clone, Debug)]
@@ -203,9 +203,11 @@ impl Core {
         execute::backoff(self.cfg.backoff, n)
     }
 
-    /// Requests in flight per instance, where this process is the only proxy.
-    fn inflight(&self) -> Option<HashMap<String, u32>> {
-        self.cfg.sole_proxy.then(|| self.dataplane.inflight())
+    /// Requests in flight per instance of `key`, where this process is the only proxy.
+    fn inflight(&self, key: &ClusterKey) -> Option<HashMap<String, u32>> {
+        self.cfg
+            .sole_proxy
+            .then(|| self.dataplane.inflight_of(&key.to_string()))
     }
 
     /// Why fleetlb will not act on `bc` (an invalid spec, a route another object holds), if so.
@@ -296,24 +298,23 @@ impl Core {
             }
         };
         // With `spec.autoscaling`, the plan follows the autoscaler's count.
-        let scaled = self.autoscale(bc, now);
+        let (scaled, scaled_event) = self.autoscale(bc, now).unzip();
+        let autoscaled = scaled.is_some();
         // The sink compares against the object as stored: it gets `stored`, not the copy with
         // the new decision (which would look already written).
         let stored = bc;
         let effective;
-        let bc = match &scaled {
-            Some((status, _)) => {
+        let bc = match scaled {
+            Some(status) => {
                 let mut b = bc.clone();
-                b.status.get_or_insert_with(Default::default).autoscaling = Some(status.clone());
+                b.status.get_or_insert_with(Default::default).autoscaling = Some(status);
                 effective = b;
                 &effective
             }
             None => bc,
         };
-        let health = health_by_cluster(&self.dataplane)
-            .remove(&key.to_string())
-            .unwrap_or_default();
-        let inflight = self.inflight();
+        let health = health_of(&self.dataplane, &key.to_string());
+        let inflight = self.inflight(&key);
         let mut state = self.objects().remove(&key).unwrap_or_default();
         let applied = execute::apply(
             bc,
@@ -343,7 +344,7 @@ impl Core {
         sink.write_status(stored, applied.status)
             .await
             .map_err(Failure::Status)?;
-        if let Some((_, Some(event))) = scaled.clone() {
+        if let Some(event) = scaled_event.flatten() {
             sink.event(bc, event).await;
         }
         for event in applied_events(bc, &applied.launched, &applied.retired, &applied.terminated) {
@@ -357,7 +358,7 @@ impl Core {
         self.clear_failures(&key);
         Ok(if applied.busy {
             Next::Busy
-        } else if scaled.is_some() {
+        } else if autoscaled {
             Next::Scaling
         } else {
             Next::Settled
@@ -404,7 +405,7 @@ impl Core {
                     &mut deleting,
                     &self.providers,
                     &mine,
-                    self.inflight().as_ref(),
+                    self.inflight(&key).as_ref(),
                     now,
                     DeleteSettings {
                         drain: self.cfg.drain,

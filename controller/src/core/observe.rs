@@ -6,26 +6,21 @@ use crate::metrics::Metrics;
 use crate::provider::{ClusterKey, Instance, InstanceState};
 use crate::reconcile::Health;
 
-/// What the prober knows, by cluster name and instance id (the [`Health`] each plan needs).
-pub fn health_by_cluster(
+/// What the prober knows of `cluster`'s endpoints, by instance id (the [`Health`] a plan needs).
+pub fn health_of(
     dataplane: &fleetlb_dataplane::Dataplane,
-) -> HashMap<String, HashMap<String, Health>> {
+    cluster: &str,
+) -> HashMap<String, Health> {
     dataplane
-        .snapshot()
+        .cluster_snapshot(cluster)
         .into_iter()
-        .map(|c| {
-            let by_id = c
-                .endpoints
-                .into_iter()
-                .map(|e| {
-                    let h = Health {
-                        healthy: e.healthy,
-                        latency_ms: e.probe_ms.map(|_| e.latency_ms),
-                    };
-                    (e.id, h)
-                })
-                .collect();
-            (c.cluster, by_id)
+        .flat_map(|c| c.endpoints)
+        .map(|e| {
+            let h = Health {
+                healthy: e.healthy,
+                latency_ms: e.probe_ms.map(|_| e.latency_ms),
+            };
+            (e.id, h)
         })
         .collect()
 }

@@ -50,9 +50,9 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
 
 /// Publishes the route table for `objects` to the data plane, when it changed.
 pub fn publish(routes: &tokio::sync::watch::Sender<RouteTable>, objects: &[Arc<BackendCluster>]) {
-    // Built outside the channel's lock: readers (the route updater, admin) never wait for it.
-    let current = routes.borrow().clone();
-    let next = build_routes(objects, &current);
+    // Built under the channel's read lock only (the route updater and admin read alongside),
+    // never inside `send_if_modified`'s write lock.
+    let next = build_routes(objects, &routes.borrow());
     routes.send_if_modified(|cur| {
         if cur.routes == next {
             false
