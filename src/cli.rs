@@ -62,6 +62,11 @@ pub enum Command {
         listen: ListenArgs,
         #[command(flatten)]
         lease: LeaseArgs,
+        /// The other replicas' admin ports, `host:port` (repeatable or comma-separated; a name
+        /// stands for every address it resolves to, e.g. the headless Service
+        /// `fleetlb-peers:9090`): the autoscaler sums their load with this replica's.
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<String>,
     },
     /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
     Crd,
@@ -148,6 +153,11 @@ pub struct BenchArgs {
     /// Run time per path, e.g. 30s.
     #[arg(long, value_parser = fleetlb_bench::parse_duration)]
     pub duration: Option<Duration>,
+    /// After --rate for --duration, go on at another rate, RATE:DURATION (repeatable, in
+    /// order), as one run: `--rate 10 --duration 20s --then 150:40s --then 10:90s` is a load
+    /// that rises and falls, and the fleet-over-time chart shows the instances following it.
+    #[arg(long, value_parser = fleetlb_bench::parse_step, requires_all = ["rate", "duration"])]
+    pub then: Vec<(f64, Duration)>,
     /// Open a new connection for every request.
     #[arg(long)]
     pub no_keepalive: bool,
@@ -203,6 +213,26 @@ pub struct LeaseArgs {
     /// Act without leader election. Only safe with a single replica.
     #[arg(long)]
     pub no_leader_election: bool,
+}
+
+/// `host:port` (a name, an IPv4 address or a bracketed IPv6 one) of a peer's admin port.
+fn parse_peer(s: &str) -> Result<String, String> {
+    let shape = "must be host:port, e.g. fleetlb-peers:9090";
+    let (host, port) = s.rsplit_once(':').ok_or(shape)?;
+    let host_ok = !host.is_empty()
+        && (host.parse::<std::net::Ipv4Addr>().is_ok()
+            || host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+            || host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(s.to_string()),
+        _ => Err(shape.into()),
+    }
 }
 
 pub fn parse_controller_id(s: &str) -> Result<String, String> {

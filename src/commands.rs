@@ -35,6 +35,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         concurrency: a.concurrency as usize,
         rate: a.rate,
         duration: a.duration,
+        then: a.then,
         keepalive: !a.no_keepalive,
         timeout: a.timeout,
         out: a.out.clone(),

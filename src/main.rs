@@ -88,9 +88,11 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
         Command::Standalone { config, listen } => {
             done(app::run_standalone(config, listen, false, shutdown_signal()).await)
         }
-        Command::Run { listen, lease } => {
-            done(app::run_kubernetes(listen, lease, shutdown_signal()).await)
-        }
+        Command::Run {
+            listen,
+            lease,
+            peers,
+        } => done(app::run_kubernetes(listen, lease, peers, shutdown_signal()).await),
     }
 }
 

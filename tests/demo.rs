@@ -341,6 +341,8 @@ fn bad_flags_exit_64_with_one_line() {
             &["bench", "--path", "/", "--max-error-rate", "2"],
             "between 0 and 1",
         ),
+        (&["run", "--peers", "fleetlb-peers"], "must be host:port"),
+        (&["run", "--peers", "a:9090,b:0"], "must be host:port"),
     ] {
         let err = usage_error(args);
         let flag = args[args.len() - 2];

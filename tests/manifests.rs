@@ -140,6 +140,49 @@ fn the_controller_runs_hardened() {
         "fleetlb {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The autoscaler's peers: a headless Service over these pods' admin port, named in --peers.
+    let peers = args
+        .iter()
+        .position(|a| a == "--peers")
+        .map(|i| args[i + 1].clone())
+        .expect("the replicas read each other's load (--peers)");
+    let (name, port) = peers.rsplit_once(':').unwrap();
+    let svc = objects
+        .iter()
+        .find(|v| v["kind"] == "Service" && v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("--peers {peers} names no Service"));
+    let svc: Service = serde_json::from_value(svc.clone()).unwrap();
+    let svc = svc.spec.unwrap();
+    assert_eq!(
+        svc.cluster_ip.as_deref(),
+        Some("None"),
+        "{name} must be headless: its name resolves to every replica"
+    );
+    let labels = spec.template.metadata.clone().unwrap().labels.unwrap();
+    assert!(
+        svc.selector
+            .unwrap()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    );
+    let p = svc.ports.unwrap();
+    let admin = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("admin"))
+        .unwrap();
+    assert!(
+        p.iter().any(|p| p.port.to_string() == port
+            && p.target_port
+                == Some(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                        "admin".into()
+                    )
+                )),
+        "{name}:{port} reaches the admin port {}",
+        admin.container_port
+    );
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(
         env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 
 use crate::load::PathRun;
-use crate::report::{PathSummary, file_stem};
+use crate::report::{PathSummary, file_stem, timeline};
 
 const FONT_CANDIDATES: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -71,6 +71,9 @@ pub fn draw(dir: &Path, runs: &[PathRun], summaries: &[PathSummary]) -> ChartRes
     for run in runs {
         let f = dir.join(format!("latency-over-time-{}.png", file_stem(&run.path)));
         over_time(&f, run)?;
+        written.push(f);
+        let f = dir.join(format!("fleet-over-time-{}.png", file_stem(&run.path)));
+        fleet_over_time(&f, run)?;
         written.push(f);
     }
     let f = dir.join("requests-per-instance.png");
@@ -200,6 +203,115 @@ fn over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
             let c = if *failed { COLORS[3] } else { COLORS[0] };
             Circle::new((*x, *y), 2, c.filled())
         }))
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Second by second: the load and the instances answering it (top), p50 and p99 (bottom). An
+/// autoscaled cluster shows its fleet following the load.
+fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
+    let root = BitMapBackend::new(file, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let seconds = timeline(run);
+    let (top, bottom) = root.split_vertically(370);
+    let max_x = seconds.len().max(1) as f64;
+    let max_rps = seconds.iter().map(|s| s.requests).max().unwrap_or(1).max(1) as f64;
+    let max_n = seconds
+        .iter()
+        .map(|s| s.instances)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            format!("Load and instances answering: {}", run.path),
+            ("sans-serif", 24),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x, 0f64..max_rps * 1.15)
+        .map_err(err)?
+        .set_secondary_coord(0f64..max_x, 0f64..max_n * 1.3 + 1.0);
+    chart
+        .configure_mesh()
+        .y_desc("requests/s")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(err)?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("instances answering")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(err)?;
+    let load = COLORS[1];
+    chart
+        .draw_series(LineSeries::new(
+            seconds.iter().map(|s| (s.second as f64, s.requests as f64)),
+            load.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("requests/s")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], load.stroke_width(2)));
+    let fleet = COLORS[2];
+    chart
+        .draw_secondary_series(LineSeries::new(
+            seconds
+                .iter()
+                .map(|s| (s.second as f64, s.instances as f64)),
+            fleet.stroke_width(3),
+        ))
+        .map_err(err)?
+        .label("instances answering")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], fleet.stroke_width(3)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(err)?;
+
+    let max_ms = seconds.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&bottom)
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x, 0f64..max_ms * 1.15)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc("latency (ms)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(err)?;
+    for (i, (name, q)) in [("p99", 1usize), ("p50", 0)].into_iter().enumerate() {
+        let color = COLORS[if i == 0 { 3 } else { 0 }];
+        let pts: Vec<(f64, f64)> = seconds
+            .iter()
+            .filter(|s| s.requests > s.errors)
+            .map(|s| (s.second as f64, if q == 1 { s.p99_ms } else { s.p50_ms }))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
         .map_err(err)?;
     root.present().map_err(err)
 }

@@ -29,6 +29,9 @@ pub struct BenchConfig {
     pub rate: Option<f64>,
     /// Run time per path (closed loop: instead of `requests`).
     pub duration: Option<Duration>,
+    /// Open loop: further steps after `rate` for `duration`, each (requests per second, run
+    /// time), run back to back on the same path and reported as one run (a load that changes).
+    pub then: Vec<(f64, Duration)>,
     /// Reuse connections (default) or open one per request.
     pub keepalive: bool,
     /// Per-request timeout, connection included.
@@ -72,7 +75,7 @@ pub async fn run(cfg: &BenchConfig) -> std::io::Result<Summary> {
         if bar.is_none() {
             eprintln!("fleetlb bench: {path}: running");
         }
-        let run = load::run_path(cfg, path, bar.as_ref()).await;
+        let run = run_steps(cfg, path, bar.as_ref()).await;
         if let Some(b) = bar {
             b.finish();
         } else {
@@ -94,6 +97,53 @@ pub async fn run(cfg: &BenchConfig) -> std::io::Result<Summary> {
         }
     }
     Ok(summary)
+}
+
+/// One path under `rate` for `duration`, then each of `then` in turn, as one run: records of a
+/// later step keep their place in time and in sequence after the earlier ones.
+async fn run_steps(
+    cfg: &BenchConfig,
+    path: &str,
+    bar: Option<&indicatif::ProgressBar>,
+) -> load::PathRun {
+    let start = tokio::time::Instant::now();
+    let mut run = load::run_path(cfg, path, bar).await;
+    let mut nominal = cfg.duration.unwrap_or_default();
+    for &(rate, duration) in &cfg.then {
+        // A step starts when the one before was due to end (or, if its last answers came
+        // later, right after them).
+        tokio::time::sleep_until(start + nominal).await;
+        nominal += duration;
+        let step = BenchConfig {
+            rate: Some(rate),
+            duration: Some(duration),
+            then: Vec::new(),
+            ..cfg.clone()
+        };
+        let offset = start.elapsed();
+        let next = load::run_path(&step, path, bar).await;
+        let (offset_us, seqs) = (offset.as_micros() as u64, run.records.len() as u64);
+        run.records.extend(next.records.into_iter().map(|mut r| {
+            r.start_us += offset_us;
+            r.seq += seqs;
+            r
+        }));
+        run.wall = offset + next.wall;
+    }
+    run
+}
+
+/// Parses `RATE:DURATION` (`150:40s`), a step of `--then`.
+pub fn parse_step(s: &str) -> Result<(f64, Duration), String> {
+    let (rate, duration) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} must be RATE:DURATION, e.g. 150:40s"))?;
+    let rate: f64 = rate
+        .parse()
+        .ok()
+        .filter(|r: &f64| (0.001..=10_000_000.0).contains(r))
+        .ok_or_else(|| format!("{s:?}: the rate must be between 0.001 and 10000000"))?;
+    Ok((rate, parse_duration(duration)?))
 }
 
 /// Parses `500ms`, `30s`, `2m`, or plain seconds.

@@ -294,9 +294,84 @@ pub fn write(dir: &Path, runs: &[PathRun], summary: &Summary) -> std::io::Result
             );
         }
         std::fs::write(dir.join(format!("{}.csv", file_stem(&run.path))), csv)?;
+        let mut csv = String::from("second,requests,errors,instances,p50_ms,p99_ms\n");
+        for s in timeline(run) {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{:.3},{:.3}",
+                s.second, s.requests, s.errors, s.instances, s.p50_ms, s.p99_ms
+            );
+        }
+        std::fs::write(
+            dir.join(format!("timeline-{}.csv", file_stem(&run.path))),
+            csv,
+        )?;
     }
     let json = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
     std::fs::write(dir.join("summary.json"), json)
+}
+
+/// One second of a run, by scheduled send time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Second {
+    /// Seconds since the start.
+    pub second: u64,
+    /// Requests sent in it.
+    pub requests: u64,
+    /// Of which failed (transport errors, statuses other than 2xx/3xx, as in the summary).
+    pub errors: u64,
+    /// Distinct instances that answered them: the fleet serving at that time.
+    pub instances: usize,
+    /// Median latency of the answered ones, ms (0 when none).
+    pub p50_ms: f64,
+    /// 99th percentile, ms (0 when none).
+    pub p99_ms: f64,
+}
+
+/// The run second by second: load, failures, instances answering, p50 and p99 (the fleet
+/// following the load, `timeline-<path>.csv` and its chart).
+pub fn timeline(run: &PathRun) -> Vec<Second> {
+    let last = run.records.iter().map(|r| r.start_us / 1_000_000).max();
+    let Some(last) = last else {
+        return Vec::new();
+    };
+    let mut buckets: Vec<(u64, Vec<u64>, std::collections::HashSet<&str>)> =
+        vec![(0, Vec::new(), Default::default()); last as usize + 1];
+    for r in &run.records {
+        let b = &mut buckets[(r.start_us / 1_000_000) as usize];
+        match r.outcome {
+            Ok(status) if status < 400 => {
+                b.1.push(r.latency_us);
+                if let Some(i) = r.instance.as_deref() {
+                    b.2.insert(i);
+                }
+            }
+            _ => b.0 += 1,
+        }
+    }
+    let quantile = |sorted: &[u64], q: f64| {
+        if sorted.is_empty() {
+            0.0
+        } else {
+            let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[i] as f64 / 1000.0
+        }
+    };
+    buckets
+        .into_iter()
+        .enumerate()
+        .map(|(second, (errors, mut lat, instances))| {
+            lat.sort_unstable();
+            Second {
+                second: second as u64,
+                requests: errors + lat.len() as u64,
+                errors,
+                instances: instances.len(),
+                p50_ms: quantile(&lat, 0.5),
+                p99_ms: quantile(&lat, 0.99),
+            }
+        })
+        .collect()
 }
 
 /// `/cluster1` -> `cluster1`, `/` -> `root`, other characters -> `_`.

@@ -21,6 +21,7 @@ fn config(target: String) -> BenchConfig {
         concurrency: 10,
         rate: None,
         duration: None,
+        then: Vec::new(),
         keepalive: true,
         timeout: Duration::from_secs(5),
         out: None,
@@ -217,6 +218,7 @@ async fn out_dir_gets_one_csv_row_per_request_json_and_charts() {
         "latency-distribution.png",
         "latency-over-time-cluster1.png",
         "latency-over-time-cluster2.png",
+        "fleet-over-time-cluster1.png",
         "requests-per-instance.png",
     ] {
         let bytes = std::fs::read(dir.path().join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
@@ -225,6 +227,48 @@ async fn out_dir_gets_one_csv_row_per_request_json_and_charts() {
             "{png} is not a PNG"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_run_back_to_back_as_one_run_and_the_timeline_follows_them() {
+    let target = server(Duration::from_millis(1), None, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BenchConfig {
+        rate: Some(40.0),
+        duration: Some(Duration::from_secs(1)),
+        then: vec![
+            (200.0, Duration::from_secs(1)),
+            (40.0, Duration::from_secs(1)),
+        ],
+        requests: None,
+        concurrency: 8,
+        out: Some(dir.path().to_path_buf()),
+        ..config(target)
+    };
+    let summary = run(&cfg).await.unwrap();
+    assert_eq!(summary.paths[0].count, 40 + 200 + 40);
+    assert_eq!(summary.paths[0].failed, 0);
+    let csv = std::fs::read_to_string(dir.path().join("timeline-x.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("second,requests,errors,instances,p50_ms,p99_ms")
+    );
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    // Every request in exactly one second, none failed; the first second is the first step
+    // (the second starts after its last answer); the busiest second is the 200/s step.
+    assert_eq!(rows.iter().map(|r| r[1]).sum::<f64>(), 280.0);
+    assert_eq!(rows.iter().map(|r| r[2]).sum::<f64>(), 0.0);
+    assert_eq!(rows[0][1], 40.0);
+    assert!(
+        rows.iter().map(|r| r[1]).fold(0.0, f64::max) >= 100.0,
+        "{csv}"
+    );
+    // The server's two instances answered in the first second.
+    assert_eq!(rows[0][3], 2.0, "{csv}");
+    assert!(rows.iter().all(|r| r[5] >= r[4]), "p99 >= p50: {csv}");
 }
 
 /// An instant HTTP server that notes when each request arrived.

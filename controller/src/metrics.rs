@@ -25,6 +25,10 @@ pub struct Metrics {
     pub autoscaler_desired: IntGaugeVec,
     /// The autoscaler's signal: requests in flight per instance over its stable window.
     pub autoscaler_inflight: GaugeVec,
+    /// Proxies whose load the autoscaler's last reading summed, this one included.
+    pub autoscaler_proxies: IntGauge,
+    /// Readings of a peer's `/debug/load` that failed.
+    pub autoscaler_peer_failures: IntCounter,
 }
 
 impl Metrics {
@@ -83,9 +87,19 @@ impl Metrics {
                 ),
                 &["cluster"],
             )?,
+            autoscaler_proxies: IntGauge::new(
+                "fleetlb_autoscaler_proxies",
+                "Proxies whose load the autoscaler's last reading summed, this one included (a peer that missed a reading counts with its last one for 3 s).",
+            )?,
+            autoscaler_peer_failures: IntCounter::new(
+                "fleetlb_autoscaler_peer_failures_total",
+                "Readings of a peer proxy's /debug/load that failed (refused, timed out, malformed).",
+            )?,
         };
         registry.register(Box::new(m.autoscaler_desired.clone()))?;
         registry.register(Box::new(m.autoscaler_inflight.clone()))?;
+        registry.register(Box::new(m.autoscaler_proxies.clone()))?;
+        registry.register(Box::new(m.autoscaler_peer_failures.clone()))?;
         registry.register(Box::new(m.reconcile.clone()))?;
         registry.register(Box::new(m.reconcile_duration.clone()))?;
         registry.register(Box::new(m.ec2_requests.clone()))?;
@@ -97,9 +111,11 @@ impl Metrics {
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn Collector; 8] = [
+        let collectors: [&dyn Collector; 10] = [
             &self.autoscaler_desired,
             &self.autoscaler_inflight,
+            &self.autoscaler_proxies,
+            &self.autoscaler_peer_failures,
             &self.reconcile,
             &self.reconcile_duration,
             &self.ec2_requests,

@@ -177,7 +177,7 @@ impl Standalone {
         loop {
             if Instant::now() >= next_sample {
                 // The autoscalers' readings, about once a second.
-                self.core.sample();
+                self.core.sample().await;
                 next_sample = Instant::now() + Duration::from_secs(1);
             }
             let changed = self.load();

@@ -4,117 +4,25 @@
 //! that accepts every write and records it).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use fleetlb_controller::Providers;
 use fleetlb_controller::core::Core;
-use fleetlb_controller::error::{ErrorClass, Operation};
+use fleetlb_controller::error::ErrorClass;
 use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Wiring};
 use fleetlb_controller::metrics::Metrics;
-use fleetlb_controller::provider::{
-    Instance, InstanceState, Launch, LaunchRequest, Provider, ProviderKind,
-};
 use fleetlb_controller::standalone::{Outputs, Standalone, StandaloneConfig};
 use fleetlb_crds::BackendCluster;
 use fleetlb_dataplane::{Dataplane, ProxyConfig, RouteTable};
-use futures::future::BoxFuture;
-use http::{Request, Response};
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::events::Reporter;
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tower_test::mock;
 
-/// A provider (`local` kind unless `aws`) that launches instantly, or fails as told, and
-/// counts its listings.
-#[derive(Default)]
-struct Fake {
-    aws: bool,
-    lists: std::sync::atomic::AtomicUsize,
-    list_fails: Option<ErrorClass>,
-    launch_fails: Option<ErrorClass>,
-    instances: Mutex<Vec<Instance>>,
-    next: AtomicU16,
-}
-
-impl Provider for Fake {
-    fn kind(&self) -> ProviderKind {
-        if self.aws {
-            ProviderKind::Aws
-        } else {
-            ProviderKind::Local
-        }
-    }
-
-    fn list<'a>(
-        &'a self,
-        _clusters: &'a [Arc<BackendCluster>],
-    ) -> BoxFuture<'a, Result<Vec<Instance>, fleetlb_controller::Error>> {
-        self.lists.fetch_add(1, Ordering::Relaxed);
-        let r = match self.list_fails {
-            Some(class) => Err(fleetlb_controller::Error::new(
-                ProviderKind::Local,
-                Operation::List,
-                class,
-                "RequestLimitExceeded: Request limit exceeded.",
-            )),
-            None => Ok(self.instances.lock().unwrap().clone()),
-        };
-        Box::pin(async move { r })
-    }
-
-    fn launch<'a>(
-        &'a self,
-        req: &'a LaunchRequest,
-    ) -> BoxFuture<'a, Result<Launch, fleetlb_controller::Error>> {
-        let r = match self.launch_fails {
-            Some(class) => Err(fleetlb_controller::Error::new(
-                ProviderKind::Local,
-                Operation::Launch,
-                class,
-                "InsufficientInstanceCapacity: none left",
-            )),
-            None => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let i = Instance {
-                    id: format!("i-{n:04}"),
-                    owner: req.owner.clone(),
-                    owner_uid: req.owner_uid.clone(),
-                    slot: req.slot,
-                    attempt: req.attempt,
-                    address: Some(SocketAddr::from(([127, 0, 0, 1], 1000 + n))),
-                    state: InstanceState::Running,
-                    instance_type: req.instance_type.clone(),
-                    spec_hash: req.spec_hash.clone(),
-                    launched_at: SystemTime::now(),
-                    launched_as: None,
-                    client_token: Some(req.token()),
-                    provider: ProviderKind::Local,
-                };
-                self.instances.lock().unwrap().push(i.clone());
-                Ok(Launch::Made(Box::new(i)))
-            }
-        };
-        Box::pin(async move { r })
-    }
-
-    fn terminate<'a>(
-        &'a self,
-        ids: &'a [String],
-    ) -> BoxFuture<'a, Result<(), fleetlb_controller::Error>> {
-        for i in self.instances.lock().unwrap().iter_mut() {
-            if ids.contains(&i.id) {
-                i.state = InstanceState::Terminated;
-            }
-        }
-        Box::pin(async { Ok(()) })
-    }
-}
+mod support;
+use support::fake::{self, Fake};
 
 /// What a user must see of one object: its name, (condition type, status, reason) that must
 /// be present (an empty reason: any), and its Event reasons in order.
@@ -338,49 +246,13 @@ async fn standalone(s: &Scenario) -> BTreeMap<String, Seen> {
 /// The scenario through the Kubernetes driver: every object in the store, one reconcile each,
 /// against an API server that accepts every status write and Event.
 async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let seen: Arc<Mutex<BTreeMap<String, Seen>>> = Arc::default();
     let stored: BTreeMap<String, Value> = s
         .objects
         .iter()
         .enumerate()
         .map(|(i, (name, route, provider))| (name.to_string(), manifest(name, route, provider, i)))
         .collect();
-    let api = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            while let Some((req, reply)) = handle.next_request().await {
-                let uri = req.uri().path().to_string();
-                let bytes = req.into_body().collect_bytes().await.unwrap();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let mut seen = seen.lock().unwrap();
-                let mut answer = body.clone();
-                if let Some(name) = uri
-                    .strip_suffix("/status")
-                    .and_then(|u| u.rsplit('/').next())
-                {
-                    let entry = seen.entry(name.to_string()).or_default();
-                    entry.conditions = conditions(&body["status"]);
-                    entry.autoscaled = body["status"]["autoscaling"]["desiredReplicas"].as_u64();
-                    // The object as stored, with the status just written.
-                    answer = stored[name].clone();
-                    answer["status"] = body["status"].clone();
-                } else if uri.contains("/events") {
-                    let name = body["regarding"]["name"].as_str().unwrap_or("").to_string();
-                    let s = |k: &str| body[k].as_str().unwrap_or("").to_string();
-                    seen.entry(name)
-                        .or_default()
-                        .events
-                        .push((s("type"), s("reason")));
-                }
-                reply.send_response(
-                    Response::builder()
-                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                        .unwrap(),
-                );
-            }
-        })
-    };
+    let (client, recorded, api) = fake::api_server(stored);
     let registry = prometheus::Registry::new();
     let dataplane = Dataplane::new(ProxyConfig::default(), &registry).unwrap();
     let metrics = Metrics::new(&registry).unwrap();
@@ -399,7 +271,7 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
         writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
     }
     let wiring = Wiring {
-        client: Client::new(service, "default"),
+        client,
         reporter: Reporter {
             controller: "fleetlb".into(),
             instance: Some("replica-a".into()),
@@ -418,7 +290,25 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
     for o in &objects {
         reconcile(o).await.expect("a reconcile ends").ok();
     }
-    let first = std::mem::take(&mut *seen.lock().unwrap());
+    let first: BTreeMap<String, Seen> = {
+        let r = std::mem::take(&mut *recorded.lock().unwrap());
+        let names: std::collections::BTreeSet<&String> =
+            r.statuses.keys().chain(r.events.keys()).collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let status = r.statuses.get(name).cloned().unwrap_or(Value::Null);
+                let events = r.events.get(name).into_iter().flatten();
+                let s = |e: &Value, k: &str| e[k].as_str().unwrap_or("").to_string();
+                let seen = Seen {
+                    conditions: conditions(&status),
+                    events: events.map(|e| (s(e, "type"), s(e, "reason"))).collect(),
+                    autoscaled: status["autoscaling"]["desiredReplicas"].as_u64(),
+                };
+                (name.clone(), seen)
+            })
+            .collect()
+    };
     for o in objects.iter().filter(|o| o.spec.autoscaling.is_some()) {
         // Its instances launched (the fake runs them at once) and nothing is in motion, yet
         // the count may change with the load at any time: looked at again at the busy period,

@@ -106,14 +106,18 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
             Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
         },
         "/debug/load" => {
-            match serde_json::to_vec(&serde_json::json!({ "clusters": state.dataplane.load() })) {
+            let load = crate::ProxyLoad {
+                proxy: state.dataplane.id().to_string(),
+                clusters: state.dataplane.load(),
+            };
+            match serde_json::to_vec(&load) {
                 Ok(v) => with_type(v.into(), "application/json"),
                 Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
             }
         }
         _ => plain(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics /healthz /readyz /status /debug/endpoints\n",
+            "not found; try /metrics /healthz /readyz /status /debug/endpoints /debug/load\n",
         ),
     }
 }

@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     /// those requests end (the route updater's 1 s sweep drops them) so the controller can see
     /// when an instance has drained. Never touched on the request path.
     pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
+    /// This proxy's id for the life of the process (see [`Dataplane::id`]).
+    pub id: String,
 }
 
 /// Which address reuse a listener allows.
@@ -176,6 +178,7 @@ impl Dataplane {
                 connection_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
                 config,
                 departed: std::sync::Mutex::default(),
+                id: format!("{:016x}", fastrand::u64(..)),
             }),
         })
     }
@@ -264,6 +267,13 @@ impl Dataplane {
         out
     }
 
+    /// A random id, new with each process: a proxy that sums its peers' loads (`/debug/load`)
+    /// knows itself among them and never counts a reading twice, and a restarted peer's counters
+    /// are a new series rather than a counter gone backwards.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
     /// Each cluster's load as this proxy sees it (the autoscaler's signal): requests in flight
     /// now and answered so far.
     pub fn load(&self) -> Vec<ClusterLoad> {
@@ -335,6 +345,15 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// One proxy's load (`/debug/load`): its id and each cluster's reading.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ProxyLoad {
+    /// [`Dataplane::id`].
+    pub proxy: String,
+    /// Per cluster.
+    pub clusters: Vec<ClusterLoad>,
 }
 
 /// One cluster's load on one proxy (`/debug/load`).

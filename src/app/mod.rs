@@ -81,6 +81,7 @@ pub async fn run_standalone(
 pub async fn run_kubernetes(
     listen: ListenArgs,
     lease: LeaseArgs,
+    peers: Vec<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     // Two clients: the watch client waits as long as a watch lasts; every other call (status
@@ -163,6 +164,7 @@ pub async fn run_kubernetes(
     // Every launch, termination and release re-checks leadership right before the call.
     let mut cfg = KubeConfig::default();
     cfg.core.sole_proxy = no_leader_election;
+    cfg.core.peers = peers;
     let core = Core::new(
         s.providers.clone().leader_only(leader_rx.clone()),
         s.dataplane.clone(),

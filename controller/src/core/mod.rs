@@ -10,6 +10,7 @@ mod events;
 pub mod execute;
 pub mod inventory;
 mod observe;
+mod peers;
 pub mod routes;
 mod scale;
 pub mod sweep;
@@ -59,6 +60,10 @@ pub struct Settings {
     /// terminated as soon as its last request ends. Otherwise a retired instance gets its whole
     /// deregistration delay.
     pub sole_proxy: bool,
+    /// Where the other proxy replicas' admin ports are (`host:port`; a name may stand for
+    /// several addresses, as a headless Service does): the autoscaler sums their load with
+    /// this proxy's. Empty: this proxy's load only.
+    pub peers: Vec<String>,
 }
 
 impl Settings {
@@ -83,6 +88,7 @@ impl Settings {
             inventory_max_age: Duration::from_secs(1),
             list_deadline: Duration::from_secs(90),
             sole_proxy: false,
+            peers: Vec::new(),
         }
     }
 }
@@ -156,6 +162,7 @@ pub struct Core {
     inventory: Inventory,
     objects: Mutex<HashMap<ClusterKey, ObjectState>>,
     loads: Mutex<scale::Loads>,
+    peers: peers::Peers,
 }
 
 impl Core {
@@ -168,6 +175,7 @@ impl Core {
     ) -> Self {
         Self {
             inventory: Inventory::new(cfg.inventory_max_age, cfg.list_deadline),
+            peers: peers::Peers::new(cfg.peers.clone()),
             providers,
             dataplane,
             metrics,

@@ -1,8 +1,8 @@
-//! Autoscaling in the core: the data plane's load sampled about once a second into one
+//! Autoscaling in the core: the load of every proxy sampled about once a second into one
 //! [`Autoscaler`] per cluster, and each reconcile of an object with `spec.autoscaling` asking
-//! it for the count (the plan then launches or retires toward it). The load is this process's
-//! proxy's: standalone that is all of it; in Kubernetes with several proxy replicas it is this
-//! replica's share (summing the peers' `/debug/load` is still to do, #16).
+//! it for the count (the plan then launches or retires toward it). Standalone the one proxy
+//! sees all of it; in Kubernetes each replica adds its peers' `/debug/load` (see
+//! [`super::peers`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
+use super::peers::{self, Source};
 use super::{Core, Event};
 use crate::autoscale::{Autoscaler, Policy, Sample};
 use crate::provider::ClusterKey;
@@ -20,18 +21,11 @@ use crate::reconcile::{autoscaling_bounds, desired_replicas};
 /// Readings kept per cluster: the longest stable window `spec.autoscaling` allows.
 const KEEP: Duration = Duration::from_secs(3600);
 
-/// One cluster's readings.
-#[derive(Default)]
-pub(super) struct ClusterLoad {
-    scaler: Autoscaler,
-    /// The previous reading of the answered counter, and when.
-    last: Option<(Duration, u64)>,
-}
-
-/// Every cluster's readings, on the core's own clock.
+/// Every cluster's autoscaler and every proxy's last reading, on the core's own clock.
 pub(super) struct Loads {
     origin: Instant,
-    clusters: HashMap<String, ClusterLoad>,
+    clusters: HashMap<String, Autoscaler>,
+    sources: HashMap<String, Source>,
 }
 
 impl Default for Loads {
@@ -39,30 +33,35 @@ impl Default for Loads {
         Self {
             origin: Instant::now(),
             clusters: HashMap::new(),
+            sources: HashMap::new(),
         }
     }
 }
 
 impl Core {
-    /// Reads each cluster's load from the data plane (requests in flight, the rate answered
-    /// since the previous reading) into its autoscaler. Drivers call this about once a second.
-    pub fn sample(&self) {
-        let load = self.dataplane.load();
+    /// Reads each cluster's load (requests in flight, the rate answered since the previous
+    /// reading) from this process's proxy and from its peers, and records the sum in the
+    /// cluster's autoscaler. Drivers call this about once a second; it takes at most about a
+    /// second when a peer does not answer.
+    pub async fn sample(&self) {
+        let own = fleetlb_dataplane::ProxyLoad {
+            proxy: self.dataplane.id().to_string(),
+            clusters: self.dataplane.load(),
+        };
+        let (mut readings, failed) = self.peers.read(&own.proxy).await;
+        readings.push(own);
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
         let now = loads.origin.elapsed();
-        for l in load {
-            let c = loads.clusters.entry(l.cluster).or_default();
-            let rps = match c.last {
-                Some((at, answered)) if now > at => {
-                    l.answered.saturating_sub(answered) as f64 / (now - at).as_secs_f64()
-                }
-                _ => 0.0,
-            };
-            c.last = Some((now, l.answered));
-            c.scaler.record(
+        let sums = peers::sum(&mut loads.sources, readings, now);
+        self.metrics
+            .autoscaler_proxies
+            .set(loads.sources.len() as i64);
+        self.metrics.autoscaler_peer_failures.inc_by(failed as u64);
+        for (cluster, (inflight, rps)) in sums {
+            loads.clusters.entry(cluster).or_default().record(
                 Sample {
                     at: now,
-                    inflight: l.inflight as f64,
+                    inflight,
                     rps,
                 },
                 KEEP,
@@ -109,7 +108,6 @@ impl Core {
                 .clusters
                 .entry(key.clone())
                 .or_default()
-                .scaler
                 .decide(at, current, &policy)
         };
         let round = |x: f64| (x * 100.0).round() / 100.0;

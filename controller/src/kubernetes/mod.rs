@@ -315,13 +315,26 @@ pub async fn run(
             let mut last_sweep = Instant::now();
             loop {
                 tick.tick().await;
-                ctx.core.sample();
                 ctx.publish_routes();
                 ctx.publish_status();
                 if last_sweep.elapsed() >= ctx.cfg.resync {
                     last_sweep = Instant::now();
                     sweep_orphans(&ctx).await;
                 }
+            }
+        })
+    };
+    // The autoscalers' readings (this proxy's and its peers' load), about once a second, on
+    // every replica: a replica that becomes leader decides from a warm window. A peer that does
+    // not answer delays only this loop, never route publishing.
+    let sampler = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                ctx.core.sample().await;
             }
         })
     };
@@ -333,5 +346,6 @@ pub async fn run(
         .for_each(|_| std::future::ready(()))
         .await;
     background.abort();
+    sampler.abort();
     Ok(())
 }

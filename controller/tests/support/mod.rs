@@ -2,6 +2,8 @@
 //! and an SDK configuration pointing at it.
 #![allow(dead_code)]
 
+pub mod fake;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -503,4 +505,26 @@ pub async fn live(
         .iter()
         .flat_map(|r| r.instances().to_vec())
         .collect()
+}
+
+/// Polls `f` until it holds, failing after 20 s.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of an unlabelled gauge or counter in `registry`, or the first series of a labelled
+/// one (0 when absent; a series is one or the other, the other reads 0).
+pub fn metric(registry: &prometheus::Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == name)
+        .and_then(|f| f.get_metric().first().cloned())
+        .map_or(0.0, |m| {
+            m.get_counter().get_value() + m.get_gauge().get_value()
+        })
 }
