@@ -158,12 +158,16 @@ fn the_controller_runs_hardened() {
         Some("None"),
         "{name} must be headless: its name resolves to every replica"
     );
+    // Only fleetlb's proxies are peers: the selector names more than the name label any pod
+    // of the app may carry.
     let labels = spec.template.metadata.clone().unwrap().labels.unwrap();
-    assert!(
-        svc.selector
-            .unwrap()
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+    let selector = svc.selector.unwrap();
+    assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    assert_eq!(
+        selector
+            .get("app.kubernetes.io/component")
+            .map(String::as_str),
+        Some("proxy")
     );
     let p = svc.ports.unwrap();
     let admin = c
@@ -172,16 +176,21 @@ fn the_controller_runs_hardened() {
         .flatten()
         .find(|p| p.name.as_deref() == Some("admin"))
         .unwrap();
+    // A headless Service's name resolves to pod addresses: the port in --peers is the
+    // container's own (targetPort is not applied).
+    assert_eq!(
+        admin.container_port.to_string(),
+        port,
+        "--peers {peers} must name the admin container port"
+    );
     assert!(
-        p.iter().any(|p| p.port.to_string() == port
-            && p.target_port
-                == Some(
-                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
-                        "admin".into()
-                    )
-                )),
-        "{name}:{port} reaches the admin port {}",
-        admin.container_port
+        p.iter().any(|p| p.port.to_string() == port),
+        "{name}:{port}"
+    );
+    assert_eq!(
+        svc.publish_not_ready_addresses,
+        Some(true),
+        "a draining replica still carries requests: its load counts"
     );
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(

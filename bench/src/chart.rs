@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 
 use crate::load::PathRun;
-use crate::report::{PathSummary, file_stem, timeline};
+use crate::report::{INSTANCE_WINDOW, PathSummary, file_stem, timeline};
 
 const FONT_CANDIDATES: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -207,8 +207,8 @@ fn over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
     root.present().map_err(err)
 }
 
-/// Second by second: the load and the instances answering it (top), p50 and p99 (bottom). An
-/// autoscaled cluster shows its fleet following the load.
+/// Second by second: the load and the instances answering it (top), p50 and p99 with failures
+/// at the time they took (bottom). An autoscaled cluster shows its fleet following the load.
 fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
     let root = BitMapBackend::new(file, (1000, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -242,7 +242,7 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
         .map_err(err)?;
     chart
         .configure_secondary_axes()
-        .y_desc("instances answering")
+        .y_desc("instances")
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(err)?;
@@ -264,7 +264,7 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
             fleet.stroke_width(3),
         ))
         .map_err(err)?
-        .label("instances answering")
+        .label(format!("instances answering (last {INSTANCE_WINDOW} s)"))
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], fleet.stroke_width(3)));
     chart
         .configure_series_labels()
@@ -294,7 +294,7 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
         let color = COLORS[if i == 0 { 3 } else { 0 }];
         let pts: Vec<(f64, f64)> = seconds
             .iter()
-            .filter(|s| s.requests > s.errors)
+            .filter(|s| s.requests > 0)
             .map(|s| (s.second as f64, if q == 1 { s.p99_ms } else { s.p50_ms }))
             .collect();
         chart

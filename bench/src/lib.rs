@@ -99,36 +99,47 @@ pub async fn run(cfg: &BenchConfig) -> std::io::Result<Summary> {
     Ok(summary)
 }
 
-/// One path under `rate` for `duration`, then each of `then` in turn, as one run: records of a
-/// later step keep their place in time and in sequence after the earlier ones.
+/// One path under `rate` for `duration`, then each of `then` in turn, as one run. Each step
+/// starts when the one before is due to end, whether or not its last answers are in (an open
+/// loop keeps offering load); records keep their place in time and in sequence.
 async fn run_steps(
     cfg: &BenchConfig,
     path: &str,
     bar: Option<&indicatif::ProgressBar>,
 ) -> load::PathRun {
     let start = tokio::time::Instant::now();
-    let mut run = load::run_path(cfg, path, bar).await;
+    // Later steps wait for their time on tasks of their own; the first runs here, with the
+    // progress bar (the steps overlap at the boundaries).
+    let mut later = Vec::new();
     let mut nominal = cfg.duration.unwrap_or_default();
     for &(rate, duration) in &cfg.then {
-        // A step starts when the one before was due to end (or, if its last answers came
-        // later, right after them).
-        tokio::time::sleep_until(start + nominal).await;
-        nominal += duration;
         let step = BenchConfig {
             rate: Some(rate),
             duration: Some(duration),
             then: Vec::new(),
             ..cfg.clone()
         };
-        let offset = start.elapsed();
-        let next = load::run_path(&step, path, bar).await;
+        let (at, path) = (start + nominal, path.to_string());
+        later.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let offset = start.elapsed();
+            (offset, load::run_path(&step, &path, None).await)
+        }));
+        nominal += duration;
+    }
+    let mut run = load::run_path(cfg, path, bar).await;
+    for step in later {
+        let Ok((offset, next)) = step.await else {
+            eprintln!("fleetlb bench: {path}: a step failed to run");
+            continue;
+        };
         let (offset_us, seqs) = (offset.as_micros() as u64, run.records.len() as u64);
         run.records.extend(next.records.into_iter().map(|mut r| {
             r.start_us += offset_us;
             r.seq += seqs;
             r
         }));
-        run.wall = offset + next.wall;
+        run.wall = run.wall.max(offset + next.wall);
     }
     run
 }

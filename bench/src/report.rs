@@ -320,33 +320,39 @@ pub struct Second {
     pub requests: u64,
     /// Of which failed (transport errors, statuses other than 2xx/3xx, as in the summary).
     pub errors: u64,
-    /// Distinct instances that answered them: the fleet serving at that time.
+    /// Distinct instances that answered requests sent in the [`INSTANCE_WINDOW`] up to this
+    /// second: the fleet serving at that time (a window, so a low rate spread over many
+    /// instances does not read as fewer instances).
     pub instances: usize,
-    /// Median latency of the answered ones, ms (0 when none).
+    /// Median latency, ms, failures included at the time they took (0 with no request).
     pub p50_ms: f64,
-    /// 99th percentile, ms (0 when none).
+    /// 99th percentile, ms, failures included (a timeout counts as its timeout).
     pub p99_ms: f64,
 }
+
+/// Seconds over which [`Second::instances`] counts the instances that answered.
+pub const INSTANCE_WINDOW: usize = 5;
 
 /// The run second by second: load, failures, instances answering, p50 and p99 (the fleet
 /// following the load, `timeline-<path>.csv` and its chart).
 pub fn timeline(run: &PathRun) -> Vec<Second> {
-    let last = run.records.iter().map(|r| r.start_us / 1_000_000).max();
-    let Some(last) = last else {
+    let Some(last) = run.records.iter().map(|r| r.start_us / 1_000_000).max() else {
         return Vec::new();
     };
-    let mut buckets: Vec<(u64, Vec<u64>, std::collections::HashSet<&str>)> =
-        vec![(0, Vec::new(), Default::default()); last as usize + 1];
+    let n = last as usize + 1;
+    let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); n];
+    let mut errors = vec![0u64; n];
+    let mut answered_by: Vec<std::collections::HashSet<&str>> = vec![Default::default(); n];
     for r in &run.records {
-        let b = &mut buckets[(r.start_us / 1_000_000) as usize];
+        let i = (r.start_us / 1_000_000) as usize;
+        latencies[i].push(r.latency_us);
         match r.outcome {
             Ok(status) if status < 400 => {
-                b.1.push(r.latency_us);
-                if let Some(i) = r.instance.as_deref() {
-                    b.2.insert(i);
+                if let Some(id) = r.instance.as_deref() {
+                    answered_by[i].insert(id);
                 }
             }
-            _ => b.0 += 1,
+            _ => errors[i] += 1,
         }
     }
     let quantile = |sorted: &[u64], q: f64| {
@@ -357,18 +363,20 @@ pub fn timeline(run: &PathRun) -> Vec<Second> {
             sorted[i] as f64 / 1000.0
         }
     };
-    buckets
-        .into_iter()
-        .enumerate()
-        .map(|(second, (errors, mut lat, instances))| {
+    (0..n)
+        .map(|i| {
+            let lat = &mut latencies[i];
             lat.sort_unstable();
+            let window = &answered_by[(i + 1).saturating_sub(INSTANCE_WINDOW)..=i];
+            let instances: std::collections::HashSet<&str> =
+                window.iter().flatten().copied().collect();
             Second {
-                second: second as u64,
-                requests: errors + lat.len() as u64,
-                errors,
+                second: i as u64,
+                requests: lat.len() as u64,
+                errors: errors[i],
                 instances: instances.len(),
-                p50_ms: quantile(&lat, 0.5),
-                p99_ms: quantile(&lat, 0.99),
+                p50_ms: quantile(lat, 0.5),
+                p99_ms: quantile(lat, 0.99),
             }
         })
         .collect()

@@ -94,6 +94,9 @@ pub struct Sample {
     pub inflight: f64,
     /// Requests per second since the previous reading.
     pub rps: f64,
+    /// Every proxy's share is in it; an incomplete reading (a peer proxy did not answer) may
+    /// scale up but never down.
+    pub complete: bool,
 }
 
 /// What the autoscaler decided, and from what (for status, Events, metrics).
@@ -213,6 +216,15 @@ impl Autoscaler {
         {
             self.recommendations.pop_front();
         }
+        // A reading lacking a proxy's share understates the load: no scale-down on it (HPA
+        // counts pods with missing metrics as at target when scaling down).
+        let incomplete = self
+            .samples
+            .iter()
+            .any(|s| !s.complete && now.saturating_sub(s.at) <= policy.stable_window);
+        if incomplete && desired < current {
+            desired = current;
+        }
         if desired < current {
             let held = self
                 .recommendations
@@ -255,6 +267,7 @@ mod tests {
                     at,
                     inflight: f(t),
                     rps: 0.0,
+                    complete: true,
                 },
                 policy.stable_window,
             );
@@ -327,6 +340,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_missing_a_proxy_never_scales_down_but_may_scale_up() {
+        let p = Policy::new(1, 12, 8.0);
+        let mut a = Autoscaler::default();
+        let mut n = 8;
+        run(&mut a, &p, Duration::ZERO, 120, &mut n, |_| 64.0);
+        // A peer stops answering: the sum drops to this proxy's share (a quarter), and keeps
+        // being incomplete; the count holds well past the delay.
+        let mut counts = Vec::new();
+        for t in 120..400u32 {
+            let sample = Sample {
+                at: SEC * t,
+                inflight: if t < 300 { 16.0 } else { 200.0 },
+                rps: 0.0,
+                complete: false,
+            };
+            a.record(sample, p.stable_window);
+            n = a.decide(SEC * t, n, &p).desired;
+            counts.push(n);
+        }
+        assert!(counts[..180].iter().all(|c| *c == 8), "{counts:?}");
+        // Even incomplete, a load above the fleet scales it up.
+        assert_eq!(n, 12, "{counts:?}");
+        // Complete again at the low load: down after the delay.
+        let counts = run(&mut a, &p, SEC * 400, 400, &mut n, |_| 16.0);
+        assert_eq!(n, 2, "{counts:?}");
+    }
+
+    #[test]
     fn a_fresh_autoscaler_waits_the_delay_before_scaling_down() {
         // A new leader (or a restart) has readings but has decided nothing yet.
         let p = Policy::new(1, 12, 8.0);
@@ -336,6 +377,7 @@ mod tests {
                 at: SEC * t,
                 inflight: 0.0,
                 rps: 0.0,
+                complete: true,
             };
             a.record(idle, p.stable_window);
         }
@@ -398,6 +440,7 @@ mod tests {
                     at,
                     inflight: 1.0,
                     rps: 500.0,
+                    complete: true,
                 },
                 p.stable_window,
             );

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub autoscaler_inflight: GaugeVec,
     /// Proxies whose load the autoscaler's last reading summed, this one included.
     pub autoscaler_proxies: IntGauge,
+    /// Peers missing from the last reading (listed but not answering; 1 when the name did not
+    /// resolve). While any is missing no cluster scales down.
+    pub autoscaler_peers_missing: IntGauge,
     /// Readings of a peer's `/debug/load` that failed.
     pub autoscaler_peer_failures: IntCounter,
 }
@@ -91,6 +94,10 @@ impl Metrics {
                 "fleetlb_autoscaler_proxies",
                 "Proxies whose load the autoscaler's last reading summed, this one included (a peer that missed a reading counts with its last one for 3 s).",
             )?,
+            autoscaler_peers_missing: IntGauge::new(
+                "fleetlb_autoscaler_peers_missing",
+                "Peer proxies missing from the autoscaler's last reading (listed but not answering; 1 when the peers' name did not resolve). While any is missing no cluster scales down.",
+            )?,
             autoscaler_peer_failures: IntCounter::new(
                 "fleetlb_autoscaler_peer_failures_total",
                 "Readings of a peer proxy's /debug/load that failed (refused, timed out, malformed).",
@@ -100,6 +107,7 @@ impl Metrics {
         registry.register(Box::new(m.autoscaler_inflight.clone()))?;
         registry.register(Box::new(m.autoscaler_proxies.clone()))?;
         registry.register(Box::new(m.autoscaler_peer_failures.clone()))?;
+        registry.register(Box::new(m.autoscaler_peers_missing.clone()))?;
         registry.register(Box::new(m.reconcile.clone()))?;
         registry.register(Box::new(m.reconcile_duration.clone()))?;
         registry.register(Box::new(m.ec2_requests.clone()))?;
@@ -111,7 +119,8 @@ impl Metrics {
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn Collector; 10] = [
+        let collectors: [&dyn Collector; 11] = [
+            &self.autoscaler_peers_missing,
             &self.autoscaler_desired,
             &self.autoscaler_inflight,
             &self.autoscaler_proxies,

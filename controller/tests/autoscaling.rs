@@ -255,10 +255,14 @@ async fn the_leader_scales_on_the_load_of_every_replica_whichever_leads() {
     }
 
     // A peer that stops answering: its last reading counts for a few seconds, then the sum
-    // goes on without it, and the failures are counted.
+    // goes on without it (and, the reading being incomplete, nothing scales down: unit-tested
+    // in autoscale.rs); the misses are counted.
     let _ = b.stop_admin.take().unwrap().send(());
     ctx_a.core.sample().await;
+    assert_eq!(a.gauge("fleetlb_autoscaler_peers_missing"), 1.0);
     assert!(a.gauge("fleetlb_autoscaler_peer_failures_total") >= 1.0);
+    // Right after the miss the silent peer still counts with its last reading.
+    assert_eq!(a.gauge("fleetlb_autoscaler_proxies"), 2.0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while a.gauge("fleetlb_autoscaler_proxies") != 1.0 {
         assert!(

@@ -350,7 +350,8 @@ impl Dataplane {
 /// One proxy's load (`/debug/load`): its id and each cluster's reading.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProxyLoad {
-    /// [`Dataplane::id`].
+    /// [`Dataplane::id`] (empty from a version that named none).
+    #[serde(default)]
     pub proxy: String,
     /// Per cluster.
     pub clusters: Vec<ClusterLoad>,

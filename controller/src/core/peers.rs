@@ -1,13 +1,17 @@
 //! The other proxy replicas' load. In Kubernetes each fleetlb replica proxies part of the
 //! traffic, so the autoscaler sums what every replica measures: each reading, a replica asks
 //! its peers for `/debug/load` (their admin port) and adds it to its own. Peers are found by
-//! name (`--peers fleetlb-peers:9090`, a headless Service: one address per ready pod), resolved
-//! afresh each reading, so replicas that come and go are followed within a DNS TTL. Every
-//! replica sums the same readings, so the decision does not depend on which one leads, and a
-//! new leader starts with a warm window.
+//! name (`--peers fleetlb-peers:9090`, a headless Service: one address per replica, draining
+//! ones included), resolved afresh each reading, so replicas that come and go are followed
+//! within a DNS TTL. Every replica reads the same proxies, so the decision does not depend on
+//! which one leads, and a new leader starts with a warm window.
 //!
 //! Readings carry the proxy's id ([`fleetlb_dataplane::Dataplane::id`]): a replica finds itself
 //! among its peers (a headless Service lists it too) and never counts a proxy twice.
+//!
+//! A reading is **incomplete** when the name does not resolve or a listed peer does not answer:
+//! the sum then lacks that peer's share, so (like HPA with missing pod metrics) the autoscaler
+//! may scale up from it but not down.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -18,16 +22,30 @@ use bytes::Bytes;
 use fleetlb_dataplane::ProxyLoad;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 /// A peer answering slower than this misses the reading (it is made about once a second).
 const TIMEOUT: Duration = Duration::from_millis(800);
 /// Largest `/debug/load` answer read (about 100 bytes a cluster).
 const MAX_BODY: usize = 16 << 20;
 
-/// Where the peers are and which of them answered last time (to log changes, not every miss).
+type Lookup = tokio::task::JoinHandle<Option<BTreeSet<SocketAddr>>>;
+
+/// Where the peers are and which of them failed last time (to log changes, not every miss).
 pub(super) struct Peers {
     targets: Vec<String>,
+    /// A lookup still running (the resolver outlived a reading's timeout): awaited again by
+    /// the next reading instead of starting another, so lookups never pile up.
+    lookup: tokio::sync::Mutex<Option<Lookup>>,
     failing: Mutex<HashSet<SocketAddr>>,
+}
+
+/// What one reading of the peers gave.
+pub(super) struct Reading {
+    /// Each peer's load (not this proxy's, each proxy once), with when it arrived.
+    pub loads: Vec<(Instant, ProxyLoad)>,
+    /// Listed peers that did not answer, plus one if the name did not resolve.
+    pub missing: usize,
 }
 
 impl Peers {
@@ -35,52 +53,91 @@ impl Peers {
     pub(super) fn new(targets: Vec<String>) -> Self {
         Self {
             targets,
+            lookup: tokio::sync::Mutex::default(),
             failing: Mutex::default(),
         }
     }
 
-    /// Every peer's load that could be read now, except `own`'s, each proxy once; and how many
-    /// peers failed to answer.
-    pub(super) async fn read(&self, own: &str) -> (Vec<ProxyLoad>, usize) {
-        if self.targets.is_empty() {
-            return (Vec::new(), 0);
-        }
-        let mut addrs = BTreeSet::new();
-        for t in &self.targets {
-            match tokio::time::timeout(TIMEOUT, tokio::net::lookup_host(t.as_str())).await {
-                Ok(Ok(found)) => addrs.extend(found),
-                Ok(Err(e)) => tracing::debug!(peers = %t, error = %e, "peers do not resolve"),
-                Err(_) => tracing::debug!(peers = %t, "peers do not resolve in time"),
+    /// Every peer's address, or `None` when a name does not resolve in time.
+    async fn resolve(&self) -> Option<BTreeSet<SocketAddr>> {
+        let mut pending = self.lookup.lock().await;
+        let targets = self.targets.clone();
+        let lookup = pending.get_or_insert_with(|| {
+            tokio::spawn(async move {
+                let mut addrs = BTreeSet::new();
+                for t in &targets {
+                    match tokio::net::lookup_host(t.as_str()).await {
+                        Ok(found) => addrs.extend(found),
+                        Err(e) => {
+                            tracing::warn!(peers = %t, error = %e, "peers do not resolve");
+                            return None;
+                        }
+                    }
+                }
+                Some(addrs)
+            })
+        });
+        match tokio::time::timeout(TIMEOUT, lookup).await {
+            Ok(done) => {
+                *pending = None;
+                done.ok().flatten()
+            }
+            Err(_) => {
+                tracing::warn!(peers = ?self.targets, "peers do not resolve in time");
+                None
             }
         }
-        let answers =
-            futures::future::join_all(addrs.iter().map(|&a| async move { (a, fetch(a).await) }))
-                .await;
+    }
+
+    /// Every peer's load that could be read now, except `own`'s.
+    pub(super) async fn read(&self, own: &str) -> Reading {
+        if self.targets.is_empty() {
+            return Reading {
+                loads: Vec::new(),
+                missing: 0,
+            };
+        }
+        let Some(addrs) = self.resolve().await else {
+            return Reading {
+                loads: Vec::new(),
+                missing: 1,
+            };
+        };
+        let answers = futures::future::join_all(
+            addrs
+                .iter()
+                .map(|&a| async move { (a, fetch(a).await, Instant::now()) }),
+        )
+        .await;
         let mut loads = Vec::new();
         let mut seen = HashSet::new();
-        let mut failed = 0;
+        let mut missing = 0;
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        for (addr, answer) in answers {
+        for (addr, answer, at) in answers {
             match answer {
-                Ok(load) => {
+                Ok(mut load) => {
                     if failing.remove(&addr) {
                         tracing::info!(peer = %addr, "peer answers again");
                     }
+                    if load.proxy.is_empty() {
+                        // A replica of an older version names no id: its address does.
+                        load.proxy = format!("address {addr}");
+                    }
                     if load.proxy != own && seen.insert(load.proxy.clone()) {
-                        loads.push(load);
+                        loads.push((at, load));
                     }
                 }
                 Err(e) => {
-                    failed += 1;
+                    missing += 1;
                     if failing.insert(addr) {
-                        tracing::warn!(peer = %addr, error = %e, "cannot read a peer's load; its last reading counts for 3 s, then the sum goes on without it");
+                        tracing::warn!(peer = %addr, error = %e, "cannot read a peer's load; its last reading counts for 3 s, and no cluster scales down while a peer is missing");
                     }
                 }
             }
         }
         // Addresses gone from DNS are no longer failing.
         failing.retain(|a| addrs.contains(a));
-        (loads, failed)
+        Reading { loads, missing }
     }
 }
 
@@ -137,36 +194,43 @@ pub(super) struct Source {
 /// replica gone, or a peer that stopped answering).
 pub(super) const STALE: Duration = Duration::from_secs(3);
 
-/// Folds `readings` taken at `now` into `sources` (by proxy id) and returns each cluster's sum
-/// over every proxy heard from within [`STALE`]: (in flight, requests per second).
+/// Folds `readings` (each with when it was taken) into `sources` (by proxy id) and returns
+/// each cluster of `clusters` summed over every proxy heard from within [`STALE`] of `now`: (in
+/// flight, requests per second). Clusters outside `clusters` (a peer still serving one this
+/// proxy has dropped) are not summed.
 pub(super) fn sum(
     sources: &mut HashMap<String, Source>,
-    readings: Vec<ProxyLoad>,
+    readings: Vec<(Duration, ProxyLoad)>,
     now: Duration,
+    clusters: &HashSet<&str>,
 ) -> HashMap<String, (f64, f64)> {
-    for r in readings {
+    for (at, r) in readings {
         let prev = sources.remove(&r.proxy);
         let clusters = r
             .clusters
             .into_iter()
             .map(|c| {
-                // A counter is per proxy: its rate comes from its own previous reading.
+                // A counter is per proxy: its rate comes from its own previous reading, over
+                // the time between the two readings' arrivals.
                 let rps = prev
                     .as_ref()
-                    .filter(|p| now > p.at)
+                    .filter(|p| at > p.at)
                     .and_then(|p| p.clusters.get(&c.cluster).map(|x| (p.at, x.1)))
-                    .map_or(0.0, |(at, answered)| {
-                        c.answered.saturating_sub(answered) as f64 / (now - at).as_secs_f64()
+                    .map_or(0.0, |(then, answered)| {
+                        c.answered.saturating_sub(answered) as f64 / (at - then).as_secs_f64()
                     });
                 (c.cluster, (c.inflight, c.answered, rps))
             })
             .collect();
-        sources.insert(r.proxy, Source { at: now, clusters });
+        sources.insert(r.proxy, Source { at, clusters });
     }
     sources.retain(|_, s| now.saturating_sub(s.at) <= STALE);
     let mut out: HashMap<String, (f64, f64)> = HashMap::new();
     for s in sources.values() {
         for (cluster, &(inflight, _, rps)) in &s.clusters {
+            if !clusters.contains(cluster.as_str()) {
+                continue;
+            }
             let e = out.entry(cluster.clone()).or_default();
             e.0 += inflight as f64;
             e.1 += rps;
@@ -195,27 +259,46 @@ mod tests {
     fn sums_in_flight_and_per_proxy_rates() {
         let mut sources = HashMap::new();
         let s = |secs| Duration::from_secs(secs);
+        let web = HashSet::from(["web"]);
         sum(
             &mut sources,
-            vec![reading("a", 1, 100), reading("b", 2, 5000)],
+            vec![
+                (s(10), reading("a", 1, 100)),
+                (s(10), reading("b", 2, 5000)),
+            ],
             s(10),
+            &web,
         );
         // b restarted (a new id, its counter from zero): no negative or huge rate.
         let got = sum(
             &mut sources,
-            vec![reading("a", 3, 120), reading("b2", 4, 0)],
+            vec![(s(11), reading("a", 3, 120)), (s(11), reading("b2", 4, 0))],
             s(11),
+            &web,
         );
         // b's last reading still counts (within STALE), with its rate (0: one reading).
         assert_eq!(got["web"], (3.0 + 4.0 + 2.0, 20.0));
         let got = sum(
             &mut sources,
-            vec![reading("a", 3, 140), reading("b2", 4, 10)],
+            vec![(s(15), reading("a", 3, 140)), (s(15), reading("b2", 4, 10))],
             s(15),
+            &web,
         );
         // b gone for 5 s: dropped. a: 20 over 4 s; b2: 10 over 4 s.
         assert_eq!(got["web"], (7.0, 5.0 + 2.5));
+        // A rate is over the time between a proxy's own readings, not between samples: a
+        // reading that arrived late (a slow peer held the sample up) is not a burst.
+        let ms = |ms| Duration::from_millis(ms);
+        let got = sum(
+            &mut sources,
+            vec![(ms(15_200), reading("a", 0, 160))],
+            ms(16_000),
+            &web,
+        );
+        assert_eq!(got["web"].1, 20.0 / 0.2 + 2.5);
+        // A cluster this proxy no longer serves is not summed from a lagging peer.
+        assert!(sum(&mut sources, Vec::new(), s(16), &HashSet::new()).is_empty());
         // Nobody heard from for longer than STALE: nothing.
-        assert!(sum(&mut sources, Vec::new(), s(30)).is_empty());
+        assert!(sum(&mut sources, Vec::new(), s(30), &web).is_empty());
     }
 }

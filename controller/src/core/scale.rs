@@ -4,10 +4,11 @@
 //! sees all of it; in Kubernetes each replica adds its peers' `/debug/load` (see
 //! [`super::peers`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use fleetlb_crds::{AutoscalingStatus, BackendCluster};
+use fleetlb_dataplane::ProxyLoad;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
@@ -44,25 +45,43 @@ impl Core {
     /// cluster's autoscaler. Drivers call this about once a second; it takes at most about a
     /// second when a peer does not answer.
     pub async fn sample(&self) {
-        let own = fleetlb_dataplane::ProxyLoad {
+        let own = ProxyLoad {
             proxy: self.dataplane.id().to_string(),
             clusters: self.dataplane.load(),
         };
-        let (mut readings, failed) = self.peers.read(&own.proxy).await;
-        readings.push(own);
+        let own_at = Instant::now();
+        let reading = self.peers.read(&own.proxy).await;
+        // Only what this proxy serves: a peer a moment behind may still serve a deleted cluster.
+        let serving: Vec<String> = own.clusters.iter().map(|c| c.cluster.clone()).collect();
+        let serving: HashSet<&str> = serving.iter().map(String::as_str).collect();
+        let complete = reading.missing == 0;
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
-        let now = loads.origin.elapsed();
-        let sums = peers::sum(&mut loads.sources, readings, now);
+        let origin = loads.origin;
+        let since = |at: Instant| at.saturating_duration_since(origin);
+        let mut readings: Vec<(Duration, ProxyLoad)> = reading
+            .loads
+            .into_iter()
+            .map(|(at, l)| (since(at), l))
+            .collect();
+        readings.push((since(own_at), own));
+        let now = origin.elapsed();
+        let sums = peers::sum(&mut loads.sources, readings, now, &serving);
         self.metrics
             .autoscaler_proxies
             .set(loads.sources.len() as i64);
-        self.metrics.autoscaler_peer_failures.inc_by(failed as u64);
+        self.metrics
+            .autoscaler_peers_missing
+            .set(reading.missing as i64);
+        self.metrics
+            .autoscaler_peer_failures
+            .inc_by(reading.missing as u64);
         for (cluster, (inflight, rps)) in sums {
             loads.clusters.entry(cluster).or_default().record(
                 Sample {
                     at: now,
                     inflight,
                     rps,
+                    complete,
                 },
                 KEEP,
             );
