@@ -275,13 +275,21 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
         .draw()
         .map_err(err)?;
 
+    // Log scale: a burst's seconds of queueing and the steady milliseconds both readable.
     let max_ms = seconds.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
+    let min_ms = seconds
+        .iter()
+        .filter(|s| s.requests > 0)
+        .map(|s| s.p50_ms)
+        .fold(f64::MAX, f64::min)
+        .clamp(0.01, max_ms)
+        / 2.0;
     let mut chart = ChartBuilder::on(&bottom)
         .margin(15)
+        .margin_right(75)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .right_y_label_area_size(60)
-        .build_cartesian_2d(0f64..max_x, 0f64..max_ms * 1.15)
+        .build_cartesian_2d(0f64..max_x, (min_ms..max_ms * 1.5).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()

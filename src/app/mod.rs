@@ -66,14 +66,45 @@ pub async fn run_standalone(
     let (proxy_addr, admin_addr) = (s.proxy_addr, s.admin_addr);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %dir.display(), "fleetlb started");
     if demo {
+        let (routes, first) = demo_files(&dir);
+        let curls: String = routes
+            .iter()
+            .take(2)
+            .map(|r| format!("curl {proxy_addr}{r}   "))
+            .collect();
         eprintln!(
             "fleetlb demo: proxy http://{proxy_addr}  admin http://{admin_addr}\n  \
-             try: curl {proxy_addr}/cluster1   curl {proxy_addr}/cluster2   curl {admin_addr}/metrics   fleetlb status --admin {admin_addr}\n  \
-             edit {}/cluster1.yaml (replicas) to scale; Ctrl-C stops everything",
-            dir.display()
+             try: {curls}curl {admin_addr}/metrics   fleetlb status --admin {admin_addr}\n  \
+             edit {} (replicas) to scale; Ctrl-C stops everything",
+            dir.join(first).display()
         );
     }
     s.serve(driver_task, shutdown).await
+}
+
+/// The routes of the BackendCluster files in `dir` and the first file's name (for the demo's
+/// banner: what to curl, what to edit).
+fn demo_files(dir: &std::path::Path) -> (Vec<String>, String) {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let routes = files
+        .iter()
+        .filter_map(|f| {
+            let text = std::fs::read_to_string(f).ok()?;
+            let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).ok()?;
+            Some(v.get("spec")?.get("route")?.as_str()?.to_string())
+        })
+        .collect();
+    let first = files.first().and_then(|f| f.file_name()).map_or_else(
+        || "cluster1.yaml".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    (routes, first)
 }
 
 /// Runs the Kubernetes driver until `shutdown`; fails as unavailable when the API server does
