@@ -36,11 +36,7 @@ fn api_server_errors(obj: &Value) -> Vec<String> {
     let mut errors: Vec<String> = validator
         .iter_errors(&body)
         .map(|e| {
-            let path = e
-                .instance_path()
-                .to_string()
-                .trim_start_matches('/')
-                .replace('/', ".");
+            let path = fleetlb_crds::field_path(&e.instance_path().to_string());
             format!("{path}: {e}")
         })
         .collect();

@@ -164,6 +164,7 @@ fn invalid_specs_get_one_clear_line_each_and_valid_clusters_keep_serving() {
         "one error per invalid file: {errors:#?}"
     );
     let expect = [
+        ("bad-host.yaml", "spec.hosts[0]"),
         ("bad-instance-type.yaml", "spec.instanceType"),
         ("not-yaml.yaml", "invalid YAML"),
         (

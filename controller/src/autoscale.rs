@@ -202,6 +202,15 @@ impl Autoscaler {
         };
         desired = desired.clamp(policy.min, policy.max);
 
+        // A reading lacking a proxy's share understates the load: no scale-down on it.
+        let incomplete = self
+            .samples
+            .iter()
+            .any(|s| !s.complete && now.saturating_sub(s.at) <= policy.stable_window);
+        if incomplete && desired < current {
+            // Recorded as such: the understated count must not lower the delay's hold later.
+            desired = current;
+        }
         // Scale down only to the highest recommendation of the delay. A fresh autoscaler (a
         // restart, a new leader) counts the current count as recommended now: the delay runs
         // from its first decision.
@@ -215,15 +224,6 @@ impl Autoscaler {
             .is_some_and(|(at, _)| now.saturating_sub(*at) > policy.scale_down_delay)
         {
             self.recommendations.pop_front();
-        }
-        // A reading lacking a proxy's share understates the load: no scale-down on it (HPA
-        // counts pods with missing metrics as at target when scaling down).
-        let incomplete = self
-            .samples
-            .iter()
-            .any(|s| !s.complete && now.saturating_sub(s.at) <= policy.stable_window);
-        if incomplete && desired < current {
-            desired = current;
         }
         if desired < current {
             let held = self

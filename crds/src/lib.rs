@@ -22,7 +22,7 @@ pub use provider::{AwsProvider, LocalProvider, ProviderSpec, StaticProvider};
 pub use status::{
     AutoscalingStatus, BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent,
 };
-pub use validate::{FieldError, json_schema, schema_errors, validate_spec};
+pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_spec};
 
 /// Desired state of a BackendCluster.
 // `printcolumn(...)` repeats `type_ = ...`, which clippy reads as a duplicated attribute.
@@ -75,6 +75,28 @@ pub struct BackendClusterSpec {
     /// forwarded to the instance unchanged.
     #[schemars(length(min = 1, max = 256), pattern(validate::ROUTE_PATTERN))]
     pub route: String,
+
+    /// Hosts served besides the route, matched case-insensitively and without the port:
+    /// exact names (`shop.example.com`) or one leading wildcard label (`*.example.com` matches
+    /// `a.example.com`, not `example.com` or `a.b.example.com`). None: any host. A request goes
+    /// to the rules of its exact host, else of a matching wildcard, else to those naming no
+    /// host; within them, to the longest matching route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 253), pattern(validate::HOST_PATTERN)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub hosts: Vec<String>,
+
+    /// Share of the requests when several BackendClusters serve the same route and hosts
+    /// (0-1000; each of them names one, or the younger is refused with `RouteConflict`): a
+    /// canary, blue/green, two instance types side by side. Requests split by weight, then go
+    /// to the fastest instance within the chosen cluster; a cluster with no healthy instance
+    /// drops out of the split. Changing it takes effect at once, without failing a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub weight: Option<u32>,
 
     /// Number of instances to keep running (0-1000).
     #[schemars(range(min = 0, max = 1000))]

@@ -22,6 +22,10 @@ use crate::{BackendCluster, BackendClusterSpec};
 pub(crate) const ROUTE_PATTERN: &str =
     r"^/([A-Za-z0-9_~-][A-Za-z0-9._~-]*(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*)?$";
 
+/// A host name (letters, digits and inner hyphens per label, as RFC 1123) or a wildcard of
+/// one leading label (`*.example.com`); case is ignored when matching.
+pub(crate) const HOST_PATTERN: &str = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+
 /// EC2 instance type shape: family, a dot, size (`t2.micro`, `m7g.2xlarge`, `u-6tb1.metal`).
 pub(crate) const INSTANCE_TYPE_PATTERN: &str = r"^[a-z][a-z0-9-]*\.[a-z0-9]+$";
 
@@ -134,8 +138,7 @@ pub fn schema_errors(obj: &Value) -> Vec<FieldError> {
                     | K::MaxLength { .. }
                     | K::MaxItems { .. }
             );
-            let path = e.instance_path().to_string();
-            let field = path.trim_start_matches('/').replace('/', ".");
+            let field = field_path(&e.instance_path().to_string());
             let message = friendly(&field, &e.to_string());
             FieldError { field, message }
         })
@@ -149,6 +152,24 @@ pub fn schema_errors(obj: &Value) -> Vec<FieldError> {
         }));
     }
     errors
+}
+
+/// A JSON pointer (`/spec/hosts/0`) as the API server names a field (`spec.hosts[0]`).
+pub fn field_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').filter(|s| !s.is_empty()) {
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(seg);
+            out.push(']');
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg.replace("~1", "/").replace("~0", "~"));
+        }
+    }
+    out
 }
 
 /// A pattern failure says what the field should look like rather than the regular expression.
@@ -167,8 +188,10 @@ fn friendly(field: &str, message: &str) -> String {
         "is not an EC2 instance type like t2.micro"
     } else if field == "spec.provider.aws.imageId" {
         "is not an AMI id like ami-0abc12345"
-    } else if field.starts_with("spec.provider.static.endpoints.") {
+    } else if field.starts_with("spec.provider.static.endpoints[") {
         "is not host:port (a name, an IPv4 address or a bracketed IPv6 address, port 1-65535)"
+    } else if field.starts_with("spec.hosts[") {
+        "is not a host name like shop.example.com or a wildcard of one leading label like *.example.com"
     } else if field == "spec.healthCheck.path" {
         "must start with '/' and hold no spaces or control characters"
     } else {
@@ -314,7 +337,7 @@ mod tests {
             let e = fields(&st(json!([bad])));
             assert!(
                 e.iter()
-                    .any(|e| e.starts_with("spec.provider.static.endpoints.0: ")),
+                    .any(|e| e.starts_with("spec.provider.static.endpoints[0]: ")),
                 "{bad}: {e:?}"
             );
         }

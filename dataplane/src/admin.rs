@@ -30,6 +30,10 @@ pub struct AdminState {
     pub status: watch::Receiver<Bytes>,
     /// `/readyz` answers 200 once this is true (the first route table is published).
     pub ready: watch::Receiver<bool>,
+    /// True once the process is shutting down: `/readyz` answers 503 while the proxy drains,
+    /// and the rest (`/debug/load` above all: peers still count this replica's requests in
+    /// flight) keeps answering until the drain ends.
+    pub draining: watch::Receiver<bool>,
 }
 
 /// Serves the admin endpoints until `shutdown` completes.
@@ -91,7 +95,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
         }
         "/healthz" => plain(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if *state.ready.borrow() {
+            if *state.draining.borrow() {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if *state.ready.borrow() {
                 plain(StatusCode::OK, "ready\n")
             } else {
                 plain(

@@ -111,6 +111,15 @@ fn ewma_prefers(c: &Cluster, a: &Endpoint, b: &Endpoint, now: u64) -> bool {
     }
 }
 
+/// Whether some endpoint of `cluster` can take a request without panic mode (healthy, not
+/// ejected): a cluster without one drops out of a weighted split.
+pub(crate) fn admits_any(cluster: &Cluster, now: u64) -> bool {
+    cluster
+        .endpoints
+        .iter()
+        .any(|e| admitted(Mode::Normal, e, now, None))
+}
+
 /// Chooses an endpoint of `cluster` for one request, never `avoid` (the endpoint that just
 /// failed this request). `None` when no endpoint can take it.
 pub(crate) fn pick<'a>(

@@ -15,8 +15,8 @@ fn client_closed() -> StatusCode {
 /// Why fleetlb answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
-    /// No route's prefix matches the path.
-    #[error("no route for this path")]
+    /// No rule matches the host and path.
+    #[error("no route for this host and path")]
     NoRoute,
     #[error("bad request path")]
     BadPath,
@@ -48,6 +48,9 @@ pub enum ProxyError {
     /// More than one Host, or an authority that cannot be a Host.
     #[error("bad host")]
     BadHost,
+    /// Every cluster sharing the rule has weight 0.
+    #[error("every cluster of this route has weight 0")]
+    ZeroWeight,
 }
 
 impl ProxyError {
@@ -64,6 +67,7 @@ impl ProxyError {
             ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::ZeroWeight => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -81,12 +85,13 @@ impl ProxyError {
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::UnsupportedTransferCoding => "unsupported_transfer_coding",
             ProxyError::BadHost => "bad_host",
+            ProxyError::ZeroWeight => "zero_weight",
         }
     }
 
     fn body(self) -> &'static str {
         match self {
-            ProxyError::NoRoute => "no route for this path\n",
+            ProxyError::NoRoute => "no route for this host and path\n",
             ProxyError::BadPath => {
                 "bad request path (dot segments above the root or encoded slashes)\n"
             }
@@ -99,6 +104,7 @@ impl ProxyError {
             ProxyError::ClientTimeout => "request body timed out\n",
             ProxyError::UnsupportedTransferCoding => "unsupported transfer coding\n",
             ProxyError::BadHost => "bad host\n",
+            ProxyError::ZeroWeight => "every cluster of this route has weight 0\n",
         }
     }
 

@@ -28,6 +28,7 @@ mod probe;
 mod proxy;
 mod retry;
 pub mod routes;
+mod rules;
 mod server;
 mod table;
 
@@ -49,6 +50,7 @@ pub use metrics::Metrics;
 pub use routes::{
     BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
 };
+pub use rules::normalize_host;
 
 use table::Table;
 
@@ -440,6 +442,8 @@ fn cluster_snapshot(c: &table::Cluster, now: u64) -> ClusterSnapshot {
     ClusterSnapshot {
         cluster: c.name.clone(),
         prefix: c.prefix.clone(),
+        hosts: c.hosts.clone(),
+        weight: c.weight,
         policy: c.balancing.policy.as_str(),
         panic: !c.endpoints.is_empty()
             && endpoints.iter().all(|e| e.state != EndpointState::Healthy),
@@ -454,6 +458,11 @@ pub struct ClusterSnapshot {
     pub cluster: String,
     /// Route prefix.
     pub prefix: String,
+    /// Hosts served (empty: any host).
+    pub hosts: Vec<String>,
+    /// Share of a rule split with other clusters (absent: not split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// Balancing policy.
     pub policy: &'static str,
     /// True when no endpoint is healthy (requests fail open to known-good endpoints).

@@ -34,6 +34,7 @@ use crate::error::ProxyError;
 use crate::h1;
 use crate::headers::{prepare_headers, strip_hop_by_hop};
 use crate::outlier;
+use crate::rules::Rule;
 use crate::table::Cluster;
 
 /// Handles one client request end to end. Never fails: errors become responses.
@@ -62,11 +63,18 @@ pub(crate) async fn handle(
     }
     let cluster = {
         let table = shared.table.load();
-        match table.route(req.uri().path()) {
+        let host = crate::rules::request_host(&req);
+        let Some(rule) = table.route(&host, req.uri().path()) else {
+            shared.metrics.proxy_error("", ProxyError::NoRoute.reason());
+            return ProxyError::NoRoute.response();
+        };
+        match choose(rule, shared.clock.now()) {
             Some(c) => c.clone(),
             None => {
-                shared.metrics.proxy_error("", ProxyError::NoRoute.reason());
-                return ProxyError::NoRoute.response();
+                shared
+                    .metrics
+                    .proxy_error("", ProxyError::ZeroWeight.reason());
+                return ProxyError::ZeroWeight.response();
             }
         }
     };
@@ -105,6 +113,42 @@ pub(crate) async fn handle(
         .duration
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// The cluster of `rule` a request goes to: the only one, or one drawn by weight among those
+/// with an endpoint that can take it (among all of them when none can, and the balancer's
+/// panic mode decides); `None` when every weight is 0.
+fn choose(rule: &Rule<Arc<Cluster>>, now: u64) -> Option<&Arc<Cluster>> {
+    if let [(only, _)] = rule.backends.as_slice() {
+        return Some(only);
+    }
+    let weight = |w: Option<u32>| w.unwrap_or(1);
+    let draw = |eligible: &dyn Fn(&Cluster) -> bool| {
+        let total: u64 = rule
+            .backends
+            .iter()
+            .filter(|(c, _)| eligible(c))
+            .map(|(_, w)| u64::from(weight(*w)))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = fastrand::u64(0..total);
+        rule.backends
+            .iter()
+            .filter(|(c, _)| eligible(c))
+            .find(|(_, w)| {
+                let w = u64::from(weight(*w));
+                if at < w {
+                    true
+                } else {
+                    at -= w;
+                    false
+                }
+            })
+            .map(|(c, _)| c)
+    };
+    draw(&|c| crate::balance::admits_any(c, now)).or_else(|| draw(&|_| true))
 }
 
 /// Counts a request whose client went away before the answer (hyper drops the request's

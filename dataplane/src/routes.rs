@@ -21,6 +21,12 @@ pub struct RouteConfig {
     pub cluster: String,
     /// Path prefix (`/cluster1`); matches itself and `/cluster1/...`, not `/cluster10`.
     pub prefix: String,
+    /// Hosts served: exact names or `*.example.com` (one leading label); empty: any host.
+    /// Case, a port and a trailing dot are ignored.
+    pub hosts: Vec<String>,
+    /// Share of requests when several clusters serve the same host and prefix (each names a
+    /// weight; a cluster with no healthy endpoint drops out of the split). `None`: not split.
+    pub weight: Option<u32>,
     /// How requests are spread over the endpoints.
     pub balancing: BalancingConfig,
     /// Active health check settings.
@@ -123,6 +129,8 @@ impl RouteConfig {
         Self {
             cluster: cluster.into(),
             prefix: prefix.into(),
+            hosts: Vec::new(),
+            weight: None,
             balancing: BalancingConfig::default(),
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),

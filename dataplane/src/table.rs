@@ -20,22 +20,20 @@ use crate::metrics::ClusterMetrics;
 use crate::outlier;
 use crate::probe;
 use crate::retry::RetryBudget;
-use crate::routes::{
-    BalancingConfig, HealthConfig, OutlierConfig, RouteConfig, RouteTable, prefix_matches,
-};
+use crate::routes::{BalancingConfig, HealthConfig, OutlierConfig, RouteConfig, RouteTable};
+use crate::rules::{Rule, Rules};
 
-/// Routes, longest prefix first.
+/// The clusters and the host and path rules that lead to them.
 #[derive(Default)]
 pub(crate) struct Table {
     pub clusters: Vec<Arc<Cluster>>,
+    pub rules: Rules<Arc<Cluster>>,
 }
 
 impl Table {
-    /// The cluster whose prefix is the longest one matching `path`.
-    pub fn route(&self, path: &str) -> Option<&Arc<Cluster>> {
-        self.clusters
-            .iter()
-            .find(|c| prefix_matches(&c.prefix, path))
+    /// The rule for `host` (normalized, see [`crate::rules::request_host`]) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Rule<Arc<Cluster>>> {
+        self.rules.find(host, path)
     }
 }
 
@@ -52,6 +50,10 @@ pub(crate) struct Carried {
 pub(crate) struct Cluster {
     pub name: String,
     pub prefix: String,
+    /// Hosts served (normalized; empty: any host).
+    pub hosts: Vec<String>,
+    /// Share of a rule split with other clusters.
+    pub weight: Option<u32>,
     pub balancing: BalancingConfig,
     pub health: HealthConfig,
     pub outlier: OutlierConfig,
@@ -74,6 +76,12 @@ impl Cluster {
         Self {
             name: route.cluster.clone(),
             prefix: route.prefix.clone(),
+            hosts: route
+                .hosts
+                .iter()
+                .map(|h| crate::rules::normalize_host(h).into_owned())
+                .collect(),
+            weight: route.weight,
             balancing: route.balancing.clone(),
             health: route.health.clone(),
             outlier: route.outlier.clone(),
@@ -222,6 +230,9 @@ fn apply(
     }
     *live = next;
     budgets.retain(|name, _| snapshot.routes.iter().any(|r| &r.cluster == name));
-    clusters.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
-    shared.table.store(Arc::new(Table { clusters }));
+    let mut rules = Rules::default();
+    for c in &clusters {
+        rules.insert(&c.hosts, &c.prefix, c.clone(), c.weight);
+    }
+    shared.table.store(Arc::new(Table { clusters, rules }));
 }

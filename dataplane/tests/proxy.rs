@@ -235,7 +235,7 @@ async fn unknown_routes_404_and_empty_clusters_503() {
     let c = client();
     assert_eq!(
         get(&c, &proxy.url("/nope")).await,
-        Ok((404, "no route for this path\n".into()))
+        Ok((404, "no route for this host and path\n".into()))
     );
     assert_eq!(
         get(&c, &proxy.url("/c10")).await.unwrap().0,

@@ -105,8 +105,11 @@ impl Serving {
                 dataplane: dataplane.clone(),
                 status: status_rx,
                 ready: ready_rx,
+                draining: stop_rx,
             }),
-            stopped(stop_rx),
+            // Up through the drain (aborted once the proxy has drained, in `serve`): a draining
+            // replica's peers still read its load, and probes see it draining.
+            std::future::pending(),
         ));
         Ok(Self {
             proxy,

@@ -228,10 +228,15 @@ impl Core {
             let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
             return Some((Reason::InvalidSpec, text.join("; ")));
         }
-        routes::route_holder(bc, objects).map(|other| {
+        routes::route_holder(bc, objects).map(|(other, rule)| {
+            let split = if bc.spec.weight.is_some() {
+                format!("set spec.weight on {other} too to split it")
+            } else {
+                "set spec.weight on both to split it".to_string()
+            };
             (
                 Reason::RouteConflict,
-                format!("spec.route: {} is already served by {other}", bc.spec.route),
+                format!("spec.route: {rule} is already served by {other} ({split})"),
             )
         })
     }

@@ -9,9 +9,11 @@
 //! Readings carry the proxy's id ([`fleetlb_dataplane::Dataplane::id`]): a replica finds itself
 //! among its peers (a headless Service lists it too) and never counts a proxy twice.
 //!
-//! A reading is **incomplete** when the name does not resolve or a listed peer does not answer:
-//! the sum then lacks that peer's share, so (like HPA with missing pod metrics) the autoscaler
-//! may scale up from it but not down.
+//! A reading is **incomplete** when the name does not resolve or a listed peer that answered
+//! within the last 2 minutes does not: the sum then lacks that peer's share, so the autoscaler
+//! may scale up from it but not down (HPA, more coarsely, counts pods with missing metrics as
+//! at target when scaling down). A listed address that has not answered for 2 minutes, or
+//! never did, carries no traffic and is left out.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -38,13 +40,23 @@ pub(super) struct Peers {
     /// the next reading instead of starting another, so lookups never pile up.
     lookup: tokio::sync::Mutex<Option<Lookup>>,
     failing: Mutex<HashSet<SocketAddr>>,
+    /// When each address last answered: only a peer heard from within [`FORGET`] counts as
+    /// missing when it fails. A listed address that never answered (a pod still starting, one
+    /// crash-looping or stuck terminating on a lost node) carries no traffic, and must not
+    /// hold every cluster's count up forever.
+    answered: Mutex<HashMap<SocketAddr, Instant>>,
 }
+
+/// A peer silent for this long is no longer counted as missing (its share, if it ever had
+/// one, is gone with it).
+const FORGET: Duration = Duration::from_secs(120);
 
 /// What one reading of the peers gave.
 pub(super) struct Reading {
     /// Each peer's load (not this proxy's, each proxy once), with when it arrived.
     pub loads: Vec<(Instant, ProxyLoad)>,
-    /// Listed peers that did not answer, plus one if the name did not resolve.
+    /// Listed peers that did not answer though they did within the last 2 min, plus one if
+    /// the name did not resolve.
     pub missing: usize,
 }
 
@@ -55,6 +67,7 @@ impl Peers {
             targets,
             lookup: tokio::sync::Mutex::default(),
             failing: Mutex::default(),
+            answered: Mutex::default(),
         }
     }
 
@@ -113,9 +126,11 @@ impl Peers {
         let mut seen = HashSet::new();
         let mut missing = 0;
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         for (addr, answer, at) in answers {
             match answer {
                 Ok(mut load) => {
+                    answered.insert(addr, at);
                     if failing.remove(&addr) {
                         tracing::info!(peer = %addr, "peer answers again");
                     }
@@ -128,15 +143,25 @@ impl Peers {
                     }
                 }
                 Err(e) => {
-                    missing += 1;
+                    let recent = answered
+                        .get(&addr)
+                        .is_some_and(|t| at.saturating_duration_since(*t) < FORGET);
+                    if recent {
+                        missing += 1;
+                    }
                     if failing.insert(addr) {
-                        tracing::warn!(peer = %addr, error = %e, "cannot read a peer's load; its last reading counts for 3 s, and no cluster scales down while a peer is missing");
+                        if recent {
+                            tracing::warn!(peer = %addr, error = %e, "cannot read a peer's load; its last reading counts for 3 s, and no cluster scales down while it is missing (at most 2 min)");
+                        } else {
+                            tracing::info!(peer = %addr, error = %e, "a listed peer does not answer and has not answered for 2 min: left out of the sum");
+                        }
                     }
                 }
             }
         }
-        // Addresses gone from DNS are no longer failing.
+        // Addresses gone from DNS are no longer failing, nor remembered.
         failing.retain(|a| addrs.contains(a));
+        answered.retain(|a, _| addrs.contains(a));
         Reading { loads, missing }
     }
 }

@@ -1,8 +1,9 @@
 //! The data plane's route table from the objects, with one rule for conflicts in every driver:
-//! of two objects claiming one route, the older keeps it (then the first by namespace/name);
-//! the younger is refused with `RouteConflict`.
+//! of two objects claiming one rule (a host, or any host, and a route), the older keeps it
+//! (then the first by namespace/name) and the younger is refused with `RouteConflict`, unless
+//! both name a `weight`: weighted objects split the rule.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
         .collect();
     // Oldest first: it keeps a contested route.
     live.sort_by_cached_key(|o| seniority(o));
-    let mut claimed: HashSet<String> = HashSet::new();
+    // Each rule claimed, and whether every object on it is weighted.
+    let mut claimed: HashMap<(String, String), bool> = HashMap::new();
     let mut out = BTreeMap::new();
     for o in live {
         let key = ClusterKey::of(o);
@@ -39,11 +41,19 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
                 .find(|r| r.cluster == cluster)
                 .cloned()
         };
-        if let Some(r) = route
-            && claimed.insert(r.prefix.clone())
+        let Some(r) = route else { continue };
+        let keys = rule_keys(&r.hosts, &r.prefix);
+        let weighted = r.weight.is_some();
+        if keys
+            .iter()
+            .any(|k| claimed.get(k).is_some_and(|all| !(*all && weighted)))
         {
-            out.insert(cluster, r);
+            continue;
         }
+        for k in keys {
+            claimed.entry(k).or_insert(weighted);
+        }
+        out.insert(cluster, r);
     }
     out.into_values().collect()
 }
@@ -71,16 +81,50 @@ fn seniority(o: &BackendCluster) -> (Option<Timestamp>, ClusterKey) {
     )
 }
 
-/// The object holding `bc`'s route before it, if any.
-pub fn route_holder(bc: &BackendCluster, objects: &[Arc<BackendCluster>]) -> Option<ClusterKey> {
+/// The rules `hosts` and `route` make: one per host (normalized), or one for any host (`""`).
+fn rule_keys(hosts: &[String], route: &str) -> Vec<(String, String)> {
+    if hosts.is_empty() {
+        return vec![(String::new(), route.to_string())];
+    }
+    hosts
+        .iter()
+        .map(|h| {
+            (
+                fleetlb_dataplane::normalize_host(h).into_owned(),
+                route.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The object holding one of `bc`'s rules before it, if any, and that rule (`host/route`, or
+/// the route alone for any host). Weighted objects share rules and do not hold them against
+/// each other.
+pub fn route_holder(
+    bc: &BackendCluster,
+    objects: &[Arc<BackendCluster>],
+) -> Option<(ClusterKey, String)> {
     let mine = seniority(bc);
+    let keys = rule_keys(&bc.spec.hosts, &bc.spec.route);
     objects
         .iter()
-        .filter(|o| o.metadata.deletion_timestamp.is_none() && o.spec.route == bc.spec.route)
-        .map(|o| seniority(o))
-        .filter(|s| *s < mine)
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .filter(|o| !(bc.spec.weight.is_some() && o.spec.weight.is_some()))
+        .filter_map(|o| {
+            let theirs = rule_keys(&o.spec.hosts, &o.spec.route);
+            let shared = keys.iter().find(|k| theirs.contains(k))?;
+            Some((seniority(o), shared.clone()))
+        })
+        .filter(|(s, _)| *s < mine)
         .min()
-        .map(|(_, key)| key)
+        .map(|((_, key), (host, route))| {
+            let rule = if host.is_empty() {
+                route
+            } else {
+                format!("{host}{route}")
+            };
+            (key, rule)
+        })
 }
 
 /// The endpoints last published in `bc`'s status (what to keep serving when the provider
@@ -112,6 +156,8 @@ pub fn route_config(
     RouteConfig {
         cluster: key.to_string(),
         prefix: spec.route.clone(),
+        hosts: spec.hosts.clone(),
+        weight: spec.weight,
         balancing: BalancingConfig {
             policy: match b.policy {
                 fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,
@@ -138,5 +184,83 @@ pub fn route_config(
         },
         request_timeout: secs(spec.timeout_seconds),
         endpoints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object created `age` seconds into the day, with `hosts` and `weight`.
+    fn object(name: &str, age: u32, hosts: &[&str], weight: Option<u32>) -> Arc<BackendCluster> {
+        let mut spec = serde_json::json!({
+            "route": "/shop", "replicas": 1, "instanceType": "t2.micro",
+            "provider": {"local": {}}, "hosts": hosts,
+        });
+        if let Some(w) = weight {
+            spec["weight"] = w.into();
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "fleetlb.dev/v1alpha1", "kind": "BackendCluster",
+                "metadata": {"name": name, "namespace": "default",
+                    "creationTimestamp": format!("2026-11-28T00:00:{age:02}Z")},
+                "spec": spec,
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn routed(objects: &[Arc<BackendCluster>]) -> Vec<String> {
+        build_routes(objects, &RouteTable::default())
+            .into_iter()
+            .map(|r| r.cluster)
+            .collect()
+    }
+
+    #[test]
+    fn one_route_under_different_hosts_is_no_conflict() {
+        let objects = [
+            object("a", 1, &["a.example.com"], None),
+            object("b", 2, &["*.example.com"], None),
+            object("any", 3, &[], None),
+        ];
+        assert_eq!(routed(&objects), ["a", "any", "b"]);
+        assert!(objects.iter().all(|o| route_holder(o, &objects).is_none()));
+    }
+
+    #[test]
+    fn the_older_keeps_a_shared_host_and_route_whatever_the_case_or_trailing_dot() {
+        let objects = [
+            object("young", 5, &["other.org", "Shop.Example.com."], None),
+            object("old", 1, &["shop.example.com"], None),
+        ];
+        assert_eq!(routed(&objects), ["old"]);
+        let (holder, rule) = route_holder(&objects[0], &objects).unwrap();
+        assert_eq!(
+            (holder.name.as_str(), rule.as_str()),
+            ("old", "shop.example.com/shop")
+        );
+        assert!(route_holder(&objects[1], &objects).is_none());
+    }
+
+    #[test]
+    fn weighted_objects_split_a_rule_and_an_unweighted_one_is_refused() {
+        let objects = [
+            object("blue", 1, &[], Some(90)),
+            object("green", 2, &[], Some(10)),
+            object("plain", 3, &[], None),
+        ];
+        assert_eq!(routed(&objects), ["blue", "green"]);
+        assert!(route_holder(&objects[1], &objects).is_none());
+        let (holder, rule) = route_holder(&objects[2], &objects).unwrap();
+        assert_eq!((holder.name.as_str(), rule.as_str()), ("blue", "/shop"));
+        // The other way round: an unweighted older object keeps the rule from weighted ones.
+        let objects = [
+            object("plain", 1, &[], None),
+            object("blue", 2, &[], Some(5)),
+        ];
+        assert_eq!(routed(&objects), ["plain"]);
+        assert!(route_holder(&objects[1], &objects).is_some());
     }
 }

@@ -42,8 +42,8 @@ impl Default for Loads {
 impl Core {
     /// Reads each cluster's load (requests in flight, the rate answered since the previous
     /// reading) from this process's proxy and from its peers, and records the sum in the
-    /// cluster's autoscaler. Drivers call this about once a second; it takes at most about a
-    /// second when a peer does not answer.
+    /// cluster's autoscaler. Drivers call this about once a second; it takes at most about
+    /// 1.6 s (a lookup and a read, 800 ms each) when peers do not answer.
     pub async fn sample(&self) {
         let own = ProxyLoad {
             proxy: self.dataplane.id().to_string(),

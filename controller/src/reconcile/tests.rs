@@ -10,6 +10,8 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
         "cluster1",
         BackendClusterSpec {
             route: "/cluster1".into(),
+            hosts: Vec::new(),
+            weight: None,
             replicas,
             instance_type: instance_type.into(),
             port: 8000,
