@@ -82,9 +82,10 @@ pub async fn run_standalone(
     s.serve(driver_task, shutdown).await
 }
 
-/// The routes of the BackendCluster files in `dir` and the first file's name (for the demo's
-/// banner: what to curl, what to edit).
+/// The routes of the valid BackendClusters in `dir` and the first such file's name (for the
+/// demo's banner: what to curl, what to edit).
 fn demo_files(dir: &std::path::Path) -> (Vec<String>, String) {
+    use fleetlb_controller::files::{FileText, parse_file};
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -92,19 +93,25 @@ fn demo_files(dir: &std::path::Path) -> (Vec<String>, String) {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     files.sort();
-    let routes = files
-        .iter()
-        .filter_map(|f| {
-            let text = std::fs::read_to_string(f).ok()?;
-            let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).ok()?;
-            Some(v.get("spec")?.get("route")?.as_str()?.to_string())
-        })
-        .collect();
-    let first = files.first().and_then(|f| f.file_name()).map_or_else(
-        || "cluster1.yaml".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    (routes, first)
+    let mut routes = Vec::new();
+    let mut first = None;
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        let valid: Vec<String> = parse_file(f, &FileText::Text(text))
+            .outcome
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.result.ok())
+            .map(|bc| bc.spec.route)
+            .collect();
+        if !valid.is_empty() && first.is_none() {
+            first = f.file_name().map(|n| n.to_string_lossy().into_owned());
+        }
+        routes.extend(valid);
+    }
+    (routes, first.unwrap_or_else(|| "cluster1.yaml".into()))
 }
 
 /// Runs the Kubernetes driver until `shutdown`; fails as unavailable when the API server does
