@@ -75,7 +75,12 @@ fn documents(path: &Path) -> Result<Vec<Value>, String> {
 #[test]
 fn every_valid_example_passes_the_schema_and_its_cel_rules() {
     let mut checked = 0;
-    for dir in ["examples", "examples/aws"] {
+    for dir in [
+        "examples",
+        "examples/aws",
+        "examples/autoscaled",
+        "examples/weighted",
+    ] {
         for path in yaml_files(&root().join(dir)) {
             for doc in documents(&path).unwrap() {
                 let errors = api_server_errors(&doc);

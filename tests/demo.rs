@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -653,4 +653,79 @@ fn an_autoscaled_cluster_grows_under_load_and_shrinks_back_without_failing_a_req
             .any(|l| l.contains("scaled 1 -> ") && l.contains("in flight per instance, target 2")),
         "{log}"
     );
+}
+
+/// The cluster named in a demo backend's JSON answer.
+fn cluster_of(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v["cluster"].as_str().map(str::to_string)
+}
+
+/// How many of `n` GETs of `path` (with `host`) each cluster answered; `None` if one failed.
+fn split_of(f: &Fleetlb, host: &str, path: &str, n: usize) -> Option<HashMap<String, usize>> {
+    let mut by = HashMap::new();
+    for _ in 0..n {
+        let r = request(
+            f.proxy,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )?;
+        if r.status != 200 {
+            return None;
+        }
+        *by.entry(cluster_of(&r.body)?).or_default() += 1;
+    }
+    Some(by)
+}
+
+#[test]
+fn the_weighted_example_splits_90_10_and_follows_a_weight_edit() {
+    let weighted = |name: &str| {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/weighted")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let f = Fleetlb::demo(&[
+        ("cluster1.yaml", weighted("cluster1.yaml")),
+        ("cluster2.yaml", weighted("cluster2.yaml")),
+    ]);
+    // Both clusters serve /app once their instances pass health checks; then 1000 requests
+    // split about 90/10 (the 10 % share within +/- 3.5 %: over 3.5 standard deviations).
+    eventually("both clusters answer /app", || {
+        split_of(&f, "test", "/app", 60).filter(|by| by.len() == 2)
+    });
+    let by = split_of(&f, "test", "/app", 1000).expect("every request answered");
+    let share = by.get("cluster2").copied().unwrap_or(0) as f64 / 1000.0;
+    assert!((0.065..=0.135).contains(&share), "{by:?}");
+
+    // Edit the weights: the next requests follow, none fails.
+    f.write(
+        "cluster2.yaml",
+        &weighted("cluster2.yaml").replace("weight: 10", "weight: 90"),
+    );
+    f.write(
+        "cluster1.yaml",
+        &weighted("cluster1.yaml").replace("weight: 90", "weight: 10"),
+    );
+    eventually("the split follows the edit", || {
+        let by = split_of(&f, "test", "/app", 200)?;
+        (by.get("cluster2").copied().unwrap_or(0) >= 150).then_some(())
+    });
+
+    // A host rule next to them: its host goes to it, every other host to the split.
+    f.write(
+        "shop.yaml",
+        &weighted("cluster2.yaml")
+            .replace("name: cluster2", "name: shop")
+            .replace("weight: 10", "hosts: [\"Shop.Example.com\"]")
+            .replace("replicas: 2", "replicas: 1"),
+    );
+    eventually("the host rule serves its host", || {
+        let by = split_of(&f, "shop.example.com:8000", "/app/x", 20)?;
+        (by.len() == 1 && by.contains_key("shop")).then_some(())
+    });
+    let by = split_of(&f, "other.example.com", "/app", 50).expect("answered");
+    assert!(!by.contains_key("shop"), "{by:?}");
 }
