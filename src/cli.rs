@@ -197,6 +197,18 @@ pub struct ListenArgs {
     /// upstream pool (default: one per core). 0 serves the proxy on the main runtime instead.
     #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub proxy_threads: Option<u16>,
+    /// HTTPS listen address (with --tls-cert and --tls-key): TLS 1.2 and 1.3, ALPN h2 and
+    /// http/1.1, routed like the plain listener with X-Forwarded-Proto: https.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM, leaf first) for --tls-listen. Repeat for several: the one whose
+    /// names match the client's SNI is served, the first when none does. Read again when the
+    /// file changes (a renewed Secret); a broken new file keeps the old certificate.
+    #[arg(long, requires = "tls_listen")]
+    pub tls_cert: Vec<std::path::PathBuf>,
+    /// Private key (PEM) of the --tls-cert at the same position.
+    #[arg(long, requires = "tls_listen")]
+    pub tls_key: Vec<std::path::PathBuf>,
 }
 
 #[derive(Args, Clone)]

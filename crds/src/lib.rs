@@ -98,6 +98,11 @@ pub struct BackendClusterSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub weight: Option<u32>,
 
+    /// Plain HTTP requests to this cluster get a 308 to the same URL on the HTTPS listener
+    /// (`--tls-listen`; without one, no redirect). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub https_redirect: bool,
+
     /// Number of instances to keep running (0-1000).
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,

@@ -34,6 +34,8 @@ pub struct AdminState {
     /// and the rest (`/debug/load` above all: peers still count this replica's requests in
     /// flight) keeps answering until the drain ends.
     pub draining: watch::Receiver<bool>,
+    /// The HTTPS listener's certificates, shown in `/status` under `tls`.
+    pub tls: Option<crate::tls::Certs>,
 }
 
 /// Serves the admin endpoints until `shutdown` completes.
@@ -106,7 +108,25 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
                 )
             }
         }
-        "/status" => with_type(state.status.borrow().clone(), "application/json"),
+        "/status" => {
+            let body = state.status.borrow().clone();
+            match &state.tls {
+                None => with_type(body, "application/json"),
+                Some(certs) => {
+                    // The controller's document with the certificates added (an admin
+                    // request: parsing it again costs nothing that matters).
+                    let mut doc: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({}));
+                    if let Some(o) = doc.as_object_mut() {
+                        o.insert("tls".into(), serde_json::json!(certs.status()));
+                    }
+                    match serde_json::to_vec(&doc) {
+                        Ok(v) => with_type(v.into(), "application/json"),
+                        Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+                    }
+                }
+            }
+        }
         "/debug/endpoints" => match serde_json::to_vec_pretty(&state.dataplane.snapshot()) {
             Ok(v) => with_type(v.into(), "application/json"),
             Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),

@@ -85,7 +85,7 @@ thread_local! {
 /// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
 /// `X-Request-Id` when asked and missing.
 pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
-    prepare_headers(h, &peer_ip(peer), request_id);
+    prepare_headers(h, &peer_ip(peer), false, request_id);
 }
 
 /// The client's address as an `X-Forwarded-For` element; made once per client connection.
@@ -94,7 +94,12 @@ pub(crate) fn peer_ip(peer: SocketAddr) -> HeaderValue {
 }
 
 /// `prepare_request_headers` with the client's address already formatted.
-pub(crate) fn prepare_headers(h: &mut HeaderMap, peer_ip: &HeaderValue, request_id: bool) {
+pub(crate) fn prepare_headers(
+    h: &mut HeaderMap,
+    peer_ip: &HeaderValue,
+    tls: bool,
+    request_id: bool,
+) {
     // A request with both Transfer-Encoding and Content-Length is framed by the former (RFC 9112
     // 6.3); the length must not travel on, or the upstream could frame the body differently
     // (request smuggling). The body is re-framed upstream.
@@ -119,7 +124,11 @@ pub(crate) fn prepare_headers(h: &mut HeaderMap, peer_ip: &HeaderValue, request_
             h.insert(&X_FORWARDED_FOR, peer_ip.clone());
         }
     }
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // Set, never passed on: only what this hop saw counts.
+    h.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
     if !h.contains_key(&X_FORWARDED_HOST)
         && let Some(host) = h.get(header::HOST).cloned()
     {

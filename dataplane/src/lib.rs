@@ -31,6 +31,7 @@ pub mod routes;
 mod rules;
 mod server;
 mod table;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -80,6 +81,9 @@ pub struct ProxyConfig {
     /// an idle connection before the backend does and never sends a request into one the
     /// backend is closing).
     pub pool_idle_timeout: Duration,
+    /// The HTTPS listener's port, where routes with `https_redirect` send plain HTTP requests
+    /// (308); `None`: no HTTPS listener, no redirect.
+    pub https_port: Option<u16>,
 }
 
 impl Default for ProxyConfig {
@@ -95,6 +99,7 @@ impl Default for ProxyConfig {
             request_id: true,
             via: None,
             pool_idle_timeout: Duration::from_secs(4),
+            https_port: None,
         }
     }
 }
@@ -194,7 +199,26 @@ impl Dataplane {
     /// Serves clients on `listener` until `shutdown` completes, then drains in-flight requests
     /// (up to `ProxyConfig::drain_timeout`) and returns.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        server::serve(self.shared.clone(), listener, shutdown).await
+        server::serve(self.shared.clone(), listener, None, shutdown).await
+    }
+
+    /// Serves HTTPS clients on `listener` with `certs` (chosen by SNI, reloaded as their files
+    /// change) until `shutdown` completes, then drains like [`Dataplane::serve`]. Requests are
+    /// routed exactly as on the plain listener, with `X-Forwarded-Proto: https`.
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        certs: &tls::Certs,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tls::CertError> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config()?);
+        server::serve(self.shared.clone(), listener, Some(acceptor), shutdown).await;
+        Ok(())
+    }
+
+    /// This data plane's metrics (for [`tls::Certs::watch`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Serves clients on `threads` threads (at least one), each with its own single-threaded
@@ -236,7 +260,7 @@ impl Dataplane {
                                 return;
                             };
                             h1::enter_proxy_thread(n);
-                            server::serve(shared, listener, async move {
+                            server::serve(shared, listener, None, async move {
                                 let _ = stop.wait_for(|s| *s).await;
                             })
                             .await;

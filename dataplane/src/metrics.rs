@@ -26,6 +26,10 @@ pub struct Metrics {
     pub(crate) connections_active: IntGauge,
     pub(crate) connections_total: IntCounter,
     pub(crate) connections_rejected: IntCounter,
+    /// TLS handshakes by result and protocol version.
+    pub(crate) tls_handshakes: IntCounterVec,
+    /// Each certificate's expiry, Unix seconds.
+    pub(crate) tls_cert_expiry: GaugeVec,
     pub(crate) connections_idle_closed: IntCounter,
     pub(crate) connect_errors: IntCounterVec,
     pub(crate) selections: IntCounterVec,
@@ -89,6 +93,20 @@ impl Metrics {
                 "fleetlb_connections_rejected_total",
                 "Client connections refused because the connection limit was reached.",
             )?,
+            tls_handshakes: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_tls_handshakes_total",
+                    "TLS handshakes on the HTTPS listener by result (ok, failed: refused or broken, timeout) and protocol version (TLSv1_2, TLSv1_3; empty when none was agreed).",
+                ),
+                &["result", "version"],
+            )?,
+            tls_cert_expiry: GaugeVec::new(
+                Opts::new(
+                    "fleetlb_tls_certificate_expiry_timestamp_seconds",
+                    "When each served certificate expires (notAfter), Unix seconds, by certificate file.",
+                ),
+                &["cert"],
+            )?,
             connections_idle_closed: IntCounter::new(
                 "fleetlb_connections_idle_closed_total",
                 "Client connections closed because they sent nothing within the header-read timeout.",
@@ -151,6 +169,8 @@ impl Metrics {
         registry.register(Box::new(m.connections_active.clone()))?;
         registry.register(Box::new(m.connections_total.clone()))?;
         registry.register(Box::new(m.connections_rejected.clone()))?;
+        registry.register(Box::new(m.tls_handshakes.clone()))?;
+        registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         registry.register(Box::new(m.connections_idle_closed.clone()))?;
         registry.register(Box::new(m.connect_errors.clone()))?;
         registry.register(Box::new(m.selections.clone()))?;
@@ -165,7 +185,9 @@ impl Metrics {
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 16] = [
+        let collectors: [&dyn Collector; 18] = [
+            &self.tls_handshakes,
+            &self.tls_cert_expiry,
             &self.requests,
             &self.proxy_errors,
             &self.request_duration,

@@ -42,6 +42,7 @@ pub(crate) async fn handle(
     shared: &Shared,
     mut req: Request<Incoming>,
     peer_ip: &HeaderValue,
+    tls: bool,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     match crate::path::normalize(req.uri().path()) {
@@ -78,13 +79,21 @@ pub(crate) async fn handle(
             }
         }
     };
+    if !tls
+        && cluster.https_redirect
+        && let Some(port) = shared.config.https_port
+    {
+        let resp = to_https(&req, port);
+        cluster.metrics.count(resp.status().as_u16());
+        return resp;
+    }
     if let Err(err) = check_framing_and_host(&mut req) {
         shared.metrics.proxy_error(&cluster.name, err.reason());
         cluster.metrics.count(err.status().as_u16());
         return err.response();
     }
     let upgrade = upgrade_request(&mut req);
-    prepare_headers(req.headers_mut(), peer_ip, shared.config.request_id);
+    prepare_headers(req.headers_mut(), peer_ip, tls, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -112,6 +121,35 @@ pub(crate) async fn handle(
         .metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// A 308 to the request's URL on HTTPS at `port` (method and body kept, RFC 9110 15.4.9); a
+/// 400 when the request names no host to send it to.
+fn to_https<B>(req: &Request<B>, port: u16) -> Response<ResponseBody> {
+    let host = crate::rules::request_host(req);
+    if host.is_empty() {
+        return ProxyError::BadHost.response();
+    }
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    let Ok(location) = HeaderValue::from_str(&location) else {
+        return ProxyError::BadHost.response();
+    };
+    let mut resp = Response::new(ResponseBody::message(Bytes::from_static(
+        b"moved to https\n",
+    )));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, location);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 

@@ -27,6 +27,9 @@ pub struct RouteConfig {
     /// Share of requests when several clusters serve the same host and prefix (each names a
     /// weight; a cluster with no healthy endpoint drops out of the split). `None`: not split.
     pub weight: Option<u32>,
+    /// Plain HTTP requests get a 308 to the same URL on HTTPS (when the proxy has an HTTPS
+    /// listener).
+    pub https_redirect: bool,
     /// How requests are spread over the endpoints.
     pub balancing: BalancingConfig,
     /// Active health check settings.
@@ -131,6 +134,7 @@ impl RouteConfig {
             prefix: prefix.into(),
             hosts: Vec::new(),
             weight: None,
+            https_redirect: false,
             balancing: BalancingConfig::default(),
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),

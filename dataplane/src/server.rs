@@ -9,6 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::{Shared, proxy};
 
@@ -26,6 +27,7 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -68,17 +70,19 @@ pub(crate) async fn serve(
         shared.metrics.connections_total.inc();
         let svc_this = this.clone();
         let peer_ip = crate::headers::peer_ip(peer);
+        let secure = tls.is_some();
         let svc = service_fn(move |req| {
             let this = svc_this.clone();
             let peer_ip = peer_ip.clone();
             // Boxed: hyper keeps the service's future inside every connection, idle ones too;
             // one allocation per request keeps that space out of every idle connection.
             Box::pin(async move {
-                Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip).await)
+                Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure).await)
             })
         });
         let watcher = graceful.watcher();
         let this = this.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let metrics = &this.shared.metrics;
             metrics.connections_active.inc();
@@ -86,16 +90,39 @@ pub(crate) async fn serve(
             // it: a connection that never sends one would hold its slot forever.
             let mut probe = [0u8; 1];
             let sent = tokio::time::timeout(first_byte, stream.peek(&mut probe)).await;
-            if matches!(sent, Ok(Ok(n)) if n > 0) {
-                let conn = this
-                    .builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
-                if let Err(err) = watcher.watch(conn).await {
-                    tracing::debug!(%peer, ?err, "client connection ended with an error");
+            if !matches!(sent, Ok(Ok(n)) if n > 0) {
+                metrics.connections_idle_closed.inc();
+            } else if let Some(acceptor) = tls {
+                // The handshake gets the same time a request's headers get.
+                match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let version = match stream.get_ref().1.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+                            _ => "",
+                        };
+                        metrics
+                            .tls_handshakes
+                            .with_label_values(&["ok", version])
+                            .inc();
+                        run(&this, TokioIo::new(stream), svc, watcher, peer).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, %err, "TLS handshake failed");
+                        metrics
+                            .tls_handshakes
+                            .with_label_values(&["failed", ""])
+                            .inc();
+                    }
+                    Err(_) => {
+                        metrics
+                            .tls_handshakes
+                            .with_label_values(&["timeout", ""])
+                            .inc();
+                    }
                 }
             } else {
-                metrics.connections_idle_closed.inc();
+                run(&this, TokioIo::new(stream), svc, watcher, peer).await;
             }
             metrics.connections_active.dec();
             drop(permit);
@@ -106,5 +133,31 @@ pub(crate) async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all client connections closed"),
         () = tokio::time::sleep(drain) => tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections"),
+    }
+}
+
+/// Serves one client connection (plain or TLS) until it ends or the drain closes it.
+async fn run<I, S>(
+    this: &Listener,
+    io: I,
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: std::net::SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<crate::ResponseBody>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = this
+        .builder
+        .serve_connection_with_upgrades(io, svc)
+        .into_owned();
+    if let Err(err) = watcher.watch(conn).await {
+        tracing::debug!(%peer, ?err, "client connection ended with an error");
     }
 }

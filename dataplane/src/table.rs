@@ -54,6 +54,8 @@ pub(crate) struct Cluster {
     pub hosts: Vec<String>,
     /// Share of a rule split with other clusters.
     pub weight: Option<u32>,
+    /// Plain HTTP gets a 308 to HTTPS.
+    pub https_redirect: bool,
     pub balancing: BalancingConfig,
     pub health: HealthConfig,
     pub outlier: OutlierConfig,
@@ -82,6 +84,7 @@ impl Cluster {
                 .map(|h| crate::rules::normalize_host(h).into_owned())
                 .collect(),
             weight: route.weight,
+            https_redirect: route.https_redirect,
             balancing: route.balancing.clone(),
             health: route.health.clone(),
             outlier: route.outlier.clone(),

@@ -64,7 +64,8 @@ pub async fn run_standalone(
         Ok(())
     });
     let (proxy_addr, admin_addr) = (s.proxy_addr, s.admin_addr);
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %dir.display(), "fleetlb started");
+    let https = s.tls_addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, %https, config = %dir.display(), "fleetlb started");
     if demo {
         let (routes, first) = demo_files(&dir);
         let curls: String = routes
@@ -72,6 +73,9 @@ pub async fn run_standalone(
             .take(2)
             .map(|r| format!("curl {proxy_addr}{r}   "))
             .collect();
+        if let Some(a) = s.tls_addr {
+            eprintln!("fleetlb demo: https https://{a}");
+        }
         eprintln!(
             "fleetlb demo: proxy http://{proxy_addr}  admin http://{admin_addr}\n  \
              try: {curls}curl {admin_addr}/metrics   fleetlb status --admin {admin_addr}\n  \
@@ -244,7 +248,8 @@ pub async fn run_kubernetes(
             ))
         })
     });
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "fleetlb started in Kubernetes mode");
+    let https = s.tls_addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, %https, "fleetlb started in Kubernetes mode");
     s.serve(driver, shutdown).await
 }
 

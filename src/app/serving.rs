@@ -11,6 +11,7 @@ use fleetlb_controller::Providers;
 use fleetlb_controller::provider::endpoints::EndpointsProvider;
 use fleetlb_controller::provider::local::LocalProvider;
 use fleetlb_dataplane::admin::{self, AdminState};
+use fleetlb_dataplane::tls::{CertFiles, Certs};
 use fleetlb_dataplane::{Dataplane, ProxyConfig, Reuse, RouteTable};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,6 +33,9 @@ pub(super) struct Serving {
     pub(super) providers: Providers,
     pub(super) metrics: fleetlb_controller::metrics::Metrics,
     pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The HTTPS listener, served until the drain ends.
+    tls: Option<tokio::task::JoinHandle<()>>,
+    pub(super) tls_addr: Option<SocketAddr>,
 }
 
 /// Where the proxy listener is served.
@@ -49,7 +53,49 @@ impl Serving {
         listen: &ListenArgs,
         controller_id: Option<String>,
         leader: Option<watch::Receiver<bool>>,
+    ) -> Result<Self, AppError> {
+        // A certificate that does not load is a configuration error: say so before binding.
+        let certs = match (
+            &listen.tls_listen,
+            listen.tls_cert.len(),
+            listen.tls_key.len(),
+        ) {
+            (None, _, _) => None,
+            (Some(_), c, k) if c != k => {
+                return Err(AppError::Usage(format!(
+                    "--tls-cert and --tls-key come in pairs: {c} certificates, {k} keys"
+                )));
+            }
+            (Some(_), _, _) => {
+                let files = listen
+                    .tls_cert
+                    .iter()
+                    .zip(&listen.tls_key)
+                    .map(|(cert, key)| CertFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    })
+                    .collect();
+                Some(Certs::load(files).map_err(|e| AppError::Usage(format!("--tls-cert: {e}")))?)
+            }
+        };
+        Ok(Self::start_with(listen, controller_id, leader, certs).await?)
+    }
+
+    async fn start_with(
+        listen: &ListenArgs,
+        controller_id: Option<String>,
+        leader: Option<watch::Receiver<bool>>,
+        certs: Option<Certs>,
     ) -> anyhow::Result<Self> {
+        let tls_listener = match (listen.tls_listen, &certs) {
+            (Some(addr), Some(_)) => Some(
+                fleetlb_dataplane::listen(addr, Reuse::Port)
+                    .with_context(|| format!("cannot listen on {addr} (HTTPS)"))?,
+            ),
+            _ => None,
+        };
+        let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let proxy_listener = fleetlb_dataplane::listen(listen.listen, Reuse::Port)
             .with_context(|| format!("cannot listen on {} (proxy)", listen.listen))?;
         let admin_listener = fleetlb_dataplane::listen(listen.admin, Reuse::Address)
@@ -58,7 +104,13 @@ impl Serving {
         let admin_addr = admin_listener.local_addr()?;
 
         let registry = prometheus::Registry::new();
-        let dataplane = Dataplane::new(ProxyConfig::default(), &registry)?;
+        let dataplane = Dataplane::new(
+            ProxyConfig {
+                https_port: tls_addr.map(|a| a.port()),
+                ..ProxyConfig::default()
+            },
+            &registry,
+        )?;
         let (routes, routes_rx) = watch::channel(RouteTable::default());
         let (status, status_rx) =
             watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
@@ -105,13 +157,29 @@ impl Serving {
                 dataplane: dataplane.clone(),
                 status: status_rx,
                 ready: ready_rx,
-                draining: stop_rx,
+                draining: stop_rx.clone(),
+                tls: certs.clone(),
             }),
             // Up through the drain (aborted once the proxy has drained, in `serve`): a draining
             // replica's peers still read its load, and probes see it draining.
             std::future::pending(),
         ));
+        let mut tasks = vec![updater, admin_task];
+        let tls = match (tls_listener, certs) {
+            (Some(listener), Some(certs)) => {
+                tasks.push(certs.watch(dataplane.metrics().clone()));
+                let dp = dataplane.clone();
+                Some(tokio::spawn(async move {
+                    if let Err(e) = dp.serve_tls(listener, &certs, stopped(stop_rx)).await {
+                        tracing::error!(error = %e, "the HTTPS listener cannot start");
+                    }
+                }))
+            }
+            _ => None,
+        };
         Ok(Self {
+            tls,
+            tls_addr,
             proxy,
             proxy_addr,
             admin_addr,
@@ -123,7 +191,7 @@ impl Serving {
             local,
             providers,
             metrics,
-            tasks: vec![updater, admin_task],
+            tasks,
         })
     }
 
@@ -156,6 +224,10 @@ impl Serving {
                 })
                 .await;
             }
+        }
+        if let Some(tls) = self.tls {
+            // Drained alongside the plain listener (same stop signal, same drain timeout).
+            let _ = tls.await;
         }
         let result = match ended {
             Some(r) => r,

@@ -158,6 +158,7 @@ pub fn route_config(
         prefix: spec.route.clone(),
         hosts: spec.hosts.clone(),
         weight: spec.weight,
+        https_redirect: spec.https_redirect,
         balancing: BalancingConfig {
             policy: match b.policy {
                 fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,

@@ -12,6 +12,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             route: "/cluster1".into(),
             hosts: Vec::new(),
             weight: None,
+            https_redirect: false,
             replicas,
             instance_type: instance_type.into(),
             port: 8000,

@@ -179,6 +179,7 @@ async fn answer(
     let xff = req.headers().get("x-forwarded-for").cloned();
     let host = req.headers().get(http::header::HOST).cloned();
     let xfh = req.headers().get("x-forwarded-host").cloned();
+    let xfp = req.headers().get("x-forwarded-proto").cloned();
     let received = req
         .into_body()
         .collect()
@@ -203,6 +204,9 @@ async fn answer(
     }
     if let Some(v) = xfh {
         resp.headers_mut().insert("x-seen-forwarded-host", v);
+    }
+    if let Some(v) = xfp {
+        resp.headers_mut().insert("x-seen-forwarded-proto", v);
     }
     resp
 }
