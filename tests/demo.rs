@@ -352,9 +352,45 @@ fn bad_flags_exit_64_with_one_line() {
     for args in [
         &["run", "--proxy-threads", "9999"][..],
         &["run", "--identity"],
+        // HTTPS needs a certificate and its key, and a certificate needs the listener.
+        &["demo", "--tls-listen", "127.0.0.1:0"],
+        &["demo", "--tls-cert", "a.crt", "--tls-key", "a.key"],
     ] {
         usage_error(args);
     }
+    // A certificate that does not load stops the start, naming the file and why.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("a.key");
+    std::fs::write(&key, "not a key").unwrap();
+    let err = usage_error(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "/nonexistent/a.crt",
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("--tls-cert") && err.contains("/nonexistent/a.crt"),
+        "{err}"
+    );
+    let err = usage_error(&[
+        "demo",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "a.crt",
+        "--tls-cert",
+        "b.crt",
+        "--tls-key",
+        "a.key",
+    ]);
+    assert!(err.contains("pairs"), "{err}");
 }
 
 #[test]

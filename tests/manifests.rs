@@ -199,6 +199,99 @@ fn the_controller_runs_hardened() {
     );
 }
 
+/// `manifests/` with the `tls` component, rendered by kubectl from an overlay (as a user would).
+fn rendered_with_tls() -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("manifests");
+    let status = Command::new("cp")
+        .args(["-r"])
+        .arg(root().join("manifests"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../manifests]\ncomponents: [../manifests/tls]\n",
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .expect("kubectl is installed");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize (tls) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_tls_component_serves_https_from_a_mounted_secret_without_secret_access() {
+    let objects = rendered_with_tls();
+    let d = objects.iter().find(|v| v["kind"] == "Deployment").unwrap();
+    let d: Deployment = serde_json::from_value(d.clone()).unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    // The binary accepts the arguments (and the certificate pair they name).
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}");
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"))
+            .to_string()
+    };
+    let (cert, key) = (arg("--tls-cert"), arg("--tls-key"));
+    let port: i32 = arg("--tls-listen").rsplit(':').next().unwrap().parse().unwrap();
+    // The Secret's files, where the arguments look for them, readable by fleetlb's user only.
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.name == "tls").unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    assert_eq!(cert, format!("{}/tls.crt", mount.mount_path));
+    assert_eq!(key, format!("{}/tls.key", mount.mount_path));
+    let vol = pod.volumes.iter().flatten().find(|v| v.name == "tls").unwrap();
+    assert_eq!(
+        vol.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("fleetlb-tls")
+    );
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.fs_group, psc.run_as_user, "the Secret's group is fleetlb's user");
+    assert!(c.ports.iter().flatten().any(|p| p.name.as_deref() == Some("https") && p.container_port == port));
+    // The Service takes 443 to it.
+    let svc = objects
+        .iter()
+        .find(|v| v["kind"] == "Service" && v["metadata"]["name"] == "fleetlb")
+        .unwrap();
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 443 && p["targetPort"] == "https"),
+        "{svc}"
+    );
+    // And RBAC is what it was: no Secret access.
+    let rbac = |objs: &[Value]| -> Vec<Value> {
+        objs.iter()
+            .filter(|v| v["kind"].as_str().is_some_and(|k| k.contains("Role")))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rbac(&objects), rbac(&rendered()));
+}
+
 #[test]
 fn rbac_grants_only_what_the_controller_needs() {
     for v in rendered() {
