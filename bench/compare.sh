@@ -2,10 +2,10 @@
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
 #   bench/compare.sh [scenario ...]      scenarios: throughput burst hetero failover memory probes tool
-#                                        (default: all)
+#                                        https rules (default: all)
 #
-# Needs: nginx (Debian nginx-light), haproxy, wrk, python3; installs none of them itself:
-#   apt-get install -y nginx-light haproxy wrk
+# Needs: nginx (Debian nginx-light), haproxy, wrk, python3, curl, openssl; installs none of them:
+#   apt-get install -y nginx-light haproxy wrk curl openssl
 # Every process listens on 127.0.0.1 only and everything started here is stopped on exit.
 # Environment: DURATION (seconds per run, default 10), CONNS (wrk connections, default 64),
 # RUNS (interleaved throughput runs per target, default 3; the median is reported), WORKERS
@@ -22,10 +22,10 @@ SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # HAProxy needs two descriptors per connection and refuses to start beyond the limit.
 HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 )); [ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules)
 
-for tool in nginx haproxy wrk python3; do
-  command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk)" >&2; exit 64; }
+for tool in nginx haproxy wrk python3 curl openssl; do
+  command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk curl openssl)" >&2; exit 64; }
 done
 
 # FLEETLB=path/to/fleetlb benchmarks that binary instead of building this checkout.
@@ -39,7 +39,7 @@ cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wai
 trap cleanup EXIT
 
 BASE=19000
-FLEET_PORT=19100; FLEET_ADMIN=19101; NGINX_PORT=19200; HAPROXY_PORT=19300
+FLEET_PORT=19100; FLEET_ADMIN=19101; FLEET_TLS=19102; NGINX_PORT=19200; NGINX_TLS=19201; HAPROXY_PORT=19300
 
 wait_port() { # port
   for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
@@ -113,7 +113,16 @@ start_nginx() { # ports...
     echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
     # The same request headers fleetlb adds by default, so all three do the same work.
     echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme;"
-    echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } } }"
+    echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
+    if [ -n "${NGINX_TLS_CERT:-}" ]; then
+      # HTTPS with the certificate fleetlb serves, the same protocol versions (TLS 1.2 and 1.3).
+      echo "  server { listen 127.0.0.1:$NGINX_TLS ssl backlog=4096; keepalive_requests 1000000;"
+      echo "    ssl_certificate $NGINX_TLS_CERT; ssl_certificate_key $NGINX_TLS_KEY; ssl_protocols TLSv1.2 TLSv1.3;"
+      echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+      echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme;"
+      echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
+    fi
+    echo "}"
   } > "$WORK/nginx/nginx.conf"
   nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
   NGINX_PID=$!; PIDS+=($NGINX_PID)
@@ -161,12 +170,14 @@ rss_kb() { tree_sum status '/VmRSS/ {print $2}' "$@"; } # resident KiB
 
 # wrk (after a 1 s warm-up) and the CPU the process PID (and its children) spent per request
 # meanwhile -> "req/s p50_ms p99_ms cpu_us_per_request"
-wrk_run() { # url pid
-  wrk -t2 -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
+wrk_run() { # url pid [wrk args...]
+  local url=$1 pid=$2
+  shift 2
+  wrk -t2 -c"$CONNS" -d1s "$@" "$url" >/dev/null 2>&1 # warm-up
   local before after out
-  before=$(cpu_ticks "$2")
-  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$1" 2>/dev/null)
-  after=$(cpu_ticks "$2")
+  before=$(cpu_ticks "$pid")
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$@" "$url" 2>/dev/null)
+  after=$(cpu_ticks "$pid")
   echo "$out" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
@@ -398,6 +409,99 @@ print('median wall: fleetlb %.3f s, nginx least_conn %.3f s (goal: fleetlb <= ng
     echo "| fleetlb bench -c $CONNS | $b_rps |"
     echo
     stop_all ;;
-  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool)" >&2; exit 64 ;;
+  https)
+    # TLS termination: the same certificate (ECDSA P-256) in fleetlb and nginx, keep-alive
+    # HTTP/1.1 over TLS from wrk, 8 instant backends behind.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.local \
+      -addext subjectAltName=DNS:bench.local -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
+    start_backends 0 0 0 0 0 0 0 0
+    FLEETLB_ARGS="${FLEETLB_ARGS:-} --tls-listen 127.0.0.1:$FLEET_TLS --tls-cert $WORK/tls.crt --tls-key $WORK/tls.key" start_fleetlb "${ports[@]}"
+    NGINX_TLS_CERT=$WORK/tls.crt NGINX_TLS_KEY=$WORK/tls.key start_nginx "${ports[@]}"
+    wait_port $FLEET_TLS; wait_port $NGINX_TLS
+    echo "## https: TLS termination, same ECDSA P-256 certificate, keep-alive (wrk -t2 -c$CONNS), median of $RUNS interleaved runs"
+    echo "| target | req/s (median) | each run | p50 ms | p99 ms | CPU µs per request |"; echo "|---|---|---|---|---|---|"
+    declare -A turl=([fleetlb]="https://127.0.0.1:$FLEET_TLS/bench" [nginx]="https://127.0.0.1:$NGINX_TLS/bench")
+    declare -A tpid=([fleetlb]=$FLEET_PID [nginx]=$NGINX_PID)
+    declare -A truns=()
+    for _ in $(seq 1 "$RUNS"); do
+      for t in fleetlb nginx; do truns[$t]+="$(wrk_run "${turl[$t]}" "${tpid[$t]}");"; done
+    done
+    for t in fleetlb nginx; do
+      read -r m each p50 p99 cpu < <(python3 -c "
+import sys
+rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[0])
+m = rs[len(rs) // 2]
+print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1], m[2], m[3]))" "${truns[$t]}")
+      echo "| $t | $m | $each | $p50 | $p99 | $cpu |"
+      [ "$t" = fleetlb ] && f_rps=$m && f_cpu=$cpu
+      [ "$t" = nginx ] && n_rps=$m && n_cpu=$cpu
+    done
+    python3 -c "print(); print('HTTPS: fleetlb / nginx = %.2f req/s, CPU per request %.2fx nginx' % ($f_rps / $n_rps, $f_cpu / $n_cpu))"
+    echo
+    stop_all ;;
+  rules)
+    # Host rules: throughput on one host+path rule when the table holds it alone, then among
+    # RULES rules (each its own host and path, one static endpoint: the same backend), then the
+    # time to apply a RULES-rule update under that load.
+    RULES=${RULES:-10000}
+    start_backends 0
+    gen_rules() { # dir first last host-prefix
+      python3 - "$@" "${ports[0]}" <<'PY'
+import os, sys
+d, first, last, h, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+os.makedirs(d, exist_ok=True)
+for i in range(first, last + 1):
+    with open(os.path.join(d, "r%d.yaml" % i), "w") as f:
+        f.write("apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata: {name: r%d}\nspec:\n"
+                "  route: /r%d\n  hosts: [%s%d.bench.local]\n  replicas: 1\n  instanceType: t2.micro\n"
+                "  healthCheck: {intervalSeconds: 30}\n  provider: {static: {endpoints: [\"127.0.0.1:%s\"]}}\n"
+                % (i, i, h, i, port))
+PY
+    }
+    rules_fleetlb() { # dir expected-healthy
+      RUST_LOG=warn "$FLEETLB" standalone --config "$1" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN 2>"$WORK/rules.log" &
+      FLEET_PID=$!; PIDS+=($FLEET_PID)
+      wait_port $FLEET_PORT
+      for _ in $(seq 1 1200); do
+        n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
+        [ "$n" -ge "$2" ] && return 0; sleep 0.25
+      done
+      echo "fleetlb: $2 endpoints never became healthy" >&2; exit 1
+    }
+    gen_rules "$WORK/rules1" 1 1 h
+    rules_fleetlb "$WORK/rules1" 1
+    read -r one_rps _ _ one_cpu < <(wrk_run "http://127.0.0.1:$FLEET_PORT/r1/x" "$FLEET_PID" -H "Host: h1.bench.local")
+    kill "$FLEET_PID"; wait "$FLEET_PID" 2>/dev/null || true
+    mid=$((RULES / 2))
+    gen_rules "$WORK/rulesN" 1 "$RULES" h
+    t0=$(date +%s.%N)
+    rules_fleetlb "$WORK/rulesN" "$RULES"
+    t_start=$(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))")
+    read -r many_rps _ _ many_cpu < <(wrk_run "http://127.0.0.1:$FLEET_PORT/r$mid/x" "$FLEET_PID" -H "Host: h$mid.bench.local")
+    echo "## rules: one host+path rule among 1 and among $RULES (wrk -t2 -c$CONNS on one of them)"
+    echo "| rules in the table | req/s | CPU µs per request |"; echo "|---|---|---|"
+    echo "| 1 | $one_rps | $one_cpu |"
+    echo "| $RULES | $many_rps | $many_cpu |"
+    echo; python3 -c "print('req/s with $RULES rules / with 1 = %.2f (goal: within noise of 1); $RULES rules loaded and healthy in $t_start s')" 
+    # The update: every rule but the measured one gets a new host, under wrk load on r1.
+    wrk -t2 -c"$CONNS" -d30s -H "Host: h1.bench.local" "http://127.0.0.1:$FLEET_PORT/r1/x" >"$WORK/rules-wrk.txt" 2>&1 &
+    WRK_PID=$!
+    sleep 3
+    t0=$(date +%s.%N)
+    gen_rules "$WORK/rulesN" 2 "$RULES" g
+    routed="" served=""
+    for _ in $(seq 1 1200); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: g$RULES.bench.local" "http://127.0.0.1:$FLEET_PORT/r$RULES/x" || true)
+      [ -z "$routed" ] && [ "$code" != 404 ] && routed=$(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))")
+      [ "$code" = 200 ] && served=$(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))") && break
+      sleep 0.05
+    done
+    old=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: h$RULES.bench.local" "http://127.0.0.1:$FLEET_PORT/r$RULES/x" || true)
+    wait "$WRK_PID" || true
+    bad=$(awk '/Non-2xx/ {print $NF} /Socket errors/ {print}' "$WORK/rules-wrk.txt" | tr '\n' ' ')
+    echo "$RULES-rule update under load (files rewritten, all but the measured rule): last new rule routed after ${routed:-never} s, served (health checks passed) after ${served:-never} s; its old host now answers $old; requests on the measured rule meanwhile: $(awk '/requests in/ {print $1}' "$WORK/rules-wrk.txt"), failed: ${bad:-0}"
+    echo
+    stop_all ;;
+  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules)" >&2; exit 64 ;;
   esac
 done
