@@ -255,20 +255,43 @@ fn the_tls_component_serves_https_from_a_mounted_secret_without_secret_access() 
             .to_string()
     };
     let (cert, key) = (arg("--tls-cert"), arg("--tls-key"));
-    let port: i32 = arg("--tls-listen").rsplit(':').next().unwrap().parse().unwrap();
+    let port: i32 = arg("--tls-listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     // The Secret's files, where the arguments look for them, readable by fleetlb's user only.
-    let mount = c.volume_mounts.iter().flatten().find(|m| m.name == "tls").unwrap();
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "tls")
+        .unwrap();
     assert_eq!(mount.read_only, Some(true));
     assert_eq!(cert, format!("{}/tls.crt", mount.mount_path));
     assert_eq!(key, format!("{}/tls.key", mount.mount_path));
-    let vol = pod.volumes.iter().flatten().find(|v| v.name == "tls").unwrap();
+    let vol = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "tls")
+        .unwrap();
     assert_eq!(
         vol.secret.as_ref().unwrap().secret_name.as_deref(),
         Some("fleetlb-tls")
     );
     let psc = pod.security_context.unwrap();
-    assert_eq!(psc.fs_group, psc.run_as_user, "the Secret's group is fleetlb's user");
-    assert!(c.ports.iter().flatten().any(|p| p.name.as_deref() == Some("https") && p.container_port == port));
+    assert_eq!(
+        psc.fs_group, psc.run_as_user,
+        "the Secret's group is fleetlb's user"
+    );
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("https") && p.container_port == port)
+    );
     // The Service takes 443 to it.
     let svc = objects
         .iter()

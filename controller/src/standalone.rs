@@ -346,6 +346,8 @@ impl Standalone {
             .collect();
         let mut busy = false;
         let mut forget = Vec::new();
+        // Dropped before `objects` (declared after it): the index never outlives its slice.
+        let _index = self.core.index_routes(&objects);
         for (key, t) in self.tracked.iter_mut() {
             let written = Written::default();
             self.used_kinds.extend(kinds_of(&t.obj));

@@ -19,6 +19,16 @@ mod h1;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::h1::frame_response;
+
+    /// The route the rule table finds for `path` among host-less `prefixes` (the fuzz target
+    /// checks it against a scan over every prefix).
+    pub fn longest_route<'a>(prefixes: &[&'a str], path: &str) -> Option<&'a str> {
+        let mut r = crate::rules::Rules::default();
+        for p in prefixes {
+            r.insert(&[], p, *p, None);
+        }
+        r.find("", path).map(|rule| rule.backends[0].0)
+    }
 }
 mod headers;
 pub mod metrics;
@@ -277,7 +287,7 @@ impl Dataplane {
     pub fn inflight_of(&self, cluster: &str) -> HashMap<String, u32> {
         let mut out: HashMap<String, u32> = HashMap::new();
         let table = self.shared.table.load();
-        for c in table.clusters.iter().filter(|c| c.name == cluster) {
+        if let Some(c) = table.by_name.get(cluster) {
             for e in &c.endpoints {
                 *out.entry(e.id.clone()).or_default() += e.state.inflight();
             }
@@ -331,11 +341,7 @@ impl Dataplane {
     pub fn cluster_snapshot(&self, cluster: &str) -> Option<ClusterSnapshot> {
         let now = self.shared.clock.now();
         let table = self.shared.table.load();
-        table
-            .clusters
-            .iter()
-            .find(|c| c.name == cluster)
-            .map(|c| cluster_snapshot(c, now))
+        table.by_name.get(cluster).map(|c| cluster_snapshot(c, now))
     }
 
     /// Refreshes the per-endpoint gauges from the live table; called before each scrape.

@@ -28,6 +28,8 @@ use crate::rules::{Rule, Rules};
 pub(crate) struct Table {
     pub clusters: Vec<Arc<Cluster>>,
     pub rules: Rules<Arc<Cluster>>,
+    /// Clusters by name (the controller asks for one cluster per reconcile).
+    pub by_name: HashMap<String, Arc<Cluster>>,
 }
 
 impl Table {
@@ -237,5 +239,13 @@ fn apply(
     for c in &clusters {
         rules.insert(&c.hosts, &c.prefix, c.clone(), c.weight);
     }
-    shared.table.store(Arc::new(Table { clusters, rules }));
+    let by_name = clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.clone()))
+        .collect();
+    shared.table.store(Arc::new(Table {
+        clusters,
+        rules,
+        by_name,
+    }));
 }

@@ -16,7 +16,41 @@ use crate::provider::{ClusterKey, Instance, ProviderKind, Providers};
 
 struct Listing {
     at: Instant,
-    instances: Arc<Vec<Instance>>,
+    instances: Arc<Listed>,
+}
+
+/// One provider kind's instances, and which of them each object owns (a pass reconciles every
+/// object against one listing: finding an object's own by scanning all was O(n^2) per pass).
+pub struct Listed {
+    all: Vec<Instance>,
+    by_owner: std::collections::HashMap<ClusterKey, Vec<usize>>,
+}
+
+impl Listed {
+    fn new(all: Vec<Instance>) -> Self {
+        let mut by_owner: std::collections::HashMap<ClusterKey, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, inst) in all.iter().enumerate() {
+            by_owner.entry(inst.owner.clone()).or_default().push(i);
+        }
+        Self { all, by_owner }
+    }
+
+    /// The instances `owner` owns.
+    pub fn of(&self, owner: &ClusterKey) -> impl Iterator<Item = &Instance> {
+        self.by_owner
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.all[i])
+    }
+}
+
+impl std::ops::Deref for Listed {
+    type Target = [Instance];
+    fn deref(&self) -> &[Instance] {
+        &self.all
+    }
 }
 
 /// The cache of listings, by provider kind.
@@ -48,7 +82,7 @@ impl Inventory {
         providers: &Providers,
         clusters: &[Arc<BackendCluster>],
         max_age: Option<Duration>,
-    ) -> Result<Arc<Vec<Instance>>, Error> {
+    ) -> Result<Arc<Listed>, Error> {
         let provider = providers.require(kind)?;
         let Some(slot) = self.by_kind.get(&kind) else {
             // Every kind has a slot (see `new`).
@@ -81,7 +115,7 @@ impl Inventory {
                 ))
             });
         let instances = match listed {
-            Ok(list) => Arc::new(list),
+            Ok(list) => Arc::new(Listed::new(list)),
             Err(e) => {
                 tracing::warn!(provider = %kind, error = %e, "listing instances failed");
                 return Err(e);
@@ -120,7 +154,7 @@ impl Inventory {
         .await;
         let mut mine = Vec::new();
         for listing in listings {
-            mine.extend(listing?.iter().filter(|i| i.owner == key).cloned());
+            mine.extend(listing?.of(&key).cloned());
         }
         Ok((mine, kinds))
     }

@@ -93,6 +93,22 @@ impl Settings {
     }
 }
 
+/// Keeps [`Core::index_routes`]'s index while the pass lasts (the slice it indexes is borrowed
+/// as long); dropping it forgets the index.
+pub struct RouteIndexGuard<'a> {
+    core: &'a Core,
+}
+
+impl Drop for RouteIndexGuard<'_> {
+    fn drop(&mut self) {
+        *self
+            .core
+            .route_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 /// What a reconcile ended with, when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -163,6 +179,8 @@ pub struct Core {
     objects: Mutex<HashMap<ClusterKey, ObjectState>>,
     loads: Mutex<scale::Loads>,
     peers: peers::Peers,
+    /// The current pass's objects by route (see [`Core::index_routes`]).
+    route_index: Mutex<Option<routes::RouteIndex>>,
 }
 
 impl Core {
@@ -176,6 +194,7 @@ impl Core {
         Self {
             inventory: Inventory::new(cfg.inventory_max_age, cfg.list_deadline),
             peers: peers::Peers::new(cfg.peers.clone()),
+            route_index: Mutex::default(),
             providers,
             dataplane,
             metrics,
@@ -218,6 +237,14 @@ impl Core {
             .then(|| self.dataplane.inflight_of(&key.to_string()))
     }
 
+    /// Indexes a pass's `objects` by route until the guard drops: reconciles of objects in that
+    /// slice check route conflicts through the index instead of scanning every object.
+    pub fn index_routes(&self, objects: &[Arc<BackendCluster>]) -> RouteIndexGuard<'_> {
+        *self.route_index.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(routes::RouteIndex::new(objects));
+        RouteIndexGuard { core: self }
+    }
+
     /// Why fleetlb will not act on `bc` (an invalid spec, a route another object holds), if so.
     pub fn refusal(
         &self,
@@ -228,7 +255,14 @@ impl Core {
             let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
             return Some((Reason::InvalidSpec, text.join("; ")));
         }
-        routes::route_holder(bc, objects).map(|(other, rule)| {
+        let holder = {
+            let index = self.route_index.lock().unwrap_or_else(|p| p.into_inner());
+            match index.as_ref().filter(|i| i.covers(objects)) {
+                Some(i) => i.holder(bc),
+                None => routes::route_holder(bc, objects),
+            }
+        };
+        holder.map(|(other, rule)| {
             let split = if bc.spec.weight.is_some() {
                 format!("set spec.weight on {other} too to split it")
             } else {
