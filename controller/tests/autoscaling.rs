@@ -102,6 +102,7 @@ async fn replica(backend: SocketAddr) -> Replica {
         status: watch::channel(Bytes::new()).1,
         ready: watch::channel(true).1,
         draining: watch::channel(false).1,
+        tls: None,
     });
     let (stop_admin, stopped) = oneshot::channel::<()>();
     tokio::spawn(fleetlb_dataplane::admin::serve(listener, state, async {
