@@ -209,6 +209,10 @@ pub struct ListenArgs {
     /// Private key (PEM) of the --tls-cert at the same position.
     #[arg(long, requires = "tls_listen")]
     pub tls_key: Vec<std::path::PathBuf>,
+    /// The port clients reach the HTTPS listener on, used in redirects to HTTPS (default: the
+    /// listener's own; behind a Service or NAT mapping 443 to it, 443).
+    #[arg(long, requires = "tls_listen", value_parser = clap::value_parser!(u16).range(1..))]
+    pub tls_public_port: Option<u16>,
 }
 
 #[derive(Args, Clone)]

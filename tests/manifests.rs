@@ -241,7 +241,7 @@ fn the_tls_component_serves_https_from_a_mounted_secret_without_secret_access() 
     let pod = d.spec.unwrap().template.spec.unwrap();
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
-    // The binary accepts the arguments (and the certificate pair they name).
+    // The binary accepts the arguments (flag names and values; the files exist only in a pod).
     let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
         .args(&args)
         .arg("--help")
@@ -292,17 +292,18 @@ fn the_tls_component_serves_https_from_a_mounted_secret_without_secret_access() 
             .flatten()
             .any(|p| p.name.as_deref() == Some("https") && p.container_port == port)
     );
-    // The Service takes 443 to it.
+    // The Service takes 443 to it, and redirects to HTTPS name that port.
     let svc = objects
         .iter()
         .find(|v| v["kind"] == "Service" && v["metadata"]["name"] == "fleetlb")
         .unwrap();
+    let public: u16 = arg("--tls-public-port").parse().unwrap();
     assert!(
         svc["spec"]["ports"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["port"] == 443 && p["targetPort"] == "https"),
+            .any(|p| p["port"] == public && p["targetPort"] == "https"),
         "{svc}"
     );
     // And RBAC is what it was: no Secret access.

@@ -62,15 +62,18 @@ pub(crate) async fn handle(
         }
         Err(_) => return bad_path(shared),
     }
-    let cluster = {
+    let (cluster, redirect) = {
         let table = shared.table.load();
         let host = crate::rules::request_host(&req);
         let Some(rule) = table.route(&host, req.uri().path()) else {
             shared.metrics.proxy_error("", ProxyError::NoRoute.reason());
             return ProxyError::NoRoute.response();
         };
+        // Decided per rule, not per cluster drawn: a split whose clusters disagree redirects
+        // every request, never a random share.
+        let redirect = rule.backends.iter().any(|(c, _)| c.https_redirect);
         match choose(rule, shared.clock.now()) {
-            Some(c) => c.clone(),
+            Some(c) => (c.clone(), redirect),
             None => {
                 shared
                     .metrics
@@ -79,18 +82,18 @@ pub(crate) async fn handle(
             }
         }
     };
+    if let Err(err) = check_framing_and_host(&mut req) {
+        shared.metrics.proxy_error(&cluster.name, err.reason());
+        cluster.metrics.count(err.status().as_u16());
+        return err.response();
+    }
     if !tls
-        && cluster.https_redirect
+        && redirect
         && let Some(port) = shared.config.https_port
     {
         let resp = to_https(&req, port);
         cluster.metrics.count(resp.status().as_u16());
         return resp;
-    }
-    if let Err(err) = check_framing_and_host(&mut req) {
-        shared.metrics.proxy_error(&cluster.name, err.reason());
-        cluster.metrics.count(err.status().as_u16());
-        return err.response();
     }
     let upgrade = upgrade_request(&mut req);
     prepare_headers(req.headers_mut(), peer_ip, tls, shared.config.request_id);
@@ -128,7 +131,19 @@ pub(crate) async fn handle(
 /// 400 when the request names no host to send it to.
 fn to_https<B>(req: &Request<B>, port: u16) -> Response<ResponseBody> {
     let host = crate::rules::request_host(req);
-    if host.is_empty() {
+    // Only a name, an IPv4 address or a bracketed IPv6 one goes into Location: a Host such as
+    // `good.com@evil.com` must not become a redirect elsewhere.
+    let plain = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    let ipv6 = |h: &str| {
+        h.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+    };
+    if !(plain(&host) || ipv6(&host)) {
         return ProxyError::BadHost.response();
     }
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());

@@ -38,7 +38,15 @@ pub(crate) async fn serve(
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2 (ALPN h2 on the HTTPS listener, prior knowledge on the plain one): the same
+    // header budget as HTTP/1, bounded streams, and pings so a dead peer frees its slot.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
     let (first_byte, drain) = (cfg.header_read_timeout, cfg.drain_timeout);
     let this = Arc::new(Listener { shared, builder });
     let graceful = GracefulShutdown::new();
@@ -62,7 +70,10 @@ pub(crate) async fn serve(
             // Over the limit: a short 503 and close, without reading the request. Best effort;
             // a full socket buffer just means a plain close.
             shared.metrics.connections_rejected.inc();
-            let _ = stream.try_write(AT_CAPACITY);
+            if tls.is_none() {
+                // Plain text only where the client speaks it; a TLS client just sees a close.
+                let _ = stream.try_write(AT_CAPACITY);
+            }
             drop(stream);
             continue;
         };

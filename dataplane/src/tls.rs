@@ -47,14 +47,19 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn serves(&self, sni: &str) -> bool {
+    /// Whether a name of this certificate is `sni` exactly.
+    fn names_exactly(&self, sni: &str) -> bool {
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(sni))
+    }
+
+    /// Whether a wildcard of this certificate covers `sni` (one label).
+    fn covers(&self, sni: &str) -> bool {
         self.names.iter().any(|n| {
-            n.eq_ignore_ascii_case(sni)
-                || n.strip_prefix("*.").is_some_and(|parent| {
-                    sni.split_once('.').is_some_and(|(label, rest)| {
-                        !label.is_empty() && rest.eq_ignore_ascii_case(parent)
-                    })
+            n.strip_prefix("*.").is_some_and(|parent| {
+                sni.split_once('.').is_some_and(|(label, rest)| {
+                    !label.is_empty() && rest.eq_ignore_ascii_case(parent)
                 })
+            })
         })
     }
 }
@@ -84,6 +89,8 @@ struct Inner {
     loaded: ArcSwap<Vec<Loaded>>,
     /// Per pair: the digest that last failed and why.
     failed: Mutex<Vec<Option<(u64, String)>>>,
+    /// Per pair: content that failed once (see `reload`).
+    suspect: Mutex<Vec<Option<u64>>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -111,6 +118,7 @@ impl Certs {
         Ok(Self {
             inner: Arc::new(Inner {
                 failed: Mutex::new(vec![None; files.len()]),
+                suspect: Mutex::new(vec![None; files.len()]),
                 files,
                 loaded: ArcSwap::from_pointee(loaded),
                 provider,
@@ -136,6 +144,7 @@ impl Certs {
         let current = inner.loaded.load();
         let mut next: Option<Vec<Loaded>> = None;
         let mut failed = inner.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut suspect = inner.suspect.lock().unwrap_or_else(|p| p.into_inner());
         for (i, f) in inner.files.iter().enumerate() {
             let (cert, key, digest) = match read(f) {
                 Ok(x) => x,
@@ -159,8 +168,13 @@ impl Certs {
                 Ok(l) => {
                     tracing::info!(cert = %f.cert.display(), names = ?l.names, not_after = %rfc3339(l.not_after), "certificate reloaded");
                     failed[i] = None;
+                    suspect[i] = None;
                     next.get_or_insert_with(|| current.iter().map(Loaded::share).collect())[i] = l;
                 }
+                // A writer that replaces the two files one after the other can be read in
+                // between (a new certificate, the old key): only content that fails twice in a
+                // row, RELOAD_EVERY apart, is refused and said.
+                Err(_) if suspect[i] != Some(digest) => suspect[i] = Some(digest),
                 Err(e) => {
                     tracing::error!(cert = %f.cert.display(), error = %e, "new certificate not loaded; the previous one keeps serving");
                     failed[i] = Some((digest, e));
@@ -246,9 +260,16 @@ impl std::fmt::Debug for Certs {
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let loaded = self.inner.loaded.load();
+        // An exact name first, then a wildcard, then the default (as nginx does): a wildcard
+        // listed before an exact certificate does not hide it.
         hello
             .server_name()
-            .and_then(|sni| loaded.iter().find(|l| l.serves(sni)))
+            .and_then(|sni| {
+                loaded
+                    .iter()
+                    .find(|l| l.names_exactly(sni))
+                    .or_else(|| loaded.iter().find(|l| l.covers(sni)))
+            })
             .or_else(|| loaded.first())
             .map(|l| l.key.clone())
     }
@@ -288,6 +309,7 @@ fn parse(
     let (_, x509) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("certificate: {e}"))?;
     let not_after = x509.validity().not_after.timestamp();
+    let not_before = x509.validity().not_before.timestamp();
     let mut names: Vec<String> = x509
         .subject_alternative_name()
         .ok()
@@ -314,6 +336,17 @@ fn parse(
                 .map(str::to_ascii_lowercase),
         );
     }
+    if let Some(now) = now_secs() {
+        if now >= not_after {
+            return Err(format!("the certificate expired at {}", rfc3339(not_after)));
+        }
+        if now < not_before {
+            return Err(format!(
+                "the certificate is not valid before {}",
+                rfc3339(not_before)
+            ));
+        }
+    }
     let key = CertifiedKey::new(chain, signing);
     key.keys_match()
         .map_err(|e| format!("the private key does not match the certificate: {e}"))?;
@@ -323,6 +356,14 @@ fn parse(
         not_after,
         digest,
     })
+}
+
+/// Now, Unix seconds (`None` with a clock before 1970).
+fn now_secs() -> Option<i64> {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    i64::try_from(d.as_secs()).ok()
 }
 
 /// Unix seconds as RFC 3339 (UTC).

@@ -138,11 +138,11 @@ async fn weighted_clusters_split_by_weight_and_one_without_healthy_endpoints_dro
     let proxy = Proxy::start(ProxyConfig::default(), table(90, 10).routes).await;
     proxy.wait_healthy(2).await;
 
-    // 90/10: with 2000 requests the green share is 10 % +/- 2 % (6 standard deviations).
+    // 90/10: with 2000 requests the green share is 10 % +/- 3 % (4.5 standard deviations).
     let (by, failed) = split(&proxy, "/c", 2000).await;
     assert!(failed.is_empty(), "{failed:?}");
     let green_share = by.get("green").copied().unwrap_or(0) as f64 / 2000.0;
-    assert!((0.08..=0.12).contains(&green_share), "{by:?}");
+    assert!((0.07..=0.13).contains(&green_share), "{by:?}");
 
     // A weight change applies to the next requests without failing one in flight.
     let running = Arc::new(AtomicBool::new(true));
@@ -163,7 +163,8 @@ async fn weighted_clusters_split_by_weight_and_one_without_healthy_endpoints_dro
         assert!(failed.is_empty(), "{failed:?}");
         let g_share = by.get("green").copied().unwrap_or(0) as f64 / 600.0;
         let want = f64::from(g) / 100.0;
-        assert!((g_share - want).abs() <= 0.08, "{b}/{g}: {by:?}");
+        // 600 requests: within 0.09 is over 4.4 standard deviations at any of these weights.
+        assert!((g_share - want).abs() <= 0.09, "{b}/{g}: {by:?}");
     }
     running.store(false, Relaxed);
     let during = background.await.unwrap();

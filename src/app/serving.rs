@@ -106,7 +106,7 @@ impl Serving {
         let registry = prometheus::Registry::new();
         let dataplane = Dataplane::new(
             ProxyConfig {
-                https_port: tls_addr.map(|a| a.port()),
+                https_port: tls_addr.map(|a| listen.tls_public_port.unwrap_or(a.port())),
                 ..ProxyConfig::default()
             },
             &registry,

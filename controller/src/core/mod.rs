@@ -97,6 +97,9 @@ impl Settings {
 /// as long); dropping it forgets the index.
 pub struct RouteIndexGuard<'a> {
     core: &'a Core,
+    /// The slice indexed, borrowed as long as the index lives: it cannot be freed or changed
+    /// meanwhile, so its address and length identify it.
+    _objects: &'a [Arc<BackendCluster>],
 }
 
 impl Drop for RouteIndexGuard<'_> {
@@ -239,10 +242,13 @@ impl Core {
 
     /// Indexes a pass's `objects` by route until the guard drops: reconciles of objects in that
     /// slice check route conflicts through the index instead of scanning every object.
-    pub fn index_routes(&self, objects: &[Arc<BackendCluster>]) -> RouteIndexGuard<'_> {
+    pub fn index_routes<'a>(&'a self, objects: &'a [Arc<BackendCluster>]) -> RouteIndexGuard<'a> {
         *self.route_index.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(routes::RouteIndex::new(objects));
-        RouteIndexGuard { core: self }
+        RouteIndexGuard {
+            core: self,
+            _objects: objects,
+        }
     }
 
     /// Why fleetlb will not act on `bc` (an invalid spec, a route another object holds), if so.

@@ -108,29 +108,48 @@ pub fn route_holder(
     route_holder_among(bc, objects.iter().filter(|o| o.spec.route == bc.spec.route))
 }
 
-/// [`route_holder`] with the objects on `bc`'s route already found (see [`RouteIndex`]).
+/// [`route_holder`] with the objects on `bc`'s route already found (see [`RouteIndex`]). The
+/// claim [`build_routes`] makes, replayed: oldest first, each object takes its rules unless an
+/// earlier claimant holds one of them (weighted objects share); an object refused claims
+/// nothing, so it holds nothing against younger ones.
 pub fn route_holder_among<'a>(
     bc: &BackendCluster,
     same_route: impl Iterator<Item = &'a Arc<BackendCluster>>,
 ) -> Option<(ClusterKey, String)> {
-    let mine = seniority(bc);
-    let weighted = bc.spec.weight.is_some();
-    same_route
+    let mut group: Vec<&Arc<BackendCluster>> = same_route
         .filter(|o| o.metadata.deletion_timestamp.is_none())
-        .filter(|o| !(weighted && o.spec.weight.is_some()))
-        .filter_map(|o| {
-            let shared = shared_host(&bc.spec.hosts, &o.spec.hosts)?;
-            Some((seniority(o), shared))
-        })
-        .filter(|(s, _)| *s < mine)
-        .min()
-        .map(|((_, key), host)| {
-            let rule = match host {
-                None => bc.spec.route.clone(),
-                Some(h) => format!("{}{}", fleetlb_dataplane::normalize_host(h), bc.spec.route),
-            };
-            (key, rule)
-        })
+        .collect();
+    group.sort_by_cached_key(|o| seniority(o));
+    let me = ClusterKey::of(bc);
+    // Each rule claimed: its first holder, and whether the holders share it by weight.
+    let mut claimed: HashMap<(String, String), (ClusterKey, bool)> = HashMap::new();
+    for o in group {
+        let key = ClusterKey::of(o);
+        let weighted = o.spec.weight.is_some();
+        let keys = rule_keys(&o.spec.hosts, &o.spec.route);
+        let blocked = keys.iter().find_map(|k| {
+            claimed
+                .get(k)
+                .filter(|(_, shared)| !(*shared && weighted))
+                .map(|(holder, _)| (holder.clone(), k.clone()))
+        });
+        if key == me {
+            return blocked.map(|(holder, (host, route))| {
+                let rule = if host.is_empty() {
+                    route
+                } else {
+                    format!("{host}{route}")
+                };
+                (holder, rule)
+            });
+        }
+        if blocked.is_none() {
+            for k in keys {
+                claimed.entry(k).or_insert((key.clone(), weighted));
+            }
+        }
+    }
+    None
 }
 
 /// The objects of one slice by route, so a pass over n objects checks conflicts in O(n), not
@@ -166,24 +185,6 @@ impl RouteIndex {
     pub fn holder(&self, bc: &BackendCluster) -> Option<(ClusterKey, String)> {
         route_holder_among(bc, self.by_route.get(&bc.spec.route).into_iter().flatten())
     }
-}
-
-/// The rule two host lists share: `Some(None)` when both name no host (any host), `Some(h)`
-/// for a host in both (case, port and trailing dot aside), `None` when they share none.
-fn shared_host<'a>(a: &'a [String], b: &[String]) -> Option<Option<&'a str>> {
-    if a.is_empty() || b.is_empty() {
-        return (a.is_empty() && b.is_empty()).then_some(None);
-    }
-    let same = |x: &str, y: &str| {
-        let (x, y) = (
-            x.strip_suffix('.').unwrap_or(x),
-            y.strip_suffix('.').unwrap_or(y),
-        );
-        x.eq_ignore_ascii_case(y)
-    };
-    a.iter()
-        .find(|x| b.iter().any(|y| same(x, y)))
-        .map(|x| Some(x.as_str()))
 }
 
 /// The endpoints last published in `bc`'s status (what to keep serving when the provider
@@ -305,6 +306,26 @@ mod tests {
     }
 
     #[test]
+    fn the_conflict_check_and_the_route_table_agree() {
+        // b loses x to a, so it claims nothing: c keeps y.
+        let objects = [
+            object("a", 1, &["x.example.com"], None),
+            object("b", 2, &["x.example.com", "y.example.com"], None),
+            object("c", 3, &["y.example.com"], None),
+        ];
+        assert_eq!(routed(&objects), ["a", "c"]);
+        let refused: Vec<&str> = objects
+            .iter()
+            .filter(|o| route_holder(o, &objects).is_some())
+            .map(|o| o.metadata.name.as_deref().unwrap())
+            .collect();
+        assert_eq!(refused, ["b"]);
+        let index = RouteIndex::new(&objects);
+        assert_eq!(index.holder(&objects[1]).unwrap().0.name, "a");
+        assert!(index.holder(&objects[2]).is_none());
+    }
+
+    #[test]
     fn weighted_objects_split_a_rule_and_an_unweighted_one_is_refused() {
         let objects = [
             object("blue", 1, &[], Some(90)),
@@ -315,6 +336,15 @@ mod tests {
         assert!(route_holder(&objects[1], &objects).is_none());
         let (holder, rule) = route_holder(&objects[2], &objects).unwrap();
         assert_eq!((holder.name.as_str(), rule.as_str()), ("blue", "/shop"));
+        // A refused object holds nothing: the weighted younger one joins the older split.
+        let objects = [
+            object("a", 1, &[], Some(50)),
+            object("plain", 2, &[], None),
+            object("b", 3, &[], Some(50)),
+        ];
+        assert_eq!(routed(&objects), ["a", "b"]);
+        assert!(route_holder(&objects[2], &objects).is_none());
+        assert_eq!(route_holder(&objects[1], &objects).unwrap().0.name, "a");
         // The other way round: an unweighted older object keeps the rule from weighted ones.
         let objects = [
             object("plain", 1, &[], None),
