@@ -90,12 +90,15 @@ start_fleetlb() { # ports...
   RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") ${FLEETLB_ARGS:-} 2>"$WORK/fleetlb.log" &
   FLEET_PID=$!; PIDS+=($FLEET_PID)
   wait_port $FLEET_PORT
-  # Ready when every endpoint passed its health checks.
-  for _ in $(seq 1 200); do
+  wait_healthy "$#" 200 0.1
+}
+
+wait_healthy() { # count tries interval: until fleetlb reports COUNT endpoints passing health checks
+  for _ in $(seq 1 "$2"); do
     n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
-    [ "$n" -ge "$#" ] && return 0; sleep 0.1
+    [ "$n" -ge "$1" ] && return 0; sleep "$3"
   done
-  echo "fleetlb endpoints never became healthy" >&2; exit 1
+  echo "fleetlb: $1 endpoints never became healthy" >&2; exit 1
 }
 
 start_nginx() { # ports...
@@ -384,10 +387,7 @@ print('median wall: fleetlb %.3f s, nginx least_conn %.3f s (goal: fleetlb <= ng
     FLEET_PID=$!; PIDS+=($FLEET_PID)
     wait_port $FLEET_PORT
     endpoints=$((CLUSTERS * 8))
-    for _ in $(seq 1 300); do
-      n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
-      [ "$n" -ge "$endpoints" ] && break; sleep 0.2
-    done
+    wait_healthy "$endpoints" 300 0.2
     sleep 3 # past the first, faster, probes of new endpoints
     before=$(cpu_ticks $FLEET_PID); sleep "$DURATION"; after=$(cpu_ticks $FLEET_PID)
     per_probe=$(python3 -c "print('%.1f' % (($after - $before) * 1e6 / $(getconf CLK_TCK) / ($endpoints / 2.0 * $DURATION)))")
@@ -462,11 +462,7 @@ PY
       RUST_LOG=warn "$FLEETLB" standalone --config "$1" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN 2>"$WORK/rules.log" &
       FLEET_PID=$!; PIDS+=($FLEET_PID)
       wait_port $FLEET_PORT
-      for _ in $(seq 1 1200); do
-        n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
-        [ "$n" -ge "$2" ] && return 0; sleep 0.25
-      done
-      echo "fleetlb: $2 endpoints never became healthy" >&2; exit 1
+      wait_healthy "$2" 1200 0.25
     }
     gen_rules "$WORK/rules1" 1 1 h
     rules_fleetlb "$WORK/rules1" 1

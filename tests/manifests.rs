@@ -20,14 +20,20 @@ fn root() -> &'static Path {
 }
 
 fn rendered() -> Vec<Value> {
+    kustomize(&root().join("manifests"))
+}
+
+/// `kubectl kustomize DIR`, every document as JSON.
+fn kustomize(dir: &Path) -> Vec<Value> {
     let out = Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(root().join("manifests"))
+        .arg("kustomize")
+        .arg(dir)
         .output()
         .expect("kubectl is installed");
     assert!(
         out.status.success(),
-        "kubectl kustomize failed: {}",
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
@@ -217,20 +223,7 @@ fn rendered_with_tls() -> Vec<Value> {
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../manifests]\ncomponents: [../manifests/tls]\n",
     )
     .unwrap();
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&overlay)
-        .output()
-        .expect("kubectl is installed");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize (tls) failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde_json::to_value(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap())
-        .collect()
+    kustomize(&overlay)
 }
 
 #[test]
