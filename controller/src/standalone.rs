@@ -146,6 +146,9 @@ pub struct Standalone {
     used_kinds: BTreeSet<ProviderKind>,
 }
 
+/// See [`Standalone::run`].
+const DUTY: u32 = 10;
+
 impl Standalone {
     /// A driver over `cfg.dir`; `core` is built with `cfg.core`.
     pub fn new(
@@ -168,6 +171,10 @@ impl Standalone {
         }
     }
 
+    /// The driver's own work (directory reads, passes) stays under a `1 / DUTY` share of a core
+    /// however many objects there are: the next read or pass waits at least `DUTY` times as
+    /// long as the last one took. Small directories are unaffected (their passes take
+    /// milliseconds); 10 000 objects are looked at every few seconds instead of every 2 s.
     /// Runs until `shutdown` completes. Instances are left to the caller (the local provider's
     /// `shutdown` ends its children).
     pub async fn run(mut self, out: Outputs, shutdown: impl std::future::Future<Output = ()>) {
@@ -180,19 +187,28 @@ impl Standalone {
                 self.core.sample().await;
                 next_sample = Instant::now() + Duration::from_secs(1);
             }
+            let read = Instant::now();
             let changed = self.load();
+            let read_took = read.elapsed();
             if changed || Instant::now() >= next_pass || !self.loaded_once {
+                let started = Instant::now();
                 let busy = self.pass(&out).await;
-                // While instances are launching or draining, look again soon.
+                // While instances are launching or draining, look again soon; never sooner
+                // than DUTY times what the pass took (thousands of objects).
                 let wait = if busy {
                     self.cfg.poll.min(self.cfg.resync)
                 } else {
                     self.cfg.resync
                 };
-                next_pass = Instant::now() + wait;
+                next_pass = Instant::now() + wait.max(started.elapsed() * DUTY);
             }
+            let pause = self
+                .cfg
+                .poll
+                .min(Duration::from_secs(1))
+                .max(read_took * DUTY);
             tokio::select! {
-                () = tokio::time::sleep(self.cfg.poll.min(Duration::from_secs(1))) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = &mut shutdown => return,
             }
         }
