@@ -61,6 +61,26 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// The series' labels in a framed box at `position`.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    font: u32,
+) -> ChartResult<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(err)
+}
+
 /// Draws every chart into `dir`; returns the files written.
 pub fn draw(dir: &Path, runs: &[PathRun], summaries: &[PathSummary]) -> ChartResult<Vec<PathBuf>> {
     font()?;
@@ -151,14 +171,7 @@ fn distribution(file: &Path, runs: &[PathRun]) -> ChartResult<()> {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 16)?;
     root.present().map_err(err)
 }
 
@@ -266,14 +279,7 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
         .map_err(err)?
         .label(format!("instances answering (last {INSTANCE_WINDOW} s)"))
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], fleet.stroke_width(3)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 15)?;
 
     // Log scale: a burst's seconds of queueing and the steady milliseconds both readable.
     let max_ms = seconds.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
@@ -313,14 +319,7 @@ fn fleet_over_time(file: &Path, run: &PathRun) -> ChartResult<()> {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 15)?;
     root.present().map_err(err)
 }
 

@@ -30,7 +30,7 @@ pub struct Metrics {
     /// Peers missing from the last reading (listed but not answering; 1 when the name did not
     /// resolve). While any is missing no cluster scales down.
     pub autoscaler_peers_missing: IntGauge,
-    /// Readings of a peer's `/debug/load` that failed.
+    /// Failed readings of peers counted as missing (see `autoscaler_peers_missing`).
     pub autoscaler_peer_failures: IntCounter,
 }
 
@@ -100,7 +100,7 @@ impl Metrics {
             )?,
             autoscaler_peer_failures: IntCounter::new(
                 "fleetlb_autoscaler_peer_failures_total",
-                "Readings of a peer proxy's /debug/load that failed (refused, timed out, malformed).",
+                "Failed readings (refused, timed out, malformed) of peer proxies that answered within the last 2 minutes, and peer lookups that failed: what made a reading incomplete.",
             )?,
         };
         registry.register(Box::new(m.autoscaler_desired.clone()))?;

@@ -71,7 +71,9 @@ pub(crate) async fn handle(
         };
         // Decided per rule, not per cluster drawn: a split whose clusters disagree redirects
         // every request, never a random share.
-        let redirect = rule.backends.iter().any(|(c, _)| c.https_redirect);
+        let redirect = !tls
+            && shared.config.https_port.is_some()
+            && rule.backends.iter().any(|(c, _)| c.https_redirect);
         match choose(rule, shared.clock.now()) {
             Some(c) => (c.clone(), redirect),
             None => {
@@ -87,10 +89,7 @@ pub(crate) async fn handle(
         cluster.metrics.count(err.status().as_u16());
         return err.response();
     }
-    if !tls
-        && redirect
-        && let Some(port) = shared.config.https_port
-    {
+    if redirect && let Some(port) = shared.config.https_port {
         let resp = to_https(&req, port);
         cluster.metrics.count(resp.status().as_u16());
         return resp;

@@ -36,6 +36,7 @@ pub struct CertFiles {
 }
 
 /// A loaded certificate.
+#[derive(Clone)]
 struct Loaded {
     key: Arc<CertifiedKey>,
     /// DNS names it is valid for (lower case; `*.example.com` for a wildcard).
@@ -169,7 +170,7 @@ impl Certs {
                     tracing::info!(cert = %f.cert.display(), names = ?l.names, not_after = %rfc3339(l.not_after), "certificate reloaded");
                     failed[i] = None;
                     suspect[i] = None;
-                    next.get_or_insert_with(|| current.iter().map(Loaded::share).collect())[i] = l;
+                    next.get_or_insert_with(|| current.to_vec())[i] = l;
                 }
                 // A writer that replaces the two files one after the other can be read in
                 // between (a new certificate, the old key): only content that fails twice in a
@@ -235,17 +236,6 @@ impl Certs {
                 }
             }
         })
-    }
-}
-
-impl Loaded {
-    fn share(&self) -> Self {
-        Self {
-            key: self.key.clone(),
-            names: self.names.clone(),
-            not_after: self.not_after,
-            digest: self.digest,
-        }
     }
 }
 
@@ -336,16 +326,15 @@ fn parse(
                 .map(str::to_ascii_lowercase),
         );
     }
-    if let Some(now) = now_secs() {
-        if now >= not_after {
-            return Err(format!("the certificate expired at {}", rfc3339(not_after)));
-        }
-        if now < not_before {
-            return Err(format!(
-                "the certificate is not valid before {}",
-                rfc3339(not_before)
-            ));
-        }
+    let now = jiff::Timestamp::now().as_second();
+    if now >= not_after {
+        return Err(format!("the certificate expired at {}", rfc3339(not_after)));
+    }
+    if now < not_before {
+        return Err(format!(
+            "the certificate is not valid before {}",
+            rfc3339(not_before)
+        ));
     }
     let key = CertifiedKey::new(chain, signing);
     key.keys_match()
@@ -356,14 +345,6 @@ fn parse(
         not_after,
         digest,
     })
-}
-
-/// Now, Unix seconds (`None` with a clock before 1970).
-fn now_secs() -> Option<i64> {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?;
-    i64::try_from(d.as_secs()).ok()
 }
 
 /// Unix seconds as RFC 3339 (UTC).

@@ -220,14 +220,14 @@ pub(super) struct Source {
 pub(super) const STALE: Duration = Duration::from_secs(3);
 
 /// Folds `readings` (each with when it was taken) into `sources` (by proxy id) and returns
-/// each cluster of `clusters` summed over every proxy heard from within [`STALE`] of `now`: (in
-/// flight, requests per second). Clusters outside `clusters` (a peer still serving one this
-/// proxy has dropped) are not summed.
+/// each cluster the proxy `own` serves, summed over every proxy heard from within [`STALE`] of
+/// `now`: (in flight, requests per second). Other clusters (a peer a moment behind still
+/// serving one this proxy has dropped) are not summed.
 pub(super) fn sum(
     sources: &mut HashMap<String, Source>,
     readings: Vec<(Duration, ProxyLoad)>,
     now: Duration,
-    clusters: &HashSet<&str>,
+    own: &str,
 ) -> HashMap<String, (f64, f64)> {
     for (at, r) in readings {
         let prev = sources.remove(&r.proxy);
@@ -251,9 +251,12 @@ pub(super) fn sum(
     }
     sources.retain(|_, s| now.saturating_sub(s.at) <= STALE);
     let mut out: HashMap<String, (f64, f64)> = HashMap::new();
+    let Some(serving) = sources.get(own).map(|s| &s.clusters) else {
+        return out;
+    };
     for s in sources.values() {
         for (cluster, &(inflight, _, rps)) in &s.clusters {
-            if !clusters.contains(cluster.as_str()) {
+            if !serving.contains_key(cluster) {
                 continue;
             }
             let e = out.entry(cluster.clone()).or_default();
@@ -284,7 +287,6 @@ mod tests {
     fn sums_in_flight_and_per_proxy_rates() {
         let mut sources = HashMap::new();
         let s = |secs| Duration::from_secs(secs);
-        let web = HashSet::from(["web"]);
         sum(
             &mut sources,
             vec![
@@ -292,14 +294,14 @@ mod tests {
                 (s(10), reading("b", 2, 5000)),
             ],
             s(10),
-            &web,
+            "a",
         );
         // b restarted (a new id, its counter from zero): no negative or huge rate.
         let got = sum(
             &mut sources,
             vec![(s(11), reading("a", 3, 120)), (s(11), reading("b2", 4, 0))],
             s(11),
-            &web,
+            "a",
         );
         // b's last reading still counts (within STALE), with its rate (0: one reading).
         assert_eq!(got["web"], (3.0 + 4.0 + 2.0, 20.0));
@@ -307,7 +309,7 @@ mod tests {
             &mut sources,
             vec![(s(15), reading("a", 3, 140)), (s(15), reading("b2", 4, 10))],
             s(15),
-            &web,
+            "a",
         );
         // b gone for 5 s: dropped. a: 20 over 4 s; b2: 10 over 4 s.
         assert_eq!(got["web"], (7.0, 5.0 + 2.5));
@@ -318,12 +320,16 @@ mod tests {
             &mut sources,
             vec![(ms(15_200), reading("a", 0, 160))],
             ms(16_000),
-            &web,
+            "a",
         );
         assert_eq!(got["web"].1, 20.0 / 0.2 + 2.5);
         // A cluster this proxy no longer serves is not summed from a lagging peer.
-        assert!(sum(&mut sources, Vec::new(), s(16), &HashSet::new()).is_empty());
+        let stopped = ProxyLoad {
+            proxy: "a".into(),
+            clusters: Vec::new(),
+        };
+        assert!(sum(&mut sources, vec![(s(16), stopped)], s(16), "a").is_empty());
         // Nobody heard from for longer than STALE: nothing.
-        assert!(sum(&mut sources, Vec::new(), s(30), &web).is_empty());
+        assert!(sum(&mut sources, Vec::new(), s(30), "a").is_empty());
     }
 }

@@ -26,8 +26,7 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
         .collect();
     // Oldest first: it keeps a contested route.
     live.sort_by_cached_key(|o| seniority(o));
-    // Each rule claimed, and whether every object on it is weighted.
-    let mut claimed: HashMap<(String, String), bool> = HashMap::new();
+    let mut claims = Claims::default();
     let mut out = BTreeMap::new();
     for o in live {
         let key = ClusterKey::of(o);
@@ -42,16 +41,11 @@ pub fn build_routes(objects: &[Arc<BackendCluster>], current: &RouteTable) -> Ve
                 .cloned()
         };
         let Some(r) = route else { continue };
-        let keys = rule_keys(&r.hosts, &r.prefix);
-        let weighted = r.weight.is_some();
-        if keys
-            .iter()
-            .any(|k| claimed.get(k).is_some_and(|all| !(*all && weighted)))
+        if claims
+            .claim(&key, &r.hosts, &r.prefix, r.weight.is_some())
+            .is_some()
         {
             continue;
-        }
-        for k in keys {
-            claimed.entry(k).or_insert(weighted);
         }
         out.insert(cluster, r);
     }
@@ -121,18 +115,10 @@ pub fn route_holder_among<'a>(
         .collect();
     group.sort_by_cached_key(|o| seniority(o));
     let me = ClusterKey::of(bc);
-    // Each rule claimed: its first holder, and whether the holders share it by weight.
-    let mut claimed: HashMap<(String, String), (ClusterKey, bool)> = HashMap::new();
+    let mut claims = Claims::default();
     for o in group {
         let key = ClusterKey::of(o);
-        let weighted = o.spec.weight.is_some();
-        let keys = rule_keys(&o.spec.hosts, &o.spec.route);
-        let blocked = keys.iter().find_map(|k| {
-            claimed
-                .get(k)
-                .filter(|(_, shared)| !(*shared && weighted))
-                .map(|(holder, _)| (holder.clone(), k.clone()))
-        });
+        let blocked = claims.claim(&key, &o.spec.hosts, &o.spec.route, o.spec.weight.is_some());
         if key == me {
             return blocked.map(|(holder, (host, route))| {
                 let rule = if host.is_empty() {
@@ -143,13 +129,40 @@ pub fn route_holder_among<'a>(
                 (holder, rule)
             });
         }
-        if blocked.is_none() {
-            for k in keys {
-                claimed.entry(k).or_insert((key.clone(), weighted));
-            }
-        }
     }
     None
+}
+
+/// Rules claimed so far, oldest object first: each rule's first holder, and whether its holders
+/// share it by weight. [`build_routes`] and the conflict check make the same claims.
+#[derive(Default)]
+struct Claims(HashMap<(String, String), (ClusterKey, bool)>);
+
+impl Claims {
+    /// `key` claims its rules (`hosts` x `route`): refused, with the holder and the rule it
+    /// holds, when an earlier claimant holds one of them and they do not both split it by
+    /// weight; a refused object claims nothing.
+    fn claim(
+        &mut self,
+        key: &ClusterKey,
+        hosts: &[String],
+        route: &str,
+        weighted: bool,
+    ) -> Option<(ClusterKey, (String, String))> {
+        let rules = rule_keys(hosts, route);
+        let blocked = rules.iter().find_map(|r| {
+            self.0
+                .get(r)
+                .filter(|(_, shared)| !(*shared && weighted))
+                .map(|(holder, _)| (holder.clone(), r.clone()))
+        });
+        if blocked.is_none() {
+            for r in rules {
+                self.0.entry(r).or_insert((key.clone(), weighted));
+            }
+        }
+        blocked
+    }
 }
 
 /// The objects of one slice by route, so a pass over n objects checks conflicts in O(n), not

@@ -4,7 +4,7 @@
 //! sees all of it; in Kubernetes each replica adds its peers' `/debug/load` (see
 //! [`super::peers`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetlb_crds::{AutoscalingStatus, BackendCluster};
@@ -51,9 +51,6 @@ impl Core {
         };
         let own_at = Instant::now();
         let reading = self.peers.read(&own.proxy).await;
-        // Only what this proxy serves: a peer a moment behind may still serve a deleted cluster.
-        let serving: Vec<String> = own.clusters.iter().map(|c| c.cluster.clone()).collect();
-        let serving: HashSet<&str> = serving.iter().map(String::as_str).collect();
         let complete = reading.missing == 0;
         let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
         let origin = loads.origin;
@@ -63,9 +60,11 @@ impl Core {
             .into_iter()
             .map(|(at, l)| (since(at), l))
             .collect();
+        let own_id = own.proxy.clone();
         readings.push((since(own_at), own));
         let now = origin.elapsed();
-        let sums = peers::sum(&mut loads.sources, readings, now, &serving);
+        // Only what this proxy serves: a peer a moment behind may still serve a deleted cluster.
+        let sums = peers::sum(&mut loads.sources, readings, now, &own_id);
         self.metrics
             .autoscaler_proxies
             .set(loads.sources.len() as i64);
