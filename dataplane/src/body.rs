@@ -10,27 +10,70 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::conn::Active;
 use crate::endpoint::Endpoint;
 use crate::h1;
+use crate::limits::Limits;
 
-/// Counts a request in flight to an endpoint until dropped (with the response body's last byte).
+/// Counts a request in flight to an endpoint, holding one of its connection slots, until
+/// dropped (with the response body's last byte).
 pub(crate) struct InflightGuard(Arc<Endpoint>);
 
+/// Why no connection slot of an endpoint could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// Its queue is full.
+    Queue,
+    /// The wait in its queue ran out.
+    Wait,
+}
+
 impl InflightGuard {
-    pub fn new(ep: Arc<Endpoint>) -> Self {
-        ep.state.begin();
-        Self(ep)
+    /// A slot of `ep` (at most `limits.endpoint_max_connections` in flight): at once when one
+    /// is free, else after a wait in its queue (bounded in length and time).
+    pub async fn acquire(ep: &Arc<Endpoint>, limits: &Limits) -> Result<Self, Full> {
+        let max = limits.endpoint_max_connections;
+        if ep.state.try_begin(max) {
+            return Ok(Self(ep.clone()));
+        }
+        if ep.queued.fetch_add(1, Relaxed) >= limits.endpoint_queue {
+            ep.queued.fetch_sub(1, Relaxed);
+            return Err(Full::Queue);
+        }
+        struct Queued<'a>(&'a Endpoint);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.queued.fetch_sub(1, Relaxed);
+            }
+        }
+        let _queued = Queued(ep);
+        let deadline = tokio::time::Instant::now() + limits.endpoint_queue_timeout;
+        loop {
+            let freed = ep.slot_freed.notified();
+            if ep.state.try_begin(max) {
+                return Ok(Self(ep.clone()));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Full::Wait);
+            }
+        }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.state.end();
+        if self.0.queued.load(Relaxed) > 0 {
+            self.0.slot_freed.notify_one();
+        }
     }
 }
 
-/// Response body sent to clients: an upstream body streamed through, or a short message.
-pub struct ResponseBody(Kind);
+/// Response body sent to clients: an upstream body streamed through, or a short message. It
+/// carries its request's place on the client connection (`conn::Active`) to its end.
+pub struct ResponseBody(Kind, Option<Active>);
 
 enum Kind {
     /// Read by fleetlb's upstream client; the guard's endpoint takes the connection back at the
@@ -45,12 +88,17 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
     pub(crate) fn own(body: h1::Body, guard: InflightGuard) -> Self {
-        Self(Kind::Own(body, Some(guard)))
+        Self(Kind::Own(body, Some(guard)), None)
     }
 
     /// A complete short body.
     pub fn message(text: impl Into<Bytes>) -> Self {
-        Self(Kind::Message(Some(text.into())))
+        Self(Kind::Message(Some(text.into())), None)
+    }
+
+    /// Rides with `active` until the body ends.
+    pub(crate) fn track(&mut self, active: Active) {
+        self.1 = Some(active);
     }
 }
 
@@ -62,21 +110,19 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.get_mut().0 {
-            Kind::Own(body, guard) => {
-                let Some(g) = guard.as_ref() else {
-                    return Poll::Ready(None);
-                };
-                let polled = body.poll_data(cx, &g.0.pool);
-                match &polled {
-                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
-                    Poll::Pending => {}
-                    _ => drop(guard.take()),
-                }
-                polled.map(|o| o.map(|r| r.map(Frame::data).map_err(Into::into)))
+        let this = self.get_mut();
+        let polled = this.poll_inner(cx);
+        if let Some(active) = this.1.as_mut() {
+            // HTTP/2: whose turn it is (a client that never comes back for more is cut by
+            // the connection's send timer).
+            active.taken();
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => active.hand(),
+                Poll::Ready(_) => this.1 = None,
+                Poll::Pending => {}
             }
-            Kind::Message(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -91,6 +137,29 @@ impl Body for ResponseBody {
             Kind::Own(b, _) => b.size_hint(),
             Kind::Message(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Message(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.0 {
+            Kind::Own(body, guard) => {
+                let Some(g) = guard.as_ref() else {
+                    return Poll::Ready(None);
+                };
+                let polled = body.poll_data(cx, &g.0.pool);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
+                    Poll::Pending => {}
+                    _ => drop(guard.take()),
+                }
+                polled.map(|o| o.map(|r| r.map(Frame::data).map_err(Into::into)))
+            }
+            Kind::Message(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 }

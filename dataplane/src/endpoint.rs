@@ -28,6 +28,10 @@ pub(crate) struct Endpoint {
     pub metrics: EndpointMetrics,
     /// Idle keep-alive connections to this endpoint (see `h1`).
     pub pool: crate::h1::Pool,
+    /// Requests waiting for one of its connection slots (`--endpoint-max-connections`), and
+    /// the signal that a slot freed.
+    pub queued: AtomicU32,
+    pub slot_freed: tokio::sync::Notify,
 }
 
 impl Endpoint {
@@ -41,6 +45,8 @@ impl Endpoint {
             state: EndpointState::new(now),
             metrics,
             pool: Default::default(),
+            queued: AtomicU32::new(0),
+            slot_freed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -130,8 +136,13 @@ impl EndpointState {
         self.inflight.load(Relaxed)
     }
 
-    pub fn begin(&self) {
-        self.inflight.fetch_add(1, Relaxed);
+    /// Counts one more request in flight unless `max` already are.
+    pub fn try_begin(&self, max: u32) -> bool {
+        if self.inflight.fetch_add(1, Relaxed) < max {
+            return true;
+        }
+        self.inflight.fetch_sub(1, Relaxed);
+        false
     }
 
     pub fn end(&self) {

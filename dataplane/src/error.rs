@@ -51,6 +51,18 @@ pub enum ProxyError {
     /// Every cluster sharing the rule has weight 0.
     #[error("every cluster of this route has weight 0")]
     ZeroWeight,
+    /// `chunked` named more than once: framing servers would read differently.
+    #[error("bad request framing")]
+    BadFraming,
+    /// The client connection has `--max-upstream-per-connection` requests in flight already.
+    #[error("too many requests in flight on this connection")]
+    ConnectionBusy,
+    /// The endpoint's connection slots and queue are full, or the wait in its queue ran out.
+    #[error("endpoint busy")]
+    EndpointFull,
+    /// The proxy ran out of descriptors, ports or buffers for an upstream connection.
+    #[error("proxy out of resources")]
+    LocalResources,
 }
 
 impl ProxyError {
@@ -68,6 +80,10 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BadHost => StatusCode::BAD_REQUEST,
             ProxyError::ZeroWeight => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadFraming => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectionBusy | ProxyError::EndpointFull | ProxyError::LocalResources => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -86,6 +102,10 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => "unsupported_transfer_coding",
             ProxyError::BadHost => "bad_host",
             ProxyError::ZeroWeight => "zero_weight",
+            ProxyError::BadFraming => "bad_framing",
+            ProxyError::ConnectionBusy => "connection_busy",
+            ProxyError::EndpointFull => "endpoint_full",
+            ProxyError::LocalResources => "local_resources",
         }
     }
 
@@ -105,6 +125,10 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => "unsupported transfer coding\n",
             ProxyError::BadHost => "bad host\n",
             ProxyError::ZeroWeight => "every cluster of this route has weight 0\n",
+            ProxyError::BadFraming => "bad request framing (chunked named twice)\n",
+            ProxyError::ConnectionBusy => "too many requests in flight on this connection\n",
+            ProxyError::EndpointFull => "endpoint busy: its connections and queue are full\n",
+            ProxyError::LocalResources => "proxy out of resources\n",
         }
     }
 
@@ -119,6 +143,7 @@ impl ProxyError {
                 | ProxyError::ClientTimeout
                 | ProxyError::UnsupportedTransferCoding
                 | ProxyError::BadHost
+                | ProxyError::BadFraming
         ) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

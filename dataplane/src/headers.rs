@@ -82,57 +82,147 @@ thread_local! {
     static ID_BLOCK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
-/// Hop-by-hop stripping plus the `X-Forwarded-*` headers upstreams expect from a proxy, and an
-/// `X-Request-Id` when asked and missing.
+/// Hop-by-hop stripping plus the forwarding headers upstreams expect from a proxy, for a client
+/// at `peer` that is not a trusted proxy, and an `X-Request-Id` when asked and missing.
 pub fn prepare_request_headers(h: &mut HeaderMap, peer: SocketAddr, request_id: bool) {
-    prepare_headers(h, &peer_ip(peer), false, request_id);
+    prepare_headers(h, &Peer::new(peer, &[]), false, request_id);
 }
 
-/// The client's address as an `X-Forwarded-For` element; made once per client connection.
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The client as the forwarding headers name it; made once per client connection.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    /// Its address, as an `X-Forwarded-For` element.
+    ip: HeaderValue,
+    /// Its address as a `Forwarded` node (`192.0.2.1`, `"[2001:db8::1]"`).
+    node: HeaderValue,
+    /// It is a proxy in `--trusted-proxies`: its forwarding headers are appended to.
+    trusted: bool,
+}
+
+impl Peer {
+    pub fn new(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> Self {
+        let ip = peer.ip().to_canonical();
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        Self {
+            ip: peer_ip(SocketAddr::new(ip, peer.port())),
+            node: HeaderValue::try_from(node).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            trusted: trusted.iter().any(|n| n.contains(&ip)),
+        }
+    }
+}
+
+/// The client's address as an `X-Forwarded-For` element.
 pub(crate) fn peer_ip(peer: SocketAddr) -> HeaderValue {
     HeaderValue::try_from(peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// `prepare_request_headers` with the client's address already formatted.
-pub(crate) fn prepare_headers(
-    h: &mut HeaderMap,
-    peer_ip: &HeaderValue,
-    tls: bool,
-    request_id: bool,
-) {
-    // A request with both Transfer-Encoding and Content-Length is framed by the former (RFC 9112
-    // 6.3); the length must not travel on, or the upstream could frame the body differently
-    // (request smuggling). The body is re-framed upstream.
+/// A client's `X-Request-Id` is kept when it is 1-128 visible ASCII characters.
+fn usable_request_id(v: &HeaderValue) -> bool {
+    (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// `a, b` from the values of `name` and `last`.
+fn appended(h: &HeaderMap, name: &HeaderName, last: &[u8]) -> Option<HeaderValue> {
+    let mut joined = Vec::with_capacity(64);
+    for v in h.get_all(name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(last);
+    HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+}
+
+/// Rewrites a request's headers for the upstream:
+/// - hop-by-hop headers dropped (a `Content-Length` beside a `Transfer-Encoding` too: the body
+///   is re-framed, and two framings must never travel on);
+/// - several `Cookie` fields (HTTP/2 sends one per cookie) joined with `; ` (RFC 9113 8.2.3);
+/// - `X-Request-Id` kept when usable, else a new one (when `request_id`);
+/// - `X-Forwarded-For`/`-Proto`/`-Host`, `Forwarded` and `X-Real-IP` from what fleetlb saw. A
+///   trusted proxy's own values are kept and the peer appended (ALB's `append`); anyone else's
+///   are replaced, so a client cannot pass for another address, scheme or host.
+pub(crate) fn prepare_headers(h: &mut HeaderMap, peer: &Peer, tls: bool, request_id: bool) {
     if h.contains_key(header::TRANSFER_ENCODING) {
         h.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(h);
-    if request_id && !h.contains_key(&X_REQUEST_ID) {
-        h.insert(&X_REQUEST_ID, self::request_id());
-    }
-    match h.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut joined = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
-            joined.extend_from_slice(prev.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(peer_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
-                h.insert(&X_FORWARDED_FOR, v);
+    let mut cookies = h.get_all(header::COOKIE).iter();
+    if cookies.next().is_some() && cookies.next().is_some() {
+        let mut joined = Vec::with_capacity(256);
+        for (i, c) in h.get_all(header::COOKIE).iter().enumerate() {
+            if i > 0 {
+                joined.extend_from_slice(b"; ");
             }
+            joined.extend_from_slice(c.as_bytes());
         }
-        None => {
-            h.insert(&X_FORWARDED_FOR, peer_ip.clone());
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+            h.insert(header::COOKIE, v);
         }
     }
-    // Set, never passed on: only what this hop saw counts.
-    h.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    if !h.contains_key(&X_FORWARDED_HOST)
-        && let Some(host) = h.get(header::HOST).cloned()
+    let mut ids = h.get_all(&X_REQUEST_ID).iter();
+    let usable = match (ids.next(), ids.next()) {
+        (Some(v), None) => usable_request_id(v),
+        _ => false,
+    };
+    if !usable {
+        if request_id {
+            h.insert(&X_REQUEST_ID, self::request_id());
+        } else {
+            h.remove(&X_REQUEST_ID);
+        }
+    }
+    let proto = if tls { "https" } else { "http" };
+    let host = h.get(header::HOST).cloned();
+    // A Forwarded element: for=...;proto=...;host="..." (the host only when it can be quoted).
+    let mut element = Vec::with_capacity(48);
+    element.extend_from_slice(b"for=");
+    element.extend_from_slice(peer.node.as_bytes());
+    element.extend_from_slice(b";proto=");
+    element.extend_from_slice(proto.as_bytes());
+    if let Some(host) = &host
+        && host
+            .as_bytes()
+            .iter()
+            .all(|b| (0x21..=0x7e).contains(b) && *b != b'"' && *b != b'\\')
     {
-        h.insert(&X_FORWARDED_HOST, host);
+        element.extend_from_slice(b";host=\"");
+        element.extend_from_slice(host.as_bytes());
+        element.push(b'"');
+    }
+    if peer.trusted {
+        if let Some(v) = appended(h, &X_FORWARDED_FOR, peer.ip.as_bytes()) {
+            h.insert(&X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = appended(h, &FORWARDED, &element) {
+            h.insert(&FORWARDED, v);
+        }
+        if !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !h.contains_key(&X_FORWARDED_HOST)
+            && let Some(host) = host
+        {
+            h.insert(&X_FORWARDED_HOST, host);
+        }
+        if !h.contains_key(&X_REAL_IP) {
+            h.insert(&X_REAL_IP, peer.ip.clone());
+        }
+        return;
+    }
+    h.insert(&X_FORWARDED_FOR, peer.ip.clone());
+    h.insert(&X_REAL_IP, peer.ip.clone());
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(host) => h.insert(&X_FORWARDED_HOST, host),
+        None => h.remove(&X_FORWARDED_HOST),
+    };
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(element)) {
+        h.insert(&FORWARDED, v);
     }
 }
 

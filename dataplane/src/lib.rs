@@ -12,6 +12,7 @@
 pub mod admin;
 mod balance;
 mod body;
+mod conn;
 mod endpoint;
 mod error;
 mod h1;
@@ -31,6 +32,7 @@ pub mod fuzzing {
     }
 }
 mod headers;
+pub mod limits;
 pub mod metrics;
 mod outlier;
 pub mod path;
@@ -57,6 +59,8 @@ pub use body::ResponseBody;
 pub use error::ProxyError;
 /// The request-header rewriting applied to every forwarded request (public for the fuzz targets).
 pub use headers::{prepare_request_headers, strip_hop_by_hop};
+pub use ipnet::IpNet;
+pub use limits::Limits;
 pub use metrics::Metrics;
 pub use routes::{
     BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
@@ -68,21 +72,15 @@ use table::Table;
 /// Proxy settings that are not per route. Defaults suit a LAN or VPC.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Time allowed to open an upstream connection (default 1 s).
-    pub connect_timeout: Duration,
-    /// Time a client has to send its request headers (default 10 s): cuts slowloris clients.
-    pub header_read_timeout: Duration,
-    /// Largest request head accepted (default 64 KiB); larger heads get 431.
-    pub max_header_bytes: usize,
-    /// Open client connections at most (default 10 000); extra connections are closed at once.
-    pub max_connections: usize,
-    /// Time given to requests in flight on shutdown (default 30 s).
-    pub drain_timeout: Duration,
-    /// Latency charged to an endpoint for a failure (5xx, 429, refused, reset, timeout); default 1 s.
+    /// Every timer and bound of client connections and upstream exchanges.
+    pub limits: Limits,
+    /// Latency charged to an endpoint for a failure (5xx, refused, reset, timeout) and for a
+    /// 429 (which slows it down but never ejects it); default 1 s.
     pub failure_penalty: Duration,
     /// Attempts per request including retries to other endpoints (default 3).
     pub max_attempts: u32,
-    /// Give requests without an `X-Request-Id` a random one (default true); existing ids pass.
+    /// Give requests without a usable `X-Request-Id` a random one (default true); an id of
+    /// 1-128 visible ASCII characters passes.
     pub request_id: bool,
     /// `Via` header added to responses, e.g. `1.1 fleetlb` (default none).
     pub via: Option<http::HeaderValue>,
@@ -94,22 +92,22 @@ pub struct ProxyConfig {
     /// The HTTPS listener's port, where routes with `https_redirect` send plain HTTP requests
     /// (308); `None`: no HTTPS listener, no redirect.
     pub https_port: Option<u16>,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are believed (appended to);
+    /// from anyone else those headers are replaced by what fleetlb saw (default: none).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-            max_connections: 10_000,
-            drain_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
             failure_penalty: Duration::from_secs(1),
             max_attempts: 3,
             request_id: true,
             via: None,
             pool_idle_timeout: Duration::from_secs(4),
             https_port: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -130,6 +128,11 @@ impl Clock {
     pub(crate) fn now(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }
+
+    /// The instant `ns` nanoseconds after the start.
+    pub(crate) fn instant(&self, ns: u64) -> tokio::time::Instant {
+        self.base + Duration::from_nanos(ns)
+    }
 }
 
 pub(crate) struct Shared {
@@ -137,7 +140,9 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub metrics: Metrics,
     pub config: ProxyConfig,
-    /// `config.max_connections` permits, shared by every listener of the process.
+    /// `config.limits`, shared with every client connection.
+    pub limits: Arc<Limits>,
+    /// `limits.max_connections` permits, shared by every listener of the process.
     pub connection_limit: Arc<tokio::sync::Semaphore>,
     /// Endpoints that left the table with requests still in flight, by instance id, kept until
     /// those requests end (the route updater's 1 s sweep drops them) so the controller can see
@@ -192,7 +197,10 @@ impl Dataplane {
                 table: ArcSwap::from_pointee(Table::default()),
                 clock: Clock::new(),
                 metrics: Metrics::new(registry)?,
-                connection_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+                connection_limit: Arc::new(tokio::sync::Semaphore::new(
+                    config.limits.max_connections as usize,
+                )),
+                limits: Arc::new(config.limits.clone()),
                 config,
                 departed: std::sync::Mutex::default(),
                 id: format!("{:016x}", fastrand::u64(..)),
@@ -350,6 +358,7 @@ impl Dataplane {
         m.latency.reset();
         m.inflight.reset();
         m.endpoints.reset();
+        m.queued.reset();
         for c in self.snapshot() {
             let mut counts = [0i64; 3];
             for e in &c.endpoints {
@@ -365,6 +374,9 @@ impl Dataplane {
                 m.inflight
                     .with_label_values(&[cl, &e.address])
                     .set(i64::from(e.inflight));
+                m.queued
+                    .with_label_values(&[cl, &e.address])
+                    .set(i64::from(e.queued));
                 counts[e.state as usize] += 1;
             }
             for (state, n) in EndpointState::ALL.iter().map(|s| s.as_str()).zip(counts) {
@@ -459,6 +471,7 @@ fn cluster_snapshot(c: &table::Cluster, now: u64) -> ClusterSnapshot {
                 ejected_for_ms: ejection.map(|(_, until)| (until - now) / 1_000_000),
                 ejections: s.ejections(),
                 inflight: s.inflight(),
+                queued: e.queued.load(std::sync::atomic::Ordering::Relaxed),
                 idle_connections: e.pool.idle(),
                 selections,
                 share: if total == 0 {
@@ -526,8 +539,10 @@ pub struct EndpointSnapshot {
     pub ejected_for_ms: Option<u64>,
     /// Times ejected since it joined (each ejection lasts one base period longer).
     pub ejections: u32,
-    /// Requests in flight.
+    /// Requests in flight (each on its own upstream connection).
     pub inflight: u32,
+    /// Requests waiting for a connection slot (`--endpoint-max-connections`).
+    pub queued: u32,
     /// Kept-alive upstream connections waiting for a request.
     pub idle_connections: usize,
     /// Requests sent to it since it joined.

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Each certificate's expiry, Unix seconds.
     pub(crate) tls_cert_expiry: GaugeVec,
     pub(crate) connections_idle_closed: IntCounter,
+    /// Clients cut off or refused by a limit, by the limit's flag.
+    pub(crate) limit_hits: IntCounterVec,
+    /// Requests waiting in each endpoint's queue (filled in at scrape time).
+    pub(crate) queued: IntGaugeVec,
     pub(crate) connect_errors: IntCounterVec,
     pub(crate) selections: IntCounterVec,
     pub(crate) ejections: IntCounterVec,
@@ -111,6 +115,20 @@ impl Metrics {
                 "fleetlb_connections_idle_closed_total",
                 "Client connections closed because they sent nothing within the header-read timeout.",
             )?,
+            limit_hits: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_limit_hits_total",
+                    "Clients cut off or refused by a limit (docs/limits.md), by the limit's flag.",
+                ),
+                &["limit"],
+            )?,
+            queued: IntGaugeVec::new(
+                Opts::new(
+                    "fleetlb_endpoint_queued",
+                    "Requests waiting for one of an endpoint's connection slots.",
+                ),
+                &["cluster", "endpoint"],
+            )?,
             connect_errors: IntCounterVec::new(
                 Opts::new(
                     "fleetlb_upstream_connect_errors_total",
@@ -172,6 +190,8 @@ impl Metrics {
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         registry.register(Box::new(m.connections_idle_closed.clone()))?;
+        registry.register(Box::new(m.limit_hits.clone()))?;
+        registry.register(Box::new(m.queued.clone()))?;
         registry.register(Box::new(m.connect_errors.clone()))?;
         registry.register(Box::new(m.selections.clone()))?;
         registry.register(Box::new(m.ejections.clone()))?;

@@ -121,9 +121,12 @@ async fn probe_once(
         upgrade: false,
     };
     let settings = h1::Settings {
-        connect_timeout: shared.config.connect_timeout.min(limit),
+        connect_timeout: shared.limits.connect_timeout.min(limit),
         idle_timeout: shared.config.pool_idle_timeout,
         timeout: None,
+        client_gap: limit,
+        client_min_rate: 0,
+        upstream_gap: limit,
     };
     let attempt = async {
         let mut answer = h1::send(&ep.pool, ep.addr, &head, &mut None, settings, true)

@@ -14,6 +14,7 @@
 //! endpoint's estimate, failure count, health or ejection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,11 +29,12 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::balance;
-use crate::body::{InflightGuard, ResponseBody};
+use crate::body::{Full, InflightGuard, ResponseBody};
+use crate::conn::{Active, ConnState, Phase};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
 use crate::h1;
-use crate::headers::{prepare_headers, strip_hop_by_hop};
+use crate::headers::{Peer, prepare_headers, strip_hop_by_hop};
 use crate::outlier;
 use crate::rules::Rule;
 use crate::table::Cluster;
@@ -40,9 +42,23 @@ use crate::table::Cluster;
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
     shared: &Shared,
-    mut req: Request<Incoming>,
-    peer_ip: &HeaderValue,
+    req: Request<Incoming>,
+    peer: &Peer,
     tls: bool,
+    mut active: Active,
+) -> Response<ResponseBody> {
+    let mut resp = route_and_forward(shared, req, peer, tls, &active).await;
+    active.answered();
+    resp.body_mut().track(active);
+    resp
+}
+
+async fn route_and_forward(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    peer: &Peer,
+    tls: bool,
+    active: &Active,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     match crate::path::normalize(req.uri().path()) {
@@ -95,7 +111,7 @@ pub(crate) async fn handle(
         return resp;
     }
     let upgrade = upgrade_request(&mut req);
-    prepare_headers(req.headers_mut(), peer_ip, tls, shared.config.request_id);
+    prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -107,7 +123,13 @@ pub(crate) async fn handle(
         cluster: &cluster,
         armed: true,
     };
-    let mut resp = match forward(shared, &cluster, req, upgrade.map(|(_, on)| on)).await {
+    if req.version() == Version::HTTP_2 {
+        // Let the connection read what came with this stream's HEADERS: a client that reset
+        // it at once (rapid reset) has it dropped here, before any upstream work.
+        tokio::task::yield_now().await;
+    }
+    let upgrade = upgrade.map(|(_, on)| (on, active.conn().clone()));
+    let mut resp = match forward(shared, &cluster, req, upgrade).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
@@ -231,20 +253,28 @@ fn bad_path(shared: &Shared) -> Response<ResponseBody> {
 /// Refuses what cannot be forwarded faithfully, and settles the host the upstream sees:
 /// - a transfer coding other than `chunked` (`gzip, chunked`): fleetlb re-frames bodies and
 ///   would pass the coded bytes on as plain ones, so 501 (RFC 9112 section 6.1);
+/// - `chunked` named more than once: 400, and the connection closes;
 /// - more than one `Host` line: 400;
 /// - a target with an authority (HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target)
 ///   sets `Host`, which it outranks (RFC 9112 section 3.2.2); `X-Forwarded-Host` is made
 ///   from it.
 fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
     let h = req.headers();
+    let mut chunked = 0;
     for te in h.get_all(header::TRANSFER_ENCODING) {
-        let only_chunked = te.as_bytes().split(|&b| b == b',').all(|c| {
+        for c in te.as_bytes().split(|&b| b == b',') {
             let c = c.trim_ascii();
-            c.is_empty() || c.eq_ignore_ascii_case(b"chunked")
-        });
-        if !only_chunked {
-            return Err(ProxyError::UnsupportedTransferCoding);
+            if c.eq_ignore_ascii_case(b"chunked") {
+                chunked += 1;
+            } else if !c.is_empty() {
+                return Err(ProxyError::UnsupportedTransferCoding);
+            }
         }
+    }
+    if chunked > 1 {
+        // `chunked, chunked` or two `Transfer-Encoding: chunked` lines: servers disagree on
+        // what that frames (request smuggling); nginx and HAProxy refuse it too.
+        return Err(ProxyError::BadFraming);
     }
     let mut hosts = h.get_all(header::HOST).iter();
     if hosts.next().is_some() && hosts.next().is_some() {
@@ -295,9 +325,10 @@ async fn forward(
     shared: &Shared,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
-    mut client_upgrade: Option<OnUpgrade>,
+    mut client_upgrade: Option<(OnUpgrade, Arc<ConnState>)>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &shared.config;
+    let limits = &*shared.limits;
     let decay = cluster.balancing.decay.as_nanos() as f64;
     let penalty = cfg.failure_penalty.as_nanos() as f64;
     let (mut parts, body) = req.into_parts();
@@ -321,10 +352,14 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let gap = cluster.body_timeout;
     let settings = h1::Settings {
-        connect_timeout: cfg.connect_timeout,
+        connect_timeout: limits.connect_timeout,
         idle_timeout: cfg.pool_idle_timeout,
         timeout: Some(cluster.request_timeout),
+        client_gap: gap.unwrap_or(limits.body_timeout),
+        client_min_rate: limits.min_rate,
+        upstream_gap: gap.unwrap_or(limits.upstream_body_timeout),
     };
     let headers = parts.headers;
     let mut failed: Option<Arc<Endpoint>> = None;
@@ -353,10 +388,20 @@ async fn forward(
             tracing::debug!(cluster = %cluster.name, "retry budget spent");
             return Err(last_err);
         }
+        // A full endpoint is busy, not sick: the client gets a 503 that says so, and nothing
+        // counts against the endpoint.
+        let guard = match InflightGuard::acquire(ep, limits).await {
+            Ok(g) => g,
+            Err(full) => {
+                let flag = match full {
+                    Full::Queue => "endpoint-queue",
+                    Full::Wait => "endpoint-queue-timeout",
+                };
+                shared.metrics.limit_hits.with_label_values(&[flag]).inc();
+                return Err(ProxyError::EndpointFull);
+            }
+        };
         ep.metrics.selections.inc();
-
-        let guard = InflightGuard::new(ep.clone());
-        let sent = now;
         let head = h1::Head {
             method: &parts.method,
             path: &path,
@@ -368,9 +413,9 @@ async fn forward(
         let sending = h1::send(&ep.pool, ep.addr, &head, &mut body, settings, idempotent);
         let result = sending.await;
         let now = shared.clock.now();
-        let rtt = Duration::from_nanos(now.saturating_sub(sent));
         match result {
             Ok(mut answer) => {
+                let rtt = answer.waited;
                 let switched = answer.body.take_switched();
                 let agreed = answer
                     .headers
@@ -394,16 +439,25 @@ async fn forward(
                     rtt,
                     now,
                 );
-                let mut resp = Response::new(match switched {
-                    Some(_) => ResponseBody::message(Bytes::new()),
-                    None => ResponseBody::own(answer.body, guard),
-                });
-                *resp.status_mut() = answer.status;
-                *resp.headers_mut() = answer.headers;
+                let headers_back = std::mem::take(&mut answer.headers);
+                let status = answer.status;
+                let (body_out, tunnel_guard) = match switched {
+                    Some(_) => (ResponseBody::message(Bytes::new()), Some(guard)),
+                    None => (ResponseBody::own(answer.body, guard), None),
+                };
+                let mut resp = Response::new(body_out);
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers_back;
                 match (switched, client_upgrade.take()) {
-                    (Some(upstream), Some(client)) => {
+                    (Some(upstream), Some((client, conn))) => {
                         // The upgrade's own headers stay: they tell the client what it got.
-                        tunnel(client, upstream, cluster.name.clone());
+                        // The tunnel keeps the request in flight and the connection counted.
+                        let tunnel = Tunnel {
+                            cluster: cluster.name.clone(),
+                            guard: tunnel_guard,
+                            conn,
+                        };
+                        tunnel.spawn(client, upstream);
                     }
                     _ => strip_hop_by_hop(resp.headers_mut()),
                 }
@@ -421,8 +475,9 @@ async fn forward(
                 }
                 match err {
                     h1::Error::Timeout { client: true } => {
-                        // The client stopped sending its body; the endpoint was waiting for it.
-                        tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled past the request timeout");
+                        // The client stopped sending its body, or sent it too slowly; the
+                        // endpoint was waiting for it.
+                        tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled or too slow");
                         return Err(ProxyError::ClientTimeout);
                     }
                     h1::Error::Timeout { client: false } => {
@@ -436,6 +491,11 @@ async fn forward(
                         // out: not the backend's fault, and not safe to send again.
                         tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, ?err, "pooled connection closed under a request that cannot be resent");
                         return Err(ProxyError::UpstreamReset);
+                    }
+                    h1::Error::Local(e) => {
+                        // The proxy's own exhaustion (descriptors, ports): never the endpoint's.
+                        tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "out of local resources for an upstream connection");
+                        return Err(ProxyError::LocalResources);
                     }
                     _ => {}
                 }
@@ -482,36 +542,104 @@ async fn forward(
     Err(last_err)
 }
 
-/// Joins the client's upgraded connection and the upstream's switched one (with the bytes the
-/// upstream sent after its `101`) and copies bytes both ways until either side closes.
-fn tunnel(client: OnUpgrade, upstream: h1::Conn, cluster: String) {
-    tokio::spawn(async move {
-        let client = match client.await {
-            Ok(c) => c,
-            Err(err) => {
-                tracing::debug!(%cluster, ?err, "upgrade failed");
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let h1::Conn {
-            io: mut up, buf, ..
-        } = upstream;
-        if !buf.is_empty()
-            && let Err(err) = tokio::io::AsyncWriteExt::write_all(&mut client, &buf).await
-        {
-            tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
-            return;
-        }
-        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
-            tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
-        }
-    });
+/// A WebSocket tunnel: a request in flight to its endpoint and a client connection (in
+/// `fleetlb_connections_active`, holding its `--max-connections` slot) until it ends. It ends
+/// when either side closes, after `--tunnel-idle-timeout` without a byte either way, or when
+/// the listener's drain is over.
+struct Tunnel {
+    cluster: String,
+    guard: Option<InflightGuard>,
+    conn: Arc<ConnState>,
 }
 
-/// Error-aware learning: a 5xx or 429 counts as a slow response (the failure penalty), so an
-/// endpoint that fails fast never looks fast, and counts toward outlier ejection. `Retry-After`
-/// on 429/503 takes the endpoint out of rotation for that long (1-60 s).
+impl Tunnel {
+    /// Joins the client's upgraded connection and the upstream's switched one (with the bytes
+    /// the upstream sent after its `101`) and copies bytes both ways.
+    fn spawn(self, client: OnUpgrade, upstream: h1::Conn) {
+        let ctl = self.conn.ctl.clone();
+        ctl.tasks.spawn(async move {
+            let cluster = &self.cluster;
+            let client = match client.await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::debug!(%cluster, ?err, "upgrade failed");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let h1::Conn {
+                io: mut up, buf, ..
+            } = upstream;
+            if !buf.is_empty()
+                && let Err(err) = tokio::io::AsyncWriteExt::write_all(&mut client, &buf).await
+            {
+                tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
+                return;
+            }
+            let idle = self.conn.limits.tunnel_idle_timeout;
+            let mut phase = self.conn.ctl.phase.clone();
+            let (mut cr, mut cw) = tokio::io::split(client);
+            let (mut ur, mut uw) = up.split();
+            let started = Instant::now();
+            let last = AtomicU64::new(0);
+            let moved = || last.store(started.elapsed().as_millis() as u64, Relaxed);
+            let quiet_until = || started + Duration::from_millis(last.load(Relaxed)) + idle;
+            let up_way = copy_noting(&mut cr, &mut uw, &moved);
+            let down_way = copy_noting(&mut ur, &mut cw, &moved);
+            let watch = async {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(quiet_until()) => {
+                            if Instant::now() >= quiet_until() {
+                                self.conn.limit_hit("tunnel-idle-timeout");
+                                return;
+                            }
+                        }
+                        _ = phase.wait_for(|p| *p == Phase::Closing) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                r = futures::future::try_join(up_way, down_way) => {
+                    if let Err(err) = r {
+                        tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
+                    }
+                }
+                () = watch => tracing::debug!(%cluster, "tunnel closed: idle, or the drain is over"),
+            }
+            drop(self.guard);
+        });
+    }
+}
+
+/// Copies `from` to `to` until end of file, calling `moved` on every chunk; shuts `to` down
+/// at the end so the other side sees the close.
+async fn copy_noting<R, W>(from: &mut R, to: &mut W, moved: &impl Fn()) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        moved();
+        to.write_all(&buf[..n]).await?;
+        moved();
+    }
+}
+
+/// Error-aware learning, by whose doing the status is:
+/// - a 5xx the endpoint generated counts as a slow response (the failure penalty, so an
+///   endpoint that fails fast never looks fast) and toward ejection, except `501` and `505`,
+///   which answer the client's method or HTTP version; `503` with `Retry-After` takes it out
+///   of rotation for that long, at most the cluster's base ejection time;
+/// - a `429` slows it down (the penalty in its estimate, so it gets fewer new requests) but
+///   never counts toward ejection: any client can provoke one;
+/// - anything else is a latency sample.
 fn learn_from_status(
     shared: &Shared,
     cluster: &Cluster,
@@ -523,27 +651,35 @@ fn learn_from_status(
 ) {
     let decay = cluster.balancing.decay.as_nanos() as f64;
     let status = status.as_u16();
-    if status >= 500 || status == 429 {
-        let penalty = shared.config.failure_penalty.max(rtt);
-        ep.state.observe(penalty.as_nanos() as f64, now, decay);
-        outlier::on_failure(&shared.metrics, cluster, ep, now);
-        let retry_after = headers
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if let (429 | 503, Some(secs)) = (status, retry_after) {
-            let period = Duration::from_secs(secs.clamp(1, 60));
-            outlier::try_eject(
-                &shared.metrics,
-                cluster,
-                ep,
-                now,
-                EjectReason::RetryAfter,
-                Some(period),
-            );
+    let penalty = shared.config.failure_penalty.max(rtt).as_nanos() as f64;
+    match status {
+        429 => ep.state.observe(penalty, now, decay),
+        501 | 505 => {
+            ep.state.request_succeeded();
+            ep.state.observe(rtt.as_nanos() as f64, now, decay);
         }
-    } else {
-        ep.state.request_succeeded();
-        ep.state.observe(rtt.as_nanos() as f64, now, decay);
+        500.. => {
+            ep.state.observe(penalty, now, decay);
+            outlier::on_failure(&shared.metrics, cluster, ep, now);
+            let retry_after = headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if let (503, Some(secs)) = (status, retry_after) {
+                let period = Duration::from_secs(secs.max(1)).min(cluster.outlier.base_ejection);
+                outlier::try_eject(
+                    &shared.metrics,
+                    cluster,
+                    ep,
+                    now,
+                    EjectReason::RetryAfter,
+                    Some(period),
+                );
+            }
+        }
+        _ => {
+            ep.state.request_succeeded();
+            ep.state.observe(rtt.as_nanos() as f64, now, decay);
+        }
     }
 }

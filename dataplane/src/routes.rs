@@ -38,6 +38,9 @@ pub struct RouteConfig {
     pub outlier: OutlierConfig,
     /// Time allowed for upstream response headers; past it the client gets 504.
     pub request_timeout: Duration,
+    /// Longest gap in a request or response body on this route (`spec.timeouts.bodyIdleSeconds`);
+    /// `None`: the proxy's `--client-body-timeout` and `--upstream-body-timeout`.
+    pub body_timeout: Option<Duration>,
     /// Endpoints, best first (the controller's ranking; the balancer keeps its own live estimates).
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -139,6 +142,7 @@ impl RouteConfig {
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),
             request_timeout: Duration::from_secs(30),
+            body_timeout: None,
             endpoints,
         }
     }

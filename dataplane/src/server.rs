@@ -1,4 +1,7 @@
 //! The client-facing listener: accept, limit, serve HTTP/1.1 and HTTP/2, drain on shutdown.
+//!
+//! Every connection runs under `conn::drive`, which holds its timers (see `limits`); this file
+//! only accepts, hands out the `--max-connections` slots and runs the drain.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,10 +10,11 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::conn::{self, ClientIo, ConnState, ListenerCtl, Phase};
 use crate::{Shared, proxy};
 
 /// What the connections of one listener share: a single `Arc` clone per connection and per
@@ -18,12 +22,13 @@ use crate::{Shared, proxy};
 struct Listener {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
+    ctl: Arc<ListenerCtl>,
 }
 
 const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\n\r\nconnection limit reached\n";
 
 /// Accepts client connections until `shutdown` completes, then stops accepting and waits up to
-/// `ProxyConfig::drain_timeout` for requests in flight to finish.
+/// `--drain-timeout` for requests and tunnels in flight to finish; what is left is closed.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -31,25 +36,36 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let cfg = &shared.config;
+    let limits = shared.limits.clone();
+    // The head timer is fleetlb's own (`conn`): from the first byte of each head, not from the
+    // end of the last response, so an idle keep-alive connection gets its own, longer, timer.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_buf_size((limits.max_header_bytes as usize).max(8192))
         .keep_alive(true);
     // HTTP/2 (ALPN h2 on the HTTPS listener, prior knowledge on the plain one): the same
-    // header budget as HTTP/1, bounded streams, and pings so a dead peer frees its slot.
+    // header budget as HTTP/1, bounded streams, resets of streams not yet accepted bounded
+    // (h2's own guard, beside fleetlb's count of resets of accepted ones), and pings so a dead
+    // peer frees its slot (pings are not activity: the keep-alive timer still runs).
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_pending_accept_reset_streams(Some(20))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
-    let (first_byte, drain) = (cfg.header_read_timeout, cfg.drain_timeout);
-    let this = Arc::new(Listener { shared, builder });
-    let graceful = GracefulShutdown::new();
+    let (phase_tx, phase) = watch::channel(Phase::Serving);
+    let ctl = Arc::new(ListenerCtl {
+        phase,
+        tasks: tokio_util::task::TaskTracker::new(),
+    });
+    let this = Arc::new(Listener {
+        shared,
+        builder,
+        ctl: ctl.clone(),
+    });
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -79,96 +95,114 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_total.inc();
-        let svc_this = this.clone();
-        let peer_ip = crate::headers::peer_ip(peer);
-        let secure = tls.is_some();
-        let svc = service_fn(move |req| {
-            let this = svc_this.clone();
-            let peer_ip = peer_ip.clone();
-            // Boxed: hyper keeps the service's future inside every connection, idle ones too;
-            // one allocation per request keeps that space out of every idle connection.
-            Box::pin(async move {
-                Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure).await)
-            })
-        });
-        let watcher = graceful.watcher();
+        let state = Arc::new(ConnState::new(shared, permit, this.ctl.clone()));
         let this = this.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
-            let metrics = &this.shared.metrics;
-            metrics.connections_active.inc();
-            // hyper's header timer starts at the first byte, and HTTP/1-or-2 detection waits for
-            // it: a connection that never sends one would hold its slot forever.
-            let mut probe = [0u8; 1];
-            let sent = tokio::time::timeout(first_byte, stream.peek(&mut probe)).await;
-            if !matches!(sent, Ok(Ok(n)) if n > 0) {
-                metrics.connections_idle_closed.inc();
-            } else if let Some(acceptor) = tls {
-                // The handshake gets the same time a request's headers get.
-                match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let version = match stream.get_ref().1.protocol_version() {
-                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
-                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
-                            _ => "",
-                        };
-                        metrics
-                            .tls_handshakes
-                            .with_label_values(&["ok", version])
-                            .inc();
-                        run(&this, TokioIo::new(stream), svc, watcher, peer).await;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::debug!(%peer, %err, "TLS handshake failed");
-                        metrics
-                            .tls_handshakes
-                            .with_label_values(&["failed", ""])
-                            .inc();
-                    }
-                    Err(_) => {
-                        metrics
-                            .tls_handshakes
-                            .with_label_values(&["timeout", ""])
-                            .inc();
-                    }
-                }
-            } else {
-                run(&this, TokioIo::new(stream), svc, watcher, peer).await;
-            }
-            metrics.connections_active.dec();
-            drop(permit);
-        });
+        ctl.tasks
+            .spawn(async move { accepted(&this, stream, peer, tls, state).await });
     }
     drop(listener);
     tracing::info!("draining client connections");
+    let _ = phase_tx.send(Phase::Draining);
+    ctl.tasks.close();
+    let drain = this.shared.limits.drain_timeout;
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all client connections closed"),
-        () = tokio::time::sleep(drain) => tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections"),
+        () = ctl.tasks.wait() => tracing::info!("all client connections closed"),
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(timeout = ?drain, remaining = ctl.tasks.len(), "drain timeout reached; closing remaining connections and tunnels");
+            let _ = phase_tx.send(Phase::Closing);
+            // They close at once; wait for that so nothing outlives the listener.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ctl.tasks.wait()).await;
+        }
     }
 }
 
-/// Serves one client connection (plain or TLS) until it ends or the drain closes it.
-async fn run<I, S>(
-    this: &Listener,
-    io: I,
-    svc: S,
-    watcher: hyper_util::server::graceful::Watcher,
+/// Serves one accepted connection: waits for its first byte, does the TLS handshake, then
+/// HTTP, all under the head timer.
+async fn accepted(
+    this: &Arc<Listener>,
+    stream: TcpStream,
     peer: std::net::SocketAddr,
+    tls: Option<TlsAcceptor>,
+    state: Arc<ConnState>,
+) {
+    let metrics = &this.shared.metrics;
+    // HTTP/1-or-2 detection and the TLS handshake wait for the first byte: a connection that
+    // never sends one is closed at the head timeout.
+    let mut probe = [0u8; 1];
+    let first = tokio::time::timeout(state.limits.head_timeout, stream.peek(&mut probe)).await;
+    if !matches!(first, Ok(Ok(n)) if n > 0) {
+        metrics.connections_idle_closed.inc();
+        state.limit_hit("client-head-timeout");
+        return;
+    }
+    state.first_byte();
+    let io = ClientIo::new(stream, state.clone());
+    let Some(acceptor) = tls else {
+        return run(this, TokioIo::new(io), peer, false, state).await;
+    };
+    // The handshake counts toward the first request's head time.
+    match tokio::time::timeout_at(state.head_deadline(), acceptor.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let version = match stream.get_ref().1.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+                _ => "",
+            };
+            metrics
+                .tls_handshakes
+                .with_label_values(&["ok", version])
+                .inc();
+            run(this, TokioIo::new(stream), peer, true, state).await;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "TLS handshake failed");
+            metrics
+                .tls_handshakes
+                .with_label_values(&["failed", ""])
+                .inc();
+        }
+        Err(_) => {
+            state.limit_hit("client-head-timeout");
+            metrics
+                .tls_handshakes
+                .with_label_values(&["timeout", ""])
+                .inc();
+        }
+    }
+}
+
+/// Serves HTTP on one client connection (plain or TLS) until it ends, breaks a limit, or the
+/// drain closes it.
+async fn run<I>(
+    this: &Arc<Listener>,
+    io: I,
+    peer: std::net::SocketAddr,
+    secure: bool,
+    state: Arc<ConnState>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<crate::ResponseBody>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
 {
+    let peer_ip = crate::headers::Peer::new(peer, &this.shared.config.trusted_proxies);
+    let svc_this = this.clone();
+    let svc_state = state.clone();
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let this = svc_this.clone();
+        let peer_ip = peer_ip.clone();
+        let state = svc_state.clone();
+        // Boxed: hyper keeps the service's future inside every connection, idle ones too;
+        // one allocation per request keeps that space out of every idle connection.
+        Box::pin(async move {
+            let h2 = req.version() == http::Version::HTTP_2;
+            let Some(active) = state.begin(h2).await else {
+                return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
+            };
+            Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure, active).await)
+        })
+    });
     let conn = this
         .builder
         .serve_connection_with_upgrades(io, svc)
         .into_owned();
-    if let Err(err) = watcher.watch(conn).await {
-        tracing::debug!(%peer, ?err, "client connection ended with an error");
-    }
+    conn::drive(conn, |c| c.graceful_shutdown(), &state).await;
 }

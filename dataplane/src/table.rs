@@ -62,6 +62,7 @@ pub(crate) struct Cluster {
     pub health: HealthConfig,
     pub outlier: OutlierConfig,
     pub request_timeout: Duration,
+    pub body_timeout: Option<Duration>,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin position.
     pub rr: AtomicUsize,
@@ -91,6 +92,7 @@ impl Cluster {
             health: route.health.clone(),
             outlier: route.outlier.clone(),
             request_timeout: route.request_timeout,
+            body_timeout: route.body_timeout,
             endpoints,
             rr: AtomicUsize::new(0),
             carried,

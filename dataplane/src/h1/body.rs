@@ -32,7 +32,7 @@ pub(crate) enum Framing {
 pub(crate) struct Sending {
     pub sender: Sender,
     pub timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    pub timeout: Option<std::time::Duration>,
+    pub settings: super::Settings,
 }
 
 /// A response body read from the upstream connection as the client takes it. When the body
@@ -47,6 +47,11 @@ pub(crate) struct Body {
     /// A failure reported on the next poll, once the bytes before it have been flushed to the
     /// client (the server side only flushes when the body is pending).
     failed: Option<Error>,
+    /// Longest wait for the upstream's next body bytes, and the timer for it (made the first
+    /// time a read has to wait: most bodies come whole with their head).
+    gap: std::time::Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall_armed: bool,
 }
 
 impl Body {
@@ -57,13 +62,23 @@ impl Body {
             reuse,
             sending: None,
             failed: None,
+            gap: std::time::Duration::from_secs(60),
+            stall: None,
+            stall_armed: false,
         }
     }
 
     /// Attaches the connection, and the request body still being sent if there is one; gives
     /// the connection straight back when both are already complete.
-    pub(super) fn start(&mut self, conn: Conn, pool: &Pool, sending: Option<Sending>) {
+    pub(super) fn start(
+        &mut self,
+        conn: Conn,
+        pool: &Pool,
+        sending: Option<Sending>,
+        gap: std::time::Duration,
+    ) {
         self.conn = Some(conn);
+        self.gap = gap;
         self.sending = sending.map(Box::new);
         if let Framing::Length(0) = self.framing {
             self.finish(pool);
@@ -123,10 +138,16 @@ impl Body {
             };
             if let Some(s) = self.sending.as_mut() {
                 let polled = s.sender.poll_send(cx, &mut c.io);
-                if s.sender.take_progress()
-                    && let (Some(t), Some(timeout)) = (s.timer.as_mut(), s.timeout)
-                {
-                    t.as_mut().reset(tokio::time::Instant::now() + timeout);
+                let on_client = s.sender.waiting_on_client;
+                if s.sender.take_progress() || on_client != s.sender.timed_on_client {
+                    s.sender.timed_on_client = on_client;
+                    if let Some(wait) = s.settings.wait(on_client) {
+                        let at = tokio::time::Instant::now() + wait;
+                        match s.timer.as_mut() {
+                            Some(t) => t.as_mut().reset(at),
+                            None => s.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                        }
+                    }
                 }
                 match polled {
                     Poll::Ready(Ok(())) => self.sending = None,
@@ -146,6 +167,11 @@ impl Body {
                         tracing::trace!(?e, "upstream stopped taking the request body");
                         self.sending = None;
                         self.reuse = false;
+                    }
+                    Poll::Ready(Err(SendError::TooSlow)) => {
+                        self.sending = None;
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(Error::Timeout { client: true })));
                     }
                     Poll::Ready(Err(SendError::Client(e))) => {
                         // The client broke its own request: the exchange is void.
@@ -187,7 +213,31 @@ impl Body {
                     }
                 }
             }
-            match ready!(c.poll_read(cx)) {
+            let read = match c.poll_read(cx) {
+                Poll::Ready(r) => {
+                    self.stall_armed = false;
+                    r
+                }
+                Poll::Pending => {
+                    // Waiting on the upstream (never on the client: this is only polled when
+                    // the client can take more): it has `gap` to send its next bytes.
+                    let at = tokio::time::Instant::now() + self.gap;
+                    let t = self
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if !self.stall_armed {
+                        t.as_mut().reset(at);
+                        self.stall_armed = true;
+                    }
+                    if t.as_mut().poll(cx).is_ready() {
+                        tracing::warn!("upstream stalled mid-body; response cut short");
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(Error::Timeout { client: false })));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match read {
                 Ok(0) if matches!(self.framing, Framing::Close) => {
                     self.framing = Framing::Done;
                     self.conn = None;
@@ -208,6 +258,8 @@ impl Body {
 pub(crate) enum SendError {
     /// The client's body failed: malformed, or the client went away.
     Client(hyper::Error),
+    /// The client sent its body slower than the minimum rate.
+    TooSlow,
     /// The upstream stopped taking it.
     Upstream(io::Error),
 }
@@ -231,10 +283,16 @@ pub(crate) struct Sender {
     /// The upstream stopped taking the body: nothing more is sent, and the connection is not
     /// reused.
     pub broken: bool,
+    /// The exchange's timer is set for a wait on the client (not on the upstream).
+    pub timed_on_client: bool,
+    /// Slowest the client may send, bytes/s, and the current window in which it made the
+    /// upstream wait: its start and the bytes since.
+    min_rate: u32,
+    window: Option<(tokio::time::Instant, u64)>,
 }
 
 impl Sender {
-    pub fn new(body: Incoming, chunked: bool) -> Self {
+    pub fn new(body: Incoming, chunked: bool, min_rate: u32) -> Self {
         Self {
             body,
             chunked,
@@ -244,6 +302,9 @@ impl Sender {
             progressed: false,
             waiting_on_client: false,
             broken: false,
+            timed_on_client: false,
+            min_rate,
+            window: None,
         }
     }
 
@@ -298,8 +359,26 @@ impl Sender {
                 return Poll::Ready(Ok(()));
             }
             self.waiting_on_client = true;
-            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    if self.window.is_none() {
+                        self.window = Some((tokio::time::Instant::now(), 0));
+                    }
+                    return Poll::Pending;
+                }
+            };
             self.waiting_on_client = false;
+            if let (Some((start, bytes)), Some(Ok(f))) = (self.window.as_mut(), frame.as_ref()) {
+                *bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                let elapsed = start.elapsed();
+                if elapsed >= crate::conn::RATE_WINDOW {
+                    if *bytes < u64::from(self.min_rate) * elapsed.as_secs() {
+                        return Poll::Ready(Err(SendError::TooSlow));
+                    }
+                    self.window = None;
+                }
+            }
             match frame {
                 None => {
                     self.done = true;

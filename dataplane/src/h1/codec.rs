@@ -45,6 +45,8 @@ pub(crate) struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Body,
+    /// The backend's time: from the last request byte written to this head.
+    pub waited: std::time::Duration,
 }
 
 /// Serialises a request head: request line, the headers as given, `Host` when missing.
@@ -205,6 +207,7 @@ pub(crate) fn parse(
         status,
         headers,
         body: Body::new(framing, !close),
+        waited: std::time::Duration::ZERO,
     }))
 }
 

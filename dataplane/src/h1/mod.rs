@@ -45,6 +45,10 @@ pub(crate) enum Error {
     Connect(#[source] io::Error),
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The proxy itself ran out of something (descriptors, ports, buffers): no endpoint's
+    /// doing.
+    #[error("local resources exhausted: {0}")]
+    Local(#[source] io::Error),
     #[error("upstream closed the connection before answering")]
     Closed,
     #[error("upstream i/o: {0}")]
@@ -113,10 +117,32 @@ impl Error {
 pub(crate) struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// How long the upstream may take to answer once the request is sent, and how long a
-    /// request body may go without moving while it is sent; `None` when the caller bounds
-    /// the exchange itself.
+    /// How long the upstream may take to answer once the request is sent, and how long it may
+    /// leave a request body unread; `None` when the caller bounds the exchange itself.
     pub timeout: Option<Duration>,
+    /// Longest gap in the client's request body, and its minimum rate (bytes/s over 10 s
+    /// windows in which it kept the upstream waiting).
+    pub client_gap: Duration,
+    pub client_min_rate: u32,
+    /// Longest gap between two reads of the upstream's response body.
+    pub upstream_gap: Duration,
+}
+
+impl Settings {
+    /// The time allowed for what the exchange waits on now.
+    fn wait(&self, on_client: bool) -> Option<Duration> {
+        if on_client {
+            Some(self.client_gap)
+        } else {
+            self.timeout
+        }
+    }
+}
+
+/// The proxy's own exhaustion, as `connect` reports it (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+/// EADDRNOTAVAIL): a new socket or a source port could not be had.
+fn is_local(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12 | 99))
 }
 
 /// Sends `head` and `body` to `addr` and reads the response head. A pooled connection the
@@ -133,7 +159,7 @@ pub(crate) async fn send(
     idempotent: bool,
 ) -> Result<Answer, Error> {
     if let Some(conn) = pool.take(settings.idle_timeout) {
-        match exchange(pool, conn, head, body, settings.timeout).await {
+        match exchange(pool, conn, head, body, settings).await {
             Err(Failure::Unanswered {
                 written,
                 consumed: false,
@@ -153,7 +179,7 @@ pub(crate) async fn send(
         }
     }
     let conn = connect(addr, settings.connect_timeout).await?;
-    exchange(pool, conn, head, body, settings.timeout)
+    exchange(pool, conn, head, body, settings)
         .await
         .map_err(Error::from)
 }
@@ -161,6 +187,7 @@ pub(crate) async fn send(
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
     let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(io)) => io,
+        Ok(Err(e)) if is_local(&e) => return Err(Error::Local(e)),
         Ok(Err(e)) => return Err(Error::Connect(e)),
         Err(_) => return Err(Error::ConnectTimeout),
     };
@@ -198,8 +225,9 @@ async fn exchange(
     mut c: Conn,
     head: &Head<'_>,
     body: &mut Option<Incoming>,
-    timeout: Option<Duration>,
+    settings: Settings,
 ) -> Result<Answer, Failure> {
+    let timeout = settings.timeout;
     c.buf.clear();
     codec::encode(head, &mut c.buf);
     let written = match timeout {
@@ -220,14 +248,22 @@ async fn exchange(
         });
     }
     c.buf.clear();
-    let mut sender = body
-        .take()
-        .map(|b| Sender::new(b, head.framing == ReqFraming::Chunked));
-    let mut timer = std::pin::pin!(timeout.map(tokio::time::sleep));
+    let mut sender = body.take().map(|b| {
+        Sender::new(
+            b,
+            head.framing == ReqFraming::Chunked,
+            settings.client_min_rate,
+        )
+    });
+    let sent_at = tokio::time::Instant::now();
+    let first = settings.wait(false).map(|t| sent_at + t);
+    let mut timer = std::pin::pin!(first.map(tokio::time::sleep_until));
     let mut state = Exchange {
-        sent_at: tokio::time::Instant::now(),
+        sent_at,
         heard: false,
-        timeout,
+        settings,
+        deadline: first,
+        sent_whole_at: sender.is_none().then_some(sent_at),
     };
     let answer = std::future::poll_fn(|cx| {
         poll_answer(cx, &mut c, head, &mut sender, timer.as_mut(), &mut state)
@@ -235,18 +271,20 @@ async fn exchange(
     .await;
     match answer {
         Ok(mut answer) => {
-            // The rest of the body goes out with the answer, under the same deadline (a timer
-            // of its own: only this rare case pays for the allocation).
-            let deadline = timer.as_ref().as_pin_ref().map(|t| t.deadline());
-            let sending =
-                sender
-                    .filter(|s| !s.is_done() && !s.broken)
-                    .map(|sender| body::Sending {
-                        sender,
-                        timer: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-                        timeout,
-                    });
-            answer.body.start(c, pool, sending);
+            // The backend's time: from the last request byte written (or, for an answer that
+            // came before the body was all sent, from the head) to the response head.
+            let from = state.sent_whole_at.unwrap_or(state.sent_at);
+            answer.waited = from.elapsed();
+            // The rest of the body goes out with the answer, under the same timers (of its
+            // own: only this rare case pays for the allocation).
+            let sending = sender
+                .filter(|s| !s.is_done() && !s.broken)
+                .map(|sender| body::Sending {
+                    sender,
+                    timer: None,
+                    settings,
+                });
+            answer.body.start(c, pool, sending, settings.upstream_gap);
             Ok(answer)
         }
         Err(f) => {
@@ -263,12 +301,18 @@ struct Exchange {
     sent_at: tokio::time::Instant,
     /// A response byte arrived (an interim head counts).
     heard: bool,
-    timeout: Option<Duration>,
+    settings: Settings,
+    /// Where the timer is set.
+    deadline: Option<tokio::time::Instant>,
+    /// When the last request byte went out.
+    sent_whole_at: Option<tokio::time::Instant>,
 }
 
 /// Reads the answer while writing the request body, until the final head has arrived (the
-/// body goes on being sent with the answer, see `Body`). `timer` runs out `timeout` after the
-/// request was sent whole, or after the body last moved while it is being sent.
+/// body goes on being sent with the answer, see `Body`). `timer` runs out the route's timeout
+/// after the request was sent whole or after the upstream last took a body byte, and the
+/// client's body gap after the client last sent one; a client slower than the minimum rate is
+/// cut by its `Sender`.
 fn poll_answer(
     cx: &mut std::task::Context<'_>,
     c: &mut Conn,
@@ -278,7 +322,6 @@ fn poll_answer(
     state: &mut Exchange,
 ) -> std::task::Poll<Result<Answer, Failure>> {
     use std::task::Poll;
-    let timeout = state.timeout;
     loop {
         let consumed = sender.as_ref().is_some_and(|s| s.consumed);
         let (heard, sent_at) = (state.heard, state.sent_at);
@@ -340,10 +383,16 @@ fn poll_answer(
         let mut sent_whole = false;
         if let Some(s) = sender.as_mut().filter(|s| !s.is_done() && !s.broken) {
             match s.poll_send(cx, &mut c.io) {
-                Poll::Ready(Ok(())) => sent_whole = true,
+                Poll::Ready(Ok(())) => {
+                    sent_whole = true;
+                    state.sent_whole_at = Some(tokio::time::Instant::now());
+                }
                 Poll::Pending => {}
                 Poll::Ready(Err(SendError::Client(e))) => {
                     return Poll::Ready(Err(Failure::Other(Error::Client(e))));
+                }
+                Poll::Ready(Err(SendError::TooSlow)) => {
+                    return Poll::Ready(Err(Failure::Other(Error::Timeout { client: true })));
                 }
                 Poll::Ready(Err(SendError::Upstream(e))) => {
                     // It stopped reading; it may still answer (and then close). If it does
@@ -352,10 +401,18 @@ fn poll_answer(
                     s.broken = true;
                 }
             }
-            if (s.take_progress() || sent_whole)
-                && let (Some(t), Some(timeout)) = (timer.as_mut().as_pin_mut(), timeout)
-            {
-                t.reset(tokio::time::Instant::now() + timeout);
+            let on_client = !sent_whole && s.waiting_on_client;
+            if s.take_progress() || sent_whole || on_client != s.timed_on_client {
+                s.timed_on_client = on_client;
+                state.deadline = state
+                    .settings
+                    .wait(on_client)
+                    .map(|t| tokio::time::Instant::now() + t);
+                if let (Some(t), Some(at)) = (timer.as_mut().as_pin_mut(), state.deadline) {
+                    t.reset(at);
+                } else if let Some(at) = state.deadline {
+                    timer.set(Some(tokio::time::sleep_until(at)));
+                }
             }
         }
         if let Some(t) = timer.as_mut().as_pin_mut()

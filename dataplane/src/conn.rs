@@ -1,0 +1,511 @@
+//! One client connection's timers and bounds (see `limits`): what the connection is waiting for,
+//! since when, and who is to blame when it waits too long.
+//!
+//! - [`ConnState`] is shared by the connection's driver, its requests and their response bodies
+//!   (and a WebSocket tunnel made from it). It holds the connection's slot of
+//!   `--max-connections` and counts in `fleetlb_connections_active` until the last of them is
+//!   gone, so a tunnel is a connection like any other.
+//! - [`ClientIo`] wraps the socket: it notes the first byte of each request head and how long a
+//!   write has been waiting for the client, and cuts a reader slower than the minimum rate.
+//! - [`drive`] runs the connection beside one timer that wakes at the next deadline: head,
+//!   keep-alive idle, a response the client does not take, an HTTP/2 client resetting streams
+//!   faster than it completes them, the drain.
+//!
+//! Only a client's own doing ends its connection here; no endpoint is ever blamed.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
+
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::{Clock, Shared};
+
+/// What a listener's connections are told about its shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Serving,
+    /// No new requests: finish what runs, then close.
+    Draining,
+    /// The drain is over: close now.
+    Closing,
+}
+
+/// What one listener shares with its connections and tunnels.
+pub(crate) struct ListenerCtl {
+    pub phase: watch::Receiver<Phase>,
+    /// Every connection and tunnel task, so the drain can wait for them.
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// Length of the windows over which the minimum rates are averaged.
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// One client connection's shared state. Times are `Clock` nanoseconds; 0 means "not set".
+pub(crate) struct ConnState {
+    clock: Clock,
+    metrics: Metrics,
+    pub limits: Arc<Limits>,
+    pub ctl: Arc<ListenerCtl>,
+    _permit: OwnedSemaphorePermit,
+    /// Requests whose response has not ended (their body is still being sent).
+    active: AtomicU32,
+    /// When `active` last fell to 0.
+    idle_since: AtomicU64,
+    /// First byte of a request head not yet dispatched.
+    head_since: AtomicU64,
+    /// Requests dispatched so far.
+    requests: AtomicU64,
+    /// The client speaks HTTP/2.
+    pub h2: AtomicBool,
+    /// A write of ours has waited for the client since then.
+    write_wait_since: AtomicU64,
+    /// HTTP/2 response bodies whose last chunk the client has not taken yet, and when one of
+    /// them was last taken.
+    handed: AtomicU32,
+    taken_at: AtomicU64,
+    /// Streams the client reset before their answer, in all and in the current window.
+    resets: AtomicU32,
+    completed: AtomicU32,
+    window_resets: AtomicU32,
+    window_start: AtomicU64,
+    /// The client broke a rule (rapid reset, a slow read): close now.
+    abusive: AtomicBool,
+    /// Wakes the driver: the client broke a rule, or a request slot freed.
+    pub wake: Notify,
+    slot_freed: Notify,
+}
+
+impl ConnState {
+    pub fn new(shared: &Shared, permit: OwnedSemaphorePermit, ctl: Arc<ListenerCtl>) -> Self {
+        let now = shared.clock.now().max(1);
+        shared.metrics.connections_active.inc();
+        Self {
+            clock: shared.clock,
+            metrics: shared.metrics.clone(),
+            limits: shared.limits.clone(),
+            ctl,
+            _permit: permit,
+            active: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now),
+            head_since: AtomicU64::new(now),
+            requests: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            write_wait_since: AtomicU64::new(0),
+            handed: AtomicU32::new(0),
+            taken_at: AtomicU64::new(0),
+            resets: AtomicU32::new(0),
+            completed: AtomicU32::new(0),
+            window_resets: AtomicU32::new(0),
+            window_start: AtomicU64::new(now),
+            abusive: AtomicBool::new(false),
+            wake: Notify::new(),
+            slot_freed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().max(1)
+    }
+
+    /// The first byte of the connection arrived: the head timer runs from here (through a TLS
+    /// handshake).
+    pub fn first_byte(&self) {
+        self.head_since.store(self.now(), Relaxed);
+    }
+
+    /// When the first request's head (and the TLS handshake before it) must be complete.
+    pub fn head_deadline(&self) -> tokio::time::Instant {
+        self.clock.instant(
+            self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64,
+        )
+    }
+
+    /// A request's head was read: it holds one of the connection's request slots (at most
+    /// `max_upstream_per_connection`; a request that finds none waits up to the endpoint queue
+    /// time) until its [`Active`] guard goes. `None`: no slot freed in time.
+    pub async fn begin(self: &Arc<Self>, h2: bool) -> Option<Active> {
+        if h2 && !self.h2.load(Relaxed) {
+            self.h2.store(true, Relaxed);
+        }
+        self.head_since.store(0, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        let cap = self.limits.max_upstream_per_connection;
+        let wait = self.limits.endpoint_queue_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.slot_freed.notified();
+            let n = self.active.load(Relaxed);
+            if n < cap {
+                if self
+                    .active
+                    .compare_exchange(n, n + 1, Relaxed, Relaxed)
+                    .is_ok()
+                {
+                    return Some(Active {
+                        conn: self.clone(),
+                        answered: false,
+                        handed: false,
+                    });
+                }
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.limit_hit("max-upstream-per-connection");
+                return None;
+            }
+        }
+    }
+
+    /// Counts a limit that cut a client off (`fleetlb_limit_hits_total{limit}`).
+    pub fn limit_hit(&self, flag: &'static str) {
+        self.metrics.limit_hits.with_label_values(&[flag]).inc();
+    }
+
+    /// The client's doing is beyond what is tolerated: close the connection.
+    fn abuse(&self, flag: &'static str) {
+        if !self.abusive.swap(true, Relaxed) {
+            self.limit_hit(flag);
+            tracing::debug!(limit = flag, "closing a client connection");
+        }
+        self.wake.notify_one();
+    }
+
+    /// What the driver should do now, and when to look again.
+    fn verdict(&self) -> Verdict {
+        let l = &self.limits;
+        let now = self.now();
+        let ns = |d: Duration| d.as_nanos() as u64;
+        if self.abusive.load(Relaxed) {
+            return Verdict::Abusive;
+        }
+        let mut next = now + ns(l.keepalive_timeout.min(l.send_timeout));
+        let wait = self.write_wait_since.load(Relaxed);
+        if wait != 0 {
+            let end = wait + ns(l.send_timeout);
+            if now >= end {
+                self.limit_hit("client-send-timeout");
+                return Verdict::Close;
+            }
+            next = next.min(end);
+        }
+        if self.handed.load(Relaxed) > 0 {
+            let end = self.taken_at.load(Relaxed) + ns(l.send_timeout);
+            if now >= end {
+                self.limit_hit("client-send-timeout");
+                return Verdict::Close;
+            }
+            next = next.min(end);
+        }
+        if self.active.load(Relaxed) == 0 {
+            let head = self.head_since.load(Relaxed);
+            if head != 0 {
+                let end = head + ns(l.head_timeout);
+                if now >= end {
+                    self.limit_hit("client-head-timeout");
+                    return Verdict::Close;
+                }
+                next = next.min(end);
+            } else {
+                let end = self.idle_since.load(Relaxed) + ns(l.keepalive_timeout);
+                if now >= end {
+                    self.limit_hit("client-keepalive-timeout");
+                    return Verdict::Idle;
+                }
+                next = next.min(end);
+            }
+        }
+        Verdict::Wait(self.clock.instant(next))
+    }
+
+    /// Bytes arrived: the first of a new request head starts the head timer (HTTP/1; an
+    /// HTTP/2 connection's frames between requests are pings and settings, not a head).
+    fn on_read(&self) {
+        if self.active.load(Relaxed) == 0
+            && self.head_since.load(Relaxed) == 0
+            && !self.h2.load(Relaxed)
+        {
+            self.head_since.store(self.now(), Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    fn on_write_wait(&self) {
+        if self.write_wait_since.load(Relaxed) == 0 {
+            self.write_wait_since.store(self.now(), Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    fn on_write_progress(&self) {
+        if self.write_wait_since.load(Relaxed) != 0 {
+            self.write_wait_since.store(0, Relaxed);
+        }
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.metrics.connections_active.dec();
+    }
+}
+
+enum Verdict {
+    Wait(tokio::time::Instant),
+    /// The client broke a rule: HTTP/2 gets a GOAWAY, then the connection closes.
+    Abusive,
+    /// Idle: close gracefully (HTTP/2: GOAWAY).
+    Idle,
+    Close,
+}
+
+/// One request of a connection, from its head until its response has ended (it rides in the
+/// response body) or the client gave up on it. Counts the request slot, and for HTTP/2 the
+/// resets a client makes.
+pub(crate) struct Active {
+    conn: Arc<ConnState>,
+    /// A response was produced (the client did not reset the stream before it).
+    answered: bool,
+    /// HTTP/2: a chunk was handed to the client and it has not come back for more.
+    handed: bool,
+}
+
+impl Active {
+    pub fn conn(&self) -> &Arc<ConnState> {
+        &self.conn
+    }
+
+    /// The service produced its response.
+    pub fn answered(&mut self) {
+        self.answered = true;
+        self.conn.completed.fetch_add(1, Relaxed);
+    }
+
+    /// The response body handed a chunk to an HTTP/2 client (it is the client's turn).
+    pub fn hand(&mut self) {
+        if !self.handed && self.conn.h2.load(Relaxed) {
+            self.handed = true;
+            if self.conn.handed.fetch_add(1, Relaxed) == 0 {
+                self.conn.taken_at.store(self.conn.now(), Relaxed);
+            }
+            self.conn.wake.notify_one();
+        }
+    }
+
+    /// The client came back for more.
+    pub fn taken(&mut self) {
+        if self.handed {
+            self.handed = false;
+            self.conn.handed.fetch_sub(1, Relaxed);
+            self.conn.taken_at.store(self.conn.now(), Relaxed);
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.taken();
+        let c = &self.conn;
+        if c.active.fetch_sub(1, Relaxed) == 1 {
+            c.idle_since.store(c.now(), Relaxed);
+            c.wake.notify_one();
+        }
+        c.slot_freed.notify_one();
+        if self.answered || !c.h2.load(Relaxed) {
+            return;
+        }
+        // An HTTP/2 stream the client reset before its answer.
+        let now = c.now();
+        let total = c.resets.fetch_add(1, Relaxed) + 1;
+        let start = c.window_start.load(Relaxed);
+        let in_window = if now.saturating_sub(start) > RATE_WINDOW.as_nanos() as u64 {
+            c.window_start.store(now, Relaxed);
+            c.window_resets.store(1, Relaxed);
+            1
+        } else {
+            c.window_resets.fetch_add(1, Relaxed) + 1
+        };
+        let max = c.limits.h2_max_resets;
+        if in_window > max || (total > max.min(32) && total > c.completed.load(Relaxed)) {
+            c.abuse("h2-max-resets");
+        }
+    }
+}
+
+/// A client socket that reports reads and write waits to its [`ConnState`] and cuts a reader
+/// slower than `--client-min-rate` over a 10 s window in which it kept fleetlb waiting.
+pub(crate) struct ClientIo<I> {
+    io: I,
+    conn: Arc<ConnState>,
+    /// A window of write waits: its start and the bytes written since.
+    window: Option<(tokio::time::Instant, u64)>,
+}
+
+impl<I> ClientIo<I> {
+    pub fn new(io: I, conn: Arc<ConnState>) -> Self {
+        Self {
+            io,
+            conn,
+            window: None,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.conn.on_read();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> ClientIo<I> {
+    /// Accounts for a write's outcome; an error when the client reads slower than allowed.
+    fn wrote(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Pending => {
+                self.conn.on_write_wait();
+                if self.window.is_none() {
+                    self.window = Some((tokio::time::Instant::now(), 0));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(n)) => {
+                self.conn.on_write_progress();
+                if let Some((start, bytes)) = self.window.as_mut() {
+                    *bytes += n as u64;
+                    let elapsed = start.elapsed();
+                    if elapsed >= RATE_WINDOW {
+                        let floor = u64::from(self.conn.limits.min_rate) * elapsed.as_secs();
+                        if *bytes < floor {
+                            self.conn.abuse("client-min-rate");
+                            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                        }
+                        self.window = None;
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Time an HTTP/2 connection told to go away (idle, drained, abusive) has before it is closed.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// Time an abusive HTTP/2 client has to read its GOAWAY before the connection is closed.
+const ABUSE_GRACE: Duration = Duration::from_millis(100);
+
+/// Runs `conn` until it ends, the client breaks a limit, or the listener's drain is over.
+pub(crate) async fn drive<C: Future>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    state: &ConnState,
+) {
+    let mut conn = std::pin::pin!(conn);
+    let mut phase = state.ctl.phase.clone();
+    let timer = tokio::time::sleep(Duration::ZERO);
+    let mut timer = std::pin::pin!(timer);
+    let mut going = false;
+    let mut close_at: Option<tokio::time::Instant> = None;
+    loop {
+        // Look first, so a deadline set by a read or a reset is never missed.
+        let wake = state.wake.notified();
+        let now = tokio::time::Instant::now();
+        let mut at = now + Duration::from_secs(3600);
+        match state.verdict() {
+            Verdict::Close => return,
+            Verdict::Abusive if !state.h2.load(Relaxed) => return,
+            Verdict::Abusive => {
+                if !going {
+                    going = true;
+                    graceful(conn.as_mut());
+                }
+                let c = *close_at.get_or_insert(now + ABUSE_GRACE);
+                if now >= c {
+                    return;
+                }
+            }
+            Verdict::Idle => {
+                if !going {
+                    going = true;
+                    graceful(conn.as_mut());
+                }
+                let c = *close_at.get_or_insert(now + GOAWAY_GRACE);
+                if now >= c {
+                    return;
+                }
+            }
+            Verdict::Wait(next) => at = next,
+        }
+        if let Some(c) = close_at {
+            at = at.min(c);
+        }
+        timer.as_mut().reset(at);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = wake => {}
+            () = timer.as_mut() => {}
+            changed = phase.changed() => {
+                let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
+                match now {
+                    Phase::Closing => return,
+                    Phase::Draining if !going => {
+                        going = true;
+                        graceful(conn.as_mut());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
