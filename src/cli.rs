@@ -213,6 +213,79 @@ pub struct ListenArgs {
     /// listener's own; behind a Service or NAT mapping 443 to it, 443).
     #[arg(long, requires = "tls_listen", value_parser = clap::value_parser!(u16).range(1..))]
     pub tls_public_port: Option<u16>,
+    /// Proxies whose X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP are believed and
+    /// appended to, as CIDRs (repeatable or comma-separated, e.g. 10.0.0.0/8). From anyone
+    /// else those headers are replaced by what fleetlb saw.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<fleetlb_dataplane::IpNet>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Every timer and bound of `fleetlb_dataplane::Limits`, as flags made from its table (names,
+/// help and defaults come from there; docs/limits.md is made from the same table).
+#[derive(Clone, Default)]
+pub struct LimitArgs(pub fleetlb_dataplane::Limits);
+
+impl clap::FromArgMatches for LimitArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut out = Self::default();
+        out.update_from_arg_matches(m)?;
+        Ok(out)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for row in fleetlb_dataplane::Limits::TABLE {
+            if let Some(v) = m.get_one::<String>(row.flag) {
+                // Checked by the value parser already.
+                self.0
+                    .set(row.flag, v)
+                    .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for LimitArgs {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        let defaults = fleetlb_dataplane::Limits::default();
+        for row in fleetlb_dataplane::Limits::TABLE {
+            let flag = row.flag;
+            let check = move |v: &str| -> Result<String, String> {
+                fleetlb_dataplane::Limits::default().set(flag, v)?;
+                Ok(v.to_string())
+            };
+            cmd = cmd.arg(
+                clap::Arg::new(flag)
+                    .long(flag)
+                    .value_name(if defaults.show(flag).is_some_and(|v| v.ends_with('s')) {
+                        "DURATION"
+                    } else {
+                        "N"
+                    })
+                    .help(row.help)
+                    .help_heading("Limits (docs/limits.md)")
+                    .default_value(defaults.show(flag).unwrap_or_default())
+                    .value_parser(check),
+            );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address.
+fn parse_cidr(s: &str) -> Result<fleetlb_dataplane::IpNet, String> {
+    s.parse::<fleetlb_dataplane::IpNet>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(fleetlb_dataplane::IpNet::from)
+        })
+        .map_err(|_| "must be a CIDR such as 10.0.0.0/8, or an address".into())
 }
 
 #[derive(Args, Clone)]

@@ -139,6 +139,11 @@ pub struct BackendClusterSpec {
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: u32,
 
+    /// Timers for routes that need longer than the proxy's defaults (streaming, long polls,
+    /// slow uploads). Absent: `timeoutSeconds` and the proxy's flags (docs/limits.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+
     /// What happens to the instances when the BackendCluster is deleted (default `Delete`).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -160,6 +165,23 @@ pub struct BackendClusterSpec {
     /// sets) is a floor above `minReplicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
+}
+
+/// A route's own timers.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// Seconds an instance has to send response headers once the request is sent (1-86400);
+    /// replaces `timeoutSeconds` for long polls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub head_seconds: Option<u32>,
+    /// Longest gap, in seconds, in a request body from the client or a response body from an
+    /// instance (1-86400; default: the proxy's `--client-body-timeout` and
+    /// `--upstream-body-timeout`, 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub body_idle_seconds: Option<u32>,
 }
 
 /// The autoscaler's settings (Knative's KPA: a stable window, a panic window of a tenth of it).
@@ -445,11 +467,20 @@ pub enum DeletionPolicy {
 }
 
 impl BackendClusterSpec {
+    /// Seconds an instance has to send response headers: `timeouts.headSeconds`, else
+    /// `timeoutSeconds`.
+    pub fn request_timeout_seconds(&self) -> u32 {
+        self.timeouts
+            .as_ref()
+            .and_then(|t| t.head_seconds)
+            .unwrap_or(self.timeout_seconds)
+    }
+
     /// `deregistrationDelaySeconds`, or its default `timeoutSeconds`.
     pub fn deregistration_delay(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(
             self.deregistration_delay_seconds
-                .unwrap_or(self.timeout_seconds),
+                .unwrap_or_else(|| self.request_timeout_seconds()),
         ))
     }
 }

@@ -123,9 +123,8 @@ impl ConnState {
 
     /// When the first request's head (and the TLS handshake before it) must be complete.
     pub fn head_deadline(&self) -> tokio::time::Instant {
-        self.clock.instant(
-            self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64,
-        )
+        self.clock
+            .instant(self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64)
     }
 
     /// A request's head was read: it holds one of the connection's request slots (at most
@@ -446,11 +445,7 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 const ABUSE_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs `conn` until it ends, the client breaks a limit, or the listener's drain is over.
-pub(crate) async fn drive<C: Future>(
-    conn: C,
-    graceful: impl Fn(Pin<&mut C>),
-    state: &ConnState,
-) {
+pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), state: &ConnState) {
     let mut conn = std::pin::pin!(conn);
     let mut phase = state.ctl.phase.clone();
     let timer = tokio::time::sleep(Duration::ZERO);

@@ -68,6 +68,7 @@ pub(crate) struct EndpointState {
     failure_run: AtomicU32,
     window_sum_bits: AtomicU64,
     window_count: AtomicU64,
+    window_at: AtomicU64,
     /// When the endpoint last became healthy (for slow start).
     pub healthy_since: AtomicU64,
 }
@@ -128,6 +129,7 @@ impl EndpointState {
             failure_run: AtomicU32::new(0),
             window_sum_bits: AtomicU64::new(0f64.to_bits()),
             window_count: AtomicU64::new(0),
+            window_at: AtomicU64::new(now),
             healthy_since: AtomicU64::new(0),
         }
     }
@@ -190,12 +192,19 @@ impl EndpointState {
     }
 
     /// Mean of the latency samples (seconds) added to the running `sum`/`count` since the last
-    /// call, when there were at least `min` of them. Called by the outlier sweep only.
-    pub fn window_mean(&self, sum: f64, count: u64, min: u64) -> Option<f64> {
+    /// call, when there were at least `min` of them, and the mean number of those requests
+    /// in flight over the window (Little's law: their summed time over the window's length).
+    /// Called by the outlier sweep only.
+    pub fn window_mean(&self, sum: f64, count: u64, min: u64, now: u64) -> Option<(f64, f64)> {
         let prev_sum = f64::from_bits(self.window_sum_bits.swap(sum.to_bits(), Relaxed));
         let prev_count = self.window_count.swap(count, Relaxed);
+        let since = self.window_at.swap(now, Relaxed);
         let n = count.checked_sub(prev_count)?;
-        (n >= min).then(|| (sum - prev_sum) / n as f64)
+        let length = now.saturating_sub(since) as f64 / 1e9;
+        (n >= min && length > 0.0).then(|| {
+            let busy = sum - prev_sum;
+            (busy / n as f64, busy / length)
+        })
     }
 
     /// Counts a failed request; returns the length of the current run of failures.

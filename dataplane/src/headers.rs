@@ -111,7 +111,8 @@ impl Peer {
         };
         Self {
             ip: peer_ip(SocketAddr::new(ip, peer.port())),
-            node: HeaderValue::try_from(node).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            node: HeaderValue::try_from(node)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             trusted: trusted.iter().any(|n| n.contains(&ip)),
         }
     }
@@ -251,14 +252,50 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends_the_peer() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        prepare_request_headers(&mut h, "127.0.0.1:5000".parse().unwrap(), true);
-        assert_eq!(h.get("x-request-id").unwrap().len(), 32);
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    fn forwarding_headers_say_what_fleetlb_saw_unless_the_peer_is_trusted() {
+        let client = || {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+            h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+            h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+            h.insert(header::HOST, HeaderValue::from_static("example.com"));
+            h.insert(
+                "x-request-id",
+                HeaderValue::from_static("bad id with spaces"),
+            );
+            h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+            h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+            h
+        };
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut h = client();
+        prepare_headers(&mut h, &Peer::new(peer, &[]), false, true);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-real-ip").unwrap(), "127.0.0.1");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=127.0.0.1;proto=http;host=\"example.com\""
+        );
+        assert_eq!(h.get("x-request-id").unwrap().len(), 32);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+
+        let trusted: ipnet::IpNet = "127.0.0.0/8".parse().unwrap();
+        let mut h = client();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        prepare_headers(&mut h, &Peer::new(peer, &[trusted]), true, true);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "evil.example");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.1");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=10.0.0.1, for=127.0.0.1;proto=https;host=\"example.com\""
+        );
+        assert_eq!(h.get("x-request-id").unwrap(), "abc-123");
     }
 }

@@ -215,9 +215,17 @@ mod tests {
     #[test]
     fn bad_values_say_what_is_expected() {
         let mut l = Limits::default();
-        assert!(l.set("client-head-timeout", "10").unwrap_err().contains("duration"));
+        assert!(
+            l.set("client-head-timeout", "10")
+                .unwrap_err()
+                .contains("duration")
+        );
         assert!(l.set("client-head-timeout", "0s").is_err());
-        assert!(l.set("endpoint-queue", "-1").unwrap_err().contains("whole number"));
+        assert!(
+            l.set("endpoint-queue", "-1")
+                .unwrap_err()
+                .contains("whole number")
+        );
         l.set("client-head-timeout", "250ms").unwrap();
         assert_eq!(l.head_timeout, Duration::from_millis(250));
     }

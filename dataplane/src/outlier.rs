@@ -81,33 +81,49 @@ pub(crate) fn on_failure(metrics: &Metrics, cluster: &Cluster, ep: &Endpoint, no
 /// Fewest responses in a sweep window for an endpoint's mean latency to count.
 const MIN_SAMPLES: u64 = 5;
 
-/// Ejects endpoints whose mean response latency since the last sweep (about a second) is over
-/// `latency_factor` times the median of the cluster's endpoints (and at least 5 ms above it, so
-/// sub-millisecond noise never ejects anything). Needs three or more endpoints with at least
-/// five responses each in the window. Means of real responses are used rather than peak-EWMA
-/// estimates, which react to every spike and would make the fast endpoints look slow too.
+/// Ejects endpoints that are slow for what they carry. Per endpoint over the sweep window
+/// (about a second): its mean response time, and that time per request it had in flight (the
+/// mean divided by its mean concurrency, at least one; Little's law). An endpoint is ejected
+/// when its time per request in flight is over `latency_factor` times the cluster's median
+/// (and at least 5 ms above it, so sub-millisecond noise never ejects anything) and its
+/// response time is at least 5 ms above the median too (so an endpoint that merely carries
+/// less than its peers, and answers as fast, is never taken for slow).
+///
+/// Overload is not sickness: when a burst queues on the endpoints that took it, their response
+/// time rises with their queue, but their time per request in flight does not, so nobody is
+/// ejected while the whole cluster is busy; an endpoint ten times slower than its peers at
+/// the same load is. Needs three or more endpoints with at least five responses each in the
+/// window. Means of real responses are used rather than peak-EWMA estimates, which react to
+/// every spike and would make the fast endpoints look slow too.
 pub(crate) fn sweep_latency(metrics: &Metrics, cluster: &Cluster, now: u64) {
-    let mut means: Vec<(usize, f64)> = Vec::with_capacity(cluster.endpoints.len());
+    let mut means: Vec<(usize, f64, f64)> = Vec::with_capacity(cluster.endpoints.len());
     for (i, e) in cluster.endpoints.iter().enumerate() {
-        if let Some(mean) = e.state.window_mean(
+        if let Some((mean, concurrency)) = e.state.window_mean(
             e.metrics.upstream_duration.get_sample_sum(),
             e.metrics.upstream_duration.get_sample_count(),
             MIN_SAMPLES,
+            now,
         ) && e.state.is_eligible(now)
         {
-            means.push((i, mean));
+            means.push((i, mean, mean / concurrency.max(1.0)));
         }
     }
     let factor = cluster.outlier.latency_factor;
     if factor <= 0.0 || means.len() < 3 {
         return;
     }
-    let mut sorted: Vec<f64> = means.iter().map(|(_, m)| *m).collect();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-    let limit = (median * factor).max(median + 0.005);
-    for (i, mean) in means {
-        if mean > limit {
+    let median = |pick: fn(&(usize, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = means.iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let raw = median(|m| m.1) + 0.005;
+    let per_request = {
+        let m = median(|m| m.2);
+        (m * factor).max(m + 0.005)
+    };
+    for &(i, mean, normalized) in &means {
+        if mean > raw && normalized > per_request {
             try_eject(
                 metrics,
                 cluster,

@@ -128,6 +128,7 @@ async fn route_and_forward(
         // it at once (rapid reset) has it dropped here, before any upstream work.
         tokio::task::yield_now().await;
     }
+    let upgrading = upgrade.is_some();
     let upgrade = upgrade.map(|(_, on)| (on, active.conn().clone()));
     let mut resp = match forward(shared, &cluster, req, upgrade).await {
         Ok(resp) => resp,
@@ -136,6 +137,11 @@ async fn route_and_forward(
             err.response()
         }
     };
+    if upgrading && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The client meant to leave HTTP on this connection; it was refused: close it.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     abandoned.armed = false;
     if let Some(via) = &shared.config.via {
         resp.headers_mut().append(header::VIA, via.clone());

@@ -210,12 +210,18 @@ async fn a_huge_body_behind_expect_continue_streams_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_stalling_mid_body_is_cut_off_at_the_route_timeout() {
+async fn a_client_stalling_mid_body_is_cut_off_at_the_body_timeout() {
     let a = Upstream::start("a").await;
     let mut r = route(vec![a.endpoint()]);
-    r.request_timeout = Duration::from_millis(500);
     r.outlier.consecutive_failures = 1;
-    let proxy = Proxy::start(ProxyConfig::default(), vec![r]).await;
+    let cfg = ProxyConfig {
+        limits: fleetlb_dataplane::Limits {
+            body_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::start(cfg, vec![r]).await;
     proxy.wait_healthy(1).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
@@ -277,7 +283,11 @@ async fn an_upload_still_moving_is_never_cut_at_the_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_idle_connections_neither_block_service_nor_linger() {
     let cfg = ProxyConfig {
-        header_read_timeout: Duration::from_secs(1),
+        limits: fleetlb_dataplane::Limits {
+            head_timeout: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
         ..ProxyConfig::default()
     };
     let (_up, proxy) = one_healthy(cfg).await;

@@ -180,7 +180,10 @@ async fn shutdown_drains_requests_in_flight() {
 async fn a_slowloris_client_is_cut_off_while_others_are_served() {
     let up = Upstream::start("a").await;
     let cfg = ProxyConfig {
-        header_read_timeout: Duration::from_millis(500),
+        limits: fleetlb_dataplane::Limits {
+            head_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
@@ -321,7 +324,10 @@ async fn a_hung_backend_costs_a_504_at_the_timeout_then_is_avoided() {
 async fn connections_over_the_limit_get_a_clean_503() {
     let up = Upstream::start("a").await;
     let cfg = ProxyConfig {
-        max_connections: 2,
+        limits: fleetlb_dataplane::Limits {
+            max_connections: 2,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let proxy = Proxy::start(cfg, vec![route(vec![up.endpoint()])]).await;
@@ -531,7 +537,10 @@ async fn when_the_control_plane_returns_its_update_applies_without_losing_reques
 async fn the_connection_limit_holds_for_the_process_not_per_proxy_thread() {
     let a = Upstream::start("a").await;
     let cfg = ProxyConfig {
-        max_connections: 3,
+        limits: fleetlb_dataplane::Limits {
+            max_connections: 3,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let t = Threaded::start(cfg, &a, 2).await;

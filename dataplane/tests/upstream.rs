@@ -434,7 +434,10 @@ async fn idle_upstream_connections_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_keeps_at_most_its_limit_of_idle_connections() {
     let cfg = ProxyConfig {
-        connect_timeout: Duration::from_secs(10),
+        limits: fleetlb_dataplane::Limits {
+            connect_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
         ..ProxyConfig::default()
     };
     let (up, proxy) = one_healthy(cfg).await;

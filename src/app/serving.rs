@@ -107,6 +107,8 @@ impl Serving {
         let dataplane = Dataplane::new(
             ProxyConfig {
                 https_port: tls_addr.map(|a| listen.tls_public_port.unwrap_or(a.port())),
+                limits: listen.limits.0.clone(),
+                trusted_proxies: listen.trusted_proxies.clone(),
                 ..ProxyConfig::default()
             },
             &registry,

@@ -256,7 +256,12 @@ pub fn route_config(
             base_ejection: secs(od.base_ejection_seconds),
             max_ejection_percent: od.max_ejection_percent,
         },
-        request_timeout: secs(spec.timeout_seconds),
+        request_timeout: secs(spec.request_timeout_seconds()),
+        body_timeout: spec
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.body_idle_seconds)
+            .map(secs),
         endpoints,
     }
 }

@@ -21,6 +21,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             balancing: Default::default(),
             outlier_detection: Default::default(),
             timeout_seconds: 30,
+            timeouts: None,
             deletion_policy: Default::default(),
             deregistration_delay_seconds: None,
             rollout: Default::default(),

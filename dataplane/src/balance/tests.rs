@@ -64,7 +64,7 @@ fn p2c_prefers_fast_endpoints_but_does_not_herd_onto_one() {
 fn inflight_load_moves_traffic_off_a_busy_fast_endpoint() {
     let c = cluster(Policy::PeakEwma, &[2.0, 3.0]);
     for _ in 0..10 {
-        c.endpoints[0].state.begin();
+        c.endpoints[0].state.try_begin(u32::MAX);
     }
     let counts = shares(&c, 200);
     assert_eq!(counts[0], 0, "busy endpoint still chosen: {counts:?}");
@@ -76,7 +76,7 @@ fn lowest_latency_picks_the_fastest_until_the_share_cap() {
     assert_eq!(shares(&c, 50), vec![0, 50, 0]);
     // Pile requests onto the fastest: past 2x its fair share it stops being chosen.
     for _ in 0..6 {
-        c.endpoints[1].state.begin();
+        c.endpoints[1].state.try_begin(u32::MAX);
     }
     let p = pick(&c, LATER, None).unwrap();
     assert!(
@@ -92,7 +92,7 @@ fn share_cap_keeps_a_very_fast_endpoint_from_taking_everything() {
     let mut held = Vec::new();
     for _ in 0..40 {
         let p = pick(&c, LATER, None).unwrap();
-        p.endpoint.state.begin();
+        p.endpoint.state.try_begin(u32::MAX);
         held.push(p.endpoint.clone());
     }
     let fast = c.endpoints[0].state.inflight();
@@ -366,7 +366,7 @@ fn identical_endpoints_share_a_burst_evenly_despite_probe_noise() {
     let c = cluster(Policy::PeakEwma, &[0.2, 0.3, 0.45, 0.6]);
     for _ in 0..1000 {
         let p = pick(&c, LATER, None).expect("an endpoint");
-        p.endpoint.state.begin();
+        p.endpoint.state.try_begin(u32::MAX);
     }
     let shares: Vec<f64> = c
         .endpoints
@@ -383,7 +383,11 @@ fn identical_endpoints_share_a_burst_evenly_despite_probe_noise() {
 fn a_slow_endpoint_still_gets_little_of_a_burst() {
     let c = cluster(Policy::PeakEwma, &[2.0, 2.0, 2.0, 40.0]);
     for _ in 0..1000 {
-        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+        pick(&c, LATER, None)
+            .unwrap()
+            .endpoint
+            .state
+            .try_begin(u32::MAX);
     }
     let slow = c.endpoints[3].state.inflight();
     assert!(slow < 100, "the 40 ms endpoint holds {slow} of 1000");
@@ -400,7 +404,11 @@ fn latencies_from_the_last_burst_do_not_skew_the_next() {
         e.state.observe(peak * MS, LATER, decay);
     }
     for _ in 0..1000 {
-        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+        pick(&c, LATER, None)
+            .unwrap()
+            .endpoint
+            .state
+            .try_begin(u32::MAX);
     }
     let held: Vec<u32> = c.endpoints.iter().map(|e| e.state.inflight()).collect();
     assert!(held.iter().all(|&n| (240..=260).contains(&n)), "{held:?}");
@@ -420,7 +428,11 @@ fn an_equally_fast_new_endpoint_still_ramps_up() {
     eps.push(new);
     let c = Cluster::new(&route, eps, metrics.cluster("c"), Default::default());
     for _ in 0..1000 {
-        pick(&c, LATER, None).unwrap().endpoint.state.begin();
+        pick(&c, LATER, None)
+            .unwrap()
+            .endpoint
+            .state
+            .try_begin(u32::MAX);
     }
     let held: Vec<u32> = c.endpoints.iter().map(|e| e.state.inflight()).collect();
     let old_mean = f64::from(held[0] + held[1] + held[2]) / 3.0;

@@ -277,13 +277,14 @@ async fn exchange(
             answer.waited = from.elapsed();
             // The rest of the body goes out with the answer, under the same timers (of its
             // own: only this rare case pays for the allocation).
-            let sending = sender
-                .filter(|s| !s.is_done() && !s.broken)
-                .map(|sender| body::Sending {
-                    sender,
-                    timer: None,
-                    settings,
-                });
+            let sending =
+                sender
+                    .filter(|s| !s.is_done() && !s.broken)
+                    .map(|sender| body::Sending {
+                        sender,
+                        timer: None,
+                        settings,
+                    });
             answer.body.start(c, pool, sending, settings.upstream_gap);
             Ok(answer)
         }
