@@ -125,6 +125,86 @@ impl Fleetlb {
         f
     }
 
+    /// Starts `fleetlb standalone` with the given YAML files and extra flags (limits), its
+    /// listeners on ports the kernel picks, read back from its start line. `wrap` runs it
+    /// under a shell prefix (e.g. `ulimit -n 64;`), or none.
+    pub fn standalone(files: &[(&str, String)], args: &[&str], wrap: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write config");
+        }
+        let log = dir.path().join("fleetlb.log");
+        let exe = env!("CARGO_BIN_EXE_fleetlb");
+        let mut cmd = match wrap {
+            Some(prefix) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{prefix} exec \"$0\" \"$@\""))
+                    .arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
+            .args(["standalone", "--config"])
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--proxy-threads", "1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("fleetlb starts");
+        // `... fleetlb started proxy=ADDR admin=ADDR ...`
+        let (proxy, admin) = eventually("the start line", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text.lines().find(|l| l.contains("fleetlb started"))?;
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
+            Some((field("proxy=")?, field("admin=")?))
+        });
+        let f = Self {
+            child,
+            proxy,
+            admin,
+            dir,
+            log,
+        };
+        eventually("fleetlb /readyz", || {
+            get(f.admin, "/readyz").filter(|r| r.status == 200)
+        });
+        f
+    }
+
+    /// A metric's value from `/metrics` (summed over the series whose labels include
+    /// `labels`), 0 when absent.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = get(self.admin, "/metrics")
+            .map(|r| r.body)
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let series = l.split_whitespace().next().unwrap_or("");
+                (series == name || series.starts_with(&format!("{name}{{")))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `/debug/endpoints` as JSON.
+    pub fn endpoints(&self) -> serde_json::Value {
+        let r = get(self.admin, "/debug/endpoints").expect("debug endpoints answers");
+        serde_json::from_str(&r.body).expect("JSON")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
