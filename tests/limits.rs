@@ -798,3 +798,97 @@ async fn running_out_of_descriptors_is_the_proxys_fault_not_the_backends() {
         ) >= 1.0
     );
 }
+
+/// `conns` keep-alive connections asking `path` back to back for `run`: (answered 200, other).
+async fn closed_loop(addr: SocketAddr, path: &str, conns: usize, run: Duration) -> (u64, u64) {
+    let end = tokio::time::Instant::now() + run;
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let raw = raw.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut bad) = (0u64, 0u64);
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                let mut buf = Vec::new();
+                while tokio::time::Instant::now() < end {
+                    s.write_all(raw.as_bytes()).await.unwrap();
+                    let head = read_head(&mut s, &mut buf).await.expect("an answer");
+                    let len: usize = header_of(&head, "content-length")
+                        .first()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        let mut chunk = [0u8; 1024];
+                        let n = s.read(&mut chunk).await.unwrap();
+                        assert!(n > 0, "closed mid-answer");
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    buf.drain(..len);
+                    if head.starts_with("HTTP/1.1 200") {
+                        ok += 1;
+                    } else {
+                        bad += 1;
+                    }
+                }
+                (ok, bad)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for t in tasks {
+        let (ok, bad) = t.await.unwrap();
+        total.0 += ok;
+        total.1 += bad;
+    }
+    total
+}
+
+/// Four instances that serve one request at a time (5 ms each), and a burst of 64 connections:
+/// ten times what they serve without queueing. The queues are the burst's doing, not theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_queueing_on_identical_instances_ejects_nobody() {
+    let mut bs = Vec::new();
+    for _ in 0..4 {
+        bs.push(Backend::with_service(Duration::from_millis(5), 1).await);
+    }
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let f = start(vec![yaml("c", &refs, "")], &[]).await;
+    for b in &bs {
+        healthy(&f, "c", b.addr).await;
+    }
+    let (ok, bad) = closed_loop(f.proxy, "/c/work", 64, Duration::from_secs(5)).await;
+    assert_eq!(bad, 0, "{ok} answered, {bad} failed");
+    assert_eq!(
+        f.metric("fleetlb_ejections_total", &[("reason", "latency")]),
+        0.0,
+        "an instance was ejected for queueing under a burst"
+    );
+}
+
+/// The same burst with one instance ten times slower than the others at the same load: it is
+/// avoided and ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truly_slow_instance_inside_a_burst_is_avoided_and_ejected() {
+    let mut bs = Vec::new();
+    for service in [5, 5, 5, 50] {
+        bs.push(Backend::with_service(Duration::from_millis(service), 1).await);
+    }
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let f = start(vec![yaml("c", &refs, "")], &[]).await;
+    for b in &bs {
+        healthy(&f, "c", b.addr).await;
+    }
+    let (ok, bad) = closed_loop(f.proxy, "/c/work", 64, Duration::from_secs(5)).await;
+    assert_eq!(bad, 0, "{ok} answered, {bad} failed");
+    let slow = endpoint(&f, "c", bs[3].addr);
+    assert!(
+        slow["ejections"].as_u64().unwrap_or(0) >= 1,
+        "the slow instance was never ejected: {slow}"
+    );
+    let share = |b: &Backend| b.hits();
+    assert!(
+        bs[..3].iter().all(|b| share(b) > 2 * share(&bs[3])),
+        "the slow instance was not avoided: {:?}",
+        bs.iter().map(share).collect::<Vec<_>>()
+    );
+}

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fleetlb_dataplane::ProxyConfig;
@@ -470,4 +471,42 @@ async fn certificate_expiry_is_exported() {
     );
     assert_eq!(certs.status()[0].not_after, "2030-01-01T00:00:00Z");
     assert_eq!(certs.status()[0].names, ["a.example.com"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_its_handshake_is_closed_at_the_head_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = cert(&["a.example.com"]);
+    let certs = Certs::load(vec![install(dir.path(), "a", &a)]).unwrap();
+    let h = https(
+        &certs,
+        ProxyConfig {
+            limits: fleetlb_dataplane::Limits {
+                head_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut s = connect(h.tls, "a.example.com", client_config(&[b"http/1.1"], BOTH))
+        .await
+        .expect("the handshake completes");
+    // Nothing is sent after the handshake: the slot is given back at the head timeout.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .expect("the proxy closes a connection that sends no request");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    eventually("its slot to be free", || {
+        h.proxy.metric("fleetlb_connections_active", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(
+        h.proxy.metric(
+            "fleetlb_limit_hits_total",
+            &[("limit", "client-head-timeout")]
+        ),
+        1.0
+    );
 }

@@ -134,16 +134,17 @@ impl Fleetlb {
             std::fs::write(dir.path().join(name), text).expect("write config");
         }
         let log = dir.path().join("fleetlb.log");
-        let exe = env!("CARGO_BIN_EXE_fleetlb");
+        // FLEETLB_BIN runs another build (e.g. an older one, to see a test fail on it).
+        let exe = std::env::var("FLEETLB_BIN").unwrap_or(env!("CARGO_BIN_EXE_fleetlb").into());
         let mut cmd = match wrap {
             Some(prefix) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg(format!("{prefix} exec \"$0\" \"$@\""))
-                    .arg(exe);
+                    .arg(&exe);
                 c
             }
-            None => Command::new(exe),
+            None => Command::new(&exe),
         };
         let child = cmd
             .args(["standalone", "--config"])
