@@ -2,7 +2,7 @@
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
 #   bench/compare.sh [scenario ...]      scenarios: throughput burst hetero failover memory probes tool
-#                                        https rules (default: all)
+#                                        https rules slow (default: all)
 #
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3, curl, openssl; installs none of them:
 #   apt-get install -y nginx-light haproxy wrk curl openssl
@@ -22,7 +22,7 @@ SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # HAProxy needs two descriptors per connection and refuses to start beyond the limit.
 HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 )); [ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules slow)
 
 for tool in nginx haproxy wrk python3 curl openssl; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk curl openssl)" >&2; exit 64; }
@@ -498,6 +498,42 @@ PY
     echo "$RULES-rule update under load (files rewritten, all but the measured rule): last new rule routed after ${routed:-never} s, served (health checks passed) after ${served:-never} s; its old host now answers $old; requests on the measured rule meanwhile: $(awk '/requests in/ {print $1}' "$WORK/rules-wrk.txt"), failed: ${bad:-0}"
     echo
     stop_all ;;
-  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules)" >&2; exit 64 ;;
+  slow)
+    # Slow and hostile clients (slowhttptest, Debian) against each proxy with its own defaults:
+    # slowloris (headers a line at a time), slow body (R-U-D-Y) and slow read (a tiny receive
+    # window on a 1 MiB answer), SLOW_CONNS connections for SLOW_SECONDS each, while a normal
+    # client asks every 200 ms. Reported: failed normal requests, their p99, the proxy's peak RSS.
+    SLOW_CONNS=${SLOW_CONNS:-2000}; SLOW_SECONDS=${SLOW_SECONDS:-40}
+    command -v slowhttptest >/dev/null || { echo "bench/compare.sh: slowhttptest is missing (apt-get install -y slowhttptest)" >&2; exit 64; }
+    start_backends 0 0
+    echo "## slow: slowhttptest, $SLOW_CONNS connections for ${SLOW_SECONDS}s per mode, a normal client every 200 ms"
+    echo "| mode | target | normal failed | normal p99 ms | peak RSS MiB |"; echo "|---|---|---|---|---|"
+    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    for mode in slowloris slowbody slowread; do
+      for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
+        set -- $t
+        url="http://127.0.0.1:$3/bench"
+        case $mode in
+          slowloris) args=(-H -i 10 -r 200 -t GET -u "$url" -x 24 -p 3) ;;
+          slowbody) args=(-B -i 10 -r 200 -s 8192 -t POST -u "$url" -x 10 -p 3) ;;
+          slowread) args=(-X -r 200 -w 512 -y 1024 -n 5 -z 32 -k 3 -u "$url/bytes/1048576" -p 3) ;;
+        esac
+        out="$WORK/slow-$mode-$1"
+        peak="$WORK/peak-$mode-$1"; echo 0 > "$peak"
+        ( while :; do r=$(rss_kb "$2"); [ "$r" -gt "$(cat "$peak")" ] && echo "$r" > "$peak"; sleep 0.5; done ) &
+        SAMPLER=$!
+        slowhttptest -c "$SLOW_CONNS" -l "$SLOW_SECONDS" "${args[@]}" >"$WORK/slowhttptest-$mode-$1.log" 2>&1 &
+        SLOW=$!
+        sleep 2 # the slow connections are opening
+        "$FLEETLB" bench --target "http://127.0.0.1:$3" --path /bench --rate 5 --duration "$((SLOW_SECONDS - 4))s" -c 4 --timeout 10s --out "$out" --max-error-rate 1 >/dev/null 2>&1 || true
+        wait $SLOW 2>/dev/null || true
+        kill $SAMPLER 2>/dev/null || true; wait $SAMPLER 2>/dev/null || true
+        read -r failed p99 < <(python3 -c "import json; p=json.load(open('$out/summary.json'))['paths'][0]; print(p['failed'], '%.1f' % p['latency_ms']['p99'])")
+        echo "| $mode | $1 | $failed | $p99 | $(python3 -c "print('%.1f' % ($(cat "$peak")/1024))") |"
+      done
+    done
+    echo
+    stop_all ;;
+  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow)" >&2; exit 64 ;;
   esac
 done

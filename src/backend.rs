@@ -124,6 +124,15 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
     if path == "/health" {
         return json(StatusCode::OK, r#"{"status":"ok"}"#.to_string());
     }
+    // `.../bytes/N`: N bytes (at most 1 MiB), for benchmarks of large answers and slow readers.
+    if let Some(n) = path
+        .rsplit_once("/bytes/")
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+    {
+        static BLOCK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+        let block = BLOCK.get_or_init(|| Bytes::from(vec![b'x'; 1 << 20]));
+        return Response::new(Full::new(block.slice(..n.min(block.len()))));
+    }
     let Ok(_permit) = cpu.acquire().await else {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
