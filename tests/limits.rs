@@ -744,7 +744,7 @@ async fn chunked_named_twice_is_refused_and_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_is_the_proxys_fault_not_the_backends() {
     let b = Backend::start().await;
-    let files = vec![b.yaml("c", "")];
+    let files = [b.yaml("c", "")];
     let f = tokio::task::spawn_blocking(move || {
         let files: Vec<(&str, String)> =
             files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();

@@ -43,11 +43,11 @@ impl LimitValue for Duration {
 
     fn show(&self) -> String {
         let ms = self.as_millis();
-        if ms % 3_600_000 == 0 {
+        if ms.is_multiple_of(3_600_000) {
             format!("{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms >= 60_000 * 5 {
+        } else if ms.is_multiple_of(60_000) && ms >= 60_000 * 5 {
             format!("{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")
