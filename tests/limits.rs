@@ -532,41 +532,134 @@ async fn unread_http2_streams_hold_a_bounded_number_of_upstream_connections() {
     drop(responses);
 }
 
+/// A client that opens its connection window wide, starves 20 streams of a large answer (never
+/// opening their stream windows) and keeps reading a small answer on another stream every
+/// 300 ms: the starved streams still run out their send time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_rapid_reset_gets_a_goaway_and_spares_the_backend() {
-    let b = Backend::with_service(Duration::from_millis(50), 1_000_000).await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
+async fn http2_streams_starved_beside_streams_read_are_still_cut() {
+    let b = Backend::start().await;
+    let f = start(vec![b.yaml("c", "")], &["--client-send-timeout", "2s"]).await;
     healthy(&f, "c", b.addr).await;
-    let (mut send, conn) = h2_client(f.proxy).await;
-    let mut sent = 0;
-    for _ in 0..4000 {
-        let Ok(Ok(ready)) =
-            tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await
-        else {
-            break;
-        };
-        send = ready;
-        let req = http::Request::get(format!("http://{}/c/slow", f.proxy))
+    let tcp = TcpStream::connect(f.proxy).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_connection_window_size(1 << 30)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let mut starved = Vec::new();
+    for _ in 0..20 {
+        let req = http::Request::get(format!("http://{}/c/big", f.proxy))
             .body(())
             .unwrap();
-        let Ok((resp, mut stream)) = send.send_request(req, false) else {
-            break;
-        };
-        stream.send_reset(h2::Reason::CANCEL);
-        drop(resp);
-        sent += 1;
+        starved.push(send.send_request(req, true).unwrap().0);
+        send = send.ready().await.unwrap();
     }
-    let ended = tokio::time::timeout(DEADLINE, conn)
-        .await
-        .expect("the connection is closed");
-    let err = ended.unwrap().expect_err("closed with a GOAWAY");
-    assert!(err.is_go_away() || err.is_io(), "{err:?}");
+    until("the starved streams to reach the backend", || {
+        endpoint(&f, "c", b.addr)["inflight"] == 20
+    })
+    .await;
+    // Small answers read in full, every 300 ms, until the connection is closed.
+    let reading = async {
+        loop {
+            let Ok(ready) = send.clone().ready().await else {
+                return;
+            };
+            send = ready;
+            let req = http::Request::get(format!("http://{}/c/x", f.proxy))
+                .body(())
+                .unwrap();
+            let Ok((resp, _)) = send.send_request(req, true) else {
+                return;
+            };
+            let Ok(resp) = resp.await else { return };
+            let mut body = resp.into_body();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    tokio::select! {
+        () = reading => {}
+        _ = &mut conn => {}
+        () = tokio::time::sleep(DEADLINE) => panic!("the starved streams were never cut"),
+    }
+    until("the starved streams' upstream requests to end", || {
+        endpoint(&f, "c", b.addr)["inflight"] == 0
+    })
+    .await;
+    assert!(
+        f.metric(
+            "fleetlb_limit_hits_total",
+            &[("limit", "client-send-timeout")]
+        ) >= 1.0
+    );
+    drop(starved);
+}
+
+/// Rapid reset as it hurts: streams opened in batches of 50, each reset once its request has
+/// reached the backend (a reset before that is dropped by the HTTP/2 library on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_gets_a_goaway_and_spares_the_backend() {
+    let b = Backend::with_service(Duration::from_millis(200), 1_000_000).await;
+    let f = start(vec![b.yaml("c", "")], &[]).await;
+    healthy(&f, "c", b.addr).await;
+    let (mut send, mut conn) = h2_client(f.proxy).await;
+    let mut sent = 0;
+    let mut goaway = None;
+    'batches: for _ in 0..80 {
+        let before = b.hits();
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let ready = tokio::select! {
+                r = send.clone().ready() => r,
+                ended = &mut conn => { goaway = Some(ended); break 'batches; }
+            };
+            let Ok(ready) = ready else { break 'batches };
+            send = ready;
+            let req = http::Request::get(format!("http://{}/c/slow", f.proxy))
+                .body(())
+                .unwrap();
+            let Ok((resp, stream)) = send.send_request(req, false) else {
+                break 'batches;
+            };
+            streams.push((resp, stream));
+        }
+        let target = before + streams.len() as u64;
+        let reached = async {
+            while b.hits() < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            () = reached => {}
+            ended = &mut conn => { goaway = Some(ended); break 'batches; }
+            () = tokio::time::sleep(DEADLINE) => panic!("the batch never reached the backend"),
+        }
+        for (_, mut stream) in streams {
+            stream.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+        }
+    }
+    let ended = match goaway {
+        Some(e) => e,
+        None => tokio::time::timeout(DEADLINE, conn)
+            .await
+            .expect("the connection is closed"),
+    };
+    // A GOAWAY, then the close: seen as a clean end or as the GOAWAY's error.
+    if let Err(err) = ended.unwrap() {
+        assert!(err.is_go_away() || err.is_io(), "{err:?}");
+    }
     assert!(sent < 4000, "all 4000 resets were taken");
     assert!(
         b.hits() <= 200,
         "the backend received {} requests the client had reset",
         b.hits()
     );
+    assert!(f.metric("fleetlb_limit_hits_total", &[("limit", "h2-max-resets")]) >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -843,21 +936,39 @@ async fn closed_loop(addr: SocketAddr, path: &str, conns: usize, run: Duration) 
     total
 }
 
-/// Four instances that serve one request at a time (5 ms each), and a burst of 64 connections:
-/// ten times what they serve without queueing. The queues are the burst's doing, not theirs.
+/// Two instances that serve one request at a time (5 ms each) take a burst of 64 connections,
+/// ten times what they serve without queueing; six identical instances join during it and
+/// ramp up (slow start), so for seconds the first two carry deep queues while the new ones
+/// answer at once. The queues are the burst's doing, not the first two's: nobody is ejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_queueing_on_identical_instances_ejects_nobody() {
     let mut bs = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         bs.push(Backend::with_service(Duration::from_millis(5), 1).await);
     }
-    let refs: Vec<&Backend> = bs.iter().collect();
-    let f = start(vec![yaml("c", &refs, "")], &[]).await;
-    for b in &bs {
+    let f = start(vec![yaml("c", &[&bs[0], &bs[1]], "")], &[]).await;
+    for b in &bs[..2] {
         healthy(&f, "c", b.addr).await;
     }
-    let (ok, bad) = closed_loop(f.proxy, "/c/work", 64, Duration::from_secs(5)).await;
+    let proxy = f.proxy;
+    let burst =
+        tokio::spawn(
+            async move { closed_loop(proxy, "/c/work", 64, Duration::from_secs(10)).await },
+        );
+    until("the burst to reach the first instances", || {
+        bs[0].hits() > 50
+    })
+    .await;
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let (name, text) = yaml("c", &refs, "");
+    f.write(&name, &text);
+    let (ok, bad) = burst.await.unwrap();
     assert_eq!(bad, 0, "{ok} answered, {bad} failed");
+    assert!(
+        bs[2..].iter().all(|b| b.hits() > 0),
+        "the new instances never joined: {:?}",
+        bs.iter().map(Backend::hits).collect::<Vec<_>>()
+    );
     assert_eq!(
         f.metric("fleetlb_ejections_total", &[("reason", "latency")]),
         0.0,

@@ -13,6 +13,7 @@
 //!
 //! Only a client's own doing ends its connection here; no endpoint is ever blamed.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -67,10 +68,11 @@ pub(crate) struct ConnState {
     pub h2: AtomicBool,
     /// A write of ours has waited for the client since then.
     write_wait_since: AtomicU64,
-    /// HTTP/2 response bodies whose last chunk the client has not taken yet, and when one of
-    /// them was last taken.
-    handed: AtomicU32,
-    taken_at: AtomicU64,
+    /// HTTP/2 streams whose last response chunk the client has not taken yet: since when,
+    /// by stream (a client that reads some streams and starves others is still caught).
+    handed: std::sync::Mutex<HashMap<u64, u64>>,
+    /// Numbers the streams of `handed`.
+    streams: AtomicU64,
     /// Streams the client reset before their answer, in all and in the current window.
     resets: AtomicU32,
     completed: AtomicU32,
@@ -99,8 +101,8 @@ impl ConnState {
             requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             write_wait_since: AtomicU64::new(0),
-            handed: AtomicU32::new(0),
-            taken_at: AtomicU64::new(0),
+            handed: std::sync::Mutex::default(),
+            streams: AtomicU64::new(0),
             resets: AtomicU32::new(0),
             completed: AtomicU32::new(0),
             window_resets: AtomicU32::new(0),
@@ -151,7 +153,7 @@ impl ConnState {
                     return Some(Active {
                         conn: self.clone(),
                         answered: false,
-                        handed: false,
+                        handed: None,
                     });
                 }
                 continue;
@@ -195,8 +197,15 @@ impl ConnState {
             }
             next = next.min(end);
         }
-        if self.handed.load(Relaxed) > 0 {
-            let end = self.taken_at.load(Relaxed) + ns(l.send_timeout);
+        let oldest = self
+            .handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .min()
+            .copied();
+        if let Some(since) = oldest {
+            let end = since + ns(l.send_timeout);
             if now >= end {
                 self.limit_hit("client-send-timeout");
                 return Verdict::Close;
@@ -272,8 +281,9 @@ pub(crate) struct Active {
     conn: Arc<ConnState>,
     /// A response was produced (the client did not reset the stream before it).
     answered: bool,
-    /// HTTP/2: a chunk was handed to the client and it has not come back for more.
-    handed: bool,
+    /// HTTP/2: a chunk was handed to the client and it has not come back for more (this
+    /// stream's number in `ConnState::handed`).
+    handed: Option<u64>,
 }
 
 impl Active {
@@ -281,29 +291,37 @@ impl Active {
         &self.conn
     }
 
-    /// The service produced its response.
-    pub fn answered(&mut self) {
-        self.answered = true;
-        self.conn.completed.fetch_add(1, Relaxed);
+    /// The service produced its response; `client_gone`: because the client reset the stream
+    /// (or went away) first, which counts as a reset, not a completed request.
+    pub fn answered(&mut self, client_gone: bool) {
+        if !client_gone {
+            self.answered = true;
+            self.conn.completed.fetch_add(1, Relaxed);
+        }
     }
 
     /// The response body handed a chunk to an HTTP/2 client (it is the client's turn).
     pub fn hand(&mut self) {
-        if !self.handed && self.conn.h2.load(Relaxed) {
-            self.handed = true;
-            if self.conn.handed.fetch_add(1, Relaxed) == 0 {
-                self.conn.taken_at.store(self.conn.now(), Relaxed);
-            }
+        if self.handed.is_none() && self.conn.h2.load(Relaxed) {
+            let id = self.conn.streams.fetch_add(1, Relaxed);
+            self.handed = Some(id);
+            self.conn
+                .handed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, self.conn.now());
             self.conn.wake.notify_one();
         }
     }
 
     /// The client came back for more.
     pub fn taken(&mut self) {
-        if self.handed {
-            self.handed = false;
-            self.conn.handed.fetch_sub(1, Relaxed);
-            self.conn.taken_at.store(self.conn.now(), Relaxed);
+        if let Some(id) = self.handed.take() {
+            self.conn
+                .handed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
         }
     }
 }
@@ -339,12 +357,17 @@ impl Drop for Active {
 }
 
 /// A client socket that reports reads and write waits to its [`ConnState`] and cuts a reader
-/// slower than `--client-min-rate` over a 10 s window in which it kept fleetlb waiting.
+/// slower than `--client-min-rate`: over 10 s spent waiting for it to take bytes (a run of
+/// writes that each had to wait), it must take at least that rate. A write that goes out at
+/// once ends the run: the client has caught up, and pauses of the response itself never count.
 pub(crate) struct ClientIo<I> {
     io: I,
     conn: Arc<ConnState>,
-    /// A window of write waits: its start and the bytes written since.
-    window: Option<(tokio::time::Instant, u64)>,
+    /// The current run of waits: when the pending write began waiting, the time waited and
+    /// the bytes taken so far.
+    waiting: Option<tokio::time::Instant>,
+    waited: Duration,
+    taken: u64,
 }
 
 impl<I> ClientIo<I> {
@@ -352,7 +375,9 @@ impl<I> ClientIo<I> {
         Self {
             io,
             conn,
-            window: None,
+            waiting: None,
+            waited: Duration::ZERO,
+            taken: 0,
         }
     }
 }
@@ -379,24 +404,29 @@ impl<I: AsyncWrite + Unpin> ClientIo<I> {
         match polled {
             Poll::Pending => {
                 self.conn.on_write_wait();
-                if self.window.is_none() {
-                    self.window = Some((tokio::time::Instant::now(), 0));
+                if self.waiting.is_none() {
+                    self.waiting = Some(tokio::time::Instant::now());
                 }
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
                 self.conn.on_write_progress();
-                if let Some((start, bytes)) = self.window.as_mut() {
-                    *bytes += n as u64;
-                    let elapsed = start.elapsed();
-                    if elapsed >= RATE_WINDOW {
-                        let floor = u64::from(self.conn.limits.min_rate) * elapsed.as_secs();
-                        if *bytes < floor {
-                            self.conn.abuse("client-min-rate");
-                            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-                        }
-                        self.window = None;
+                let Some(since) = self.waiting.take() else {
+                    // Out at once: the client keeps up.
+                    self.waited = Duration::ZERO;
+                    self.taken = 0;
+                    return Poll::Ready(Ok(n));
+                };
+                self.waited += since.elapsed();
+                self.taken += n as u64;
+                if self.waited >= RATE_WINDOW {
+                    let floor = u64::from(self.conn.limits.min_rate) * self.waited.as_secs();
+                    if self.taken < floor {
+                        self.conn.abuse("client-min-rate");
+                        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                     }
+                    self.waited = Duration::ZERO;
+                    self.taken = 0;
                 }
                 Poll::Ready(Ok(n))
             }

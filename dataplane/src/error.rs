@@ -136,6 +136,9 @@ impl ProxyError {
     /// is lost: the answer closes it.
     pub fn response(self) -> Response<ResponseBody> {
         let mut resp = plain(self.status(), self.body());
+        if self == ProxyError::ClientClosed {
+            resp.extensions_mut().insert(ClientGone);
+        }
         if matches!(
             self,
             ProxyError::BadRequestBody
@@ -151,6 +154,11 @@ impl ProxyError {
         resp
     }
 }
+
+/// Marks the answer to a request whose client went away (or reset its HTTP/2 stream) before
+/// it: nobody reads it, and the connection counts it as a reset, not a completed request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClientGone;
 
 /// A short `text/plain` response.
 pub fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {

@@ -48,7 +48,11 @@ pub(crate) async fn handle(
     mut active: Active,
 ) -> Response<ResponseBody> {
     let mut resp = route_and_forward(shared, req, peer, tls, &active).await;
-    active.answered();
+    active.answered(
+        resp.extensions()
+            .get::<crate::error::ClientGone>()
+            .is_some(),
+    );
     resp.body_mut().track(active);
     resp
 }

@@ -285,10 +285,13 @@ pub(crate) struct Sender {
     pub broken: bool,
     /// The exchange's timer is set for a wait on the client (not on the upstream).
     pub timed_on_client: bool,
-    /// Slowest the client may send, bytes/s, and the current window in which it made the
-    /// upstream wait: its start and the bytes since.
+    /// Slowest the client may send, bytes/s: over 10 s spent waiting for its frames (a run of
+    /// frames that each had to be waited for), it must send at least that rate. A frame that
+    /// comes at once ends the run.
     min_rate: u32,
-    window: Option<(tokio::time::Instant, u64)>,
+    waiting: Option<tokio::time::Instant>,
+    waited: std::time::Duration,
+    sent: u64,
 }
 
 impl Sender {
@@ -304,7 +307,9 @@ impl Sender {
             broken: false,
             timed_on_client: false,
             min_rate,
-            window: None,
+            waiting: None,
+            waited: std::time::Duration::ZERO,
+            sent: 0,
         }
     }
 
@@ -362,21 +367,26 @@ impl Sender {
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    if self.window.is_none() {
-                        self.window = Some((tokio::time::Instant::now(), 0));
+                    if self.waiting.is_none() {
+                        self.waiting = Some(tokio::time::Instant::now());
                     }
                     return Poll::Pending;
                 }
             };
             self.waiting_on_client = false;
-            if let (Some((start, bytes)), Some(Ok(f))) = (self.window.as_mut(), frame.as_ref()) {
-                *bytes += f.data_ref().map_or(0, |d| d.len() as u64);
-                let elapsed = start.elapsed();
-                if elapsed >= crate::conn::RATE_WINDOW {
-                    if *bytes < u64::from(self.min_rate) * elapsed.as_secs() {
-                        return Poll::Ready(Err(SendError::TooSlow));
+            if let Some(Ok(f)) = frame.as_ref() {
+                match self.waiting.take() {
+                    None => (self.waited, self.sent) = (std::time::Duration::ZERO, 0),
+                    Some(since) => {
+                        self.waited += since.elapsed();
+                        self.sent += f.data_ref().map_or(0, |d| d.len() as u64);
+                        if self.waited >= crate::conn::RATE_WINDOW {
+                            if self.sent < u64::from(self.min_rate) * self.waited.as_secs() {
+                                return Poll::Ready(Err(SendError::TooSlow));
+                            }
+                            (self.waited, self.sent) = (std::time::Duration::ZERO, 0);
+                        }
                     }
-                    self.window = None;
                 }
             }
             match frame {
