@@ -39,7 +39,7 @@ cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wai
 trap cleanup EXIT
 
 BASE=19000
-FLEET_PORT=19100; FLEET_ADMIN=19101; FLEET_TLS=19102; NGINX_PORT=19200; NGINX_TLS=19201; HAPROXY_PORT=19300
+FLEET_PORT=19100; FLEET_ADMIN=19101; FLEET_TLS=19102; BASE_PORT=19103; BASE_ADMIN=19104; NGINX_PORT=19200; NGINX_TLS=19201; HAPROXY_PORT=19300
 
 wait_port() { # port
   for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
@@ -70,8 +70,15 @@ start_profile_backends() { # profile count ; like start_backends, each mimicking
 }
 
 start_fleetlb() { # ports...
-  mkdir -p "$WORK/fleetlb"
-  rm -f "$WORK/fleetlb/"*.yaml
+  start_fleetlb_as "$FLEETLB" fleetlb $FLEET_PORT $FLEET_ADMIN "$@"
+  FLEET_PID=$STARTED_PID
+}
+
+start_fleetlb_as() { # binary name port admin_port ports... ; sets STARTED_PID
+  local bin=$1 name=$2 port=$3 admin=$4
+  shift 4
+  mkdir -p "$WORK/$name"
+  rm -f "$WORK/$name/"*.yaml
   {
     echo "apiVersion: fleetlb.dev/v1alpha1"
     echo "kind: BackendCluster"
@@ -85,17 +92,17 @@ start_fleetlb() { # ports...
     echo "    static:"
     echo "      endpoints:"
     for p in "$@"; do echo "      - 127.0.0.1:$p"; done
-  } > "$WORK/fleetlb/bench.yaml"
+  } > "$WORK/$name/bench.yaml"
   # shellcheck disable=SC2086
-  RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/fleetlb" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") ${FLEETLB_ARGS:-} 2>"$WORK/fleetlb.log" &
-  FLEET_PID=$!; PIDS+=($FLEET_PID)
-  wait_port $FLEET_PORT
-  wait_healthy "$#" 200 0.1
+  RUST_LOG=warn "$bin" standalone --config "$WORK/$name" --listen 127.0.0.1:$port --admin 127.0.0.1:$admin $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") ${FLEETLB_ARGS:-} 2>"$WORK/$name.log" &
+  STARTED_PID=$!; PIDS+=($STARTED_PID)
+  wait_port $port
+  wait_healthy "$#" 200 0.1 $admin
 }
 
-wait_healthy() { # count tries interval: until fleetlb reports COUNT endpoints passing health checks
+wait_healthy() { # count tries interval [admin_port]: until fleetlb reports COUNT endpoints passing health checks
   for _ in $(seq 1 "$2"); do
-    n=$(curl -s 127.0.0.1:$FLEET_ADMIN/debug/endpoints | grep -c '"state": "healthy"' || true)
+    n=$(curl -s 127.0.0.1:${4:-$FLEET_ADMIN}/debug/endpoints | grep -c '"state": "healthy"' || true)
     [ "$n" -ge "$1" ] && return 0; sleep "$3"
   done
   echo "fleetlb: $1 endpoints never became healthy" >&2; exit 1
@@ -248,18 +255,25 @@ for scenario in "${SCENARIOS[@]}"; do
   throughput)
     start_backends 0 0 0 0 0 0 0 0
     start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    # FLEETLB_BASELINE=path/to/an/older/fleetlb: that build too, in the same interleaved runs.
+    targets=(direct fleetlb nginx haproxy)
+    if [ -n "${FLEETLB_BASELINE:-}" ]; then
+      start_fleetlb_as "$FLEETLB_BASELINE" baseline $BASE_PORT $BASE_ADMIN "${ports[@]}"
+      targets+=(baseline)
+    fi
     echo "## throughput: 8 instant backends, keep-alive, closed loop (wrk -t2 -c$CONNS), median of $RUNS interleaved runs"
     echo "| target | req/s (median) | each run | p50 ms | p99 ms | CPU µs per request |"; echo "|---|---|---|---|---|---|"
     # Targets take turns, run after run, so a machine getting busier or quieter during the
     # benchmark weighs on all of them alike; the median of each is reported.
     declare -A url=([direct]="http://127.0.0.1:${ports[0]}/bench" [fleetlb]="http://127.0.0.1:$FLEET_PORT/bench"
-                    [nginx]="http://127.0.0.1:$NGINX_PORT/bench" [haproxy]="http://127.0.0.1:$HAPROXY_PORT/bench")
+                    [nginx]="http://127.0.0.1:$NGINX_PORT/bench" [haproxy]="http://127.0.0.1:$HAPROXY_PORT/bench"
+                    [baseline]="http://127.0.0.1:$BASE_PORT/bench")
     # CPU per request: of the proxy (its workers or threads included); for the direct row, of
     # the one backend.
-    declare -A pid=([direct]=$victim [fleetlb]=$FLEET_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+    declare -A pid=([direct]=$victim [fleetlb]=$FLEET_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [baseline]=${STARTED_PID:-0})
     declare -A runs=()
     for _ in $(seq 1 "$RUNS"); do
-      for t in direct fleetlb nginx haproxy; do runs[$t]+="$(wrk_run "${url[$t]}" "${pid[$t]}");"; done
+      for t in "${targets[@]}"; do runs[$t]+="$(wrk_run "${url[$t]}" "${pid[$t]}");"; done
     done
     median() { # "rps p50 p99 cpu;..." -> "median_rps runs_list p50 p99 cpu" (the median run's)
       python3 -c "
@@ -269,14 +283,17 @@ m = rs[len(rs) // 2]
 print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1], m[2], m[3]))" "$1"
     }
     declare -A label=([direct]="one backend, direct" [fleetlb]="fleetlb (peak-ewma)"
-                      [nginx]="nginx (round robin, keepalive 256)" [haproxy]="HAProxy (roundrobin, http-reuse always)")
-    for t in direct fleetlb nginx haproxy; do
+                      [nginx]="nginx (round robin, keepalive 256)" [haproxy]="HAProxy (roundrobin, http-reuse always)"
+                      [baseline]="fleetlb baseline ($FLEETLB_BASELINE)")
+    for t in "${targets[@]}"; do
       read -r m each p50 p99 cpu < <(median "${runs[$t]}")
       echo "| ${label[$t]} | $m | $each | $p50 | $p99 | $cpu |"
       [ "$t" = fleetlb ] && f_rps=$m && f_cpu=$cpu
       [ "$t" = nginx ] && n_rps=$m && n_cpu=$cpu
       [ "$t" = haproxy ] && h_rps=$m
+      [ "$t" = baseline ] && b_rps=$m && b_cpu=$cpu
     done
+    [ -n "${FLEETLB_BASELINE:-}" ] && python3 -c "print(); print('fleetlb / baseline: req/s %.3f, CPU per request %.3f (goal: within 5 %%)' % ($f_rps / $b_rps, $f_cpu / $b_cpu))"
     python3 -c "print(); print('fleetlb / nginx = %.2f, fleetlb / HAProxy = %.2f (goal: >= 1 and > 1)' % ($f_rps / $n_rps, $f_rps / $h_rps))"
     python3 -c "print('fleetlb CPU per request / nginx = %.2f (goal <= 1)' % ($f_cpu / $n_cpu))"
     echo

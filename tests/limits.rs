@@ -1003,3 +1003,50 @@ async fn a_truly_slow_instance_inside_a_burst_is_avoided_and_ejected() {
         bs.iter().map(share).collect::<Vec<_>>()
     );
 }
+
+/// An idle keep-alive connection gives up its HTTP state and buffers (parked, as nginx frees
+/// its buffers between requests) and serves its next request as if nothing happened, also when
+/// that request arrives in pieces, and a WebSocket upgrade after a parked spell still tunnels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_keep_alive_connection_serves_its_next_request() {
+    let b = Backend::start().await;
+    let f = start(vec![b.yaml("c", "")], &[]).await;
+    healthy(&f, "c", b.addr).await;
+    let mut s = TcpStream::connect(f.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    for round in 0..3 {
+        // The first request, or the next one after a parked spell, in two pieces.
+        s.write_all(b"GET /c/echo HTTP/1.1\r\nHo").await.unwrap();
+        s.write_all(b"st: x\r\n\r\n").await.unwrap();
+        let head = read_head(&mut s, &mut buf).await.expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        let len: usize = header_of(&head, "content-length")[0].parse().unwrap();
+        while buf.len() < len {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..len);
+        until("the idle connection to park", || {
+            f.metric("fleetlb_connections_parked", &[]) == 1.0
+        })
+        .await;
+    }
+    s.write_all(
+        b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nearly",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s, &mut buf).await.expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The bytes sent right behind the request head reach the backend and come back.
+    while buf.len() < 5 {
+        let mut chunk = [0u8; 64];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(&buf[..], b"early");
+    assert_eq!(f.metric("fleetlb_connections_parked", &[]), 0.0);
+}

@@ -82,11 +82,23 @@ pub(crate) struct ConnState {
     abusive: AtomicBool,
     /// Wakes the driver: the client broke a rule, or a request slot freed.
     pub wake: Notify,
+    /// The connection's own loop hands the socket over for upgrades (`ClientUpgrade::Handed`),
+    /// and where to.
+    pub hands_upgrades: bool,
+    upgrade: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Box<dyn ClientStream>>>>,
+    /// The driver asked an idle connection to finish so its socket can be kept bare: 1 + the
+    /// requests dispatched by then (0: not asked).
+    shrinking: AtomicU64,
     slot_freed: Notify,
 }
 
 impl ConnState {
-    pub fn new(shared: &Shared, permit: OwnedSemaphorePermit, ctl: Arc<ListenerCtl>) -> Self {
+    pub fn new(
+        shared: &Shared,
+        permit: OwnedSemaphorePermit,
+        ctl: Arc<ListenerCtl>,
+        hands_upgrades: bool,
+    ) -> Self {
         let now = shared.clock.now().max(1);
         shared.metrics.connections_active.inc();
         Self {
@@ -109,6 +121,9 @@ impl ConnState {
             window_start: AtomicU64::new(now),
             abusive: AtomicBool::new(false),
             wake: Notify::new(),
+            hands_upgrades,
+            upgrade: std::sync::Mutex::default(),
+            shrinking: AtomicU64::new(0),
             slot_freed: Notify::new(),
         }
     }
@@ -163,6 +178,34 @@ impl ConnState {
                 return None;
             }
         }
+    }
+
+    /// How long the connection has been idle (no request in progress, no head begun), if it is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Relaxed) != 0 || self.head_since.load(Relaxed) != 0 {
+            return None;
+        }
+        let since = self.idle_since.load(Relaxed);
+        Some(Duration::from_nanos(self.now().saturating_sub(since)))
+    }
+
+    /// The upgrade waiting for this connection's socket, if a `101` went out.
+    pub fn take_upgrade(&self) -> Option<tokio::sync::oneshot::Sender<Box<dyn ClientStream>>> {
+        self.upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Requests dispatched so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+
+    /// The connection was asked to let go while idle and no request came in since: its bare
+    /// socket may be kept. Resets the question.
+    pub fn shrunk(&self) -> bool {
+        self.shrinking.swap(0, Relaxed) == self.requests() + 1
     }
 
     /// Counts a limit that cut a client off (`fleetlb_limit_hits_total{limit}`).
@@ -370,6 +413,13 @@ pub(crate) struct ClientIo<I> {
     taken: u64,
 }
 
+impl ClientIo<tokio::net::TcpStream> {
+    /// The socket, to wait on while the connection idles bare.
+    pub fn socket(&self) -> &tokio::net::TcpStream {
+        &self.io
+    }
+}
+
 impl<I> ClientIo<I> {
     pub fn new(io: I, conn: Arc<ConnState>) -> Self {
         Self {
@@ -474,10 +524,33 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// Time an abusive HTTP/2 client has to read its GOAWAY before the connection is closed.
 const ABUSE_GRACE: Duration = Duration::from_millis(100);
 
+/// How [`drive`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The connection finished on its own (or as asked, see `shrink`).
+    Done,
+    /// fleetlb closed it: a limit, or the drain is over.
+    Closed,
+}
+
+/// How long an HTTP/1.1 connection idles before fleetlb lets go of its HTTP machinery and its
+/// buffers, keeping only the socket until the next request (see `server::serve_h1`).
+pub(crate) const SHRINK_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs `conn` until it ends, the client breaks a limit, or the listener's drain is over.
-pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), state: &ConnState) {
-    let mut conn = std::pin::pin!(conn);
+/// `shrink`: once the connection has idled for [`SHRINK_AFTER`], ask it to finish gracefully
+/// (`Ended::Done`), so the caller can keep the bare socket instead.
+pub(crate) async fn drive<C: Future + Unpin>(
+    conn: &mut C,
+    graceful: impl Fn(Pin<&mut C>),
+    state: &ConnState,
+    shrink: bool,
+) -> Ended {
+    let mut conn = Pin::new(conn);
     let mut phase = state.ctl.phase.clone();
+    if *phase.borrow_and_update() != Phase::Serving {
+        graceful(conn.as_mut());
+    }
     let timer = tokio::time::sleep(Duration::ZERO);
     let mut timer = std::pin::pin!(timer);
     let mut going = false;
@@ -488,8 +561,8 @@ pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), st
         let now = tokio::time::Instant::now();
         let mut at = now + Duration::from_secs(3600);
         match state.verdict() {
-            Verdict::Close => return,
-            Verdict::Abusive if !state.h2.load(Relaxed) => return,
+            Verdict::Close => return Ended::Closed,
+            Verdict::Abusive if !state.h2.load(Relaxed) => return Ended::Closed,
             Verdict::Abusive => {
                 if !going {
                     going = true;
@@ -497,7 +570,7 @@ pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), st
                 }
                 let c = *close_at.get_or_insert(now + ABUSE_GRACE);
                 if now >= c {
-                    return;
+                    return Ended::Closed;
                 }
             }
             Verdict::Idle => {
@@ -507,23 +580,36 @@ pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), st
                 }
                 let c = *close_at.get_or_insert(now + GOAWAY_GRACE);
                 if now >= c {
-                    return;
+                    return Ended::Closed;
                 }
             }
-            Verdict::Wait(next) => at = next,
+            Verdict::Wait(next) => {
+                at = next;
+                if shrink && !going {
+                    match state.idle_for() {
+                        Some(idle) if idle >= SHRINK_AFTER => {
+                            going = true;
+                            state.shrinking.store(state.requests() + 1, Relaxed);
+                            graceful(conn.as_mut());
+                        }
+                        Some(idle) => at = at.min(now + (SHRINK_AFTER - idle)),
+                        None => {}
+                    }
+                }
+            }
         }
         if let Some(c) = close_at {
             at = at.min(c);
         }
         timer.as_mut().reset(at);
         tokio::select! {
-            _ = conn.as_mut() => return,
+            _ = conn.as_mut() => return Ended::Done,
             () = wake => {}
             () = timer.as_mut() => {}
             changed = phase.changed() => {
                 let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
                 match now {
-                    Phase::Closing => return,
+                    Phase::Closing => return Ended::Closed,
                     Phase::Draining if !going => {
                         going = true;
                         graceful(conn.as_mut());
@@ -532,5 +618,138 @@ pub(crate) async fn drive<C: Future>(conn: C, graceful: impl Fn(Pin<&mut C>), st
                 }
             }
         }
+    }
+}
+
+/// Waits, holding only the socket, for the next request on an idle HTTP/1.1 connection whose
+/// HTTP machinery was let go: `true` once bytes (or the client's close) arrive, `false` when a
+/// timer or the drain closes it first.
+pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> bool {
+    let mut phase = state.ctl.phase.clone();
+    if *phase.borrow_and_update() != Phase::Serving {
+        return false;
+    }
+    struct Parked<'a>(&'a Metrics);
+    impl Drop for Parked<'_> {
+        fn drop(&mut self) {
+            self.0.connections_parked.dec();
+        }
+    }
+    state.metrics.connections_parked.inc();
+    let _parked = Parked(&state.metrics);
+    loop {
+        let at = match state.verdict() {
+            Verdict::Wait(at) => at,
+            _ => return false,
+        };
+        tokio::select! {
+            r = socket.readable() => {
+                // The next head begins (or the client closed): its timer runs from here.
+                state.first_byte();
+                return r.is_ok();
+            }
+            () = tokio::time::sleep_until(at) => {}
+            _ = phase.changed() => return false,
+        }
+    }
+}
+
+/// The client's side of a WebSocket upgrade, once its `101` has gone out.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientStream for T {}
+
+/// Where the upgraded client connection comes from: hyper (HTTP/1.1 over TLS), or fleetlb's
+/// own HTTP/1.1 loop, which hands the socket over once the `101` is written.
+pub(crate) enum ClientUpgrade {
+    Hyper(hyper::upgrade::OnUpgrade),
+    Handed(tokio::sync::oneshot::Receiver<Box<dyn ClientStream>>),
+}
+
+impl ClientUpgrade {
+    /// For `req` on `conn`: from hyper, or from the connection's own loop.
+    pub fn of<B>(req: &mut http::Request<B>, conn: &ConnState) -> Self {
+        if conn.hands_upgrades {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            *conn.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+            ClientUpgrade::Handed(rx)
+        } else {
+            ClientUpgrade::Hyper(hyper::upgrade::on(req))
+        }
+    }
+
+    /// The client's connection, after the `101`.
+    pub async fn stream(self) -> io::Result<Box<dyn ClientStream>> {
+        match self {
+            ClientUpgrade::Hyper(on) => {
+                let up = on.await.map_err(io::Error::other)?;
+                Ok(Box::new(hyper_util::rt::TokioIo::new(up)))
+            }
+            ClientUpgrade::Handed(rx) => rx
+                .await
+                .map_err(|_| io::Error::other("the connection ended before the upgrade")),
+        }
+    }
+}
+
+/// Bytes already read from a socket, given back before it is read again.
+pub(crate) struct Rewind<I> {
+    pre: bytes::Bytes,
+    pub io: I,
+}
+
+impl<I> Rewind<I> {
+    pub fn new(pre: bytes::Bytes, io: I) -> Self {
+        Self { pre, io }
+    }
+
+    /// Nothing read ahead is left.
+    pub fn pre_is_empty(&self) -> bool {
+        self.pre.is_empty()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub(crate) connections_idle_closed: IntCounter,
     /// Clients cut off or refused by a limit, by the limit's flag.
     pub(crate) limit_hits: IntCounterVec,
+    /// Idle HTTP/1.1 client connections holding only their socket (no HTTP state, no buffers).
+    pub(crate) connections_parked: IntGauge,
     /// Requests waiting in each endpoint's queue (filled in at scrape time).
     pub(crate) queued: IntGaugeVec,
     pub(crate) connect_errors: IntCounterVec,
@@ -122,6 +124,10 @@ impl Metrics {
                 ),
                 &["limit"],
             )?,
+            connections_parked: IntGauge::new(
+                "fleetlb_connections_parked",
+                "Idle HTTP/1.1 client connections holding only their socket: no HTTP state or buffers until their next request.",
+            )?,
             queued: IntGaugeVec::new(
                 Opts::new(
                     "fleetlb_endpoint_queued",
@@ -192,6 +198,7 @@ impl Metrics {
         registry.register(Box::new(m.connections_idle_closed.clone()))?;
         registry.register(Box::new(m.limit_hits.clone()))?;
         registry.register(Box::new(m.queued.clone()))?;
+        registry.register(Box::new(m.connections_parked.clone()))?;
         registry.register(Box::new(m.connect_errors.clone()))?;
         registry.register(Box::new(m.selections.clone()))?;
         registry.register(Box::new(m.ejections.clone()))?;

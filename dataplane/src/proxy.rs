@@ -23,14 +23,12 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::balance;
 use crate::body::{Full, InflightGuard, ResponseBody};
-use crate::conn::{Active, ConnState, Phase};
+use crate::conn::{Active, ClientUpgrade, ConnState, Phase};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
 use crate::h1;
@@ -114,7 +112,7 @@ async fn route_and_forward(
         cluster.metrics.count(resp.status().as_u16());
         return resp;
     }
-    let upgrade = upgrade_request(&mut req);
+    let upgrade = upgrade_request(&mut req, active.conn());
     prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
@@ -142,7 +140,9 @@ async fn route_and_forward(
         }
     };
     if upgrading && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The client meant to leave HTTP on this connection; it was refused: close it.
+        // The client meant to leave HTTP on this connection; it was refused: close it (and
+        // nobody waits for its socket).
+        drop(active.conn().take_upgrade());
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -306,7 +306,10 @@ fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError>
 /// client side of the upgrade. Other upgrades (`h2c` above all, which would hand the client a
 /// direct HTTP/2 line to the backend past fleetlb's routing) go on as plain requests, their
 /// `Upgrade` stripped with the other hop-by-hop headers.
-fn upgrade_request(req: &mut Request<Incoming>) -> Option<(HeaderValue, OnUpgrade)> {
+fn upgrade_request(
+    req: &mut Request<Incoming>,
+    conn: &ConnState,
+) -> Option<(HeaderValue, ClientUpgrade)> {
     let h = req.headers();
     let wants = h
         .get_all(header::CONNECTION)
@@ -321,7 +324,7 @@ fn upgrade_request(req: &mut Request<Incoming>) -> Option<(HeaderValue, OnUpgrad
     {
         return None;
     }
-    Some((proto, hyper::upgrade::on(req)))
+    Some((proto, ClientUpgrade::of(req, conn)))
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -335,7 +338,7 @@ async fn forward(
     shared: &Shared,
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
-    mut client_upgrade: Option<(OnUpgrade, Arc<ConnState>)>,
+    mut client_upgrade: Option<(ClientUpgrade, Arc<ConnState>)>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &shared.config;
     let limits = &*shared.limits;
@@ -565,18 +568,17 @@ struct Tunnel {
 impl Tunnel {
     /// Joins the client's upgraded connection and the upstream's switched one (with the bytes
     /// the upstream sent after its `101`) and copies bytes both ways.
-    fn spawn(self, client: OnUpgrade, upstream: h1::Conn) {
+    fn spawn(self, client: ClientUpgrade, upstream: h1::Conn) {
         let ctl = self.conn.ctl.clone();
         ctl.tasks.spawn(async move {
             let cluster = &self.cluster;
-            let client = match client.await {
+            let mut client = match client.stream().await {
                 Ok(c) => c,
                 Err(err) => {
                     tracing::debug!(%cluster, ?err, "upgrade failed");
                     return;
                 }
             };
-            let mut client = TokioIo::new(client);
             let h1::Conn {
                 io: mut up, buf, ..
             } = upstream;

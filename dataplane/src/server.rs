@@ -14,14 +14,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::conn::{self, ClientIo, ConnState, ListenerCtl, Phase};
+use crate::conn::{self, ClientIo, ConnState, Ended, ListenerCtl, Phase, Rewind};
 use crate::{Shared, proxy};
 
 /// What the connections of one listener share: a single `Arc` clone per connection and per
 /// request.
 struct Listener {
     shared: Arc<Shared>,
+    /// HTTPS (ALPN decides between HTTP/1.1 and HTTP/2).
     builder: auto::Builder<TokioExecutor>,
+    /// Plain HTTP/1.1, one connection at a time, let go when idle (`serve_h1`).
+    h1: hyper::server::conn::http1::Builder,
+    /// Plain HTTP/2 (prior knowledge).
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     ctl: Arc<ListenerCtl>,
 }
 
@@ -56,6 +61,20 @@ pub(crate) async fn serve(
         .max_pending_accept_reset_streams(Some(20))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    // The buffer limit alone lets a head through whole when one read brings all of it; the
+    // header-size limit is checked on every head.
+    h1.timer(TokioTimer::new())
+        .max_buf_size((limits.max_header_bytes as usize).max(8192))
+        .max_header_size(limits.max_header_bytes as usize)
+        .keep_alive(true);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
     let (phase_tx, phase) = watch::channel(Phase::Serving);
     let ctl = Arc::new(ListenerCtl {
         phase,
@@ -64,6 +83,8 @@ pub(crate) async fn serve(
     let this = Arc::new(Listener {
         shared,
         builder,
+        h1,
+        h2,
         ctl: ctl.clone(),
     });
     tokio::pin!(shutdown);
@@ -95,7 +116,12 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         shared.metrics.connections_total.inc();
-        let state = Arc::new(ConnState::new(shared, permit, this.ctl.clone()));
+        let state = Arc::new(ConnState::new(
+            shared,
+            permit,
+            this.ctl.clone(),
+            tls.is_none(),
+        ));
         let this = this.clone();
         let tls = tls.clone();
         ctl.tasks
@@ -137,10 +163,19 @@ async fn accepted(
         return;
     }
     state.first_byte();
-    let io = ClientIo::new(stream, state.clone());
     let Some(acceptor) = tls else {
-        return run(this, TokioIo::new(io), peer, false, state).await;
+        // HTTP/2 with prior knowledge opens with its preface; anything else is HTTP/1.
+        let preface =
+            tokio::time::timeout_at(state.head_deadline(), starts_with_preface(&stream)).await;
+        let io = ClientIo::new(stream, state.clone());
+        return match preface {
+            Ok(Ok(true)) => serve_h2(this, TokioIo::new(io), peer, state).await,
+            Ok(Ok(false)) => serve_h1(this, io, peer, state).await,
+            Ok(Err(_)) => {}
+            Err(_) => state.limit_hit("client-head-timeout"),
+        };
     };
+    let io = ClientIo::new(stream, state.clone());
     // The handshake counts toward the first request's head time.
     match tokio::time::timeout_at(state.head_deadline(), acceptor.accept(io)).await {
         Ok(Ok(stream)) => {
@@ -172,8 +207,173 @@ async fn accepted(
     }
 }
 
-/// Serves HTTP on one client connection (plain or TLS) until it ends, breaks a limit, or the
-/// drain closes it.
+/// Whether the connection opens with the HTTP/2 preface (`PRI * HTTP/2.0`): peeks until
+/// four bytes say so or one byte says otherwise.
+async fn starts_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    const PRI: &[u8] = b"PRI ";
+    let mut buf = [0u8; 4];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if buf[..n] != PRI[..n] {
+            return Ok(false);
+        }
+        if n == PRI.len() {
+            return Ok(true);
+        }
+        // A partial preface: wait for more (under the head timer) without spinning.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The request handler of one connection.
+fn service(
+    this: &Arc<Listener>,
+    peer: std::net::SocketAddr,
+    secure: bool,
+    state: &Arc<ConnState>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::ResponseBody>,
+    Error = Infallible,
+    Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<hyper::Response<crate::ResponseBody>, Infallible>> + Send>,
+    >,
+> + Clone
++ Unpin
++ use<> {
+    let peer_ip = crate::headers::Peer::new(peer, &this.shared.config.trusted_proxies);
+    let this = this.clone();
+    let state = state.clone();
+    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let this = this.clone();
+        let peer_ip = peer_ip.clone();
+        let state = state.clone();
+        // Boxed: hyper keeps the service's future inside every connection, idle ones too;
+        // one allocation per request keeps that space out of every idle connection.
+        Box::pin(async move {
+            let h2 = req.version() == http::Version::HTTP_2;
+            let Some(active) = state.begin(h2).await else {
+                return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
+            };
+            Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure, active).await)
+        }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+    })
+}
+
+/// Serves plain HTTP/1.1. After a second without a request the connection gives up hyper's
+/// state and buffers (about 16 KiB) and keeps only its socket, as nginx frees its buffers
+/// between requests; the next request gets a fresh HTTP/1.1 state, with whatever bytes were
+/// already read. A WebSocket upgrade hands the socket to its tunnel.
+async fn serve_h1(
+    this: &Arc<Listener>,
+    io: ClientIo<TcpStream>,
+    peer: std::net::SocketAddr,
+    state: Arc<ConnState>,
+) {
+    let svc = service(this, peer, false, &state);
+    let mut io = Rewind::new(bytes::Bytes::new(), io);
+    loop {
+        let mut conn = WithoutShutdown(
+            Box::new(this.h1.serve_connection(TokioIo::new(io), svc.clone())),
+            None,
+        );
+        let ended = conn::drive(
+            &mut conn,
+            |c| std::pin::Pin::new(&mut *c.get_mut().0).graceful_shutdown(),
+            &state,
+            true,
+        )
+        .await;
+        if ended == Ended::Closed {
+            return;
+        }
+        let failed = conn.1.is_some_and(|r| r.is_err());
+        let parts = conn.0.into_parts();
+        let mut rest = parts.io.into_inner();
+        if let Some(up) = state.take_upgrade() {
+            // The `101` went out: the socket (and what the client sent after its request)
+            // belongs to the tunnel now.
+            let _ = up.send(Box::new(Rewind::new(parts.read_buf, rest)));
+            return;
+        }
+        // Asked to let go while idle, and no request came in meanwhile: keep the bare socket.
+        // Anything else (the client closed, or keep-alive ended) ends the connection.
+        if failed || !state.shrunk() {
+            // As hyper ends a connection: what it wrote last (an error's answer, a
+            // `Connection: close` response) goes out before the close.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::shutdown(&mut rest),
+            )
+            .await;
+            return;
+        }
+        io = Rewind::new(parts.read_buf, rest.io);
+        if !io.pre_is_empty() {
+            // Part of the next head was read already: its timer runs.
+            state.first_byte();
+        } else if !conn::idle(&state, io.io.socket()).await {
+            return;
+        }
+    }
+}
+
+/// hyper's HTTP/1.1 connection, run without shutting its socket down at the end (so an idle
+/// or upgraded connection can be taken back), and how it ended.
+struct WithoutShutdown<I, S>(
+    Box<hyper::server::conn::http1::Connection<I, S>>,
+    Option<hyper::Result<()>>,
+)
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>;
+
+impl<I, S> Future for WithoutShutdown<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::ResponseBody> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        if this.1.is_some() {
+            return std::task::Poll::Ready(());
+        }
+        let r = std::task::ready!(this.0.poll_without_shutdown(cx));
+        if let Err(err) = &r {
+            tracing::debug!(?err, "client connection ended with an error");
+        }
+        this.1 = Some(r);
+        std::task::Poll::Ready(())
+    }
+}
+
+/// Serves plain HTTP/2 (prior knowledge).
+async fn serve_h2<I>(this: &Arc<Listener>, io: I, peer: std::net::SocketAddr, state: Arc<ConnState>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service(this, peer, false, &state);
+    let mut conn = Box::pin(this.h2.serve_connection(io, svc));
+    conn::drive(
+        &mut conn,
+        |c| c.get_mut().as_mut().graceful_shutdown(),
+        &state,
+        false,
+    )
+    .await;
+}
+
+/// Serves HTTP on one TLS connection (ALPN: HTTP/1.1 or HTTP/2) until it ends, breaks a
+/// limit, or the drain closes it.
 async fn run<I>(
     this: &Arc<Listener>,
     io: I,
@@ -183,26 +383,17 @@ async fn run<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let peer_ip = crate::headers::Peer::new(peer, &this.shared.config.trusted_proxies);
-    let svc_this = this.clone();
-    let svc_state = state.clone();
-    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let this = svc_this.clone();
-        let peer_ip = peer_ip.clone();
-        let state = svc_state.clone();
-        // Boxed: hyper keeps the service's future inside every connection, idle ones too;
-        // one allocation per request keeps that space out of every idle connection.
-        Box::pin(async move {
-            let h2 = req.version() == http::Version::HTTP_2;
-            let Some(active) = state.begin(h2).await else {
-                return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
-            };
-            Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure, active).await)
-        })
-    });
-    let conn = this
-        .builder
-        .serve_connection_with_upgrades(io, svc)
-        .into_owned();
-    conn::drive(conn, |c| c.graceful_shutdown(), &state).await;
+    let svc = service(this, peer, secure, &state);
+    let mut conn = Box::pin(
+        this.builder
+            .serve_connection_with_upgrades(io, svc)
+            .into_owned(),
+    );
+    conn::drive(
+        &mut conn,
+        |c| c.get_mut().as_mut().graceful_shutdown(),
+        &state,
+        false,
+    )
+    .await;
 }
