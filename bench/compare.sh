@@ -204,14 +204,19 @@ rate_run() { # target rate [extra args]
   python3 -c "import json,sys; p=json.load(open('$out/summary.json'))['paths'][0]; print('%.3f %.3f %d' % (p['latency_ms']['p50'], p['latency_ms']['p99'], p['failed']))"
 }
 
-hold_connections() { # port count -> keeps COUNT keep-alive connections open until killed
+hold_connections() { # port count [tls] -> keeps COUNT keep-alive connections open until killed
   rm -f "$WORK/held"
-  python3 - "$1" "$2" "$WORK/held" <<'PY' &
-import socket, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
+  python3 - "$1" "$2" "$WORK/held" "${3:-}" <<'PY' &
+import socket, ssl, sys, time
+port, n, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "tls"
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
 socks = []
 for _ in range(n):
     s = socket.create_connection(("127.0.0.1", port))
+    if tls:
+        s = ctx.wrap_socket(s, server_hostname="bench.local")
     s.sendall(b"GET /bench HTTP/1.1\r\nHost: x\r\n\r\n")
     s.recv(4096)
     socks.append(s)
@@ -332,25 +337,34 @@ print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1
     echo ;;
   memory)
     HOLD=${HOLD:-10000}
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.local \
+      -addext subjectAltName=DNS:bench.local -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
     start_backends 0 0
-    echo "## memory: RSS with $HOLD idle keep-alive client connections (each made one request)"
+    echo "## memory: RSS with $HOLD idle keep-alive client connections (each made one request), 3 s after the last"
     echo "| target | RSS idle (MiB) | RSS with $HOLD connections (MiB) | KiB per connection |"; echo "|---|---|---|---|"
-    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    FLEETLB_ARGS="${FLEETLB_ARGS:-} --tls-listen 127.0.0.1:$FLEET_TLS --tls-cert $WORK/tls.crt --tls-key $WORK/tls.key" start_fleetlb "${ports[@]}"
+    NGINX_TLS_CERT=$WORK/tls.crt NGINX_TLS_KEY=$WORK/tls.key start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
+    wait_port $FLEET_TLS; wait_port $NGINX_TLS
     declare -A per=()
-    for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
+    for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT" \
+             "fleetlb-tls $FLEET_PID $FLEET_TLS tls" "nginx-tls $NGINX_PID $NGINX_TLS tls"; do
       set -- $t
       n=$HOLD
       # HAProxy's maxconn is bounded by this machine's descriptor limit (see HAPROXY_MAXCONN).
       [ "$1" = haproxy ] && [ "$n" -gt $((HAPROXY_MAXCONN - 100)) ] && n=$((HAPROXY_MAXCONN - 100))
       idle=$(rss_kb "$2")
-      hold_connections "$3" "$n"
-      for _ in $(seq 1 600); do [ -e "$WORK/held" ] && break; sleep 0.1; done; sleep 1
+      hold_connections "$3" "$n" "${4:-}"
+      for _ in $(seq 1 1200); do [ -e "$WORK/held" ] && break; sleep 0.1; done
+      # Steady state: fleetlb parks an HTTP/1.1 connection after 5 ms idle.
+      sleep 3
       busy=$(rss_kb "$2")
       kill $HOLD_PID 2>/dev/null || true; wait $HOLD_PID 2>/dev/null || true
+      sleep 2 # the held connections close before the next target's idle reading
       per[$1]=$(python3 -c "print('%.1f' % (($busy - $idle) / $n))")
       echo "| $1$([ "$n" = "$HOLD" ] || echo " ($n connections: its descriptor limit here)") | $(python3 -c "print('%.1f' % ($idle/1024))") | $(python3 -c "print('%.1f' % ($busy/1024))") | ${per[$1]} |"
     done
-    echo; python3 -c "print('fleetlb KiB per idle connection / nginx = %.2f (goal <= 1)' % (${per[fleetlb]} / ${per[nginx]}))"
+    echo
+    python3 -c "print('plain: fleetlb %s KiB per idle connection (goal <= 2), nginx %s; TLS: fleetlb %s, nginx %s' % ('${per[fleetlb]}', '${per[nginx]}', '${per[fleetlb-tls]}', '${per[nginx-tls]}'))"
     echo
     stop_all ;;
   burst)

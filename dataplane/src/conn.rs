@@ -13,7 +13,6 @@
 //!
 //! Only a client's own doing ends its connection here; no endpoint is ever blamed.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -26,8 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 
 use crate::limits::Limits;
-use crate::metrics::Metrics;
-use crate::{Clock, Shared};
+use crate::Shared;
 
 /// What a listener's connections are told about its shutdown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,8 +49,7 @@ pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// One client connection's shared state. Times are `Clock` nanoseconds; 0 means "not set".
 pub(crate) struct ConnState {
-    clock: Clock,
-    metrics: Metrics,
+    shared: Arc<Shared>,
     pub limits: Arc<Limits>,
     pub ctl: Arc<ListenerCtl>,
     _permit: OwnedSemaphorePermit,
@@ -68,9 +65,9 @@ pub(crate) struct ConnState {
     pub h2: AtomicBool,
     /// A write of ours has waited for the client since then.
     write_wait_since: AtomicU64,
-    /// HTTP/2 streams whose last response chunk the client has not taken yet: since when,
-    /// by stream (a client that reads some streams and starves others is still caught).
-    handed: std::sync::Mutex<HashMap<u64, u64>>,
+    /// HTTP/2 streams whose last response chunk the client has not taken yet: (stream,
+    /// since when); a client that reads some streams and starves others is still caught.
+    handed: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Numbers the streams of `handed`.
     streams: AtomicU64,
     /// Streams the client reset before their answer, in all and in the current window.
@@ -94,7 +91,7 @@ pub(crate) struct ConnState {
 
 impl ConnState {
     pub fn new(
-        shared: &Shared,
+        shared: &Arc<Shared>,
         permit: OwnedSemaphorePermit,
         ctl: Arc<ListenerCtl>,
         hands_upgrades: bool,
@@ -102,8 +99,7 @@ impl ConnState {
         let now = shared.clock.now().max(1);
         shared.metrics.connections_active.inc();
         Self {
-            clock: shared.clock,
-            metrics: shared.metrics.clone(),
+            shared: shared.clone(),
             limits: shared.limits.clone(),
             ctl,
             _permit: permit,
@@ -129,7 +125,7 @@ impl ConnState {
     }
 
     fn now(&self) -> u64 {
-        self.clock.now().max(1)
+        self.shared.clock.now().max(1)
     }
 
     /// The first byte of the connection arrived: the head timer runs from here (through a TLS
@@ -140,7 +136,7 @@ impl ConnState {
 
     /// When the first request's head (and the TLS handshake before it) must be complete.
     pub fn head_deadline(&self) -> tokio::time::Instant {
-        self.clock
+        self.shared.clock
             .instant(self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64)
     }
 
@@ -210,7 +206,7 @@ impl ConnState {
 
     /// Counts a limit that cut a client off (`fleetlb_limit_hits_total{limit}`).
     pub fn limit_hit(&self, flag: &'static str) {
-        self.metrics.limit_hits.with_label_values(&[flag]).inc();
+        self.shared.metrics.limit_hits.with_label_values(&[flag]).inc();
     }
 
     /// The client's doing is beyond what is tolerated: close the connection.
@@ -240,13 +236,12 @@ impl ConnState {
             }
             next = next.min(end);
         }
-        let oldest = self
-            .handed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .min()
-            .copied();
+        let oldest = if self.h2.load(Relaxed) {
+            let handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            handed.iter().map(|&(_, since)| since).min()
+        } else {
+            None
+        };
         if let Some(since) = oldest {
             let end = since + ns(l.send_timeout);
             if now >= end {
@@ -273,7 +268,7 @@ impl ConnState {
                 next = next.min(end);
             }
         }
-        Verdict::Wait(self.clock.instant(next))
+        Verdict::Wait(self.shared.clock.instant(next))
     }
 
     /// Bytes arrived: the first of a new request head starts the head timer (HTTP/1; an
@@ -304,7 +299,7 @@ impl ConnState {
 
 impl Drop for ConnState {
     fn drop(&mut self) {
-        self.metrics.connections_active.dec();
+        self.shared.metrics.connections_active.dec();
     }
 }
 
@@ -352,7 +347,7 @@ impl Active {
                 .handed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(id, self.conn.now());
+                .push((id, self.conn.now()));
             self.conn.wake.notify_one();
         }
     }
@@ -364,7 +359,7 @@ impl Active {
                 .handed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+                .retain(|&(stream, _)| stream != id);
         }
     }
 }
@@ -534,8 +529,11 @@ pub(crate) enum Ended {
 }
 
 /// How long an HTTP/1.1 connection idles before fleetlb lets go of its HTTP machinery and its
-/// buffers, keeping only the socket until the next request (see `server::serve_h1`).
-pub(crate) const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// buffers, keeping only the socket until the next request (see `server::serve_h1`). Long
+/// enough that a client sending request after request never pays for a fresh HTTP/1.1 state;
+/// short enough that a crowd of clients arriving together never holds its buffers together
+/// (the allocator keeps such a peak resident). nginx lets go at once.
+pub(crate) const SHRINK_AFTER: Duration = Duration::from_millis(5);
 
 /// Runs `conn` until it ends, the client breaks a limit, or the listener's drain is over.
 /// `shrink`: once the connection has idled for [`SHRINK_AFTER`], ask it to finish gracefully
@@ -629,27 +627,59 @@ pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> b
     if *phase.borrow_and_update() != Phase::Serving {
         return false;
     }
-    struct Parked<'a>(&'a Metrics);
-    impl Drop for Parked<'_> {
-        fn drop(&mut self) {
-            self.0.connections_parked.dec();
-        }
+    state.shared.metrics.connections_parked.inc();
+    // A future of its own rather than `select!` over three: every parked connection holds it.
+    let parked = Parked {
+        state,
+        socket,
+        phase: Box::pin(async move {
+            let _ = phase.changed().await;
+        }),
+        sleep: None,
+    };
+    let arrived = parked.await;
+    state.shared.metrics.connections_parked.dec();
+    if arrived {
+        // The next head begins (or the client closed): its timer runs from here.
+        state.first_byte();
     }
-    state.metrics.connections_parked.inc();
-    let _parked = Parked(&state.metrics);
-    loop {
-        let at = match state.verdict() {
-            Verdict::Wait(at) => at,
-            _ => return false,
-        };
-        tokio::select! {
-            r = socket.readable() => {
-                // The next head begins (or the client closed): its timer runs from here.
-                state.first_byte();
-                return r.is_ok();
+    arrived
+}
+
+/// See [`idle`]: the socket's readiness, the drain's signal and the connection's next
+/// deadline, polled by hand.
+struct Parked<'a> {
+    state: &'a ConnState,
+    socket: &'a tokio::net::TcpStream,
+    phase: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for Parked<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let this = self.get_mut();
+        if let Poll::Ready(r) = this.socket.poll_read_ready(cx) {
+            return Poll::Ready(r.is_ok());
+        }
+        if this.phase.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        loop {
+            let at = match this.state.verdict() {
+                Verdict::Wait(at) => at,
+                _ => return Poll::Ready(false),
+            };
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
             }
-            () = tokio::time::sleep_until(at) => {}
-            _ = phase.changed() => return false,
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -124,8 +125,8 @@ pub(crate) async fn serve(
         ));
         let this = this.clone();
         let tls = tls.clone();
-        ctl.tasks
-            .spawn(async move { accepted(&this, stream, peer, tls, state).await });
+        let fut = accepted(this.clone(), stream, peer, tls, state);
+        ctl.tasks.spawn(fut);
     }
     drop(listener);
     tracing::info!("draining client connections");
@@ -144,14 +145,30 @@ pub(crate) async fn serve(
 }
 
 /// Serves one accepted connection: waits for its first byte, does the TLS handshake, then
-/// HTTP, all under the head timer.
+/// HTTP, all under the head timer. Only what a parked HTTP/1.1 connection needs is kept in
+/// this task's own future (every idle connection costs its size); the rest is boxed while it
+/// runs.
 async fn accepted(
-    this: &Arc<Listener>,
+    this: Arc<Listener>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
     tls: Option<TlsAcceptor>,
     state: Arc<ConnState>,
 ) {
+    if let Some(io) = Box::pin(open(&this, stream, peer, tls, &state)).await {
+        serve_h1(&this, io, peer, state).await;
+    }
+}
+
+/// Everything but plain HTTP/1.1, served here to the end (`None`); plain HTTP/1.1 is handed
+/// back once its first byte is in.
+async fn open(
+    this: &Arc<Listener>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Option<TlsAcceptor>,
+    state: &Arc<ConnState>,
+) -> Option<ClientIo<TcpStream>> {
     let metrics = &this.shared.metrics;
     // HTTP/1-or-2 detection and the TLS handshake wait for the first byte: a connection that
     // never sends one is closed at the head timeout.
@@ -160,23 +177,36 @@ async fn accepted(
     if !matches!(first, Ok(Ok(n)) if n > 0) {
         metrics.connections_idle_closed.inc();
         state.limit_hit("client-head-timeout");
-        return;
+        return None;
     }
     state.first_byte();
-    let Some(acceptor) = tls else {
-        // HTTP/2 with prior knowledge opens with its preface; anything else is HTTP/1.
-        let preface =
-            tokio::time::timeout_at(state.head_deadline(), starts_with_preface(&stream)).await;
-        let io = ClientIo::new(stream, state.clone());
-        return match preface {
-            Ok(Ok(true)) => serve_h2(this, TokioIo::new(io), peer, state).await,
-            Ok(Ok(false)) => serve_h1(this, io, peer, state).await,
-            Ok(Err(_)) => {}
-            Err(_) => state.limit_hit("client-head-timeout"),
-        };
-    };
     let io = ClientIo::new(stream, state.clone());
-    // The handshake counts toward the first request's head time.
+    if let Some(acceptor) = tls {
+        serve_tls(this, io, acceptor, peer, state.clone()).await;
+        return None;
+    }
+    // HTTP/2 with prior knowledge opens with its preface; anything else is HTTP/1.
+    let preface =
+        tokio::time::timeout_at(state.head_deadline(), starts_with_preface(io.socket())).await;
+    match preface {
+        Ok(Ok(true)) => serve_h2(this, TokioIo::new(io), peer, state.clone()).await,
+        Ok(Ok(false)) => return Some(io),
+        Ok(Err(_)) => {}
+        Err(_) => state.limit_hit("client-head-timeout"),
+    }
+    None
+}
+
+/// The TLS handshake (its time counts toward the first request's head), then HTTP as ALPN
+/// agreed.
+async fn serve_tls(
+    this: &Arc<Listener>,
+    io: ClientIo<TcpStream>,
+    acceptor: TlsAcceptor,
+    peer: std::net::SocketAddr,
+    state: Arc<ConnState>,
+) {
+    let metrics = &this.shared.metrics;
     match tokio::time::timeout_at(state.head_deadline(), acceptor.accept(io)).await {
         Ok(Ok(stream)) => {
             let version = match stream.get_ref().1.protocol_version() {
@@ -263,7 +293,7 @@ fn service(
     })
 }
 
-/// Serves plain HTTP/1.1. After a second without a request the connection gives up hyper's
+/// Serves plain HTTP/1.1. After 5 ms without a request the connection gives up hyper's
 /// state and buffers (about 16 KiB) and keeps only its socket, as nginx frees its buffers
 /// between requests; the next request gets a fresh HTTP/1.1 state, with whatever bytes were
 /// already read. A WebSocket upgrade hands the socket to its tunnel.
@@ -273,45 +303,12 @@ async fn serve_h1(
     peer: std::net::SocketAddr,
     state: Arc<ConnState>,
 ) {
-    let svc = service(this, peer, false, &state);
     let mut io = Rewind::new(bytes::Bytes::new(), io);
     loop {
-        let mut conn = WithoutShutdown(
-            Box::new(this.h1.serve_connection(TokioIo::new(io), svc.clone())),
-            None,
-        );
-        let ended = conn::drive(
-            &mut conn,
-            |c| std::pin::Pin::new(&mut *c.get_mut().0).graceful_shutdown(),
-            &state,
-            true,
-        )
-        .await;
-        if ended == Ended::Closed {
+        let Some(parked) = Box::pin(round(this, io, peer, &state)).await else {
             return;
-        }
-        let failed = conn.1.is_some_and(|r| r.is_err());
-        let parts = conn.0.into_parts();
-        let mut rest = parts.io.into_inner();
-        if let Some(up) = state.take_upgrade() {
-            // The `101` went out: the socket (and what the client sent after its request)
-            // belongs to the tunnel now.
-            let _ = up.send(Box::new(Rewind::new(parts.read_buf, rest)));
-            return;
-        }
-        // Asked to let go while idle, and no request came in meanwhile: keep the bare socket.
-        // Anything else (the client closed, or keep-alive ended) ends the connection.
-        if failed || !state.shrunk() {
-            // As hyper ends a connection: what it wrote last (an error's answer, a
-            // `Connection: close` response) goes out before the close.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                tokio::io::AsyncWriteExt::shutdown(&mut rest),
-            )
-            .await;
-            return;
-        }
-        io = Rewind::new(parts.read_buf, rest.io);
+        };
+        io = parked;
         if !io.pre_is_empty() {
             // Part of the next head was read already: its timer runs.
             state.first_byte();
@@ -319,6 +316,59 @@ async fn serve_h1(
             return;
         }
     }
+}
+
+/// One spell of hyper's HTTP/1.1 on the connection: until it ends (`None`), hands its socket
+/// to a WebSocket tunnel (`None`), or idles long enough to be parked (the socket, and what was
+/// read ahead).
+async fn round(
+    this: &Arc<Listener>,
+    io: Rewind<ClientIo<TcpStream>>,
+    peer: std::net::SocketAddr,
+    state: &Arc<ConnState>,
+) -> Option<Rewind<ClientIo<TcpStream>>> {
+    // Made per spell, not kept through a parked one.
+    let svc = service(this, peer, false, state);
+    let mut conn = WithoutShutdown(
+        Box::new(this.h1.serve_connection(TokioIo::new(io), svc)),
+        None,
+    );
+    let ended = conn::drive(
+        &mut conn,
+        |c| Pin::new(&mut *c.get_mut().0).graceful_shutdown(),
+        state,
+        true,
+    )
+    .await;
+    if ended == Ended::Closed {
+        return None;
+    }
+    let failed = conn.1.is_some_and(|r| r.is_err());
+    let parts = conn.0.into_parts();
+    let mut rest = parts.io.into_inner();
+    // What hyper read ahead, copied out: the `Bytes` it hands back shares (and would keep
+    // alive) its whole 8 KiB read buffer.
+    let read_ahead = bytes::Bytes::copy_from_slice(&parts.read_buf);
+    drop(parts.read_buf);
+    if let Some(up) = state.take_upgrade() {
+        // The `101` went out: the socket (and what the client sent after its request)
+        // belongs to the tunnel now.
+        let _ = up.send(Box::new(Rewind::new(read_ahead, rest)));
+        return None;
+    }
+    // Asked to let go while idle, and no request came in meanwhile: keep the bare socket.
+    // Anything else (the client closed, or keep-alive ended) ends the connection.
+    if failed || !state.shrunk() {
+        // As hyper ends a connection: what it wrote last (an error's answer, a
+        // `Connection: close` response) goes out before the close.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut rest),
+        )
+        .await;
+        return None;
+    }
+    Some(Rewind::new(read_ahead, rest.io))
 }
 
 /// hyper's HTTP/1.1 connection, run without shutting its socket down at the end (so an idle
@@ -362,14 +412,15 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc = service(this, peer, false, &state);
-    let mut conn = Box::pin(this.h2.serve_connection(io, svc));
-    conn::drive(
-        &mut conn,
-        |c| c.get_mut().as_mut().graceful_shutdown(),
-        &state,
-        false,
-    )
-    .await;
+    let conn = this.h2.serve_connection(io, svc);
+    drive_pinned(conn, &state, |c| c.graceful_shutdown()).await;
+}
+
+/// Runs a hyper connection under `conn::drive`, boxed (it stays out of the connection task's
+/// own size).
+async fn drive_pinned<C: Future>(conn: C, state: &ConnState, graceful: fn(Pin<&mut C>)) {
+    let mut conn = Box::pin(conn);
+    conn::drive(&mut conn, |c| graceful(c.get_mut().as_mut()), state, false).await;
 }
 
 /// Serves HTTP on one TLS connection (ALPN: HTTP/1.1 or HTTP/2) until it ends, breaks a
@@ -384,16 +435,9 @@ async fn run<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc = service(this, peer, secure, &state);
-    let mut conn = Box::pin(
-        this.builder
-            .serve_connection_with_upgrades(io, svc)
-            .into_owned(),
-    );
-    conn::drive(
-        &mut conn,
-        |c| c.get_mut().as_mut().graceful_shutdown(),
-        &state,
-        false,
-    )
-    .await;
+    let conn = this
+        .builder
+        .serve_connection_with_upgrades(io, svc)
+        .into_owned();
+    drive_pinned(conn, &state, |c| c.graceful_shutdown()).await;
 }
