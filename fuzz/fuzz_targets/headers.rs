@@ -1,6 +1,7 @@
 //! Request-header rewriting on arbitrary header blocks: never panics; nothing hop-by-hop (nor
 //! anything `Connection` names) reaches the upstream; Content-Length never travels together with
-//! Transfer-Encoding; X-Forwarded-For ends with the peer.
+//! Transfer-Encoding; the forwarding headers name the (untrusted) peer only; cookies are joined;
+//! the request id is usable.
 #![no_main]
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -40,7 +41,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(!h.contains_key(&n), "{n} survived");
     }
     for n in named {
-        let forwarded = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"];
+        // Set by fleetlb itself, from what it saw.
+        let forwarded = [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-request-id",
+            "forwarded",
+            "x-real-ip",
+        ];
         if !forwarded.contains(&n.as_str()) {
             assert!(!h.contains_key(&n), "{n}, named in Connection, survived");
         }
@@ -48,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
     if had_te {
         assert!(!h.contains_key(header::CONTENT_LENGTH));
     }
-    if let Some(xff) = h.get("x-forwarded-for") {
-        assert!(xff.as_bytes().ends_with(b"192.0.2.7"));
-    }
+    // The peer is no trusted proxy: what it said of itself is replaced by what fleetlb saw.
+    assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"192.0.2.7"[..]));
+    assert_eq!(h.get("x-real-ip").map(|v| v.as_bytes()), Some(&b"192.0.2.7"[..]));
+    assert!(h.get("forwarded").is_some_and(|v| v.as_bytes().starts_with(b"for=192.0.2.7;proto=http")));
+    assert!(h.get_all(header::COOKIE).iter().count() <= 1, "cookies not joined");
+    let id = h.get("x-request-id").expect("a request id");
+    assert!((1..=128).contains(&id.len()) && id.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b)));
 });
