@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 
-use crate::limits::Limits;
 use crate::Shared;
+use crate::limits::Limits;
 
 /// What a listener's connections are told about its shutdown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,7 +136,8 @@ impl ConnState {
 
     /// When the first request's head (and the TLS handshake before it) must be complete.
     pub fn head_deadline(&self) -> tokio::time::Instant {
-        self.shared.clock
+        self.shared
+            .clock
             .instant(self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64)
     }
 
@@ -206,7 +207,11 @@ impl ConnState {
 
     /// Counts a limit that cut a client off (`fleetlb_limit_hits_total{limit}`).
     pub fn limit_hit(&self, flag: &'static str) {
-        self.shared.metrics.limit_hits.with_label_values(&[flag]).inc();
+        self.shared
+            .metrics
+            .limit_hits
+            .with_label_values(&[flag])
+            .inc();
     }
 
     /// The client's doing is beyond what is tolerated: close the connection.
