@@ -124,6 +124,14 @@ async fn serve(
             .first()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        if path.ends_with("/early") {
+            // An answer (2 MiB) before the upload is read, as a 413 or a redirect would be;
+            // then the connection closes without reading it.
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\nconnection: close\r\n\r\n")
+                .await?;
+            s.write_all(&vec![b'e'; 2 << 20]).await?;
+            return Ok(());
+        }
         while buf.len() < len {
             let mut chunk = [0u8; 4096];
             let n = s.read(&mut chunk).await?;
@@ -1049,4 +1057,35 @@ async fn a_parked_keep_alive_connection_serves_its_next_request() {
     }
     assert_eq!(&buf[..], b"early");
     assert_eq!(f.metric("fleetlb_connections_parked", &[]), 0.0);
+}
+
+/// An answer that comes before the upload is read (a 413, a redirect) reaches the client
+/// whole: the connection is closed lingering, not reset under the client's unread answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_arrives_whole() {
+    let b = Backend::start().await;
+    let f = start(vec![b.yaml("c", "")], &[]).await;
+    healthy(&f, "c", b.addr).await;
+    let s = TcpStream::connect(f.proxy).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"POST /c/early HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n")
+        .await
+        .unwrap();
+    // Upload on, as a client does until it notices the answer.
+    let uploading = tokio::spawn(async move {
+        let block = vec![b'u'; 64 * 1024];
+        for _ in 0..128 {
+            if wr.write_all(&block).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, rd.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the answer never ended");
+    let text = String::from_utf8_lossy(&got[..got.len().min(64)]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = got.len() - got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() - 4;
+    assert_eq!(body, 2 << 20, "the answer was cut short: {read:?}");
+    uploading.abort();
 }

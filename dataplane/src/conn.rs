@@ -63,8 +63,9 @@ pub(crate) struct ConnState {
     requests: AtomicU64,
     /// The client speaks HTTP/2.
     pub h2: AtomicBool,
-    /// A write of ours has waited for the client since then.
+    /// A write of ours has waited for the client since then; when such a wait last ended.
     write_wait_since: AtomicU64,
+    written_at: AtomicU64,
     /// HTTP/2 streams whose last response chunk the client has not taken yet: (stream,
     /// since when); a client that reads some streams and starves others is still caught.
     handed: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -109,6 +110,7 @@ impl ConnState {
             requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             write_wait_since: AtomicU64::new(0),
+            written_at: AtomicU64::new(0),
             handed: std::sync::Mutex::default(),
             streams: AtomicU64::new(0),
             resets: AtomicU32::new(0),
@@ -179,11 +181,20 @@ impl ConnState {
 
     /// How long the connection has been idle (no request in progress, no head begun), if it is.
     fn idle_for(&self) -> Option<Duration> {
-        if self.active.load(Relaxed) != 0 || self.head_since.load(Relaxed) != 0 {
+        if !self.quiet() || self.head_since.load(Relaxed) != 0 {
             return None;
         }
-        let since = self.idle_since.load(Relaxed);
+        let since = self
+            .idle_since
+            .load(Relaxed)
+            .max(self.written_at.load(Relaxed));
         Some(Duration::from_nanos(self.now().saturating_sub(since)))
+    }
+
+    /// No request in progress and nothing left to write: the last answer has gone out whole
+    /// (the body can end while its tail still waits for a slow reader in the socket).
+    fn quiet(&self) -> bool {
+        self.active.load(Relaxed) == 0 && self.write_wait_since.load(Relaxed) == 0
     }
 
     /// The upgrade waiting for this connection's socket, if a `101` went out.
@@ -255,7 +266,7 @@ impl ConnState {
             }
             next = next.min(end);
         }
-        if self.active.load(Relaxed) == 0 {
+        if self.quiet() {
             let head = self.head_since.load(Relaxed);
             if head != 0 {
                 let end = head + ns(l.head_timeout);
@@ -265,7 +276,11 @@ impl ConnState {
                 }
                 next = next.min(end);
             } else {
-                let end = self.idle_since.load(Relaxed) + ns(l.keepalive_timeout);
+                let since = self
+                    .idle_since
+                    .load(Relaxed)
+                    .max(self.written_at.load(Relaxed));
+                let end = since + ns(l.keepalive_timeout);
                 if now >= end {
                     self.limit_hit("client-keepalive-timeout");
                     return Verdict::Idle;
@@ -281,6 +296,7 @@ impl ConnState {
     fn on_read(&self) {
         if self.active.load(Relaxed) == 0
             && self.head_since.load(Relaxed) == 0
+            && self.write_wait_since.load(Relaxed) == 0
             && !self.h2.load(Relaxed)
         {
             self.head_since.store(self.now(), Relaxed);
@@ -297,7 +313,10 @@ impl ConnState {
 
     fn on_write_progress(&self) {
         if self.write_wait_since.load(Relaxed) != 0 {
+            // A wait ended: the idle timers run from here, not from when the body ended.
+            self.written_at.store(self.now(), Relaxed);
             self.write_wait_since.store(0, Relaxed);
+            self.wake.notify_one();
         }
     }
 }

@@ -344,31 +344,54 @@ async fn round(
         return None;
     }
     let failed = conn.1.is_some_and(|r| r.is_err());
+    let upgraded = state.take_upgrade();
+    if upgraded.is_none() && (failed || !state.shrunk()) {
+        // The connection ends (the client closed, keep-alive ended, an error was answered).
+        // As hyper's own end does: what it still holds goes out, then the write side closes;
+        // then a lingering close.
+        let io = &mut conn.0;
+        let _ = tokio::time::timeout(LINGER, Pin::new(&mut **io)).await;
+        let mut rest = conn.0.into_parts().io.into_inner();
+        linger(&mut rest).await;
+        return None;
+    }
     let parts = conn.0.into_parts();
-    let mut rest = parts.io.into_inner();
+    let rest = parts.io.into_inner();
     // What hyper read ahead, copied out: the `Bytes` it hands back shares (and would keep
     // alive) its whole 8 KiB read buffer.
     let read_ahead = bytes::Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    if let Some(up) = state.take_upgrade() {
+    if let Some(up) = upgraded {
         // The `101` went out: the socket (and what the client sent after its request)
         // belongs to the tunnel now.
         let _ = up.send(Box::new(Rewind::new(read_ahead, rest)));
         return None;
     }
     // Asked to let go while idle, and no request came in meanwhile: keep the bare socket.
-    // Anything else (the client closed, or keep-alive ended) ends the connection.
-    if failed || !state.shrunk() {
-        // As hyper ends a connection: what it wrote last (an error's answer, a
-        // `Connection: close` response) goes out before the close.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            tokio::io::AsyncWriteExt::shutdown(&mut rest),
-        )
-        .await;
-        return None;
-    }
     Some(Rewind::new(read_ahead, rest.io))
+}
+
+/// Longest a closing connection is drained (nginx's `lingering_time` is 30 s, its
+/// `lingering_timeout` 5 s).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A lingering close: once the write side is shut, what the client still sends (the rest of an
+/// upload answered early, say) is read and dropped for a while, so closing with unread input
+/// does not make the kernel reset the connection and throw away an answer the client has not
+/// read yet.
+async fn linger(io: &mut Rewind<ClientIo<TcpStream>>) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut left: usize = 1 << 20;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// hyper's HTTP/1.1 connection, run without shutting its socket down at the end (so an idle
