@@ -258,6 +258,10 @@ async fn starts_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+type Answer = hyper::Response<crate::ResponseBody>;
+/// A request's handling, boxed (see `service`).
+type Handling = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
 /// The request handler of one connection.
 fn service(
     this: &Arc<Listener>,
@@ -266,11 +270,9 @@ fn service(
     state: &Arc<ConnState>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<crate::ResponseBody>,
+    Response = Answer,
     Error = Infallible,
-    Future = std::pin::Pin<
-        Box<dyn Future<Output = Result<hyper::Response<crate::ResponseBody>, Infallible>> + Send>,
-    >,
+    Future = Handling,
 > + Clone
 + Unpin
 + use<> {
@@ -289,7 +291,7 @@ fn service(
                 return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
             };
             Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure, active).await)
-        }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+        }) as Handling
     })
 }
 
