@@ -125,11 +125,14 @@ async fn serve(
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         if path.ends_with("/early") {
-            // An answer (2 MiB) before the upload is read, as a 413 or a redirect would be;
-            // then the connection closes without reading it.
+            // An answer (2 MiB) before the upload is read, as a 413 or a redirect would be.
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\nconnection: close\r\n\r\n")
                 .await?;
             s.write_all(&vec![b'e'; 2 << 20]).await?;
+            // A lingering close of its own: the upload is read and dropped, so this side never
+            // resets the answer away.
+            let mut sink = [0u8; 65536];
+            while s.read(&mut sink).await? > 0 {}
             return Ok(());
         }
         while buf.len() < len {
