@@ -205,6 +205,11 @@ impl ConnState {
             .take()
     }
 
+    /// A request of this connection is in progress.
+    pub fn in_flight(&self) -> bool {
+        self.active.load(Relaxed) != 0
+    }
+
     /// Requests dispatched so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Relaxed)

@@ -348,6 +348,11 @@ async fn round(
     let failed = conn.1.is_some_and(|r| r.is_err());
     let upgraded = state.take_upgrade();
     if upgraded.is_none() && (failed || !state.shrunk()) {
+        if state.in_flight() {
+            // The client went away with a request in flight: it is dropped now (and counted
+            // as the client's doing), never finished for nobody.
+            return None;
+        }
         // The connection ends (the client closed, keep-alive ended, an error was answered).
         // As hyper's own end does: what it still holds goes out, then the write side closes;
         // then a lingering close.
