@@ -661,7 +661,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_acting_before_its_lease_expi
 
 /// End to end on a real cluster (kind, k3d, EKS). Needs `kubectl` pointing at it, the image
 /// built and loaded, and either AWS credentials or `provider: local` examples. Steps, the same
-/// as the README's "Deploy to a cluster":
+/// as docs/operations.md's "Deploy to a cluster":
 ///
 /// ```text
 /// kubectl apply -k manifests/

@@ -1,4 +1,4 @@
-//! Prometheus metrics of the data plane, mirroring ALB's CloudWatch set (see README).
+//! Prometheus metrics of the data plane, mirroring ALB's CloudWatch set (docs/reference.md).
 //!
 //! Handles for hot counters are resolved once per cluster and per endpoint when the route table
 //! changes, so the request path does atomic adds only, no label hashing. Per-endpoint gauges
