@@ -277,6 +277,14 @@ async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// One backend behind `/c`, fleetlb in front of it with `args`, the backend healthy.
+async fn serving(args: &[&str]) -> (Backend, Fleetlb) {
+    let b = Backend::start().await;
+    let f = start(vec![b.yaml("c", "")], args).await;
+    healthy(&f, "c", b.addr).await;
+    (b, f)
+}
+
 async fn start(files: Vec<(String, String)>, args: &[&str]) -> Fleetlb {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
@@ -291,9 +299,7 @@ async fn start(files: Vec<(String, String)>, args: &[&str]) -> Fleetlb {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_cut_and_frees_the_upstream() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--client-send-timeout", "1s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&["--client-send-timeout", "1s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -320,9 +326,7 @@ async fn a_slow_reader_is_cut_and_frees_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_stalled_mid_body_is_cut_off() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--upstream-body-timeout", "1s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&["--upstream-body-timeout", "1s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     s.write_all(b"GET /c/stall HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -342,9 +346,7 @@ async fn a_backend_stalled_mid_body_is_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_per_period_cannot_hold_an_upload() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--client-body-timeout", "2s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&["--client-body-timeout", "2s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     s.write_all(b"POST /c/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
         .await
@@ -462,9 +464,7 @@ async fn h2_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_only_http2_connection_is_closed_when_idle() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--client-keepalive-timeout", "1s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (_b, f) = serving(&["--client-keepalive-timeout", "1s"]).await;
     let tcp = TcpStream::connect(f.proxy).await.unwrap();
     let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
     let mut pings = conn.ping_pong().expect("ping_pong once");
@@ -548,9 +548,7 @@ async fn unread_http2_streams_hold_a_bounded_number_of_upstream_connections() {
 /// 300 ms: the starved streams still run out their send time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_starved_beside_streams_read_are_still_cut() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--client-send-timeout", "2s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&["--client-send-timeout", "2s"]).await;
     let tcp = TcpStream::connect(f.proxy).await.unwrap();
     let (send, conn) = h2::client::Builder::new()
         .initial_connection_window_size(1 << 30)
@@ -675,9 +673,7 @@ async fn http2_rapid_reset_gets_a_goaway_and_spares_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_is_not_counted_as_the_backends_latency() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&[]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     s.write_all(b"POST /c/x HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
         .await
@@ -727,9 +723,7 @@ async fn a_429_or_501_never_ejects_a_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_tunnel_counts_as_a_connection_and_closes_when_idle() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &["--tunnel-idle-timeout", "2s"]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&["--tunnel-idle-timeout", "2s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     s.write_all(
         b"GET /c/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -762,9 +756,7 @@ async fn a_websocket_tunnel_counts_as_a_connection_and_closes_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_say_what_fleetlb_saw() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&[]).await;
     let r = support::request(
         f.proxy,
         "GET /c/echo HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Request-Id: has spaces in it\r\nConnection: close\r\n\r\n",
@@ -804,9 +796,7 @@ async fn forwarding_headers_say_what_fleetlb_saw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_cookies_reach_the_backend_joined() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (_b, f) = serving(&[]).await;
     let (send, _conn) = h2_client(f.proxy).await;
     let mut send = send.ready().await.unwrap();
     let req = http::Request::get(format!("http://{}/c/echo", f.proxy))
@@ -829,9 +819,7 @@ async fn http2_cookies_reach_the_backend_joined() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_named_twice_is_refused_and_closes() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (b, f) = serving(&[]).await;
     for raw in [
         &b"POST /c/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
         b"POST /c/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -1020,9 +1008,7 @@ async fn a_truly_slow_instance_inside_a_burst_is_avoided_and_ejected() {
 /// that request arrives in pieces, and a WebSocket upgrade after a parked spell still tunnels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_keep_alive_connection_serves_its_next_request() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (_b, f) = serving(&[]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();
     let mut buf = Vec::new();
     for round in 0..3 {
@@ -1070,9 +1056,7 @@ async fn a_parked_keep_alive_connection_serves_its_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cut short under load, cause not found yet: run with --ignored"]
 async fn an_early_answer_to_an_upload_arrives_whole() {
-    let b = Backend::start().await;
-    let f = start(vec![b.yaml("c", "")], &[]).await;
-    healthy(&f, "c", b.addr).await;
+    let (_b, f) = serving(&[]).await;
     let s = TcpStream::connect(f.proxy).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     wr.write_all(b"POST /c/early HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n")

@@ -50,7 +50,6 @@ pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// One client connection's shared state. Times are `Clock` nanoseconds; 0 means "not set".
 pub(crate) struct ConnState {
     shared: Arc<Shared>,
-    pub limits: Arc<Limits>,
     pub ctl: Arc<ListenerCtl>,
     _permit: OwnedSemaphorePermit,
     /// Requests whose response has not ended (their body is still being sent).
@@ -101,7 +100,6 @@ impl ConnState {
         shared.metrics.connections_active.inc();
         Self {
             shared: shared.clone(),
-            limits: shared.limits.clone(),
             ctl,
             _permit: permit,
             active: AtomicU32::new(0),
@@ -126,6 +124,11 @@ impl ConnState {
         }
     }
 
+    /// The proxy's limits (see `limits`).
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
     fn now(&self) -> u64 {
         self.shared.clock.now().max(1)
     }
@@ -140,7 +143,7 @@ impl ConnState {
     pub fn head_deadline(&self) -> tokio::time::Instant {
         self.shared
             .clock
-            .instant(self.head_since.load(Relaxed) + self.limits.head_timeout.as_nanos() as u64)
+            .instant(self.head_since.load(Relaxed) + self.limits().head_timeout.as_nanos() as u64)
     }
 
     /// A request's head was read: it holds one of the connection's request slots (at most
@@ -152,8 +155,8 @@ impl ConnState {
         }
         self.head_since.store(0, Relaxed);
         self.requests.fetch_add(1, Relaxed);
-        let cap = self.limits.max_upstream_per_connection;
-        let wait = self.limits.endpoint_queue_timeout;
+        let cap = self.limits().max_upstream_per_connection;
+        let wait = self.limits().endpoint_queue_timeout;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let freed = self.slot_freed.notified();
@@ -241,7 +244,7 @@ impl ConnState {
 
     /// What the driver should do now, and when to look again.
     fn verdict(&self) -> Verdict {
-        let l = &self.limits;
+        let l = self.limits();
         let now = self.now();
         let ns = |d: Duration| d.as_nanos() as u64;
         if self.abusive.load(Relaxed) {
@@ -416,7 +419,7 @@ impl Drop for Active {
         } else {
             c.window_resets.fetch_add(1, Relaxed) + 1
         };
-        let max = c.limits.h2_max_resets;
+        let max = c.limits().h2_max_resets;
         if in_window > max || (total > max.min(32) && total > c.completed.load(Relaxed)) {
             c.abuse("h2-max-resets");
         }
@@ -494,7 +497,7 @@ impl<I: AsyncWrite + Unpin> ClientIo<I> {
                 self.waited += since.elapsed();
                 self.taken += n as u64;
                 if self.waited >= RATE_WINDOW {
-                    let floor = u64::from(self.conn.limits.min_rate) * self.waited.as_secs();
+                    let floor = u64::from(self.conn.limits().min_rate) * self.waited.as_secs();
                     if self.taken < floor {
                         self.conn.abuse("client-min-rate");
                         return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));

@@ -588,7 +588,7 @@ impl Tunnel {
                 tracing::debug!(%cluster, ?err, "upgraded connection ended with an error");
                 return;
             }
-            let idle = self.conn.limits.tunnel_idle_timeout;
+            let idle = self.conn.limits().tunnel_idle_timeout;
             let mut phase = self.conn.ctl.phase.clone();
             let (mut cr, mut cw) = tokio::io::split(client);
             let (mut ur, mut uw) = up.split();

@@ -123,10 +123,8 @@ pub(crate) async fn serve(
             this.ctl.clone(),
             tls.is_none(),
         ));
-        let this = this.clone();
-        let tls = tls.clone();
-        let fut = accepted(this.clone(), stream, peer, tls, state);
-        ctl.tasks.spawn(fut);
+        ctl.tasks
+            .spawn(accepted(this.clone(), stream, peer, tls.clone(), state));
     }
     drop(listener);
     tracing::info!("draining client connections");
@@ -173,7 +171,7 @@ async fn open(
     // HTTP/1-or-2 detection and the TLS handshake wait for the first byte: a connection that
     // never sends one is closed at the head timeout.
     let mut probe = [0u8; 1];
-    let first = tokio::time::timeout(state.limits.head_timeout, stream.peek(&mut probe)).await;
+    let first = tokio::time::timeout(state.limits().head_timeout, stream.peek(&mut probe)).await;
     if !matches!(first, Ok(Ok(n)) if n > 0) {
         metrics.connections_idle_closed.inc();
         state.limit_hit("client-head-timeout");

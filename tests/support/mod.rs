@@ -84,51 +84,20 @@ pub struct Fleetlb {
 
 impl Fleetlb {
     /// Starts `fleetlb demo` with the given YAML files in a fresh config dir, its listeners on
-    /// ports the kernel picks (port 0), read back from the banner it prints.
+    /// ports the kernel picks (port 0), read back from its start line.
     pub fn demo(files: &[(&str, String)]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (name, text) in files {
-            std::fs::write(dir.path().join(name), text).expect("write config");
-        }
-        let log = dir.path().join("fleetlb.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
-            .args(["demo", "--config"])
-            .arg(dir.path())
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("fleetlb starts");
-        // `fleetlb demo: proxy http://ADDR  admin http://ADDR`
-        let (proxy, admin) = eventually("the demo banner", || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("fleetlb demo: proxy "))?;
-            let mut addrs = line
-                .split_whitespace()
-                .filter_map(|w| w.strip_prefix("http://"))
-                .filter_map(|a| a.parse::<SocketAddr>().ok());
-            Some((addrs.next()?, addrs.next()?))
-        });
-        let f = Self {
-            child,
-            proxy,
-            admin,
-            dir,
-            log,
-        };
-        eventually("fleetlb /readyz", || {
-            get(f.admin, "/readyz").filter(|r| r.status == 200)
-        });
-        f
+        Self::start("demo", files, &[], None)
     }
 
-    /// Starts `fleetlb standalone` with the given YAML files and extra flags (limits), its
-    /// listeners on ports the kernel picks, read back from its start line. `wrap` runs it
-    /// under a shell prefix (e.g. `ulimit -n 64;`), or none.
+    /// Starts `fleetlb standalone` (one proxy thread) like [`Fleetlb::demo`], with extra flags
+    /// (limits). `wrap` runs it under a shell prefix (e.g. `ulimit -n 64;`), or none.
     pub fn standalone(files: &[(&str, String)], args: &[&str], wrap: Option<&str>) -> Self {
+        let mut all = vec!["--proxy-threads", "1"];
+        all.extend_from_slice(args);
+        Self::start("standalone", files, &all, wrap)
+    }
+
+    fn start(mode: &str, files: &[(&str, String)], args: &[&str], wrap: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).expect("write config");
@@ -147,10 +116,9 @@ impl Fleetlb {
             None => Command::new(&exe),
         };
         let child = cmd
-            .args(["standalone", "--config"])
+            .args([mode, "--config"])
             .arg(dir.path())
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--proxy-threads", "1"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
