@@ -534,13 +534,13 @@ PY
     # slowloris (headers a line at a time), slow body (R-U-D-Y) and slow read (a tiny receive
     # window on a 1 MiB answer), SLOW_CONNS connections for SLOW_SECONDS each, while a normal
     # client asks every 200 ms. Reported: failed normal requests, their p99, the proxy's peak RSS.
-    SLOW_CONNS=${SLOW_CONNS:-2000}; SLOW_SECONDS=${SLOW_SECONDS:-40}
+    SLOW_CONNS=${SLOW_CONNS:-2000}; SLOW_SECONDS=${SLOW_SECONDS:-40}; SLOW_MODES=${SLOW_MODES:-slowloris slowbody slowread}
     command -v slowhttptest >/dev/null || { echo "bench/compare.sh: slowhttptest is missing (apt-get install -y slowhttptest)" >&2; exit 64; }
     start_backends 0 0
     echo "## slow: slowhttptest, $SLOW_CONNS connections for ${SLOW_SECONDS}s per mode, a normal client every 200 ms"
     echo "| mode | target | normal failed | normal p99 ms | peak RSS MiB |"; echo "|---|---|---|---|---|"
     start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
-    for mode in slowloris slowbody slowread; do
+    for mode in $SLOW_MODES; do
       for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
         set -- $t
         url="http://127.0.0.1:$3/bench"

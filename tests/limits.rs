@@ -325,6 +325,64 @@ async fn a_slow_reader_is_cut_and_frees_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_taking_a_few_bytes_at_a_time_is_cut_by_the_minimum_rate() {
+    // With the default send timeout (60 s, beyond the test's deadline): the minimum rate must
+    // cut it after its 10 s window, although no write of the proxy's ever completes (a few
+    // bytes taken now and then never free enough of the socket's buffer).
+    let (b, f) = serving(&[]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(f.proxy).await.unwrap();
+    s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let drain = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let drain = drain.clone();
+        async move {
+            // A few bytes every 200 ms; once told, as fast as it can, to the end.
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0;
+            loop {
+                let few = if drain.load(SeqCst) { buf.len() } else { 16 };
+                match s.read(&mut buf[..few]).await {
+                    Ok(0) => return (total, false),
+                    Err(_) => return (total, true),
+                    Ok(n) => total += n,
+                }
+                if !drain.load(SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    until("the slow reader to be cut for its rate", || {
+        f.metric("fleetlb_limit_hits_total", &[("limit", "client-min-rate")]) >= 1.0
+    })
+    .await;
+    until("its request to end", || {
+        endpoint(&f, "c", b.addr)["inflight"] == 0
+    })
+    .await;
+    until("the backend's connection to close", || {
+        b.counts.open.load(SeqCst) == 0
+    })
+    .await;
+    // What the proxy had written is thrown away with a reset, not left in the kernel for it.
+    drain.store(true, SeqCst);
+    let (taken, reset) = tokio::time::timeout(DEADLINE, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        reset,
+        "the connection was closed, not reset, after {taken} bytes"
+    );
+    assert!(taken < 1 << 20, "{taken} bytes still came after the cut");
+    assert_eq!(endpoint(&f, "c", b.addr)["ejections"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_stalled_mid_body_is_cut_off() {
     let (b, f) = serving(&["--upstream-body-timeout", "1s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();

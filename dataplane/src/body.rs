@@ -111,13 +111,23 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Some(active) = this.1.as_ref()
+            && active.conn().hold_body(cx)
+        {
+            return Poll::Pending;
+        }
         let polled = this.poll_inner(cx);
         if let Some(active) = this.1.as_mut() {
             // HTTP/2: whose turn it is (a client that never comes back for more is cut by
             // the connection's send timer).
             active.taken();
             match &polled {
-                Poll::Ready(Some(Ok(_))) => active.hand(),
+                Poll::Ready(Some(Ok(frame))) => {
+                    active.hand();
+                    if let Some(data) = frame.data_ref() {
+                        active.conn().body_handed(data.len());
+                    }
+                }
                 Poll::Ready(_) => this.1 = None,
                 Poll::Pending => {}
             }

@@ -65,6 +65,15 @@ pub(crate) struct ConnState {
     /// A write of ours has waited for the client since then; when such a wait last ended.
     write_wait_since: AtomicU64,
     written_at: AtomicU64,
+    /// When the waiting write, if it still waits then, puts the client below the minimum rate
+    /// (0: it cannot, or nothing waits).
+    rate_deadline: AtomicU64,
+    /// HTTP/1: response body bytes handed to the server and not yet written to the socket
+    /// (it counts every byte written, so head and framing bytes make this an underestimate,
+    /// never an overestimate); and the body waiting for it to fall to 0 (see
+    /// [`ConnState::hold_body`]). Only the connection's own task touches either.
+    ahead: AtomicU64,
+    body_waker: futures::task::AtomicWaker,
     /// HTTP/2 streams whose last response chunk the client has not taken yet: (stream,
     /// since when); a client that reads some streams and starves others is still caught.
     handed: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -77,6 +86,8 @@ pub(crate) struct ConnState {
     window_start: AtomicU64,
     /// The client broke a rule (rapid reset, a slow read): close now.
     abusive: AtomicBool,
+    /// It was cut for reading too slowly: the socket is reset, not closed.
+    reset: AtomicBool,
     /// Wakes the driver: the client broke a rule, or a request slot freed.
     pub wake: Notify,
     /// The connection's own loop hands the socket over for upgrades (`ClientUpgrade::Handed`),
@@ -109,6 +120,9 @@ impl ConnState {
             h2: AtomicBool::new(false),
             write_wait_since: AtomicU64::new(0),
             written_at: AtomicU64::new(0),
+            rate_deadline: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+            body_waker: futures::task::AtomicWaker::new(),
             handed: std::sync::Mutex::default(),
             streams: AtomicU64::new(0),
             resets: AtomicU32::new(0),
@@ -116,6 +130,7 @@ impl ConnState {
             window_resets: AtomicU32::new(0),
             window_start: AtomicU64::new(now),
             abusive: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
             wake: Notify::new(),
             hands_upgrades,
             upgrade: std::sync::Mutex::default(),
@@ -255,10 +270,23 @@ impl ConnState {
         if wait != 0 {
             let end = wait + ns(l.send_timeout);
             if now >= end {
+                self.reset.store(true, Relaxed);
                 self.limit_hit("client-send-timeout");
                 return Verdict::Close;
             }
             next = next.min(end);
+            // A write that waits out the rest of the rate window takes the client below the
+            // minimum rate even though it never completes (a reader that takes a few bytes at
+            // a time never frees enough of the socket's buffer for the write to go on).
+            let slow = self.rate_deadline.load(Relaxed);
+            if slow != 0 {
+                if now >= slow {
+                    self.reset.store(true, Relaxed);
+                    self.limit_hit("client-min-rate");
+                    return Verdict::Close;
+                }
+                next = next.min(slow);
+            }
         }
         let oldest = if self.h2.load(Relaxed) {
             let handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
@@ -269,6 +297,7 @@ impl ConnState {
         if let Some(since) = oldest {
             let end = since + ns(l.send_timeout);
             if now >= end {
+                self.reset.store(true, Relaxed);
                 self.limit_hit("client-send-timeout");
                 return Verdict::Close;
             }
@@ -312,9 +341,14 @@ impl ConnState {
         }
     }
 
-    fn on_write_wait(&self) {
+    /// A write waits for the client; `rate_left`: the time after which, if it still waits,
+    /// the client is below the minimum rate.
+    fn on_write_wait(&self, rate_left: Option<Duration>) {
         if self.write_wait_since.load(Relaxed) == 0 {
-            self.write_wait_since.store(self.now(), Relaxed);
+            let now = self.now();
+            let slow = rate_left.map_or(0, |d| now + d.as_nanos() as u64);
+            self.rate_deadline.store(slow, Relaxed);
+            self.write_wait_since.store(now, Relaxed);
             self.wake.notify_one();
         }
     }
@@ -324,7 +358,40 @@ impl ConnState {
             // A wait ended: the idle timers run from here, not from when the body ended.
             self.written_at.store(self.now(), Relaxed);
             self.write_wait_since.store(0, Relaxed);
+            self.rate_deadline.store(0, Relaxed);
             self.wake.notify_one();
+        }
+    }
+
+    /// HTTP/1: true while the last chunk of response body handed to the server is not all
+    /// written yet; the body is read further (from the upstream) only once it is, and the task
+    /// is woken then. What waits to be sent is thus at most one chunk, never the server's whole
+    /// write buffer (64 KiB): a slow reader holds a few KiB, not tens, and a fast one is
+    /// served as before (each chunk is written as it is read).
+    pub fn hold_body(&self, cx: &Context<'_>) -> bool {
+        if self.ahead.load(Relaxed) == 0 {
+            return false;
+        }
+        self.body_waker.register(cx.waker());
+        self.ahead.load(Relaxed) != 0
+    }
+
+    /// The response body handed `n` bytes to the server (HTTP/1).
+    pub fn body_handed(&self, n: usize) {
+        if !self.h2.load(Relaxed) {
+            self.ahead.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    /// `n` bytes went out on the socket.
+    fn wrote_out(&self, n: usize) {
+        let ahead = self.ahead.load(Relaxed);
+        if ahead != 0 {
+            let left = ahead.saturating_sub(n as u64);
+            self.ahead.store(left, Relaxed);
+            if left == 0 {
+                self.body_waker.wake();
+            }
         }
     }
 }
@@ -430,8 +497,8 @@ impl Drop for Active {
 /// slower than `--client-min-rate`: over 10 s spent waiting for it to take bytes (a run of
 /// writes that each had to wait), it must take at least that rate. A write that goes out at
 /// once ends the run: the client has caught up, and pauses of the response itself never count.
-pub(crate) struct ClientIo<I> {
-    io: I,
+pub(crate) struct ClientIo {
+    io: tokio::net::TcpStream,
     conn: Arc<ConnState>,
     /// The current run of waits: when the pending write began waiting, the time waited and
     /// the bytes taken so far.
@@ -440,15 +507,13 @@ pub(crate) struct ClientIo<I> {
     taken: u64,
 }
 
-impl ClientIo<tokio::net::TcpStream> {
+impl ClientIo {
     /// The socket, to wait on while the connection idles bare.
     pub fn socket(&self) -> &tokio::net::TcpStream {
         &self.io
     }
-}
 
-impl<I> ClientIo<I> {
-    pub fn new(io: I, conn: Arc<ConnState>) -> Self {
+    pub fn new(io: tokio::net::TcpStream, conn: Arc<ConnState>) -> Self {
         Self {
             io,
             conn,
@@ -459,7 +524,18 @@ impl<I> ClientIo<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if self.conn.reset.load(Relaxed) {
+            // Cut for reading too slowly: what is still in the socket's buffer (up to
+            // megabytes) is dropped with a reset, not kept by the kernel for a reader that
+            // would take it a few bytes at a time (nginx's `reset_timedout_connection`).
+            let _ = self.io.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -475,19 +551,24 @@ impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> ClientIo<I> {
+impl ClientIo {
     /// Accounts for a write's outcome; an error when the client reads slower than allowed.
     fn wrote(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Pending => {
-                self.conn.on_write_wait();
                 if self.waiting.is_none() {
                     self.waiting = Some(tokio::time::Instant::now());
                 }
+                // If this write waits out the rest of the window, the run's bytes fall short.
+                let min_rate = u64::from(self.conn.limits().min_rate);
+                let rate_left = (min_rate > 0 && self.taken < min_rate * RATE_WINDOW.as_secs())
+                    .then(|| RATE_WINDOW.saturating_sub(self.waited));
+                self.conn.on_write_wait(rate_left);
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
                 self.conn.on_write_progress();
+                self.conn.wrote_out(n);
                 let Some(since) = self.waiting.take() else {
                     // Out at once: the client keeps up.
                     self.waited = Duration::ZERO;
@@ -499,6 +580,7 @@ impl<I: AsyncWrite + Unpin> ClientIo<I> {
                 if self.waited >= RATE_WINDOW {
                     let floor = u64::from(self.conn.limits().min_rate) * self.waited.as_secs();
                     if self.taken < floor {
+                        self.conn.reset.store(true, Relaxed);
                         self.conn.abuse("client-min-rate");
                         return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                     }
@@ -512,7 +594,7 @@ impl<I: AsyncWrite + Unpin> ClientIo<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
+impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

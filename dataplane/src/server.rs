@@ -166,7 +166,7 @@ async fn open(
     peer: std::net::SocketAddr,
     tls: Option<TlsAcceptor>,
     state: &Arc<ConnState>,
-) -> Option<ClientIo<TcpStream>> {
+) -> Option<ClientIo> {
     let metrics = &this.shared.metrics;
     // HTTP/1-or-2 detection and the TLS handshake wait for the first byte: a connection that
     // never sends one is closed at the head timeout.
@@ -199,7 +199,7 @@ async fn open(
 /// agreed.
 async fn serve_tls(
     this: &Arc<Listener>,
-    io: ClientIo<TcpStream>,
+    io: ClientIo,
     acceptor: TlsAcceptor,
     peer: std::net::SocketAddr,
     state: Arc<ConnState>,
@@ -299,7 +299,7 @@ fn service(
 /// already read. A WebSocket upgrade hands the socket to its tunnel.
 async fn serve_h1(
     this: &Arc<Listener>,
-    io: ClientIo<TcpStream>,
+    io: ClientIo,
     peer: std::net::SocketAddr,
     state: Arc<ConnState>,
 ) {
@@ -323,10 +323,10 @@ async fn serve_h1(
 /// read ahead).
 async fn round(
     this: &Arc<Listener>,
-    io: Rewind<ClientIo<TcpStream>>,
+    io: Rewind<ClientIo>,
     peer: std::net::SocketAddr,
     state: &Arc<ConnState>,
-) -> Option<Rewind<ClientIo<TcpStream>>> {
+) -> Option<Rewind<ClientIo>> {
     // Made per spell, not kept through a parked one.
     let svc = service(this, peer, false, state);
     let mut conn = WithoutShutdown(
@@ -384,7 +384,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// upload answered early, say) is read and dropped for a while, so closing with unread input
 /// does not make the kernel reset the connection and throw away an answer the client has not
 /// read yet.
-async fn linger(io: &mut Rewind<ClientIo<TcpStream>>) {
+async fn linger(io: &mut Rewind<ClientIo>) {
     use tokio::io::AsyncReadExt;
     let mut sink = [0u8; 512];
     let _ = tokio::time::timeout(LINGER, async {
