@@ -760,6 +760,47 @@ pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> b
     arrived
 }
 
+/// Reads an HTTP/1 request head (to its blank line, or `limit` bytes) into what `io` gives back
+/// first, before hyper's buffers (16 KiB) are made for it: a client that sends its head slowly
+/// (slowloris) holds a buffer the size of what it sent, a few hundred bytes. The head timer,
+/// the drain and the keep-alive rules apply as when parked. `false`: the connection is over
+/// (the client closed or went silent, or the drain).
+pub(crate) async fn head(state: &ConnState, io: &mut Rewind<ClientIo>, limit: usize) -> bool {
+    let mut buf = Vec::from(std::mem::take(&mut io.pre));
+    let mut chunk = [0u8; 2048];
+    while !head_complete(&buf) && buf.len() < limit {
+        let mut phase = state.ctl.phase.clone();
+        if *phase.borrow_and_update() != Phase::Serving {
+            return false;
+        }
+        let waited = Parked {
+            state,
+            socket: io.io.socket(),
+            phase: Box::pin(async move {
+                let _ = phase.changed().await;
+            }),
+            sleep: None,
+        };
+        if !waited.await {
+            return false;
+        }
+        match io.io.socket().try_read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    io.pre = bytes::Bytes::from(buf);
+    true
+}
+
+/// The bytes hold a whole request head: they reach a blank line (CRLF or bare LF line ends,
+/// as hyper's parser takes them).
+fn head_complete(buf: &[u8]) -> bool {
+    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// See [`idle`]: the socket's readiness, the drain's signal and the connection's next
 /// deadline, polled by hand.
 struct Parked<'a> {
@@ -895,5 +936,21 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_complete;
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_whatever_the_line_ends() {
+        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(head_complete(b"GET / HTTP/1.1\nHost: x\n\n"));
+        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: x\n\r\n"));
+        assert!(head_complete(b"GET / HTTP/1.1\r\n\r\nbody bytes"));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r"));
+        assert!(!head_complete(b""));
     }
 }

@@ -304,7 +304,11 @@ async fn serve_h1(
     state: Arc<ConnState>,
 ) {
     let mut io = Rewind::new(bytes::Bytes::new(), io);
+    let limit = state.limits().max_header_bytes as usize;
     loop {
+        if !conn::head(&state, &mut io, limit).await {
+            return;
+        }
         let Some(parked) = Box::pin(round(this, io, peer, &state)).await else {
             return;
         };
