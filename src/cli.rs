@@ -88,8 +88,8 @@ pub enum Command {
     },
     /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
     Status {
-        /// Admin address of the running fleetlb.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        /// Admin address of the running fleetlb (`:9090` and `localhost:9090` mean 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:9090", value_parser = parse_connect_addr)]
         admin: SocketAddr,
         /// Print the raw JSON of `/status` instead of a table.
         #[arg(long)]
@@ -177,11 +177,11 @@ pub struct BenchArgs {
 
 #[derive(Args, Clone)]
 pub struct ListenArgs {
-    /// Proxy listen address.
-    #[arg(long, default_value = "127.0.0.1:8000")]
+    /// Proxy listen address (`:8000` is every interface, `localhost:8000` is 127.0.0.1).
+    #[arg(long, default_value = "127.0.0.1:8000", value_parser = parse_listen_addr)]
     pub listen: SocketAddr,
     /// Admin listen address: /metrics /healthz /readyz /status /debug/endpoints.
-    #[arg(long, default_value = "127.0.0.1:9090")]
+    #[arg(long, default_value = "127.0.0.1:9090", value_parser = parse_listen_addr)]
     pub admin: SocketAddr,
     /// EC2 endpoint URL for the aws provider (e.g. a moto_server); AWS_ENDPOINT_URL works too.
     /// Region and credentials come from the standard AWS chain.
@@ -199,7 +199,7 @@ pub struct ListenArgs {
     pub proxy_threads: Option<u16>,
     /// HTTPS listen address (with --tls-cert and --tls-key): TLS 1.2 and 1.3, ALPN h2 and
     /// http/1.1, routed like the plain listener with X-Forwarded-Proto: https.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, requires_all = ["tls_cert", "tls_key"], value_parser = parse_listen_addr)]
     pub tls_listen: Option<SocketAddr>,
     /// Certificate chain (PEM, leaf first) for --tls-listen. Repeat for several: the one whose
     /// names match the client's SNI is served, the first when none does. Read again when the
@@ -276,6 +276,33 @@ impl clap::Args for LimitArgs {
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
         Self::augment_args(cmd)
     }
+}
+
+/// An address to listen on: `IP:PORT`, `[IPv6]:PORT`, `:PORT` (every interface, as Go's and
+/// nginx's `listen 8000` mean) or `localhost:PORT` (127.0.0.1).
+fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, std::net::Ipv4Addr::UNSPECIFIED)
+}
+
+/// An address to connect to: as [`parse_listen_addr`], but `:PORT` is this machine.
+fn parse_connect_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, std::net::Ipv4Addr::LOCALHOST)
+}
+
+fn parse_addr(s: &str, no_host: std::net::Ipv4Addr) -> Result<SocketAddr, String> {
+    let shape =
+        || format!("must be IP:PORT, :PORT or localhost:PORT, e.g. 127.0.0.1:8000 (got {s:?})");
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(shape)?;
+    let port: u16 = port.parse().map_err(|_| shape())?;
+    let ip = match host {
+        "" | "*" => no_host,
+        h if h.eq_ignore_ascii_case("localhost") => std::net::Ipv4Addr::LOCALHOST,
+        _ => return Err(shape()),
+    };
+    Ok(SocketAddr::from((ip, port)))
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.
@@ -401,5 +428,39 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
         Ok(p)
     } else {
         Err("not a directory".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_connect_addr, parse_listen_addr};
+
+    #[test]
+    fn addresses_take_the_shapes_people_type() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(parse_listen_addr(":8000"), Ok(at("0.0.0.0:8000")));
+        assert_eq!(parse_listen_addr("*:8000"), Ok(at("0.0.0.0:8000")));
+        assert_eq!(
+            parse_listen_addr("localhost:9090"),
+            Ok(at("127.0.0.1:9090"))
+        );
+        assert_eq!(
+            parse_listen_addr("LOCALHOST:9090"),
+            Ok(at("127.0.0.1:9090"))
+        );
+        assert_eq!(parse_listen_addr("10.0.0.1:80"), Ok(at("10.0.0.1:80")));
+        assert_eq!(parse_listen_addr("[::1]:80"), Ok(at("[::1]:80")));
+        assert_eq!(parse_connect_addr(":9090"), Ok(at("127.0.0.1:9090")));
+        for bad in [
+            "8000",
+            "localhost",
+            "example.com:80",
+            ":99999",
+            ":",
+            "1.2.3.4:x",
+        ] {
+            let err = parse_listen_addr(bad).unwrap_err();
+            assert!(err.contains("IP:PORT") && err.contains(bad), "{bad}: {err}");
+        }
     }
 }

@@ -109,13 +109,34 @@ fn usage_error(e: clap::Error) -> ExitCode {
             ExitCode::from(EX_USAGE)
         }
         _ => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("fleetlb: {first} (see fleetlb --help)");
+            eprintln!("fleetlb: {} (see fleetlb --help)", one_line(&e.to_string()));
             ExitCode::from(EX_USAGE)
         }
     }
+}
+
+/// clap's message on one line, all of it that says what is wrong: the argument it names, the
+/// possible values, a suggestion; not the usage that follows it.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    if out.is_empty() {
+        out.push_str("invalid arguments");
+    }
+    out
 }
 
 fn init_tracing(format: LogFormat) {

@@ -349,6 +349,25 @@ fn bad_flags_exit_64_with_one_line() {
         let flag = args[args.len() - 2];
         assert!(err.contains(flag) && err.contains(says), "{args:?}: {err}");
     }
+    // clap's whole message, on one line: the argument it misses, the values it takes, the
+    // flag meant.
+    for (args, says) in [
+        (&["standalone"][..], "--config"),
+        (&["bench"], "--path"),
+        (
+            &["demo", "--tls-listen", "127.0.0.1:0", "--tls-cert", "a.crt"],
+            "--tls-key",
+        ),
+        (
+            &["--log-format", "yaml", "demo"],
+            "possible values: text, json",
+        ),
+        (&["demo", "--lisen", "127.0.0.1:0"], "--listen"),
+        (&["demo", "--listen", "localhost"], "--listen"),
+    ] {
+        let err = usage_error(args);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
     for args in [
         &["run", "--proxy-threads", "9999"][..],
         &["run", "--identity"],

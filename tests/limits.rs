@@ -383,6 +383,39 @@ async fn a_reader_taking_a_few_bytes_at_a_time_is_cut_by_the_minimum_rate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_above_the_minimum_rate_is_never_cut() {
+    // 4 KiB/s (four times the minimum) through a small receive buffer, for longer than the
+    // 10 s window: every write of the proxy's waits on it, none long enough to count as slow.
+    let (b, f) = serving(&[]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(f.proxy).await.unwrap();
+    s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut taken = 0;
+    for _ in 0..32 {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = tokio::time::timeout(DEADLINE, s.read(&mut buf[got..]))
+                .await
+                .expect("the proxy stopped sending")
+                .unwrap();
+            assert!(n > 0, "cut after {taken} bytes");
+            got += n;
+        }
+        taken += got;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        f.metric("fleetlb_limit_hits_total", &[("limit", "client-min-rate")]),
+        0.0
+    );
+    assert_eq!(endpoint(&f, "c", b.addr)["inflight"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_stalled_mid_body_is_cut_off() {
     let (b, f) = serving(&["--upstream-body-timeout", "1s"]).await;
     let mut s = TcpStream::connect(f.proxy).await.unwrap();

@@ -297,7 +297,7 @@ impl ConnState {
         if let Some(since) = oldest {
             let end = since + ns(l.send_timeout);
             if now >= end {
-                self.reset.store(true, Relaxed);
+                // No reset: the streams the client does read keep what was queued for them.
                 self.limit_hit("client-send-timeout");
                 return Verdict::Close;
             }
@@ -559,10 +559,17 @@ impl ClientIo {
                 if self.waiting.is_none() {
                     self.waiting = Some(tokio::time::Instant::now());
                 }
-                // If this write waits out the rest of the window, the run's bytes fall short.
+                // If this write waits out the rest of the window, the run's bytes fall short; if
+                // they are enough already, the next window's (which it would begin with nothing).
                 let min_rate = u64::from(self.conn.limits().min_rate);
-                let rate_left = (min_rate > 0 && self.taken < min_rate * RATE_WINDOW.as_secs())
-                    .then(|| RATE_WINDOW.saturating_sub(self.waited));
+                let left = RATE_WINDOW.saturating_sub(self.waited);
+                let rate_left = (min_rate > 0).then(|| {
+                    if self.taken < min_rate * RATE_WINDOW.as_secs() {
+                        left
+                    } else {
+                        left + RATE_WINDOW
+                    }
+                });
                 self.conn.on_write_wait(rate_left);
                 Poll::Pending
             }
@@ -767,8 +774,7 @@ pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> b
 /// (the client closed or went silent, or the drain).
 pub(crate) async fn head(state: &ConnState, io: &mut Rewind<ClientIo>, limit: usize) -> bool {
     let mut buf = Vec::from(std::mem::take(&mut io.pre));
-    let mut chunk = [0u8; 2048];
-    while !head_complete(&buf) && buf.len() < limit {
+    while buf.len() < limit && head_partial(&buf) {
         let mut phase = state.ctl.phase.clone();
         if *phase.borrow_and_update() != Phase::Serving {
             return false;
@@ -784,21 +790,32 @@ pub(crate) async fn head(state: &ConnState, io: &mut Rewind<ClientIo>, limit: us
         if !waited.await {
             return false;
         }
-        match io.io.socket().try_read(&mut chunk) {
+        buf.reserve_exact(HEAD_READ.min(limit - buf.len()));
+        match io.io.socket().try_read_buf(&mut buf) {
             Ok(0) => return false,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return false,
         }
     }
+    // Kept until hyper has copied it into its own buffer: no more than was sent.
+    buf.shrink_to_fit();
     io.pre = bytes::Bytes::from(buf);
     true
 }
 
-/// The bytes hold a whole request head: they reach a blank line (CRLF or bare LF line ends,
-/// as hyper's parser takes them).
-fn head_complete(buf: &[u8]) -> bool {
-    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+/// Bytes asked of the socket per read while a head is gathered.
+const HEAD_READ: usize = 1024;
+
+/// The bytes are the beginning of a request head that is not complete yet. A complete head, or
+/// bytes that are no request head at all, go to hyper at once (which answers what it cannot
+/// parse with a 400).
+fn head_partial(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; crate::h1::MAX_HEADERS];
+    matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// See [`idle`]: the socket's readiness, the drain's signal and the connection's next
@@ -941,16 +958,31 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
 #[cfg(test)]
 mod tests {
-    use super::head_complete;
+    use super::head_partial;
 
     #[test]
-    fn a_head_ends_at_its_blank_line_whatever_the_line_ends() {
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\nHost: x\n\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: x\n\r\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\r\n\r\nbody bytes"));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n"));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r"));
-        assert!(!head_complete(b""));
+    fn a_head_is_gathered_until_it_is_whole_or_no_head() {
+        for whole in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET / HTTP/1.1\nHost: x\n\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\nbody bytes",
+            b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(!head_partial(whole), "{whole:?}");
+        }
+        for part in [
+            &b""[..],
+            b"\r\n\r\n",
+            b"\r\n\r\nGET / HT",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r",
+        ] {
+            assert!(head_partial(part), "{part:?}");
+        }
+        // Not HTTP: hyper answers it at once, nothing is gathered.
+        for junk in [&b"\0\0\0\0"[..], b"GET / HTTP/1.1\r\nbad header\r\n"] {
+            assert!(!head_partial(junk), "{junk:?}");
+        }
     }
 }

@@ -158,6 +158,9 @@ async fn accepted(
     }
 }
 
+/// `TCP_NOTSENT_LOWAT` of client sockets (as Cloudflare and Apple set for HTTP/2).
+const CLIENT_NOTSENT_LOWAT: u32 = 16 * 1024;
+
 /// Everything but plain HTTP/1.1, served here to the end (`None`); plain HTTP/1.1 is handed
 /// back once its first byte is in.
 async fn open(
@@ -178,6 +181,11 @@ async fn open(
         return None;
     }
     state.first_byte();
+    // The kernel takes at most this much ahead of what the client has received, and says the
+    // socket is writable again once half of it went out: a slow reader holds 16 KiB of kernel
+    // memory rather than megabytes, and each write that waits on it ends after it took a few
+    // KiB (which is what the minimum rate is judged on).
+    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT);
     let io = ClientIo::new(stream, state.clone());
     if let Some(acceptor) = tls {
         serve_tls(this, io, acceptor, peer, state.clone()).await;

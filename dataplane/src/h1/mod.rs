@@ -32,7 +32,7 @@ pub(crate) use body::Body;
 #[doc(hidden)]
 pub use codec::frame_response;
 pub(crate) use codec::recycle;
-pub(crate) use codec::{Answer, Head, ReqFraming};
+pub(crate) use codec::{Answer, Head, MAX_HEADERS, ReqFraming};
 pub(crate) use pool::{Conn, Pool, enter_proxy_thread};
 
 use body::{SendError, Sender};
