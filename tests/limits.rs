@@ -297,24 +297,40 @@ async fn start(files: Vec<(String, String)>, args: &[&str]) -> Fleetlb {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_reader_is_cut_and_frees_the_upstream() {
-    let (b, f) = serving(&["--client-send-timeout", "1s"]).await;
-    let mut s = TcpStream::connect(f.proxy).await.unwrap();
+/// Asks the proxy for `/c/big` (64 MiB) on a connection whose receive buffer is `recv_buffer`
+/// bytes when given.
+async fn ask_big(proxy: SocketAddr, recv_buffer: Option<u32>) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut s = socket.connect(proxy).await.unwrap();
     s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    // The head, and then nothing more is read.
-    let mut head = [0u8; 64];
-    let _ = s.read(&mut head).await.unwrap();
-    until("the stalled reader's request to end", || {
-        endpoint(&f, "c", b.addr)["inflight"] == 0
+    s
+}
+
+/// The cut request no longer counts in flight, and its upstream connection is closed.
+async fn freed(f: &Fleetlb, b: &Backend) {
+    until("the cut request to end", || {
+        endpoint(f, "c", b.addr)["inflight"] == 0
     })
     .await;
     until("the backend's connection to close", || {
         b.counts.open.load(SeqCst) == 0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_cut_and_frees_the_upstream() {
+    let (b, f) = serving(&["--client-send-timeout", "1s"]).await;
+    let mut s = ask_big(f.proxy, None).await;
+    // The head, and then nothing more is read.
+    let mut head = [0u8; 64];
+    let _ = s.read(&mut head).await.unwrap();
+    freed(&f, &b).await;
     assert!(
         f.metric(
             "fleetlb_limit_hits_total",
@@ -330,12 +346,7 @@ async fn a_reader_taking_a_few_bytes_at_a_time_is_cut_by_the_minimum_rate() {
     // cut it after its 10 s window, although no write of the proxy's ever completes (a few
     // bytes taken now and then never free enough of the socket's buffer).
     let (b, f) = serving(&[]).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(f.proxy).await.unwrap();
-    s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_big(f.proxy, Some(4096)).await;
     let drain = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn({
         let drain = drain.clone();
@@ -360,14 +371,7 @@ async fn a_reader_taking_a_few_bytes_at_a_time_is_cut_by_the_minimum_rate() {
         f.metric("fleetlb_limit_hits_total", &[("limit", "client-min-rate")]) >= 1.0
     })
     .await;
-    until("its request to end", || {
-        endpoint(&f, "c", b.addr)["inflight"] == 0
-    })
-    .await;
-    until("the backend's connection to close", || {
-        b.counts.open.load(SeqCst) == 0
-    })
-    .await;
+    freed(&f, &b).await;
     // What the proxy had written is thrown away with a reset, not left in the kernel for it.
     drain.store(true, SeqCst);
     let (taken, reset) = tokio::time::timeout(DEADLINE, reader)
@@ -387,25 +391,13 @@ async fn a_reader_above_the_minimum_rate_is_never_cut() {
     // 4 KiB/s (four times the minimum) through a small receive buffer, for longer than the
     // 10 s window: every write of the proxy's waits on it, none long enough to count as slow.
     let (b, f) = serving(&[]).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(f.proxy).await.unwrap();
-    s.write_all(b"GET /c/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_big(f.proxy, Some(4096)).await;
     let mut buf = [0u8; 2048];
-    let mut taken = 0;
-    for _ in 0..32 {
-        let mut got = 0;
-        while got < buf.len() {
-            let n = tokio::time::timeout(DEADLINE, s.read(&mut buf[got..]))
-                .await
-                .expect("the proxy stopped sending")
-                .unwrap();
-            assert!(n > 0, "cut after {taken} bytes");
-            got += n;
-        }
-        taken += got;
+    for i in 0..32 {
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+            .await
+            .expect("the proxy stopped sending")
+            .unwrap_or_else(|e| panic!("cut after {} bytes: {e}", i * buf.len()));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(

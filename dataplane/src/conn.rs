@@ -353,7 +353,16 @@ impl ConnState {
         }
     }
 
-    fn on_write_progress(&self) {
+    /// `n` bytes went out on the socket.
+    fn on_write_progress(&self, n: usize) {
+        let ahead = self.ahead.load(Relaxed);
+        if ahead != 0 {
+            let left = ahead.saturating_sub(n as u64);
+            self.ahead.store(left, Relaxed);
+            if left == 0 {
+                self.body_waker.wake();
+            }
+        }
         if self.write_wait_since.load(Relaxed) != 0 {
             // A wait ended: the idle timers run from here, not from when the body ended.
             self.written_at.store(self.now(), Relaxed);
@@ -380,18 +389,6 @@ impl ConnState {
     pub fn body_handed(&self, n: usize) {
         if !self.h2.load(Relaxed) {
             self.ahead.fetch_add(n as u64, Relaxed);
-        }
-    }
-
-    /// `n` bytes went out on the socket.
-    fn wrote_out(&self, n: usize) {
-        let ahead = self.ahead.load(Relaxed);
-        if ahead != 0 {
-            let left = ahead.saturating_sub(n as u64);
-            self.ahead.store(left, Relaxed);
-            if left == 0 {
-                self.body_waker.wake();
-            }
         }
     }
 }
@@ -574,8 +571,7 @@ impl ClientIo {
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
-                self.conn.on_write_progress();
-                self.conn.wrote_out(n);
+                self.conn.on_write_progress(n);
                 let Some(since) = self.waiting.take() else {
                     // Out at once: the client keeps up.
                     self.waited = Duration::ZERO;
@@ -744,21 +740,8 @@ pub(crate) async fn drive<C: Future + Unpin>(
 /// HTTP machinery was let go: `true` once bytes (or the client's close) arrive, `false` when a
 /// timer or the drain closes it first.
 pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> bool {
-    let mut phase = state.ctl.phase.clone();
-    if *phase.borrow_and_update() != Phase::Serving {
-        return false;
-    }
     state.shared.metrics.connections_parked.inc();
-    // A future of its own rather than `select!` over three: every parked connection holds it.
-    let parked = Parked {
-        state,
-        socket,
-        phase: Box::pin(async move {
-            let _ = phase.changed().await;
-        }),
-        sleep: None,
-    };
-    let arrived = parked.await;
+    let arrived = readable(state, socket).await;
     state.shared.metrics.connections_parked.dec();
     if arrived {
         // The next head begins (or the client closed): its timer runs from here.
@@ -774,34 +757,41 @@ pub(crate) async fn idle(state: &ConnState, socket: &tokio::net::TcpStream) -> b
 /// (the client closed or went silent, or the drain).
 pub(crate) async fn head(state: &ConnState, io: &mut Rewind<ClientIo>, limit: usize) -> bool {
     let mut buf = Vec::from(std::mem::take(&mut io.pre));
+    let socket = io.io.socket();
     while buf.len() < limit && head_partial(&buf) {
-        let mut phase = state.ctl.phase.clone();
-        if *phase.borrow_and_update() != Phase::Serving {
-            return false;
-        }
-        let waited = Parked {
-            state,
-            socket: io.io.socket(),
-            phase: Box::pin(async move {
-                let _ = phase.changed().await;
-            }),
-            sleep: None,
-        };
-        if !waited.await {
-            return false;
-        }
         buf.reserve_exact(HEAD_READ.min(limit - buf.len()));
-        match io.io.socket().try_read_buf(&mut buf) {
+        match socket.try_read_buf(&mut buf) {
             Ok(0) => return false,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !readable(state, socket).await {
+                    return false;
+                }
+            }
             Err(_) => return false,
         }
     }
-    // Kept until hyper has copied it into its own buffer: no more than was sent.
-    buf.shrink_to_fit();
     io.pre = bytes::Bytes::from(buf);
     true
+}
+
+/// Waits, holding only the socket, until bytes (or the client's close) arrive: `false` when
+/// a timer of the connection or the drain ends it first.
+async fn readable(state: &ConnState, socket: &tokio::net::TcpStream) -> bool {
+    let mut phase = state.ctl.phase.clone();
+    if *phase.borrow_and_update() != Phase::Serving {
+        return false;
+    }
+    // A future of its own rather than `select!` over three: every parked connection holds it.
+    Parked {
+        state,
+        socket,
+        phase: Box::pin(async move {
+            let _ = phase.changed().await;
+        }),
+        sleep: None,
+    }
+    .await
 }
 
 /// Bytes asked of the socket per read while a head is gathered.
@@ -962,27 +952,22 @@ mod tests {
 
     #[test]
     fn a_head_is_gathered_until_it_is_whole_or_no_head() {
-        for whole in [
-            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-            b"GET / HTTP/1.1\nHost: x\n\n",
-            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
-            b"GET / HTTP/1.1\r\n\r\nbody bytes",
-            b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        for (bytes, partial) in [
+            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], false),
+            (b"GET / HTTP/1.1\nHost: x\n\n", false),
+            (b"GET / HTTP/1.1\r\nHost: x\n\r\n", false),
+            (b"GET / HTTP/1.1\r\n\r\nbody bytes", false),
+            (b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", false),
+            (b"", true),
+            (b"\r\n\r\n", true),
+            (b"\r\n\r\nGET / HT", true),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n", true),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r", true),
+            // Not HTTP: hyper answers it at once, nothing is gathered.
+            (b"\0\0\0\0", false),
+            (b"GET / HTTP/1.1\r\nbad header\r\n", false),
         ] {
-            assert!(!head_partial(whole), "{whole:?}");
-        }
-        for part in [
-            &b""[..],
-            b"\r\n\r\n",
-            b"\r\n\r\nGET / HT",
-            b"GET / HTTP/1.1\r\nHost: x\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r",
-        ] {
-            assert!(head_partial(part), "{part:?}");
-        }
-        // Not HTTP: hyper answers it at once, nothing is gathered.
-        for junk in [&b"\0\0\0\0"[..], b"GET / HTTP/1.1\r\nbad header\r\n"] {
-            assert!(!head_partial(junk), "{junk:?}");
+            assert_eq!(head_partial(bytes), partial, "{bytes:?}");
         }
     }
 }
