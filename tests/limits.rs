@@ -229,21 +229,25 @@ async fn serve(
 
 /// The endpoint of `cluster` at `addr` as `/debug/endpoints` shows it.
 fn endpoint(f: &Fleetlb, cluster: &str, addr: SocketAddr) -> serde_json::Value {
+    find_endpoint(f, cluster, addr)
+        .unwrap_or_else(|| panic!("no endpoint {addr} of {cluster} in {}", f.endpoints()))
+}
+
+/// The same, `None` while fleetlb has not loaded it (yet).
+fn find_endpoint(f: &Fleetlb, cluster: &str, addr: SocketAddr) -> Option<serde_json::Value> {
     let all = f.endpoints();
-    let c = all
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["cluster"] == cluster))
-        .unwrap_or_else(|| panic!("no cluster {cluster} in {all}"));
+    let c = all.as_array()?.iter().find(|c| c["cluster"] == cluster)?;
     c["endpoints"]
-        .as_array()
-        .and_then(|es| es.iter().find(|e| e["address"] == addr.to_string()))
+        .as_array()?
+        .iter()
+        .find(|e| e["address"] == addr.to_string())
         .cloned()
-        .unwrap_or_else(|| panic!("no endpoint {addr} in {c}"))
 }
 
 async fn healthy(f: &Fleetlb, cluster: &str, addr: SocketAddr) {
+    // Just started, fleetlb may not have read the files yet.
     until(&format!("{addr} healthy"), || {
-        endpoint(f, cluster, addr)["state"] == "healthy"
+        find_endpoint(f, cluster, addr).is_some_and(|e| e["state"] == "healthy")
     })
     .await;
 }
