@@ -189,7 +189,7 @@ fn controller(r: &Replica, peers: Vec<String>) -> (Arc<Context>, Arc<Fake>, fake
     let (client, recorded, api) = fake::api_server(BTreeMap::from([("auto".into(), object())]));
     let (store, mut writer) = reflector::store();
     let bc: BackendCluster = serde_json::from_value(object()).unwrap();
-    writer.apply_watcher_event(&watcher::Event::Apply(bc));
+    writer.apply_watcher_event(&watcher::Event::Apply(bc.into()));
     let wiring = Wiring {
         client,
         reporter: Reporter {
@@ -208,7 +208,7 @@ async fn reconcile(ctx: &Arc<Context>) {
     let bc: BackendCluster = serde_json::from_value(object()).unwrap();
     tokio::time::timeout(
         Duration::from_secs(30),
-        kubernetes::reconcile(Arc::new(bc), ctx.clone()),
+        kubernetes::reconcile(Arc::new(bc.into()), ctx.clone()),
     )
     .await
     .expect("a reconcile ends")

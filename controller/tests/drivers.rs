@@ -268,7 +268,7 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
         .collect();
     let (store, mut writer) = reflector::store();
     for o in &objects {
-        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(o.clone().into()));
     }
     let wiring = Wiring {
         client,
@@ -284,7 +284,7 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
     let reconcile = |o: &BackendCluster| {
         tokio::time::timeout(
             Duration::from_secs(30),
-            kubernetes::reconcile(Arc::new(o.clone()), ctx.clone()),
+            kubernetes::reconcile(Arc::new(o.clone().into()), ctx.clone()),
         )
     };
     for o in &objects {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fleetlb_controller::Providers;
 use fleetlb_controller::core::Core;
-use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Wiring};
+use fleetlb_controller::kubernetes::{self, Context, FINALIZER, KubeConfig, Watched, Wiring};
 use fleetlb_controller::lease::{Elector, LeaseConfig};
 use fleetlb_controller::metrics::Metrics;
 use fleetlb_controller::provider::aws::AwsProvider;
@@ -172,7 +172,7 @@ fn harness_with(env: &Env, leader: bool, objects: &[&BackendCluster], cfg: KubeC
     };
     let (store, mut writer) = reflector::store();
     for o in objects {
-        writer.apply_watcher_event(&watcher::Event::Apply((*o).clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(Watched::from((*o).clone())));
     }
     let (leader_tx, leader_rx) = watch::channel(leader);
     let (routes_tx, routes) = watch::channel(RouteTable::default());
@@ -249,7 +249,10 @@ async fn the_finalizer_goes_on_before_any_ec2_call() {
     let env = env().await;
     let obj = object(&env, 2, false);
     let mut h = harness(&env, true, &[&obj]);
-    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(Watched::from(obj.clone())),
+        h.ctx.clone(),
+    ));
     let call = h.api.next().await;
     assert_eq!(call.method, Method::PATCH);
     assert!(
@@ -284,7 +287,10 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
     )
     .unwrap();
     let mut h = harness(&env, true, &[&obj]);
-    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(Watched::from(obj.clone())),
+        h.ctx.clone(),
+    ));
 
     let call = h.api.next().await;
     assert_eq!(call.method, Method::PATCH);
@@ -348,7 +354,7 @@ async fn the_leader_records_intents_launches_writes_status_by_apply_and_records_
 
     // The next reconcile sees both instances, launches nothing more and reports them.
     let t = tokio::spawn(kubernetes::reconcile(
-        Arc::new(with_status.clone()),
+        Arc::new(Watched::from(with_status.clone())),
         h.ctx.clone(),
     ));
     let call = h.api.next_status_of("web").await;
@@ -374,7 +380,10 @@ async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
     let env = env().await;
     let obj = object(&env, 2, true);
     let mut h = harness(&env, true, &[&obj]);
-    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(Watched::from(obj.clone())),
+        h.ctx.clone(),
+    ));
     // Intents, then the instances they made, then the Event.
     h.api.next().await.ok(&json!(obj));
     h.api.next().await.ok(&json!(obj));
@@ -387,7 +396,7 @@ async fn deletion_terminates_every_instance_before_releasing_the_finalizer() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             "2026-11-28T00:01:00Z".parse().unwrap(),
         ));
-    let deleting = Arc::new(deleting);
+    let deleting = Arc::new(Watched::from(deleting));
     // Until EC2 shows every instance terminated, the finalizer stays (the only API calls are
     // status writes saying what deletion waits for).
     let mut released = false;
@@ -446,7 +455,10 @@ async fn a_replica_without_the_lease_serves_from_status_and_never_calls_ec2() {
     .unwrap();
     let mut h = harness(&env, false, &[&obj]);
     // The scripted API server never answers: any API call would stall this past the deadline.
-    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(Watched::from(obj.clone())),
+        h.ctx.clone(),
+    ));
     assert_eq!(
         finish(t).await.unwrap(),
         Action::requeue(KubeConfig::default().resync)
@@ -483,7 +495,10 @@ async fn a_spec_the_schema_cannot_reject_gets_invalid_spec_and_no_ec2_call() {
     obj.spec.health_check.interval_seconds = 5;
     obj.spec.health_check.timeout_seconds = 10;
     let mut h = harness(&env, true, &[&obj]);
-    let t = tokio::spawn(kubernetes::reconcile(Arc::new(obj.clone()), h.ctx.clone()));
+    let t = tokio::spawn(kubernetes::reconcile(
+        Arc::new(Watched::from(obj.clone())),
+        h.ctx.clone(),
+    ));
     let (type_, reason, note) = h.api.next().await.event();
     assert_eq!(
         (type_.as_str(), reason.as_str()),
@@ -518,7 +533,7 @@ async fn the_younger_of_two_objects_claiming_one_route_is_refused() {
     ));
     let mut h = harness(&env, true, &[&old, &young]);
     let t = tokio::spawn(kubernetes::reconcile(
-        Arc::new(young.clone()),
+        Arc::new(Watched::from(young.clone())),
         h.ctx.clone(),
     ));
     let (_, reason, note) = h.api.next().await.event();

@@ -496,7 +496,17 @@ impl BackendCluster {
 /// types, unknown fields and every rule of [`BackendCluster::validate`]. The error names the
 /// field: `spec.replicas: must be between 0 and 1000, got 5000`.
 pub fn from_json(json: serde_json::Value) -> Result<BackendCluster, String> {
-    let bc: BackendCluster = serde_path_to_error::deserialize(json).map_err(|e| {
+    let bc = parse(json)?;
+    if let Err(errors) = bc.validate() {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        return Err(text.join("; "));
+    }
+    Ok(bc)
+}
+
+/// The types alone, the error naming the field.
+fn parse(json: serde_json::Value) -> Result<BackendCluster, String> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path.is_empty() || path == "." {
@@ -504,12 +514,91 @@ pub fn from_json(json: serde_json::Value) -> Result<BackendCluster, String> {
         } else {
             format!("{path}: {inner}")
         }
-    })?;
-    if let Err(errors) = bc.validate() {
-        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        return Err(text.join("; "));
+    })
+}
+
+/// A BackendCluster as an API server holds it, read by a binary that may be older or newer
+/// than the CRD installed there.
+#[derive(Clone, Debug)]
+pub struct Lenient {
+    /// The object, without the fields this binary does not know; an error (naming the field)
+    /// when even so it does not fit the types.
+    pub object: Result<BackendCluster, String>,
+    /// The spec fields this binary does not know (`spec.futureField`): a newer CRD's. Unknown
+    /// status fields (a newer binary's) are dropped silently.
+    pub unknown: Vec<String>,
+}
+
+/// Reads a BackendCluster from the API server's JSON without ever failing as a whole: fields
+/// this binary's schema does not declare are set aside and named (a newer CRD applied before a
+/// rollout, or kept after a rollback), so that one such object cannot stop every other from
+/// being read. No validation beyond the types (see [`from_json`] for that).
+pub fn from_json_lenient(mut json: serde_json::Value) -> Lenient {
+    let unknown = strip_unknown_fields(&mut json);
+    Lenient {
+        object: parse(json),
+        unknown,
     }
-    Ok(bc)
+}
+
+/// Removes from `json` the fields the CRD's schema does not declare and returns the paths of
+/// those under `spec`.
+fn strip_unknown_fields(json: &mut serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(BackendCluster::crd()).unwrap_or_default();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    });
+    fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Vec<String>) {
+        if schema["x-kubernetes-preserve-unknown-fields"] == true {
+            return;
+        }
+        match v {
+            Value::Object(map) => {
+                if let Some(props) = schema["properties"].as_object() {
+                    map.retain(|k, _| {
+                        let known = props.contains_key(k);
+                        if !known {
+                            out.push(format!("{path}.{k}"));
+                        }
+                        known
+                    });
+                    for (k, child) in map.iter_mut() {
+                        walk(&props[k], child, &format!("{path}.{k}"), out);
+                    }
+                } else if let Some(each) =
+                    schema.get("additionalProperties").filter(|a| a.is_object())
+                {
+                    for (k, child) in map.iter_mut() {
+                        walk(each, child, &format!("{path}.{k}"), out);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                if let Some(each) = schema.get("items") {
+                    for (i, child) in items.iter_mut().enumerate() {
+                        walk(each, child, &format!("{path}[{i}]"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut spec = Vec::new();
+    if let Some(v) = json.get_mut("spec") {
+        walk(&schema["properties"]["spec"], v, "spec", &mut spec);
+    }
+    if let Some(v) = json.get_mut("status") {
+        walk(
+            &schema["properties"]["status"],
+            v,
+            "status",
+            &mut Vec::new(),
+        );
+    }
+    spec
 }
 
 /// The CRD manifest as YAML, exactly as `manifests/crd.yaml` holds it.
@@ -532,6 +621,44 @@ mod tests {
             committed == crd_yaml(),
             "manifests/crd.yaml is stale: run `cargo run -- crd > manifests/crd.yaml`"
         );
+    }
+
+    #[test]
+    fn fields_of_a_newer_crd_are_named_and_set_aside_not_fatal() {
+        let json = serde_json::json!({
+            "apiVersion": "fleetlb.dev/v1alpha1",
+            "kind": "BackendCluster",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "route": "/web",
+                "replicas": 2,
+                "instanceType": "t2.micro",
+                "futureField": "x",
+                "provider": {"local": {"futureKnob": 1}},
+            },
+            "status": {"replicas": 2, "futureStatus": {"a": 1}},
+        });
+        let read = from_json_lenient(json.clone());
+        assert_eq!(
+            read.unknown,
+            ["spec.futureField", "spec.provider.local.futureKnob"]
+        );
+        let bc = read.object.expect("the known fields read");
+        assert_eq!(bc.spec.replicas, 2);
+        assert_eq!(bc.status.map(|s| s.replicas), Some(2));
+        // The strict reader (files, `fleetlb validate`) refuses the same object, naming a field.
+        let err = from_json(json).unwrap_err();
+        assert!(
+            err.contains("futureField") || err.contains("futureKnob"),
+            "{err}"
+        );
+        // A field whose type changed is an error naming it, not a failure of the whole read.
+        let read = from_json_lenient(serde_json::json!({
+            "apiVersion": "fleetlb.dev/v1alpha1", "kind": "BackendCluster",
+            "metadata": {"name": "web"},
+            "spec": {"route": "/web", "replicas": "two", "instanceType": "t2.micro", "provider": {"local": {}}},
+        }));
+        assert!(read.object.unwrap_err().starts_with("spec.replicas"));
     }
 
     #[test]

@@ -116,7 +116,11 @@ impl Body for ResponseBody {
         {
             return Poll::Pending;
         }
-        let polled = this.poll_inner(cx);
+        let hint = this
+            .1
+            .as_ref()
+            .map_or(crate::h1::READ_CHUNK, |a| a.conn().read_hint());
+        let polled = this.poll_inner(cx, hint);
         if let Some(active) = this.1.as_mut() {
             // HTTP/2: whose turn it is (a client that never comes back for more is cut by
             // the connection's send timer).
@@ -152,16 +156,18 @@ impl Body for ResponseBody {
 }
 
 impl ResponseBody {
+    /// The next frame, asking the upstream for about `read` bytes.
     fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
+        read: usize,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.0 {
             Kind::Own(body, guard) => {
                 let Some(g) = guard.as_ref() else {
                     return Poll::Ready(None);
                 };
-                let polled = body.poll_data(cx, &g.0.pool);
+                let polled = body.poll_data(cx, &g.0.pool, read);
                 match &polled {
                     Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
                     Poll::Pending => {}

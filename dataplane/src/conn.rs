@@ -74,6 +74,10 @@ pub(crate) struct ConnState {
     /// [`ConnState::hold_body`]). Only the connection's own task touches either.
     ahead: AtomicU64,
     body_waker: futures::task::AtomicWaker,
+    /// HTTP/1: how many bytes to ask the upstream for next ([`ConnState::read_hint`]), and
+    /// whether the chunk last handed had to wait for the client.
+    read_size: AtomicU32,
+    waited: AtomicBool,
     /// HTTP/2 streams whose last response chunk the client has not taken yet: (stream,
     /// since when); a client that reads some streams and starves others is still caught.
     handed: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -123,6 +127,8 @@ impl ConnState {
             rate_deadline: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
             body_waker: futures::task::AtomicWaker::new(),
+            read_size: AtomicU32::new(crate::h1::READ_CHUNK as u32),
+            waited: AtomicBool::new(false),
             handed: std::sync::Mutex::default(),
             streams: AtomicU64::new(0),
             resets: AtomicU32::new(0),
@@ -382,14 +388,33 @@ impl ConnState {
             return false;
         }
         self.body_waker.register(cx.waker());
-        self.ahead.load(Relaxed) != 0
+        let held = self.ahead.load(Relaxed) != 0;
+        if held {
+            self.waited.store(true, Relaxed);
+        }
+        held
     }
 
     /// The response body handed `n` bytes to the server (HTTP/1).
     pub fn body_handed(&self, n: usize) {
         if !self.h2.load(Relaxed) {
             self.ahead.fetch_add(n as u64, Relaxed);
+            // A client that kept the last chunk waiting gets the next one half as big (down
+            // to 1 KiB), one that did not, twice (up to a full read): what waits for a slow
+            // reader is a small buffer, not a full one, and a fast one reads full chunks.
+            let size = self.read_size.load(Relaxed);
+            let next = if self.waited.swap(false, Relaxed) {
+                (size / 2).max(MIN_READ)
+            } else {
+                (size * 2).min(crate::h1::READ_CHUNK as u32)
+            };
+            self.read_size.store(next, Relaxed);
         }
+    }
+
+    /// HTTP/1: how many bytes of response body to ask the upstream for next.
+    pub fn read_hint(&self) -> usize {
+        self.read_size.load(Relaxed) as usize
     }
 }
 
@@ -398,6 +423,9 @@ impl Drop for ConnState {
         self.shared.metrics.connections_active.dec();
     }
 }
+
+/// The smallest upstream read for a slow reader.
+const MIN_READ: u32 = 1024;
 
 enum Verdict {
     Wait(tokio::time::Instant),

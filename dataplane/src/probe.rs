@@ -134,7 +134,8 @@ async fn probe_once(
             .ok()?;
         // The body is read (and dropped) so the connection can carry the next probe.
         let mut read = 0;
-        while let Some(chunk) = std::future::poll_fn(|cx| answer.body.poll_data(cx, &ep.pool)).await
+        while let Some(chunk) =
+            std::future::poll_fn(|cx| answer.body.poll_data(cx, &ep.pool, h1::READ_CHUNK)).await
         {
             read += chunk.ok()?.len();
             if read > MAX_PROBE_BODY {

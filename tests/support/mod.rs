@@ -102,6 +102,26 @@ impl Fleetlb {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).expect("write config");
         }
+        let config = dir.path().to_str().expect("utf-8 path").to_owned();
+        let mut all = vec![mode, "--config", &config];
+        all.extend_from_slice(args);
+        Self::spawn(dir, &all, &[], wrap)
+    }
+
+    /// Starts `fleetlb run` (Kubernetes mode) with `env` (KUBECONFIG, POD_NAMESPACE, ...)
+    /// and extra flags, on ports the kernel picks.
+    pub fn run(env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        Self::spawn(tempfile::tempdir().expect("tempdir"), &all, env, None)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+        wrap: Option<&str>,
+    ) -> Self {
         let log = dir.path().join("fleetlb.log");
         // FLEETLB_BIN runs another build (e.g. an older one, to see a test fail on it).
         let exe = std::env::var("FLEETLB_BIN").unwrap_or(env!("CARGO_BIN_EXE_fleetlb").into());
@@ -116,10 +136,10 @@ impl Fleetlb {
             None => Command::new(&exe),
         };
         let child = cmd
-            .args([mode, "--config"])
-            .arg(dir.path())
+            .args(&args[..1])
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(args)
+            .args(&args[1..])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -143,9 +163,15 @@ impl Fleetlb {
             dir,
             log,
         };
-        eventually("fleetlb /readyz", || {
-            get(f.admin, "/readyz").filter(|r| r.status == 200)
-        });
+        let end = Instant::now() + DEADLINE;
+        while get(f.admin, "/readyz").is_none_or(|r| r.status != 200) {
+            assert!(
+                Instant::now() < end,
+                "fleetlb not ready after {DEADLINE:?}; its log:\n{}",
+                f.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         f
     }
 

@@ -19,7 +19,7 @@ pub struct Event {
 }
 
 /// Event types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum EventType {
     /// Something done.
     Normal,
@@ -27,12 +27,16 @@ pub enum EventType {
     Warning,
 }
 
+/// The longest note the API server accepts (events.k8s.io/v1 `note`: 1024 bytes); a longer one
+/// has the whole Event refused with 422.
+pub const MAX_NOTE: usize = 1024;
+
 impl Event {
     pub(super) fn normal(reason: &'static str, note: String) -> Self {
         Self {
             type_: EventType::Normal,
             reason,
-            note,
+            note: clamp_note(note),
         }
     }
 
@@ -40,9 +44,42 @@ impl Event {
         Self {
             type_: EventType::Warning,
             reason: reason.as_str(),
-            note,
+            note: clamp_note(note),
         }
     }
+}
+
+/// `note` cut to [`MAX_NOTE`] bytes on a character boundary, ending in `...` when cut.
+pub fn clamp_note(mut note: String) -> String {
+    if note.len() > MAX_NOTE {
+        let mut end = MAX_NOTE - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
+}
+
+/// `head`, then as many of `items` (comma-separated) as fit with `tail` in [`MAX_NOTE`] bytes,
+/// then `... and N more` for the rest: `launched 50 t2.micro: i-1 (slot 0), ... and 41 more`.
+fn listed(head: &str, items: &[String], tail: &str) -> String {
+    let mut note = String::from(head);
+    for (i, item) in items.iter().enumerate() {
+        let more = items.len() - i;
+        // Room left for this item, its separator, and a "... and N more" should others follow.
+        let reserve = if more > 1 { 24 } else { 0 };
+        let sep = if i == 0 { "" } else { ", " };
+        if note.len() + sep.len() + item.len() + reserve + tail.len() > MAX_NOTE {
+            note.push_str(&format!(", ... and {more} more"));
+            break;
+        }
+        note.push_str(sep);
+        note.push_str(item);
+    }
+    note.push_str(tail);
+    note
 }
 
 /// Where a driver keeps what the core decides.
@@ -74,28 +111,68 @@ pub(super) fn applied_events(
             .collect();
         out.push(Event::normal(
             "Launched",
-            format!(
-                "launched {} {}: {}",
-                list.len(),
-                bc.spec.instance_type,
-                list.join(", ")
+            listed(
+                &format!("launched {} {}: ", list.len(), bc.spec.instance_type),
+                &list,
+                "",
             ),
         ));
     }
     if !retired.is_empty() {
         out.push(Event::normal(
             "Retiring",
-            format!(
-                "{} left the endpoint set; terminating after the drain period",
-                retired.join(", ")
+            listed(
+                "",
+                retired,
+                " left the endpoint set; terminating after the drain period",
             ),
         ));
     }
     if !terminated.is_empty() {
         out.push(Event::normal(
             "Terminated",
-            format!("terminated {}", terminated.join(", ")),
+            listed("terminated ", terminated, ""),
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_list_fits_the_note_limit_and_says_how_many_are_left_out() {
+        let ids: Vec<String> = (0..50).map(|i| format!("i-{i:017x} (slot {i})")).collect();
+        let note = listed("launched 50 t2.micro: ", &ids, "");
+        assert!(note.len() <= MAX_NOTE, "{} bytes", note.len());
+        assert!(note.starts_with("launched 50 t2.micro: i-00000000000000000 (slot 0), "));
+        let shown = note.matches("(slot").count();
+        assert!(
+            note.ends_with(&format!(", ... and {} more", 50 - shown)),
+            "{note}"
+        );
+        // A short list is whole.
+        assert_eq!(
+            listed("terminated ", &ids[..2], ""),
+            format!("terminated {}, {}", ids[0], ids[1])
+        );
+        // With a tail, the tail survives the cut.
+        let note = listed("", &ids, " left the endpoint set");
+        assert!(
+            note.len() <= MAX_NOTE && note.ends_with("more left the endpoint set"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn any_note_is_cut_to_the_limit_on_a_character_boundary() {
+        let note = clamp_note("é".repeat(1000));
+        assert!(
+            note.len() <= MAX_NOTE && note.ends_with("..."),
+            "{}",
+            note.len()
+        );
+        assert_eq!(clamp_note("short".into()), "short");
+    }
 }

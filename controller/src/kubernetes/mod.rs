@@ -10,6 +10,10 @@
 //!   retry in lockstep.
 
 mod sink;
+mod watched;
+
+pub use sink::Events;
+pub use watched::Watched;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +25,7 @@ use futures::{FutureExt, StreamExt};
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
@@ -92,16 +96,26 @@ pub struct Wiring {
     pub status: watch::Sender<bytes::Bytes>,
 }
 
+/// A status this replica wrote.
+struct Written {
+    at: Instant,
+    status: BackendClusterStatus,
+    /// The object's `resourceVersion` the write was made against, and the one it produced:
+    /// until the store has caught up with the write, the next write is made against the latter.
+    over: Option<String>,
+    made: Option<String>,
+}
+
 /// Everything a reconcile needs.
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Event publisher.
+    pub events: Events,
     /// Whether this replica holds the Lease.
     pub leader: watch::Receiver<bool>,
     /// Every BackendCluster, as the controller's reflector sees them.
-    pub store: Store<BackendCluster>,
+    pub store: Store<Watched>,
     /// Route table for the data plane.
     pub routes: watch::Sender<RouteTable>,
     /// `/status` JSON.
@@ -110,15 +124,18 @@ pub struct Context {
     pub cfg: KubeConfig,
     /// The shared controller core.
     pub core: Core,
-    /// The last status written per object, and when (writes of an unchanged status are skipped).
-    written: Mutex<HashMap<ClusterKey, (Instant, BackendClusterStatus)>>,
+    /// The last status written per object (by UID: a deleted and re-created object with the
+    /// same name is another object), and when; writes of an unchanged status are skipped.
+    /// Emptied when this replica becomes leader: what it wrote in an earlier term says nothing
+    /// about what the leader in between wrote.
+    written: Mutex<HashMap<String, Written>>,
 }
 
 impl Context {
     /// A context over `core` and the objects of `store`.
-    pub fn new(wiring: Wiring, core: Core, store: Store<BackendCluster>, cfg: KubeConfig) -> Self {
+    pub fn new(wiring: Wiring, core: Core, store: Store<Watched>, cfg: KubeConfig) -> Self {
         Self {
-            recorder: Recorder::new(wiring.client.clone(), wiring.reporter),
+            events: Events::new(wiring.client.clone(), wiring.reporter),
             client: wiring.client,
             leader: wiring.leader,
             store,
@@ -134,15 +151,25 @@ impl Context {
         *self.leader.borrow()
     }
 
+    /// Every object in the store that this binary can read (one with fields it does not know
+    /// is read without them: it keeps being served as it was).
+    pub fn objects(&self) -> Vec<Arc<BackendCluster>> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|w| w.object.as_ref().ok().cloned())
+            .collect()
+    }
+
     /// Rebuilds the data plane's route table from every object in the store (see
     /// [`routes::build_routes`]).
     pub fn publish_routes(&self) {
-        routes::publish(&self.routes, &self.store.state());
+        routes::publish(&self.routes, &self.objects());
     }
 
     /// Publishes every object's spec summary and status as `/status` JSON.
     pub fn publish_status(&self) {
-        let objects = self.store.state();
+        let objects = self.objects();
         let view = StatusView {
             clusters: objects.iter().map(|o| ClusterView::new(o)).collect(),
             errors: Vec::new(),
@@ -160,14 +187,18 @@ impl Context {
 }
 
 /// Reconciles one BackendCluster (kube-runtime calls this; tests call it directly).
-pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.publish_routes();
     if !ctx.is_leader() {
         // Another replica acts; this one only serves.
         return Ok(Action::requeue(ctx.cfg.resync));
     }
+    let Some(bc) = watched.actionable().cloned() else {
+        set_aside(&watched, &ctx).await?;
+        return Ok(Action::requeue(ctx.cfg.resync));
+    };
     let started = Instant::now();
-    let objects = ctx.store.state();
+    let objects = ctx.objects();
     let settled = |next: Next| {
         Action::requeue(match next {
             Next::Busy | Next::Scaling => ctx.cfg.busy,
@@ -180,6 +211,7 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
         return Ok(settled(next));
     }
     let key = ClusterKey::of(&bc);
+    let uid = bc.metadata.uid.clone().unwrap_or_default();
     let api: Api<BackendCluster> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let result = finalizer(&api, FINALIZER, bc, |event| async {
         match event {
@@ -190,7 +222,7 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
             finalizer::Event::Cleanup(bc) => {
                 match ctx.core.delete(&bc, &objects, ctx.as_ref()).await {
                     Deletion::Done => {
-                        locked(&ctx.written).remove(&key);
+                        locked(&ctx.written).remove(&uid);
                         Ok(Action::await_change())
                     }
                     Deletion::Waiting(why) => Err(Error::Terminating(why)),
@@ -208,14 +240,61 @@ pub async fn reconcile(bc: Arc<BackendCluster>, ctx: Arc<Context>) -> Result<Act
     result.map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
+/// An object this binary will not act on (fields it does not know, or unreadable): its `Ready`
+/// condition says why, by a merge patch of the conditions alone, so nothing else of it (its
+/// instances and launch intents above all) is touched. No provider call, no finalizer change.
+async fn set_aside(watched: &Watched, ctx: &Context) -> Result<(), Error> {
+    let Some((reason, message)) = watched.refusal() else {
+        return Ok(());
+    };
+    let mut conditions: Vec<serde_json::Value> =
+        watched.conditions.as_array().cloned().unwrap_or_default();
+    let ready = conditions.iter().find(|c| c["type"] == "Ready");
+    if ready.is_some_and(|c| {
+        c["status"] == "False" && c["reason"] == reason && c["message"] == message.as_str()
+    }) {
+        return Ok(());
+    }
+    conditions.retain(|c| c["type"] != "Ready");
+    conditions.push(serde_json::json!({
+        "type": "Ready",
+        "status": "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        "observedGeneration": watched.meta.generation,
+    }));
+    let namespace = watched.meta.namespace.as_deref().unwrap_or("default");
+    let name = watched.meta.name.as_deref().unwrap_or_default();
+    tracing::warn!(cluster = %format!("{namespace}/{name}"), reason, %message, "not acting on this BackendCluster");
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), namespace);
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"resourceVersion": watched.meta.resource_version},
+            "status": {"conditions": conditions},
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// After an error: retry with per-object exponential backoff and jitter (waiting for
 /// terminations is polled at the busy period instead).
-pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(watched: Arc<Watched>, error: &Error, ctx: Arc<Context>) -> Action {
     let waiting = matches!(error, Error::Finalizer(f) if matches!(**f, finalizer::Error::CleanupFailed(Error::Terminating(_))));
     if waiting {
         return Action::requeue(ctx.cfg.busy);
     }
-    let key = ClusterKey::of(&bc);
+    let key = ClusterKey {
+        namespace: watched
+            .meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: watched.meta.name.clone().unwrap_or_default(),
+    };
     tracing::warn!(cluster = %key, %error, "reconcile failed");
     Action::requeue(ctx.core.retry_delay(ctx.core.failed(&key)))
 }
@@ -226,6 +305,15 @@ pub fn error_policy(bc: Arc<BackendCluster>, error: &Error, ctx: Arc<Context>) -
 /// is asked whether each owner is really gone.
 pub async fn sweep_orphans(ctx: &Context) {
     if !ctx.is_leader() {
+        return;
+    }
+    // An object this binary cannot read may own any instance: nothing is an orphan until a
+    // fleetlb that reads every object sweeps.
+    if let Some(w) = ctx.store.state().iter().find(|w| w.object.is_err()) {
+        tracing::warn!(
+            cluster = w.meta.name.as_deref().unwrap_or_default(),
+            "orphan sweep skipped: an object cannot be read"
+        );
         return;
     }
     let confirm = |key: &ClusterKey| {
@@ -239,7 +327,7 @@ pub async fn sweep_orphans(ctx: &Context) {
         }
         .boxed()
     };
-    ctx.core.sweep(&ctx.store.state(), None, &confirm).await;
+    ctx.core.sweep(&ctx.objects(), None, &confirm).await;
 }
 
 /// The data behind `m`, also after a panic elsewhere poisoned it.
@@ -272,12 +360,12 @@ pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::
 /// orphan sweep. Returns an error at once when the API server does not serve BackendClusters
 /// (the CRD is not installed).
 pub async fn run(
-    ctx_parts: impl FnOnce(Store<BackendCluster>) -> Context,
+    ctx_parts: impl FnOnce(Store<Watched>) -> Context,
     client: Client,
     ready: watch::Sender<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), kube::Error> {
-    let api: Api<BackendCluster> = Api::all(client);
+    let api: Api<Watched> = Api::all(client);
     api.list(&kube::api::ListParams::default().limit(1))
         .await
         .map_err(|e| {
@@ -292,12 +380,15 @@ pub async fn run(
     let controller = Controller::new(api, watcher::Config::default().any_semantic());
     let store = controller.store();
     let ctx = Arc::new(ctx_parts(store.clone()));
-    // A replica that becomes leader reconciles everything at once rather than at the next resync.
-    let became_leader = futures::stream::unfold(ctx.leader.clone(), |mut leader| async move {
+    // A replica that becomes leader reconciles everything at once rather than at the next
+    // resync, and forgets what it wrote in an earlier term.
+    let became_leader = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        let mut leader = ctx.leader.clone();
         loop {
             leader.changed().await.ok()?;
             if *leader.borrow_and_update() {
-                return Some(((), leader));
+                locked(&ctx.written).clear();
+                return Some(((), ctx));
             }
         }
     });

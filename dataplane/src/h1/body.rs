@@ -128,6 +128,7 @@ impl Body {
         &mut self,
         cx: &mut Context<'_>,
         pool: &Pool,
+        read: usize,
     ) -> Poll<Option<Result<Bytes, Error>>> {
         if let Some(err) = self.failed.take() {
             return Poll::Ready(Some(Err(err)));
@@ -213,7 +214,7 @@ impl Body {
                     }
                 }
             }
-            let read = match c.poll_read(cx) {
+            let read = match c.poll_read_sized(cx, read) {
                 Poll::Ready(r) => {
                     self.stall_armed = false;
                     r

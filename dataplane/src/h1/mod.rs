@@ -33,7 +33,7 @@ pub(crate) use body::Body;
 pub use codec::frame_response;
 pub(crate) use codec::recycle;
 pub(crate) use codec::{Answer, Head, MAX_HEADERS, ReqFraming};
-pub(crate) use pool::{Conn, Pool, enter_proxy_thread};
+pub(crate) use pool::{Conn, Pool, READ_CHUNK, enter_proxy_thread};
 
 use body::{SendError, Sender};
 use codec::{MAX_HEAD, Parsed};

@@ -43,7 +43,23 @@ impl Conn {
 
     /// Reads what the socket has into the buffer (at least `READ_CHUNK` of room); 0 at EOF.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
+        self.poll_read_sized(cx, READ_CHUNK)
+    }
+
+    /// Reads at most about `want` bytes. Below `READ_CHUNK` (a slow reader's body) an empty
+    /// buffer is replaced by one of that size, so the chunk that waits for the reader holds a
+    /// small allocation, not a full one (the full one is freed with the chunk it was split into).
+    pub fn poll_read_sized(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        let cap = self.buf.capacity();
+        if want < READ_CHUNK && self.buf.is_empty() && (cap < want || cap > 2 * want) {
+            self.buf = BytesMut::with_capacity(want);
+        } else {
+            self.buf.reserve(want);
+        }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 

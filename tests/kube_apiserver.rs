@@ -1,0 +1,509 @@
+//! fleetlb against a real Kubernetes API server: the etcd and kube-apiserver of the release
+//! pinned in `tests/kube/go.mod`, started on loopback for each test (`tests/support/kube.rs`).
+//! The shipped manifests are applied as a user applies them, fleetlb runs as the shipped
+//! ServiceAccount with a token from the TokenRequest API (so the real RBAC authorizer judges
+//! every call), and what a user sees is read back with the pinned `kubectl`.
+
+#[path = "support/kube.rs"]
+mod kube_support;
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use kube_support::ControlPlane;
+use serde::Deserialize;
+use serde_json::Value;
+use support::*;
+
+const NS: &str = "fleetlb-system";
+const SA_USER: &str = "system:serviceaccount:fleetlb-system:fleetlb";
+
+fn manifests() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests")
+        .display()
+        .to_string()
+}
+
+/// The control plane with fleetlb's CRD, namespace, ServiceAccount and RBAC applied with
+/// `kubectl apply -k manifests/`, the CRD established.
+fn installed() -> ControlPlane {
+    let cp = ControlPlane::start();
+    let out = cp.kubectl(&["apply", "--server-side", "-k", &manifests()]);
+    assert!(
+        out.status.success(),
+        "kubectl apply -k manifests/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/backendclusters.fleetlb.dev",
+    ]);
+    cp
+}
+
+/// `fleetlb run` as the shipped ServiceAccount.
+fn run_as_service_account(cp: &ControlPlane, identity: &str) -> Fleetlb {
+    let kubeconfig = cp.service_account_kubeconfig(NS, "fleetlb");
+    Fleetlb::run(
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("POD_NAMESPACE", NS),
+            ("POD_NAME", identity),
+            ("RUST_LOG", "info"),
+        ],
+        &[],
+    )
+}
+
+fn json(cp: &ControlPlane, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&cp.ok(&all)).expect("kubectl prints JSON")
+}
+
+fn condition(bc: &Value, type_: &str) -> Option<(String, String)> {
+    bc["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// Polls `kubectl get` of `what` until `ok` holds (deadline: 60 s).
+fn until(cp: &ControlPlane, what: &str, args: &[&str], ok: impl Fn(&Value) -> bool) -> Value {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = json(cp, args);
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}; last seen:\n{}",
+            serde_json::to_string_pretty(&v["status"]).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn events_of(cp: &ControlPlane, namespace: &str, name: &str) -> Vec<Value> {
+    let v = json(
+        cp,
+        &[
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+        ],
+    );
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// What fleetlb's user asked the API server, from the audit log: (verb, group/resource[/sub])
+/// and the codes it got.
+type Calls = (BTreeSet<(String, String)>, Vec<(String, i64)>);
+
+fn calls_of(cp: &ControlPlane, user: &str) -> Calls {
+    let mut calls = BTreeSet::new();
+    let mut refused = Vec::new();
+    for e in cp.audit() {
+        if e["user"]["username"] != user || e["stage"] != "ResponseComplete" {
+            continue;
+        }
+        let o = &e["objectRef"];
+        if o.is_null() {
+            continue; // /version and other non-resource URLs
+        }
+        let mut resource = format!(
+            "{}/{}",
+            o["apiGroup"].as_str().unwrap_or_default(),
+            o["resource"].as_str().unwrap_or_default()
+        );
+        if let Some(sub) = o["subresource"].as_str() {
+            resource = format!("{resource}/{sub}");
+        }
+        let verb = e["verb"].as_str().unwrap_or_default().to_string();
+        let code = e["responseStatus"]["code"].as_i64().unwrap_or_default();
+        if code == 401 || code == 403 {
+            refused.push((format!("{verb} {resource}"), code));
+        }
+        calls.insert((verb, resource));
+    }
+    (calls, refused)
+}
+
+/// Every (verb, group/resource) the shipped ClusterRole and Role grant.
+fn granted() -> BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(Path::new(&manifests()).join("rbac.yaml")).unwrap();
+    let mut out = BTreeSet::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v = Value::deserialize(doc).unwrap();
+        for rule in v["rules"].as_array().into_iter().flatten() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        out.insert((
+                            verb.as_str().unwrap().to_string(),
+                            format!("{}/{}", g.as_str().unwrap(), r.as_str().unwrap()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "in progress: against the real API server `fleetlb run` lists and watches but /readyz stays unready (session 11 ran out of time); run with --ignored"]
+fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
+    let cp = installed();
+    // The Deployment as shipped is accepted by the real API server (admission, schema).
+    let deployment = Path::new(&manifests()).join("deployment.yaml");
+    cp.ok(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        NS,
+        "-f",
+        deployment.to_str().unwrap(),
+    ]);
+
+    let f = run_as_service_account(&cp, "fleetlb-0");
+    let cluster = example("cluster1.yaml").replace("replicas: 4", "replicas: 3");
+    let out = cp.apply(&cluster, &["-n", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ready, with its instances in status, served through the proxy.
+    let bc = until(
+        &cp,
+        "cluster1 Ready with 3 instances",
+        &["get", "bc", "cluster1", "-n", "default"],
+        |bc| {
+            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
+                && bc["status"]["readyReplicas"] == 3
+        },
+    );
+    assert_eq!(
+        bc["metadata"]["finalizers"],
+        serde_json::json!(["fleetlb.dev/instances"])
+    );
+    let ids = eventually("/cluster1 served by 3 instances", || {
+        f.distinct_instances("/cluster1", 40)
+            .filter(|ids| ids.len() == 3)
+    });
+    assert!(ids.iter().all(|id| id.starts_with("i-")), "{ids:?}");
+
+    // `kubectl get bc` shows the columns the CRD declares.
+    let table = cp.ok(&["get", "bc", "-n", "default"]);
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["NAME", "ROUTE", "DESIRED", "READY"] {
+        assert!(header.contains(column), "no {column} column in:\n{table}");
+    }
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("cluster1") && row.contains("/cluster1"),
+        "{table}"
+    );
+
+    // Events, as `kubectl get events` shows them.
+    let events = events_of(&cp, "default", "cluster1");
+    let launched: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "Launched")
+        .collect();
+    assert!(!launched.is_empty(), "no Launched Event in {events:#?}");
+    assert!(
+        launched.iter().all(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("launched "))),
+        "{launched:#?}"
+    );
+
+    // A second object claiming the same route is refused with a Warning; edited while still
+    // refused, the same Warning again counts on the first (its series), as kubectl shows.
+    let copy = cluster.replace("name: cluster1", "name: copy");
+    assert!(cp.apply(&copy, &["-n", "default"]).status.success());
+    until(
+        &cp,
+        "copy refused",
+        &["get", "bc", "copy", "-n", "default"],
+        |bc| condition(bc, "Ready").is_some_and(|(s, r)| s == "False" && r == "RouteConflict"),
+    );
+    cp.ok(&[
+        "patch",
+        "bc/copy",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
+    eventually("the RouteConflict Event counted twice", || {
+        events_of(&cp, "default", "copy").into_iter().find(|e| {
+            e["reason"] == "RouteConflict" && (e["series"]["count"] == 2 || e["count"] == 2)
+        })
+    });
+    cp.ok(&[
+        "delete",
+        "bc",
+        "copy",
+        "-n",
+        "default",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+
+    // The scale subresource: `kubectl scale`, read back with its selector, and an HPA on it.
+    cp.ok(&["scale", "bc/cluster1", "-n", "default", "--replicas=2"]);
+    until(
+        &cp,
+        "cluster1 scaled to 2",
+        &["get", "bc", "cluster1", "-n", "default"],
+        |bc| bc["status"]["readyReplicas"] == 2 && bc["status"]["replicas"] == 2,
+    );
+    let scale = json(
+        &cp,
+        &[
+            "get",
+            "bc",
+            "cluster1",
+            "-n",
+            "default",
+            "--subresource=scale",
+        ],
+    );
+    assert_eq!(scale["spec"]["replicas"], 2, "{scale:#}");
+    assert!(
+        scale["status"]["selector"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "the scale subresource has no status.selector: {scale:#}"
+    );
+    let hpa = "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: cluster1, namespace: default}\nspec:\n  scaleTargetRef: {apiVersion: fleetlb.dev/v1alpha1, kind: BackendCluster, name: cluster1}\n  minReplicas: 1\n  maxReplicas: 5\n  metrics:\n    - type: Resource\n      resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}\n";
+    let out = cp.apply(hpa, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Deletion waits on the finalizer until every instance is gone.
+    let before = backends_of(f.pid(), Some("cluster1")).len();
+    assert_eq!(before, 2, "{:?}", backends_of(f.pid(), None));
+    cp.ok(&[
+        "delete",
+        "bc",
+        "cluster1",
+        "-n",
+        "default",
+        "--wait=true",
+        "--timeout=90s",
+    ]);
+    assert!(
+        backends_of(f.pid(), Some("cluster1")).is_empty(),
+        "instances left after the object was deleted: {:?}",
+        backends_of(f.pid(), Some("cluster1"))
+    );
+
+    // The real authorizer refused nothing, and the shipped roles grant exactly what was used.
+    let (calls, refused) = calls_of(&cp, SA_USER);
+    assert!(
+        refused.is_empty(),
+        "refused: {refused:?}\nlog:\n{}",
+        f.log_text()
+    );
+    let unused: Vec<_> = granted().difference(&calls).cloned().collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?}\nused: {calls:?}"
+    );
+}
+
+#[test]
+#[ignore = "in progress: against the real API server `fleetlb run` lists and watches but /readyz stays unready (session 11 ran out of time); run with --ignored"]
+fn fifty_instances_launched_at_once_have_every_event_accepted() {
+    let cp = installed();
+    let f = run_as_service_account(&cp, "fleetlb-0");
+    let cluster = example("cluster1.yaml")
+        .replace("name: cluster1", "name: big")
+        .replace("route: /cluster1", "route: /big")
+        .replace("replicas: 4", "replicas: 50");
+    let out = cp.apply(&cluster, &["-n", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until(
+        &cp,
+        "big with 50 instances in status",
+        &["get", "bc", "big", "-n", "default"],
+        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(50),
+    );
+    let events = eventually("a Launched Event", || {
+        let e = events_of(&cp, "default", "big");
+        e.iter().any(|e| e["reason"] == "Launched").then_some(e)
+    });
+    let launched: Vec<&str> = events
+        .iter()
+        .filter(|e| e["reason"] == "Launched")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    // One note per launch round, each within the API server's limit and saying how many
+    // instances it left out; none refused (fleetlb logs a refused Event).
+    assert!(
+        launched
+            .iter()
+            .any(|m| m.starts_with("launched 50 ") && m.contains(" more")),
+        "{launched:#?}"
+    );
+    let log = f.log_text();
+    assert!(
+        !log.contains("cannot publish an Event"),
+        "an Event was refused:\n{log}"
+    );
+    // Scaling down to 45 is a new Event with its own note, not a count on the first one.
+    cp.ok(&["scale", "bc/big", "-n", "default", "--replicas=45"]);
+    let notes = eventually("a Retiring or Terminated Event", || {
+        let e = events_of(&cp, "default", "big");
+        e.iter()
+            .any(|e| e["reason"] == "Retiring" || e["reason"] == "Terminated")
+            .then_some(e)
+    });
+    let distinct: BTreeSet<&str> = notes.iter().filter_map(|e| e["message"].as_str()).collect();
+    assert!(distinct.len() >= 2, "{notes:#?}");
+    cp.ok(&[
+        "delete",
+        "bc",
+        "big",
+        "-n",
+        "default",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    assert!(backends_of(f.pid(), Some("big")).is_empty());
+}
+
+/// Today's CRD with one more spec field, as a newer fleetlb's CRD would have.
+fn newer_crd() -> String {
+    let text = std::fs::read_to_string(Path::new(&manifests()).join("crd.yaml")).unwrap();
+    let mut crd: Value = serde_yaml_ng::from_str(&text).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["futureField"] =
+        serde_json::json!({"type": "string"});
+    serde_json::to_string(&crd).unwrap()
+}
+
+#[test]
+#[ignore = "in progress: against the real API server `fleetlb run` lists and watches but /readyz stays unready (session 11 ran out of time); run with --ignored"]
+fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconciling() {
+    let cp = installed();
+    let f = run_as_service_account(&cp, "fleetlb-0");
+    let object = |name: &str, replicas: u32| {
+        example("cluster1.yaml")
+            .replace("name: cluster1", &format!("name: {name}"))
+            .replace("route: /cluster1", &format!("route: /{name}"))
+            .replace("replicas: 4", &format!("replicas: {replicas}"))
+    };
+    assert!(
+        cp.apply(&object("old", 2), &["-n", "default"])
+            .status
+            .success()
+    );
+    until(
+        &cp,
+        "old Ready",
+        &["get", "bc", "old", "-n", "default"],
+        |bc| {
+            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
+                && bc["status"]["readyReplicas"] == 2
+        },
+    );
+
+    // A newer CRD is applied before its fleetlb (a rollout), and the object is edited to use
+    // its new field, asking for one more instance too.
+    let out = cp.apply(&newer_crd(), &["--force-conflicts"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.ok(&[
+        "patch",
+        "bc/old",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"futureField":"on","replicas":3}}"#,
+    ]);
+    let bc = until(
+        &cp,
+        "old set aside with UnknownFields",
+        &["get", "bc", "old", "-n", "default"],
+        |bc| condition(bc, "Ready").is_some_and(|(s, r)| s == "False" && r == "UnknownFields"),
+    );
+    let ready = bc["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.futureField"),
+        "{ready:#}"
+    );
+    // Left exactly as it is: its instances, its status, its traffic.
+    assert_eq!(
+        bc["status"]["instances"].as_array().map(Vec::len),
+        Some(2),
+        "{bc:#}"
+    );
+    assert_eq!(
+        bc["metadata"]["finalizers"],
+        serde_json::json!(["fleetlb.dev/instances"])
+    );
+    eventually("/old still served by its 2 instances", || {
+        f.distinct_instances("/old", 20)
+            .filter(|ids| ids.len() == 2)
+    });
+
+    // Every other object keeps reconciling meanwhile.
+    assert!(
+        cp.apply(&object("other", 1), &["-n", "default"])
+            .status
+            .success()
+    );
+    until(
+        &cp,
+        "other Ready",
+        &["get", "bc", "other", "-n", "default"],
+        |bc| {
+            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
+                && bc["status"]["readyReplicas"] == 1
+        },
+    );
+    assert_eq!(
+        backends_of(f.pid(), Some("old")).len(),
+        2,
+        "an instance was launched or terminated for the object set aside"
+    );
+}
