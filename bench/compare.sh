@@ -536,11 +536,13 @@ PY
     # client asks every 200 ms. Reported: failed normal requests, their p99, the proxy's peak RSS.
     SLOW_CONNS=${SLOW_CONNS:-2000}; SLOW_SECONDS=${SLOW_SECONDS:-40}; SLOW_MODES=${SLOW_MODES:-slowloris slowbody slowread}
     command -v slowhttptest >/dev/null || { echo "bench/compare.sh: slowhttptest is missing (apt-get install -y slowhttptest)" >&2; exit 64; }
-    start_backends 0 0
     echo "## slow: slowhttptest, $SLOW_CONNS connections for ${SLOW_SECONDS}s per mode, a normal client every 200 ms"
     echo "| mode | target | normal failed | normal p99 ms | peak RSS MiB |"; echo "|---|---|---|---|---|"
-    start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
     for mode in $SLOW_MODES; do
+      # Fresh processes per mode: a peak is that mode's own, not one an earlier mode left
+      # (neither nginx nor glibc's malloc gives memory back).
+      start_backends 0 0
+      start_fleetlb "${ports[@]}"; start_nginx "${ports[@]}"; start_haproxy "${ports[@]}"
       for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
         set -- $t
         url="http://127.0.0.1:$3/bench"
@@ -562,9 +564,9 @@ PY
         read -r failed p99 < <(python3 -c "import json; p=json.load(open('$out/summary.json'))['paths'][0]; print(p['failed'], '%.1f' % p['latency_ms']['p99'])")
         echo "| $mode | $1 | $failed | $p99 | $(python3 -c "print('%.1f' % ($(cat "$peak")/1024))") |"
       done
+      stop_all
     done
-    echo
-    stop_all ;;
+    echo ;;
   *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow)" >&2; exit 64 ;;
   esac
 done
