@@ -78,6 +78,27 @@ fn condition(bc: &Value, type_: &str) -> Option<(String, String)> {
         })
 }
 
+/// `examples/cluster1.yaml` as `name` on route `/name` with `replicas` instances.
+fn cluster(name: &str, replicas: u32) -> String {
+    example("cluster1.yaml")
+        .replace("name: cluster1", &format!("name: {name}"))
+        .replace("route: /cluster1", &format!("route: /{name}"))
+        .replace("replicas: 4", &format!("replicas: {replicas}"))
+}
+
+/// Waits until BackendCluster `name` (namespace default) is Ready with `replicas` ready.
+fn until_ready(cp: &ControlPlane, name: &str, replicas: u32) -> Value {
+    until(
+        cp,
+        &format!("{name} Ready with {replicas} instances"),
+        &["get", "bc", name, "-n", "default"],
+        |bc| {
+            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
+                && bc["status"]["readyReplicas"] == replicas
+        },
+    )
+}
+
 /// Polls `kubectl get` of `what` until `ok` holds (deadline: 60 s).
 fn until(cp: &ControlPlane, what: &str, args: &[&str], ok: impl Fn(&Value) -> bool) -> Value {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -181,7 +202,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
     ]);
 
     let f = run_as_service_account(&cp, "fleetlb-0");
-    let cluster = example("cluster1.yaml").replace("replicas: 4", "replicas: 3");
+    let cluster = cluster("cluster1", 3);
     let out = cp.apply(&cluster, &["-n", "default"]);
     assert!(
         out.status.success(),
@@ -190,15 +211,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
     );
 
     // Ready, with its instances in status, served through the proxy.
-    let bc = until(
-        &cp,
-        "cluster1 Ready with 3 instances",
-        &["get", "bc", "cluster1", "-n", "default"],
-        |bc| {
-            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
-                && bc["status"]["readyReplicas"] == 3
-        },
-    );
+    let bc = until_ready(&cp, "cluster1", 3);
     assert_eq!(
         bc["metadata"]["finalizers"],
         serde_json::json!(["fleetlb.dev/instances"])
@@ -340,10 +353,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
 fn fifty_instances_launched_at_once_have_every_event_accepted() {
     let cp = installed();
     let f = run_as_service_account(&cp, "fleetlb-0");
-    let cluster = example("cluster1.yaml")
-        .replace("name: cluster1", "name: big")
-        .replace("route: /cluster1", "route: /big")
-        .replace("replicas: 4", "replicas: 50");
+    let cluster = cluster("big", 50);
     let out = cp.apply(&cluster, &["-n", "default"]);
     assert!(
         out.status.success(),
@@ -414,26 +424,12 @@ fn newer_crd() -> String {
 fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconciling() {
     let cp = installed();
     let f = run_as_service_account(&cp, "fleetlb-0");
-    let object = |name: &str, replicas: u32| {
-        example("cluster1.yaml")
-            .replace("name: cluster1", &format!("name: {name}"))
-            .replace("route: /cluster1", &format!("route: /{name}"))
-            .replace("replicas: 4", &format!("replicas: {replicas}"))
-    };
     assert!(
-        cp.apply(&object("old", 2), &["-n", "default"])
+        cp.apply(&cluster("old", 2), &["-n", "default"])
             .status
             .success()
     );
-    until(
-        &cp,
-        "old Ready",
-        &["get", "bc", "old", "-n", "default"],
-        |bc| {
-            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
-                && bc["status"]["readyReplicas"] == 2
-        },
-    );
+    until_ready(&cp, "old", 2);
 
     // A newer CRD is applied before its fleetlb (a rollout), and the object is edited to use
     // its new field, asking for one more instance too.
@@ -488,19 +484,11 @@ fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconcili
 
     // Every other object keeps reconciling meanwhile.
     assert!(
-        cp.apply(&object("other", 1), &["-n", "default"])
+        cp.apply(&cluster("other", 1), &["-n", "default"])
             .status
             .success()
     );
-    until(
-        &cp,
-        "other Ready",
-        &["get", "bc", "other", "-n", "default"],
-        |bc| {
-            condition(bc, "Ready").is_some_and(|(s, _)| s == "True")
-                && bc["status"]["readyReplicas"] == 1
-        },
-    );
+    until_ready(&cp, "other", 1);
     assert_eq!(
         backends_of(f.pid(), Some("old")).len(),
         2,

@@ -264,12 +264,11 @@ async fn set_aside(watched: &Watched, ctx: &Context) -> Result<(), Error> {
         "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
         "observedGeneration": watched.meta.generation,
     }));
-    let namespace = watched.meta.namespace.as_deref().unwrap_or("default");
-    let name = watched.meta.name.as_deref().unwrap_or_default();
-    tracing::warn!(cluster = %format!("{namespace}/{name}"), reason, %message, "not acting on this BackendCluster");
-    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), namespace);
+    let key = ClusterKey::of_meta(&watched.meta);
+    tracing::warn!(cluster = %key, reason, %message, "not acting on this BackendCluster");
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &key.namespace);
     api.patch_status(
-        name,
+        &key.name,
         &kube::api::PatchParams::default(),
         &kube::api::Patch::Merge(serde_json::json!({
             "metadata": {"resourceVersion": watched.meta.resource_version},
@@ -287,14 +286,7 @@ pub fn error_policy(watched: Arc<Watched>, error: &Error, ctx: Arc<Context>) -> 
     if waiting {
         return Action::requeue(ctx.cfg.busy);
     }
-    let key = ClusterKey {
-        namespace: watched
-            .meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: watched.meta.name.clone().unwrap_or_default(),
-    };
+    let key = ClusterKey::of_meta(&watched.meta);
     tracing::warn!(cluster = %key, %error, "reconcile failed");
     Action::requeue(ctx.core.retry_delay(ctx.core.failed(&key)))
 }

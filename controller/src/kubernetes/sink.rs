@@ -47,7 +47,7 @@ const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
 pub struct Events {
     client: Client,
     reporter: Reporter,
-    /// (object UID, type, reason, note) -> (Event name, namespace, count, last sent).
+    /// (object UID, type, reason, note) -> (Event name, count, last sent).
     sent: Mutex<HashMap<SeriesKey, Sent>>,
 }
 
@@ -187,9 +187,8 @@ impl Context {
         if !self.is_leader() {
             return Err("this replica no longer holds the leader-election Lease".into());
         }
-        let namespace = bc.metadata.namespace.as_deref().unwrap_or("default");
-        let name = bc.metadata.name.as_deref().unwrap_or_default();
-        let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), namespace);
+        let key = crate::provider::ClusterKey::of(bc);
+        let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), &key.namespace);
         let patch = serde_json::json!({
             "apiVersion": BackendCluster::api_version(&()),
             "kind": BackendCluster::kind(&()),
@@ -198,7 +197,7 @@ impl Context {
         });
         let written = api
             .patch_status(
-                name,
+                &key.name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&patch),
             )

@@ -37,13 +37,14 @@ pub struct ClusterKey {
 impl ClusterKey {
     /// The key of `bc`.
     pub fn of(bc: &BackendCluster) -> Self {
+        Self::of_meta(&bc.metadata)
+    }
+
+    /// The key of the object with metadata `meta`.
+    pub fn of_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
         Self {
-            namespace: bc
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: bc.metadata.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
         }
     }
 }
