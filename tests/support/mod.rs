@@ -164,10 +164,19 @@ impl Fleetlb {
             log,
         };
         let end = Instant::now() + DEADLINE;
-        while get(f.admin, "/readyz").is_none_or(|r| r.status != 200) {
+        loop {
+            let r = get(f.admin, "/readyz");
+            if r.as_ref().is_some_and(|r| r.status == 200) {
+                break;
+            }
             assert!(
                 Instant::now() < end,
-                "fleetlb not ready after {DEADLINE:?}; its log:\n{}",
+                "fleetlb not ready after {DEADLINE:?} (/readyz: {}); its log:\n{}",
+                r.map_or("no answer".into(), |r| format!(
+                    "{} {}",
+                    r.status,
+                    r.body.trim()
+                )),
                 f.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -393,10 +393,9 @@ impl Core {
                 self.inventory.invalidate(*k).await;
             }
         }
-        // Status first: it takes retired instances out of every replica's endpoint set.
-        sink.write_status(stored, applied.status)
-            .await
-            .map_err(Failure::Status)?;
+        // Status first: it takes retired instances out of every replica's endpoint set. What
+        // was done is told by Events even when the write is refused (a 409 retries it).
+        let written = sink.write_status(stored, applied.status).await;
         if let Some(event) = scaled_event.flatten() {
             sink.event(bc, event).await;
         }
@@ -406,8 +405,10 @@ impl Core {
         if let Some(e) = applied.launch_error {
             sink.event(bc, Event::warning(e.reason, e.message.clone()))
                 .await;
+            written.map_err(Failure::Status)?;
             return Err(Failure::Launch(e));
         }
+        written.map_err(Failure::Status)?;
         self.clear_failures(&key);
         Ok(if applied.busy {
             Next::Busy

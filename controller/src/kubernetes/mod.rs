@@ -100,10 +100,53 @@ pub struct Wiring {
 struct Written {
     at: Instant,
     status: BackendClusterStatus,
-    /// The object's `resourceVersion` the write was made against, and the one it produced:
-    /// until the store has caught up with the write, the next write is made against the latter.
+    /// The object's `resourceVersion` a run of this replica's writes started from, and the
+    /// versions those writes produced, latest last. While the store shows any of them (it lags
+    /// behind this replica's own writes, one watch event at a time), the next write is made
+    /// against the latest: only status changed in between, and only by this replica.
     over: Option<String>,
-    made: Option<String>,
+    made: Vec<String>,
+}
+
+impl Written {
+    /// How many of this replica's own consecutive writes are recognised in a lagging store.
+    const CHAIN: usize = 16;
+
+    /// Whether the object at `seen` is where this run of writes started or one of its writes.
+    fn ours(&self, seen: &Option<String>) -> bool {
+        *seen == self.over || seen.as_ref().is_some_and(|s| self.made.contains(s))
+    }
+
+    /// The `resourceVersion` to write against when the store shows the object at `seen`.
+    fn against(&self, seen: &Option<String>) -> Option<String> {
+        match self.made.last() {
+            Some(latest) if self.ours(seen) => Some(latest.clone()),
+            _ => seen.clone(),
+        }
+    }
+
+    /// The record after a write decided from the object at `seen` produced `made`.
+    fn after(
+        previous: Option<&Written>,
+        seen: Option<String>,
+        status: BackendClusterStatus,
+        made: Option<String>,
+    ) -> Written {
+        let (over, mut chain) = match previous {
+            Some(w) if w.ours(&seen) => (w.over.clone(), w.made.clone()),
+            _ => (seen, Vec::new()),
+        };
+        chain.extend(made);
+        if chain.len() > Self::CHAIN {
+            chain.drain(..chain.len() - Self::CHAIN);
+        }
+        Written {
+            at: Instant::now(),
+            status,
+            over,
+            made: chain,
+        }
+    }
 }
 
 /// Everything a reconcile needs.
@@ -193,6 +236,14 @@ pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Actio
         // Another replica acts; this one only serves.
         return Ok(Action::requeue(ctx.cfg.resync));
     }
+    // A spec not acted on yet is read again from the API server itself before anything is
+    // done about it: a watch opened before a newer CRD was applied is still served by the old
+    // schema's storage (for up to two minutes), which drops the fields it does not know, so
+    // an object using one would look like one this binary can act on.
+    let watched = match fresh(&watched, &ctx).await? {
+        Some(w) => w,
+        None => return Ok(Action::await_change()),
+    };
     let Some(bc) = watched.actionable().cloned() else {
         set_aside(&watched, &ctx).await?;
         return Ok(Action::requeue(ctx.cfg.resync));
@@ -238,6 +289,26 @@ pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Actio
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     result.map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// `watched`, or the API server's copy of it when its generation has not been acted on yet
+/// (`status.observedGeneration` behind `metadata.generation`); `None` when it is gone.
+async fn fresh(watched: &Arc<Watched>, ctx: &Context) -> Result<Option<Arc<Watched>>, Error> {
+    let observed = match &watched.object {
+        Ok(bc) => bc.status.as_ref().and_then(|s| s.observed_generation),
+        Err(_) => return Ok(Some(watched.clone())),
+    };
+    // Deleting: whatever fields it has, its instances go (as with any fleetlb version).
+    if !watched.unknown.is_empty()
+        || observed == watched.meta.generation
+        || watched.meta.deletion_timestamp.is_some()
+    {
+        return Ok(Some(watched.clone()));
+    }
+    let key = ClusterKey::of_meta(&watched.meta);
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let got = api.get_opt(&key.name).await?;
+    Ok(got.filter(|w| w.meta.uid == watched.meta.uid).map(Arc::new))
 }
 
 /// An object this binary will not act on (fields it does not know, or unreadable): its `Ready`
@@ -373,23 +444,43 @@ pub async fn run(
     let store = controller.store();
     let ctx = Arc::new(ctx_parts(store.clone()));
     // A replica that becomes leader reconciles everything at once rather than at the next
-    // resync, and forgets what it wrote in an earlier term.
-    let became_leader = futures::stream::unfold(ctx.clone(), |ctx| async move {
-        let mut leader = ctx.leader.clone();
+    // resync ...
+    let became_leader = futures::stream::unfold(ctx.leader.clone(), |mut leader| async move {
         loop {
             leader.changed().await.ok()?;
             if *leader.borrow_and_update() {
-                locked(&ctx.written).clear();
-                return Some(((), ctx));
+                return Some(((), leader));
             }
         }
     });
+    // ... and forgets what it wrote in an earlier term, at once (the stream above is polled
+    // only when the controller gets to it, possibly in the middle of a reconcile).
+    let new_term = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut leader = ctx.leader.clone();
+            while leader.changed().await.is_ok() {
+                if *leader.borrow_and_update() {
+                    locked(&ctx.written).clear();
+                }
+            }
+        })
+    };
     let background = {
         let ctx = ctx.clone();
         let store = store.clone();
         tokio::spawn(async move {
-            if store.wait_until_ready().await.is_err() {
-                return;
+            // kube-runtime's readiness gate wakes only the last task that polled it (one
+            // oneshot waker shared by every waiter) and the controller's runner waits on it
+            // too: poll again now and then rather than rely on a wake-up.
+            loop {
+                match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+                    .await
+                {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => continue,
+                }
             }
             ctx.publish_routes();
             ctx.publish_status();
@@ -430,5 +521,50 @@ pub async fn run(
         .await;
     background.abort();
     sampler.abort();
+    new_term.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rv(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn writes_follow_their_own_versions_while_the_store_lags() {
+        let s = BackendClusterStatus::default;
+        // Decided from version 1, the write made 2; then from 1 again (the store has not seen
+        // 2 yet), the write made 3.
+        let first = Written::after(None, rv("1"), s(), rv("2"));
+        assert_eq!(first.against(&rv("1")), rv("2"));
+        let second = Written::after(Some(&first), rv("1"), s(), rv("3"));
+        // The store now shows 2, this replica's own write: the next goes against 3.
+        assert_eq!(second.against(&rv("2")), rv("3"));
+        assert_eq!(second.against(&rv("3")), rv("3"));
+        let third = Written::after(Some(&second), rv("2"), s(), rv("4"));
+        assert_eq!(third.against(&rv("3")), rv("4"));
+        // Someone else's version: written against as seen (a stale one gets 409).
+        assert_eq!(third.against(&rv("9")), rv("9"));
+        let fresh = Written::after(Some(&third), rv("9"), s(), rv("10"));
+        assert_eq!(fresh.against(&rv("4")), rv("4"));
+        assert_eq!(fresh.against(&rv("9")), rv("10"));
+    }
+
+    #[test]
+    fn the_chain_of_own_writes_is_bounded() {
+        let mut w = Written::after(None, rv("0"), BackendClusterStatus::default(), rv("1"));
+        for i in 2..100 {
+            w = Written::after(
+                Some(&w),
+                rv("0"),
+                BackendClusterStatus::default(),
+                Some(i.to_string()),
+            );
+        }
+        assert_eq!(w.made.len(), Written::CHAIN);
+        assert_eq!(w.against(&rv("99")), rv("99"));
+    }
 }

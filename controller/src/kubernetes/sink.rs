@@ -171,11 +171,7 @@ impl Context {
                 w.at.elapsed() < self.cfg.resync
                     && (same_status(&w.status, &status)
                         || bc.status.as_ref().is_some_and(|s| same_status(s, &status))),
-                if w.over == seen {
-                    w.made.clone()
-                } else {
-                    seen.clone()
-                },
+                w.against(&seen),
             ),
             None => (false, seen.clone()),
         };
@@ -188,6 +184,7 @@ impl Context {
             return Err("this replica no longer holds the leader-election Lease".into());
         }
         let key = crate::provider::ClusterKey::of(bc);
+        tracing::debug!(cluster = %key, seen = ?seen, against = ?against, "writing status");
         let api: Api<BackendCluster> = Api::namespaced(self.client.clone(), &key.namespace);
         let patch = serde_json::json!({
             "apiVersion": BackendCluster::api_version(&()),
@@ -209,15 +206,14 @@ impl Context {
                 }
                 e => format!("Kubernetes API: {e}"),
             })?;
-        locked(&self.written).insert(
-            uid,
-            super::Written {
-                at: Instant::now(),
-                status,
-                over: seen,
-                made: written.metadata.resource_version,
-            },
+        let mut all = locked(&self.written);
+        let next = super::Written::after(
+            all.get(&uid),
+            seen,
+            status,
+            written.metadata.resource_version,
         );
+        all.insert(uid, next);
         Ok(())
     }
 }

@@ -124,6 +124,7 @@ pub fn api_server(
         tokio::spawn(async move {
             while let Some((req, reply)) = handle.next_request().await {
                 let uri = req.uri().path().to_string();
+                let get = req.method() == http::Method::GET;
                 let bytes = req.into_body().collect_bytes().await.unwrap();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let mut recorded = recorded.lock().unwrap();
@@ -138,6 +139,21 @@ pub fn api_server(
                     // The object as stored, with the status just written.
                     answer = stored[name].clone();
                     answer["status"] = body["status"].clone();
+                } else if let Some(object) = uri
+                    .rsplit('/')
+                    .next()
+                    .and_then(|name| stored.get(name))
+                    .filter(|_| get)
+                {
+                    // A read of the object: as stored, with the last status written.
+                    answer = object.clone();
+                    if let Some(status) = uri
+                        .rsplit('/')
+                        .next()
+                        .and_then(|name| recorded.statuses.get(name))
+                    {
+                        answer["status"] = status.clone();
+                    }
                 } else if uri.contains("/events") {
                     let name = body["regarding"]["name"].as_str().unwrap_or("").to_string();
                     recorded.events.entry(name).or_default().push(body);
