@@ -218,8 +218,22 @@ pub struct ListenArgs {
     /// else those headers are replaced by what fleetlb saw.
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     pub trusted_proxies: Vec<fleetlb_dataplane::IpNet>,
+    /// On SIGTERM or SIGINT, /readyz answers 503 at once but the proxy keeps accepting and
+    /// serving this long (time for the endpoint's removal to reach every node and load
+    /// balancer) before it stops accepting and drains. Default: 15s for `run`, 0 for `demo`
+    /// and `standalone`. A second signal cuts the wait short.
+    #[arg(long, value_parser = parse_delay)]
+    pub shutdown_delay: Option<std::time::Duration>,
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// A duration like `15s`, `500ms` or `0`.
+fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim() {
+        "0" | "0s" | "0ms" => Ok(std::time::Duration::ZERO),
+        s => fleetlb_bench::parse_duration(s),
+    }
 }
 
 /// Every timer and bound of `fleetlb_dataplane::Limits`, as flags made from its table (names,

@@ -11,6 +11,11 @@ mod status;
 
 use std::process::ExitCode;
 
+/// The static (musl) build allocates with mimalloc: musl's own allocator serialises threads.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use app::AppError;
@@ -89,10 +94,16 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
             done(app::run_standalone(config, listen, false, shutdown_signal()).await)
         }
         Command::Run {
-            listen,
+            mut listen,
             lease,
             peers,
-        } => done(app::run_kubernetes(listen, lease, peers, shutdown_signal()).await),
+        } => {
+            // In a cluster, endpoint removal takes a while to reach every node.
+            listen
+                .shutdown_delay
+                .get_or_insert(std::time::Duration::from_secs(15));
+            done(app::run_kubernetes(listen, lease, peers, shutdown_signal()).await)
+        }
     }
 }
 
@@ -153,7 +164,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

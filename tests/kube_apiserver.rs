@@ -504,3 +504,70 @@ fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconcili
         "an instance was launched or terminated for the object set aside"
     );
 }
+
+/// The field path an error names: `spec.replicas` of `spec.replicas: 5000 is ...`; for an
+/// unknown field (`spec: unknown field `replica`, ...`), the field itself (`spec.replica`).
+fn path_named(error: &str) -> String {
+    let (head, rest) = error.split_once(':').unwrap_or((error, ""));
+    match rest
+        .split_once("unknown field `")
+        .and_then(|(_, f)| f.split_once('`'))
+    {
+        Some((field, _)) => format!("{}.{field}", head.trim()),
+        None => head.trim().to_string(),
+    }
+}
+
+#[test]
+fn every_invalid_example_is_refused_by_the_api_server_and_by_fleetlb_naming_the_same_field() {
+    let cp = installed();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut compared = 0;
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        let load = fleetlb_controller::files::parse_file(
+            path,
+            &fleetlb_controller::files::FileText::Text(text),
+        );
+        let own: Vec<String> = match load.outcome {
+            Err(e) => vec![e],
+            Ok(docs) => docs.into_iter().filter_map(|d| d.result.err()).collect(),
+        };
+        assert!(!own.is_empty(), "{}: fleetlb accepts it", path.display());
+        // Strict field validation: an unknown field is refused, not pruned.
+        let out = cp.kubectl(&[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--validate=strict",
+            "-n",
+            "default",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "{}: the API server accepts it",
+            path.display()
+        );
+        if said.contains("error parsing") || said.contains("yaml:") {
+            // Not YAML: refused before any server, by kubectl as by fleetlb.
+            continue;
+        }
+        let field = path_named(&own[0]);
+        assert!(
+            said.contains(&field),
+            "{}: fleetlb names {field} ({own:?}); the API server says: {said}",
+            path.display()
+        );
+        compared += 1;
+    }
+    assert!(compared >= 7, "only {compared} invalid examples compared");
+}

@@ -40,6 +40,9 @@ pub(crate) enum Phase {
 /// What one listener shares with its connections and tunnels.
 pub(crate) struct ListenerCtl {
     pub phase: watch::Receiver<Phase>,
+    /// The phase is past `Serving` (read on every HTTP/1.1 answer, which then says
+    /// `Connection: close`).
+    pub draining: AtomicBool,
     /// Every connection and tunnel task, so the drain can wait for them.
     pub tasks: tokio_util::task::TaskTracker,
 }
@@ -323,9 +326,17 @@ impl ConnState {
                     .idle_since
                     .load(Relaxed)
                     .max(self.written_at.load(Relaxed));
-                let end = since + ns(l.keepalive_timeout);
+                let draining = self.ctl.draining.load(Relaxed);
+                let keepalive = if draining {
+                    l.keepalive_timeout.min(DRAIN_IDLE)
+                } else {
+                    l.keepalive_timeout
+                };
+                let end = since + ns(keepalive);
                 if now >= end {
-                    self.limit_hit("client-keepalive-timeout");
+                    if !draining {
+                        self.limit_hit("client-keepalive-timeout");
+                    }
                     return Verdict::Idle;
                 }
                 next = next.min(end);
@@ -691,12 +702,16 @@ pub(crate) async fn drive<C: Future + Unpin>(
 ) -> Ended {
     let mut conn = Pin::new(conn);
     let mut phase = state.ctl.phase.clone();
-    if *phase.borrow_and_update() != Phase::Serving {
+    // Draining: HTTP/2 gets its GOAWAY at once. An HTTP/1.1 connection is not closed under a
+    // client that may be sending its next request: each answer says `Connection: close`, and
+    // one that idles [`DRAIN_IDLE`] is closed (the idle verdict).
+    let mut going = false;
+    if *phase.borrow_and_update() != Phase::Serving && state.h2.load(Relaxed) {
+        going = true;
         graceful(conn.as_mut());
     }
     let timer = tokio::time::sleep(Duration::ZERO);
     let mut timer = std::pin::pin!(timer);
-    let mut going = false;
     let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         // Look first, so a deadline set by a read or a reset is never missed.
@@ -753,7 +768,7 @@ pub(crate) async fn drive<C: Future + Unpin>(
                 let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
                 match now {
                     Phase::Closing => return Ended::Closed,
-                    Phase::Draining if !going => {
+                    Phase::Draining if !going && state.h2.load(Relaxed) => {
                         going = true;
                         graceful(conn.as_mut());
                     }
@@ -807,20 +822,32 @@ pub(crate) async fn head(state: &ConnState, io: &mut Rewind<ClientIo>, limit: us
 /// a timer of the connection or the drain ends it first.
 async fn readable(state: &ConnState, socket: &tokio::net::TcpStream) -> bool {
     let mut phase = state.ctl.phase.clone();
-    if *phase.borrow_and_update() != Phase::Serving {
+    let now = *phase.borrow_and_update();
+    if now == Phase::Closing {
         return false;
     }
     // A future of its own rather than `select!` over three: every parked connection holds it.
+    // While draining, a parked connection still takes its next request (answered with
+    // `Connection: close`) until it has idled [`DRAIN_IDLE`].
     Parked {
         state,
         socket,
         phase: Box::pin(async move {
-            let _ = phase.changed().await;
+            if now == Phase::Serving {
+                let _ = phase.wait_for(|p| *p != Phase::Serving).await;
+            }
+            let _ = phase.wait_for(|p| *p == Phase::Closing).await;
         }),
         sleep: None,
+        draining: now != Phase::Serving,
     }
     .await
 }
+
+/// How long a draining HTTP/1.1 connection may idle before it is closed: enough for a client
+/// that sends request after request to send its next one (and get `Connection: close`), short
+/// against the drain.
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 /// Bytes asked of the socket per read while a head is gathered.
 const HEAD_READ: usize = 1024;
@@ -843,6 +870,8 @@ struct Parked<'a> {
     socket: &'a tokio::net::TcpStream,
     phase: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The drain had begun when it parked (its idle deadline is the drain's).
+    draining: bool,
 }
 
 impl Future for Parked<'_> {
@@ -855,6 +884,11 @@ impl Future for Parked<'_> {
         }
         if this.phase.as_mut().poll(cx).is_ready() {
             return Poll::Ready(false);
+        }
+        if !this.draining && this.state.ctl.draining.load(Relaxed) {
+            // The drain began: the idle deadline just got shorter.
+            this.draining = true;
+            this.sleep = None;
         }
         loop {
             let at = match this.state.verdict() {

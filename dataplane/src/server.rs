@@ -79,6 +79,7 @@ pub(crate) async fn serve(
     let (phase_tx, phase) = watch::channel(Phase::Serving);
     let ctl = Arc::new(ListenerCtl {
         phase,
+        draining: std::sync::atomic::AtomicBool::new(false),
         tasks: tokio_util::task::TaskTracker::new(),
     });
     let this = Arc::new(Listener {
@@ -128,6 +129,8 @@ pub(crate) async fn serve(
     }
     drop(listener);
     tracing::info!("draining client connections");
+    ctl.draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = phase_tx.send(Phase::Draining);
     ctl.tasks.close();
     let drain = this.shared.limits.drain_timeout;
@@ -296,7 +299,20 @@ fn service(
             let Some(active) = state.begin(h2).await else {
                 return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
             };
-            Ok::<_, Infallible>(proxy::handle(&this.shared, req, &peer_ip, secure, active).await)
+            let mut resp = proxy::handle(&this.shared, req, &peer_ip, secure, active).await;
+            if !h2
+                && state
+                    .ctl
+                    .draining
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // HTTP/1.1 has no GOAWAY: the answer itself tells the client to go elsewhere.
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(resp)
         }) as Handling
     })
 }

@@ -29,6 +29,10 @@ pub(super) struct Serving {
     pub(super) status: watch::Sender<Bytes>,
     pub(super) ready: watch::Sender<bool>,
     pub(super) stop: watch::Sender<bool>,
+    /// True from the shutdown signal on: /readyz answers 503 (the proxy stops later).
+    unready: watch::Sender<bool>,
+    /// From the shutdown signal until the proxy stops accepting.
+    pub(super) shutdown_delay: std::time::Duration,
     pub(super) local: Arc<LocalProvider>,
     pub(super) providers: Providers,
     pub(super) metrics: fleetlb_controller::metrics::Metrics,
@@ -118,6 +122,7 @@ impl Serving {
             watch::channel(Bytes::from_static(b"{\"clusters\":[],\"errors\":[]}"));
         let (ready, ready_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
+        let (unready, unready_rx) = watch::channel(false);
 
         let exe = std::env::current_exe().context("cannot find the fleetlb executable")?;
         let local = Arc::new(LocalProvider::new(exe));
@@ -159,7 +164,7 @@ impl Serving {
                 dataplane: dataplane.clone(),
                 status: status_rx,
                 ready: ready_rx,
-                draining: stop_rx.clone(),
+                draining: unready_rx,
                 tls: certs.clone(),
             }),
             // Up through the drain (aborted once the proxy has drained, in `serve`): a draining
@@ -190,6 +195,8 @@ impl Serving {
             status,
             ready,
             stop,
+            unready,
+            shutdown_delay: listen.shutdown_delay.unwrap_or_default(),
             local,
             providers,
             metrics,
@@ -205,13 +212,28 @@ impl Serving {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AppError> {
         let stop = self.stop;
+        let unready = self.unready;
+        let delay = self.shutdown_delay;
         let mut driver = driver;
         let mut ended = None;
         let signal = async {
             tokio::select! {
-                () = shutdown => tracing::info!("shutting down: draining requests in flight"),
+                () = shutdown => {
+                    // Out of the Service's endpoints first; serve on meanwhile, since the
+                    // removal takes a while to reach every node and load balancer.
+                    let _ = unready.send(true);
+                    if !delay.is_zero() {
+                        tracing::info!(?delay, "shutting down: /readyz says draining; serving on until the delay is over (a second signal ends it)");
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = crate::shutdown_signal() => tracing::info!("second signal: the delay is cut short"),
+                        }
+                    }
+                    tracing::info!("shutting down: no new connections; draining requests in flight");
+                }
                 r = &mut driver => ended = Some(r),
             }
+            let _ = unready.send(true);
             let _ = stop.send(true);
         };
         match self.proxy {

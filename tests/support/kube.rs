@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::free_port;
+
 const ADMIN_TOKEN: &str = "fleetlb-tests-admin-token";
 
 /// The built binaries' directory (`tests/kube/build.sh` builds them when missing).
@@ -29,14 +31,6 @@ pub fn binaries() -> PathBuf {
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
     .clone()
-}
-
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// One etcd and one kube-apiserver, killed when dropped.

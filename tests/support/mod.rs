@@ -23,6 +23,14 @@ pub fn dead_port() -> (tokio::net::TcpSocket, u16) {
     (socket, port)
 }
 
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `DEADLINE`.
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + DEADLINE;
