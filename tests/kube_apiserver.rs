@@ -508,13 +508,17 @@ fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconcili
 /// The field path an error names: `spec.replicas` of `spec.replicas: 5000 is ...`; for an
 /// unknown field (`spec: unknown field `replica`, ...`), the field itself (`spec.replica`).
 fn path_named(error: &str) -> String {
+    // After the file and document it is in (`FILE: BackendCluster NS/NAME (document 1): `).
+    let error = error.rsplit_once("): ").map_or(error, |(_, e)| e);
     let (head, rest) = error.split_once(':').unwrap_or((error, ""));
     match rest
         .split_once("unknown field `")
         .and_then(|(_, f)| f.split_once('`'))
     {
-        Some((field, _)) => format!("{}.{field}", head.trim()),
-        None => head.trim().to_string(),
+        Some((field, _)) if !head.trim().ends_with(&format!(".{field}")) => {
+            format!("{}.{field}", head.trim())
+        }
+        _ => head.trim().to_string(),
     }
 }
 

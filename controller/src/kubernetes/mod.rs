@@ -106,6 +106,8 @@ struct Written {
     /// against the latest: only status changed in between, and only by this replica.
     over: Option<String>,
     made: Vec<String>,
+    /// The object as the latest of those writes left it.
+    object: Arc<BackendCluster>,
 }
 
 impl Written {
@@ -125,13 +127,14 @@ impl Written {
         }
     }
 
-    /// The record after a write decided from the object at `seen` produced `made`.
+    /// The record after a write decided from the object at `seen` produced `object`.
     fn after(
         previous: Option<&Written>,
         seen: Option<String>,
         status: BackendClusterStatus,
-        made: Option<String>,
+        object: BackendCluster,
     ) -> Written {
+        let made = object.metadata.resource_version.clone();
         let (over, mut chain) = match previous {
             Some(w) if w.ours(&seen) => (w.over.clone(), w.made.clone()),
             _ => (seen, Vec::new()),
@@ -145,7 +148,15 @@ impl Written {
             status,
             over,
             made: chain,
+            object: Arc::new(object),
         }
+    }
+
+    /// The object as this replica's latest write left it, when the store shows an earlier
+    /// version this replica's writes went through (only status changed since, by this
+    /// replica): deciding from the store's copy would write an older status over a newer one.
+    fn newer_than(&self, seen: &Option<String>) -> Option<Arc<BackendCluster>> {
+        (self.ours(seen) && self.made.last() != seen.as_ref()).then(|| self.object.clone())
     }
 }
 
@@ -244,10 +255,17 @@ pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Actio
         Some(w) => w,
         None => return Ok(Action::await_change()),
     };
-    let Some(bc) = watched.actionable().cloned() else {
+    let Some(mut bc) = watched.actionable().cloned() else {
         set_aside(&watched, &ctx).await?;
         return Ok(Action::requeue(ctx.cfg.resync));
     };
+    if let Some(newer) = bc.metadata.uid.as_ref().and_then(|uid| {
+        locked(&ctx.written)
+            .get(uid)
+            .and_then(|w| w.newer_than(&bc.metadata.resource_version))
+    }) {
+        bc = newer;
+    }
     let started = Instant::now();
     let objects = ctx.objects();
     let settled = |next: Next| {
@@ -491,6 +509,14 @@ pub async fn run(
                 tick.tick().await;
                 ctx.publish_routes();
                 ctx.publish_status();
+                // Objects gone without passing the finalizer (refused ones have none).
+                let uids: std::collections::HashSet<String> = ctx
+                    .store
+                    .state()
+                    .iter()
+                    .filter_map(|w| w.meta.uid.clone())
+                    .collect();
+                locked(&ctx.written).retain(|uid, _| uids.contains(uid));
                 if last_sweep.elapsed() >= ctx.cfg.resync {
                     last_sweep = Instant::now();
                     sweep_orphans(&ctx).await;
@@ -533,35 +559,53 @@ mod tests {
         Some(v.to_string())
     }
 
+    /// The object a write left at version `v`.
+    fn at(v: Option<String>) -> BackendCluster {
+        let mut bc: BackendCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fleetlb.dev/v1alpha1", "kind": "BackendCluster",
+            "metadata": {"name": "web"},
+            "spec": {"route": "/web", "replicas": 1, "instanceType": "t2.micro",
+                     "provider": {"local": {}}},
+        }))
+        .unwrap();
+        bc.metadata.resource_version = v;
+        bc
+    }
+
     #[test]
     fn writes_follow_their_own_versions_while_the_store_lags() {
         let s = BackendClusterStatus::default;
         // Decided from version 1, the write made 2; then from 1 again (the store has not seen
         // 2 yet), the write made 3.
-        let first = Written::after(None, rv("1"), s(), rv("2"));
+        let first = Written::after(None, rv("1"), s(), at(rv("2")));
         assert_eq!(first.against(&rv("1")), rv("2"));
-        let second = Written::after(Some(&first), rv("1"), s(), rv("3"));
+        let second = Written::after(Some(&first), rv("1"), s(), at(rv("3")));
         // The store now shows 2, this replica's own write: the next goes against 3.
         assert_eq!(second.against(&rv("2")), rv("3"));
         assert_eq!(second.against(&rv("3")), rv("3"));
-        let third = Written::after(Some(&second), rv("2"), s(), rv("4"));
+        let third = Written::after(Some(&second), rv("2"), s(), at(rv("4")));
         assert_eq!(third.against(&rv("3")), rv("4"));
+        // A reconcile from the store's copy at 3 decides from what 4 holds instead.
+        let newer = third.newer_than(&rv("3")).expect("the latest own write");
+        assert_eq!(newer.metadata.resource_version, rv("4"));
+        assert!(third.newer_than(&rv("4")).is_none());
+        assert!(third.newer_than(&rv("9")).is_none());
         // Someone else's version: written against as seen (a stale one gets 409).
         assert_eq!(third.against(&rv("9")), rv("9"));
-        let fresh = Written::after(Some(&third), rv("9"), s(), rv("10"));
+        let fresh = Written::after(Some(&third), rv("9"), s(), at(rv("10")));
         assert_eq!(fresh.against(&rv("4")), rv("4"));
         assert_eq!(fresh.against(&rv("9")), rv("10"));
     }
 
     #[test]
     fn the_chain_of_own_writes_is_bounded() {
-        let mut w = Written::after(None, rv("0"), BackendClusterStatus::default(), rv("1"));
+        let mut w = Written::after(None, rv("0"), BackendClusterStatus::default(), at(rv("1")));
         for i in 2..100 {
             w = Written::after(
                 Some(&w),
                 rv("0"),
                 BackendClusterStatus::default(),
-                Some(i.to_string()),
+                at(Some(i.to_string())),
             );
         }
         assert_eq!(w.made.len(), Written::CHAIN);

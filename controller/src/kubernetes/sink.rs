@@ -126,7 +126,14 @@ impl Events {
             ),
             regarding: Some(regarding),
             reporting_controller: Some(self.reporter.controller.clone()),
-            reporting_instance: self.reporter.instance.clone(),
+            // The API server allows 128 bytes (an identity from a long hostname is cut).
+            reporting_instance: self.reporter.instance.as_deref().map(|i| {
+                let mut end = i.len().min(128);
+                while !i.is_char_boundary(end) {
+                    end -= 1;
+                }
+                i[..end].to_string()
+            }),
             ..Default::default()
         };
         let created = api.create(&PostParams::default(), &object).await?;
@@ -207,12 +214,7 @@ impl Context {
                 e => format!("Kubernetes API: {e}"),
             })?;
         let mut all = locked(&self.written);
-        let next = super::Written::after(
-            all.get(&uid),
-            seen,
-            status,
-            written.metadata.resource_version,
-        );
+        let next = super::Written::after(all.get(&uid), seen, status, written);
         all.insert(uid, next);
         Ok(())
     }
