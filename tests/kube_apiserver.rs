@@ -6,6 +6,8 @@
 
 #[path = "support/kube.rs"]
 mod kube_support;
+#[path = "support/moto.rs"]
+mod moto_support;
 mod support;
 
 use std::collections::BTreeSet;
@@ -574,4 +576,238 @@ fn every_invalid_example_is_refused_by_the_api_server_and_by_fleetlb_naming_the_
         compared += 1;
     }
     assert!(compared >= 7, "only {compared} invalid examples compared");
+}
+
+/// A BackendCluster `name` on the aws provider against moto, `replicas` t2.micro.
+fn aws_cluster(name: &str, replicas: u32, image: &str, subnet: &str) -> String {
+    format!(
+        "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: {name}\nspec:\n  route: /{name}\n  replicas: {replicas}\n  instanceType: t2.micro\n  port: 8000\n  provider:\n    aws:\n      imageId: {image}\n      subnetIds: [{subnet}]\n"
+    )
+}
+
+/// `fleetlb run` as the shipped ServiceAccount, identity `identity`, with the aws provider
+/// pointed at `moto`.
+fn run_with_moto(cp: &ControlPlane, identity: &str, moto: &moto_support::Moto) -> Fleetlb {
+    let kubeconfig = cp.service_account_kubeconfig(NS, "fleetlb");
+    let log = std::env::var("FLEETLB_TEST_LOG").unwrap_or_else(|_| "info".into());
+    let mut env: Vec<(&str, String)> = moto.env();
+    env.extend([
+        ("KUBECONFIG", kubeconfig.to_str().unwrap().to_string()),
+        ("POD_NAMESPACE", NS.to_string()),
+        ("POD_NAME", identity.to_string()),
+        ("RUST_LOG", log),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Fleetlb::run(&env, &[])
+}
+
+fn lease_holder(cp: &ControlPlane) -> String {
+    let lease = json(cp, &["get", "lease", "fleetlb-leader", "-n", NS]);
+    lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn ec2_requests(f: &Fleetlb) -> f64 {
+    f.metric("fleetlb_controller_ec2_requests_total", &[])
+}
+
+/// EC2 calls that change something (launch, terminate, tag).
+fn ec2_changes(f: &Fleetlb) -> f64 {
+    [
+        "RunInstances",
+        "TerminateInstances",
+        "CreateTags",
+        "DeleteTags",
+    ]
+    .iter()
+    .map(|op| {
+        f.metric(
+            "fleetlb_controller_ec2_requests_total",
+            &[("operation", op)],
+        )
+    })
+    .sum()
+}
+
+#[test]
+fn a_frozen_leader_is_replaced_once_its_lease_expires_and_resumed_calls_no_ec2() {
+    let cp = installed();
+    let moto = moto_support::Moto::start();
+    let (image, subnet) = moto.image_and_subnet();
+    let a = run_with_moto(&cp, "fleetlb-a", &moto);
+    eventually("fleetlb-a leads", || {
+        (lease_holder(&cp) == "fleetlb-a").then_some(())
+    });
+    let b = run_with_moto(&cp, "fleetlb-b", &moto);
+    let out = cp.apply(&aws_cluster("web", 2, &image, &subnet), &["-n", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Launched on EC2 by the leader, listed in status, told by an Event.
+    until(
+        &cp,
+        "web with 2 instances in status",
+        &["get", "bc", "web", "-n", "default"],
+        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(2),
+    );
+    assert_eq!(moto.instances("web", "running").len(), 2);
+    eventually("a Launched Event", || {
+        events_of(&cp, "default", "web")
+            .into_iter()
+            .find(|e| e["reason"] == "Launched")
+    });
+    assert_eq!(ec2_requests(&b), 0.0, "the follower called EC2");
+
+    // The leader freezes (a stalled node, a long GC pause): the other replica takes over
+    // once the Lease has expired, and acts on a change made meanwhile.
+    let changes_before = ec2_changes(&a);
+    assert!(changes_before > 0.0, "fleetlb-a launched nothing");
+    a.signal("-STOP");
+    cp.ok(&["scale", "bc/web", "-n", "default", "--replicas=3"]);
+    eventually("fleetlb-b holds the Lease", || {
+        (lease_holder(&cp) == "fleetlb-b").then_some(())
+    });
+    until(
+        &cp,
+        "web scaled to 3 by fleetlb-b",
+        &["get", "bc", "web", "-n", "default"],
+        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(3),
+    );
+    assert_eq!(moto.instances("web", "running").len(), 3);
+
+    // Resumed, the old leader finds its Lease gone before it acts: it launches, terminates
+    // and tags nothing (its first moments included), and calls EC2 no more at all.
+    a.signal("-CONT");
+    eventually("fleetlb-a knows it no longer leads", || {
+        (a.metric("fleetlb_leader", &[]) == 0.0).then_some(())
+    });
+    let before = ec2_requests(&a);
+    cp.ok(&["scale", "bc/web", "-n", "default", "--replicas=2"]);
+    until(
+        &cp,
+        "web back to 2 instances (by fleetlb-b)",
+        &["get", "bc", "web", "-n", "default"],
+        |bc| bc["status"]["replicas"] == 2,
+    );
+    assert_eq!(
+        (ec2_changes(&a), ec2_requests(&a)),
+        (changes_before, before),
+        "the resumed old leader called EC2; its log:\n{}",
+        a.log_text()
+    );
+
+    // Deleted: the finalizer holds the object until every instance is terminated on EC2.
+    cp.ok(&[
+        "delete",
+        "bc",
+        "web",
+        "-n",
+        "default",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    assert!(moto.instances("web", "running").is_empty());
+    assert!(moto.instances("web", "pending").is_empty());
+}
+
+/// etcd's revision now, from its JSON gateway.
+fn etcd_revision(cp: &ControlPlane) -> i64 {
+    let url = cp.etcd_url().trim_start_matches("http://").to_string();
+    let addr: std::net::SocketAddr = url.parse().expect("etcd's client URL");
+    let body = r#"{"key":"AA=="}"#;
+    let r = request(
+        addr,
+        &format!(
+            "POST /v3/kv/range HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("etcd answers");
+    let v: Value = serde_json::from_str(&r.body).expect("JSON");
+    v["header"]["revision"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("a revision")
+}
+
+/// Compacts etcd's history up to `revision`: watches from before it get 410 Gone.
+fn etcd_compact(cp: &ControlPlane, revision: i64) {
+    let url = cp.etcd_url().trim_start_matches("http://").to_string();
+    let addr: std::net::SocketAddr = url.parse().expect("etcd's client URL");
+    let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
+    let r = request(
+        addr,
+        &format!(
+            "POST /v3/kv/compaction HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("etcd answers");
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn an_api_server_restart_and_a_compacted_history_lose_no_change() {
+    let mut cp = installed();
+    let kubeconfig = cp.service_account_kubeconfig(NS, "fleetlb");
+    let f = Fleetlb::run(
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("POD_NAMESPACE", NS),
+            ("RUST_LOG", "info"),
+        ],
+        &["--no-leader-election"],
+    );
+    assert!(
+        cp.apply(&cluster("web", 1), &["-n", "default"])
+            .status
+            .success()
+    );
+    until_ready(&cp, "web", 1);
+
+    // The API server restarts under the open watch; a change made after it comes back
+    // reaches fleetlb.
+    cp.restart_apiserver();
+    cp.ok(&["scale", "bc/web", "-n", "default", "--replicas=2"]);
+    until_ready(&cp, "web", 2);
+
+    // fleetlb is held still while changes happen and etcd's history is compacted past
+    // them, and the API server restarts (its watch cache starts afresh): fleetlb's watch
+    // resumes from a version that is gone (410 Gone), relists, and misses nothing.
+    let lists_before = calls_of_verb(&cp, "list");
+    f.signal("-STOP");
+    cp.ok(&["scale", "bc/web", "-n", "default", "--replicas=3"]);
+    cp.ok(&[
+        "annotate",
+        "bc/web",
+        "-n",
+        "default",
+        "fleetlb.dev/test=compacted",
+    ]);
+    etcd_compact(&cp, etcd_revision(&cp));
+    cp.restart_apiserver();
+    f.signal("-CONT");
+    until_ready(&cp, "web", 3);
+    assert!(
+        calls_of_verb(&cp, "list") > lists_before,
+        "fleetlb did not list BackendClusters again"
+    );
+    assert_eq!(backends_of(f.pid(), Some("web")).len(), 3);
+}
+
+/// How many `verb` calls fleetlb's ServiceAccount made on backendclusters (audit log).
+fn calls_of_verb(cp: &ControlPlane, verb: &str) -> usize {
+    cp.audit()
+        .iter()
+        .filter(|e| {
+            e["user"]["username"] == SA_USER
+                && e["stage"] == "ResponseComplete"
+                && e["verb"] == verb
+                && e["objectRef"]["resource"] == "backendclusters"
+        })
+        .count()
 }

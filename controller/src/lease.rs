@@ -45,6 +45,57 @@ impl LeaseConfig {
     }
 }
 
+/// Until when this replica may act as leader, on the process's monotonic clock: the last
+/// renewal's send time plus the renew deadline. The leader flag alone is not enough: a replica
+/// that was frozen (SIGSTOP, a stalled node, a long pause) wakes with every timer due at once,
+/// and a reconcile may run before the elector does; the term has already ended by the clock.
+#[derive(Clone, Debug)]
+pub struct Term(std::sync::Arc<TermClock>);
+
+#[derive(Debug)]
+struct TermClock {
+    base: std::time::Instant,
+    /// Nanoseconds after `base`; `u64::MAX`: no end (no leader election).
+    until: std::sync::atomic::AtomicU64,
+}
+
+impl Term {
+    /// A term that never ends (a single replica without leader election, tests).
+    pub fn unbounded() -> Self {
+        Self::starting_at(u64::MAX)
+    }
+
+    /// A term not begun yet: valid once a renewal extends it.
+    pub fn ended() -> Self {
+        Self::starting_at(0)
+    }
+
+    fn starting_at(until: u64) -> Self {
+        Self(std::sync::Arc::new(TermClock {
+            base: std::time::Instant::now(),
+            until: std::sync::atomic::AtomicU64::new(until),
+        }))
+    }
+
+    /// Whether this replica may still act as leader by the clock.
+    pub fn valid(&self) -> bool {
+        let now = self.0.base.elapsed().as_nanos();
+        now < u128::from(self.0.until.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    fn extend_to(&self, until: std::time::Instant) {
+        let nanos = until.saturating_duration_since(self.0.base).as_nanos();
+        self.0.until.store(
+            u64::try_from(nanos).unwrap_or(u64::MAX - 1),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    fn end(&self) {
+        self.0.until.store(0, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// One replica's view of the Lease.
 pub struct Elector {
     api: Api<Lease>,
@@ -53,6 +104,8 @@ pub struct Elector {
     observed: Option<(String, Instant)>,
     /// When this replica last wrote the Lease as holder.
     renewed: Option<Instant>,
+    /// Until when this replica may act, by the clock (see [`Term`]).
+    term: Term,
 }
 
 impl Elector {
@@ -63,7 +116,13 @@ impl Elector {
             cfg,
             observed: None,
             renewed: None,
+            term: Term::ended(),
         }
+    }
+
+    /// This replica's term as leader, for everything that acts only while it leads.
+    pub fn term(&self) -> Term {
+        self.term.clone()
     }
 
     /// One attempt to acquire or renew; returns whether this replica may act now.
@@ -80,10 +139,12 @@ impl Elector {
         // may be committed long before a slow answer arrives, and other replicas measure the
         // lease from the record.
         let sent = Instant::now();
+        let sent_clock = std::time::Instant::now();
         let attempt = tokio::time::timeout(budget, self.try_acquire_or_renew()).await;
         let result = match attempt {
             Ok(r) => r,
             Err(_) => {
+                self.term.end();
                 let held = self.renewed.take().is_some();
                 tracing::warn!(
                     deadline = ?self.cfg.renew_deadline,
@@ -96,10 +157,12 @@ impl Elector {
         match result {
             Ok(true) => {
                 self.renewed = Some(sent);
+                self.term.extend_to(sent_clock + self.cfg.renew_deadline);
                 true
             }
             Ok(false) => {
                 self.renewed = None;
+                self.term.end();
                 false
             }
             Err(e) => {
@@ -108,6 +171,9 @@ impl Elector {
                 let still = self
                     .renewed
                     .is_some_and(|t| t.elapsed() < self.cfg.renew_deadline);
+                if !still {
+                    self.term.end();
+                }
                 tracing::warn!(error = %e, still_leader = still, "leader election: cannot reach the Lease");
                 still
             }
@@ -234,11 +300,33 @@ pub async fn run(
         }
     }
     leader.send_replace(false);
+    elector.term.end();
     let deadline = elector.cfg.renew_deadline;
     if tokio::time::timeout(deadline, elector.release())
         .await
         .is_err()
     {
         tracing::warn!("leader election: releasing the Lease timed out; it expires on its own");
+    }
+}
+
+#[cfg(test)]
+mod term_tests {
+    use super::Term;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_term_is_valid_only_until_its_end_by_the_clock() {
+        assert!(Term::unbounded().valid());
+        let t = Term::ended();
+        assert!(!t.valid(), "valid before any renewal");
+        t.extend_to(Instant::now() + Duration::from_secs(3600));
+        assert!(t.valid());
+        // A renewal whose deadline has passed (a replica frozen past it) is no term at all.
+        t.extend_to(Instant::now() - Duration::from_millis(1));
+        assert!(!t.valid());
+        t.extend_to(Instant::now() + Duration::from_secs(3600));
+        t.end();
+        assert!(!t.valid());
     }
 }

@@ -197,6 +197,7 @@ fn controller(r: &Replica, peers: Vec<String>) -> (Arc<Context>, Arc<Fake>, fake
             instance: Some(format!("replica-{}", r.admin.port())),
         },
         leader: watch::channel(true).1,
+        term: fleetlb_controller::lease::Term::unbounded(),
         routes: watch::channel(RouteTable::default()).0,
         status: watch::channel(Bytes::new()).0,
     };

@@ -277,6 +277,7 @@ async fn kubernetes(s: &Scenario) -> BTreeMap<String, Seen> {
             instance: Some("replica-a".into()),
         },
         leader: watch::channel(true).1,
+        term: fleetlb_controller::lease::Term::unbounded(),
         routes: watch::channel(RouteTable::default()).0,
         status: watch::channel(bytes::Bytes::new()).0,
     };

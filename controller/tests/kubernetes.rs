@@ -210,6 +210,7 @@ fn harness_with(env: &Env, leader: bool, objects: &[&BackendCluster], cfg: KubeC
             instance: Some("replica-a".into()),
         },
         leader: leader_rx,
+        term: fleetlb_controller::lease::Term::unbounded(),
         routes: routes_tx,
         status: status_tx,
     };
@@ -746,7 +747,11 @@ async fn a_leader_whose_api_server_never_answers_stops_by_the_renew_deadline_and
     let renewed = tokio::time::Instant::now();
     let (tx, leader) = watch::channel(true);
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let gated = LeaderOnly::new(Arc::new(Counting(calls.clone())), leader.clone());
+    let gated = LeaderOnly::new(
+        Arc::new(Counting(calls.clone())),
+        leader.clone(),
+        fleetlb_controller::lease::Term::unbounded(),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let election = tokio::spawn(fleetlb_controller::lease::run(e, tx, async move {
         let mut rx = stop_rx;

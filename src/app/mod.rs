@@ -186,12 +186,14 @@ pub async fn run_kubernetes(
     // The Lease is released only after the controller has stopped (client-go's
     // ReleaseOnCancel): no reconcile still runs when the next leader starts.
     let (lease_stop, lease_stop_rx) = watch::channel(false);
+    let mut term = fleetlb_controller::lease::Term::unbounded();
     let elect = (!lease.no_leader_election).then(|| {
         let api = kube::Api::namespaced(calls.clone(), &lease.lease_namespace);
         let elector = Elector::new(
             api,
             LeaseConfig::new(lease.lease_namespace, lease.lease_name, identity.clone()),
         );
+        term = elector.term();
         // Ends after releasing the Lease on shutdown, so a rolling update hands over at once.
         tokio::spawn(fleetlb_controller::lease::run(
             elector,
@@ -208,7 +210,9 @@ pub async fn run_kubernetes(
     cfg.core.sole_proxy = no_leader_election;
     cfg.core.peers = peers;
     let core = Core::new(
-        s.providers.clone().leader_only(leader_rx.clone()),
+        s.providers
+            .clone()
+            .leader_only(leader_rx.clone(), term.clone()),
         s.dataplane.clone(),
         s.metrics.clone(),
         cfg.core.clone(),
@@ -217,6 +221,7 @@ pub async fn run_kubernetes(
         client: calls,
         reporter,
         leader: leader_rx,
+        term,
         routes: s.routes.clone(),
         status: s.status.clone(),
     };

@@ -90,6 +90,8 @@ pub struct Wiring {
     pub reporter: Reporter,
     /// Whether this replica holds the Lease.
     pub leader: watch::Receiver<bool>,
+    /// Until when, by the clock, it may act on that (see [`crate::lease::Term`]).
+    pub term: crate::lease::Term,
     /// Route table for the data plane.
     pub routes: watch::Sender<RouteTable>,
     /// `/status` JSON (the same shape as standalone's, for `fleetlb status`).
@@ -168,6 +170,8 @@ pub struct Context {
     pub events: Events,
     /// Whether this replica holds the Lease.
     pub leader: watch::Receiver<bool>,
+    /// Until when, by the clock, it may act on that.
+    pub term: crate::lease::Term,
     /// Every BackendCluster, as the controller's reflector sees them.
     pub store: Store<Watched>,
     /// Route table for the data plane.
@@ -192,6 +196,7 @@ impl Context {
             events: Events::new(wiring.client.clone(), wiring.reporter),
             client: wiring.client,
             leader: wiring.leader,
+            term: wiring.term,
             store,
             routes: wiring.routes,
             status: wiring.status,
@@ -202,7 +207,7 @@ impl Context {
     }
 
     fn is_leader(&self) -> bool {
-        *self.leader.borrow()
+        *self.leader.borrow() && self.term.valid()
     }
 
     /// Every object in the store that this binary can read (one with fields it does not know

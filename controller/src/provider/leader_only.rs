@@ -10,20 +10,30 @@ use crate::error::{ErrorClass, Operation};
 /// A provider that acts only while this replica leads: every launch, termination and release
 /// re-reads the leader flag immediately before calling the provider, so a replica that lost the
 /// Lease mid-reconcile (its renewal hung past the renew deadline) makes no further EC2 call,
-/// whatever its reconcile had already decided. Listing stays allowed (it changes nothing).
+/// whatever its reconcile had already decided. Listing is allowed while the term has not run
+/// out by the clock (see [`crate::lease::Term`]).
 pub struct LeaderOnly {
     inner: std::sync::Arc<dyn Provider>,
     leader: watch::Receiver<bool>,
+    term: crate::lease::Term,
 }
 
 impl LeaderOnly {
-    /// Wraps `inner`, gated on `leader`.
-    pub fn new(inner: std::sync::Arc<dyn Provider>, leader: watch::Receiver<bool>) -> Self {
-        Self { inner, leader }
+    /// Wraps `inner`, gated on `leader` and, by the clock, on `term`.
+    pub fn new(
+        inner: std::sync::Arc<dyn Provider>,
+        leader: watch::Receiver<bool>,
+        term: crate::lease::Term,
+    ) -> Self {
+        Self {
+            inner,
+            leader,
+            term,
+        }
     }
 
     fn check(&self, operation: Operation) -> Result<(), Error> {
-        if *self.leader.borrow() {
+        if *self.leader.borrow() && self.term.valid() {
             Ok(())
         } else {
             Err(Error::new(
@@ -45,6 +55,17 @@ impl Provider for LeaderOnly {
         &'a self,
         clusters: &'a [std::sync::Arc<fleetlb_crds::BackendCluster>],
     ) -> BoxFuture<'a, Result<Vec<Instance>, Error>> {
+        // Listing changes nothing, but a replica whose term has run out by the clock (frozen,
+        // then resumed with its reconcile mid-way) does not call the provider at all.
+        if !self.term.valid() {
+            let e = Error::new(
+                self.inner.kind(),
+                Operation::List,
+                ErrorClass::NotLeader,
+                "NotLeader: this replica's leader-election term has run out",
+            );
+            return Box::pin(async move { Err(e) });
+        }
         self.inner.list(clusters)
     }
 

@@ -235,10 +235,18 @@ impl Providers {
 
     /// The same providers, each refusing to launch, terminate or release unless `leader` says
     /// this replica leads at the moment of the call (see [`leader_only::LeaderOnly`]).
-    pub fn leader_only(self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn leader_only(
+        self,
+        leader: tokio::sync::watch::Receiver<bool>,
+        term: crate::lease::Term,
+    ) -> Self {
         let wrap = |p: Option<Arc<dyn Provider>>| {
             p.map(|inner| {
-                Arc::new(leader_only::LeaderOnly::new(inner, leader.clone())) as Arc<dyn Provider>
+                Arc::new(leader_only::LeaderOnly::new(
+                    inner,
+                    leader.clone(),
+                    term.clone(),
+                )) as Arc<dyn Provider>
             })
         };
         Self {
