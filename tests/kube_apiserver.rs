@@ -811,3 +811,87 @@ fn calls_of_verb(cp: &ControlPlane, verb: &str) -> usize {
         })
         .count()
 }
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name's closing parenthesis: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// 1000 BackendClusters applied at once (static provider, one healthy endpoint each): all
+/// become Ready. The time it takes and fleetlb's CPU meanwhile are printed for
+/// docs/operations.md (`cargo test --test kube_apiserver -- thousand --nocapture`).
+#[test]
+#[ignore = "finding, not fixed yet: only 511 of 1000 were Ready after 10 minutes on a 2-core machine (session 12); run with --ignored"]
+fn a_thousand_backend_clusters_applied_at_once_all_become_ready() {
+    const N: usize = 1000;
+    let cp = installed();
+    let mut backend = std::process::Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["backend", "--id", "i-static", "--cluster", "many"])
+        .args(["--profile", "t2.large", "--exit-on-stdin-eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(backend.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().strip_prefix("ready ").unwrap().to_string()
+    };
+    let f = run_as_service_account(&cp, "fleetlb-0");
+    let docs: Vec<String> = (0..N)
+        .map(|i| {
+            format!(
+                "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: c{i}\n  namespace: default\nspec:\n  route: /c{i}\n  replicas: 1\n  instanceType: t2.micro\n  provider:\n    static:\n      endpoints: [\"{addr}\"]\n"
+            )
+        })
+        .collect();
+    let (cpu0, t0) = (cpu_seconds(f.pid()), std::time::Instant::now());
+    let out = cp.apply(&docs.join("---\n"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = t0.elapsed();
+    let end = t0 + std::time::Duration::from_secs(600);
+    let ready = loop {
+        let all = json(&cp, &["get", "bc", "-n", "default"]);
+        let ready = all["items"].as_array().map_or(0, |items| {
+            items
+                .iter()
+                .filter(|bc| condition(bc, "Ready").is_some_and(|(s, _)| s == "True"))
+                .count()
+        });
+        if ready == N {
+            break ready;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "only {ready} of {N} Ready after 10 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let (took, cpu) = (t0.elapsed(), cpu_seconds(f.pid()) - cpu0);
+    eprintln!(
+        "{ready} BackendClusters: applied in {:.1} s, all Ready {:.1} s after the apply began; fleetlb used {cpu:.1} CPU-seconds meanwhile ({:.0} % of one core)",
+        applied.as_secs_f64(),
+        took.as_secs_f64(),
+        100.0 * cpu / took.as_secs_f64()
+    );
+    // Every one is served.
+    assert_eq!(
+        get(f.proxy, &format!("/c{}", N - 1)).map(|r| r.status),
+        Some(200)
+    );
+    let log = f.log_text();
+    assert!(!log.contains("409 Conflict"), "{log}");
+    let _ = backend.kill();
+}
