@@ -839,6 +839,7 @@ fn a_thousand_backend_clusters_applied_at_once_all_become_ready() {
         .unwrap();
     let addr = {
         use std::io::BufRead;
+        // Read below; the process is killed and waited for at the end.
         let mut line = String::new();
         std::io::BufReader::new(backend.stdout.take().unwrap())
             .read_line(&mut line)
@@ -894,4 +895,5 @@ fn a_thousand_backend_clusters_applied_at_once_all_become_ready() {
     let log = f.log_text();
     assert!(!log.contains("409 Conflict"), "{log}");
     let _ = backend.kill();
+    let _ = backend.wait();
 }
