@@ -102,6 +102,16 @@ fn until_ready(cp: &ControlPlane, name: &str, replicas: u32) -> Value {
     )
 }
 
+/// Waits until BackendCluster `name` (namespace default) lists `n` instances in its status.
+fn with_instances(cp: &ControlPlane, name: &str, n: usize) -> Value {
+    until(
+        cp,
+        &format!("{name} with {n} instances in status"),
+        &["get", "bc", name, "-n", "default"],
+        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(n),
+    )
+}
+
 /// Polls `kubectl get` of `what` until `ok` holds (deadline: 60 s).
 fn until(cp: &ControlPlane, what: &str, args: &[&str], ok: impl Fn(&Value) -> bool) -> Value {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -209,12 +219,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
 
     let f = run_as_service_account(&cp, "fleetlb-0");
     let cluster = cluster("cluster1", 3);
-    let out = cp.apply(&cluster, &["-n", "default"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp.applied(&cluster, &["-n", "default"]);
 
     // Ready, with its instances in status, served through the proxy.
     let bc = until_ready(&cp, "cluster1", 3);
@@ -257,7 +262,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
     // A second object claiming the same route is refused with a Warning; edited while still
     // refused, the same Warning again counts on the first (its series), as kubectl shows.
     let copy = cluster.replace("name: cluster1", "name: copy");
-    assert!(cp.apply(&copy, &["-n", "default"]).status.success());
+    cp.applied(&copy, &["-n", "default"]);
     until(
         &cp,
         "copy refused",
@@ -315,12 +320,7 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
         "the scale subresource has no status.selector: {scale:#}"
     );
     let hpa = "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: cluster1, namespace: default}\nspec:\n  scaleTargetRef: {apiVersion: fleetlb.dev/v1alpha1, kind: BackendCluster, name: cluster1}\n  minReplicas: 1\n  maxReplicas: 5\n  metrics:\n    - type: Resource\n      resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}\n";
-    let out = cp.apply(hpa, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp.applied(hpa, &[]);
 
     // The retired instance stops once drained; deletion waits on the finalizer until every
     // instance is gone.
@@ -366,18 +366,8 @@ fn fifty_instances_launched_at_once_have_every_event_accepted() {
     let cp = installed();
     let f = run_as_service_account(&cp, "fleetlb-0");
     let cluster = cluster("big", 50);
-    let out = cp.apply(&cluster, &["-n", "default"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    until(
-        &cp,
-        "big with 50 instances in status",
-        &["get", "bc", "big", "-n", "default"],
-        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(50),
-    );
+    cp.applied(&cluster, &["-n", "default"]);
+    with_instances(&cp, "big", 50);
     let events = eventually("a Launched Event", || {
         let e = events_of(&cp, "default", "big");
         e.iter().any(|e| e["reason"] == "Launched").then_some(e)
@@ -435,21 +425,12 @@ fn newer_crd() -> String {
 fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconciling() {
     let cp = installed();
     let f = run_as_service_account(&cp, "fleetlb-0");
-    assert!(
-        cp.apply(&cluster("old", 2), &["-n", "default"])
-            .status
-            .success()
-    );
+    cp.applied(&cluster("old", 2), &["-n", "default"]);
     until_ready(&cp, "old", 2);
 
     // A newer CRD is applied before its fleetlb (a rollout), and the object is edited to use
     // its new field, asking for one more instance too.
-    let out = cp.apply(&newer_crd(), &["--force-conflicts"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp.applied(&newer_crd(), &["--force-conflicts"]);
     cp.ok(&[
         "patch",
         "bc/old",
@@ -494,11 +475,7 @@ fn an_object_using_a_newer_crds_field_is_set_aside_and_the_others_keep_reconcili
     });
 
     // Every other object keeps reconciling meanwhile.
-    assert!(
-        cp.apply(&cluster("other", 1), &["-n", "default"])
-            .status
-            .success()
-    );
+    cp.applied(&cluster("other", 1), &["-n", "default"]);
     until_ready(&cp, "other", 1);
     assert_eq!(
         backends_of(f.pid(), Some("old")).len(),
@@ -641,19 +618,9 @@ fn a_frozen_leader_is_replaced_once_its_lease_expires_and_resumed_calls_no_ec2()
         (lease_holder(&cp) == "fleetlb-a").then_some(())
     });
     let b = run_with_moto(&cp, "fleetlb-b", &moto);
-    let out = cp.apply(&aws_cluster("web", 2, &image, &subnet), &["-n", "default"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp.applied(&aws_cluster("web", 2, &image, &subnet), &["-n", "default"]);
     // Launched on EC2 by the leader, listed in status, told by an Event.
-    until(
-        &cp,
-        "web with 2 instances in status",
-        &["get", "bc", "web", "-n", "default"],
-        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(2),
-    );
+    with_instances(&cp, "web", 2);
     assert_eq!(moto.instances("web", "running").len(), 2);
     eventually("a Launched Event", || {
         events_of(&cp, "default", "web")
@@ -671,12 +638,7 @@ fn a_frozen_leader_is_replaced_once_its_lease_expires_and_resumed_calls_no_ec2()
     eventually("fleetlb-b holds the Lease", || {
         (lease_holder(&cp) == "fleetlb-b").then_some(())
     });
-    until(
-        &cp,
-        "web scaled to 3 by fleetlb-b",
-        &["get", "bc", "web", "-n", "default"],
-        |bc| bc["status"]["instances"].as_array().map(Vec::len) == Some(3),
-    );
+    with_instances(&cp, "web", 3);
     assert_eq!(moto.instances("web", "running").len(), 3);
 
     // Resumed, the old leader finds its Lease gone before it acts: it launches, terminates
@@ -762,11 +724,7 @@ fn an_api_server_restart_and_a_compacted_history_lose_no_change() {
         ],
         &["--no-leader-election"],
     );
-    assert!(
-        cp.apply(&cluster("web", 1), &["-n", "default"])
-            .status
-            .success()
-    );
+    cp.applied(&cluster("web", 1), &["-n", "default"]);
     until_ready(&cp, "web", 1);
 
     // The API server restarts under the open watch; a change made after it comes back
@@ -855,12 +813,7 @@ fn a_thousand_backend_clusters_applied_at_once_all_become_ready() {
         })
         .collect();
     let (cpu0, t0) = (cpu_seconds(f.pid()), std::time::Instant::now());
-    let out = cp.apply(&docs.join("---\n"), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp.applied(&docs.join("---\n"), &[]);
     let applied = t0.elapsed();
     let end = t0 + std::time::Duration::from_secs(600);
     let ready = loop {

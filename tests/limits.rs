@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use support::{DEADLINE, Fleetlb, get};
+use support::{DEADLINE, Fleetlb, get, read_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -80,23 +80,6 @@ fn yaml(name: &str, backends: &[&Backend], extra: &str) -> (String, String) {
             eps.join(", ")
         ),
     )
-}
-
-/// Reads one request head; `None` at end of stream.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
-            buf.drain(..end + 4);
-            return Some(head);
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 fn header_of<'a>(head: &'a str, name: &str) -> Vec<&'a str> {

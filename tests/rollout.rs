@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use support::{DEADLINE, Fleetlb, get};
+use support::{DEADLINE, Fleetlb, get, read_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -34,23 +34,6 @@ async fn backend() -> SocketAddr {
         }
     });
     addr
-}
-
-/// Reads one message head (requests carry no body here); `None` at end of stream.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
-            buf.drain(..end + 4);
-            return Some(head);
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// One request on `s` and its whole answer: (status, the answer said `Connection: close`).
@@ -141,28 +124,19 @@ async fn h2_client(proxy: SocketAddr, t: Arc<Tally>) {
     };
     let conn = tokio::spawn(conn);
     loop {
+        // Refused before a request goes out: GOAWAY is the expected end, anything else fails.
+        let ended = |e: h2::Error| {
+            let counter = if e.is_go_away() { &t.goaway } else { &t.failed };
+            counter.fetch_add(1, SeqCst);
+        };
         send = match send.ready().await {
             Ok(s) => s,
-            Err(e) if e.is_go_away() => {
-                t.goaway.fetch_add(1, SeqCst);
-                break;
-            }
-            Err(_) => {
-                t.failed.fetch_add(1, SeqCst);
-                break;
-            }
+            Err(e) => break ended(e),
         };
         let req = http::Request::get("http://x/c/h2").body(()).unwrap();
         let answer = match send.send_request(req, true) {
             Ok((answer, _)) => answer,
-            Err(e) if e.is_go_away() => {
-                t.goaway.fetch_add(1, SeqCst);
-                break;
-            }
-            Err(_) => {
-                t.failed.fetch_add(1, SeqCst);
-                break;
-            }
+            Err(e) => break ended(e),
         };
         match answer.await {
             Ok(resp) if resp.status() == 200 => {

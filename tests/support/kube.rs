@@ -219,6 +219,16 @@ impl ControlPlane {
         self.kubectl_as(&self.admin, &args, Some(yaml))
     }
 
+    /// [`Self::apply`], which must succeed.
+    pub fn applied(&self, yaml: &str, extra: &[&str]) {
+        let out = self.apply(yaml, extra);
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A kubeconfig for `serviceaccount` in `namespace` with a token from the TokenRequest API
     /// (`kubectl create token`), so the RBAC authorizer judges what it does.
     pub fn service_account_kubeconfig(&self, namespace: &str, serviceaccount: &str) -> PathBuf {
