@@ -67,6 +67,11 @@ pub enum Command {
         /// `fleetlb-peers:9090`): the autoscaler sums their load with this replica's.
         #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
         peers: Vec<String>,
+        /// How often a settled BackendCluster is reconciled although nothing about it changed
+        /// (its instances are listed again, instances that died replaced). Changes to the
+        /// object and to its endpoints' health are acted on at once whatever this is.
+        #[arg(long, default_value = "30s", value_parser = fleetlb_bench::parse_duration)]
+        sync_period: std::time::Duration,
     },
     /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
     Crd,

@@ -97,12 +97,13 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
             mut listen,
             lease,
             peers,
+            sync_period,
         } => {
             // In a cluster, endpoint removal takes a while to reach every node.
             listen
                 .shutdown_delay
                 .get_or_insert(std::time::Duration::from_secs(15));
-            done(app::run_kubernetes(listen, lease, peers, shutdown_signal()).await)
+            done(app::run_kubernetes(listen, lease, peers, sync_period, shutdown_signal()).await)
         }
     }
 }

@@ -501,6 +501,8 @@ async fn a_replica_without_the_lease_serves_from_status_and_never_calls_ec2() {
         Action::requeue(KubeConfig::default().resync)
     );
     assert_eq!(ec2_calls(&h.registry), 0);
+    // What the route publisher of `run` does after a reconcile.
+    h.ctx.publish_routes();
     let table = h.routes.borrow().clone();
     assert_eq!(table.routes.len(), 1);
     assert_eq!(table.routes[0].prefix, "/web");
@@ -583,6 +585,7 @@ async fn the_younger_of_two_objects_claiming_one_route_is_refused() {
     call.ok(&json!(young));
     finish(t).await.unwrap();
     assert_eq!(ec2_calls(&h.registry), 0);
+    h.ctx.publish_routes();
     let table = h.routes.borrow().clone();
     assert_eq!(table.routes.len(), 1);
     assert_eq!(table.routes[0].cluster, "web");

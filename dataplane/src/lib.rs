@@ -150,6 +150,41 @@ pub(crate) struct Shared {
     pub departed: std::sync::Mutex<HashMap<String, Arc<endpoint::Endpoint>>>,
     /// This proxy's id for the life of the process (see [`Dataplane::id`]).
     pub id: String,
+    /// Clusters whose endpoints passed or failed their checks since the controller last looked
+    /// (see [`Dataplane::health_changed`]).
+    pub health_changes: HealthChanges,
+}
+
+/// The names of clusters whose endpoints' health changed, kept until taken: a set (bounded by
+/// the number of clusters, however often health flaps) and a wake-up for the one taker.
+#[derive(Default)]
+pub(crate) struct HealthChanges {
+    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl HealthChanges {
+    /// Called on a transition (never on the request path's fast arm: transitions are rare).
+    pub fn mark(&self, cluster: &str) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if !dirty.contains(cluster) {
+            dirty.insert(cluster.to_owned());
+        }
+        drop(dirty);
+        // A permit is stored when nobody waits, so a change made between a take and the next
+        // wait still wakes it.
+        self.wake.notify_one();
+    }
+
+    async fn take(&self) -> Vec<String> {
+        loop {
+            let taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+            if !taken.is_empty() {
+                return taken.into_iter().collect();
+            }
+            self.wake.notified().await;
+        }
+    }
 }
 
 /// Which address reuse a listener allows.
@@ -204,6 +239,7 @@ impl Dataplane {
                 config,
                 departed: std::sync::Mutex::default(),
                 id: format!("{:016x}", fastrand::u64(..)),
+                health_changes: HealthChanges::default(),
             }),
         })
     }
@@ -316,6 +352,14 @@ impl Dataplane {
     /// are a new series rather than a counter gone backwards.
     pub fn id(&self) -> &str {
         &self.shared.id
+    }
+
+    /// Waits until an endpoint of some cluster turns healthy or unhealthy (by its checks or a
+    /// refused connection), then names every cluster that changed since the last call. For one
+    /// taker: a controller that reports health in status reacts at once instead of at its next
+    /// resync. Nothing is lost between calls.
+    pub async fn health_changed(&self) -> Vec<String> {
+        self.shared.health_changes.take().await
     }
 
     /// Each cluster's load as this proxy sees it (the autoscaler's signal): requests in flight

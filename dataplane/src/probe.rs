@@ -57,6 +57,9 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
             health.healthy_threshold,
             health.unhealthy_threshold,
         );
+        if t != Transition::None {
+            shared.health_changes.mark(&cluster);
+        }
         match t {
             Transition::BecameHealthy => {
                 tracing::info!(%cluster, endpoint = %ep.addr, id = %ep.id, rtt_ms = rtt as f64 / 1e6, "endpoint healthy")

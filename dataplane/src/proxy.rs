@@ -523,6 +523,7 @@ async fn forward(
                         ep.state.failure(cluster.health.unhealthy_threshold)
                     };
                     if t == Transition::BecameUnhealthy {
+                        shared.health_changes.mark(&cluster.name);
                         shared
                             .metrics
                             .ejections

@@ -124,6 +124,7 @@ pub async fn run_kubernetes(
     listen: ListenArgs,
     lease: LeaseArgs,
     peers: Vec<String>,
+    sync_period: std::time::Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     // Two clients: the watch client waits as long as a watch lasts; every other call (status
@@ -209,6 +210,7 @@ pub async fn run_kubernetes(
     let mut cfg = KubeConfig::default();
     cfg.core.sole_proxy = no_leader_election;
     cfg.core.peers = peers;
+    cfg.resync = sync_period;
     let core = Core::new(
         s.providers
             .clone()

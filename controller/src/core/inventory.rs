@@ -83,7 +83,6 @@ impl Inventory {
         clusters: &[Arc<BackendCluster>],
         max_age: Option<Duration>,
     ) -> Result<Arc<Listed>, Error> {
-        let provider = providers.require(kind)?;
         let Some(slot) = self.by_kind.get(&kind) else {
             // Every kind has a slot (see `new`).
             return Err(Error::new(
@@ -101,6 +100,22 @@ impl Inventory {
         {
             return Ok(l.instances.clone());
         }
+        let instances = Arc::new(self.list(kind, providers, clusters).await?);
+        *cached = Some(Listing {
+            at: Instant::now(),
+            instances: instances.clone(),
+        });
+        Ok(instances)
+    }
+
+    /// `kind`'s instances of `clusters`, listed now within the deadline.
+    async fn list(
+        &self,
+        kind: ProviderKind,
+        providers: &Providers,
+        clusters: &[Arc<BackendCluster>],
+    ) -> Result<Listed, Error> {
+        let provider = providers.require(kind)?;
         let listed = tokio::time::timeout(self.deadline, provider.list(clusters))
             .await
             .unwrap_or_else(|_| {
@@ -114,18 +129,13 @@ impl Inventory {
                     ),
                 ))
             });
-        let instances = match listed {
-            Ok(list) => Arc::new(Listed::new(list)),
+        match listed {
+            Ok(list) => Ok(Listed::new(list)),
             Err(e) => {
                 tracing::warn!(provider = %kind, error = %e, "listing instances failed");
-                return Err(e);
+                Err(e)
             }
-        };
-        *cached = Some(Listing {
-            at: Instant::now(),
-            instances: instances.clone(),
-        });
-        Ok(instances)
+        }
     }
 
     /// Forgets the listing of `kind` (after a launch or termination).
@@ -146,11 +156,21 @@ impl Inventory {
     ) -> Result<(Vec<Instance>, BTreeSet<ProviderKind>), Error> {
         let key = ClusterKey::of(bc);
         let kinds = kinds_of(bc);
-        let listings = join_all(
-            kinds
-                .iter()
-                .map(|k| self.get(*k, providers, clusters, max_age)),
-        )
+        // A provider that only lists what specs say (`static`) is asked about this object
+        // alone, as it is now: a listing shared with others may predate it (a new object
+        // would settle with no instances until its next resync) or its last edit.
+        let this = [Arc::new(bc.clone())];
+        let this = &this;
+        let listings = join_all(kinds.iter().map(|k| {
+            let from_spec = providers.get(*k).is_some_and(|p| !p.manages_instances());
+            async move {
+                if from_spec {
+                    self.list(*k, providers, this).await.map(Arc::new)
+                } else {
+                    self.get(*k, providers, clusters, max_age).await
+                }
+            }
+        }))
         .await;
         let mut mine = Vec::new();
         for listing in listings {

@@ -27,7 +27,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -187,6 +187,9 @@ pub struct Context {
     /// Emptied when this replica becomes leader: what it wrote in an earlier term says nothing
     /// about what the leader in between wrote.
     written: Mutex<HashMap<String, Written>>,
+    /// Set by reconciles; the route publisher (in [`run`]) rebuilds the table once for however
+    /// many asked since it last did.
+    routes_wanted: tokio::sync::Notify,
 }
 
 impl Context {
@@ -203,6 +206,7 @@ impl Context {
             cfg,
             core,
             written: Mutex::default(),
+            routes_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -247,7 +251,9 @@ impl Context {
 
 /// Reconciles one BackendCluster (kube-runtime calls this; tests call it directly).
 pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.publish_routes();
+    // The store changed (a reconcile follows every change): the table is rebuilt soon, once
+    // for many reconciles (a rebuild reads every object: one per reconcile was O(n^2)).
+    ctx.routes_wanted.notify_one();
     if !ctx.is_leader() {
         // Another replica acts; this one only serves.
         return Ok(Action::requeue(ctx.cfg.resync));
@@ -442,6 +448,9 @@ pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::
     Ok(format!("fleetlb-{uid}"))
 }
 
+/// The route publisher rests this many times as long as a rebuild took before the next.
+const ROUTES_DUTY: u32 = 4;
+
 /// Runs the controller until `shutdown`: the reconcile loop, a route-table refresh and the
 /// orphan sweep. Returns an error at once when the API server does not serve BackendClusters
 /// (the CRD is not installed).
@@ -511,8 +520,19 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut last_sweep = Instant::now();
             loop {
-                tick.tick().await;
+                // The route table follows reconciles at once, at most DUTY times as often as
+                // a rebuild takes (thousands of objects); everything else once a second.
+                let wanted = tokio::select! {
+                    _ = tick.tick() => false,
+                    () = ctx.routes_wanted.notified() => true,
+                };
+                let started = Instant::now();
                 ctx.publish_routes();
+                if wanted {
+                    let gap = (started.elapsed() * ROUTES_DUTY).max(Duration::from_millis(10));
+                    tokio::time::sleep(gap).await;
+                    continue;
+                }
                 ctx.publish_status();
                 // Objects gone without passing the finalizer (refused ones have none).
                 let uids: std::collections::HashSet<String> = ctx
@@ -543,9 +563,21 @@ pub async fn run(
             }
         })
     };
+    // An endpoint that passes or fails its checks changes its cluster's status (`Ready`, the
+    // ranked endpoints): that cluster is reconciled at once, not at its next resync.
+    let health = futures::stream::unfold(ctx.core.dataplane.clone(), |dp| async move {
+        let changed = dp.health_changed().await;
+        Some((futures::stream::iter(changed), dp))
+    })
+    .flatten()
+    .map(|cluster| {
+        let (ns, name) = cluster.split_once('/').unwrap_or(("default", &cluster));
+        ObjectRef::<Watched>::new(name).within(ns)
+    });
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .reconcile_all_on(became_leader)
+        .reconcile_on(health)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))
