@@ -68,10 +68,23 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
         peers: Vec<String>,
         /// How often a settled BackendCluster is reconciled although nothing about it changed
-        /// (its instances are listed again, instances that died replaced). Changes to the
-        /// object and to its endpoints' health are acted on at once whatever this is.
-        #[arg(long, default_value = "30s", value_parser = fleetlb_bench::parse_duration)]
+        /// (its instances are listed again, instances that died replaced, latency figures in
+        /// status refreshed); at least 5s. Changes to the object and to its endpoints' health
+        /// are acted on at once whatever this is; orphaned instances are swept at least every
+        /// 30s.
+        #[arg(long, default_value = "30s", value_parser = parse_sync_period)]
         sync_period: std::time::Duration,
+    },
+    /// Check BackendCluster files without serving them, with the validator `standalone` and
+    /// the CRD's schema share: every problem is printed with its file, object and field.
+    /// Exits 0 when every object is valid, 1 otherwise.
+    ///
+    /// A directory stands for its `.yaml`/`.yml` files. Two objects with one name, or claiming
+    /// one route (unless both set `weight`), are problems too.
+    Validate {
+        /// Files or directories.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
     },
     /// Print the BackendCluster CustomResourceDefinition (manifests/crd.yaml).
     Crd,
@@ -234,6 +247,14 @@ pub struct ListenArgs {
 }
 
 /// A duration like `15s`, `500ms` or `0`.
+fn parse_sync_period(s: &str) -> Result<std::time::Duration, String> {
+    let d = fleetlb_bench::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(5) {
+        return Err(format!("{s:?} is too short: at least 5s"));
+    }
+    Ok(d)
+}
+
 fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
     match s.trim() {
         "0" | "0s" | "0ms" => Ok(std::time::Duration::ZERO),

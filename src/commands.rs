@@ -1,4 +1,5 @@
-//! The tool subcommands: `bench` (load test) and `backend` (one demo instance).
+//! The tool subcommands: `bench` (load test), `backend` (one demo instance) and `validate`
+//! (BackendCluster files checked without serving them).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,4 +108,114 @@ async fn stdin_closed() {
             Ok(_) => {}
         }
     }
+}
+
+/// `fleetlb validate`: every problem of every object in `paths` on stdout, one per line
+/// (`file: BackendCluster ns/name (document N): field: what is wrong`), then a summary.
+pub fn validate(paths: &[PathBuf]) -> ExitCode {
+    use fleetlb_controller::files::{FileText, parse_file};
+    use std::sync::Arc;
+
+    let mut problems: Vec<String> = Vec::new();
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = match std::fs::read_dir(path) {
+                Ok(entries) => entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .collect(),
+                Err(e) => {
+                    problems.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            if found.is_empty() {
+                problems.push(format!("{}: no .yaml or .yml files", path.display()));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    // Every valid object, with where it was defined, in the order read.
+    let mut valid: Vec<(Arc<fleetlb_crds::BackendCluster>, String)> = Vec::new();
+    for file in &files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => FileText::Text(t),
+            Err(e) => FileText::Unreadable(e.to_string()),
+        };
+        let load = parse_file(file, &text);
+        match load.outcome {
+            Err(why) => problems.push(why),
+            Ok(docs) => {
+                if docs.is_empty() {
+                    problems.push(format!("{}: no BackendCluster in it", file.display()));
+                }
+                for doc in docs {
+                    match doc.result {
+                        // The validator joins one object's problems with "; ".
+                        Err(line) => problems.extend(split_problems(&line)),
+                        Ok(bc) => valid.push((
+                            Arc::new(bc),
+                            format!("{} (document {})", file.display(), doc.index),
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    // What standalone would refuse across files: one name twice, one route twice.
+    let mut seen: std::collections::HashMap<fleetlb_controller::provider::ClusterKey, &str> =
+        std::collections::HashMap::new();
+    let objects: Vec<Arc<fleetlb_crds::BackendCluster>> =
+        valid.iter().map(|(bc, _)| bc.clone()).collect();
+    let mut invalid = 0;
+    for (bc, at) in &valid {
+        let key = fleetlb_controller::provider::ClusterKey::of(bc);
+        let who = format!("BackendCluster {}/{}", key.namespace, key.name);
+        if let Some(first) = seen.get(&key) {
+            problems.push(format!(
+                "{at}: {who}: metadata.name: also defined in {first}"
+            ));
+            invalid += 1;
+            continue;
+        }
+        seen.insert(key, at);
+        if let Some((holder, rule)) = fleetlb_controller::core::routes::route_holder(bc, &objects) {
+            problems.push(format!(
+                "{at}: {who}: spec.route: {rule} is already served by {holder}"
+            ));
+            invalid += 1;
+        }
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    let ok = valid.len() - invalid;
+    println!(
+        "{ok} valid BackendCluster{}, {} problem{} in {} file{}",
+        if ok == 1 { "" } else { "s" },
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        files.len(),
+        if files.len() == 1 { "" } else { "s" },
+    );
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `prefix: problem; problem` (one object's line) as one line per problem, each with the prefix
+/// (`file: BackendCluster ns/name (document N): `).
+fn split_problems(line: &str) -> Vec<String> {
+    let Some(at) = line.find("): ") else {
+        return vec![line.to_string()];
+    };
+    let (prefix, rest) = line.split_at(at + 3);
+    rest.split("; ").map(|p| format!("{prefix}{p}")).collect()
 }

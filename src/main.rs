@@ -62,6 +62,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<ExitCode, AppError> {
     let done = |r: Result<(), AppError>| r.map(|()| ExitCode::SUCCESS);
     match command {
+        Command::Validate { paths } => Ok(commands::validate(&paths)),
         Command::Crd => {
             print!("{}", fleetlb_crds::crd_yaml());
             Ok(ExitCode::SUCCESS)

@@ -784,3 +784,78 @@ fn the_weighted_example_splits_90_10_and_follows_a_weight_edit() {
     let by = split_of(&f, "other.example.com", "/app", 50).expect("answered");
     assert!(!by.contains_key("shop"), "{by:?}");
 }
+
+/// `fleetlb validate` checks files without serving them: each invalid example is one or more
+/// lines naming its file, its object and the field its `# fleetlb says:` comment names; the
+/// shipped examples pass; a name or route defined twice across files is a problem too.
+#[test]
+fn validate_prints_every_problem_with_file_object_and_field() {
+    let validate = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+            .arg("validate")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = validate(&["examples/invalid"]);
+    assert_eq!(code, Some(1), "{text}");
+    let invalid: Vec<std::path::PathBuf> = std::fs::read_dir("examples/invalid")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(invalid.len() >= 8);
+    for path in &invalid {
+        let src = std::fs::read_to_string(path).unwrap();
+        let shown = path.display().to_string();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&shown)).collect();
+        assert!(!lines.is_empty(), "nothing about {shown}:\n{text}");
+        if let Some(says) = src.lines().find_map(|l| l.strip_prefix("# fleetlb says: ")) {
+            let field = says.split(':').next().unwrap().trim();
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("BackendCluster ") && l.contains(field)),
+                "{shown}: no line names the object and {field}:\n{text}"
+            );
+        }
+    }
+    let (code, text) = validate(&["examples/cluster1.yaml", "examples/cluster2.yaml"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("2 valid BackendClusters, 0 problems in 2 files"),
+        "{text}"
+    );
+
+    // Across files: the same object twice, and a second object on a taken route.
+    let dir = tempfile::tempdir().unwrap();
+    let one = example("cluster1.yaml");
+    std::fs::write(dir.path().join("a.yaml"), &one).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), &one).unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        one.replace("name: cluster1", "name: other"),
+    )
+    .unwrap();
+    let (code, text) = validate(&[dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(
+            "b.yaml (document 1): BackendCluster default/cluster1: metadata.name: also defined in"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("c.yaml (document 1): BackendCluster default/other: spec.route: /cluster1 is already served by cluster1"),
+        "{text}"
+    );
+    // Nothing to check is not a pass.
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(validate(&[empty.path().to_str().unwrap()]).0, Some(1));
+    assert_eq!(validate(&["no/such/file.yaml"]).0, Some(1));
+    assert!(usage_error(&["validate"]).contains("<PATH>"));
+}

@@ -83,8 +83,12 @@ fn backend(cluster: &str, port: u16) -> (std::process::Child, String) {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("ready ").unwrap().to_string();
-    (child, addr)
+    let Some(addr) = line.trim().strip_prefix("ready ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("fleetlb backend on port {port} did not start (its stderr is above)");
+    };
+    (child, addr.to_string())
 }
 
 /// A static BackendCluster `name` on `endpoint`.

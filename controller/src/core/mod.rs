@@ -419,6 +419,11 @@ impl Core {
         })
     }
 
+    /// Whether `key`'s last reconcile failed (it is waiting out its backoff).
+    pub fn failing(&self, key: &ClusterKey) -> bool {
+        self.objects().get(key).is_some_and(|s| s.failures > 0)
+    }
+
     fn clear_failures(&self, key: &ClusterKey) {
         if let Some(s) = self.objects().get_mut(key) {
             s.failures = 0;

@@ -451,6 +451,13 @@ pub async fn controller_id_from_cluster(client: Client) -> Result<String, kube::
 /// The route publisher rests this many times as long as a rebuild took before the next.
 const ROUTES_DUTY: u32 = 4;
 
+/// The longest time between two orphan sweeps.
+const SWEEP_PERIOD: Duration = Duration::from_secs(30);
+
+/// Health changes are taken at most this often: a flapping endpoint reconciles its cluster
+/// about once a second at most, however fast it flaps (the set keeps every name meanwhile).
+const HEALTH_COALESCE: Duration = Duration::from_secs(1);
+
 /// Runs the controller until `shutdown`: the reconcile loop, a route-table refresh and the
 /// orphan sweep. Returns an error at once when the API server does not serve BackendClusters
 /// (the CRD is not installed).
@@ -518,7 +525,7 @@ pub async fn run(
             ctx.publish_status();
             ready.send_replace(true);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut last_sweep = Instant::now();
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 // The route table follows reconciles at once, at most DUTY times as often as
                 // a rebuild takes (thousands of objects); everything else once a second.
@@ -542,10 +549,21 @@ pub async fn run(
                     .filter_map(|w| w.meta.uid.clone())
                     .collect();
                 locked(&ctx.written).retain(|uid, _| uids.contains(uid));
-                if last_sweep.elapsed() >= ctx.cfg.resync {
-                    last_sweep = Instant::now();
-                    sweep_orphans(&ctx).await;
-                }
+            }
+        })
+    };
+    // The orphan sweep in a task of its own: a slow listing (EC2 throttling, up to the list
+    // deadline) never holds up route publishing. At least every 30 s whatever the sync period,
+    // so an orphan does not run (and cost) for as long as a long period.
+    let sweeper = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let period = ctx.cfg.resync.min(SWEEP_PERIOD);
+            let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                sweep_orphans(&ctx).await;
             }
         })
     };
@@ -565,15 +583,27 @@ pub async fn run(
     };
     // An endpoint that passes or fails its checks changes its cluster's status (`Ready`, the
     // ranked endpoints): that cluster is reconciled at once, not at its next resync.
-    let health = futures::stream::unfold(ctx.core.dataplane.clone(), |dp| async move {
-        let changed = dp.health_changed().await;
-        Some((futures::stream::iter(changed), dp))
+    // At most once per HEALTH_COALESCE; an object waiting out the backoff of a failed
+    // reconcile keeps waiting (a trigger would replace its scheduled retry).
+    let health = futures::stream::unfold((ctx.clone(), Instant::now()), |(ctx, next)| async move {
+        tokio::time::sleep_until(next).await;
+        let changed = ctx.core.dataplane.health_changed().await;
+        let due: Vec<ObjectRef<Watched>> = changed
+            .iter()
+            .map(|cluster| {
+                let (ns, name) = cluster.split_once('/').unwrap_or(("default", cluster));
+                ClusterKey {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                }
+            })
+            .filter(|key| !ctx.core.failing(key))
+            .map(|key| ObjectRef::<Watched>::new(&key.name).within(&key.namespace))
+            .collect();
+        let next = Instant::now() + HEALTH_COALESCE;
+        Some((futures::stream::iter(due), (ctx, next)))
     })
-    .flatten()
-    .map(|cluster| {
-        let (ns, name) = cluster.split_once('/').unwrap_or(("default", &cluster));
-        ObjectRef::<Watched>::new(name).within(ns)
-    });
+    .flatten();
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .reconcile_all_on(became_leader)
@@ -583,6 +613,7 @@ pub async fn run(
         .for_each(|_| std::future::ready(()))
         .await;
     background.abort();
+    sweeper.abort();
     sampler.abort();
     new_term.abort();
     Ok(())
