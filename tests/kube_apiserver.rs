@@ -254,7 +254,14 @@ fn a_backend_cluster_lives_its_life_under_the_shipped_rbac() {
     ]);
 
     let f = run_as_service_account(&cp, "fleetlb-0");
-    let cluster = cluster("cluster1", 3);
+    // With two replicas' proxies (leader election on) a retired instance is kept for its whole
+    // deregistration delay (30 s by default): shorter here, so the scale-down's wait below
+    // stays well inside its deadline.
+    let cluster = cluster("cluster1", 3).replace(
+        "  deletionPolicy: Delete",
+        "  deletionPolicy: Delete\n  deregistrationDelaySeconds: 5",
+    );
+    assert!(cluster.contains("deregistrationDelaySeconds: 5"));
     cp.applied(&cluster, &["-n", "default"]);
 
     // Ready, with its instances in status, served through the proxy.

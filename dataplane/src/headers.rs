@@ -12,6 +12,8 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Hop-by-hop headers other than those `Connection` names (RFC 9110 7.6.1).
 fn is_hop_by_hop(n: &HeaderName) -> bool {
@@ -57,22 +59,66 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// A random 128-bit request id in 32 lowercase hex digits.
-fn request_id() -> HeaderValue {
+/// `n` in lowercase hex, filling `out` (the low digits).
+fn hex_into(out: &mut [u8], mut n: u128) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
-    let mut out = [0u8; 32];
     for b in out.iter_mut().rev() {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
+}
+
+/// A random 128-bit request id in 32 lowercase hex digits.
+fn request_id() -> HeaderValue {
+    let mut out = [0u8; 32];
+    hex_into(&mut out, fastrand::u128(..));
+    shared_value(&out)
+}
+
+/// A new W3C `traceparent`: version 00, a random trace id and parent id (never all zeros),
+/// not sampled (fleetlb records no trace, so it asks nobody downstream to).
+fn new_traceparent() -> HeaderValue {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut out[3..35], fastrand::u128(1..));
+    hex_into(&mut out[36..52], u128::from(fastrand::u64(1..)));
+    shared_value(&out)
+}
+
+/// A W3C `traceparent` fleetlb passes on unchanged: `version-traceid-parentid-flags` in
+/// lowercase hex, the ids not all zeros, version `ff` never; a later version may append
+/// `-...` fields after the four it knows.
+fn valid_traceparent(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    if b.len() < 55 || !hex(&b[0..2]) || &b[0..2] == b"ff" {
+        return false;
+    }
+    let fields_ok = b[2] == b'-'
+        && hex(&b[3..35])
+        && nonzero(&b[3..35])
+        && b[35] == b'-'
+        && hex(&b[36..52])
+        && nonzero(&b[36..52])
+        && b[52] == b'-'
+        && hex(&b[53..55]);
+    let rest_ok = if &b[0..2] == b"00" {
+        b.len() == 55
+    } else {
+        b.len() == 55 || b[55] == b'-'
+    };
+    fields_ok && rest_ok
+}
+
+/// `bytes` as a header value carved out of a per-thread block.
+fn shared_value(out: &[u8]) -> HeaderValue {
     // Carved out of a per-thread block shared by 128 ids: no allocation per request.
     ID_BLOCK.with(|block| {
         let mut block = block.borrow_mut();
         if block.capacity() < out.len() {
             *block = BytesMut::with_capacity(out.len() * 128);
         }
-        block.extend_from_slice(&out);
+        block.extend_from_slice(out);
         HeaderValue::from_maybe_shared(block.split_to(out.len()).freeze())
             .unwrap_or_else(|_| HeaderValue::from_static("0"))
     })
@@ -175,6 +221,20 @@ pub(crate) fn prepare_headers(h: &mut HeaderMap, peer: &Peer, tls: bool, request
             h.insert(&X_REQUEST_ID, self::request_id());
         } else {
             h.remove(&X_REQUEST_ID);
+        }
+    }
+    // W3C trace context: one valid `traceparent` travels on unchanged with its `tracestate`;
+    // none, several or an invalid one is replaced by a new trace, and `tracestate` (which
+    // belongs to the trace it came with) dropped.
+    if request_id {
+        let mut parents = h.get_all(&TRACEPARENT).iter();
+        let valid = match (parents.next(), parents.next()) {
+            (Some(v), None) => valid_traceparent(v),
+            _ => false,
+        };
+        if !valid {
+            h.insert(&TRACEPARENT, new_traceparent());
+            h.remove(&TRACESTATE);
         }
     }
     let proto = if tls { "https" } else { "http" };
@@ -297,5 +357,55 @@ mod tests {
             "for=10.0.0.1, for=127.0.0.1;proto=https;host=\"example.com\""
         );
         assert_eq!(h.get("x-request-id").unwrap(), "abc-123");
+    }
+
+    #[test]
+    fn a_valid_traceparent_travels_unchanged_and_any_other_is_replaced() {
+        let peer = Peer::new("127.0.0.1:5000".parse().unwrap(), &[]);
+        let with = |tp: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in tp {
+                h.append("traceparent", HeaderValue::from_static(v));
+            }
+            h.insert("tracestate", HeaderValue::from_static("vendor=opaque"));
+            prepare_headers(&mut h, &peer, false, true);
+            (
+                h.get("traceparent").unwrap().to_str().unwrap().to_string(),
+                h.get_all("traceparent").iter().count(),
+                h.get("tracestate").map(|v| v.to_str().unwrap().to_string()),
+            )
+        };
+        let kept = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            with(&[kept]),
+            (kept.to_string(), 1, Some("vendor=opaque".into()))
+        );
+        let future = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next";
+        assert_eq!(with(&[future]).0, future);
+        for bad in [
+            &[][..],
+            &["00-00000000000000000000000000000000-00f067aa0ba902b7-01"][..],
+            &["00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"][..],
+            &["ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"][..],
+            &["00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"][..],
+            &["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"][..],
+            &["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"][..],
+            &[kept, kept][..],
+        ] {
+            let (tp, n, state) = with(bad);
+            assert_eq!(n, 1, "{bad:?}");
+            assert!(
+                valid_traceparent(&HeaderValue::from_str(&tp).unwrap()),
+                "{tp}"
+            );
+            assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+            assert!(
+                !tp.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+                "{bad:?}: {tp}"
+            );
+            assert_eq!(state, None, "{bad:?}");
+        }
+        // Each new trace is another.
+        assert_ne!(with(&[]).0, with(&[]).0);
     }
 }
