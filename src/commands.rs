@@ -113,41 +113,33 @@ async fn stdin_closed() {
 /// `fleetlb validate`: every problem of every object in `paths` on stdout, one per line
 /// (`file: BackendCluster ns/name (document N): field: what is wrong`), then a summary.
 pub fn validate(paths: &[PathBuf]) -> ExitCode {
-    use fleetlb_controller::files::{FileText, parse_file};
+    use fleetlb_controller::files::{FileText, parse_file, read_dir};
     use std::sync::Arc;
 
     let mut problems: Vec<String> = Vec::new();
-    let mut files = Vec::new();
+    // A directory is read as standalone reads it (its .yaml/.yml files by name, no dotfiles).
+    let mut files: Vec<(PathBuf, FileText)> = Vec::new();
     for path in paths {
-        if path.is_dir() {
-            let mut found: Vec<PathBuf> = match std::fs::read_dir(path) {
-                Ok(entries) => entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file())
-                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                    .collect(),
-                Err(e) => {
-                    problems.push(format!("{}: {e}", path.display()));
-                    continue;
-                }
+        if !path.is_dir() {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => FileText::Text(t),
+                Err(e) => FileText::Unreadable(e.to_string()),
             };
-            if found.is_empty() {
+            files.push((path.clone(), text));
+            continue;
+        }
+        match read_dir(path) {
+            Ok((_, found)) if found.is_empty() => {
                 problems.push(format!("{}: no .yaml or .yml files", path.display()));
             }
-            found.sort();
-            files.extend(found);
-        } else {
-            files.push(path.clone());
+            Ok((_, found)) => files.extend(found),
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
         }
     }
     // Every valid object, with where it was defined, in the order read.
     let mut valid: Vec<(Arc<fleetlb_crds::BackendCluster>, String)> = Vec::new();
-    for file in &files {
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => FileText::Text(t),
-            Err(e) => FileText::Unreadable(e.to_string()),
-        };
-        let load = parse_file(file, &text);
+    for (file, text) in &files {
+        let load = parse_file(file, text);
         match load.outcome {
             Err(why) => problems.push(why),
             Ok(docs) => {

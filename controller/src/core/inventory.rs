@@ -159,13 +159,12 @@ impl Inventory {
         // A provider that only lists what specs say (`static`) is asked about this object
         // alone, as it is now: a listing shared with others may predate it (a new object
         // would settle with no instances until its next resync) or its last edit.
-        let this = [Arc::new(bc.clone())];
-        let this = &this;
         let listings = join_all(kinds.iter().map(|k| {
             let from_spec = providers.get(*k).is_some_and(|p| !p.manages_instances());
             async move {
                 if from_spec {
-                    self.list(*k, providers, this).await.map(Arc::new)
+                    let this = [Arc::new(bc.clone())];
+                    self.list(*k, providers, &this).await.map(Arc::new)
                 } else {
                     self.get(*k, providers, clusters, max_age).await
                 }
