@@ -242,6 +242,19 @@ pub struct ListenArgs {
     /// and `standalone`. A second signal cuts the wait short.
     #[arg(long, value_parser = parse_delay)]
     pub shutdown_delay: Option<std::time::Duration>,
+    /// Write one JSON line per request (client, TLS, method, host, path, status, bytes,
+    /// times, cluster, endpoint and instance, tries, fleetlb's reason when it answered
+    /// itself, request and trace id, user agent) to `stdout` or to FILE (appended to; rotate
+    /// with copytruncate). Default: off, `stdout` for `demo`; `off` turns it off. Written by a
+    /// thread of its own: a line that cannot keep up is dropped and counted
+    /// (fleetlb_access_log_dropped_total), never waited for.
+    #[arg(long, value_name = "stdout|FILE|off")]
+    pub access_log: Option<String>,
+    /// Share of requests the access log keeps (0 to 1), of those answered below 500 by a
+    /// backend; 5xx answers and fleetlb's own (no route, no healthy endpoint, client gone,
+    /// ...) are always kept.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
+    pub access_log_sample: f64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -253,6 +266,16 @@ fn parse_sync_period(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is too short: at least 5s"));
     }
     Ok(d)
+}
+
+/// A share from 0 to 1, like `0.1`.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "must be a number from 0 to 1, e.g. 0.1 (got {s:?})"
+        )),
+    }
 }
 
 fn parse_delay(s: &str) -> Result<std::time::Duration, String> {

@@ -83,7 +83,9 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
         Command::Status { admin, json } => Ok(status::print(admin, json).await?),
         Command::Bench(args) => Ok(commands::bench(args).await?),
         Command::Backend(args) => Ok(commands::backend(args).await?),
-        Command::Demo { config, listen } => {
+        Command::Demo { config, mut listen } => {
+            // The demo shows each request as it goes.
+            listen.access_log.get_or_insert_with(|| "stdout".into());
             let dir = if config.is_dir() {
                 config
             } else {

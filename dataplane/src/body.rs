@@ -121,7 +121,16 @@ impl Body for ResponseBody {
             .as_ref()
             .map_or(crate::h1::READ_CHUNK, |a| a.conn().read_hint());
         let polled = this.poll_inner(cx, hint);
+        // hyper stops polling once the body says it has ended.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
+            _ => false,
+        };
         if let Some(active) = this.1.as_mut() {
+            if ended {
+                active.finished();
+            }
             // HTTP/2: whose turn it is (a client that never comes back for more is cut by
             // the connection's send timer).
             active.taken();
@@ -130,6 +139,7 @@ impl Body for ResponseBody {
                     active.hand();
                     if let Some(data) = frame.data_ref() {
                         active.conn().body_handed(data.len());
+                        active.sent(data.len());
                     }
                 }
                 Poll::Ready(_) => this.1 = None,

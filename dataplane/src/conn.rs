@@ -195,6 +195,7 @@ impl ConnState {
                         conn: self.clone(),
                         answered: false,
                         handed: None,
+                        log: None,
                     });
                 }
                 continue;
@@ -457,11 +458,37 @@ pub(crate) struct Active {
     /// HTTP/2: a chunk was handed to the client and it has not come back for more (this
     /// stream's number in `ConnState::handed`).
     handed: Option<u64>,
+    /// Its access-log line, sent when the request ends (`--access-log`).
+    log: Option<Box<crate::access_log::Entry>>,
 }
 
 impl Active {
     pub fn conn(&self) -> &Arc<ConnState> {
         &self.conn
+    }
+
+    /// Starts this request's access-log line (sent when the request ends).
+    pub fn set_log(&mut self, entry: Box<crate::access_log::Entry>) {
+        self.log = Some(entry);
+    }
+
+    /// This request's access-log line, while it is being filled in.
+    pub fn log_mut(&mut self) -> Option<&mut crate::access_log::Entry> {
+        self.log.as_deref_mut()
+    }
+
+    /// `n` response body bytes went to the client.
+    pub fn sent(&mut self, n: usize) {
+        if let Some(log) = &mut self.log {
+            log.bytes_out += n as u64;
+        }
+    }
+
+    /// The response was sent to its end.
+    pub fn finished(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.complete = true;
+        }
     }
 
     /// The service produced its response; `client_gone`: because the client reset the stream
@@ -503,6 +530,14 @@ impl Drop for Active {
     fn drop(&mut self) {
         self.taken();
         let c = &self.conn;
+        if let Some(mut log) = self.log.take()
+            && let Some(access_log) = &c.shared.config.access_log
+        {
+            log.duration = log.started.elapsed();
+            if !access_log.send(log) {
+                c.shared.metrics.access_log_dropped.inc();
+            }
+        }
         if c.active.fetch_sub(1, Relaxed) == 1 {
             c.idle_since.store(c.now(), Relaxed);
             c.wake.notify_one();

@@ -136,6 +136,7 @@ impl ProxyError {
     /// is lost: the answer closes it.
     pub fn response(self) -> Response<ResponseBody> {
         let mut resp = plain(self.status(), self.body());
+        resp.extensions_mut().insert(SelfAnswered(self.reason()));
         if self == ProxyError::ClientClosed {
             resp.extensions_mut().insert(ClientGone);
         }
@@ -159,6 +160,10 @@ impl ProxyError {
 /// it: nobody reads it, and the connection counts it as a reset, not a completed request.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ClientGone;
+
+/// Marks an answer fleetlb made itself, with its reason (for the access log).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SelfAnswered(pub &'static str);
 
 /// A short `text/plain` response.
 pub fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {

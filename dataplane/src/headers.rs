@@ -11,8 +11,8 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Hop-by-hop headers other than those `Connection` names (RFC 9110 7.6.1).
@@ -146,6 +146,8 @@ pub(crate) struct Peer {
     node: HeaderValue,
     /// It is a proxy in `--trusted-proxies`: its forwarding headers are appended to.
     trusted: bool,
+    /// Its address and port.
+    addr: SocketAddr,
 }
 
 impl Peer {
@@ -160,7 +162,13 @@ impl Peer {
             node: HeaderValue::try_from(node)
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             trusted: trusted.iter().any(|n| n.contains(&ip)),
+            addr: SocketAddr::new(ip, peer.port()),
         }
+    }
+
+    /// The client's address and port (an IPv4-mapped IPv6 address as IPv4).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 

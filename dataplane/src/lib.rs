@@ -9,6 +9,7 @@
 //! Routing is longest path prefix; balancing is per cluster ([`Policy`]); health comes from
 //! active probes and from real traffic. See docs/architecture.md for the behaviour in detail.
 
+pub mod access_log;
 pub mod admin;
 mod balance;
 mod body;
@@ -95,6 +96,8 @@ pub struct ProxyConfig {
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are believed (appended to);
     /// from anyone else those headers are replaced by what fleetlb saw (default: none).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// One JSON line per request (default: none). See [`access_log`].
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 impl Default for ProxyConfig {
@@ -108,6 +111,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(4),
             https_port: None,
             trusted_proxies: Vec::new(),
+            access_log: None,
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub(crate) inflight: IntGaugeVec,
     pub(crate) retries: IntCounterVec,
     pub(crate) panic_mode: IntGaugeVec,
+    /// Access-log lines dropped because the writer fell behind (`--access-log`).
+    pub(crate) access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -184,6 +186,10 @@ impl Metrics {
                 ),
                 &["cluster"],
             )?,
+            access_log_dropped: IntCounter::new(
+                "fleetlb_access_log_dropped_total",
+                "Access-log lines dropped because the log writer fell behind (requests never wait for it).",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.proxy_errors.clone()))?;
@@ -206,13 +212,14 @@ impl Metrics {
         registry.register(Box::new(m.inflight.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.panic_mode.clone()))?;
+        registry.register(Box::new(m.access_log_dropped.clone()))?;
         Ok(m)
     }
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 18] = [
+        let collectors: [&dyn Collector; 19] = [
             &self.tls_handshakes,
             &self.tls_cert_expiry,
             &self.requests,
@@ -231,6 +238,7 @@ impl Metrics {
             &self.inflight,
             &self.retries,
             &self.panic_mode,
+            &self.access_log_dropped,
         ];
         collectors
             .iter()

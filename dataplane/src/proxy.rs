@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::Shared;
+use crate::access_log::{Entry, TlsInfo};
 use crate::balance;
 use crate::body::{Full, InflightGuard, ResponseBody};
 use crate::conn::{Active, ClientUpgrade, ConnState, Phase};
@@ -42,15 +43,26 @@ pub(crate) async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     peer: &Peer,
-    tls: bool,
+    tls: Option<&Arc<TlsInfo>>,
     mut active: Active,
 ) -> Response<ResponseBody> {
-    let mut resp = route_and_forward(shared, req, peer, tls, &active).await;
+    if shared.config.access_log.is_some() {
+        active.set_log(Entry::start(&req, peer.addr(), tls.cloned()));
+    }
+    let mut resp = route_and_forward(shared, req, peer, tls.is_some(), &mut active).await;
     active.answered(
         resp.extensions()
             .get::<crate::error::ClientGone>()
             .is_some(),
     );
+    if let Some(log) = active.log_mut() {
+        log.status = resp.status().as_u16();
+        log.reason = resp
+            .extensions()
+            .get::<crate::error::SelfAnswered>()
+            .map(|a| a.0);
+        log.complete = resp.body().is_end_stream();
+    }
     resp.body_mut().track(active);
     resp
 }
@@ -60,7 +72,7 @@ async fn route_and_forward(
     mut req: Request<Incoming>,
     peer: &Peer,
     tls: bool,
-    active: &Active,
+    active: &mut Active,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     match crate::path::normalize(req.uri().path()) {
@@ -114,6 +126,12 @@ async fn route_and_forward(
     }
     let upgrade = upgrade_request(&mut req, active.conn());
     prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
+    if let Some(log) = active.log_mut() {
+        let h = req.headers();
+        log.cluster = Some(cluster.clone());
+        log.request_id = h.get(&crate::headers::X_REQUEST_ID).cloned();
+        log.traceparent = h.get(&crate::headers::TRACEPARENT).cloned();
+    }
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -132,7 +150,7 @@ async fn route_and_forward(
     }
     let upgrading = upgrade.is_some();
     let upgrade = upgrade.map(|(_, on)| (on, active.conn().clone()));
-    let mut resp = match forward(shared, &cluster, req, upgrade).await {
+    let mut resp = match forward(shared, &cluster, req, upgrade, active.log_mut()).await {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
@@ -339,6 +357,7 @@ async fn forward(
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
     mut client_upgrade: Option<(ClientUpgrade, Arc<ConnState>)>,
+    mut log: Option<&mut Entry>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &shared.config;
     let limits = &*shared.limits;
@@ -346,9 +365,10 @@ async fn forward(
     let penalty = cfg.failure_penalty.as_nanos() as f64;
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
+    let declared = body.size_hint().exact();
     let framing = if body.is_end_stream() {
         h1::ReqFraming::None
-    } else if let Some(n) = body.size_hint().exact() {
+    } else if let Some(n) = declared {
         // One length, as hyper counted it: a repeated or listed Content-Length never travels
         // on for an upstream to read differently.
         parts
@@ -393,6 +413,10 @@ async fn forward(
         // Borrowed from the cluster this request holds: one reference-count bump per request
         // (the in-flight guard's), on a count every proxy thread shares.
         let ep = pick.endpoint;
+        if let Some(log) = log.as_deref_mut() {
+            log.tries = attempt;
+            log.endpoint = Some(ep.clone());
+        }
         if attempt == 1 {
             cluster.carried.retry_budget.deposit();
         } else if cluster.carried.retry_budget.withdraw() {
@@ -443,6 +467,11 @@ async fn forward(
                     return Err(ProxyError::UpstreamReset);
                 }
                 ep.metrics.upstream_duration.observe(rtt.as_secs_f64());
+                if let Some(log) = log.as_deref_mut() {
+                    log.connect = answer.connected;
+                    log.head = Some(rtt);
+                    log.bytes_in = declared.or(answer.body_sent);
+                }
                 learn_from_status(
                     shared,
                     cluster,

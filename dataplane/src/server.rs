@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::access_log::TlsInfo;
 use crate::conn::{self, ClientIo, ConnState, Ended, ListenerCtl, Phase, Rewind};
 use crate::{Shared, proxy};
 
@@ -218,16 +219,21 @@ async fn serve_tls(
     let metrics = &this.shared.metrics;
     match tokio::time::timeout_at(state.head_deadline(), acceptor.accept(io)).await {
         Ok(Ok(stream)) => {
-            let version = match stream.get_ref().1.protocol_version() {
-                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
-                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
-                _ => "",
+            let session = stream.get_ref().1;
+            let (label, version) = match session.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => ("TLSv1_3", "TLSv1.3"),
+                Some(rustls::ProtocolVersion::TLSv1_2) => ("TLSv1_2", "TLSv1.2"),
+                _ => ("", ""),
             };
             metrics
                 .tls_handshakes
-                .with_label_values(&["ok", version])
+                .with_label_values(&["ok", label])
                 .inc();
-            run(this, TokioIo::new(stream), peer, true, state).await;
+            let info = Arc::new(TlsInfo {
+                version,
+                sni: session.server_name().map(Box::from),
+            });
+            run(this, TokioIo::new(stream), peer, Some(info), state).await;
         }
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "TLS handshake failed");
@@ -275,7 +281,7 @@ type Handling = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>
 fn service(
     this: &Arc<Listener>,
     peer: std::net::SocketAddr,
-    secure: bool,
+    tls: Option<Arc<TlsInfo>>,
     state: &Arc<ConnState>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
@@ -292,6 +298,7 @@ fn service(
         let this = this.clone();
         let peer_ip = peer_ip.clone();
         let state = state.clone();
+        let tls = tls.clone();
         // Boxed: hyper keeps the service's future inside every connection, idle ones too;
         // one allocation per request keeps that space out of every idle connection.
         Box::pin(async move {
@@ -299,7 +306,7 @@ fn service(
             let Some(active) = state.begin(h2).await else {
                 return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
             };
-            let mut resp = proxy::handle(&this.shared, req, &peer_ip, secure, active).await;
+            let mut resp = proxy::handle(&this.shared, req, &peer_ip, tls.as_ref(), active).await;
             if !h2
                 && state
                     .ctl
@@ -356,7 +363,7 @@ async fn round(
     state: &Arc<ConnState>,
 ) -> Option<Rewind<ClientIo>> {
     // Made per spell, not kept through a parked one.
-    let svc = service(this, peer, false, state);
+    let svc = service(this, peer, None, state);
     let mut conn = WithoutShutdown(
         Box::new(this.h1.serve_connection(TokioIo::new(io), svc)),
         None,
@@ -467,7 +474,7 @@ async fn serve_h2<I>(this: &Arc<Listener>, io: I, peer: std::net::SocketAddr, st
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = service(this, peer, false, &state);
+    let svc = service(this, peer, None, &state);
     let conn = this.h2.serve_connection(io, svc);
     drive_pinned(conn, &state, |c| c.graceful_shutdown()).await;
 }
@@ -485,12 +492,12 @@ async fn run<I>(
     this: &Arc<Listener>,
     io: I,
     peer: std::net::SocketAddr,
-    secure: bool,
+    tls: Option<Arc<TlsInfo>>,
     state: Arc<ConnState>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = service(this, peer, secure, &state);
+    let svc = service(this, peer, tls, &state);
     let conn = this
         .builder
         .serve_connection_with_upgrades(io, svc)

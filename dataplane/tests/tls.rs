@@ -510,3 +510,34 @@ async fn a_client_silent_after_its_handshake_is_closed_at_the_head_timeout() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_tls_version_and_the_server_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::load(vec![install(dir.path(), "a", &cert(&["a.example.com"]))]).unwrap();
+    let (lines, cfg) = logged(1.0);
+    let h = https(&certs, cfg).await;
+    for (alpn, version, protocol) in [
+        (&b"h2"[..], &rustls::version::TLS13, "HTTP/2"),
+        (&b"http/1.1"[..], &rustls::version::TLS12, "HTTP/1.1"),
+    ] {
+        let s = connect(h.tls, "a.example.com", client_config(&[alpn], &[version]))
+            .await
+            .unwrap();
+        let (status, _, _) = get_over(s, "a.example.com", "/c/secure").await.unwrap();
+        assert_eq!(status, 200);
+        let got = lines.wait(1).await;
+        let line = got.last().unwrap();
+        let want = if protocol == "HTTP/2" {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
+        assert_eq!(line["tls_version"], want, "{line}");
+        assert_eq!(line["sni"], "a.example.com", "{line}");
+        assert_eq!(line["protocol"], protocol, "{line}");
+        assert_eq!(line["path"], "/c/secure", "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        lines.0.lock().unwrap().clear();
+    }
+}

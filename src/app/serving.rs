@@ -12,7 +12,7 @@ use fleetlb_controller::provider::endpoints::EndpointsProvider;
 use fleetlb_controller::provider::local::LocalProvider;
 use fleetlb_dataplane::admin::{self, AdminState};
 use fleetlb_dataplane::tls::{CertFiles, Certs};
-use fleetlb_dataplane::{Dataplane, ProxyConfig, Reuse, RouteTable};
+use fleetlb_dataplane::{Dataplane, ProxyConfig, Reuse, RouteTable, access_log};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -107,12 +107,23 @@ impl Serving {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
 
+        let access_log = match listen.access_log.as_deref() {
+            None | Some("off") => None,
+            Some(name) => {
+                let target: access_log::Target = name.parse()?;
+                Some(
+                    access_log::AccessLog::open(&target, listen.access_log_sample)
+                        .with_context(|| format!("cannot open the access log {name}"))?,
+                )
+            }
+        };
         let registry = prometheus::Registry::new();
         let dataplane = Dataplane::new(
             ProxyConfig {
                 https_port: tls_addr.map(|a| listen.tls_public_port.unwrap_or(a.port())),
                 limits: listen.limits.0.clone(),
                 trusted_proxies: listen.trusted_proxies.clone(),
+                access_log,
                 ..ProxyConfig::default()
             },
             &registry,

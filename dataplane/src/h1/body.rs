@@ -293,6 +293,8 @@ pub(crate) struct Sender {
     waiting: Option<tokio::time::Instant>,
     waited: std::time::Duration,
     sent: u64,
+    /// Body bytes taken from the client in all.
+    pub total: u64,
 }
 
 impl Sender {
@@ -311,6 +313,7 @@ impl Sender {
             waiting: None,
             waited: std::time::Duration::ZERO,
             sent: 0,
+            total: 0,
         }
     }
 
@@ -406,6 +409,7 @@ impl Sender {
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {
+                        self.total += data.len() as u64;
                         if self.chunked {
                             self.queue.push_back(chunk_head(data.len()));
                             self.queue.push_back(data);

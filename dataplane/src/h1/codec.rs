@@ -47,6 +47,10 @@ pub(crate) struct Answer {
     pub body: Body,
     /// The backend's time: from the last request byte written to this head.
     pub waited: std::time::Duration,
+    /// The time a new connection took to open (none on a pooled one).
+    pub connected: Option<std::time::Duration>,
+    /// Request body bytes sent, when the body was sent whole before this head.
+    pub body_sent: Option<u64>,
 }
 
 /// Serialises a request head: request line, the headers as given, `Host` when missing.
@@ -208,6 +212,8 @@ pub(crate) fn parse(
         headers,
         body: Body::new(framing, !close),
         waited: std::time::Duration::ZERO,
+        connected: None,
+        body_sent: None,
     }))
 }
 

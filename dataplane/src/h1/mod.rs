@@ -178,10 +178,14 @@ pub(crate) async fn send(
             Ok(a) => return Ok(a),
         }
     }
+    let opening = tokio::time::Instant::now();
     let conn = connect(addr, settings.connect_timeout).await?;
-    exchange(pool, conn, head, body, settings)
+    let connected = opening.elapsed();
+    let mut answer = exchange(pool, conn, head, body, settings)
         .await
-        .map_err(Error::from)
+        .map_err(Error::from)?;
+    answer.connected = Some(connected);
+    Ok(answer)
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
@@ -275,6 +279,7 @@ async fn exchange(
             // came before the body was all sent, from the head) to the response head.
             let from = state.sent_whole_at.unwrap_or(state.sent_at);
             answer.waited = from.elapsed();
+            answer.body_sent = sender.as_ref().filter(|s| s.is_done()).map(|s| s.total);
             // The rest of the body goes out with the answer, under the same timers (of its
             // own: only this rare case pays for the allocation).
             let sending =

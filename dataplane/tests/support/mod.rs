@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -23,6 +25,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
+
+use fleetlb_dataplane::access_log::AccessLog;
+use serde_json::Value;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -412,4 +417,46 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     .await
     .expect("the proxy answered or closed the connection");
     String::from_utf8_lossy(&buf).to_string()
+}
+
+/// A writer the test reads back.
+#[derive(Clone, Default)]
+pub struct Lines(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    pub fn parsed(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// Waits for `n` lines and returns them.
+    pub async fn wait(&self, n: usize) -> Vec<Value> {
+        eventually(&format!("{n} access-log lines"), || {
+            self.parsed().len() >= n
+        })
+        .await;
+        self.parsed()
+    }
+}
+
+pub fn logged(sample: f64) -> (Lines, ProxyConfig) {
+    let lines = Lines::default();
+    let log = AccessLog::to_writer(Box::new(lines.clone()), sample, 1024).unwrap();
+    let cfg = ProxyConfig {
+        access_log: Some(log),
+        ..ProxyConfig::default()
+    };
+    (lines, cfg)
 }
