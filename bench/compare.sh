@@ -2,7 +2,7 @@
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
 #   bench/compare.sh [scenario ...]      scenarios: throughput burst hetero failover memory probes tool
-#                                        https rules slow (default: all)
+#                                        https rules slow accesslog (default: all)
 #
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3, curl, openssl; installs none of them:
 #   apt-get install -y nginx-light haproxy wrk curl openssl
@@ -22,7 +22,7 @@ SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # HAProxy needs two descriptors per connection and refuses to start beyond the limit.
 HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 )); [ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules slow)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules slow accesslog)
 
 for tool in nginx haproxy wrk python3 curl openssl; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk curl openssl)" >&2; exit 64; }
@@ -108,14 +108,21 @@ wait_healthy() { # count tries interval [admin_port]: until fleetlb reports COUN
   echo "fleetlb: $1 endpoints never became healthy" >&2; exit 1
 }
 
-start_nginx() { # ports...
-  mkdir -p "$WORK/nginx"
+start_nginx() { # ports... ; NGINX_DIR (default $WORK/nginx), NGINX_ACCESS_LOG (a file: logged there, JSON)
+  local dir=${NGINX_DIR:-$WORK/nginx}
+  mkdir -p "$dir"
   {
-    echo "worker_processes $WORKERS; daemon off; pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;"
+    echo "worker_processes $WORKERS; daemon off; pid $dir/nginx.pid; error_log $dir/error.log warn;"
     echo "events { worker_connections 20000; }"
-    echo "http { access_log off;"
-    echo "  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;"
-    echo "  fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;"
+    if [ -n "${NGINX_ACCESS_LOG:-}" ]; then
+      # About the fields fleetlb logs, as JSON, buffered as nginx users run it.
+      echo "http { log_format json escape=json '{\"time\":\"\$time_iso8601\",\"client\":\"\$remote_addr:\$remote_port\",\"method\":\"\$request_method\",\"host\":\"\$host\",\"path\":\"\$request_uri\",\"protocol\":\"\$server_protocol\",\"status\":\$status,\"bytes_in\":\$request_length,\"bytes_out\":\$body_bytes_sent,\"duration\":\$request_time,\"upstream_connect\":\"\$upstream_connect_time\",\"upstream_head\":\"\$upstream_header_time\",\"endpoint\":\"\$upstream_addr\",\"request_id\":\"\$request_id\",\"user_agent\":\"\$http_user_agent\"}';"
+      echo "  access_log $NGINX_ACCESS_LOG json buffer=64k flush=1s;"
+    else
+      echo "http { access_log off;"
+    fi
+    echo "  client_body_temp_path $dir; proxy_temp_path $dir;"
+    echo "  fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;"
     echo "  upstream up { ${NGINX_BALANCE:-}"
     for p in "$@"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
     echo "    keepalive 256; }"
@@ -133,8 +140,8 @@ start_nginx() { # ports...
       echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
     fi
     echo "}"
-  } > "$WORK/nginx/nginx.conf"
-  nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+  } > "$dir/nginx.conf"
+  nginx -p "$dir" -c "$dir/nginx.conf" &
   NGINX_PID=$!; PIDS+=($NGINX_PID)
   wait_port $NGINX_PORT
 }
@@ -301,6 +308,45 @@ print('%.0f %s %.3f %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[1
     [ -n "${FLEETLB_BASELINE:-}" ] && python3 -c "print(); print('fleetlb / baseline: req/s %.3f, CPU per request %.3f (goal: within 5 %%)' % ($f_rps / $b_rps, $f_cpu / $b_cpu))"
     python3 -c "print(); print('fleetlb / nginx = %.2f, fleetlb / HAProxy = %.2f (goal: >= 1 and > 1)' % ($f_rps / $n_rps, $f_rps / $h_rps))"
     python3 -c "print('fleetlb CPU per request / nginx = %.2f (goal <= 1)' % ($f_cpu / $n_cpu))"
+    echo
+    stop_all ;;
+  accesslog)
+    # The same proxy with its access log off and on (to a file), nginx likewise, all four
+    # running at once and taking turns run after run.
+    start_backends 0 0 0 0 0 0 0 0
+    start_fleetlb "${ports[@]}"
+    FLEETLB_ARGS="--access-log $WORK/fleetlb-access.log" start_fleetlb_as "$FLEETLB" logged $BASE_PORT $BASE_ADMIN "${ports[@]}"
+    LOGGED_PID=$STARTED_PID
+    start_nginx "${ports[@]}"; NGINX_OFF_PID=$NGINX_PID
+    NGINX_PORT=19202 NGINX_DIR=$WORK/nginx-logged NGINX_ACCESS_LOG=$WORK/nginx-access.log start_nginx "${ports[@]}"
+    NGINX_ON_PID=$NGINX_PID
+    echo "## accesslog: 8 instant backends, wrk -t2 -c$CONNS, access log off and on (a file), median of $RUNS interleaved runs"
+    echo "| target | access log | req/s (median) | each run | p99 ms | CPU µs per request |"; echo "|---|---|---|---|---|---|"
+    declare -A url=([f_off]="http://127.0.0.1:$FLEET_PORT/bench" [f_on]="http://127.0.0.1:$BASE_PORT/bench"
+                    [n_off]="http://127.0.0.1:$NGINX_PORT/bench" [n_on]="http://127.0.0.1:19202/bench")
+    declare -A pid=([f_off]=$FLEET_PID [f_on]=$LOGGED_PID [n_off]=$NGINX_OFF_PID [n_on]=$NGINX_ON_PID)
+    declare -A runs=()
+    for _ in $(seq 1 "$RUNS"); do
+      for t in f_off f_on n_off n_on; do runs[$t]+="$(wrk_run "${url[$t]}" "${pid[$t]}");"; done
+    done
+    declare -A label=([f_off]="fleetlb|off" [f_on]="fleetlb|on (--access-log FILE)" [n_off]="nginx|off" [n_on]="nginx|on (JSON, buffer=64k)")
+    declare -A rps=()
+    for t in f_off f_on n_off n_on; do
+      read -r m each p99 cpu < <(python3 -c "
+import sys
+rs = sorted((tuple(map(float, r.split())) for r in sys.argv[1].split(';') if r), key=lambda r: r[0])
+m = rs[len(rs) // 2]
+print('%.0f %s %.3f %.1f' % (m[0], ','.join('%.0f' % r[0] for r in rs), m[2], m[3]))" "${runs[$t]}")
+      rps[$t]=$m
+      echo "| ${label[$t]/|/ | } | $m | $each | $p99 | $cpu |"
+    done
+    sleep 2 # the last lines reach the files
+    dropped=$(curl -s 127.0.0.1:$BASE_ADMIN/metrics | awk '/^fleetlb_access_log_dropped_total/ {print $2}')
+    served=$(curl -s 127.0.0.1:$BASE_ADMIN/metrics | awk '/^fleetlb_requests_total/ {s += $2} END {print s}')
+    echo
+    python3 -c "print('fleetlb on / off = %.3f (goal >= 0.90); nginx on / off = %.3f' % (${rps[f_on]} / ${rps[f_off]}, ${rps[n_on]} / ${rps[n_off]}))"
+    echo "fleetlb: $served requests answered, $(wc -l < "$WORK/fleetlb-access.log") lines written, ${dropped:-0} dropped; nginx: $(wc -l < "$WORK/nginx-access.log") lines"
+    echo "a fleetlb line: $(tail -1 "$WORK/fleetlb-access.log")"
     echo
     stop_all ;;
   hetero)
@@ -567,6 +613,6 @@ PY
       stop_all
     done
     echo ;;
-  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow)" >&2; exit 64 ;;
+  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow accesslog)" >&2; exit 64 ;;
   esac
 done

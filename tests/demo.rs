@@ -859,3 +859,33 @@ fn validate_prints_every_problem_with_file_object_and_field() {
     assert_eq!(validate(&["no/such/file.yaml"]).0, Some(1));
     assert!(usage_error(&["validate"]).contains("<PATH>"));
 }
+
+#[test]
+fn standalone_on_a_directory_without_a_valid_file_says_so_on_stderr_and_in_readyz() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invalid");
+    let admin_port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
+        .args(["standalone", "--config", dir.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let readyz = eventually("/readyz names the problem", || {
+        get(admin, "/readyz").filter(|r| r.body.contains("no valid BackendCluster"))
+    });
+    let stderr = eventually("stderr says so", || {
+        std::fs::read_to_string(log.path())
+            .ok()
+            .filter(|t| t.contains("no valid BackendCluster in"))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(readyz.status, 503, "{}", readyz.body);
+    assert!(readyz.body.contains(".yaml"), "{}", readyz.body);
+    assert!(stderr.contains("/readyz answers 503"), "{stderr}");
+}

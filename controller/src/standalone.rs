@@ -144,6 +144,8 @@ pub struct Standalone {
     /// object ever used is never called, so the demo needs no AWS credentials even with a
     /// controller id, and a kind whose last object left is still swept).
     used_kinds: BTreeSet<ProviderKind>,
+    /// The log said once that no object is valid.
+    said_none_valid: bool,
 }
 
 /// See [`Standalone::run`].
@@ -168,6 +170,7 @@ impl Standalone {
             file_cache: files::FileCache::default(),
             loaded_once: false,
             used_kinds: BTreeSet::new(),
+            said_none_valid: false,
         }
     }
 
@@ -426,7 +429,19 @@ impl Standalone {
             .collect();
         routes::publish(&out.routes, &objects);
         let _ = out.status.send(Bytes::from(self.status_json()));
-        out.ready.send_if_modified(|r| !std::mem::replace(r, true));
+        if self.tracked.is_empty() && !self.errors.is_empty() {
+            // Nothing to serve, and not because the directory is empty: /readyz says why (from
+            // the status document's errors) until a file is fixed.
+            if !*out.ready.borrow() && !self.said_none_valid {
+                self.said_none_valid = true;
+                tracing::error!(
+                    "no valid BackendCluster in {}: every object has a problem (listed above); /readyz answers 503 until one is fixed",
+                    self.cfg.dir.display()
+                );
+            }
+        } else {
+            out.ready.send_if_modified(|r| !std::mem::replace(r, true));
+        }
         busy
     }
 

@@ -76,6 +76,31 @@ pub async fn serve(
     }
 }
 
+/// `/readyz` before the first route table: why, when the controller's status document lists
+/// problems (standalone: no file holds a valid BackendCluster).
+fn not_ready(status: &[u8]) -> Response<ResponseBody> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        errors: Vec<String>,
+    }
+    let errors = serde_json::from_slice::<Doc>(status).map_or_else(|_| Vec::new(), |d| d.errors);
+    let text = match errors.as_slice() {
+        [] => "not ready: no route table yet\n".to_string(),
+        [first, rest @ ..] => format!(
+            "not ready: no valid BackendCluster; {} problem(s), the first: {first}\n",
+            rest.len() + 1
+        ),
+    };
+    let mut resp = Response::new(ResponseBody::message(text));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
@@ -102,10 +127,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
             } else if *state.ready.borrow() {
                 plain(StatusCode::OK, "ready\n")
             } else {
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no route table yet\n",
-                )
+                not_ready(&state.status.borrow())
             }
         }
         "/status" => {
