@@ -45,6 +45,10 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// How long the writer rests after writing what was queued (lines reach the file at most this
+/// much later than they could).
+const BATCH_PAUSE: Duration = Duration::from_millis(10);
+
 /// Lines waiting for the writer at most; a burst beyond this is dropped and counted.
 pub const CAPACITY: usize = 16 * 1024;
 
@@ -121,9 +125,17 @@ fn write_lines(rx: &Receiver<Box<Entry>>, out: Box<dyn Write + Send>) {
                 if out.flush().is_err() {
                     return;
                 }
-                match rx.recv() {
+                // A pause before the next batch: under load the senders find the channel
+                // non-empty and never have to wake this thread (a wake per line costs more
+                // than the line); a quiet proxy's first line wakes it at once.
+                std::thread::sleep(BATCH_PAUSE);
+                match rx.try_recv() {
                     Ok(e) => e,
-                    Err(_) => return,
+                    Err(TryRecvError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => match rx.recv() {
+                        Ok(e) => e,
+                        Err(_) => return,
+                    },
                 }
             }
             Err(TryRecvError::Disconnected) => {

@@ -50,6 +50,25 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     tokio::pin!(shutdown);
+    // The status page's short history: one point per cluster every 5 s.
+    let sampler = {
+        let dp = state.dataplane.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::history::INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let shared = &dp.shared;
+                shared
+                    .history
+                    .sample(&shared.metrics, t, crate::history::INTERVAL);
+            }
+        })
+    };
+    let _sampler = AbortOnDrop(sampler);
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -73,6 +92,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let _ = conn.await;
         });
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -149,6 +177,20 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ResponseBody> {
                 }
             }
         }
+        "/debug/history" => {
+            let doc = serde_json::json!({
+                "interval_seconds": crate::history::INTERVAL.as_secs(),
+                "clusters": state.dataplane.shared.history.points(),
+            });
+            match serde_json::to_vec(&doc) {
+                Ok(v) => with_type(v.into(), "application/json"),
+                Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+            }
+        }
+        "/" => with_type(
+            Bytes::from_static(include_bytes!("status.html")),
+            "text/html; charset=utf-8",
+        ),
         "/debug/endpoints" => match serde_json::to_vec_pretty(&state.dataplane.snapshot()) {
             Ok(v) => with_type(v.into(), "application/json"),
             Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),

@@ -66,6 +66,8 @@ pub(crate) struct EndpointState {
     eject_reason: AtomicU8,
     ejections: AtomicU32,
     failure_run: AtomicU32,
+    /// Requests it failed since it joined (5xx it made, broken or refused connections).
+    failures: AtomicU64,
     window_sum_bits: AtomicU64,
     window_count: AtomicU64,
     window_at: AtomicU64,
@@ -127,6 +129,7 @@ impl EndpointState {
             eject_reason: AtomicU8::new(0),
             ejections: AtomicU32::new(0),
             failure_run: AtomicU32::new(0),
+            failures: AtomicU64::new(0),
             window_sum_bits: AtomicU64::new(0f64.to_bits()),
             window_count: AtomicU64::new(0),
             window_at: AtomicU64::new(now),
@@ -209,7 +212,13 @@ impl EndpointState {
 
     /// Counts a failed request; returns the length of the current run of failures.
     pub fn request_failed(&self) -> u32 {
+        self.failures.fetch_add(1, Relaxed);
         self.failure_run.fetch_add(1, Relaxed).saturating_add(1)
+    }
+
+    /// Requests it failed since it joined.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Relaxed)
     }
 
     /// Its last request failed (a run of failures is going on).

@@ -17,6 +17,7 @@ mod conn;
 mod endpoint;
 mod error;
 mod h1;
+mod history;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     /// Clusters whose endpoints passed or failed their checks since the controller last looked
     /// (see [`Dataplane::health_changed`]).
     pub health_changes: HealthChanges,
+    /// Each cluster's recent rate and p50/p99 (`/debug/history`).
+    pub history: history::History,
 }
 
 /// The names of clusters whose endpoints' health changed, kept until taken: a set (bounded by
@@ -244,6 +247,7 @@ impl Dataplane {
                 departed: std::sync::Mutex::default(),
                 id: format!("{:016x}", fastrand::u64(..)),
                 health_changes: HealthChanges::default(),
+                history: history::History::default(),
             }),
         })
     }
@@ -522,6 +526,7 @@ fn cluster_snapshot(c: &table::Cluster, now: u64) -> ClusterSnapshot {
                 queued: e.queued.load(std::sync::atomic::Ordering::Relaxed),
                 idle_connections: e.pool.idle(),
                 selections,
+                failures: s.failures(),
                 share: if total == 0 {
                     0.0
                 } else {
@@ -595,6 +600,8 @@ pub struct EndpointSnapshot {
     pub idle_connections: usize,
     /// Requests sent to it since it joined.
     pub selections: u64,
+    /// Of those, the ones it failed (a 5xx it made, a refused or broken connection).
+    pub failures: u64,
     /// Its share of the cluster's selections.
     pub share: f64,
 }
