@@ -889,3 +889,90 @@ fn standalone_on_a_directory_without_a_valid_file_says_so_on_stderr_and_in_ready
     assert!(readyz.body.contains(".yaml"), "{}", readyz.body);
     assert!(stderr.contains("/readyz answers 503"), "{stderr}");
 }
+
+/// The README's quick start, run as written (its addresses pointed at this test's demo): the
+/// front door cannot rot unnoticed.
+#[test]
+fn the_readme_quick_start_works_as_written() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let blocks: Vec<&str> = readme.split("```").collect();
+    // Fenced blocks are the odd pieces; the quick start is the `sh` one with the curls.
+    let quick = blocks
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .find(|b| b.starts_with("sh") && b.contains("curl localhost:8000/cluster1"))
+        .expect("the README has its quick-start block");
+    let table_header = blocks
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .find_map(|b| b.lines().find(|l| l.starts_with("NAME ")))
+        .expect("the README shows fleetlb status's table");
+
+    let f = Fleetlb::demo(&demo_clusters());
+    eventually("both clusters serve", || {
+        f.distinct_instances("/cluster1", 20)
+            .filter(|ids| ids.len() >= 2)
+            .and_then(|_| f.distinct_instances("/cluster2", 20))
+    });
+    // As a user reads it: a few seconds after the start, every instance Ready.
+    eventually("every instance Ready in /status", || {
+        let st = f.status();
+        let clusters = st["clusters"].as_array()?.clone();
+        (clusters.len() == 2
+            && clusters
+                .iter()
+                .all(|c| c["status"]["readyReplicas"] == c["desired"]))
+        .then_some(())
+    });
+    let exe = env!("CARGO_BIN_EXE_fleetlb");
+    let mut outputs = Vec::new();
+    for line in quick.lines().skip(1) {
+        let command = line.split("  #").next().unwrap().trim();
+        if command.is_empty() || command.starts_with('#') {
+            continue;
+        }
+        let command = command
+            .replace("localhost:8000", &f.proxy.to_string())
+            .replace("localhost:9090", &f.admin.to_string())
+            .replace(
+                "cargo run --release -- status",
+                &format!("{exe} status --admin {}", f.admin),
+            );
+        let out = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{command}: {out:?}");
+        outputs.push((command, text));
+    }
+    let output = |needle: &str| {
+        outputs
+            .iter()
+            .find(|(c, _)| c.contains(needle))
+            .map(|(_, o)| o.as_str())
+            .unwrap_or_else(|| panic!("the quick start runs {needle}"))
+    };
+    for cluster in ["cluster1", "cluster2"] {
+        let body: serde_json::Value = serde_json::from_str(output(&format!("/{cluster}"))).unwrap();
+        assert_eq!(body["cluster"], cluster, "{body}");
+        assert!(body["instance_id"].as_str().unwrap().starts_with("i-"));
+    }
+    assert!(output("/metrics").contains("fleetlb_requests_total"));
+    let endpoints: serde_json::Value = serde_json::from_str(output("/debug/endpoints")).unwrap();
+    assert_eq!(endpoints.as_array().unwrap().len(), 2, "{endpoints}");
+    let status = output(" status ");
+    let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        words(status.lines().next().unwrap()),
+        words(table_header),
+        "{status}"
+    );
+    assert!(status.contains("AllReplicasReady"), "{status}");
+    // The status page the README points at.
+    assert!(readme.contains("http://localhost:9090/"));
+    let page = get(f.admin, "/").unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<title>fleetlb</title>"));
+}
