@@ -424,6 +424,17 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
     let spec = &rule["spec"];
     for g in spec["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
+            // Each alert names its runbook, a page of its own that exists.
+            let alert = r["alert"].as_str().unwrap();
+            let runbook = r["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("alert {alert} has no runbook_url"));
+            let page = std::fs::read_to_string(root().join(runbook))
+                .unwrap_or_else(|e| panic!("alert {alert}: runbook {runbook}: {e}"));
+            assert!(
+                page.starts_with(&format!("# {alert}\n")),
+                "{runbook} is not {alert}'s runbook"
+            );
             for m in queried(r["expr"].as_str().unwrap()) {
                 assert!(
                     names.contains(&m),
