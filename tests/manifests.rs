@@ -529,7 +529,7 @@ fn iam_policy_scopes_mutations_to_owned_instances() {
 fn the_documented_autoscaler_targets_the_scale_subresource_fleetlb_serves() {
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
     let text = std::fs::read_to_string(root().join("examples/autoscaling/hpa.yaml")).unwrap();
-    let readme = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    let readme = std::fs::read_to_string(root().join("docs/concepts/autoscaling.md")).unwrap();
     let body: String = text
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -537,7 +537,7 @@ fn the_documented_autoscaler_targets_the_scale_subresource_fleetlb_serves() {
         .collect();
     assert!(
         readme.contains(&body),
-        "docs/operations.md shows examples/autoscaling/hpa.yaml (without its comments)"
+        "docs/concepts/autoscaling.md shows examples/autoscaling/hpa.yaml (without its comments)"
     );
     let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let v = serde_json::to_value(yaml).unwrap();

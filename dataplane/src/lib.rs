@@ -7,7 +7,7 @@
 //! - [`admin::serve`] serves `/metrics`, `/healthz`, `/readyz`, `/status`, `/debug/endpoints`.
 //!
 //! Routing is longest path prefix; balancing is per cluster ([`Policy`]); health comes from
-//! active probes and from real traffic. See docs/architecture.md for the behaviour in detail.
+//! active probes and from real traffic. See docs/concepts/balancing.md for the behaviour in detail.
 
 pub mod access_log;
 pub mod admin;
