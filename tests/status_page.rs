@@ -227,13 +227,20 @@ fn the_status_page_shows_every_instance_and_a_stopped_one_turns_red() {
         .nth(1)
         .unwrap()
         .to_string();
-    let stop = |sig: &str| {
-        Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap();
-    };
-    stop("-STOP");
+    /// Lets the stopped process go on whatever happens (a stopped process ignores SIGTERM).
+    struct Stopped(u32);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let stopped = Stopped(pid);
     let red = eventually("the stopped instance turns red", || {
         rows(&b)
             .into_iter()
@@ -243,11 +250,23 @@ fn the_status_page_shows_every_instance_and_a_stopped_one_turns_red() {
     if let Some(path) = &screenshot {
         b.screenshot(path);
     }
-    stop("-CONT");
+    drop(stopped);
     // Red is red: rgb(207, 34, 46), the page's --bad; healthy was green.
     assert_eq!(red, "rgb(207, 34, 46)");
     assert_ne!(red, green);
-    // The page is one self-contained document: nothing fetched from elsewhere.
+    // The page is one self-contained document: nothing fetched from elsewhere, and nothing in
+    // it that could fetch (no src/href, no URL but its own).
+    // (SVG's namespace name is a URI that is never fetched.)
+    let page = get(f.admin, "/")
+        .unwrap()
+        .body
+        .replace("\"http://www.w3.org/2000/svg\"", "");
+    for word in ["src=", "href=", "http://", "https://", "@import", "url("] {
+        assert!(
+            !page.contains(word),
+            "the status page refers outside: {word}"
+        );
+    }
     let external = b.eval(
         "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith(location.origin));",
     );

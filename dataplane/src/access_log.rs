@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Version};
+use bytes::Bytes;
+use http::{Method, Version};
 
 use crate::endpoint::Endpoint;
 use crate::table::Cluster;
@@ -101,15 +101,19 @@ impl AccessLog {
     /// Offers `entry` to the writer: `false` when the line was dropped (the channel is full).
     /// Sampled-out entries count as sent.
     pub(crate) fn send(&self, entry: Box<Entry>) -> bool {
-        let always = entry.status >= 500 || entry.reason.is_some();
+        // Kept whatever the share: a 5xx, an answer of fleetlb's own, a response cut short.
+        // A client that went away is sampled like a success: a client could otherwise have
+        // every one of its reset streams logged and crowd the real errors out.
+        let gone = entry.reason == Some("client_closed");
+        let always = entry.status >= 500 || (!gone && (entry.reason.is_some() || !entry.complete));
         if !always && self.keep < 1 << 32 && u64::from(fastrand::u32(..)) >= self.keep {
             return true;
         }
         match self.tx.try_send(entry) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => false,
-            // The writer is gone (its output failed for good): nothing more to write.
-            Err(TrySendError::Disconnected(_)) => true,
+            // The writer is gone (its output failed for good): the line is lost, and counted.
+            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 }
@@ -122,8 +126,10 @@ fn write_lines(rx: &Receiver<Box<Entry>>, out: Box<dyn Write + Send>) {
         let entry = match rx.try_recv() {
             Ok(e) => e,
             Err(TryRecvError::Empty) => {
-                if out.flush().is_err() {
-                    return;
+                if let Err(err) = out.flush() {
+                    if gave_up(&err) {
+                        return;
+                    }
                 }
                 // A pause before the next batch: under load the senders find the channel
                 // non-empty and never have to wake this thread (a wake per line costs more
@@ -148,11 +154,49 @@ fn write_lines(rx: &Receiver<Box<Entry>>, out: Box<dyn Write + Send>) {
             continue;
         }
         line.push(b'\n');
-        if let Err(err) = out.write_all(&line) {
-            tracing::warn!(%err, "access log: cannot write; no more lines are written");
+        escape_c1(&mut line);
+        if let Err(err) = out.write_all(&line)
+            && gave_up(&err)
+        {
             return;
         }
     }
+}
+
+/// Says why a write failed; `true` when the output is gone for good (a closed pipe): then no
+/// more lines are written. Other failures (a full disk) lose what was being written and the
+/// writer goes on.
+fn gave_up(err: &io::Error) -> bool {
+    let closed = err.kind() == io::ErrorKind::BrokenPipe;
+    if closed {
+        tracing::warn!(%err, "access log: the output is closed; no more lines are written");
+    } else {
+        tracing::warn!(%err, "access log: a write failed; lines were lost");
+    }
+    closed
+}
+
+/// Escapes C1 control characters (U+0080-U+009F, which JSON leaves as they are) so a header
+/// cannot send a terminal escape sequence to whoever reads the log on a terminal.
+fn escape_c1(line: &mut Vec<u8>) {
+    if !line
+        .windows(2)
+        .any(|w| w[0] == 0xC2 && (0x80..=0x9F).contains(&w[1]))
+    {
+        return;
+    }
+    let mut out = Vec::with_capacity(line.len() + 16);
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] == 0xC2 && line.get(i + 1).is_some_and(|b| (0x80..=0x9F).contains(b)) {
+            out.extend_from_slice(format!("\\u{:04x}", line[i + 1]).as_bytes());
+            i += 2;
+        } else {
+            out.push(line[i]);
+            i += 1;
+        }
+    }
+    *line = out;
 }
 
 /// The TLS session of a client connection, as the access log names it.
@@ -171,8 +215,9 @@ pub(crate) struct Entry {
     pub client: SocketAddr,
     pub tls: Option<Arc<TlsInfo>>,
     pub method: Method,
-    pub host: Option<HeaderValue>,
-    pub path: Option<PathAndQuery>,
+    /// Copies, cut at [`FIELD_MAX`] bytes: a queued line never keeps the request's buffers.
+    pub host: Option<Bytes>,
+    pub path: Bytes,
     pub version: Version,
     /// 499 until an answer is made (the client went away first).
     pub status: u16,
@@ -194,9 +239,18 @@ pub(crate) struct Entry {
     pub reason: Option<&'static str>,
     /// The response body was sent to its end.
     pub complete: bool,
-    pub request_id: Option<HeaderValue>,
-    pub traceparent: Option<HeaderValue>,
-    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<Bytes>,
+    pub traceparent: Option<Bytes>,
+    pub user_agent: Option<Bytes>,
+}
+
+/// Longest a logged header or path is (longer ones are cut): a line's size stays bounded
+/// whatever the client sent.
+pub(crate) const FIELD_MAX: usize = 1024;
+
+/// An owned copy of `b`, cut at [`FIELD_MAX`] bytes.
+pub(crate) fn capped(b: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(&b[..b.len().min(FIELD_MAX)])
 }
 
 impl Entry {
@@ -206,11 +260,10 @@ impl Entry {
         tls: Option<Arc<TlsInfo>>,
     ) -> Box<Self> {
         let h = req.headers();
-        let host = h.get(http::header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = h
+            .get(http::header::HOST)
+            .map(|v| capped(v.as_bytes()))
+            .or_else(|| req.uri().authority().map(|a| capped(a.as_str().as_bytes())));
         Box::new(Self {
             at: SystemTime::now(),
             started: tokio::time::Instant::now(),
@@ -218,7 +271,12 @@ impl Entry {
             tls,
             method: req.method().clone(),
             host,
-            path: req.uri().path_and_query().cloned(),
+            path: capped(
+                req.uri()
+                    .path_and_query()
+                    .map_or("", |p| p.as_str())
+                    .as_bytes(),
+            ),
             version: req.version(),
             status: 499,
             bytes_in: None,
@@ -233,13 +291,15 @@ impl Entry {
             complete: false,
             request_id: None,
             traceparent: None,
-            user_agent: h.get(http::header::USER_AGENT).cloned(),
+            user_agent: h
+                .get(http::header::USER_AGENT)
+                .map(|v| capped(v.as_bytes())),
         })
     }
 
     fn line(&self) -> Line<'_> {
-        fn text(v: &Option<HeaderValue>) -> Option<Cow<'_, str>> {
-            v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()))
+        fn text(v: &Option<Bytes>) -> Option<Cow<'_, str>> {
+            v.as_ref().map(|v| String::from_utf8_lossy(v))
         }
         let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         let time = jiff::Timestamp::try_from(self.at)
@@ -252,7 +312,7 @@ impl Entry {
             sni: self.tls.as_ref().and_then(|t| t.sni.as_deref()),
             method: self.method.as_str(),
             host: text(&self.host),
-            path: self.path.as_ref().map_or("", |p| p.as_str()),
+            path: String::from_utf8_lossy(&self.path),
             protocol: match self.version {
                 Version::HTTP_09 => "HTTP/0.9",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -278,7 +338,7 @@ impl Entry {
             trace_id: self
                 .traceparent
                 .as_ref()
-                .and_then(|t| t.as_bytes().get(3..35))
+                .and_then(|t| t.get(3..35))
                 .and_then(|t| std::str::from_utf8(t).ok()),
             user_agent: text(&self.user_agent),
         }
@@ -297,7 +357,7 @@ struct Line<'a> {
     method: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<Cow<'a, str>>,
-    path: &'a str,
+    path: Cow<'a, str>,
     protocol: &'static str,
     status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -324,4 +384,27 @@ struct Line<'a> {
     trace_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     user_agent: Option<Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c1_controls_are_escaped_and_the_rest_is_left_alone() {
+        let mut line = serde_json::to_vec(&"a\u{9b}[2Jb\u{e9}\u{85}").unwrap();
+        escape_c1(&mut line);
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap(),
+            "\"a\\u009b[2Jb\u{e9}\\u0085\""
+        );
+        let back: String = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, "a\u{9b}[2Jb\u{e9}\u{85}");
+    }
+
+    #[test]
+    fn logged_fields_are_cut_at_their_bound() {
+        assert_eq!(capped(&[b'x'; 5000]).len(), FIELD_MAX);
+        assert_eq!(&capped(b"short")[..], b"short");
+    }
 }

@@ -56,15 +56,20 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::history::INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let t = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
                 let shared = &dp.shared;
+                let table = shared.table.load();
+                let names: Vec<&str> = table.clusters.iter().map(|c| c.name.as_str()).collect();
+                let now = tokio::time::Instant::now();
                 shared
                     .history
-                    .sample(&shared.metrics, t, crate::history::INTERVAL);
+                    .sample(&shared.metrics, &names, t, now - last);
+                last = now;
             }
         })
     };

@@ -42,8 +42,9 @@ struct Inner {
 }
 
 impl History {
-    /// Takes one point per cluster from `metrics`, `t` being now in Unix seconds.
-    pub fn sample(&self, metrics: &Metrics, t: u64, interval: Duration) {
+    /// Takes one point per cluster of `clusters` (those being served) from `metrics`, `t`
+    /// being now in Unix seconds and `interval` the time since the last sample.
+    pub fn sample(&self, metrics: &Metrics, clusters: &[&str], t: u64, interval: Duration) {
         let families = metrics.request_duration.collect();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = Vec::new();
@@ -56,6 +57,10 @@ impl History {
             else {
                 continue;
             };
+            // A cluster that left keeps its series in the registry: not in the history.
+            if !clusters.contains(&cluster.as_str()) {
+                continue;
+            }
             let h = m.get_histogram();
             let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
             let counts: Vec<u64> = h
@@ -77,7 +82,7 @@ impl History {
             let q = |q: f64| quantile(q, &bounds, &delta, n).map(|s| s * 1000.0);
             let point = Point {
                 t,
-                rps: n as f64 / interval.as_secs_f64(),
+                rps: n as f64 / interval.as_secs_f64().max(0.001),
                 p50_ms: q(0.5),
                 p99_ms: q(0.99),
             };

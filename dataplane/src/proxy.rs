@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::Shared;
-use crate::access_log::{Entry, TlsInfo};
+use crate::access_log::{self, Entry, TlsInfo};
 use crate::balance;
 use crate::body::{Full, InflightGuard, ResponseBody};
 use crate::conn::{Active, ClientUpgrade, ConnState, Phase};
@@ -61,7 +61,11 @@ pub(crate) async fn handle(
             .extensions()
             .get::<crate::error::SelfAnswered>()
             .map(|a| a.0);
-        log.complete = resp.body().is_end_stream();
+        // hyper sends no body after a 101 or to a HEAD: the head is the whole answer (a
+        // WebSocket upgrade is logged when its 101 goes out).
+        log.complete = resp.body().is_end_stream()
+            || resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || log.method == Method::HEAD;
     }
     resp.body_mut().track(active);
     resp
@@ -114,6 +118,9 @@ async fn route_and_forward(
             }
         }
     };
+    if let Some(log) = active.log_mut() {
+        log.cluster = Some(cluster.clone());
+    }
     if let Err(err) = check_framing_and_host(&mut req) {
         shared.metrics.proxy_error(&cluster.name, err.reason());
         cluster.metrics.count(err.status().as_u16());
@@ -128,9 +135,12 @@ async fn route_and_forward(
     prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
     if let Some(log) = active.log_mut() {
         let h = req.headers();
-        log.cluster = Some(cluster.clone());
-        log.request_id = h.get(&crate::headers::X_REQUEST_ID).cloned();
-        log.traceparent = h.get(&crate::headers::TRACEPARENT).cloned();
+        let copy = |name| {
+            h.get(name)
+                .map(|v: &HeaderValue| access_log::capped(v.as_bytes()))
+        };
+        log.request_id = copy(&crate::headers::X_REQUEST_ID);
+        log.traceparent = copy(&crate::headers::TRACEPARENT);
     }
     if let Some((proto, _)) = &upgrade {
         let h = req.headers_mut();
@@ -208,6 +218,8 @@ fn to_https<B>(req: &Request<B>, port: u16) -> Response<ResponseBody> {
         b"moved to https\n",
     )));
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    resp.extensions_mut()
+        .insert(crate::error::SelfAnswered("https_redirect"));
     let h = resp.headers_mut();
     h.insert(header::LOCATION, location);
     h.insert(
@@ -365,10 +377,9 @@ async fn forward(
     let penalty = cfg.failure_penalty.as_nanos() as f64;
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
-    let declared = body.size_hint().exact();
     let framing = if body.is_end_stream() {
         h1::ReqFraming::None
-    } else if let Some(n) = declared {
+    } else if let Some(n) = body.size_hint().exact() {
         // One length, as hyper counted it: a repeated or listed Content-Length never travels
         // on for an upstream to read differently.
         parts
@@ -413,10 +424,6 @@ async fn forward(
         // Borrowed from the cluster this request holds: one reference-count bump per request
         // (the in-flight guard's), on a count every proxy thread shares.
         let ep = pick.endpoint;
-        if let Some(log) = log.as_deref_mut() {
-            log.tries = attempt;
-            log.endpoint = Some(ep.clone());
-        }
         if attempt == 1 {
             cluster.carried.retry_budget.deposit();
         } else if cluster.carried.retry_budget.withdraw() {
@@ -439,6 +446,10 @@ async fn forward(
             }
         };
         ep.metrics.selections.inc();
+        if let Some(log) = log.as_deref_mut() {
+            log.tries = attempt;
+            log.endpoint = Some(ep.clone());
+        }
         let head = h1::Head {
             method: &parts.method,
             path: &path,
@@ -470,7 +481,10 @@ async fn forward(
                 if let Some(log) = log.as_deref_mut() {
                     log.connect = answer.connected;
                     log.head = Some(rtt);
-                    log.bytes_in = declared.or(answer.body_sent);
+                    log.bytes_in = match framing {
+                        h1::ReqFraming::None => Some(0),
+                        _ => answer.body_sent,
+                    };
                 }
                 learn_from_status(
                     shared,

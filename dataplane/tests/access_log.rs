@@ -89,16 +89,22 @@ async fn fleetlbs_own_answers_are_logged_with_their_reason() {
 #[tokio::test]
 async fn sampling_keeps_every_error_and_a_share_of_the_rest() {
     let (lines, cfg) = logged(0.0);
-    let (_up, proxy) = one_healthy(cfg).await;
+    let (up, proxy) = one_healthy(cfg).await;
     let c = client();
     for _ in 0..20 {
         assert_eq!(get(&c, &proxy.url("/c/ok")).await.unwrap().0, 200);
     }
     assert_eq!(get(&c, &proxy.url("/nowhere")).await.unwrap().0, 404);
-    let got = lines.wait(1).await;
-    // The 404 was sent after the 200s: had any of them been kept, it would be there first.
-    assert_eq!(got.len(), 1, "{got:?}");
+    // A backend's own 5xx is kept too.
+    up.status.store(500, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(get(&c, &proxy.url("/c/fails")).await.unwrap().0, 500);
+    let got = lines.wait(2).await;
+    // The 404 and the 500 were sent after the 200s: had any of those been kept, it would come
+    // first.
+    assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[0]["status"], 404);
+    assert_eq!(got[1]["status"], 500);
+    assert!(got[1].get("reason").is_none(), "{}", got[1]);
 }
 
 /// A writer that never returns (a pipe nobody reads).
