@@ -126,10 +126,10 @@ fn write_lines(rx: &Receiver<Box<Entry>>, out: Box<dyn Write + Send>) {
         let entry = match rx.try_recv() {
             Ok(e) => e,
             Err(TryRecvError::Empty) => {
-                if let Err(err) = out.flush() {
-                    if gave_up(&err) {
-                        return;
-                    }
+                if let Err(err) = out.flush()
+                    && gave_up(&err)
+                {
+                    return;
                 }
                 // A pause before the next batch: under load the senders find the channel
                 // non-empty and never have to wake this thread (a wake per line costs more
