@@ -46,16 +46,7 @@ fn demo_serves_scales_heals_deletes_and_stops_cleanly() {
     );
 
     // Kill one cluster2 backend: it leaves the ranked set, clients see no error.
-    let (victim_pid, victim_cmd) = backends_of(f.pid(), Some("cluster2"))
-        .into_iter()
-        .next()
-        .expect("a cluster2 backend");
-    let victim_id = victim_cmd
-        .split_whitespace()
-        .skip_while(|w| *w != "--id")
-        .nth(1)
-        .expect("--id in the command line")
-        .to_string();
+    let (victim_pid, victim_id) = a_backend_of(f.pid(), "cluster2");
     assert!(
         Command::new("kill")
             .args(["-9", &victim_pid.to_string()])
@@ -145,11 +136,7 @@ fn invalid_specs_get_one_clear_line_each_and_valid_clusters_keep_serving() {
         ));
     }
     let f = Fleetlb::demo(&files);
-    eventually("valid clusters serve next to invalid ones", || {
-        f.distinct_instances("/cluster1", 20)
-            .filter(|ids| ids.len() >= 2)
-            .and_then(|_| f.distinct_instances("/cluster2", 20))
-    });
+    f.wait_both_clusters_serve("valid clusters serve next to invalid ones");
 
     let st = f.status();
     let errors: Vec<String> = st["errors"]
@@ -913,11 +900,7 @@ fn the_readme_quick_start_works_as_written() {
         .expect("the README shows fleetlb status's table");
 
     let f = Fleetlb::demo(&demo_clusters());
-    eventually("both clusters serve", || {
-        f.distinct_instances("/cluster1", 20)
-            .filter(|ids| ids.len() >= 2)
-            .and_then(|_| f.distinct_instances("/cluster2", 20))
-    });
+    f.wait_both_clusters_serve("both clusters serve");
     // As a user reads it: a few seconds after the start, every instance Ready.
     eventually("every instance Ready in /status", || {
         let st = f.status();
@@ -970,6 +953,18 @@ fn the_readme_quick_start_works_as_written() {
         "{status}"
     );
     assert!(status.contains("AllReplicasReady"), "{status}");
+    // The access log the README shows: the demo prints a line per request on stdout.
+    let stdout = f.dir.path().join("stdout.log");
+    eventually("the demo's access log names a /cluster1 request", || {
+        std::fs::read_to_string(&stdout)
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["path"] == "/cluster1" && v["status"] == 200 && v["cluster"] == "cluster1")
+                    .then_some(())
+            })
+    });
     // The status page the README points at.
     assert!(readme.contains("http://localhost:9090/"));
     let page = get(f.admin, "/").unwrap();

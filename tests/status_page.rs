@@ -170,11 +170,7 @@ fn the_status_page_shows_every_instance_and_a_stopped_one_turns_red() {
         ("cluster2.yaml", example("cluster2.yaml")),
     ]);
     // Some traffic, so rates and the latency history have something to show.
-    eventually("both clusters serve", || {
-        f.distinct_instances("/cluster1", 20)
-            .filter(|ids| ids.len() >= 2)
-            .and_then(|_| f.distinct_instances("/cluster2", 20))
-    });
+    f.wait_both_clusters_serve("both clusters serve");
     let screenshot = std::env::var("FLEETLB_SCREENSHOT").ok();
     if screenshot.is_some() {
         // For the picture: a minute of traffic, so the history has a shape.
@@ -217,16 +213,7 @@ fn the_status_page_shows_every_instance_and_a_stopped_one_turns_red() {
 
     // Stop one instance's process (SIGSTOP: it stops answering, and its process stays, so the
     // controller keeps it while its health checks fail).
-    let (pid, cmd) = backends_of(f.pid(), Some("cluster1"))
-        .into_iter()
-        .next()
-        .expect("a cluster1 backend");
-    let id = cmd
-        .split_whitespace()
-        .skip_while(|w| *w != "--id")
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let (pid, id) = a_backend_of(f.pid(), "cluster1");
     /// Lets the stopped process go on whatever happens (a stopped process ignores SIGTERM).
     struct Stopped(u32);
     impl Drop for Stopped {

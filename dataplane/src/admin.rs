@@ -125,12 +125,8 @@ fn not_ready(status: &[u8]) -> Response<ResponseBody> {
             rest.len() + 1
         ),
     };
-    let mut resp = Response::new(ResponseBody::message(text));
+    let mut resp = with_type(text.into(), "text/plain; charset=utf-8");
     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     resp
 }
 

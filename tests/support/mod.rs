@@ -154,7 +154,8 @@ impl Fleetlb {
             .args(&args[1..])
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // What it prints (the demo's access log), kept beside its log.
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("fleetlb starts");
@@ -214,6 +215,15 @@ impl Fleetlb {
             })
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Waits until the demo's `/cluster1` (on two instances at least) and `/cluster2` answer.
+    pub fn wait_both_clusters_serve(&self, what: &str) {
+        eventually(what, || {
+            self.distinct_instances("/cluster1", 20)
+                .filter(|ids| ids.len() >= 2)
+                .and_then(|_| self.distinct_instances("/cluster2", 20))
+        });
     }
 
     /// `/debug/endpoints` as JSON.
@@ -303,6 +313,21 @@ pub fn backends_of(parent: u32, cluster: Option<&str>) -> Vec<(u32, String)> {
         out.push((pid, cmd));
     }
     out
+}
+
+/// One live backend of `cluster` under `parent`: (pid, instance id).
+pub fn a_backend_of(parent: u32, cluster: &str) -> (u32, String) {
+    let (pid, cmd) = backends_of(parent, Some(cluster))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("a {cluster} backend"));
+    let id = cmd
+        .split_whitespace()
+        .skip_while(|w| *w != "--id")
+        .nth(1)
+        .expect("--id in the command line")
+        .to_string();
+    (pid, id)
 }
 
 /// Whether a process exists and is not a zombie.
