@@ -17,6 +17,89 @@ use crate::endpoint::Endpoint;
 use crate::h1;
 use crate::limits::Limits;
 
+/// A client's request body: read by hyper (HTTP/2, and HTTP/1.1 over TLS) or by fleetlb's own
+/// HTTP/1.1 server side (`h1::server`).
+pub(crate) enum ClientBody {
+    Hyper(hyper::body::Incoming),
+    Own(h1::RequestBody),
+}
+
+/// A client's request body failed, and whose doing that was.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub(crate) struct ClientBodyError {
+    pub fault: h1::ClientFault,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl ClientBodyError {
+    pub fn new(
+        fault: h1::ClientFault,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            fault,
+            source: source.into(),
+        }
+    }
+
+    /// hyper reports a body that breaks the framing rules as a parse error or as invalid data
+    /// or input, and anything else (end of stream, reset, a dropped connection, an HTTP/2
+    /// stream reset) as the client going away.
+    fn from_hyper(e: hyper::Error) -> Self {
+        let mut fault = if e.is_parse() {
+            h1::ClientFault::Malformed
+        } else {
+            h1::ClientFault::Gone
+        };
+        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                fault = match io.kind() {
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+                        h1::ClientFault::Malformed
+                    }
+                    _ => h1::ClientFault::Gone,
+                };
+                break;
+            }
+            src = s.source();
+        }
+        Self::new(fault, e)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(ClientBodyError::from_hyper))),
+            ClientBody::Own(b) => b.poll_data(cx).map(|f| f.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Counts a request in flight to an endpoint, holding one of its connection slots, until
 /// dropped (with the response body's last byte).
 pub(crate) struct InflightGuard(Arc<Endpoint>);

@@ -61,8 +61,6 @@ pub(crate) struct ConnState {
     idle_since: AtomicU64,
     /// First byte of a request head not yet dispatched.
     head_since: AtomicU64,
-    /// Requests dispatched so far.
-    requests: AtomicU64,
     /// The client speaks HTTP/2.
     pub h2: AtomicBool,
     /// A write of ours has waited for the client since then; when such a wait last ended.
@@ -101,9 +99,6 @@ pub(crate) struct ConnState {
     /// and where to.
     pub hands_upgrades: bool,
     upgrade: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Box<dyn ClientStream>>>>,
-    /// The driver asked an idle connection to finish so its socket can be kept bare: 1 + the
-    /// requests dispatched by then (0: not asked).
-    shrinking: AtomicU64,
     slot_freed: Notify,
 }
 
@@ -123,7 +118,6 @@ impl ConnState {
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(now),
             head_since: AtomicU64::new(now),
-            requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             write_wait_since: AtomicU64::new(0),
             written_at: AtomicU64::new(0),
@@ -143,7 +137,6 @@ impl ConnState {
             wake: Notify::new(),
             hands_upgrades,
             upgrade: std::sync::Mutex::default(),
-            shrinking: AtomicU64::new(0),
             slot_freed: Notify::new(),
         }
     }
@@ -178,7 +171,6 @@ impl ConnState {
             self.h2.store(true, Relaxed);
         }
         self.head_since.store(0, Relaxed);
-        self.requests.fetch_add(1, Relaxed);
         let cap = self.limits().max_upstream_per_connection;
         let wait = self.limits().endpoint_queue_timeout;
         let deadline = tokio::time::Instant::now() + wait;
@@ -207,18 +199,6 @@ impl ConnState {
         }
     }
 
-    /// How long the connection has been idle (no request in progress, no head begun), if it is.
-    fn idle_for(&self) -> Option<Duration> {
-        if !self.quiet() || self.head_since.load(Relaxed) != 0 {
-            return None;
-        }
-        let since = self
-            .idle_since
-            .load(Relaxed)
-            .max(self.written_at.load(Relaxed));
-        Some(Duration::from_nanos(self.now().saturating_sub(since)))
-    }
-
     /// No request in progress and nothing left to write: the last answer has gone out whole
     /// (the body can end while its tail still waits for a slow reader in the socket).
     fn quiet(&self) -> bool {
@@ -231,22 +211,6 @@ impl ConnState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-    }
-
-    /// A request of this connection is in progress.
-    pub fn in_flight(&self) -> bool {
-        self.active.load(Relaxed) != 0
-    }
-
-    /// Requests dispatched so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Relaxed)
-    }
-
-    /// The connection was asked to let go while idle and no request came in since: its bare
-    /// socket may be kept. Resets the question.
-    pub fn shrunk(&self) -> bool {
-        self.shrinking.swap(0, Relaxed) == self.requests() + 1
     }
 
     /// Counts a limit that cut a client off (`fleetlb_limit_hits_total{limit}`).
@@ -713,27 +677,17 @@ const ABUSE_GRACE: Duration = Duration::from_millis(100);
 /// How [`drive`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
-    /// The connection finished on its own (or as asked, see `shrink`).
+    /// The connection finished on its own.
     Done,
     /// fleetlb closed it: a limit, or the drain is over.
     Closed,
 }
 
-/// How long an HTTP/1.1 connection idles before fleetlb lets go of its HTTP machinery and its
-/// buffers, keeping only the socket until the next request (see `server::serve_h1`). Long
-/// enough that a client sending request after request never pays for a fresh HTTP/1.1 state;
-/// short enough that a crowd of clients arriving together never holds its buffers together
-/// (the allocator keeps such a peak resident). nginx lets go at once.
-pub(crate) const SHRINK_AFTER: Duration = Duration::from_millis(5);
-
 /// Runs `conn` until it ends, the client breaks a limit, or the listener's drain is over.
-/// `shrink`: once the connection has idled for [`SHRINK_AFTER`], ask it to finish gracefully
-/// (`Ended::Done`), so the caller can keep the bare socket instead.
 pub(crate) async fn drive<C: Future + Unpin>(
     conn: &mut C,
     graceful: impl Fn(Pin<&mut C>),
     state: &ConnState,
-    shrink: bool,
 ) -> Ended {
     let mut conn = Pin::new(conn);
     let mut phase = state.ctl.phase.clone();
@@ -778,17 +732,6 @@ pub(crate) async fn drive<C: Future + Unpin>(
             }
             Verdict::Wait(next) => {
                 at = next;
-                if shrink && !going {
-                    match state.idle_for() {
-                        Some(idle) if idle >= SHRINK_AFTER => {
-                            going = true;
-                            state.shrinking.store(state.requests() + 1, Relaxed);
-                            graceful(conn.as_mut());
-                        }
-                        Some(idle) => at = at.min(now + (SHRINK_AFTER - idle)),
-                        None => {}
-                    }
-                }
             }
         }
         if let Some(c) = close_at {
@@ -994,6 +937,16 @@ impl<I> Rewind<I> {
     /// Nothing read ahead is left.
     pub fn pre_is_empty(&self) -> bool {
         self.pre.is_empty()
+    }
+
+    /// What was read ahead, taken out.
+    pub fn take_pre(&mut self) -> bytes::Bytes {
+        std::mem::take(&mut self.pre)
+    }
+
+    /// Gives back bytes read ahead (the start of the next request).
+    pub fn set_pre(&mut self, pre: bytes::Bytes) {
+        self.pre = pre;
     }
 }
 

@@ -21,7 +21,7 @@ mod history;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::h1::frame_response;
+    pub use crate::h1::{RequestFraming, frame_request, frame_response};
 
     /// The route the rule table finds for `path` among host-less `prefixes` (the fuzz target
     /// checks it against a scan over every prefix).

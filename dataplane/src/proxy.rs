@@ -22,13 +22,12 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::access_log::{self, Entry, TlsInfo};
 use crate::balance;
-use crate::body::{Full, InflightGuard, ResponseBody};
+use crate::body::{ClientBody, Full, InflightGuard, ResponseBody};
 use crate::conn::{Active, ClientUpgrade, ConnState, Phase};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
@@ -41,7 +40,7 @@ use crate::table::Cluster;
 /// Handles one client request end to end. Never fails: errors become responses.
 pub(crate) async fn handle(
     shared: &Shared,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     peer: &Peer,
     tls: Option<&Arc<TlsInfo>>,
     mut active: Active,
@@ -73,7 +72,7 @@ pub(crate) async fn handle(
 
 async fn route_and_forward(
     shared: &Shared,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     peer: &Peer,
     tls: bool,
     active: &mut Active,
@@ -298,7 +297,7 @@ fn bad_path(shared: &Shared) -> Response<ResponseBody> {
 /// - a target with an authority (HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target)
 ///   sets `Host`, which it outranks (RFC 9112 section 3.2.2); `X-Forwarded-Host` is made
 ///   from it.
-fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+fn check_framing_and_host(req: &mut Request<ClientBody>) -> Result<(), ProxyError> {
     let h = req.headers();
     let mut chunked = 0;
     for te in h.get_all(header::TRANSFER_ENCODING) {
@@ -337,7 +336,7 @@ fn check_framing_and_host(req: &mut Request<Incoming>) -> Result<(), ProxyError>
 /// direct HTTP/2 line to the backend past fleetlb's routing) go on as plain requests, their
 /// `Upgrade` stripped with the other hop-by-hop headers.
 fn upgrade_request(
-    req: &mut Request<Incoming>,
+    req: &mut Request<ClientBody>,
     conn: &ConnState,
 ) -> Option<(HeaderValue, ClientUpgrade)> {
     let h = req.headers();
@@ -367,7 +366,7 @@ fn is_idempotent(m: &Method) -> bool {
 async fn forward(
     shared: &Shared,
     cluster: &Arc<Cluster>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     mut client_upgrade: Option<(ClientUpgrade, Arc<ConnState>)>,
     mut log: Option<&mut Entry>,
 ) -> Result<Response<ResponseBody>, ProxyError> {

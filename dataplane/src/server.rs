@@ -25,8 +25,6 @@ struct Listener {
     shared: Arc<Shared>,
     /// HTTPS (ALPN decides between HTTP/1.1 and HTTP/2).
     builder: auto::Builder<TokioExecutor>,
-    /// Plain HTTP/1.1, one connection at a time, let go when idle (`serve_h1`).
-    h1: hyper::server::conn::http1::Builder,
     /// Plain HTTP/2 (prior knowledge).
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     ctl: Arc<ListenerCtl>,
@@ -63,13 +61,6 @@ pub(crate) async fn serve(
         .max_pending_accept_reset_streams(Some(20))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    // The buffer limit alone lets a head through whole when one read brings all of it; the
-    // header-size limit is checked on every head.
-    h1.timer(TokioTimer::new())
-        .max_buf_size((limits.max_header_bytes as usize).max(8192))
-        .max_header_size(limits.max_header_bytes as usize)
-        .keep_alive(true);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes)
@@ -86,7 +77,6 @@ pub(crate) async fn serve(
     let this = Arc::new(Listener {
         shared,
         builder,
-        h1,
         h2,
         ctl: ctl.clone(),
     });
@@ -306,6 +296,7 @@ fn service(
             let Some(active) = state.begin(h2).await else {
                 return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
             };
+            let req = req.map(crate::body::ClientBody::Hyper);
             let mut resp = proxy::handle(&this.shared, req, &peer_ip, tls.as_ref(), active).await;
             if !h2
                 && state
@@ -324,10 +315,10 @@ fn service(
     })
 }
 
-/// Serves plain HTTP/1.1. After 5 ms without a request the connection gives up hyper's
-/// state and buffers (about 16 KiB) and keeps only its socket, as nginx frees its buffers
-/// between requests; the next request gets a fresh HTTP/1.1 state, with whatever bytes were
-/// already read. A WebSocket upgrade hands the socket to its tunnel.
+/// Serves plain HTTP/1.1 with fleetlb's own server side (`h1::serve`), one request at a time.
+/// Between requests the connection holds only its socket (and what was read of the next
+/// request), as nginx frees its buffers between requests. A WebSocket upgrade hands the socket
+/// to its tunnel.
 async fn serve_h1(
     this: &Arc<Listener>,
     io: ClientIo,
@@ -336,14 +327,32 @@ async fn serve_h1(
 ) {
     let mut io = Rewind::new(bytes::Bytes::new(), io);
     let limit = state.limits().max_header_bytes as usize;
+    // Boxed: every idle connection holds this task's future.
+    let peer = Box::new(crate::headers::Peer::new(
+        peer,
+        &this.shared.config.trusted_proxies,
+    ));
     loop {
         if !conn::head(&state, &mut io, limit).await {
             return;
         }
-        let Some(parked) = Box::pin(round(this, io, peer, &state)).await else {
+        let mut exchange = Kept(
+            Box::pin(crate::h1::serve(&this.shared, io, &peer, &state, limit)),
+            None,
+        );
+        if conn::drive(&mut exchange, |_| {}, &state).await == Ended::Closed {
             return;
-        };
-        io = parked;
+        }
+        match exchange.1 {
+            Some(crate::h1::Outcome::Next(next)) => io = next,
+            Some(crate::h1::Outcome::Close(mut rest)) => {
+                // As hyper's own end does: the write side closes, then a lingering close.
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut rest).await;
+                linger(&mut rest).await;
+                return;
+            }
+            _ => return,
+        }
         if !io.pre_is_empty() {
             // Part of the next head was read already: its timer runs.
             state.first_byte();
@@ -353,62 +362,22 @@ async fn serve_h1(
     }
 }
 
-/// One spell of hyper's HTTP/1.1 on the connection: until it ends (`None`), hands its socket
-/// to a WebSocket tunnel (`None`), or idles long enough to be parked (the socket, and what was
-/// read ahead).
-async fn round(
-    this: &Arc<Listener>,
-    io: Rewind<ClientIo>,
-    peer: std::net::SocketAddr,
-    state: &Arc<ConnState>,
-) -> Option<Rewind<ClientIo>> {
-    // Made per spell, not kept through a parked one.
-    let svc = service(this, peer, None, state);
-    let mut conn = WithoutShutdown(
-        Box::new(this.h1.serve_connection(TokioIo::new(io), svc)),
-        None,
-    );
-    let ended = conn::drive(
-        &mut conn,
-        |c| Pin::new(&mut *c.get_mut().0).graceful_shutdown(),
-        state,
-        true,
-    )
-    .await;
-    if ended == Ended::Closed {
-        return None;
-    }
-    let failed = conn.1.is_some_and(|r| r.is_err());
-    let upgraded = state.take_upgrade();
-    if upgraded.is_none() && (failed || !state.shrunk()) {
-        if state.in_flight() {
-            // The client went away with a request in flight: it is dropped now (and counted
-            // as the client's doing), never finished for nobody.
-            return None;
+/// A future run under `conn::drive`, and its output once it has one.
+struct Kept<F: Future>(Pin<Box<F>>, Option<F::Output>);
+
+impl<F: Future> Future for Kept<F>
+where
+    F::Output: Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        if this.1.is_none() {
+            this.1 = Some(std::task::ready!(this.0.as_mut().poll(cx)));
         }
-        // The connection ends (the client closed, keep-alive ended, an error was answered).
-        // As hyper's own end does: what it still holds goes out, then the write side closes;
-        // then a lingering close.
-        let io = &mut conn.0;
-        let _ = tokio::time::timeout(LINGER, Pin::new(&mut **io)).await;
-        let mut rest = conn.0.into_parts().io.into_inner();
-        linger(&mut rest).await;
-        return None;
+        std::task::Poll::Ready(())
     }
-    let parts = conn.0.into_parts();
-    let rest = parts.io.into_inner();
-    // What hyper read ahead, copied out: the `Bytes` it hands back shares (and would keep
-    // alive) its whole 8 KiB read buffer.
-    let read_ahead = bytes::Bytes::copy_from_slice(&parts.read_buf);
-    drop(parts.read_buf);
-    if let Some(up) = upgraded {
-        // The `101` went out: the socket (and what the client sent after its request)
-        // belongs to the tunnel now.
-        let _ = up.send(Box::new(Rewind::new(read_ahead, rest)));
-        return None;
-    }
-    // Asked to let go while idle, and no request came in meanwhile: keep the bare socket.
-    Some(Rewind::new(read_ahead, rest.io))
 }
 
 /// Longest a closing connection is drained (nginx's `lingering_time` is 30 s, its
@@ -434,41 +403,6 @@ async fn linger(io: &mut Rewind<ClientIo>) {
     .await;
 }
 
-/// hyper's HTTP/1.1 connection, run without shutting its socket down at the end (so an idle
-/// or upgraded connection can be taken back), and how it ended.
-struct WithoutShutdown<I, S>(
-    Box<hyper::server::conn::http1::Connection<I, S>>,
-    Option<hyper::Result<()>>,
-)
-where
-    S: hyper::service::HttpService<hyper::body::Incoming>;
-
-impl<I, S> Future for WithoutShutdown<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::ResponseBody> + Unpin,
-    S::Future: Unpin,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Output = ();
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        let this = self.get_mut();
-        if this.1.is_some() {
-            return std::task::Poll::Ready(());
-        }
-        let r = std::task::ready!(this.0.poll_without_shutdown(cx));
-        if let Err(err) = &r {
-            tracing::debug!(?err, "client connection ended with an error");
-        }
-        this.1 = Some(r);
-        std::task::Poll::Ready(())
-    }
-}
-
 /// Serves plain HTTP/2 (prior knowledge).
 async fn serve_h2<I>(this: &Arc<Listener>, io: I, peer: std::net::SocketAddr, state: Arc<ConnState>)
 where
@@ -483,7 +417,7 @@ where
 /// own size).
 async fn drive_pinned<C: Future>(conn: C, state: &ConnState, graceful: fn(Pin<&mut C>)) {
     let mut conn = Box::pin(conn);
-    conn::drive(&mut conn, |c| graceful(c.get_mut().as_mut()), state, false).await;
+    conn::drive(&mut conn, |c| graceful(c.get_mut().as_mut()), state).await;
 }
 
 /// Serves HTTP on one TLS connection (ALPN: HTTP/1.1 or HTTP/2) until it ends, breaks a

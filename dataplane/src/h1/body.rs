@@ -10,8 +10,9 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
+
+use crate::body::{ClientBody, ClientBodyError};
 
 use super::Error;
 use super::chunked::{Chunked, Step, chunk_head};
@@ -258,7 +259,7 @@ impl Body {
 /// Why writing a request body upstream stopped.
 pub(crate) enum SendError {
     /// The client's body failed: malformed, or the client went away.
-    Client(hyper::Error),
+    Client(ClientBodyError),
     /// The client sent its body slower than the minimum rate.
     TooSlow,
     /// The upstream stopped taking it.
@@ -270,7 +271,7 @@ pub(crate) enum SendError {
 /// nothing piles up in between. It keeps going after the upstream's answer has begun (an
 /// upstream may answer while it reads, as streaming servers do).
 pub(crate) struct Sender {
-    body: Incoming,
+    body: ClientBody,
     chunked: bool,
     /// What is left to write of the current frame: chunk size line, data, CRLF.
     queue: VecDeque<Bytes>,
@@ -298,7 +299,7 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    pub fn new(body: Incoming, chunked: bool, min_rate: u32) -> Self {
+    pub fn new(body: ClientBody, chunked: bool, min_rate: u32) -> Self {
         Self {
             body,
             chunked,
@@ -318,7 +319,7 @@ impl Sender {
     }
 
     /// The client's body back, when nothing of it was taken.
-    pub fn into_untouched(self) -> Option<Incoming> {
+    pub fn into_untouched(self) -> Option<ClientBody> {
         (!self.consumed).then_some(self.body)
     }
 

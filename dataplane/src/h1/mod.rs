@@ -19,13 +19,15 @@ mod body;
 mod chunked;
 mod codec;
 mod pool;
+mod server;
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
+
+use crate::body::{ClientBody, ClientBodyError};
 use tokio::net::TcpStream;
 
 pub(crate) use body::Body;
@@ -34,6 +36,9 @@ pub use codec::frame_response;
 pub(crate) use codec::recycle;
 pub(crate) use codec::{Answer, Head, MAX_HEADERS, ReqFraming};
 pub(crate) use pool::{Conn, Pool, READ_CHUNK, enter_proxy_thread};
+pub(crate) use server::{Outcome, RequestBody, serve};
+#[doc(hidden)]
+pub use server::{RequestFraming, frame_request};
 
 use body::{SendError, Sender};
 use codec::{MAX_HEAD, Parsed};
@@ -57,7 +62,7 @@ pub(crate) enum Error {
     Protocol(&'static str),
     /// The client's request body failed; the upstream did nothing wrong.
     #[error("client request body: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] ClientBodyError),
     /// No answer within the timeout (`client`: the exchange was waiting for the client's body).
     #[error("timed out")]
     Timeout { client: bool },
@@ -87,28 +92,12 @@ impl Error {
         matches!(self, Error::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused)
     }
 
-    /// The client's fault, if it was: hyper reports a body that breaks the framing rules as
-    /// invalid data or input, and anything else (end of stream, reset, a dropped connection,
-    /// an HTTP/2 stream reset) as the client going away.
+    /// The client's fault, if it was.
     pub fn client_fault(&self) -> Option<ClientFault> {
-        let Error::Client(e) = self else { return None };
-        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-        while let Some(s) = src {
-            if let Some(io) = s.downcast_ref::<io::Error>() {
-                return Some(match io.kind() {
-                    io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => {
-                        ClientFault::Malformed
-                    }
-                    _ => ClientFault::Gone,
-                });
-            }
-            src = s.source();
+        match self {
+            Error::Client(e) => Some(e.fault),
+            _ => None,
         }
-        Some(if e.is_parse() {
-            ClientFault::Malformed
-        } else {
-            ClientFault::Gone
-        })
     }
 }
 
@@ -154,7 +143,7 @@ pub(crate) async fn send(
     pool: &Pool,
     addr: SocketAddr,
     head: &Head<'_>,
-    body: &mut Option<Incoming>,
+    body: &mut Option<ClientBody>,
     settings: Settings,
     idempotent: bool,
 ) -> Result<Answer, Error> {
@@ -228,7 +217,7 @@ async fn exchange(
     pool: &Pool,
     mut c: Conn,
     head: &Head<'_>,
-    body: &mut Option<Incoming>,
+    body: &mut Option<ClientBody>,
     settings: Settings,
 ) -> Result<Answer, Failure> {
     let timeout = settings.timeout;
