@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 status=0
-for target in route_match headers backendcluster upstream_response; do
+for target in route_match headers backendcluster upstream_response request_head; do
   mkdir -p "corpus/$target"
   log=$(mktemp)
   if cargo fuzz run --sanitizer none --release "$target" "corpus/$target" "seeds/$target" \

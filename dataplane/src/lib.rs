@@ -16,24 +16,12 @@ mod body;
 mod conn;
 mod endpoint;
 mod error;
-mod h1;
-mod history;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
-pub mod fuzzing {
-    pub use crate::h1::{RequestFraming, frame_request, frame_response};
-
-    /// The route the rule table finds for `path` among host-less `prefixes` (the fuzz target
-    /// checks it against a scan over every prefix).
-    pub fn longest_route<'a>(prefixes: &[&'a str], path: &str) -> Option<&'a str> {
-        let mut r = crate::rules::Rules::default();
-        for p in prefixes {
-            r.insert(&[], p, *p, None);
-        }
-        r.find("", path).map(|rule| rule.backends[0].0)
-    }
-}
+pub mod fuzzing;
+mod h1;
 mod headers;
+mod history;
 pub mod limits;
 pub mod metrics;
 mod outlier;

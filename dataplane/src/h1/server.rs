@@ -95,10 +95,11 @@ pub(crate) fn parse_head(buf: &Bytes, limit: usize) -> Result<Option<RequestHead
         Ok(httparse::Status::Partial) if buf.len() >= limit => return Err(TOO_LARGE),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
+        // hyper's status for a version httparse does not take (HTTP/2.0 or a malformed one).
         Err(httparse::Error::Version) => {
             return Err(refused(
-                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-                "HTTP version not supported",
+                StatusCode::BAD_REQUEST,
+                "malformed or unsupported HTTP version",
             ));
         }
         Err(_) => return Err(BAD),
@@ -888,8 +889,8 @@ mod tests {
                 "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Err(400),
             ),
-            ("GET / HTTP/1.2\r\n\r\n", Err(505)),
-            ("GET / HTTP/2.0\r\n\r\n", Err(505)),
+            ("GET / HTTP/1.2\r\n\r\n", Err(400)),
+            ("GET / HTTP/2.0\r\n\r\n", Err(400)),
             ("G@T / HTTP/1.1\r\n\r\n", Err(400)),
             ("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", Err(400)),
             ("GET / HTTP/1.1\r\nHost: x\r\n", Err(0)),
