@@ -70,11 +70,13 @@ pub fn hyper_takes(data: &[u8]) -> Took {
             } else {
                 RequestFraming::Chunked
             };
-            *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(Took::Served(
-                req.method().to_string(),
-                req.uri().to_string(),
-                framing,
-            ));
+            // The first request only: what follows its head may be another, pipelined.
+            record
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| {
+                    Took::Served(req.method().to_string(), req.uri().to_string(), framing)
+                });
             async {
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
                     bytes::Bytes,
