@@ -179,6 +179,14 @@ impl ResponseBody {
         Self(Kind::Message(Some(text.into())), None)
     }
 
+    /// Lets go of an upstream read buffer that holds nothing (while the client is slow to take
+    /// the next chunk).
+    pub(crate) fn shrink(&mut self) {
+        if let Kind::Own(body, _) = &mut self.0 {
+            body.shrink();
+        }
+    }
+
     /// Rides with `active` until the body ends.
     pub(crate) fn track(&mut self, active: Active) {
         self.1 = Some(active);

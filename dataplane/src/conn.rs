@@ -587,6 +587,39 @@ impl AsyncRead for ClientIo {
 }
 
 impl ClientIo {
+    /// Ready once the kernel takes more bytes for the client without queueing them past
+    /// `TCP_NOTSENT_LOWAT`. Asked before the next response chunk is read from the upstream, so
+    /// that for a client slower than its upstream the bytes wait in the kernel, not in a
+    /// buffer of fleetlb's (the send timer and the minimum rate run as for a write that
+    /// waits). One `poll` system call per chunk after the first.
+    pub fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        use rustix::event::{PollFd, PollFlags};
+        let room = |io: &tokio::net::TcpStream| -> io::Result<bool> {
+            let mut fds = [PollFd::new(io, PollFlags::OUT)];
+            rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default()))?;
+            Ok(fds[0]
+                .revents()
+                .intersects(PollFlags::OUT | PollFlags::ERR | PollFlags::HUP))
+        };
+        loop {
+            if let Poll::Pending = self.io.poll_write_ready(cx)? {
+                // The wait counts like a write's: the same timers.
+                return self.wrote(Poll::Pending).map_ok(|_| ());
+            }
+            if room(&self.io)? {
+                return Poll::Ready(Ok(()));
+            }
+            // tokio still takes the socket for writable (its last write went through): clear
+            // that, then look again, so a change in between is not missed; then wait.
+            let _ = self.io.try_io(tokio::io::Interest::WRITABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+            if room(&self.io)? {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
     /// Accounts for a write's outcome; an error when the client reads slower than allowed.
     fn wrote(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match polled {

@@ -86,6 +86,16 @@ impl Body {
         }
     }
 
+    /// Lets go of the connection's read buffer if it holds nothing: even with no room left, it
+    /// keeps the allocation the last chunk was cut from. The next read makes one of its size.
+    pub fn shrink(&mut self) {
+        if let Some(c) = self.conn.as_mut()
+            && c.buf.is_empty()
+        {
+            c.buf = bytes::BytesMut::new();
+        }
+    }
+
     /// After a `101`, the upstream connection and the bytes it sent after the head.
     pub fn take_switched(&mut self) -> Option<Conn> {
         match self.framing {

@@ -504,13 +504,14 @@ pub(crate) async fn serve(
     });
     let req = Request::from_parts(head.parts, body);
     drop(pre);
-    let handling = async {
+    // Boxed, and gone once it has answered: a slow reader's connection holds the few bytes
+    // of what writes its answer, not the handler's state (kilobytes).
+    let mut handling = Box::pin(async {
         match state.begin(false).await {
             Some(active) => crate::proxy::handle(shared, req, peer, None, active).await,
             None => ProxyError::ConnectionBusy.response(),
         }
-    };
-    let mut handling = std::pin::pin!(handling);
+    });
     let resp = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -523,6 +524,7 @@ pub(crate) async fn serve(
         Poll::Pending
     })
     .await;
+    drop(handling);
     let Some(resp) = resp else {
         return Outcome::Done;
     };
@@ -594,7 +596,11 @@ pub(crate) async fn serve(
     super::recycle(std::mem::take(&mut parts.headers));
     let sent = Writer {
         wire: &wire,
-        queue: VecDeque::from([head_bytes]),
+        queue: {
+            let mut q = VecDeque::with_capacity(4);
+            q.push_back(head_bytes);
+            q
+        },
         body,
         chunked,
         left: length,
@@ -735,18 +741,10 @@ impl Writer<'_> {
     /// Takes the body's next frame into the queue; `Ready(Err)` when the body failed or broke
     /// its length.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-            None => {
-                self.done = true;
-                if self.chunked {
-                    self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
-                }
-                if self.left.is_some_and(|l| l > 0) {
-                    return Poll::Ready(Err(io::Error::other(
-                        "response body shorter than its length",
-                    )));
-                }
-            }
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        let end = frame.is_none() || self.body.is_end_stream();
+        match frame {
+            None => {}
             Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
             Some(Ok(frame)) => {
                 // Trailers are not sent over HTTP/1.1.
@@ -769,6 +767,18 @@ impl Writer<'_> {
                         self.queue.push_back(data);
                     }
                 }
+            }
+        }
+        if end {
+            // Known at the last chunk (most bodies come whole): not asked for again.
+            self.done = true;
+            if self.chunked {
+                self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+            }
+            if self.left.is_some_and(|l| l > 0) {
+                return Poll::Ready(Err(io::Error::other(
+                    "response body shorter than its length",
+                )));
             }
         }
         Poll::Ready(Ok(()))
@@ -825,6 +835,13 @@ impl Future for Writer<'_> {
             if this.done {
                 return Poll::Ready(Ok(()));
             }
+            // The next chunk is read from the upstream only once the client has room for it:
+            // for a slow reader it waits in the kernel, not here.
+            let room = lock(this.wire).io.io.poll_room(cx);
+            if room.is_pending() {
+                this.body.shrink();
+            }
+            ready!(room)?;
             ready!(this.poll_next(cx))?;
         }
     }
