@@ -147,9 +147,8 @@ async fn accepted(
     tls: Option<TlsAcceptor>,
     state: Arc<ConnState>,
 ) {
-    if let Some(io) = Box::pin(open(&this, stream, peer, tls, &state)).await {
-        serve_h1(&this, io, peer, state).await;
-    }
+    let mut io = Box::pin(open(&this, stream, peer, tls, &state)).await;
+    serve_h1(&this, &mut io, &peer, &state).await;
 }
 
 /// `TCP_NOTSENT_LOWAT` of client sockets (as Cloudflare and Apple set for HTTP/2).
@@ -163,7 +162,7 @@ async fn open(
     peer: std::net::SocketAddr,
     tls: Option<TlsAcceptor>,
     state: &Arc<ConnState>,
-) -> Option<ClientIo> {
+) -> Option<Rewind<ClientIo>> {
     let metrics = &this.shared.metrics;
     // HTTP/1-or-2 detection and the TLS handshake wait for the first byte: a connection that
     // never sends one is closed at the head timeout.
@@ -190,7 +189,7 @@ async fn open(
         tokio::time::timeout_at(state.head_deadline(), starts_with_preface(io.socket())).await;
     match preface {
         Ok(Ok(true)) => serve_h2(this, TokioIo::new(io), peer, state.clone()).await,
-        Ok(Ok(false)) => return Some(io),
+        Ok(Ok(false)) => return Some(Rewind::new(bytes::Bytes::new(), io)),
         Ok(Err(_)) => {}
         Err(_) => state.limit_hit("client-head-timeout"),
     }
@@ -321,51 +320,68 @@ fn service(
 /// to its tunnel.
 async fn serve_h1(
     this: &Arc<Listener>,
-    io: ClientIo,
-    peer: std::net::SocketAddr,
-    state: Arc<ConnState>,
+    slot: &mut Option<Rewind<ClientIo>>,
+    peer: &std::net::SocketAddr,
+    state: &Arc<ConnState>,
 ) {
-    let mut io = Rewind::new(bytes::Bytes::new(), io);
+    // The socket lives in the caller's future: this one holds a reference, not a copy of it.
     let limit = state.limits().max_header_bytes as usize;
-    // Boxed: every idle connection holds this task's future.
-    let peer = Box::new(crate::headers::Peer::new(
-        peer,
-        &this.shared.config.trusted_proxies,
-    ));
     loop {
-        if !conn::head(&state, &mut io, limit).await {
+        let Some(io) = slot.as_mut() else {
+            return;
+        };
+        if !conn::head(state, io, limit).await {
             return;
         }
-        let mut exchange = Kept(
-            Box::pin(crate::h1::serve(&this.shared, io, &peer, &state, limit)),
-            None,
-        );
-        if conn::drive(&mut exchange, |_| {}, &state).await == Ended::Closed {
+        let Some(io) = slot.take() else {
             return;
-        }
-        match exchange.1 {
-            Some(crate::h1::Outcome::Next(next)) => io = next,
-            Some(crate::h1::Outcome::Close(mut rest)) => {
-                // As hyper's own end does: the write side closes, then a lingering close.
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut rest).await;
-                linger(&mut rest).await;
-                return;
-            }
-            _ => return,
-        }
+        };
+        // Boxed, and gone once the request is over: an idle connection holds none of it.
+        let Some(next) = Box::pin(exchange(this, io, *peer, state, limit)).await else {
+            return;
+        };
+        let io = slot.insert(next);
         if !io.pre_is_empty() {
             // Part of the next head was read already: its timer runs.
             state.first_byte();
-        } else if !conn::idle(&state, io.io.socket()).await {
+        } else if !conn::idle(state, io.io.socket()).await {
             return;
         }
     }
 }
 
-/// A future run under `conn::drive`, and its output once it has one.
-struct Kept<F: Future>(Pin<Box<F>>, Option<F::Output>);
+/// One request of a plain HTTP/1.1 connection, under the connection's timers: the socket back
+/// when the connection goes on, `None` when it is over.
+async fn exchange(
+    this: &Arc<Listener>,
+    io: Rewind<ClientIo>,
+    peer: std::net::SocketAddr,
+    state: &Arc<ConnState>,
+    limit: usize,
+) -> Option<Rewind<ClientIo>> {
+    // Made per request rather than kept: every idle connection would hold it.
+    let peer = crate::headers::Peer::new(peer, &this.shared.config.trusted_proxies);
+    let serving = std::pin::pin!(crate::h1::serve(&this.shared, io, &peer, state, limit));
+    let mut exchange = Kept(serving, None);
+    if conn::drive(&mut exchange, |_| {}, state).await == Ended::Closed {
+        return None;
+    }
+    match exchange.1 {
+        Some(crate::h1::Outcome::Next(next)) => Some(next),
+        Some(crate::h1::Outcome::Close(mut rest)) => {
+            // As hyper's own end does: the write side closes, then a lingering close.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut rest).await;
+            linger(&mut rest).await;
+            None
+        }
+        _ => None,
+    }
+}
 
-impl<F: Future> Future for Kept<F>
+/// A future run under `conn::drive`, and its output once it has one.
+struct Kept<'a, F: Future>(Pin<&'a mut F>, Option<F::Output>);
+
+impl<F: Future> Future for Kept<'_, F>
 where
     F::Output: Unpin,
 {

@@ -367,7 +367,14 @@ impl Wire {
     /// Reads about `want` more bytes into `buf`. The socket's readiness comes first: a client
     /// that sends slowly holds no buffer while it is silent.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        ready!(self.io.io.socket().poll_read_ready(cx))?;
+        if self.io.io.socket().poll_read_ready(cx)?.is_pending() {
+            if self.buf.is_empty() {
+                // Nor the allocation the last piece was cut from (a slow upload would keep a
+                // read's worth of room per connection).
+                self.buf = BytesMut::new();
+            }
+            return Poll::Pending;
+        }
         self.buf.reserve(want.max(1));
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
