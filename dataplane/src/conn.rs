@@ -602,7 +602,7 @@ impl ClientIo {
                 .intersects(PollFlags::OUT | PollFlags::ERR | PollFlags::HUP))
         };
         loop {
-            if let Poll::Pending = self.io.poll_write_ready(cx)? {
+            if self.io.poll_write_ready(cx)?.is_pending() {
                 // The wait counts like a write's: the same timers.
                 return self.wrote(Poll::Pending).map_ok(|_| ());
             }
