@@ -607,6 +607,7 @@ impl ClientIo {
                 return self.wrote(Poll::Pending).map_ok(|_| ());
             }
             if room(&self.io)? {
+                self.room_again();
                 return Poll::Ready(Ok(()));
             }
             // tokio still takes the socket for writable (its last write went through): clear
@@ -615,8 +616,19 @@ impl ClientIo {
                 Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
             });
             if room(&self.io)? {
+                self.room_again();
                 return Poll::Ready(Ok(()));
             }
+        }
+    }
+
+    /// The client made room after a wait: the wait is over (what comes next may wait on the
+    /// upstream, which is never the client's time). The time waited stays in the current run
+    /// of waits, so a reader that frees room only now and then is still judged on its rate.
+    fn room_again(&mut self) {
+        if let Some(since) = self.waiting.take() {
+            self.waited += since.elapsed();
+            self.conn.on_write_progress(0);
         }
     }
 

@@ -176,6 +176,22 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(up.hits.load(Relaxed), 3);
 }
 
+/// Requests pipelined and then the client's sending side closed (`printf ... | nc -N`): the
+/// request being served when the close arrives is answered, as hyper answers it (a close seen
+/// while nothing more is buffered is the client going away, hyper's rule without half-close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_then_a_half_close_are_all_answered() {
+    let (_up, proxy) = one_healthy_with_d(ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /c/a HTTP/1.1\r\nHost: x\r\n\r\nGET /c/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let r = read_to_close(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("x-seen-path: /c/a"), "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_body_behind_expect_continue_streams_through() {
     let (_up, proxy) = one_healthy(ProxyConfig::default()).await;

@@ -25,6 +25,9 @@ struct Raw {
     open: Arc<AtomicI64>,
 }
 
+/// How long `/c/burst-pause` pauses after its burst.
+const BURST_PAUSE: Duration = Duration::from_secs(6);
+
 /// Size of the `/c/big` answer's body.
 const BIG: usize = 8 << 20;
 
@@ -131,6 +134,20 @@ impl Raw {
                             if path.starts_with("/c") && !counted {
                                 counted = true;
                                 conns.fetch_add(1, Relaxed);
+                            }
+                            if path == "/c/burst-pause" {
+                                // A burst, a pause of the backend's own, then the end.
+                                let mut out =
+                                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8000\r\n"
+                                        .to_vec();
+                                out.extend(std::iter::repeat_n(b'b', 0x8000));
+                                out.extend_from_slice(b"\r\n");
+                                if s.write_all(&out).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(BURST_PAUSE).await;
+                                let _ = s.write_all(b"4\r\nDONE\r\n0\r\n\r\n").await;
+                                continue;
                             }
                             if path == "/c/echo" {
                                 // Streams: the body is read here, not as heads.
@@ -245,6 +262,53 @@ async fn every_upstream_framing_reaches_the_client_whole() {
     assert!(
         r.ends_with("\r\n\r\nok"),
         "HEAD then GET on one connection: {r:?}"
+    );
+    // HEAD of an answer of unknown length: no length is announced (never a false 0).
+    for case in ["chunked", "until-close"] {
+        let raw = format!("HEAD /c/{case} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = exchange(proxy.addr, raw.as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            !r.to_ascii_lowercase().contains("content-length"),
+            "HEAD {case}: {r}"
+        );
+    }
+}
+
+/// A client that fell behind a burst and then caught up is never taken for a slow reader
+/// while the backend itself pauses mid-answer: the pause is the backend's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_pausing_mid_answer_is_not_the_clients_slowness() {
+    let mut cfg = ProxyConfig::default();
+    // Shorter than the backend's pause: a wait left open over the pause would cut the client.
+    cfg.limits.send_timeout = Duration::from_secs(3);
+    let (_raw, proxy) = behind_proxy_with(cfg, support::fast_health()).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /c/burst-pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Behind for a second (fleetlb waits for room with the whole burst sent), then it reads
+    // everything as it comes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got = Vec::new();
+    let done = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+        .await
+        .expect("the answer ends");
+    let text = String::from_utf8_lossy(&got);
+    assert!(done.is_ok(), "{done:?} after {} bytes", got.len());
+    assert!(
+        text.ends_with("4\r\nDONE\r\n0\r\n\r\n"),
+        "cut short after {} bytes",
+        got.len()
+    );
+    assert_eq!(
+        proxy.metric(
+            "fleetlb_limit_hits_total",
+            &[("limit", "client-send-timeout")]
+        ),
+        0.0
     );
 }
 

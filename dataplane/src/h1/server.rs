@@ -138,7 +138,7 @@ pub(crate) fn parse_head(buf: &Bytes, limit: usize) -> Result<Option<RequestHead
                 if is_cl && length.take().is_some() {
                     headers.remove(header::CONTENT_LENGTH);
                 }
-                te_chunked = last_coding_is_chunked(value.as_bytes());
+                te_chunked = last_coding_is_chunked(&value);
                 if te_chunked {
                     framing = RequestFraming::Chunked;
                 }
@@ -220,11 +220,14 @@ fn digits(v: &[u8]) -> Option<u64> {
     (n <= u64::MAX - 2).then_some(n)
 }
 
-/// The last coding of a `Transfer-Encoding` value is `chunked`.
-fn last_coding_is_chunked(v: &[u8]) -> bool {
-    v.rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+/// The last coding of a `Transfer-Encoding` value is `chunked` (a value with bytes outside
+/// visible ASCII names no coding, as for hyper).
+fn last_coding_is_chunked(v: &HeaderValue) -> bool {
+    v.to_str().is_ok_and(|s| {
+        s.rsplit(',')
+            .next()
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+    })
 }
 
 /// A comma-separated header value names `token` (any case).
@@ -383,6 +386,11 @@ impl Wire {
     /// next (a pipelined request, kept up to `limit` bytes). `Ready`: the client closed or the
     /// connection failed.
     fn poll_closed(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        if !self.buf.is_empty() {
+            // A pipelined request is here already: it is answered even if the client has
+            // closed its sending side after it (as hyper does).
+            return Poll::Pending;
+        }
         while self.buf.len() < limit {
             match self.io.io.socket().poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -560,9 +568,10 @@ pub(crate) async fn serve(
         } else if method == Method::HEAD
             && !h.contains_key(header::CONTENT_LENGTH)
             && !h.contains_key(header::TRANSFER_ENCODING)
-            && let Some(n) = body.size_hint().exact()
+            && let Some(n) = body.size_hint().exact().filter(|&n| n > 0)
         {
-            // As hyper does: the length the body would have had.
+            // As hyper does: the length the body would have had, when it is known (0 is what
+            // a HEAD answer's empty body always says, not the length).
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     } else {
@@ -911,6 +920,11 @@ mod tests {
             ),
             (
                 "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(400),
+            ),
+            // Not visible ASCII: no coding hyper recognises, so not chunked.
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: x\u{80}, chunked\r\n\r\n",
                 Err(400),
             ),
             ("GET / HTTP/1.2\r\n\r\n", Err(400)),
