@@ -606,19 +606,19 @@ impl ClientIo {
                 // The wait counts like a write's: the same timers.
                 return self.wrote(Poll::Pending).map_ok(|_| ());
             }
-            if room(&self.io)? {
-                self.room_again();
-                return Poll::Ready(Ok(()));
+            if !room(&self.io)? {
+                // tokio still takes the socket for writable (its last write went through):
+                // clear that, then look again, so a change in between is not missed; then
+                // wait.
+                let _ = self.io.try_io(tokio::io::Interest::WRITABLE, || {
+                    Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                });
+                if !room(&self.io)? {
+                    continue;
+                }
             }
-            // tokio still takes the socket for writable (its last write went through): clear
-            // that, then look again, so a change in between is not missed; then wait.
-            let _ = self.io.try_io(tokio::io::Interest::WRITABLE, || {
-                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-            });
-            if room(&self.io)? {
-                self.room_again();
-                return Poll::Ready(Ok(()));
-            }
+            self.room_again();
+            return Poll::Ready(Ok(()));
         }
     }
 

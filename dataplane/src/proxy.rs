@@ -37,8 +37,24 @@ use crate::outlier;
 use crate::rules::Rule;
 use crate::table::Cluster;
 
+/// Takes one of `conn`'s request slots for `req` and handles it; a 503 when no slot frees in
+/// time (`--max-upstream-per-connection`).
+pub(crate) async fn admit(
+    shared: &Shared,
+    conn: &Arc<ConnState>,
+    h2: bool,
+    req: Request<ClientBody>,
+    peer: &Peer,
+    tls: Option<&Arc<TlsInfo>>,
+) -> Response<ResponseBody> {
+    match conn.begin(h2).await {
+        Some(active) => handle(shared, req, peer, tls, active).await,
+        None => ProxyError::ConnectionBusy.response(),
+    }
+}
+
 /// Handles one client request end to end. Never fails: errors become responses.
-pub(crate) async fn handle(
+async fn handle(
     shared: &Shared,
     req: Request<ClientBody>,
     peer: &Peer,
@@ -60,7 +76,7 @@ pub(crate) async fn handle(
             .extensions()
             .get::<crate::error::SelfAnswered>()
             .map(|a| a.0);
-        // hyper sends no body after a 101 or to a HEAD: the head is the whole answer (a
+        // No body goes out after a 101 or to a HEAD: the head is the whole answer (a
         // WebSocket upgrade is logged when its 101 goes out).
         log.complete = resp.body().is_end_stream()
             || resp.status() == StatusCode::SWITCHING_PROTOCOLS

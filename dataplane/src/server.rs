@@ -292,11 +292,9 @@ fn service(
         // one allocation per request keeps that space out of every idle connection.
         Box::pin(async move {
             let h2 = req.version() == http::Version::HTTP_2;
-            let Some(active) = state.begin(h2).await else {
-                return Ok::<_, Infallible>(crate::error::ProxyError::ConnectionBusy.response());
-            };
             let req = req.map(crate::body::ClientBody::Hyper);
-            let mut resp = proxy::handle(&this.shared, req, &peer_ip, tls.as_ref(), active).await;
+            let mut resp =
+                proxy::admit(&this.shared, &state, h2, req, &peer_ip, tls.as_ref()).await;
             if !h2
                 && state
                     .ctl

@@ -2,20 +2,19 @@
 //! arrives, and the upstream's response body read as the client takes it. Neither is ever
 //! buffered whole.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 
 use crate::body::{ClientBody, ClientBodyError};
 
 use super::Error;
-use super::chunked::{Chunked, Step, chunk_head};
+use super::chunked::{Chunked, Outgoing, Step};
 use super::pool::{Conn, Pool};
 
 /// How the upstream's response body is delimited (RFC 9112 section 6.3).
@@ -284,7 +283,7 @@ pub(crate) struct Sender {
     body: ClientBody,
     chunked: bool,
     /// What is left to write of the current frame: chunk size line, data, CRLF.
-    queue: VecDeque<Bytes>,
+    queue: Outgoing,
     done: bool,
     /// A frame was taken from the client, so the request can no longer be sent again.
     pub consumed: bool,
@@ -313,7 +312,7 @@ impl Sender {
         Self {
             body,
             chunked,
-            queue: VecDeque::with_capacity(3),
+            queue: Outgoing::default(),
             done: false,
             consumed: false,
             progressed: false,
@@ -352,26 +351,8 @@ impl Sender {
         loop {
             if !self.queue.is_empty() {
                 self.waiting_on_client = false;
-                let slices: [io::IoSlice<'_>; 3] = std::array::from_fn(|i| {
-                    io::IoSlice::new(self.queue.get(i).map_or(&[][..], |b| &b[..]))
-                });
-                let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))
-                    .map_err(SendError::Upstream)?;
-                if n == 0 {
-                    return Poll::Ready(Err(SendError::Upstream(io::ErrorKind::WriteZero.into())));
-                }
+                ready!(self.queue.poll_write(cx, io)).map_err(SendError::Upstream)?;
                 self.progressed = true;
-                while n > 0 {
-                    let Some(front) = self.queue.front_mut() else {
-                        break;
-                    };
-                    let k = n.min(front.len());
-                    front.advance(k);
-                    n -= k;
-                    if front.is_empty() {
-                        self.queue.pop_front();
-                    }
-                }
                 continue;
             }
             if self.done {
@@ -408,7 +389,7 @@ impl Sender {
                 None => {
                     self.done = true;
                     if self.chunked {
-                        self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                        self.queue.push_last_chunk();
                     }
                 }
                 Some(Err(e)) => return Poll::Ready(Err(SendError::Client(e))),
@@ -421,13 +402,7 @@ impl Sender {
                         && !data.is_empty()
                     {
                         self.total += data.len() as u64;
-                        if self.chunked {
-                            self.queue.push_back(chunk_head(data.len()));
-                            self.queue.push_back(data);
-                            self.queue.push_back(Bytes::from_static(b"\r\n"));
-                        } else {
-                            self.queue.push_back(data);
-                        }
+                        self.queue.push_data(data, self.chunked);
                     }
                 }
             }

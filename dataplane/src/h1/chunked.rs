@@ -1,7 +1,13 @@
 //! The chunked transfer coding (RFC 9112 section 7.1): a strict decoder for upstream answers
 //! and the framing fleetlb writes around a streamed request body.
 
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
 
 /// One decoding step of a chunked body.
 #[derive(Debug, PartialEq)]
@@ -126,8 +132,70 @@ fn find_crlf(buf: &[u8]) -> Result<Option<usize>, &'static str> {
 }
 
 /// The line that opens a chunk of `len` bytes: its size in hex and CRLF.
-pub(crate) fn chunk_head(len: usize) -> Bytes {
+fn chunk_head(len: usize) -> Bytes {
     Bytes::from(format!("{len:x}\r\n"))
+}
+
+/// Bytes waiting to go out in order (a head, chunk framing, body data), written one vectored
+/// write at a time: a body streamed through fleetlb, upstream (a request body) or to a client
+/// (a response).
+#[derive(Default)]
+pub(crate) struct Outgoing(VecDeque<Bytes>);
+
+impl Outgoing {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn push_front(&mut self, b: Bytes) {
+        self.0.push_front(b);
+    }
+
+    pub fn push_back(&mut self, b: Bytes) {
+        self.0.push_back(b);
+    }
+
+    /// `data` as it goes on the wire: framed as a chunk when `chunked`.
+    pub fn push_data(&mut self, data: Bytes, chunked: bool) {
+        if chunked {
+            self.0.push_back(chunk_head(data.len()));
+            self.0.push_back(data);
+            self.0.push_back(Bytes::from_static(b"\r\n"));
+        } else {
+            self.0.push_back(data);
+        }
+    }
+
+    /// The end of a chunked body (no trailers).
+    pub fn push_last_chunk(&mut self) {
+        self.0.push_back(Bytes::from_static(b"0\r\n\r\n"));
+    }
+
+    /// Writes what `io` takes of the front in one vectored write; `Ready(Ok)` once some went.
+    pub fn poll_write<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<io::Result<()>> {
+        let slices: [io::IoSlice<'_>; 4] =
+            std::array::from_fn(|i| io::IoSlice::new(self.0.get(i).map_or(&[][..], |b| &b[..])));
+        let mut n = ready!(Pin::new(io).poll_write_vectored(cx, &slices))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        while n > 0 {
+            let Some(front) = self.0.front_mut() else {
+                break;
+            };
+            let k = n.min(front.len());
+            front.advance(k);
+            n -= k;
+            if front.is_empty() {
+                self.0.pop_front();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::body::{ClientBody, ClientBodyError};
-use tokio::net::TcpStream;
 
 pub(crate) use body::Body;
 #[doc(hidden)]

@@ -24,7 +24,6 @@
 //! a client that goes away abandons its request at once (as hyper does); bytes of a next,
 //! pipelined, request are kept, up to the head limit.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -38,12 +37,11 @@ use http_body::{Body as _, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::ClientFault;
-use super::chunked::{Chunked, Step, chunk_head};
+use super::chunked::{Chunked, Outgoing, Step};
 use super::codec::MAX_HEADERS;
 use crate::Shared;
 use crate::body::{ClientBody, ClientBodyError, ResponseBody};
 use crate::conn::{ClientIo, ConnState, Rewind};
-use crate::error::ProxyError;
 use crate::headers::Peer;
 
 /// How a request's body is delimited (RFC 9112 section 6.3).
@@ -409,6 +407,16 @@ impl Wire {
         Poll::Pending
     }
 
+    /// What was read of the next request, copied: a slice would keep the whole read buffer
+    /// alive while the connection idles.
+    fn leftover(&self) -> Bytes {
+        if self.buf.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&self.buf)
+        }
+    }
+
     /// Skips what is left of a request body nobody read, if all of it has arrived: the
     /// connection can then serve its next request. `false`: some is still to come.
     fn skip_body(&mut self) -> bool {
@@ -521,12 +529,7 @@ pub(crate) async fn serve(
     drop(pre);
     // Boxed, and gone once it has answered: a slow reader's connection holds the few bytes
     // of what writes its answer, not the handler's state (kilobytes).
-    let mut handling = Box::pin(async {
-        match state.begin(false).await {
-            Some(active) => crate::proxy::handle(shared, req, peer, None, active).await,
-            None => ProxyError::ConnectionBusy.response(),
-        }
-    });
+    let mut handling = Box::pin(crate::proxy::admit(shared, state, false, req, peer, None));
     let resp = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -545,82 +548,34 @@ pub(crate) async fn serve(
     };
     let (mut parts, body) = resp.into_parts();
     let status = parts.status;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let draining = state
         .ctl
         .draining
         .load(std::sync::atomic::Ordering::Relaxed);
-    let mut keep = head.keep_alive && !draining && !has_close(&parts.headers);
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || method == Method::HEAD
-        || (method == Method::CONNECT && status.is_success());
-    let mut chunked = false;
-    let mut length = None;
-    let h = &mut parts.headers;
-    if switching {
-        keep = false;
-    } else if bodiless {
-        if status.is_informational() || status == StatusCode::NO_CONTENT {
-            h.remove(header::CONTENT_LENGTH);
-            h.remove(header::TRANSFER_ENCODING);
-        } else if method == Method::HEAD
-            && !h.contains_key(header::CONTENT_LENGTH)
-            && !h.contains_key(header::TRANSFER_ENCODING)
-            && let Some(n) = body.size_hint().exact().filter(|&n| n > 0)
-        {
-            // As hyper does: the length the body would have had, when it is known (0 is what
-            // a HEAD answer's empty body always says, not the length).
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-    } else {
-        h.remove(header::TRANSFER_ENCODING);
-        match body.size_hint().exact() {
-            Some(n) => {
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-                length = Some(n);
-            }
-            None if version == Version::HTTP_11 => {
-                h.remove(header::CONTENT_LENGTH);
-                h.insert(
-                    header::TRANSFER_ENCODING,
-                    HeaderValue::from_static("chunked"),
-                );
-                chunked = true;
-            }
-            None => {
-                // HTTP/1.0 knows no chunks: the close ends the body.
-                h.remove(header::CONTENT_LENGTH);
-                keep = false;
-            }
-        }
-    }
-    if !switching {
-        if !keep {
-            if version == Version::HTTP_11 && !has_close(h) {
-                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-        } else if version == Version::HTTP_10 {
-            h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        }
-    }
-    if !h.contains_key(header::DATE) {
-        h.insert(header::DATE, date());
-    }
-    let head_bytes = encode_head(status, version, h);
+    let mut keep = head.keep_alive && !draining && !switching;
+    let framing = frame(
+        &mut parts.headers,
+        status,
+        &method,
+        version,
+        body.size_hint(),
+        &mut keep,
+    );
+    parts.headers.entry(header::DATE).or_insert_with(date);
+    let head_bytes = encode_head(status, version, &parts.headers);
     super::recycle(std::mem::take(&mut parts.headers));
     let sent = Writer {
         wire: &wire,
         queue: {
-            let mut q = VecDeque::with_capacity(4);
+            let mut q = Outgoing::default();
             q.push_back(head_bytes);
             q
         },
         body,
-        chunked,
-        left: length,
-        done: bodiless || switching,
+        chunked: framing.chunked,
+        left: framing.length,
+        done: framing.bodiless,
         first: true,
     }
     .await;
@@ -635,14 +590,9 @@ pub(crate) async fn serve(
         return Outcome::Done;
     };
     let mut w = wire.into_inner().unwrap_or_else(|p| p.into_inner());
-    let next = if w.buf.is_empty() {
-        Bytes::new()
-    } else {
-        // Copied: a slice would keep the whole read buffer alive while the connection idles.
-        Bytes::copy_from_slice(&w.buf)
-    };
     if switching {
         if let Some(up) = state.take_upgrade() {
+            let next = w.leftover();
             let _ = up.send(Box::new(Rewind::new(next, w.io)));
         }
         return Outcome::Done;
@@ -652,17 +602,96 @@ pub(crate) async fn serve(
     if !w.skip_body() {
         keep = false;
     }
-    let next = if w.buf.is_empty() {
-        Bytes::new()
-    } else {
-        Bytes::copy_from_slice(&w.buf)
-    };
+    let next = w.leftover();
     w.io.set_pre(next);
     if keep {
         Outcome::Next(w.io)
     } else {
         Outcome::Close(w.io)
     }
+}
+
+/// How a response's body goes on the wire.
+struct ResponseFraming {
+    /// No body follows the head (1xx, 204, 304, an answer to HEAD or a 2xx to CONNECT).
+    bodiless: bool,
+    chunked: bool,
+    /// The `Content-Length` sent.
+    length: Option<u64>,
+}
+
+/// Sets the framing headers of a response as hyper does: a known length is `Content-Length`,
+/// an unknown one chunked (close-delimited for HTTP/1.0), none after a 1xx, 204 or 304 or to a
+/// HEAD; `Connection: close` when the connection ends after it (`keep` turns false when the
+/// body is close-delimited or the response says `close`), `keep-alive` for an HTTP/1.0 client
+/// that keeps it.
+fn frame(
+    h: &mut HeaderMap,
+    status: StatusCode,
+    method: &Method,
+    version: Version,
+    hint: SizeHint,
+    keep: &mut bool,
+) -> ResponseFraming {
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+        || (method == Method::CONNECT && status.is_success());
+    let mut f = ResponseFraming {
+        bodiless,
+        chunked: false,
+        length: None,
+    };
+    if switching {
+        // The head says what the tunnel is; the connection is no longer HTTP.
+        return f;
+    }
+    *keep &= !has_close(h);
+    if bodiless {
+        if status.is_informational() || status == StatusCode::NO_CONTENT {
+            h.remove(header::CONTENT_LENGTH);
+            h.remove(header::TRANSFER_ENCODING);
+        } else if method == Method::HEAD
+            && !h.contains_key(header::CONTENT_LENGTH)
+            && !h.contains_key(header::TRANSFER_ENCODING)
+            && let Some(n) = hint.exact().filter(|&n| n > 0)
+        {
+            // As hyper does: the length the body would have had, when it is known (0 is what
+            // a HEAD answer's empty body always says, not the length).
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    } else {
+        h.remove(header::TRANSFER_ENCODING);
+        match hint.exact() {
+            Some(n) => {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                f.length = Some(n);
+            }
+            None if version == Version::HTTP_11 => {
+                h.remove(header::CONTENT_LENGTH);
+                h.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+                f.chunked = true;
+            }
+            None => {
+                // HTTP/1.0 knows no chunks: the close ends the body.
+                h.remove(header::CONTENT_LENGTH);
+                *keep = false;
+            }
+        }
+    }
+    if !*keep {
+        if version == Version::HTTP_11 && !has_close(h) {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    } else if version == Version::HTTP_10 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+    f
 }
 
 /// The response head `refused` answers with (the connection closes after it).
@@ -742,7 +771,7 @@ fn date() -> HeaderValue {
 struct Writer<'a> {
     wire: &'a Mutex<Wire>,
     /// What is to be written next (head, chunk size line, data, CRLF).
-    queue: VecDeque<Bytes>,
+    queue: Outgoing,
     body: ResponseBody,
     chunked: bool,
     /// Body bytes still owed under a `Content-Length`.
@@ -767,21 +796,15 @@ impl Writer<'_> {
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
                 {
-                    if self.chunked {
-                        self.queue.push_back(chunk_head(data.len()));
-                        self.queue.push_back(data);
-                        self.queue.push_back(Bytes::from_static(b"\r\n"));
-                    } else {
-                        if let Some(left) = self.left.as_mut() {
-                            if data.len() as u64 > *left {
-                                return Poll::Ready(Err(io::Error::other(
-                                    "response body longer than its length",
-                                )));
-                            }
-                            *left -= data.len() as u64;
+                    if let Some(left) = self.left.as_mut() {
+                        if data.len() as u64 > *left {
+                            return Poll::Ready(Err(io::Error::other(
+                                "response body longer than its length",
+                            )));
                         }
-                        self.queue.push_back(data);
+                        *left -= data.len() as u64;
                     }
+                    self.queue.push_data(data, self.chunked);
                 }
             }
         }
@@ -789,7 +812,7 @@ impl Writer<'_> {
             // Known at the last chunk (most bodies come whole): not asked for again.
             self.done = true;
             if self.chunked {
-                self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                self.queue.push_last_chunk();
             }
             if self.left.is_some_and(|l| l > 0) {
                 return Poll::Ready(Err(io::Error::other(
@@ -825,27 +848,7 @@ impl Future for Writer<'_> {
         }
         loop {
             if !this.queue.is_empty() {
-                let slices: [io::IoSlice<'_>; 4] = std::array::from_fn(|i| {
-                    io::IoSlice::new(this.queue.get(i).map_or(&[][..], |b| &b[..]))
-                });
-                let mut n = {
-                    let mut w = lock(this.wire);
-                    ready!(Pin::new(&mut w.io).poll_write_vectored(cx, &slices))?
-                };
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                while n > 0 {
-                    let Some(front) = this.queue.front_mut() else {
-                        break;
-                    };
-                    let k = n.min(front.len());
-                    front.advance(k);
-                    n -= k;
-                    if front.is_empty() {
-                        this.queue.pop_front();
-                    }
-                }
+                ready!(this.queue.poll_write(cx, &mut lock(this.wire).io))?;
                 continue;
             }
             if this.done {
