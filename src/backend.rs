@@ -14,6 +14,11 @@
 //! | large           | 3 ms         | 8           |
 //! | xlarge          | 2 ms         | 16          |
 //! | 2xlarge and up  | 1 ms         | 32          |
+//!
+//! With `--grpc` (what the `local` provider launches for `spec.protocol: GRPC`) it also serves
+//! gRPC over HTTP/2 (h2c): `fleetlb.demo.Echo` (examples/grpc/echo.proto; `Say` with the same
+//! service time and JSON fields as the HTTP answer, `Count` streaming) and
+//! `grpc.health.v1.Health/Check`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,13 +27,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// What the backend answers with.
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Service time and concurrency of an instance type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +78,8 @@ pub struct BackendConfig {
     pub instance_type: String,
     /// Service time and concurrency.
     pub profile: Profile,
+    /// Serve the demo gRPC services too.
+    pub grpc: bool,
 }
 
 /// Serves until `shutdown` completes, then finishes the requests in flight.
@@ -102,7 +112,16 @@ pub async fn serve(
         let (cfg, cpu) = (cfg.clone(), cpu.clone());
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let (cfg, cpu) = (cfg.clone(), cpu.clone());
-            async move { Ok::<_, Infallible>(answer(&cfg, &cpu, req.uri().path()).await) }
+            async move {
+                if cfg.grpc && fleetlb_dataplane::grpc::is_grpc_request(&req) {
+                    return Ok::<_, Infallible>(grpc::call(&cfg, &cpu, req).await);
+                }
+                Ok::<_, Infallible>(
+                    answer(&cfg, &cpu, req.uri().path())
+                        .await
+                        .map(BodyExt::boxed),
+                )
+            }
         });
         let conn = graceful.watch(
             builder
@@ -149,6 +168,170 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
         "instance_type": cfg.instance_type,
     });
     json(StatusCode::OK, body.to_string())
+}
+
+/// The demo gRPC services.
+mod grpc {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use fleetlb_dataplane::grpc::{
+        self as g, HealthCheckRequest, HealthCheckResponse, SERVING, code, frame, unframe,
+    };
+    use http::{HeaderMap, HeaderValue, Response, header};
+    use http_body::Frame;
+    use http_body_util::{BodyExt, Limited, StreamBody};
+    use prost::Message;
+    use tokio::sync::Semaphore;
+
+    use super::{BackendConfig, Body};
+
+    /// gRPC's default largest message.
+    const MAX_REQUEST: usize = 4 << 20;
+
+    /// `fleetlb.demo.SayRequest`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SayRequest {
+        #[prost(string, tag = "1")]
+        pub message: String,
+    }
+
+    /// `fleetlb.demo.SayReply`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SayReply {
+        #[prost(string, tag = "1")]
+        pub message: String,
+        #[prost(string, tag = "2")]
+        pub instance_id: String,
+        #[prost(string, tag = "3")]
+        pub cluster: String,
+        #[prost(string, tag = "4")]
+        pub instance_type: String,
+    }
+
+    /// `fleetlb.demo.CountRequest`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CountRequest {
+        #[prost(uint32, tag = "1")]
+        pub n: u32,
+        #[prost(uint32, tag = "2")]
+        pub interval_ms: u32,
+    }
+
+    pub(super) async fn call(
+        cfg: &BackendConfig,
+        cpu: &Semaphore,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let Ok(body) = Limited::new(req.into_body(), MAX_REQUEST).collect().await else {
+            return status(code::RESOURCE_EXHAUSTED, "request too large or broken");
+        };
+        let body = body.to_bytes();
+        let Some(message) = unframe(&body).and_then(|m| m.first().copied()) else {
+            return status(code::INTERNAL, "expected one uncompressed message");
+        };
+        match path.as_str() {
+            g::HEALTH_CHECK => {
+                let Ok(req) = HealthCheckRequest::decode(message) else {
+                    return status(code::INVALID_ARGUMENT, "bad HealthCheckRequest");
+                };
+                if !req.service.is_empty() && req.service != "fleetlb.demo.Echo" {
+                    return status(code::NOT_FOUND, "unknown service");
+                }
+                let reply = HealthCheckResponse { status: SERVING };
+                unary(reply.encode_to_vec())
+            }
+            "/fleetlb.demo.Echo/Say" => {
+                let Ok(req) = SayRequest::decode(message) else {
+                    return status(code::INVALID_ARGUMENT, "bad SayRequest");
+                };
+                let Ok(_permit) = cpu.acquire().await else {
+                    return status(code::UNAVAILABLE, "shutting down");
+                };
+                if !cfg.profile.latency.is_zero() {
+                    tokio::time::sleep(cfg.profile.latency).await;
+                }
+                unary(reply(cfg, req.message).encode_to_vec())
+            }
+            "/fleetlb.demo.Echo/Count" => {
+                let Ok(req) = CountRequest::decode(message) else {
+                    return status(code::INVALID_ARGUMENT, "bad CountRequest");
+                };
+                let n = req.n.min(1000);
+                let every = Duration::from_millis(u64::from(req.interval_ms.min(10_000)));
+                let cfg = cfg.clone();
+                let frames = futures::stream::unfold(0u32, move |i| {
+                    let cfg = cfg.clone();
+                    async move {
+                        if i > n {
+                            return None;
+                        }
+                        if i == n {
+                            return Some((Ok(Frame::trailers(ok_trailers())), i + 1));
+                        }
+                        if i > 0 {
+                            tokio::time::sleep(every).await;
+                        }
+                        let m = reply(&cfg, format!("{}", i + 1)).encode_to_vec();
+                        Some((Ok::<_, Infallible>(Frame::data(frame(&m))), i + 1))
+                    }
+                });
+                respond(StreamBody::new(frames).boxed())
+            }
+            _ => status(code::UNIMPLEMENTED, "unknown method"),
+        }
+    }
+
+    fn reply(cfg: &BackendConfig, message: String) -> SayReply {
+        SayReply {
+            message: format!(
+                "Instance {} of {} has received: {message}",
+                cfg.id, cfg.cluster
+            ),
+            instance_id: cfg.id.clone(),
+            cluster: cfg.cluster.clone(),
+            instance_type: cfg.instance_type.clone(),
+        }
+    }
+
+    fn ok_trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert(g::GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+        t
+    }
+
+    /// One message, then the OK trailers.
+    fn unary(message: Vec<u8>) -> Response<Body> {
+        let frames = [
+            Ok::<_, Infallible>(Frame::data(frame(&message))),
+            Ok(Frame::trailers(ok_trailers())),
+        ];
+        respond(StreamBody::new(futures::stream::iter(frames)).boxed())
+    }
+
+    fn respond(body: Body) -> Response<Body> {
+        let mut resp = Response::new(body);
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        resp
+    }
+
+    /// A trailers-only answer with `code`.
+    fn status(code: u32, message: &'static str) -> Response<Body> {
+        let mut resp = respond(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|e| match e {})
+                .boxed(),
+        );
+        let h = resp.headers_mut();
+        h.insert(g::GRPC_STATUS.clone(), HeaderValue::from(code));
+        h.insert(g::GRPC_MESSAGE.clone(), HeaderValue::from_static(message));
+        resp
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -149,6 +149,10 @@ pub struct BackendArgs {
     /// uses this so instances never outlive fleetlb.
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
+    /// Serve gRPC over HTTP/2 too: `fleetlb.demo.Echo` (examples/grpc/echo.proto) and
+    /// `grpc.health.v1.Health` (the local provider sets it for `spec.protocol: GRPC`).
+    #[arg(long)]
+    pub grpc: bool,
 }
 
 #[derive(Args, Clone)]

@@ -82,6 +82,7 @@ pub async fn backend(a: BackendArgs) -> anyhow::Result<ExitCode> {
         cluster: a.cluster,
         instance_type: a.profile,
         profile: p,
+        grpc: a.grpc,
     };
     let stop = async move {
         if a.exit_on_stdin_eof {

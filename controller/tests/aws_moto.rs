@@ -276,6 +276,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
             .and_then(|v| serde_json::from_value(serde_json::to_value(v).unwrap()).ok())
             .unwrap();
     let req = LaunchRequest {
+        grpc: false,
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),
@@ -706,6 +707,7 @@ async fn a_replayed_launch_carries_the_same_token_and_subnet() {
 
 fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
     LaunchRequest {
+        grpc: false,
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),

@@ -838,6 +838,7 @@ impl fleetlb_controller::provider::Provider for Counting {
 
 fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
     fleetlb_controller::provider::LaunchRequest {
+        grpc: false,
         owner: fleetlb_controller::provider::ClusterKey {
             namespace: "default".into(),
             name: "web".into(),
@@ -880,6 +881,7 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
         Metrics::new(&prometheus::Registry::new()).unwrap(),
     );
     let req = LaunchRequest {
+        grpc: false,
         owner: ClusterKey::of(&obj),
         owner_uid: "uid-web".into(),
         slot: 0,

@@ -112,6 +112,13 @@ pub struct BackendClusterSpec {
     #[schemars(length(min = 3, max = 64), pattern(validate::INSTANCE_TYPE_PATTERN))]
     pub instance_type: String,
 
+    /// What the instances speak, as ALB's target-group protocol versions: `HTTP1` (default),
+    /// `HTTP2` (HTTP/2 with prior knowledge, many requests per connection) or `GRPC` (HTTP/2
+    /// with gRPC's trailers, statuses, deadlines and health service). Clients may use HTTP/1.1
+    /// or HTTP/2 for the first two; gRPC needs HTTP/2 on both sides.
+    #[serde(default, skip_serializing_if = "Protocol::is_default")]
+    pub protocol: Protocol,
+
     /// TCP port the instance's HTTP server listens on (default 8000). The `local` provider picks
     /// a free loopback port instead.
     #[serde(default = "default_port")]
@@ -283,7 +290,8 @@ fn default_timeout_seconds() -> u32 {
     "fieldPath": ".timeoutSeconds"
 }]))]
 pub struct HealthCheck {
-    /// HTTP path probed with GET; any 2xx passes (default `/health`).
+    /// HTTP path probed with GET; any 2xx passes (default `/health`). Not used by `GRPC`
+    /// clusters, which are probed with `grpc.health.v1.Health/Check`.
     #[serde(default = "default_health_path")]
     #[schemars(length(min = 1, max = 1024), pattern(validate::HEALTH_PATH_PATTERN))]
     pub path: String,
@@ -303,6 +311,12 @@ pub struct HealthCheck {
     #[serde(default = "default_unhealthy_threshold")]
     #[schemars(range(min = 2, max = 10))]
     pub unhealthy_threshold: u32,
+    /// `GRPC` clusters: the service named in `grpc.health.v1.Health/Check` (default empty: the
+    /// server as a whole, as Kubernetes' gRPC probes ask). An instance passes when it answers
+    /// `SERVING`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 256), pattern(validate::GRPC_SERVICE_PATTERN))]
+    pub grpc_service: String,
 }
 
 fn default_health_path() -> String {
@@ -329,6 +343,7 @@ impl Default for HealthCheck {
             timeout_seconds: default_timeout(),
             healthy_threshold: default_healthy_threshold(),
             unhealthy_threshold: default_unhealthy_threshold(),
+            grpc_service: String::new(),
         }
     }
 }
@@ -426,6 +441,37 @@ impl Default for OutlierDetection {
             base_ejection_seconds: default_base_ejection(),
             max_ejection_percent: default_max_ejection(),
         }
+    }
+}
+
+/// The protocol fleetlb speaks to a cluster's instances.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Protocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    #[default]
+    #[serde(rename = "HTTP1")]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): each request is a stream on a shared connection.
+    #[serde(rename = "HTTP2")]
+    Http2,
+    /// gRPC over HTTP/2: trailers both ways, `grpc-status` counted, `grpc-timeout` honoured,
+    /// health checked with `grpc.health.v1.Health/Check`.
+    #[serde(rename = "GRPC")]
+    Grpc,
+}
+
+impl Protocol {
+    /// The protocol's name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "HTTP1",
+            Protocol::Http2 => "HTTP2",
+            Protocol::Grpc => "GRPC",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Protocol::Http1
     }
 }
 

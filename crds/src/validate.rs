@@ -37,6 +37,11 @@ pub(crate) const ENDPOINT_PATTERN: &str = r"^.+:0*([1-9][0-9]{0,3}|[1-5][0-9]{4}
 /// A health-check path: starts with `/`, no spaces or control characters (UTF-8 allowed).
 pub(crate) const HEALTH_PATH_PATTERN: &str = r"^/[^\x00-\x20\x7f]*$";
 
+/// A gRPC service name for the health check: dot-separated identifiers
+/// (`fleetlb.demo.Echo`), or empty for the whole server.
+pub(crate) const GRPC_SERVICE_PATTERN: &str =
+    r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$";
+
 /// An AMI id (EC2 writes them in lowercase; either case is accepted).
 pub(crate) const AMI_PATTERN: &str = r"^ami-[0-9a-fA-F]{8,17}$";
 
@@ -379,6 +384,21 @@ mod tests {
             e[0].starts_with("spec.autoscaling: autoscaling does not apply to the static provider"),
             "{e:?}"
         );
+        // The protocol by ALB's names only, and a gRPC health service as a dotted name.
+        for good in ["HTTP1", "HTTP2", "GRPC"] {
+            assert!(
+                fields(&spec(json!({"protocol": good}))).is_empty(),
+                "{good}"
+            );
+        }
+        let e = fields(&spec(json!({"protocol": "grpc"})));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("spec.protocol: "), "{e:?}");
+        let hc = |s: &str| spec(json!({"protocol": "GRPC", "healthCheck": {"grpcService": s}}));
+        assert!(fields(&hc("fleetlb.demo.Echo")).is_empty());
+        assert!(fields(&hc("")).is_empty());
+        let e = fields(&hc("a/b"));
+        assert!(e[0].starts_with("spec.healthCheck.grpcService: "), "{e:?}");
         // The CEL rule, with the default interval (2 s) filled in.
         let e = fields(&spec(json!({"healthCheck": {"timeoutSeconds": 5}})));
         assert_eq!(

@@ -145,6 +145,12 @@ impl InflightGuard {
     }
 }
 
+impl InflightGuard {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.state.end();
@@ -162,6 +168,8 @@ enum Kind {
     /// Read by fleetlb's upstream client; the guard's endpoint takes the connection back at the
     /// end.
     Own(h1::Body, Option<InflightGuard>),
+    /// Read by hyper's HTTP/2 client (`h2up`), trailers and all.
+    H2(Box<crate::h2up::Answer>),
     Message(Option<Bytes>),
 }
 
@@ -172,6 +180,15 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 impl ResponseBody {
     pub(crate) fn own(body: h1::Body, guard: InflightGuard) -> Self {
         Self(Kind::Own(body, Some(guard)), None)
+    }
+
+    pub(crate) fn h2(answer: crate::h2up::Answer) -> Self {
+        Self(Kind::H2(Box::new(answer)), None)
+    }
+
+    /// No body at all (a gRPC trailers-only answer).
+    pub fn empty() -> Self {
+        Self(Kind::Message(None), None)
     }
 
     /// A complete short body.
@@ -243,6 +260,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Own(b, _) => b.is_end_stream(),
+            Kind::H2(a) => a.is_end_stream(),
             Kind::Message(b) => b.is_none(),
         }
     }
@@ -250,6 +268,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Own(b, _) => b.size_hint(),
+            Kind::H2(a) => a.size_hint(),
             Kind::Message(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Message(None) => SizeHint::with_exact(0),
         }
@@ -276,6 +295,7 @@ impl ResponseBody {
                 }
                 polled.map(|o| o.map(|r| r.map(Frame::data).map_err(Into::into)))
             }
+            Kind::H2(a) => a.poll_frame(cx),
             Kind::Message(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }

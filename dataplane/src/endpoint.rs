@@ -28,6 +28,8 @@ pub(crate) struct Endpoint {
     pub metrics: EndpointMetrics,
     /// Idle keep-alive connections to this endpoint (see `h1`).
     pub pool: crate::h1::Pool,
+    /// HTTP/2 connections to it (`HTTP2` and `GRPC` clusters, see `h2up`).
+    pub h2: crate::h2up::Pool,
     /// Requests waiting for one of its connection slots (`--endpoint-max-connections`), and
     /// the signal that a slot freed.
     pub queued: AtomicU32,
@@ -45,6 +47,7 @@ impl Endpoint {
             state: EndpointState::new(now),
             metrics,
             pool: Default::default(),
+            h2: Default::default(),
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
         }
@@ -55,6 +58,9 @@ impl Endpoint {
 #[derive(Debug)]
 pub(crate) struct EndpointState {
     inflight: AtomicU32,
+    /// Of those, streams that have lived past the route's head timeout (long-lived gRPC or
+    /// HTTP/2 streams): in flight for the balancer, not load for the autoscaler.
+    long_lived: AtomicU32,
     est_bits: AtomicU64,
     est_at: AtomicU64,
     probe_ns: AtomicU64,
@@ -118,6 +124,7 @@ impl EndpointState {
     pub fn new(now: u64) -> Self {
         Self {
             inflight: AtomicU32::new(0),
+            long_lived: AtomicU32::new(0),
             est_bits: AtomicU64::new(0f64.to_bits()),
             est_at: AtomicU64::new(now),
             probe_ns: AtomicU64::new(0),
@@ -139,6 +146,20 @@ impl EndpointState {
 
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Relaxed)
+    }
+
+    /// Requests in flight as the autoscaler counts load: without long-lived streams.
+    pub fn load(&self) -> u32 {
+        self.inflight()
+            .saturating_sub(self.long_lived.load(Relaxed))
+    }
+
+    pub fn long_lived_began(&self) {
+        self.long_lived.fetch_add(1, Relaxed);
+    }
+
+    pub fn long_lived_ended(&self) {
+        self.long_lived.fetch_sub(1, Relaxed);
     }
 
     /// Counts one more request in flight unless `max` already are.

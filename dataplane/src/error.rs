@@ -63,6 +63,18 @@ pub enum ProxyError {
     /// The proxy ran out of descriptors, ports or buffers for an upstream connection.
     #[error("proxy out of resources")]
     LocalResources,
+    /// A gRPC call over HTTP/1.1, which cannot carry its trailers.
+    #[error("gRPC requires HTTP/2")]
+    GrpcNeedsHttp2,
+    /// A gRPC call routed to a cluster whose instances speak HTTP/1.1 (`spec.protocol`).
+    #[error("this route's instances speak HTTP/1.1, not gRPC (spec.protocol)")]
+    NotGrpcCluster,
+    /// Every instance tried answered `UNAVAILABLE` before any response byte.
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    /// The gRPC caller's own deadline (`grpc-timeout`) passed before the answer.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
 }
 
 impl ProxyError {
@@ -84,6 +96,10 @@ impl ProxyError {
             ProxyError::ConnectionBusy | ProxyError::EndpointFull | ProxyError::LocalResources => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::GrpcNeedsHttp2 => StatusCode::BAD_REQUEST,
+            ProxyError::NotGrpcCluster => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -106,6 +122,10 @@ impl ProxyError {
             ProxyError::ConnectionBusy => "connection_busy",
             ProxyError::EndpointFull => "endpoint_full",
             ProxyError::LocalResources => "local_resources",
+            ProxyError::GrpcNeedsHttp2 => "grpc_needs_http2",
+            ProxyError::NotGrpcCluster => "not_grpc_cluster",
+            ProxyError::UpstreamUnavailable => "unavailable",
+            ProxyError::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
@@ -129,6 +149,12 @@ impl ProxyError {
             ProxyError::ConnectionBusy => "too many requests in flight on this connection\n",
             ProxyError::EndpointFull => "endpoint busy: its connections and queue are full\n",
             ProxyError::LocalResources => "proxy out of resources\n",
+            ProxyError::GrpcNeedsHttp2 => {
+                "gRPC requires HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n"
+            }
+            ProxyError::NotGrpcCluster => "this route's instances speak HTTP/1.1, not gRPC\n",
+            ProxyError::UpstreamUnavailable => "upstream unavailable\n",
+            ProxyError::DeadlineExceeded => "deadline exceeded\n",
         }
     }
 
@@ -137,6 +163,7 @@ impl ProxyError {
     pub fn response(self) -> Response<ResponseBody> {
         let mut resp = plain(self.status(), self.body());
         resp.extensions_mut().insert(SelfAnswered(self.reason()));
+        resp.extensions_mut().insert(self);
         if self == ProxyError::ClientClosed {
             resp.extensions_mut().insert(ClientGone);
         }

@@ -19,7 +19,9 @@ mod error;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod grpc;
 mod h1;
+mod h2up;
 mod headers;
 mod history;
 pub mod limits;
@@ -53,7 +55,8 @@ pub use ipnet::IpNet;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use routes::{
-    BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
+    BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, Protocol, RouteConfig,
+    RouteTable,
 };
 pub use rules::normalize_host;
 
@@ -368,7 +371,7 @@ impl Dataplane {
             .iter()
             .map(|c| ClusterLoad {
                 cluster: c.name.clone(),
-                inflight: u64::from(c.inflight()),
+                inflight: u64::from(c.load()),
                 answered: c.metrics.answered(),
             })
             .collect()

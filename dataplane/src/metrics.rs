@@ -46,12 +46,21 @@ pub struct Metrics {
     pub(crate) panic_mode: IntGaugeVec,
     /// Access-log lines dropped because the writer fell behind (`--access-log`).
     pub(crate) access_log_dropped: IntCounter,
+    /// gRPC calls ended, by status and by who ended them.
+    pub(crate) grpc: IntCounterVec,
 }
 
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
+            grpc: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_grpc_calls_total",
+                    "gRPC calls ended, by cluster, grpc-status code (0 OK, 14 UNAVAILABLE, ...) and source: instance (its trailers, per attempt) or fleetlb (its own answer: no instance, deadline, limits).",
+                ),
+                &["cluster", "grpc_status", "source"],
+            )?,
             requests: IntCounterVec::new(
                 Opts::new(
                     "fleetlb_requests_total",
@@ -213,13 +222,15 @@ impl Metrics {
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.panic_mode.clone()))?;
         registry.register(Box::new(m.access_log_dropped.clone()))?;
+        registry.register(Box::new(m.grpc.clone()))?;
         Ok(m)
     }
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 19] = [
+        let collectors: [&dyn Collector; 20] = [
+            &self.grpc,
             &self.tls_handshakes,
             &self.tls_cert_expiry,
             &self.requests,
@@ -252,6 +263,9 @@ impl Metrics {
                 .map(|c| self.requests.with_label_values(&[cluster, c])),
             duration: self.request_duration.with_label_values(&[cluster]),
             retries: self.retries.with_label_values(&[cluster]),
+            grpc: self.grpc.clone(),
+            grpc_ok: std::sync::OnceLock::new(),
+            name: cluster.to_string(),
         }
     }
 
@@ -273,6 +287,14 @@ impl Metrics {
         let _ = self.upstream_duration.remove_label_values(&labels);
     }
 
+    /// A gRPC call of `cluster` ended with `status`, its end written by `source`.
+    pub(crate) fn grpc_status(&self, cluster: &str, status: u32, source: &str) {
+        let code = status.to_string();
+        self.grpc
+            .with_label_values(&[cluster, code.as_str(), source])
+            .inc();
+    }
+
     pub(crate) fn proxy_error(&self, cluster: &str, reason: &str) {
         self.proxy_errors
             .with_label_values(&[cluster, reason])
@@ -285,12 +307,33 @@ pub(crate) struct ClusterMetrics {
     by_class: [IntCounter; 5],
     pub duration: Histogram,
     pub retries: IntCounter,
+    grpc: IntCounterVec,
+    /// `grpc_status="0", source="instance"`, resolved at the first OK call.
+    grpc_ok: std::sync::OnceLock<IntCounter>,
+    name: String,
 }
 
 impl ClusterMetrics {
     /// Requests answered so far (every status class).
     pub fn answered(&self) -> u64 {
         self.by_class.iter().map(IntCounter::get).sum()
+    }
+
+    /// A gRPC call ended with `status` in an instance's trailers.
+    pub fn grpc_from_instance(&self, status: u32) {
+        if status == 0 {
+            self.grpc_ok
+                .get_or_init(|| {
+                    self.grpc
+                        .with_label_values(&[self.name.as_str(), "0", "instance"])
+                })
+                .inc();
+        } else {
+            let code = status.to_string();
+            self.grpc
+                .with_label_values(&[self.name.as_str(), code.as_str(), "instance"])
+                .inc();
+        }
     }
 
     pub fn count(&self, status: u16) {

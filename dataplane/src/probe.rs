@@ -1,5 +1,8 @@
 //! Active health checks: one task per endpoint.
 //!
+//! `HTTP2` clusters are probed with the same `GET` as a stream on the endpoint's HTTP/2 pool,
+//! `GRPC` ones with `grpc.health.v1.Health/Check` (passing on `SERVING`), see `h2up::probe`.
+//!
 //! Each probe is a `GET <path>` through the proxy's upstream client (`h1`) over a kept-alive
 //! connection from the endpoint's pool (so it measures request RTT, not connection set-up, and
 //! costs a write and a read), with the check's timeout. A 2xx passes. Passing probes also refresh the
@@ -18,7 +21,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use crate::Shared;
 use crate::endpoint::{Endpoint, Transition};
 use crate::h1;
-use crate::routes::HealthConfig;
+use crate::routes::{HealthConfig, Protocol};
 
 /// Largest health response body read (and discarded) so the connection can be reused.
 const MAX_PROBE_BODY: usize = 64 * 1024;
@@ -27,12 +30,19 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     cluster: String,
     health: HealthConfig,
+    protocol: Protocol,
     endpoint: Arc<Endpoint>,
 ) -> AbortHandle {
-    tokio::spawn(run(shared, cluster, health, endpoint)).abort_handle()
+    tokio::spawn(run(shared, cluster, health, protocol, endpoint)).abort_handle()
 }
 
-async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc<Endpoint>) {
+async fn run(
+    shared: Arc<Shared>,
+    cluster: String,
+    health: HealthConfig,
+    protocol: Protocol,
+    ep: Arc<Endpoint>,
+) {
     let path = match PathAndQuery::try_from(health.path.as_str()) {
         Ok(p) if p.as_str().starts_with('/') => p,
         _ => {
@@ -47,7 +57,12 @@ async fn run(shared: Arc<Shared>, cluster: String, health: HealthConfig, ep: Arc
     );
     loop {
         let started = Instant::now();
-        let ok = probe_once(&shared, &ep, &path, &headers, health.timeout).await;
+        let ok = if protocol.is_h2() {
+            let grpc = protocol == Protocol::Grpc;
+            crate::h2up::probe(&shared, &ep, grpc, &health, &path).await
+        } else {
+            probe_once(&shared, &ep, &path, &headers, health.timeout).await
+        };
         let rtt = started.elapsed().as_nanos() as u64;
         let now = shared.clock.now();
         let t = ep.state.record_probe(

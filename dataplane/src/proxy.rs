@@ -31,6 +31,7 @@ use crate::body::{ClientBody, Full, InflightGuard, ResponseBody};
 use crate::conn::{Active, ClientUpgrade, ConnState, Phase};
 use crate::endpoint::{EjectReason, Endpoint, Transition};
 use crate::error::ProxyError;
+use crate::grpc;
 use crate::h1;
 use crate::headers::{Peer, prepare_headers, strip_hop_by_hop};
 use crate::outlier;
@@ -40,7 +41,7 @@ use crate::table::Cluster;
 /// Takes one of `conn`'s request slots for `req` and handles it; a 503 when no slot frees in
 /// time (`--max-upstream-per-connection`).
 pub(crate) async fn admit(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Arc<ConnState>,
     h2: bool,
     req: Request<ClientBody>,
@@ -55,7 +56,7 @@ pub(crate) async fn admit(
 
 /// Handles one client request end to end. Never fails: errors become responses.
 async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     req: Request<ClientBody>,
     peer: &Peer,
     tls: Option<&Arc<TlsInfo>>,
@@ -64,7 +65,31 @@ async fn handle(
     if shared.config.access_log.is_some() {
         active.set_log(Entry::start(&req, peer.addr(), tls.cloned()));
     }
-    let mut resp = route_and_forward(shared, req, peer, tls.is_some(), &mut active).await;
+    // gRPC is POST only: other requests skip the header lookup.
+    let grpc_call = req.method() == Method::POST && grpc::is_grpc(req.headers());
+    let h2_client = req.version() == Version::HTTP_2;
+    let mut resp = if grpc_call && !h2_client {
+        shared
+            .metrics
+            .proxy_error("", ProxyError::GrpcNeedsHttp2.reason());
+        ProxyError::GrpcNeedsHttp2.response()
+    } else {
+        route_and_forward(shared, req, peer, tls.is_some(), grpc_call, &mut active).await
+    };
+    if grpc_call
+        && h2_client
+        && let Some(&err) = resp.extensions().get::<ProxyError>()
+    {
+        // A gRPC client reads its call's fate from grpc-status, not the HTTP status.
+        resp = grpc::reshape(err);
+        let cluster = active
+            .log_mut()
+            .and_then(|l| l.cluster.as_ref().map(|c| c.name.clone()))
+            .unwrap_or_default();
+        shared
+            .metrics
+            .grpc_status(&cluster, grpc::code_for(err), "fleetlb");
+    }
     active.answered(
         resp.extensions()
             .get::<crate::error::ClientGone>()
@@ -87,10 +112,11 @@ async fn handle(
 }
 
 async fn route_and_forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     mut req: Request<ClientBody>,
     peer: &Peer,
     tls: bool,
+    grpc_call: bool,
     active: &mut Active,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -146,8 +172,34 @@ async fn route_and_forward(
         cluster.metrics.count(resp.status().as_u16());
         return resp;
     }
-    let upgrade = upgrade_request(&mut req, active.conn());
+    let h2 = cluster.protocol.is_h2();
+    if grpc_call && !h2 {
+        let err = ProxyError::NotGrpcCluster;
+        shared.metrics.proxy_error(&cluster.name, err.reason());
+        cluster.metrics.count(err.status().as_u16());
+        return err.response();
+    }
+    // A WebSocket upgrade needs HTTP/1.1 to the instance; to an HTTP/2 one the request goes
+    // on as a plain request.
+    let upgrade = if h2 {
+        None
+    } else {
+        upgrade_request(&mut req, active.conn())
+    };
+    // `TE: trailers` (what gRPC sends) is the one TE an HTTP/2 hop carries on.
+    let te_trailers = h2
+        && req
+            .headers()
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
+    if te_trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(log) = active.log_mut() {
         let h = req.headers();
         let copy = |name| {
@@ -175,7 +227,12 @@ async fn route_and_forward(
     }
     let upgrading = upgrade.is_some();
     let upgrade = upgrade.map(|(_, on)| (on, active.conn().clone()));
-    let mut resp = match forward(shared, &cluster, req, upgrade, active.log_mut()).await {
+    let forwarded = if h2 {
+        crate::h2up::forward(shared, &cluster, req, grpc_call, active.log_mut()).await
+    } else {
+        forward(shared, &cluster, req, upgrade, active.log_mut()).await
+    };
+    let mut resp = match forwarded {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.proxy_error(&cluster.name, err.reason());
@@ -711,7 +768,7 @@ where
 /// - a `429` slows it down (the penalty in its estimate, so it gets fewer new requests) but
 ///   never counts toward ejection: any client can provoke one;
 /// - anything else is a latency sample.
-fn learn_from_status(
+pub(crate) fn learn_from_status(
     shared: &Shared,
     cluster: &Cluster,
     ep: &Endpoint,

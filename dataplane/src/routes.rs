@@ -30,6 +30,8 @@ pub struct RouteConfig {
     /// Plain HTTP requests get a 308 to the same URL on HTTPS (when the proxy has an HTTPS
     /// listener).
     pub https_redirect: bool,
+    /// What the endpoints speak.
+    pub protocol: Protocol,
     /// How requests are spread over the endpoints.
     pub balancing: BalancingConfig,
     /// Active health check settings.
@@ -52,6 +54,25 @@ pub struct EndpointConfig {
     pub id: String,
     /// Where requests go.
     pub addr: SocketAddr,
+}
+
+/// What a cluster's endpoints speak (`fleetlb_crds::Protocol`, ALB's protocol versions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge: requests are streams on shared connections.
+    Http2,
+    /// gRPC over HTTP/2: trailers, `grpc-status`, `grpc-timeout`, the gRPC health service.
+    Grpc,
+}
+
+impl Protocol {
+    /// Whether requests go out as HTTP/2 streams.
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
 }
 
 /// Balancing policy, see `fleetlb_crds::Policy` for the user-facing description.
@@ -138,6 +159,7 @@ impl RouteConfig {
             hosts: Vec::new(),
             weight: None,
             https_redirect: false,
+            protocol: Protocol::default(),
             balancing: BalancingConfig::default(),
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),
@@ -152,8 +174,11 @@ impl RouteConfig {
 /// consecutive passes admit an endpoint, `unhealthy_threshold` consecutive failures remove it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthConfig {
-    /// Path probed with GET.
+    /// Path probed with GET (HTTP/1.1 and HTTP/2 clusters).
     pub path: String,
+    /// Service asked about by `grpc.health.v1.Health/Check` (gRPC clusters; empty: the
+    /// whole server).
+    pub grpc_service: String,
     /// Time between probes of one endpoint.
     pub interval: Duration,
     /// Time after which a probe fails.
@@ -168,6 +193,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             path: "/health".into(),
+            grpc_service: String::new(),
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             healthy_threshold: 2,

@@ -63,6 +63,7 @@ pub(crate) struct Cluster {
     pub outlier: OutlierConfig,
     pub request_timeout: Duration,
     pub body_timeout: Option<Duration>,
+    pub protocol: crate::routes::Protocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Round-robin position.
     pub rr: AtomicUsize,
@@ -93,6 +94,7 @@ impl Cluster {
             outlier: route.outlier.clone(),
             request_timeout: route.request_timeout,
             body_timeout: route.body_timeout,
+            protocol: route.protocol,
             endpoints,
             rr: AtomicUsize::new(0),
             carried,
@@ -104,11 +106,17 @@ impl Cluster {
     pub fn inflight(&self) -> u32 {
         self.endpoints.iter().map(|e| e.state.inflight()).sum()
     }
+
+    /// Requests in flight as the autoscaler counts load (`EndpointState::load`).
+    pub fn load(&self) -> u32 {
+        self.endpoints.iter().map(|e| e.state.load()).sum()
+    }
 }
 
 struct Probed {
     endpoint: Arc<Endpoint>,
     health: HealthConfig,
+    protocol: crate::routes::Protocol,
     task: AbortHandle,
 }
 
@@ -174,7 +182,7 @@ fn apply(
                 continue; // duplicate endpoint in one route
             }
             let probed = match live.remove(&key) {
-                Some(p) if p.health == route.health => p,
+                Some(p) if p.health == route.health && p.protocol == route.protocol => p,
                 Some(p) => {
                     // Health settings changed: restart the prober, keep the state.
                     p.task.abort();
@@ -182,11 +190,13 @@ fn apply(
                         shared.clone(),
                         route.cluster.clone(),
                         route.health.clone(),
+                        route.protocol,
                         p.endpoint.clone(),
                     );
                     Probed {
                         endpoint: p.endpoint,
                         health: route.health.clone(),
+                        protocol: route.protocol,
                         task,
                     }
                 }
@@ -202,12 +212,14 @@ fn apply(
                         shared.clone(),
                         route.cluster.clone(),
                         route.health.clone(),
+                        route.protocol,
                         endpoint.clone(),
                     );
                     tracing::info!(cluster = %route.cluster, endpoint = %ep.addr, id = %ep.id, "endpoint added");
                     Probed {
                         endpoint,
                         health: route.health.clone(),
+                        protocol: route.protocol,
                         task,
                     }
                 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use fleetlb_crds::BackendCluster;
 use fleetlb_dataplane::{
-    BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, RouteConfig, RouteTable,
+    BalancingConfig, EndpointConfig, HealthConfig, OutlierConfig, Policy, Protocol, RouteConfig,
+    RouteTable,
 };
 use k8s_openapi::jiff::Timestamp;
 
@@ -232,6 +233,11 @@ pub fn route_config(
         hosts: spec.hosts.clone(),
         weight: spec.weight,
         https_redirect: spec.https_redirect,
+        protocol: match spec.protocol {
+            fleetlb_crds::Protocol::Http1 => Protocol::Http1,
+            fleetlb_crds::Protocol::Http2 => Protocol::Http2,
+            fleetlb_crds::Protocol::Grpc => Protocol::Grpc,
+        },
         balancing: BalancingConfig {
             policy: match b.policy {
                 fleetlb_crds::Policy::PeakEwma => Policy::PeakEwma,
@@ -245,6 +251,7 @@ pub fn route_config(
         },
         health: HealthConfig {
             path: hc.path.clone(),
+            grpc_service: hc.grpc_service.clone(),
             interval: secs(hc.interval_seconds),
             timeout: secs(hc.timeout_seconds),
             healthy_threshold: hc.healthy_threshold,

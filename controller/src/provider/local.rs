@@ -112,6 +112,9 @@ impl LocalProvider {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        if req.grpc {
+            cmd.arg("--grpc");
+        }
         if let Some(ms) = latency {
             cmd.args(["--latency-ms", &ms.to_string()]);
         }

@@ -120,6 +120,8 @@ pub struct LaunchRequest {
     pub instance_type: String,
     /// `spec.port`.
     pub port: u16,
+    /// `spec.protocol` is `GRPC`: a `local` instance serves the demo gRPC services too.
+    pub grpc: bool,
     /// `spec.provider`.
     pub provider: ProviderSpec,
     /// Spec hash recorded on the instance.

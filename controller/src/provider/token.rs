@@ -29,7 +29,15 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 pub fn spec_hash(bc: &BackendCluster) -> String {
     let s = &bc.spec;
     let provider = serde_json::to_string(&s.provider).unwrap_or_default();
-    let key = format!("{}|{}|{}", s.instance_type, s.port, provider);
+    let mut key = format!("{}|{}|{}", s.instance_type, s.port, provider);
+    // A local instance serves gRPC only when launched for it; an EC2 instance's software is
+    // its image's, so its protocol never asks for a replacement (and HTTP1 keeps every hash
+    // written before the field existed).
+    if matches!(s.provider, fleetlb_crds::ProviderSpec::Local(_))
+        && s.protocol == fleetlb_crds::Protocol::Grpc
+    {
+        key.push_str("|grpc");
+    }
     format!("{:016x}", fnv64(key.as_bytes()))
 }
 

@@ -178,6 +178,12 @@ pub(crate) async fn send(
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
+    Ok(Conn::new(connect_tcp(addr, timeout).await?))
+}
+
+/// A TCP connection to `addr` within `timeout`, Nagle off; the proxy's own exhaustion told
+/// apart from the endpoint's failure.
+pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Error> {
     let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) if is_local(&e) => return Err(Error::Local(e)),
@@ -185,7 +191,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
         Err(_) => return Err(Error::ConnectTimeout),
     };
     io.set_nodelay(true).map_err(Error::Connect)?;
-    Ok(Conn::new(io))
+    Ok(io)
 }
 
 /// How soon after the request went out a close still counts as the keep-alive race (the
