@@ -241,7 +241,7 @@ mod grpc {
                     return status(code::NOT_FOUND, "unknown service");
                 }
                 let reply = HealthCheckResponse { status: SERVING };
-                unary(reply.encode_to_vec())
+                unary(cfg, reply.encode_to_vec())
             }
             "/fleetlb.demo.Echo/Say" => {
                 let Ok(req) = SayRequest::decode(message) else {
@@ -253,7 +253,7 @@ mod grpc {
                 if !cfg.profile.latency.is_zero() {
                     tokio::time::sleep(cfg.profile.latency).await;
                 }
-                unary(reply(cfg, req.message).encode_to_vec())
+                unary(cfg, reply(cfg, req.message).encode_to_vec())
             }
             "/fleetlb.demo.Echo/Count" => {
                 let Ok(req) = CountRequest::decode(message) else {
@@ -269,7 +269,7 @@ mod grpc {
                             return None;
                         }
                         if i == n {
-                            return Some((Ok(Frame::trailers(ok_trailers())), i + 1));
+                            return Some((Ok(Frame::trailers(ok_trailers(&cfg))), i + 1));
                         }
                         if i > 0 {
                             tokio::time::sleep(every).await;
@@ -296,17 +296,21 @@ mod grpc {
         }
     }
 
-    fn ok_trailers() -> HeaderMap {
+    /// `grpc-status: 0`, and the instance's id as trailing metadata (`x-instance`).
+    fn ok_trailers(cfg: &BackendConfig) -> HeaderMap {
         let mut t = HeaderMap::new();
         t.insert(g::GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+        if let Ok(id) = HeaderValue::from_str(&cfg.id) {
+            t.insert("x-instance", id);
+        }
         t
     }
 
     /// One message, then the OK trailers.
-    fn unary(message: Vec<u8>) -> Response<Body> {
+    fn unary(cfg: &BackendConfig, message: Vec<u8>) -> Response<Body> {
         let frames = [
             Ok::<_, Infallible>(Frame::data(frame(&message))),
-            Ok(Frame::trailers(ok_trailers())),
+            Ok(Frame::trailers(ok_trailers(cfg))),
         ];
         respond(StreamBody::new(futures::stream::iter(frames)).boxed())
     }

@@ -391,9 +391,6 @@ mod tests {
                 "{good}"
             );
         }
-        let e = fields(&spec(json!({"protocol": "grpc"})));
-        assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("spec.protocol: "), "{e:?}");
         let hc = |s: &str| spec(json!({"protocol": "GRPC", "healthCheck": {"grpcService": s}}));
         assert!(fields(&hc("fleetlb.demo.Echo")).is_empty());
         assert!(fields(&hc("")).is_empty());

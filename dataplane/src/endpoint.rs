@@ -90,6 +90,9 @@ pub(crate) enum EjectReason {
     Latency = 2,
     /// The endpoint asked for it with `Retry-After` on a 429 or 503.
     RetryAfter = 3,
+    /// A gRPC call refused with `UNAVAILABLE` before any answer (trailers-only): the
+    /// instance saying it takes no calls now, gRPC's 503.
+    Unavailable = 4,
 }
 
 impl EjectReason {
@@ -99,6 +102,7 @@ impl EjectReason {
             EjectReason::ConsecutiveFailures => "consecutive_failures",
             EjectReason::Latency => "latency",
             EjectReason::RetryAfter => "retry_after",
+            EjectReason::Unavailable => "unavailable",
         }
     }
 
@@ -107,6 +111,7 @@ impl EjectReason {
             1 => Some(Self::ConsecutiveFailures),
             2 => Some(Self::Latency),
             3 => Some(Self::RetryAfter),
+            4 => Some(Self::Unavailable),
             _ => None,
         }
     }

@@ -534,13 +534,6 @@ fn learn_grpc(shared: &Shared, cluster: &Cluster, ep: &Endpoint, status: u32, rt
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// Whether hyper's error is the instance refusing the stream before processing it
 /// (`REFUSED_STREAM`, or a GOAWAY that left it unprocessed): safe to send anywhere again.
 fn refused(e: &hyper::Error) -> bool {
@@ -569,7 +562,7 @@ pub(crate) async fn forward(
     let penalty = cfg.failure_penalty.as_nanos() as f64;
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let idempotent = is_idempotent(&parts.method);
+    let idempotent = crate::proxy::is_idempotent(&parts.method);
     let mut headers = parts.headers;
     let caller_deadline = grpc_call
         .then(|| headers.get(&GRPC_TIMEOUT))
@@ -748,7 +741,7 @@ pub(crate) async fn forward(
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, attempt, err = %e, "upstream stream failed");
                 last_err = ProxyError::UpstreamReset;
-                if !(idempotent && !had_body) {
+                if !idempotent || had_body {
                     return Err(last_err);
                 }
                 failed = Some(ep.clone());
@@ -767,6 +760,20 @@ pub(crate) async fn forward(
                 match trailers_only {
                     Some(status) => {
                         learn_grpc(shared, cluster, ep, status, waited);
+                        if status == grpc::code::UNAVAILABLE {
+                            // Refused before doing anything, gRPC's 503: out of rotation for
+                            // an ejection period (its health checks go on), as far as the
+                            // cluster's ejection budget allows. A latency-aware balancer would
+                            // otherwise just stop sending it calls, and it would show healthy.
+                            outlier::try_eject(
+                                &shared.metrics,
+                                cluster,
+                                ep,
+                                now,
+                                crate::endpoint::EjectReason::Unavailable,
+                                None,
+                            );
+                        }
                         if status == grpc::code::UNAVAILABLE && attempt < cfg.max_attempts {
                             // Refused before any response byte: another instance may take it,
                             // when the whole request is still here to send.

@@ -429,7 +429,7 @@ fn upgrade_request(
     Some((proto, ClientUpgrade::of(req, conn)))
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -16,6 +16,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             replicas,
             instance_type: instance_type.into(),
             port: 8000,
+            protocol: Default::default(),
             provider: ProviderSpec::Local(LocalProvider::default()),
             health_check: Default::default(),
             balancing: Default::default(),
@@ -424,4 +425,33 @@ fn an_autoscaled_cluster_follows_the_autoscaler_within_its_bounds_and_the_replic
         .unwrap()
         .desired_replicas = 0;
     assert_eq!(desired_replicas(&b), 1, "minReplicas is the floor");
+}
+
+#[test]
+fn grpc_replaces_local_instances_only() {
+    // A local instance serves gRPC only when launched with --grpc: switching replaces it. An
+    // EC2 instance's software is its image's, and HTTP1 keeps the hashes written before
+    // `spec.protocol` existed: neither is replaced.
+    let plain = bc(2, "t2.micro");
+    let mut grpc = plain.clone();
+    grpc.spec.protocol = fleetlb_crds::Protocol::Grpc;
+    assert_ne!(spec_hash(&plain), spec_hash(&grpc));
+    let mut http2 = plain.clone();
+    http2.spec.protocol = fleetlb_crds::Protocol::Http2;
+    assert_eq!(spec_hash(&plain), spec_hash(&http2));
+    let aws: ProviderSpec = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0"}
+    }))
+    .unwrap();
+    let (mut a, mut b) = (plain.clone(), grpc.clone());
+    a.spec.provider = aws.clone();
+    b.spec.provider = aws;
+    assert_eq!(spec_hash(&a), spec_hash(&b));
+    let launch = run(&grpc, &[], &[]).launch;
+    assert_eq!(launch.len(), 2);
+    assert!(
+        launch.iter().all(|l| l.grpc),
+        "local launches ask for --grpc"
+    );
+    assert!(run(&plain, &[], &[]).launch.iter().all(|l| !l.grpc));
 }

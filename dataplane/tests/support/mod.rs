@@ -229,6 +229,7 @@ pub struct Proxy {
 pub fn fast_health() -> HealthConfig {
     HealthConfig {
         path: "/health".into(),
+        grpc_service: String::new(),
         interval: Duration::from_millis(100),
         timeout: Duration::from_millis(500),
         healthy_threshold: 2,

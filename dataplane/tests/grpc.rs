@@ -1,0 +1,295 @@
+//! gRPC through fleetlb with a real client and real servers (Python grpcio, `grpc/peer.py`):
+//! calls from one client connection spread per call, trailers intact, statuses counted by
+//! whose doing they are, deadlines honoured and passed on, the gRPC health service probed.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use fleetlb_dataplane::{EndpointConfig, EndpointState, Protocol, ProxyConfig, RouteConfig};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc/peer.py");
+
+/// `n` grpcio servers, each its own Python process (identical instances share no
+/// interpreter lock), named `s0`.., whose modes tests switch.
+struct Servers {
+    peers: Vec<Server>,
+    ports: Vec<u16>,
+}
+
+struct Server {
+    child: Child,
+    stdin: ChildStdin,
+    answers: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Servers {
+    async fn start(n: usize) -> Self {
+        let mut peers = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n {
+            let mut child = Command::new("python3")
+                .args([PEER, "serve", &format!("s{i}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("python3 runs (grpcio: .ci/test installs it)");
+            let stdin = child.stdin.take().unwrap();
+            let mut answers = BufReader::new(child.stdout.take().unwrap()).lines();
+            let first = tokio::time::timeout(DEADLINE, answers.next_line())
+                .await
+                .expect("the gRPC server starts")
+                .unwrap()
+                .expect("peer.py printed its port (is grpcio installed?)");
+            let v: Value = serde_json::from_str(&first).unwrap();
+            ports.push(v["port"].as_u64().unwrap() as u16);
+            peers.push(Server {
+                child,
+                stdin,
+                answers,
+            });
+        }
+        Self { peers, ports }
+    }
+
+    fn endpoints(&self) -> Vec<EndpointConfig> {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| EndpointConfig {
+                id: format!("s{i}"),
+                addr: ([127, 0, 0, 1], *p).into(),
+            })
+            .collect()
+    }
+
+    async fn set(&mut self, i: usize, mode: &str) {
+        let s = &mut self.peers[i];
+        s.stdin
+            .write_all(format!("{mode}\n").as_bytes())
+            .await
+            .unwrap();
+        let ack = s.answers.next_line().await.unwrap();
+        assert_eq!(ack.as_deref(), Some("ok"));
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for s in &mut self.peers {
+            let _ = s.child.start_kill();
+        }
+    }
+}
+
+fn grpc_route(endpoints: Vec<EndpointConfig>) -> RouteConfig {
+    let mut r = RouteConfig::new("echo", "/fleetlb.demo.Echo", endpoints);
+    r.protocol = Protocol::Grpc;
+    r.health = fast_health();
+    r.balancing.slow_start = Duration::ZERO;
+    r
+}
+
+async fn behind_proxy(n: usize) -> (Servers, Proxy) {
+    let servers = Servers::start(n).await;
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![grpc_route(servers.endpoints())],
+    )
+    .await;
+    proxy.wait_healthy(n).await;
+    (servers, proxy)
+}
+
+/// `n` calls through `proxy` over one client channel: peer.py's JSON summary.
+async fn calls(proxy: &Proxy, n: usize, extra: &[&str]) -> Value {
+    let out = Command::new("python3")
+        .args([PEER, "call", &proxy.addr.to_string(), &n.to_string()])
+        .args(extra)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn count(v: &Value, key: &str, name: &str) -> u64 {
+    v[key][name].as_u64().unwrap_or(0)
+}
+
+fn state(proxy: &Proxy, id: &str) -> EndpointState {
+    proxy
+        .dataplane
+        .snapshot()
+        .iter()
+        .flat_map(|c| c.endpoints.clone())
+        .find(|e| e.id == id)
+        .unwrap()
+        .state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_and_streaming_calls_keep_their_trailers() {
+    let (_servers, proxy) = behind_proxy(2).await;
+    let v = calls(&proxy, 20, &[]).await;
+    assert_eq!(count(&v, "codes", "OK"), 20, "{v}");
+    let t = &v["trailers"];
+    assert!(t["x-instance"].is_string(), "trailing metadata lost: {v}");
+    let v = calls(&proxy, 3, &["--stream", "5"]).await;
+    assert_eq!(count(&v, "codes", "OK"), 3, "{v}");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 15, "{v}");
+    assert!(v["trailers"]["x-instance"].is_string(), "{v}");
+    assert_eq!(
+        proxy.metric(
+            "fleetlb_grpc_calls_total",
+            &[("grpc_status", "0"), ("source", "instance")]
+        ),
+        23.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_one_connection_spread_over_every_instance() {
+    let (mut servers, proxy) = behind_proxy(4).await;
+    // 20 ms calls: a busy test machine's scheduling noise is small beside them, as a real
+    // service's is.
+    for i in 0..4 {
+        servers.set(i, "steady").await;
+    }
+    let v = calls(&proxy, 1000, &["--concurrency", "4"]).await;
+    eprintln!("spread: {}", v["by_instance"]);
+    assert_eq!(count(&v, "codes", "OK"), 1000, "{v}");
+    for i in 0..4 {
+        let got = count(&v, "by_instance", &format!("s{i}"));
+        assert!(
+            (200..=300).contains(&got),
+            "s{i} got {got} of 1000 calls from one connection: {}",
+            v["by_instance"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_instance_is_avoided() {
+    let (mut servers, proxy) = behind_proxy(4).await;
+    servers.set(0, "slow").await;
+    // Its first calls teach the balancer; what follows goes elsewhere.
+    let _ = calls(&proxy, 100, &["--concurrency", "2"]).await;
+    let v = calls(&proxy, 400, &["--concurrency", "2"]).await;
+    assert_eq!(count(&v, "codes", "OK"), 400, "{v}");
+    let slow = count(&v, "by_instance", "s0");
+    assert!(
+        slow < 40,
+        "the 60 ms instance got {slow} of 400 calls: {}",
+        v["by_instance"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_is_ejected_and_retried_invalid_argument_never() {
+    let (mut servers, proxy) = behind_proxy(4).await;
+    servers.set(0, "unavailable").await;
+    servers.set(1, "invalid").await;
+    let v = calls(&proxy, 300, &["--concurrency", "2"]).await;
+    // UNAVAILABLE before any answer went to another instance: the caller never saw it.
+    assert_eq!(count(&v, "codes", "UNAVAILABLE"), 0, "{v}");
+    assert!(count(&v, "codes", "INVALID_ARGUMENT") > 0, "{v}");
+    assert_eq!(
+        count(&v, "codes", "OK") + count(&v, "codes", "INVALID_ARGUMENT"),
+        300,
+        "{v}"
+    );
+    let failed = proxy.metric(
+        "fleetlb_grpc_calls_total",
+        &[("grpc_status", "14"), ("source", "instance")],
+    );
+    assert_eq!(
+        state(&proxy, "s0"),
+        EndpointState::Ejected,
+        "after {failed} UNAVAILABLE"
+    );
+    // The caller's mistakes are not the instance's: s1 stays in and keeps its share.
+    assert_eq!(state(&proxy, "s1"), EndpointState::Healthy);
+    let s1 = count(&v, "codes", "INVALID_ARGUMENT");
+    assert!(s1 >= 50, "s1 answered {s1} of 300 calls: {v}");
+    assert!(failed >= 1.0);
+    assert_eq!(
+        proxy.metric("fleetlb_ejections_total", &[("reason", "unavailable")]),
+        1.0
+    );
+    assert!(proxy.metric("fleetlb_retries_total", &[]) >= failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_is_honoured_and_passed_on() {
+    let (mut servers, proxy) = behind_proxy(1).await;
+    // The instance is told the time the caller has left.
+    let v = calls(&proxy, 1, &["--deadline", "5"]).await;
+    let left: i64 = v["trailers"]["x-deadline-ms"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (3000..=5100).contains(&left),
+        "instance was given {left} ms: {v}"
+    );
+    // Past the deadline the caller hears DEADLINE_EXCEEDED, not a 10 s wait.
+    servers.set(0, "hang").await;
+    let v = calls(&proxy, 2, &["--deadline", "0.3"]).await;
+    assert_eq!(count(&v, "codes", "DEADLINE_EXCEEDED"), 2, "{v}");
+    for ms in v["elapsed_ms"].as_array().unwrap() {
+        assert!(ms.as_u64().unwrap() < 5000, "{v}");
+    }
+    // The caller's short deadline is not the instance failing.
+    assert_eq!(state(&proxy, "s0"), EndpointState::Healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_health_service_decides_who_gets_calls() {
+    let (mut servers, proxy) = behind_proxy(2).await;
+    servers.set(1, "notserving").await;
+    proxy.wait_unhealthy("s1").await;
+    let v = calls(&proxy, 50, &[]).await;
+    assert_eq!(count(&v, "by_instance", "s0"), 50, "{v}");
+    servers.set(1, "ok").await;
+    proxy.wait_healthy(2).await;
+    let v = calls(&proxy, 200, &["--concurrency", "2"]).await;
+    assert!(count(&v, "by_instance", "s1") > 20, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetlbs_own_answers_are_grpc_statuses() {
+    // A route whose only instance never listened: no healthy endpoint.
+    let dead = EndpointConfig {
+        id: "dead".into(),
+        addr: ([127, 0, 0, 1], 9).into(),
+    };
+    let proxy = Proxy::start(ProxyConfig::default(), vec![grpc_route(vec![dead])]).await;
+    let v = calls(&proxy, 2, &["--deadline", "5"]).await;
+    assert_eq!(count(&v, "codes", "UNAVAILABLE"), 2, "{v}");
+    assert_eq!(v["details"][0], "no healthy endpoint", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_http1_gets_a_400_that_says_http2() {
+    let (_servers, proxy) = behind_proxy(1).await;
+    let answer = exchange(
+        proxy.addr,
+        b"POST /fleetlb.demo.Echo/Say HTTP/1.1\r\nhost: x\r\ncontent-type: application/grpc\r\n\
+          te: trailers\r\ncontent-length: 5\r\n\r\n\x00\x00\x00\x00\x00",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("gRPC requires HTTP/2"), "{answer}");
+}

@@ -1,0 +1,144 @@
+"""Real gRPC servers and clients (grpcio) for dataplane/tests/grpc.rs.
+
+  peer.py serve NAME   a server named NAME on 127.0.0.1:0; prints {"port": P}, then reads
+                       one mode per line on stdin and answers "ok".
+  peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K]
+                       N calls over ONE channel (one HTTP/2 connection); prints a JSON summary.
+
+Messages are raw bytes (no generated code): Say's request is ignored and its answer is the
+server's name; Count answers K messages. Every answer carries the trailing metadata
+`x-instance` (the server's name) and `x-deadline-ms` (the time the server was given, from
+grpc-timeout; -1 when none).
+
+Modes: ok (2 ms), steady (20 ms), slow (60 ms), hang (10 s), unavailable (UNAVAILABLE at once),
+invalid (INVALID_ARGUMENT at once), notserving (health check answers NOT_SERVING).
+"""
+
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent import futures
+
+import grpc
+
+DELAY = {"ok": 0.002, "steady": 0.02, "slow": 0.06, "hang": 10.0}
+
+
+class Peer:
+    def __init__(self, name):
+        self.name = name
+        self.mode = "ok"
+
+    def trailers(self, context):
+        left = context.time_remaining()
+        ms = -1 if left is None or left > 1e6 else int(left * 1000)
+        return (("x-instance", self.name), ("x-deadline-ms", str(ms)))
+
+    def fail(self, context):
+        if self.mode == "unavailable":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+        if self.mode == "invalid":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad argument")
+
+    def say(self, request, context):
+        context.set_trailing_metadata(self.trailers(context))
+        self.fail(context)
+        time.sleep(DELAY.get(self.mode, 0.002))
+        return self.name.encode()
+
+    def count(self, request, context):
+        context.set_trailing_metadata(self.trailers(context))
+        self.fail(context)
+        k = request[0] if request else 3
+        for i in range(k):
+            time.sleep(DELAY.get(self.mode, 0.002))
+            yield f"{self.name}:{i}".encode()
+
+    def check(self, request, context):
+        # HealthCheckResponse{status}: 1 SERVING, 2 NOT_SERVING.
+        return b"\x08\x02" if self.mode == "notserving" else b"\x08\x01"
+
+
+def serve(name):
+    p = Peer(name)
+    s = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    s.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "fleetlb.demo.Echo",
+                {
+                    "Say": grpc.unary_unary_rpc_method_handler(p.say),
+                    "Count": grpc.unary_stream_rpc_method_handler(p.count),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health",
+                {"Check": grpc.unary_unary_rpc_method_handler(p.check)},
+            ),
+        )
+    )
+    port = s.add_insecure_port("127.0.0.1:0")
+    s.start()
+    print(json.dumps({"port": port}), flush=True)
+    for line in sys.stdin:
+        p.mode = line.strip()
+        print("ok", flush=True)
+    s.stop(0)
+
+
+def call(addr, n, deadline, concurrency, stream):
+    channel = grpc.insecure_channel(addr)
+    say = channel.unary_unary("/fleetlb.demo.Echo/Say")
+    count = channel.unary_stream("/fleetlb.demo.Echo/Count")
+    by_instance, codes = Counter(), Counter()
+    out = {"details": [], "trailers": None, "messages": [], "elapsed_ms": []}
+    lock = threading.Lock()
+
+    def one(_):
+        t = time.monotonic()
+        try:
+            if stream:
+                it = count(bytes([stream]), timeout=deadline)
+                msgs = [m.decode() for m in it]
+                md, code = it.trailing_metadata(), it.code()
+            else:
+                _, c = say.with_call(b"hi", timeout=deadline)
+                msgs, md, code = [], c.trailing_metadata(), c.code()
+        except grpc.RpcError as e:
+            msgs, md, code = [], e.trailing_metadata() or (), e.code()
+            with lock:
+                out["details"].append(e.details())
+        md = dict(md or ())
+        with lock:
+            codes[code.name] += 1
+            out["elapsed_ms"].append(int((time.monotonic() - t) * 1000))
+            if "x-instance" in md:
+                by_instance[md["x-instance"]] += 1
+                out["trailers"] = md
+            out["messages"].extend(msgs)
+
+    with futures.ThreadPoolExecutor(max_workers=concurrency) as ex:
+        list(ex.map(one, range(n)))
+    out["by_instance"] = by_instance
+    out["codes"] = codes
+    out["details"] = out["details"][:5]
+    print(json.dumps(out))
+
+
+def main():
+    args = sys.argv[1:]
+    if args[0] == "serve":
+        serve(args[1])
+        return
+    opts = {"--deadline": None, "--concurrency": "1", "--stream": "0"}
+    rest = args[3:]
+    for k, v in zip(rest[::2], rest[1::2]):
+        opts[k] = v
+    deadline = float(opts["--deadline"]) if opts["--deadline"] else None
+    call(args[1], int(args[2]), deadline, int(opts["--concurrency"]), int(opts["--stream"]))
+
+
+if __name__ == "__main__":
+    main()
