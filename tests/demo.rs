@@ -971,3 +971,46 @@ fn the_readme_quick_start_works_as_written() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("<title>fleetlb</title>"));
 }
+
+#[test]
+fn the_grpc_example_spreads_one_connections_calls_over_every_instance() {
+    let f = Fleetlb::demo(&[("echo.yaml", example("grpc/echo.yaml"))]);
+    let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/dataplane/tests/grpc/peer.py");
+    // A real gRPC client (grpcio) on ONE connection: every call is balanced on its own.
+    let calls = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new("python3")
+            .args([peer, "call", &f.proxy.to_string()])
+            .args(extra)
+            .output()
+            .expect("python3 with grpcio (.ci/test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = eventually("4 instances answer calls from one connection", || {
+        let v = calls(&["200", "--concurrency", "4"]);
+        (v["codes"]["OK"] == 200 && v["by_instance"].as_object()?.len() == 4).then_some(v)
+    });
+    assert!(
+        v["by_instance"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|id| id.starts_with("i-")),
+        "{v}"
+    );
+    // A server-streaming call, its messages and trailers through.
+    let v = calls(&["1", "--stream", "5"]);
+    assert_eq!(v["codes"]["OK"], 1, "{v}");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 5, "{v}");
+    let metrics = get(f.admin, "/metrics").expect("metrics answer").body;
+    assert!(
+        metrics.contains(
+            r#"fleetlb_grpc_calls_total{cluster="echo",grpc_status="0",source="instance"}"#
+        ),
+        "{metrics}"
+    );
+}

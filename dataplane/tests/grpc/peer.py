@@ -5,8 +5,9 @@
   peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K]
                        N calls over ONE channel (one HTTP/2 connection); prints a JSON summary.
 
-Messages are raw bytes (no generated code): Say's request is ignored and its answer is the
-server's name; Count answers K messages. Every answer carries the trailing metadata
+Messages are raw bytes (no generated code), shaped as examples/grpc/echo.proto's so that
+`fleetlb backend --grpc` answers them too: Say's request is ignored and its answer is the
+server's name; Count's request is CountRequest{n: K} and it answers K messages. Every answer carries the trailing metadata
 `x-instance` (the server's name) and `x-deadline-ms` (the time the server was given, from
 grpc-timeout; -1 when none).
 
@@ -51,7 +52,8 @@ class Peer:
     def count(self, request, context):
         context.set_trailing_metadata(self.trailers(context))
         self.fail(context)
-        k = request[0] if request else 3
+        # CountRequest{n}: field 1, a varint below 128.
+        k = request[1] if len(request) > 1 else 3
         for i in range(k):
             time.sleep(DELAY.get(self.mode, 0.002))
             yield f"{self.name}:{i}".encode()
@@ -100,7 +102,7 @@ def call(addr, n, deadline, concurrency, stream):
         t = time.monotonic()
         try:
             if stream:
-                it = count(bytes([stream]), timeout=deadline)
+                it = count(bytes([0x08, stream]), timeout=deadline)
                 msgs = [m.decode() for m in it]
                 md, code = it.trailing_metadata(), it.code()
             else:
