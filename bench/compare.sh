@@ -2,7 +2,7 @@
 # Side-by-side benchmark of fleetlb, nginx and HAProxy on this machine, same backends, same load.
 #
 #   bench/compare.sh [scenario ...]      scenarios: throughput burst hetero failover memory probes tool
-#                                        https rules slow accesslog (default: all)
+#                                        https rules slow accesslog grpc (default: all)
 #
 # Needs: nginx (Debian nginx-light), haproxy, wrk, python3, curl, openssl; installs none of them:
 #   apt-get install -y nginx-light haproxy wrk curl openssl
@@ -22,7 +22,7 @@ SCENARIOS=("$@")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # HAProxy needs two descriptors per connection and refuses to start beyond the limit.
 HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 )); [ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules slow accesslog)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(throughput burst hetero failover memory probes tool https rules slow accesslog grpc)
 
 for tool in nginx haproxy wrk python3 curl openssl; do
   command -v "$tool" >/dev/null || { echo "bench/compare.sh: $tool is missing (apt-get install -y nginx-light haproxy wrk curl openssl)" >&2; exit 64; }
@@ -613,6 +613,93 @@ PY
       stop_all
     done
     echo ;;
-  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow accesslog)" >&2; exit 64 ;;
+  grpc)
+    # Unary gRPC calls (fleetlb.demo.Echo/Say, examples/grpc/echo.proto) from ONE client
+    # connection to 4 identical `fleetlb backend --grpc` instances through each proxy: fleetlb
+    # (spec.protocol: GRPC), nginx (grpc_pass) and HAProxy (proto h2), driven by ghz.
+    GHZ=$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")
+    if [ ! -x "$GHZ" ] && command -v go >/dev/null; then
+      echo "bench/compare.sh: building ghz from the Go module proxy" >&2
+      go install github.com/bojand/ghz/cmd/ghz@v0.120.0 >&2
+    fi
+    [ -x "$GHZ" ] || { echo "bench/compare.sh: grpc needs ghz (go install github.com/bojand/ghz/cmd/ghz@v0.120.0)" >&2; exit 64; }
+    GRPC_CONC=${GRPC_CONC:-50}
+    echo "## gRPC: unary calls over one client connection, 4 instances (ghz, $GRPC_CONC concurrent calls, $((DURATION * 10000)) calls)"
+    echo
+    echo "| proxy | calls/s | p50 ms | p99 ms | errors | CPU us/call | calls per instance |"
+    echo "|---|---|---|---|---|---|---|"
+    ports=()
+    for i in 1 2 3 4; do
+      port=$((BASE + i))
+      "$FLEETLB" backend --id "g$i" --cluster bench --port "$port" --latency-ms 1 --concurrency 100000 --grpc >/dev/null 2>&1 &
+      PIDS+=($!); ports+=("$port")
+    done
+    for p in "${ports[@]}"; do wait_port "$p"; done
+    mkdir -p "$WORK/grpc"
+    {
+      echo "apiVersion: fleetlb.dev/v1alpha1"; echo "kind: BackendCluster"; echo "metadata: {name: echo}"
+      echo "spec:"; echo "  route: /fleetlb.demo.Echo"; echo "  protocol: GRPC"; echo "  replicas: 4"
+      echo "  instanceType: t2.micro"; echo "  healthCheck: {intervalSeconds: 1}"
+      echo "  provider:"; echo "    static:"; echo "      endpoints:"
+      for p in "${ports[@]}"; do echo "      - 127.0.0.1:$p"; done
+    } > "$WORK/grpc/echo.yaml"
+    # shellcheck disable=SC2046
+    RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/grpc" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") 2>"$WORK/grpc.log" &
+    FLEET_PID=$!; PIDS+=($FLEET_PID)
+    wait_port $FLEET_PORT; wait_healthy 4 200 0.1
+    {
+      echo "worker_processes $WORKERS; daemon off; pid $WORK/grpc/nginx.pid; error_log $WORK/grpc/nginx-error.log warn;"
+      echo "events { worker_connections 20000; }"
+      echo "http { access_log off; client_body_temp_path $WORK/grpc; proxy_temp_path $WORK/grpc;"
+      echo "  fastcgi_temp_path $WORK/grpc; uwsgi_temp_path $WORK/grpc; scgi_temp_path $WORK/grpc;"
+      echo "  upstream up {"; for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
+      echo "    keepalive 256; }"
+      echo "  server { listen 127.0.0.1:$NGINX_PORT http2; http2_max_requests 1000000; keepalive_requests 1000000;"
+      echo "    location / { grpc_pass grpc://up; } } }"
+    } > "$WORK/grpc/nginx.conf"
+    nginx -p "$WORK/grpc" -c "$WORK/grpc/nginx.conf" 2>"$WORK/grpc/nginx.out" &
+    NGINX_PID=$!; PIDS+=($NGINX_PID); wait_port $NGINX_PORT
+    {
+      echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn $HAPROXY_MAXCONN"
+      echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
+      echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT proto h2"; echo "  default_backend b"
+      echo "backend b"; echo "  balance roundrobin"
+      i=1; for p in "${ports[@]}"; do echo "  server s$i 127.0.0.1:$p proto h2 check inter 1s fall 2 rise 2"; i=$((i + 1)); done
+    } > "$WORK/grpc/haproxy.cfg"
+    haproxy -f "$WORK/grpc/haproxy.cfg" -db 2>"$WORK/grpc/haproxy.log" &
+    HAPROXY_PID=$!; PIDS+=($HAPROXY_PID); wait_port $HAPROXY_PORT
+    served() { for p in "${ports[@]}"; do curl -s "127.0.0.1:$p/served" | python3 -c 'import json,sys; print(json.load(sys.stdin)["served"])'; done; }
+    # A count of calls, not a duration: ghz ends a timed run by closing its connection under
+    # the calls in flight, which it then reports as errors.
+    ghz_run() { # port calls -> ghz JSON
+      "$GHZ" --insecure --proto examples/grpc/echo.proto --call fleetlb.demo.Echo.Say -d '{"message":"hi"}' \
+        --connections 1 -c "$GRPC_CONC" -n "$2" --format json "127.0.0.1:$1" 2>/dev/null
+    }
+    for t in "fleetlb $FLEET_PID $FLEET_PORT" "nginx $NGINX_PID $NGINX_PORT" "haproxy $HAPROXY_PID $HAPROXY_PORT"; do
+      set -- $t
+      ghz_run "$3" 2000 >/dev/null # warm-up
+      mapfile -t before < <(served)
+      c0=$(cpu_ticks "$2")
+      ghz_run "$3" "$((DURATION * 10000))" > "$WORK/ghz-$1.json"
+      c1=$(cpu_ticks "$2")
+      mapfile -t after < <(served)
+      spread=""
+      for i in 0 1 2 3; do spread="$spread $((after[i] - before[i]))"; done
+      python3 - "$WORK/ghz-$1.json" "$1" "$((c1 - c0))" "$(getconf CLK_TCK)" "$spread" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+name, ticks, hz, spread = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [int(x) for x in sys.argv[5].split()]
+lat = {d["percentage"]: d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
+codes = r.get("statusCodeDistribution") or {}
+errors = sum(v for k, v in codes.items() if k != "OK")
+n = sum(codes.values()) or 1
+total = sum(spread) or 1
+shares = " / ".join("%d%%" % round(100 * s / total) for s in spread)
+print("| %s | %.0f | %.2f | %.2f | %d | %.0f | %s |" % (name, r["rps"], lat.get(50, 0), lat.get(99, 0), errors, ticks / hz * 1e6 / n, shares))
+PY
+    done
+    stop_all
+    echo ;;
+  *) echo "unknown scenario $scenario (throughput burst hetero failover memory probes tool https rules slow accesslog grpc)" >&2; exit 64 ;;
   esac
 done

@@ -23,6 +23,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +35,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// Requests and calls answered, besides `/health` and `/served` (one backend per process).
+static SERVED: AtomicU64 = AtomicU64::new(0);
 
 /// What the backend answers with.
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -143,6 +147,11 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
     if path == "/health" {
         return json(StatusCode::OK, r#"{"status":"ok"}"#.to_string());
     }
+    // How many requests and calls it answered (benchmarks read the spread from it).
+    if path == "/served" {
+        return json(StatusCode::OK, format!(r#"{{"served":{}}}"#, SERVED.load(Relaxed)));
+    }
+    SERVED.fetch_add(1, Relaxed);
     // `.../bytes/N`: N bytes (at most 1 MiB), for benchmarks of large answers and slow readers.
     if let Some(n) = path
         .rsplit_once("/bytes/")
@@ -229,6 +238,9 @@ mod grpc {
             return status(code::RESOURCE_EXHAUSTED, "request too large or broken");
         };
         let body = body.to_bytes();
+        if path != g::HEALTH_CHECK {
+            super::SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let Some(message) = unframe(&body).and_then(|m| m.first().copied()) else {
             return status(code::INTERNAL, "expected one uncompressed message");
         };
