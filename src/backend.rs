@@ -149,7 +149,10 @@ async fn answer(cfg: &BackendConfig, cpu: &Semaphore, path: &str) -> Response<Fu
     }
     // How many requests and calls it answered (benchmarks read the spread from it).
     if path == "/served" {
-        return json(StatusCode::OK, format!(r#"{{"served":{}}}"#, SERVED.load(Relaxed)));
+        return json(
+            StatusCode::OK,
+            format!(r#"{{"served":{}}}"#, SERVED.load(Relaxed)),
+        );
     }
     SERVED.fetch_add(1, Relaxed);
     // `.../bytes/N`: N bytes (at most 1 MiB), for benchmarks of large answers and slow readers.

@@ -54,10 +54,20 @@ pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 /// for a stream of its connection.
 const STREAMS_PER_CONN: u32 = 100;
 
-/// HTTP/2 connections to one endpoint.
-#[derive(Default)]
+/// HTTP/2 connections to one endpoint, one list per runtime as `h1`'s idle connections: a
+/// connection's task runs on the runtime that opened it, so the proxy thread that sends a
+/// stream also drives its connection, with no hand-off to another thread (list 0 serves the
+/// main runtime, the probes, and proxy threads beyond the core count).
 pub(crate) struct Pool {
-    conns: Mutex<Vec<Arc<Conn>>>,
+    lists: Box<[Mutex<Vec<Arc<Conn>>>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            lists: (0..*h1::LISTS).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
 }
 
 struct Conn {
@@ -79,8 +89,12 @@ impl Drop for Slot {
 
 impl Pool {
     /// A stream on a connection that has one free; `None` when a connection must be opened.
+    fn list(&self) -> &Mutex<Vec<Arc<Conn>>> {
+        self.lists.get(h1::this_list()).unwrap_or(&self.lists[0])
+    }
+
     fn take(&self, now: u64, idle: Duration) -> Option<(SendRequest<Replay>, Slot)> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
         let idle = idle.as_nanos() as u64;
         conns.retain(|c| {
             !c.send.is_closed()
@@ -124,7 +138,7 @@ impl Pool {
             streams: AtomicU32::new(1),
             used: AtomicU64::new(now),
         });
-        self.conns
+        self.list()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(c.clone());

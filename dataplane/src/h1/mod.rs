@@ -35,7 +35,7 @@ pub(crate) use body::Body;
 pub use codec::frame_response;
 pub(crate) use codec::recycle;
 pub(crate) use codec::{Answer, Head, MAX_HEADERS, ReqFraming};
-pub(crate) use pool::{Conn, Pool, READ_CHUNK, enter_proxy_thread};
+pub(crate) use pool::{Conn, LISTS, Pool, READ_CHUNK, enter_proxy_thread, this_list};
 pub(crate) use server::{Outcome, RequestBody, serve};
 #[doc(hidden)]
 pub use server::{RequestFraming, frame_request};

@@ -85,12 +85,18 @@ pub(crate) struct Pool {
 }
 
 /// Lists per pool: one for the main runtime and one per proxy thread the machine has cores for.
-static LISTS: std::sync::LazyLock<usize> =
+pub(crate) static LISTS: std::sync::LazyLock<usize> =
     std::sync::LazyLock::new(|| 1 + std::thread::available_parallelism().map_or(4, |n| n.get()));
 
 thread_local! {
     /// This thread's list: 0 unless it is a proxy thread.
     static LIST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The calling thread's list: 0 unless it is a proxy thread (may be past `LISTS` for a proxy
+/// thread beyond the machine's core count).
+pub(crate) fn this_list() -> usize {
+    LIST.get()
 }
 
 /// Marks the calling thread as proxy thread `n` (from 0), running a runtime of its own. A
