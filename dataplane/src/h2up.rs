@@ -77,6 +77,16 @@ struct Conn {
     used: AtomicU64,
 }
 
+/// Drops the connections that closed or sat idle past `idle` (their last handle gone, hyper
+/// closes them with a GOAWAY).
+fn keep_live(conns: &mut Vec<Arc<Conn>>, now: u64, idle: Duration) {
+    let idle = idle.as_nanos() as u64;
+    conns.retain(|c| {
+        !c.send.is_closed()
+            && (c.streams.load(Relaxed) > 0 || now.saturating_sub(c.used.load(Relaxed)) < idle)
+    });
+}
+
 /// One stream's place on a pooled connection, given back when dropped.
 pub(crate) struct Slot(Arc<Conn>, u64);
 
@@ -93,13 +103,20 @@ impl Pool {
         self.lists.get(h1::this_list()).unwrap_or(&self.lists[0])
     }
 
+    /// Closes connections idle past `idle` (or closed by the instance) in every list.
+    pub fn expire(&self, now: u64, idle: Duration) {
+        for list in &self.lists {
+            keep_live(
+                &mut list.lock().unwrap_or_else(|e| e.into_inner()),
+                now,
+                idle,
+            );
+        }
+    }
+
     fn take(&self, now: u64, idle: Duration) -> Option<(SendRequest<Replay>, Slot)> {
         let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
-        let idle = idle.as_nanos() as u64;
-        conns.retain(|c| {
-            !c.send.is_closed()
-                && (c.streams.load(Relaxed) > 0 || now.saturating_sub(c.used.load(Relaxed)) < idle)
-        });
+        keep_live(&mut conns, now, idle);
         let c = conns
             .iter()
             .find(|c| c.send.is_ready() && c.streams.load(Relaxed) < STREAMS_PER_CONN)?;
@@ -409,6 +426,11 @@ impl Answer {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                // The instance reset the stream or the connection broke, unless it was the
+                // client's body that failed first (its reset travels upstream).
+                if self.call.as_ref().is_some_and(|c| c.body.fault().is_some()) {
+                    self.call = None;
+                }
                 self.end_call(grpc::code::UNAVAILABLE);
                 self.finish();
                 Poll::Ready(Some(Err(e.into())))
@@ -597,6 +619,8 @@ pub(crate) async fn forward(
     let gap = cluster.body_timeout.unwrap_or(limits.upstream_body_timeout);
     let mut failed: Option<Arc<Endpoint>> = None;
     let mut last_err = ProxyError::NoHealthyEndpoint;
+    // A retry whose budget was taken when it was decided.
+    let mut paid = false;
 
     for attempt in 1..=cfg.max_attempts.max(1) {
         let now = shared.clock.now();
@@ -613,7 +637,7 @@ pub(crate) async fn forward(
         let ep = pick.endpoint;
         if attempt == 1 {
             cluster.carried.retry_budget.deposit();
-        } else if cluster.carried.retry_budget.withdraw() {
+        } else if std::mem::take(&mut paid) || cluster.carried.retry_budget.withdraw() {
             cluster.metrics.retries.inc();
         } else {
             tracing::debug!(cluster = %cluster.name, "retry budget spent");
@@ -788,16 +812,21 @@ pub(crate) async fn forward(
                                 None,
                             );
                         }
-                        if status == grpc::code::UNAVAILABLE && attempt < cfg.max_attempts {
-                            // Refused before any response byte: another instance may take it,
-                            // when the whole request is still here to send.
+                        // Refused before any response byte: another instance may take it, when
+                        // the whole request is still here to send, another instance can take
+                        // it and the budget allows; otherwise the caller gets this answer.
+                        if status == grpc::code::UNAVAILABLE
+                            && attempt < cfg.max_attempts
+                            && replay.again_possible()
+                            && balance::pick(cluster, shared.clock.now(), Some(ep)).is_some()
+                            && cluster.carried.retry_budget.withdraw()
+                        {
                             tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "UNAVAILABLE before any answer; trying another instance");
                             last_err = ProxyError::UpstreamUnavailable;
                             failed = Some(ep.clone());
-                            if replay.again_possible() {
-                                drop((body, slot, guard));
-                                continue;
-                            }
+                            paid = true;
+                            drop((body, slot, guard));
+                            continue;
                         }
                     }
                     None if grpc_answer => {

@@ -158,6 +158,7 @@ pub(crate) async fn run_updater(shared: Arc<Shared>, mut rx: watch::Receiver<Rou
                     // closed here, not left in CLOSE_WAIT until the next request.
                     for ep in c.endpoints.iter() {
                         ep.pool.expire(shared.config.pool_idle_timeout);
+                        ep.h2.expire(now, shared.config.pool_idle_timeout);
                     }
                 }
             }

@@ -293,3 +293,15 @@ async fn grpc_over_http1_gets_a_400_that_says_http2() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("gRPC requires HTTP/2"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nowhere_else_to_go_the_instances_own_unavailable_reaches_the_caller() {
+    let (mut servers, proxy) = behind_proxy(1).await;
+    servers.set(0, "unavailable").await;
+    let v = calls(&proxy, 3, &[]).await;
+    assert_eq!(count(&v, "codes", "UNAVAILABLE"), 3, "{v}");
+    // Its own message, not one fleetlb made up.
+    assert_eq!(v["details"][0], "going away", "{v}");
+    // A cluster of one is never left with nothing: no ejection.
+    assert_eq!(state(&proxy, "s0"), EndpointState::Healthy);
+}
