@@ -305,3 +305,56 @@ async fn with_nowhere_else_to_go_the_instances_own_unavailable_reaches_the_calle
     // A cluster of one is never left with nothing: no ejection.
     assert_eq!(state(&proxy, "s0"), EndpointState::Healthy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_stays_in_flight_but_leaves_the_autoscalers_load() {
+    let servers = Servers::start(1).await;
+    let mut route = grpc_route(servers.endpoints());
+    route.request_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    let mut servers = servers;
+    servers.set(0, "slow").await;
+    // 40 messages 60 ms apart: a stream of 2.4 s, past the route's 0.5 s head timeout.
+    let addr = proxy.addr.to_string();
+    let stream = tokio::spawn(async move {
+        Command::new("python3")
+            .args([PEER, "call", &addr, "1", "--stream", "40"])
+            .output()
+            .await
+            .unwrap()
+    });
+    let dp = proxy.dataplane.clone();
+    let inflight = || dp.snapshot()[0].endpoints[0].inflight;
+    let load = || dp.load()[0].inflight;
+    eventually("the stream in flight", || inflight() == 1).await;
+    assert_eq!(load(), 1, "a young stream is load");
+    eventually("the stream past the head timeout leaves the load", || {
+        inflight() == 1 && load() == 0
+    })
+    .await;
+    let out = stream.await.unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(count(&v, "codes", "OK"), 1, "{v}");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 40, "{v}");
+    eventually("nothing in flight after", || inflight() == 0 && load() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_silent_past_the_routes_body_timeout_ends_unavailable() {
+    let servers = Servers::start(1).await;
+    let mut route = grpc_route(servers.endpoints());
+    route.body_timeout = Some(Duration::from_secs(1));
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    let mut servers = servers;
+    servers.set(0, "stall").await;
+    let v = calls(&proxy, 1, &["--stream", "3"]).await;
+    assert_eq!(count(&v, "codes", "UNAVAILABLE"), 1, "{v}");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1, "{v}");
+    let ms = v["elapsed_ms"][0].as_u64().unwrap();
+    assert!(
+        ms < 9000,
+        "ended after {ms} ms, not at the 1 s body timeout: {v}"
+    );
+}

@@ -12,7 +12,8 @@ server's name; Count's request is CountRequest{n: K} and it answers K messages. 
 grpc-timeout; -1 when none).
 
 Modes: ok (2 ms), steady (20 ms), slow (60 ms), hang (10 s), unavailable (UNAVAILABLE at once),
-invalid (INVALID_ARGUMENT at once), notserving (health check answers NOT_SERVING).
+invalid (INVALID_ARGUMENT at once), notserving (health check answers NOT_SERVING), stall (a
+stream's first message at once, then 10 s before each next).
 """
 
 import json
@@ -55,7 +56,7 @@ class Peer:
         # CountRequest{n}: field 1, a varint below 128.
         k = request[1] if len(request) > 1 else 3
         for i in range(k):
-            time.sleep(DELAY.get(self.mode, 0.002))
+            time.sleep(10.0 if self.mode == "stall" and i > 0 else DELAY.get(self.mode, 0.002))
             yield f"{self.name}:{i}".encode()
 
     def check(self, request, context):
@@ -100,16 +101,18 @@ def call(addr, n, deadline, concurrency, stream):
 
     def one(_):
         t = time.monotonic()
+        msgs = []
         try:
             if stream:
                 it = count(bytes([0x08, stream]), timeout=deadline)
-                msgs = [m.decode() for m in it]
+                for m in it:
+                    msgs.append(m.decode())
                 md, code = it.trailing_metadata(), it.code()
             else:
                 _, c = say.with_call(b"hi", timeout=deadline)
                 msgs, md, code = [], c.trailing_metadata(), c.code()
         except grpc.RpcError as e:
-            msgs, md, code = [], e.trailing_metadata() or (), e.code()
+            md, code = e.trailing_metadata() or (), e.code()
             with lock:
                 out["details"].append(e.details())
         md = dict(md or ())
