@@ -358,3 +358,67 @@ async fn a_stream_silent_past_the_routes_body_timeout_ends_unavailable() {
         "ended after {ms} ms, not at the 1 s body timeout: {v}"
     );
 }
+
+/// An h2c-only server (hyper, prior knowledge): answers `/health` and, elsewhere, the HTTP
+/// version it was asked in, counting the connections it accepted.
+async fn h2c_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((io, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{:?} {}", req.version(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_cluster_serves_http1_clients_over_shared_h2c_connections() {
+    let (addr, conns) = h2c_server().await;
+    let mut route = RouteConfig::new(
+        "h2",
+        "/c",
+        vec![EndpointConfig {
+            id: "h2".into(),
+            addr,
+        }],
+    );
+    route.protocol = Protocol::Http2;
+    route.health = fast_health();
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    // Its health check went over HTTP/2 too (the server speaks nothing else).
+    proxy.wait_healthy(1).await;
+    let c = client();
+    let url = proxy.url("/c/x");
+    let all = futures::future::join_all((0..50).map(|_| get(&c, &url))).await;
+    for r in &all {
+        assert_eq!(r.as_ref().unwrap(), &(200, "HTTP/2.0 /c/x".to_string()));
+    }
+    // 50 requests, many at once, as streams on a few connections (one per proxy runtime, plus
+    // the probes').
+    let n = conns.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n <= 4, "{n} connections for 50 requests");
+}
