@@ -69,6 +69,9 @@ pub enum ProxyError {
     /// A gRPC call routed to a cluster whose instances speak HTTP/1.1 (`spec.protocol`).
     #[error("this route's instances speak HTTP/1.1, not gRPC (spec.protocol)")]
     NotGrpcCluster,
+    /// A request that is not a gRPC call routed to a `GRPC` cluster.
+    #[error("this route serves gRPC only")]
+    NotGrpcCall,
     /// Every instance tried answered `UNAVAILABLE` before any response byte.
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -98,6 +101,7 @@ impl ProxyError {
             }
             ProxyError::GrpcNeedsHttp2 => StatusCode::BAD_REQUEST,
             ProxyError::NotGrpcCluster => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::NotGrpcCall => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -124,6 +128,7 @@ impl ProxyError {
             ProxyError::LocalResources => "local_resources",
             ProxyError::GrpcNeedsHttp2 => "grpc_needs_http2",
             ProxyError::NotGrpcCluster => "not_grpc_cluster",
+            ProxyError::NotGrpcCall => "not_grpc_call",
             ProxyError::UpstreamUnavailable => "unavailable",
             ProxyError::DeadlineExceeded => "deadline_exceeded",
         }
@@ -153,6 +158,9 @@ impl ProxyError {
                 "gRPC requires HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n"
             }
             ProxyError::NotGrpcCluster => "this route's instances speak HTTP/1.1, not gRPC\n",
+            ProxyError::NotGrpcCall => {
+                "this route serves gRPC only: POST with content-type application/grpc over HTTP/2\n"
+            }
             ProxyError::UpstreamUnavailable => "upstream unavailable\n",
             ProxyError::DeadlineExceeded => "deadline exceeded\n",
         }

@@ -42,22 +42,26 @@ pub mod code {
 /// Whose doing a call's status is, for the balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Blame {
-    /// The call went through: a latency sample.
+    /// The call went through, or the caller caused its status: a latency sample.
     None,
-    /// The instance failed it (`UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`): counted like
-    /// a 5xx.
+    /// The instance is unwell (`UNAVAILABLE`, or `DEADLINE_EXCEEDED` of its own making):
+    /// counted like a 5xx.
     Endpoint,
     /// The instance is shedding load (`RESOURCE_EXHAUSTED`): slowed down like a 429, never
     /// ejected.
     Busy,
 }
 
-/// How a call's status counts against the instance that answered it. Codes the caller
-/// caused (`INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`, ...) or chose (`CANCELLED`,
-/// `DEADLINE_EXCEEDED` on its own deadline) never do.
-pub(crate) fn blame(status: u32) -> Blame {
+/// How a call's status counts against the instance that answered it: only `UNAVAILABLE`, and
+/// `DEADLINE_EXCEEDED` when the caller set no deadline (the instance's own, to something
+/// behind it), say the instance is unwell. Codes the caller caused (`INVALID_ARGUMENT`,
+/// `NOT_FOUND`, `PERMISSION_DENIED`, ...) or chose (`CANCELLED`, its own deadline) never
+/// count, nor do `INTERNAL`, `UNKNOWN` and `DATA_LOSS`, which servers also answer to a
+/// malformed or undecodable request (any client could get an instance ejected with them).
+pub(crate) fn blame(status: u32, caller_deadline: bool) -> Blame {
     match status {
-        code::UNAVAILABLE | code::INTERNAL | code::UNKNOWN | code::DATA_LOSS => Blame::Endpoint,
+        code::UNAVAILABLE => Blame::Endpoint,
+        code::DEADLINE_EXCEEDED if !caller_deadline => Blame::Endpoint,
         code::RESOURCE_EXHAUSTED => Blame::Busy,
         _ => Blame::None,
     }
@@ -136,7 +140,9 @@ pub(crate) fn code_for(err: ProxyError) -> u32 {
             code::RESOURCE_EXHAUSTED
         }
         ProxyError::DeadlineExceeded => code::DEADLINE_EXCEEDED,
-        ProxyError::NoRoute | ProxyError::NotGrpcCluster => code::UNIMPLEMENTED,
+        ProxyError::NoRoute | ProxyError::NotGrpcCluster | ProxyError::NotGrpcCall => {
+            code::UNIMPLEMENTED
+        }
         ProxyError::BadRequestBody
         | ProxyError::BadPath
         | ProxyError::BadHost
@@ -294,7 +300,10 @@ mod tests {
         }
         assert_eq!(format_timeout(Duration::from_millis(250)), "250000u");
         assert_eq!(format_timeout(Duration::from_secs(30)), "30000000u");
-        assert_eq!(format_timeout(Duration::from_secs(86_400 * 400)), "34560000S");
+        assert_eq!(
+            format_timeout(Duration::from_secs(86_400 * 400)),
+            "34560000S"
+        );
         for d in [1u64, 999, 12_345_678_901, 86_400_000_000_000] {
             let d = Duration::from_nanos(d);
             let back = parse_timeout(format_timeout(d).as_bytes()).unwrap();
@@ -348,10 +357,14 @@ mod tests {
             code::OUT_OF_RANGE,
             code::UNIMPLEMENTED,
             code::UNAUTHENTICATED,
+            code::INTERNAL,
+            code::UNKNOWN,
+            code::DATA_LOSS,
         ] {
-            assert_eq!(blame(c), Blame::None, "{c}");
+            assert_eq!(blame(c, true), Blame::None, "{c}");
         }
-        assert_eq!(blame(code::UNAVAILABLE), Blame::Endpoint);
-        assert_eq!(blame(code::RESOURCE_EXHAUSTED), Blame::Busy);
+        assert_eq!(blame(code::DEADLINE_EXCEEDED, false), Blame::Endpoint);
+        assert_eq!(blame(code::UNAVAILABLE, true), Blame::Endpoint);
+        assert_eq!(blame(code::RESOURCE_EXHAUSTED, false), Blame::Busy);
     }
 }

@@ -54,6 +54,9 @@ pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 /// for a stream of its connection.
 const STREAMS_PER_CONN: u32 = 100;
 
+/// Each stream's receive window: what one unread answer may hold in the proxy.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
 /// HTTP/2 connections to one endpoint, one list per runtime as `h1`'s idle connections: a
 /// connection's task runs on the runtime that opened it, so the proxy thread that sends a
 /// stream also drives its connection, with no hand-off to another thread (list 0 serves the
@@ -73,6 +76,9 @@ impl Default for Pool {
 struct Conn {
     send: SendRequest<Replay>,
     streams: AtomicU32,
+    /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (at most `STREAMS_PER_CONN`), as the
+    /// connection's task last saw it.
+    max_streams: Arc<AtomicU32>,
     /// When a stream last began or ended (the data plane's clock).
     used: AtomicU64,
 }
@@ -119,7 +125,7 @@ impl Pool {
         keep_live(&mut conns, now, idle);
         let c = conns
             .iter()
-            .find(|c| c.send.is_ready() && c.streams.load(Relaxed) < STREAMS_PER_CONN)?;
+            .find(|c| c.send.is_ready() && c.streams.load(Relaxed) < c.max_streams.load(Relaxed))?;
         c.streams.fetch_add(1, Relaxed);
         c.used.store(now, Relaxed);
         Some((c.send.clone(), Slot(c.clone(), now)))
@@ -139,20 +145,37 @@ impl Pool {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true)
-            .max_header_list_size(64 * 1024);
+            .max_header_list_size(64 * 1024)
+            // Flow control per stream, never per connection: a client that stops reading one
+            // answer holds at most its stream's window here, and the connection's window
+            // (every stream's at once) never runs out under the streams sharing it.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
         let (send, conn) =
             tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
                 .await
                 .map_err(|_| h1::Error::ConnectTimeout)?
                 .map_err(|e| h1::Error::Connect(std::io::Error::other(e)))?;
+        let max_streams = Arc::new(AtomicU32::new(STREAMS_PER_CONN));
+        let seen = max_streams.clone();
+        let mut conn = Box::pin(conn);
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            let ended = std::future::poll_fn(|cx| {
+                let polled = conn.as_mut().poll(cx);
+                // Read at every poll: the instance's SETTINGS arrive through it.
+                let max = conn.as_ref().get_ref().current_max_send_streams();
+                seen.store(max.min(STREAMS_PER_CONN as usize) as u32, Relaxed);
+                polled
+            })
+            .await;
+            if let Err(err) = ended {
                 tracing::debug!(%addr, %err, "upstream HTTP/2 connection ended");
             }
         });
         let c = Arc::new(Conn {
             send: send.clone(),
             streams: AtomicU32::new(1),
+            max_streams,
             used: AtomicU64::new(now),
         });
         self.list()
@@ -201,6 +224,8 @@ struct ReplayState {
     ended_at: Option<Instant>,
     /// The client's body failed, and how.
     fault: Option<h1::ClientFault>,
+    /// When the client last sent a frame of its body (or the body began).
+    last_read: Instant,
     attempt: u32,
 }
 
@@ -217,6 +242,7 @@ impl Replay {
                 trailers: None,
                 ended_at: ended.then(Instant::now),
                 fault: None,
+                last_read: Instant::now(),
                 attempt: 0,
             })),
             attempt: 0,
@@ -268,6 +294,12 @@ impl Replay {
     fn ended_at(&self) -> Option<Instant> {
         self.state().ended_at
     }
+
+    /// When the client last sent part of its body, if it has not ended it.
+    fn streaming_since(&self) -> Option<Instant> {
+        let s = self.state();
+        (!s.ended).then_some(s.last_read)
+    }
 }
 
 impl Body for Replay {
@@ -300,7 +332,11 @@ impl Body for Replay {
         let Some(source) = s.source.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(source).poll_frame(cx) {
+        let polled = Pin::new(source).poll_frame(cx);
+        if polled.is_ready() {
+            s.last_read = Instant::now();
+        }
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.ended = true;
@@ -471,6 +507,7 @@ impl Answer {
         }
         if self.deadline.is_some_and(|d| now >= d) {
             // The caller's deadline: its choice, not the instance's doing.
+            self.count_own(grpc::code::DEADLINE_EXCEEDED);
             self.call = None;
             self.finish();
             return Some(Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
@@ -479,6 +516,9 @@ impl Answer {
             ))))));
         }
         if now >= self.next_gap {
+            if self.grpc {
+                self.count_own(grpc::code::UNAVAILABLE);
+            }
             self.call = None;
             self.finish();
             return Some(if self.grpc {
@@ -493,6 +533,15 @@ impl Answer {
         None
     }
 
+    /// fleetlb ended the call with `status` itself.
+    fn count_own(&self, status: u32) {
+        if let Some(call) = &self.call {
+            call.shared
+                .metrics
+                .grpc_status(&call.cluster.name, status, "fleetlb");
+        }
+    }
+
     /// The call ended with `status`: learned from, once.
     fn end_call(&mut self, status: u32) {
         let (Some(call), Some(g)) = (self.call.take(), &self.guard) else {
@@ -504,7 +553,14 @@ impl Answer {
             Some(ended) if call.messages.messages <= 1 => Instant::now() - ended.max(call.sent),
             _ => call.head,
         };
-        learn_grpc(&call.shared, &call.cluster, g.endpoint(), status, rtt);
+        learn_grpc(
+            &call.shared,
+            &call.cluster,
+            g.endpoint(),
+            status,
+            rtt,
+            self.deadline.is_some(),
+        );
     }
 
     /// The stream is over: its slots are given back.
@@ -552,12 +608,19 @@ fn status_trailers(status: u32, message: &'static str) -> HeaderMap {
 }
 
 /// Learns from a gRPC call's status (see `grpc::blame`).
-fn learn_grpc(shared: &Shared, cluster: &Cluster, ep: &Endpoint, status: u32, rtt: Duration) {
+fn learn_grpc(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    status: u32,
+    rtt: Duration,
+    caller_deadline: bool,
+) {
     cluster.metrics.grpc_from_instance(status);
     let now = shared.clock.now();
     let decay = cluster.balancing.decay.as_nanos() as f64;
     let penalty = shared.config.failure_penalty.max(rtt).as_nanos() as f64;
-    match grpc::blame(status) {
+    match grpc::blame(status, caller_deadline) {
         Blame::None => {
             ep.state.request_succeeded();
             ep.state.observe(rtt.as_nanos() as f64, now, decay);
@@ -584,6 +647,55 @@ fn refused(e: &hyper::Error) -> bool {
     false
 }
 
+/// Why no response head came in time.
+enum Late {
+    /// The caller's deadline (`grpc-timeout`) passed.
+    Caller,
+    /// The client sent nothing of its unfinished body for `client_gap`.
+    Client,
+    /// The instance took longer than the route's head timeout after the request ended.
+    Instance,
+}
+
+/// Waits for the response head. The route's head timeout runs from the end of the request, as
+/// Envoy's route timeout does: while the client is still sending (a client-streaming or bidi
+/// call, a slow upload) the instance may rightly wait for it, and only the client's own gaps
+/// are timed.
+async fn wait_head<F: Future>(
+    answer: F,
+    body: &Replay,
+    sent: Instant,
+    head: Duration,
+    client_gap: Duration,
+    caller: Option<Instant>,
+) -> Result<F::Output, Late> {
+    let mut answer = std::pin::pin!(answer);
+    let deadline = || {
+        let (at, why) = match body.streaming_since() {
+            Some(last) => (last + client_gap, Late::Client),
+            None => (
+                body.ended_at().unwrap_or(sent).max(sent) + head,
+                Late::Instance,
+            ),
+        };
+        match caller {
+            Some(d) if d <= at => (d, Late::Caller),
+            _ => (at, why),
+        }
+    };
+    loop {
+        let (at, _) = deadline();
+        if let Ok(out) = tokio::time::timeout_at(at, answer.as_mut()).await {
+            return Ok(out);
+        }
+        // Unless the body moved on meanwhile (or ended), and the deadline with it.
+        let (at, why) = deadline();
+        if Instant::now() >= at {
+            return Err(why);
+        }
+    }
+}
+
 /// Sends `req` to an endpoint of `cluster` as an HTTP/2 stream (see the module's text).
 pub(crate) async fn forward(
     shared: &Arc<Shared>,
@@ -600,11 +712,18 @@ pub(crate) async fn forward(
     let (parts, body) = req.into_parts();
     let idempotent = crate::proxy::is_idempotent(&parts.method);
     let mut headers = parts.headers;
-    let caller_deadline = grpc_call
-        .then(|| headers.get(&GRPC_TIMEOUT))
-        .flatten()
-        .and_then(|v| grpc::parse_timeout(v.as_bytes()))
-        .map(|d| started + d);
+    let caller_deadline = match headers.get(&GRPC_TIMEOUT) {
+        Some(v) if grpc_call => match grpc::parse_timeout(v.as_bytes()) {
+            Some(d) => Some(started + d),
+            None => {
+                // Malformed: no deadline, and none the instance would refuse the call over
+                // (its INTERNAL would be the caller's doing).
+                headers.remove(&GRPC_TIMEOUT);
+                None
+            }
+        },
+        _ => None,
+    };
     // The client's host travels as `:authority`, as HTTP/2 asks.
     let host = headers
         .remove(header::HOST)
@@ -619,8 +738,10 @@ pub(crate) async fn forward(
     let gap = cluster.body_timeout.unwrap_or(limits.upstream_body_timeout);
     let mut failed: Option<Arc<Endpoint>> = None;
     let mut last_err = ProxyError::NoHealthyEndpoint;
-    // A retry whose budget was taken when it was decided.
+    // A retry whose budget was taken, and whose body was made, when it was decided.
     let mut paid = false;
+    let mut next_body: Option<Replay> = None;
+    let client_gap = cluster.body_timeout.unwrap_or(limits.body_timeout);
 
     for attempt in 1..=cfg.max_attempts.max(1) {
         let now = shared.clock.now();
@@ -643,7 +764,15 @@ pub(crate) async fn forward(
             tracing::debug!(cluster = %cluster.name, "retry budget spent");
             return Err(last_err);
         }
-        let guard = match InflightGuard::acquire(ep, limits).await {
+        let acquiring = InflightGuard::acquire(ep, limits);
+        let acquired = match caller_deadline {
+            Some(d) => match tokio::time::timeout_at(d, acquiring).await {
+                Ok(a) => a,
+                Err(_) => return Err(ProxyError::DeadlineExceeded),
+            },
+            None => acquiring.await,
+        };
+        let guard = match acquired {
             Ok(g) => g,
             Err(full) => {
                 let flag = match full {
@@ -705,22 +834,15 @@ pub(crate) async fn forward(
             .build()
             .map_err(|_| ProxyError::BadHost)?;
         let mut out_headers = headers.clone();
-        let head_deadline = {
-            let head = Instant::now() + cluster.request_timeout;
-            match caller_deadline {
-                Some(d) => {
-                    // The instance gets the time the caller has left.
-                    let left = d.saturating_duration_since(Instant::now());
-                    out_headers.insert(GRPC_TIMEOUT.clone(), grpc::format_timeout(left));
-                    head.min(d)
-                }
-                None => head,
-            }
-        };
+        if let Some(d) = caller_deadline {
+            // The instance gets the time the caller has left.
+            let left = d.saturating_duration_since(Instant::now());
+            out_headers.insert(GRPC_TIMEOUT.clone(), grpc::format_timeout(left));
+        }
         let this_body = if attempt == 1 {
             std::mem::replace(&mut replay, Replay::new(None))
         } else {
-            match replay.again() {
+            match next_body.take().or_else(|| replay.again()) {
                 Some(b) => b,
                 None => return Err(last_err),
             }
@@ -740,11 +862,19 @@ pub(crate) async fn forward(
         *out.version_mut() = Version::HTTP_2;
         *out.headers_mut() = out_headers;
         let sent = Instant::now();
-        let result = tokio::time::timeout_at(head_deadline, send.try_send_request(out)).await;
+        let result = wait_head(
+            send.try_send_request(out),
+            &replay,
+            sent,
+            cluster.request_timeout,
+            client_gap,
+            caller_deadline,
+        )
+        .await;
         let now = shared.clock.now();
         let waited = sent.elapsed();
         match result {
-            Err(_) if caller_deadline.is_some_and(|d| d <= head_deadline) => {
+            Err(Late::Caller) => {
                 // The caller's deadline came first: its choice. What it says of the instance
                 // is that it is at least this slow.
                 if waited.as_nanos() as f64 > ep.state.estimate_ns(now, decay) {
@@ -752,7 +882,12 @@ pub(crate) async fn forward(
                 }
                 return Err(ProxyError::DeadlineExceeded);
             }
-            Err(_) => {
+            Err(Late::Client) => {
+                // The client stopped sending its body while the instance waited for it.
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "client body stalled");
+                return Err(ProxyError::ClientTimeout);
+            }
+            Err(Late::Instance) => {
                 ep.state.observe(penalty, now, decay);
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
                 tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, timeout = ?cluster.request_timeout, "upstream timed out");
@@ -797,7 +932,14 @@ pub(crate) async fn forward(
                 let mut call = None;
                 match trailers_only {
                     Some(status) => {
-                        learn_grpc(shared, cluster, ep, status, waited);
+                        learn_grpc(
+                            shared,
+                            cluster,
+                            ep,
+                            status,
+                            waited,
+                            caller_deadline.is_some(),
+                        );
                         if status == grpc::code::UNAVAILABLE {
                             // Refused before doing anything, gRPC's 503: out of rotation for
                             // an ejection period (its health checks go on), as far as the
@@ -821,12 +963,19 @@ pub(crate) async fn forward(
                             && balance::pick(cluster, shared.clock.now(), Some(ep)).is_some()
                             && cluster.carried.retry_budget.withdraw()
                         {
-                            tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "UNAVAILABLE before any answer; trying another instance");
-                            last_err = ProxyError::UpstreamUnavailable;
-                            failed = Some(ep.clone());
-                            paid = true;
-                            drop((body, slot, guard));
-                            continue;
+                            match replay.again() {
+                                Some(b) => {
+                                    tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, "UNAVAILABLE before any answer; trying another instance");
+                                    last_err = ProxyError::UpstreamUnavailable;
+                                    failed = Some(ep.clone());
+                                    paid = true;
+                                    next_body = Some(b);
+                                    drop((body, slot, guard));
+                                    continue;
+                                }
+                                // Read past the buffer meanwhile: the answer goes back.
+                                None => cluster.carried.retry_budget.deposit(),
+                            }
                         }
                     }
                     None if grpc_answer => {

@@ -35,6 +35,7 @@ use crate::grpc;
 use crate::h1;
 use crate::headers::{Peer, prepare_headers, strip_hop_by_hop};
 use crate::outlier;
+use crate::routes::Protocol;
 use crate::rules::Rule;
 use crate::table::Cluster;
 
@@ -50,6 +51,12 @@ pub(crate) async fn admit(
 ) -> Response<ResponseBody> {
     match conn.begin(h2).await {
         Some(active) => handle(shared, req, peer, tls, active).await,
+        None if h2 && grpc::is_grpc_request(&req) => {
+            shared
+                .metrics
+                .grpc_status("", grpc::code_for(ProxyError::ConnectionBusy), "fleetlb");
+            grpc::reshape(ProxyError::ConnectionBusy)
+        }
         None => ProxyError::ConnectionBusy.response(),
     }
 }
@@ -68,13 +75,15 @@ async fn handle(
     // gRPC is POST only: other requests skip the header lookup.
     let grpc_call = req.method() == Method::POST && grpc::is_grpc(req.headers());
     let h2_client = req.version() == Version::HTTP_2;
+    let mut routed = None;
     let mut resp = if grpc_call && !h2_client {
         shared
             .metrics
             .proxy_error("", ProxyError::GrpcNeedsHttp2.reason());
         ProxyError::GrpcNeedsHttp2.response()
     } else {
-        route_and_forward(shared, req, peer, tls.is_some(), grpc_call, &mut active).await
+        let tls = tls.is_some();
+        route_and_forward(shared, req, peer, tls, grpc_call, &mut routed, &mut active).await
     };
     if grpc_call
         && h2_client
@@ -82,13 +91,12 @@ async fn handle(
     {
         // A gRPC client reads its call's fate from grpc-status, not the HTTP status.
         resp = grpc::reshape(err);
-        let cluster = active
-            .log_mut()
-            .and_then(|l| l.cluster.as_ref().map(|c| c.name.clone()))
-            .unwrap_or_default();
+        let cluster = routed
+            .as_ref()
+            .map_or("", |c: &Arc<Cluster>| c.name.as_str());
         shared
             .metrics
-            .grpc_status(&cluster, grpc::code_for(err), "fleetlb");
+            .grpc_status(cluster, grpc::code_for(err), "fleetlb");
     }
     active.answered(
         resp.extensions()
@@ -117,6 +125,7 @@ async fn route_and_forward(
     peer: &Peer,
     tls: bool,
     grpc_call: bool,
+    routed: &mut Option<Arc<Cluster>>,
     active: &mut Active,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -172,9 +181,19 @@ async fn route_and_forward(
         cluster.metrics.count(resp.status().as_u16());
         return resp;
     }
+    if grpc_call {
+        *routed = Some(cluster.clone());
+    }
     let h2 = cluster.protocol.is_h2();
-    if grpc_call && !h2 {
-        let err = ProxyError::NotGrpcCluster;
+    // gRPC goes to GRPC clusters only, and they take nothing else: what an instance would
+    // refuse with a reset is refused here, before it can count against the instance (ALB
+    // answers such a request 464 itself).
+    let mismatch = match (grpc_call, cluster.protocol) {
+        (true, Protocol::Http1) => Some(ProxyError::NotGrpcCluster),
+        (false, Protocol::Grpc) => Some(ProxyError::NotGrpcCall),
+        _ => None,
+    };
+    if let Some(err) = mismatch {
         shared.metrics.proxy_error(&cluster.name, err.reason());
         cluster.metrics.count(err.status().as_u16());
         return err.response();
@@ -186,15 +205,17 @@ async fn route_and_forward(
     } else {
         upgrade_request(&mut req, active.conn())
     };
-    // `TE: trailers` (what gRPC sends) is the one TE an HTTP/2 hop carries on.
-    let te_trailers = h2
-        && req
-            .headers()
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    // `TE: trailers` (what gRPC sends) is the one TE an HTTP/2 hop carries on; a gRPC call
+    // gets it whether or not its client sent it (gRPC servers refuse calls without it).
+    let te_trailers = grpc_call
+        || h2
+            && req
+                .headers()
+                .get_all(header::TE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     prepare_headers(req.headers_mut(), peer, tls, shared.config.request_id);
     if te_trailers {
         req.headers_mut()

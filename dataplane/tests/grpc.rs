@@ -30,11 +30,17 @@ struct Server {
 
 impl Servers {
     async fn start(n: usize) -> Self {
+        Self::start_with(n, &[]).await
+    }
+
+    /// `n` servers started with `args` after their name (peer.py's `serve NAME MAX`).
+    async fn start_with(n: usize, args: &[&str]) -> Self {
         let mut peers = Vec::new();
         let mut ports = Vec::new();
         for i in 0..n {
             let mut child = Command::new("python3")
                 .args([PEER, "serve", &format!("s{i}")])
+                .args(args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true)
@@ -421,4 +427,87 @@ async fn an_http2_cluster_serves_http1_clients_over_shared_h2c_connections() {
     // the probes').
     let n = conns.load(std::sync::atomic::Ordering::Relaxed);
     assert!(n <= 4, "{n} connections for 50 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_uploading_client_is_not_the_instances_slowness() {
+    let servers = Servers::start(1).await;
+    let mut route = grpc_route(servers.endpoints());
+    route.request_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    // Client-streaming calls of 3 messages 0.7 s apart: the instance answers once the last
+    // came, 1.4 s after the call began, past the route's 1 s head timeout counted from there.
+    let v = calls(
+        &proxy,
+        3,
+        &["--upload", "3", "--gap", "0.7", "--concurrency", "3"],
+    )
+    .await;
+    assert_eq!(count(&v, "codes", "OK"), 3, "{v}");
+    assert_eq!(v["messages"][0], "3", "{v}");
+    assert_eq!(state(&proxy, "s0"), EndpointState::Healthy);
+    let snap = proxy.dataplane.snapshot();
+    assert_eq!(
+        snap[0].endpoints[0].failures, 0,
+        "the client's pace counted against it"
+    );
+    assert!(
+        snap[0].endpoints[0].latency_ms < 500.0,
+        "the client's pace became its latency: {} ms",
+        snap[0].endpoints[0].latency_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_not_a_grpc_call_never_reaches_a_grpc_instance() {
+    let (_servers, proxy) = behind_proxy(2).await;
+    let c = client();
+    for _ in 0..12 {
+        let (status, body) = get(&c, &proxy.url("/fleetlb.demo.Echo/Say")).await.unwrap();
+        assert_eq!(status, 415, "{body}");
+        assert!(body.contains("gRPC only"), "{body}");
+    }
+    for s in proxy.dataplane.snapshot()[0].endpoints.iter() {
+        assert_eq!(
+            (s.state, s.failures, s.selections),
+            (EndpointState::Healthy, 0, 0)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instances_stream_limit_opens_more_connections_instead_of_queueing() {
+    // At most 4 streams per connection, 60 ms a call, 40 calls at once.
+    let mut servers = Servers::start_with(1, &["4"]).await;
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![grpc_route(servers.endpoints())],
+    )
+    .await;
+    proxy.wait_healthy(1).await;
+    servers.set(0, "slow").await;
+    let v = calls(&proxy, 120, &["--concurrency", "40", "--deadline", "5"]).await;
+    assert_eq!(count(&v, "codes", "OK"), 120, "{v}");
+    assert_eq!(proxy.dataplane.snapshot()[0].endpoints[0].failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_client_connection_hears_resource_exhausted() {
+    let servers = Servers::start(1).await;
+    let mut cfg = ProxyConfig::default();
+    cfg.limits.max_upstream_per_connection = 3;
+    let proxy = Proxy::start(cfg, vec![grpc_route(servers.endpoints())]).await;
+    proxy.wait_healthy(1).await;
+    let mut servers = servers;
+    // Three calls hang on the instance; the rest wait for the connection's slots, and past
+    // the wait hear RESOURCE_EXHAUSTED as a gRPC status, not an HTTP 503.
+    servers.set(0, "hang").await;
+    let v = calls(&proxy, 20, &["--concurrency", "20", "--deadline", "4"]).await;
+    assert!(count(&v, "codes", "RESOURCE_EXHAUSTED") > 0, "{v}");
+    assert_eq!(
+        count(&v, "codes", "DEADLINE_EXCEEDED") + count(&v, "codes", "RESOURCE_EXHAUSTED"),
+        20,
+        "{v}"
+    );
 }

@@ -2,8 +2,11 @@
 
   peer.py serve NAME   a server named NAME on 127.0.0.1:0; prints {"port": P}, then reads
                        one mode per line on stdin and answers "ok".
-  peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K]
+  peer.py serve NAME MAX  the same, allowing MAX concurrent streams per connection
+  peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K] [--upload K --gap S]
                        N calls over ONE channel (one HTTP/2 connection); prints a JSON summary.
+                       --stream: server-streaming Count of K messages; --upload:
+                       client-streaming Collect of K messages S seconds apart.
 
 Messages are raw bytes (no generated code), shaped as examples/grpc/echo.proto's so that
 `fleetlb backend --grpc` answers them too: Say's request is ignored and its answer is the
@@ -59,14 +62,21 @@ class Peer:
             time.sleep(10.0 if self.mode == "stall" and i > 0 else DELAY.get(self.mode, 0.002))
             yield f"{self.name}:{i}".encode()
 
+    def collect(self, requests, context):
+        context.set_trailing_metadata(self.trailers(context))
+        n = sum(1 for _ in requests)
+        self.fail(context)
+        return str(n).encode()
+
     def check(self, request, context):
         # HealthCheckResponse{status}: 1 SERVING, 2 NOT_SERVING.
         return b"\x08\x02" if self.mode == "notserving" else b"\x08\x01"
 
 
-def serve(name):
+def serve(name, max_streams=None):
     p = Peer(name)
-    s = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    options = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+    s = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     s.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -74,6 +84,7 @@ def serve(name):
                 {
                     "Say": grpc.unary_unary_rpc_method_handler(p.say),
                     "Count": grpc.unary_stream_rpc_method_handler(p.count),
+                    "Collect": grpc.stream_unary_rpc_method_handler(p.collect),
                 },
             ),
             grpc.method_handlers_generic_handler(
@@ -91,10 +102,17 @@ def serve(name):
     s.stop(0)
 
 
-def call(addr, n, deadline, concurrency, stream):
+def call(addr, n, deadline, concurrency, stream, upload):
     channel = grpc.insecure_channel(addr)
     say = channel.unary_unary("/fleetlb.demo.Echo/Say")
     count = channel.unary_stream("/fleetlb.demo.Echo/Count")
+    collect = channel.stream_unary("/fleetlb.demo.Echo/Collect")
+
+    def messages(k, gap):
+        for i in range(k):
+            if i:
+                time.sleep(gap)
+            yield b"m"
     by_instance, codes = Counter(), Counter()
     out = {"details": [], "trailers": None, "messages": [], "elapsed_ms": []}
     lock = threading.Lock()
@@ -108,6 +126,9 @@ def call(addr, n, deadline, concurrency, stream):
                 for m in it:
                     msgs.append(m.decode())
                 md, code = it.trailing_metadata(), it.code()
+            elif upload[0]:
+                r, c = collect.with_call(messages(*upload), timeout=deadline)
+                msgs, md, code = [r.decode()], c.trailing_metadata(), c.code()
             else:
                 _, c = say.with_call(b"hi", timeout=deadline)
                 msgs, md, code = [], c.trailing_metadata(), c.code()
@@ -135,14 +156,15 @@ def call(addr, n, deadline, concurrency, stream):
 def main():
     args = sys.argv[1:]
     if args[0] == "serve":
-        serve(args[1])
+        serve(args[1], int(args[2]) if len(args) > 2 else None)
         return
-    opts = {"--deadline": None, "--concurrency": "1", "--stream": "0"}
+    opts = {"--deadline": None, "--concurrency": "1", "--stream": "0", "--upload": "0", "--gap": "0"}
     rest = args[3:]
     for k, v in zip(rest[::2], rest[1::2]):
         opts[k] = v
     deadline = float(opts["--deadline"]) if opts["--deadline"] else None
-    call(args[1], int(args[2]), deadline, int(opts["--concurrency"]), int(opts["--stream"]))
+    upload = (int(opts["--upload"]), float(opts["--gap"]))
+    call(args[1], int(args[2]), deadline, int(opts["--concurrency"]), int(opts["--stream"]), upload)
 
 
 if __name__ == "__main__":
