@@ -655,7 +655,10 @@ PY
       echo "  upstream up {"; for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
       echo "    keepalive 256; }"
       echo "  server { listen 127.0.0.1:$NGINX_PORT http2; http2_max_requests 1000000; keepalive_requests 1000000;"
-      echo "    location / { grpc_pass grpc://up; } } }"
+      # The same request headers fleetlb adds by default, so all three do the same work.
+      echo "    location / { grpc_pass grpc://up; grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+      echo "      grpc_set_header X-Forwarded-Proto \$scheme; grpc_set_header X-Forwarded-Host \$host;"
+      echo "      grpc_set_header X-Request-Id \$request_id; } } }"
     } > "$WORK/grpc/nginx.conf"
     nginx -p "$WORK/grpc" -c "$WORK/grpc/nginx.conf" 2>"$WORK/grpc/nginx.out" &
     NGINX_PID=$!; PIDS+=($NGINX_PID); wait_port $NGINX_PORT
@@ -663,6 +666,8 @@ PY
       echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn $HAPROXY_MAXCONN"
       echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
       echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT proto h2"; echo "  default_backend b"
+      echo "  option forwardfor"; echo "  http-request set-header X-Forwarded-Proto http"
+      echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"; echo "  http-request set-header X-Request-Id %[uuid]"
       echo "backend b"; echo "  balance roundrobin"
       i=1; for p in "${ports[@]}"; do echo "  server s$i 127.0.0.1:$p proto h2 check inter 1s fall 2 rise 2"; i=$((i + 1)); done
     } > "$WORK/grpc/haproxy.cfg"
