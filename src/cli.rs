@@ -235,6 +235,12 @@ pub struct ListenArgs {
     /// listener's own; behind a Service or NAT mapping 443 to it, 443).
     #[arg(long, requires = "tls_listen", value_parser = clap::value_parser!(u16).range(1..))]
     pub tls_public_port: Option<u16>,
+    /// The availability zone this proxy runs in, e.g. us-east-1a, or `imds` to ask the EC2
+    /// instance metadata service (IMDSv2; from a pod the node's hop limit must be 2 or more).
+    /// Requests then prefer healthy instances in this zone while they are not overloaded or
+    /// clearly slower (default: no zone preference).
+    #[arg(long, env = "FLEETLB_ZONE", value_parser = parse_zone)]
+    pub zone: Option<String>,
     /// Proxies whose X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP are believed and
     /// appended to, as CIDRs (repeatable or comma-separated, e.g. 10.0.0.0/8). From anyone
     /// else those headers are replaced by what fleetlb saw.
@@ -373,6 +379,19 @@ fn parse_addr(s: &str, no_host: std::net::Ipv4Addr) -> Result<SocketAddr, String
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.
+fn parse_zone(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a zone name like us-east-1a (or imds to ask the instance metadata service)"
+        ))
+    }
+}
+
 fn parse_cidr(s: &str) -> Result<fleetlb_dataplane::IpNet, String> {
     s.parse::<fleetlb_dataplane::IpNet>()
         .or_else(|_| {

@@ -81,6 +81,7 @@ async fn replica(backend: SocketAddr) -> Replica {
         vec![EndpointConfig {
             id: "i-0001".into(),
             addr: backend,
+            zone: None,
         }],
     );
     route.health.interval = Duration::from_millis(100);

@@ -118,4 +118,7 @@ pub struct EndpointStatus {
     /// Latency estimate in milliseconds, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
+    /// Availability zone, when the provider reports one (zone-aware routing reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }

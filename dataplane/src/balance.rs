@@ -28,6 +28,8 @@ pub(crate) struct Pick<'a> {
     pub endpoint: &'a Arc<Endpoint>,
     /// True when no endpoint was eligible and the pick fails open.
     pub panic: bool,
+    /// Outside the proxy's zone, although the cluster has endpoints in it.
+    pub cross_zone: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -101,14 +103,18 @@ pub(crate) const SAME_LATENCY_RATIO: f64 = 1.3;
 /// carries the failure penalty, and its empty queue must not attract traffic.
 fn ewma_prefers(c: &Cluster, a: &Endpoint, b: &Endpoint, now: u64) -> bool {
     let (ea, eb) = (estimate(c, a, now), estimate(c, b, now));
-    let same = (ea - eb).abs() <= SAME_LATENCY_NS || ea.max(eb) <= SAME_LATENCY_RATIO * ea.min(eb);
-    if same && !a.state.failing() && !b.state.failing() {
+    if same_latency(ea, eb) && !a.state.failing() && !b.state.failing() {
         let slow_start = c.balancing.slow_start.as_nanos() as u64;
         let load = |e: &Endpoint| f64::from(e.state.inflight() + 1) / ramp(e, now, slow_start);
         load(a) <= load(b)
     } else {
         cost_at(c, a, ea, now) <= cost_at(c, b, eb, now)
     }
+}
+
+/// Whether two latency estimates count as the same (see [`SAME_LATENCY_NS`]).
+fn same_latency(ea: f64, eb: f64) -> bool {
+    (ea - eb).abs() <= SAME_LATENCY_NS || ea.max(eb) <= SAME_LATENCY_RATIO * ea.min(eb)
 }
 
 /// Whether some endpoint of `cluster` can take a request without panic mode (healthy, not
@@ -138,7 +144,6 @@ pub(crate) fn pick<'a>(
         }
     }
     let n = admitted.n;
-    let nth = |i: usize| &eps[admitted.nth(i)];
     let cap = (cluster.balancing.max_share * f64::from(cluster.inflight() + 1) / n as f64).max(2.0);
     let over = |e: &Endpoint| f64::from(e.state.inflight() + 1) > cap;
     // Of two candidates, the better unless it is over the cap and the other is not.
@@ -150,35 +155,77 @@ pub(crate) fn pick<'a>(
             first
         }
     };
-    let endpoint = if n == 1 {
-        nth(0)
+    // The policy's choice among the endpoints of `set`.
+    let choose_in = |set: &Admitted| -> Option<&'a Arc<Endpoint>> {
+        let n = set.n;
+        let nth = |i: usize| &eps[set.nth(i)];
+        Some(if n == 1 {
+            nth(0)
+        } else {
+            match cluster.balancing.policy {
+                Policy::PeakEwma => {
+                    let (a, b) = two_distinct(n);
+                    let (a, b) = (nth(a), nth(b));
+                    choose(a, b, ewma_prefers(cluster, a, b, now))
+                }
+                Policy::LeastRequest => {
+                    let (a, b) = two_distinct(n);
+                    let (a, b) = (nth(a), nth(b));
+                    choose(a, b, a.state.inflight() <= b.state.inflight())
+                }
+                Policy::LowestLatency => {
+                    let decay = cluster.balancing.decay.as_nanos() as f64;
+                    let est = |e: &Endpoint| e.state.estimate_ns(now, decay);
+                    let candidates = || set.iter().map(|i| &eps[i]);
+                    candidates()
+                        .filter(|e| !over(e))
+                        .min_by(|a, b| est(a).total_cmp(&est(b)))
+                        .or_else(|| candidates().min_by(|a, b| est(a).total_cmp(&est(b))))?
+                }
+                Policy::RoundRobin => nth(cluster.rr.fetch_add(1, Relaxed) % n),
+            }
+        })
+    };
+    let local = if cluster.zone_aware && matches!(mode, Mode::Normal) {
+        Admitted::read_where(eps, mode, now, avoid, |e| e.local)
     } else {
-        match cluster.balancing.policy {
-            Policy::PeakEwma => {
-                let (a, b) = two_distinct(n);
-                let (a, b) = (nth(a), nth(b));
-                choose(a, b, ewma_prefers(cluster, a, b, now))
-            }
-            Policy::LeastRequest => {
-                let (a, b) = two_distinct(n);
-                let (a, b) = (nth(a), nth(b));
-                choose(a, b, a.state.inflight() <= b.state.inflight())
-            }
-            Policy::LowestLatency => {
-                let decay = cluster.balancing.decay.as_nanos() as f64;
-                let est = |e: &Endpoint| e.state.estimate_ns(now, decay);
-                let candidates = || admitted.iter().map(|i| &eps[i]);
-                candidates()
-                    .filter(|e| !over(e))
-                    .min_by(|a, b| est(a).total_cmp(&est(b)))
-                    .or_else(|| candidates().min_by(|a, b| est(a).total_cmp(&est(b))))?
-            }
-            Policy::RoundRobin => nth(cluster.rr.fetch_add(1, Relaxed) % n),
+        Admitted::empty()
+    };
+    let endpoint = if local.n == 0 || local.n == n {
+        choose_in(&admitted)?
+    } else {
+        // Zone-aware (Envoy's): the choice among the healthy endpoints of the proxy's zone,
+        // unless it is overloaded or clearly slower than one endpoint of
+        // another zone drawn at random: not the same latency by the rules for any two
+        // candidates, and more than `LATENCY_RESOLUTION_NS` apart (an idle endpoint's estimate
+        // is its health check's round trip, below what a request takes anywhere).
+        let home = choose_in(&local)?;
+        let k = fastrand::usize(..n - local.n);
+        let away = admitted
+            .iter()
+            .map(|i| &eps[i])
+            .filter(|e| !e.local)
+            .nth(k)
+            .unwrap_or(home);
+        let slower = cluster.balancing.policy == Policy::PeakEwma && {
+            let (eh, ea) = (estimate(cluster, home, now), estimate(cluster, away, now));
+            eh > ea + LATENCY_RESOLUTION_NS
+                && !same_latency(eh, ea)
+                && cost_at(cluster, away, ea, now) < cost_at(cluster, home, eh, now)
+        };
+        // Overloaded: over its share cap and more than twice as busy as the other candidate
+        // (not a request counted in flight for the moment its answer takes to finish).
+        let busy = || home.state.inflight() > 2 * (away.state.inflight() + 1);
+        if (over(home) && !over(away) && busy()) || slower {
+            away
+        } else {
+            home
         }
     };
     Some(Pick {
         endpoint,
         panic: matches!(mode, Mode::Panic),
+        cross_zone: cluster.zone_aware && !endpoint.local,
     })
 }
 
@@ -193,6 +240,26 @@ struct Admitted {
 
 impl Admitted {
     fn read(eps: &[Arc<Endpoint>], mode: Mode, now: u64, avoid: Option<&Endpoint>) -> Self {
+        Self::read_where(eps, mode, now, avoid, |_| true)
+    }
+
+    /// No endpoint.
+    fn empty() -> Self {
+        Self {
+            inline: [0; 4],
+            heap: Vec::new(),
+            n: 0,
+        }
+    }
+
+    /// The admitted endpoints that also pass `only`.
+    fn read_where(
+        eps: &[Arc<Endpoint>],
+        mode: Mode,
+        now: u64,
+        avoid: Option<&Endpoint>,
+        only: impl Fn(&Endpoint) -> bool,
+    ) -> Self {
         let words = eps.len().div_ceil(64);
         let mut this = Self {
             inline: [0; 4],
@@ -206,7 +273,7 @@ impl Admitted {
         let mut n = 0;
         let bits = this.bits_mut();
         for (i, e) in eps.iter().enumerate() {
-            if admitted(mode, e, now, avoid) {
+            if admitted(mode, e, now, avoid) && only(e) {
                 bits[i / 64] |= 1 << (i % 64);
                 n += 1;
             }

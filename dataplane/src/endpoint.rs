@@ -34,6 +34,10 @@ pub(crate) struct Endpoint {
     /// the signal that a slot freed.
     pub queued: AtomicU32,
     pub slot_freed: tokio::sync::Notify,
+    /// Its availability zone, if known.
+    pub zone: Option<String>,
+    /// In the proxy's own zone (`ProxyConfig::zone`): preferred while healthy and not overloaded.
+    pub local: bool,
 }
 
 impl Endpoint {
@@ -50,7 +54,16 @@ impl Endpoint {
             h2: Default::default(),
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
+            zone: None,
+            local: false,
         }
+    }
+
+    /// Places it in `zone`, local when that is `proxy_zone`.
+    pub fn in_zone(mut self, zone: Option<String>, proxy_zone: Option<&str>) -> Self {
+        self.local = zone.is_some() && zone.as_deref() == proxy_zone;
+        self.zone = zone;
+        self
     }
 }
 

@@ -784,6 +784,9 @@ pub(crate) async fn forward(
             }
         };
         ep.metrics.selections.inc();
+        if pick.cross_zone {
+            cluster.metrics.cross_zone.inc();
+        }
         if let Some(log) = log.as_deref_mut() {
             log.tries = attempt;
             log.endpoint = Some(ep.clone());

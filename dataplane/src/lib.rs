@@ -90,6 +90,10 @@ pub struct ProxyConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// One JSON line per request (default: none). See [`access_log`].
     pub access_log: Option<access_log::AccessLog>,
+    /// The availability zone this proxy runs in (`--zone`): requests prefer healthy endpoints
+    /// of the same zone while they are not overloaded or clearly slower (default: none, no
+    /// zone preference).
+    pub zone: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +102,7 @@ impl Default for ProxyConfig {
             limits: Limits::default(),
             failure_penalty: Duration::from_secs(1),
             max_attempts: 3,
+            zone: None,
             request_id: true,
             via: None,
             pool_idle_timeout: Duration::from_secs(4),

@@ -48,12 +48,20 @@ pub struct Metrics {
     pub(crate) access_log_dropped: IntCounter,
     /// gRPC calls ended, by status and by who ended them.
     pub(crate) grpc: IntCounterVec,
+    pub(crate) cross_zone: IntCounterVec,
 }
 
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
+            cross_zone: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_cross_zone_requests_total",
+                    "Requests sent to an endpoint outside the proxy's zone although the cluster has endpoints in it (--zone), by cluster.",
+                ),
+                &["cluster"],
+            )?,
             grpc: IntCounterVec::new(
                 Opts::new(
                     "fleetlb_grpc_calls_total",
@@ -223,14 +231,16 @@ impl Metrics {
         registry.register(Box::new(m.panic_mode.clone()))?;
         registry.register(Box::new(m.access_log_dropped.clone()))?;
         registry.register(Box::new(m.grpc.clone()))?;
+        registry.register(Box::new(m.cross_zone.clone()))?;
         Ok(m)
     }
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 20] = [
+        let collectors: [&dyn Collector; 21] = [
             &self.grpc,
+            &self.cross_zone,
             &self.tls_handshakes,
             &self.tls_cert_expiry,
             &self.requests,
@@ -263,6 +273,7 @@ impl Metrics {
                 .map(|c| self.requests.with_label_values(&[cluster, c])),
             duration: self.request_duration.with_label_values(&[cluster]),
             retries: self.retries.with_label_values(&[cluster]),
+            cross_zone: self.cross_zone.with_label_values(&[cluster]),
             grpc: self.grpc.clone(),
             grpc_ok: std::sync::OnceLock::new(),
             name: cluster.to_string(),
@@ -307,6 +318,7 @@ pub(crate) struct ClusterMetrics {
     by_class: [IntCounter; 5],
     pub duration: Histogram,
     pub retries: IntCounter,
+    pub cross_zone: IntCounter,
     grpc: IntCounterVec,
     /// `grpc_status="0", source="instance"`, resolved at the first OK call.
     grpc_ok: std::sync::OnceLock<IntCounter>,

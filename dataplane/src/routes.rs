@@ -54,6 +54,19 @@ pub struct EndpointConfig {
     pub id: String,
     /// Where requests go.
     pub addr: SocketAddr,
+    /// Its availability zone, when known (EC2's placement), for zone-aware routing.
+    pub zone: Option<String>,
+}
+
+impl EndpointConfig {
+    /// An endpoint in no particular zone.
+    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
+        Self {
+            id: id.into(),
+            addr,
+            zone: None,
+        }
+    }
 }
 
 /// What a cluster's endpoints speak (`fleetlb_crds::Protocol`, ALB's protocol versions).

@@ -65,6 +65,8 @@ pub(crate) struct Cluster {
     pub body_timeout: Option<Duration>,
     pub protocol: crate::routes::Protocol,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Some endpoint is in the proxy's zone: picks prefer those (see `balance`).
+    pub zone_aware: bool,
     /// Round-robin position.
     pub rr: AtomicUsize,
     /// What outlives route-table updates: the retry budget and the ejection lock.
@@ -95,6 +97,7 @@ impl Cluster {
             request_timeout: route.request_timeout,
             body_timeout: route.body_timeout,
             protocol: route.protocol,
+            zone_aware: endpoints.iter().any(|e| e.local),
             endpoints,
             rr: AtomicUsize::new(0),
             carried,
@@ -203,12 +206,15 @@ fn apply(
                 }
                 None => {
                     let label = ep.addr.to_string();
-                    let endpoint = Arc::new(Endpoint::new(
-                        ep.id.clone(),
-                        ep.addr,
-                        shared.metrics.endpoint(&route.cluster, &label),
-                        now,
-                    ));
+                    let endpoint = Arc::new(
+                        Endpoint::new(
+                            ep.id.clone(),
+                            ep.addr,
+                            shared.metrics.endpoint(&route.cluster, &label),
+                            now,
+                        )
+                        .in_zone(ep.zone.clone(), shared.config.zone.as_deref()),
+                    );
                     let task = probe::spawn(
                         shared.clone(),
                         route.cluster.clone(),

@@ -71,6 +71,7 @@ impl Servers {
             .map(|(i, p)| EndpointConfig {
                 id: format!("s{i}"),
                 addr: ([127, 0, 0, 1], *p).into(),
+                zone: None,
             })
             .collect()
     }
@@ -280,6 +281,7 @@ async fn fleetlbs_own_answers_are_grpc_statuses() {
     let dead = EndpointConfig {
         id: "dead".into(),
         addr: ([127, 0, 0, 1], 9).into(),
+        zone: None,
     };
     let proxy = Proxy::start(ProxyConfig::default(), vec![grpc_route(vec![dead])]).await;
     let v = calls(&proxy, 2, &["--deadline", "5"]).await;
@@ -410,6 +412,7 @@ async fn an_http2_cluster_serves_http1_clients_over_shared_h2c_connections() {
         vec![EndpointConfig {
             id: "h2".into(),
             addr,
+            zone: None,
         }],
     );
     route.protocol = Protocol::Http2;

@@ -390,6 +390,7 @@ async fn a_backend_resetting_mid_body_truncates_that_response_and_nothing_else()
     let ep = fleetlb_dataplane::EndpointConfig {
         id: "r".into(),
         addr,
+        zone: None,
     };
     let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![ep])]).await;
     proxy.wait_healthy(1).await;

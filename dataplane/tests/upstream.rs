@@ -228,6 +228,7 @@ async fn behind_proxy_with(cfg: ProxyConfig, health: HealthConfig) -> (Raw, Prox
     let ep = EndpointConfig {
         id: "raw".into(),
         addr: raw.addr,
+        zone: None,
     };
     let mut r = route(vec![ep]);
     r.health = health;
@@ -656,6 +657,7 @@ async fn a_post_caught_in_the_keep_alive_race_is_not_held_against_the_backend() 
     let ep = EndpointConfig {
         id: "raw".into(),
         addr: raw.addr,
+        zone: None,
     };
     let mut r = route(vec![ep]);
     // One failure held against it would eject it.

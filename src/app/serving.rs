@@ -117,9 +117,14 @@ impl Serving {
                 )
             }
         };
+        let zone = match listen.zone.as_deref() {
+            Some("imds") => imds_zone().await,
+            z => z.map(String::from),
+        };
         let registry = prometheus::Registry::new();
         let dataplane = Dataplane::new(
             ProxyConfig {
+                zone,
                 https_port: tls_addr.map(|a| listen.tls_public_port.unwrap_or(a.port())),
                 limits: listen.limits.0.clone(),
                 trusted_proxies: listen.trusted_proxies.clone(),
@@ -285,4 +290,28 @@ impl Serving {
 /// Completes once `rx` says stop.
 pub(super) async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The zone the EC2 instance metadata service names (IMDSv2, 1 s timeouts; it honours
+/// `AWS_EC2_METADATA_SERVICE_ENDPOINT`). `None`, with a warning, when it cannot be asked: the
+/// proxy then routes without a zone preference rather than not at all.
+async fn imds_zone() -> Option<String> {
+    let client = aws_config::imds::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .read_timeout(std::time::Duration::from_secs(1))
+        .build();
+    match client
+        .get("/latest/meta-data/placement/availability-zone")
+        .await
+    {
+        Ok(z) => {
+            let z = z.as_ref().trim().to_string();
+            tracing::info!(zone = %z, "zone from the instance metadata service");
+            Some(z)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot ask the instance metadata service for the zone (from a pod, the node's IMDS hop limit must be 2); routing without a zone preference");
+            None
+        }
+    }
 }

@@ -211,6 +211,7 @@ pub fn status_endpoints(bc: &BackendCluster) -> Vec<EndpointConfig> {
             Some(EndpointConfig {
                 id: e.id.clone(),
                 addr: e.address.parse().ok()?,
+                zone: e.zone.clone(),
             })
         })
         .collect()

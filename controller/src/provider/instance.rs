@@ -98,9 +98,16 @@ pub struct LaunchedAs {
     pub subnet_id: Option<String>,
     /// Security groups, sorted.
     pub security_groups: Vec<String>,
+    /// Availability zone (EC2's placement), for zone-aware routing.
+    pub zone: Option<String>,
 }
 
 impl Instance {
+    /// Its availability zone, when the provider reports one.
+    pub fn zone(&self) -> Option<String> {
+        self.launched_as.as_ref().and_then(|l| l.zone.clone())
+    }
+
     /// Whether it belongs to the object with UID `uid`: by UID, since a re-created object (or
     /// another install's object of the same name) must never adopt it; static endpoints carry
     /// no owner and belong to the object that lists them.

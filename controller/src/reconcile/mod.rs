@@ -223,6 +223,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         .map(|(i, addr)| EndpointConfig {
             id: i.id.clone(),
             addr: *addr,
+            zone: i.zone(),
         })
         .collect();
 
@@ -270,6 +271,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 id: i.id.clone(),
                 address: a.to_string(),
                 latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
+                zone: i.zone(),
             })
             .collect(),
         launches: recorded_launches(bc, &launch, now),

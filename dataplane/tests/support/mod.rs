@@ -138,6 +138,7 @@ impl Upstream {
         EndpointConfig {
             id: self.name.clone(),
             addr: self.addr,
+            zone: None,
         }
     }
 }
