@@ -504,6 +504,7 @@ fn cluster_snapshot(c: &table::Cluster, now: u64) -> ClusterSnapshot {
             EndpointSnapshot {
                 id: e.id.clone(),
                 address: e.addr.to_string(),
+                zone: e.zone.clone(),
                 state: if s.is_ejected(now) {
                     EndpointState::Ejected
                 } else if s.is_healthy() {
@@ -570,6 +571,9 @@ pub struct EndpointSnapshot {
     pub id: String,
     /// `host:port`.
     pub address: String,
+    /// Availability zone, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     /// `healthy`, `unhealthy` or `ejected`.
     pub state: EndpointState,
     /// Passes its health check.
