@@ -382,7 +382,8 @@ fn parse_addr(s: &str, no_host: std::net::Ipv4Addr) -> Result<SocketAddr, String
 fn parse_zone(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(s.to_string())
     } else {

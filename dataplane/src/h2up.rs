@@ -149,6 +149,9 @@ impl Pool {
             // Flow control per stream, never per connection: a client that stops reading one
             // answer holds at most its stream's window here, and the connection's window
             // (every stream's at once) never runs out under the streams sharing it.
+            // One stream until the instance's SETTINGS say how many: a stream over its limit
+            // would be refused (grpc-core answers ENHANCE_YOUR_CALM), the rest wait for them.
+            .initial_max_send_streams(1)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
         let (send, conn) =
@@ -162,9 +165,13 @@ impl Pool {
         tokio::spawn(async move {
             let ended = std::future::poll_fn(|cx| {
                 let polled = conn.as_mut().poll(cx);
-                // Read at every poll: the instance's SETTINGS arrive through it.
+                // Read at every poll: the instance's SETTINGS arrive through it (until then the
+                // limit is the initial 1, and the pool keeps assuming the usual 100: the
+                // streams beyond wait inside the connection for the SETTINGS).
                 let max = conn.as_ref().get_ref().current_max_send_streams();
-                seen.store(max.min(STREAMS_PER_CONN as usize) as u32, Relaxed);
+                if max != 1 {
+                    seen.store(max.min(STREAMS_PER_CONN as usize) as u32, Relaxed);
+                }
                 polled
             })
             .await;
@@ -204,6 +211,8 @@ impl Pool {
 /// can send it again (the part already read, then the rest as it comes).
 pub(crate) struct Replay {
     shared: Arc<Mutex<ReplayState>>,
+    /// Woken when the client's body ends (the head timeout starts then).
+    ended: Arc<tokio::sync::Notify>,
     /// Which attempt this body belongs to; an older attempt's body stops.
     attempt: u32,
     /// Kept chunks sent so far by this attempt.
@@ -245,9 +254,21 @@ impl Replay {
                 last_read: Instant::now(),
                 attempt: 0,
             })),
+            ended: Arc::new(tokio::sync::Notify::new()),
             attempt: 0,
             pos: 0,
             trailers_sent: false,
+        }
+    }
+
+    /// Another handle on the same body (its `attempt` set to `attempt`).
+    fn handle(&self, attempt: u32) -> Replay {
+        Replay {
+            shared: self.shared.clone(),
+            ended: self.ended.clone(),
+            attempt,
+            pos: 0,
+            trailers_sent: attempt == u32::MAX,
         }
     }
 
@@ -273,12 +294,9 @@ impl Replay {
             return None;
         }
         s.attempt += 1;
-        Some(Replay {
-            shared: self.shared.clone(),
-            attempt: s.attempt,
-            pos: 0,
-            trailers_sent: false,
-        })
+        let attempt = s.attempt;
+        drop(s);
+        Some(self.handle(attempt))
     }
 
     /// Whether another attempt could send the whole body again.
@@ -341,6 +359,7 @@ impl Body for Replay {
             Poll::Ready(None) => {
                 s.ended = true;
                 s.ended_at = Some(Instant::now());
+                this.ended.notify_waiters();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -364,6 +383,7 @@ impl Body for Replay {
                 Err(frame) => {
                     s.ended = true;
                     s.ended_at = Some(Instant::now());
+                    this.ended.notify_waiters();
                     match frame.into_trailers() {
                         Ok(t) => {
                             s.trailers = Some(t.clone());
@@ -426,6 +446,9 @@ pub(crate) struct Answer {
     long_at: Option<Instant>,
     long: bool,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The last poll found nothing from the instance: the gap runs. Otherwise the client was
+    /// slow to come back for more, which is not the instance's silence.
+    waiting: bool,
     done: bool,
 }
 
@@ -436,12 +459,17 @@ impl Answer {
         if self.done {
             return Poll::Ready(None);
         }
-        if let Some(end) = self.expired(Instant::now()) {
+        let now = Instant::now();
+        if !self.waiting {
+            self.next_gap = now + self.gap;
+        }
+        if let Some(end) = self.expired(now) {
             return end;
         }
-        match Pin::new(&mut self.body).poll_frame(cx) {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        self.waiting = polled.is_pending();
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                self.next_gap = Instant::now() + self.gap;
                 if let Some(call) = self.call.as_mut() {
                     if let Some(d) = frame.data_ref() {
                         call.messages.feed(d);
@@ -684,11 +712,18 @@ async fn wait_head<F: Future>(
         }
     };
     loop {
+        // Armed before the body's state is read: an end after the read still wakes this.
+        let ended = body.ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
         let (at, _) = deadline();
-        if let Ok(out) = tokio::time::timeout_at(at, answer.as_mut()).await {
-            return Ok(out);
+        tokio::select! {
+            out = answer.as_mut() => return Ok(out),
+            // The body ended: the head timeout starts from there.
+            () = ended => continue,
+            () = tokio::time::sleep_until(at) => {}
         }
-        // Unless the body moved on meanwhile (or ended), and the deadline with it.
+        // Unless the body moved on meanwhile, and the deadline with it.
         let (at, why) = deadline();
         if Instant::now() >= at {
             return Err(why);
@@ -852,12 +887,7 @@ pub(crate) async fn forward(
         };
         if attempt == 1 {
             // `replay` keeps a handle on the shared state for later attempts.
-            replay = Replay {
-                shared: this_body.shared.clone(),
-                attempt: 0,
-                pos: 0,
-                trailers_sent: false,
-            };
+            replay = this_body.handle(0);
         }
         let mut out = Request::new(this_body);
         *out.method_mut() = parts.method.clone();
@@ -907,10 +937,12 @@ pub(crate) async fn forward(
                 let e = e.into_error();
                 if unsent || refused(&e) {
                     // Never processed (a connection closing as the stream went out, or the
-                    // instance refusing it): anywhere again, nothing learned.
+                    // instance refusing a stream over its limit before its SETTINGS came):
+                    // anywhere again, this instance too, and nothing learned. It cost the
+                    // instance nothing: the retry budget is not spent on it.
                     tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "stream refused before processing");
                     last_err = ProxyError::UpstreamReset;
-                    failed = Some(ep.clone());
+                    paid = true;
                     continue;
                 }
                 ep.state.observe(penalty, now, decay);
@@ -987,12 +1019,7 @@ pub(crate) async fn forward(
                             cluster: cluster.clone(),
                             sent,
                             head: waited,
-                            body: Replay {
-                                shared: replay.shared.clone(),
-                                attempt: u32::MAX,
-                                pos: 0,
-                                trailers_sent: true,
-                            },
+                            body: replay.handle(u32::MAX),
                             messages: MessageCount::default(),
                         });
                     }
@@ -1019,6 +1046,7 @@ pub(crate) async fn forward(
                     long_at: Some(Instant::now() + cluster.request_timeout),
                     long: false,
                     timer: None,
+                    waiting: false,
                     done: false,
                 };
                 return Ok(Response::from_parts(head, ResponseBody::h2(answer)));

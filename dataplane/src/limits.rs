@@ -150,7 +150,7 @@ limits! {
     h2_max_resets: u32 = 100, "h2-max-resets",
         "rapid reset (CVE-2023-44487)";
     /// Requests of one client connection in flight to backends at once; more wait in the
-    /// endpoint queue's time and then get a 503.
+    /// endpoint queue's time and then get a 503 (gRPC calls: RESOURCE_EXHAUSTED).
     max_upstream_per_connection: u32 = 100, "max-upstream-per-connection",
         "one connection fanning out to many upstream connections";
     /// Time allowed to open an upstream connection.

@@ -52,10 +52,17 @@ pub(crate) async fn admit(
     match conn.begin(h2).await {
         Some(active) => handle(shared, req, peer, tls, active).await,
         None if h2 && grpc::is_grpc_request(&req) => {
+            let table = shared.table.load();
+            let host = crate::rules::request_host(&req);
+            let cluster = table
+                .route(&host, req.uri().path())
+                .and_then(|r| r.backends.first())
+                .map_or("", |(c, _)| c.name.as_str());
+            let err = ProxyError::ConnectionBusy;
             shared
                 .metrics
-                .grpc_status("", grpc::code_for(ProxyError::ConnectionBusy), "fleetlb");
-            grpc::reshape(ProxyError::ConnectionBusy)
+                .grpc_status(cluster, grpc::code_for(err), "fleetlb");
+            grpc::reshape(err)
         }
         None => ProxyError::ConnectionBusy.response(),
     }

@@ -514,3 +514,69 @@ async fn a_busy_client_connection_hears_resource_exhausted() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_hangs_meets_the_routes_head_timeout() {
+    let servers = Servers::start(1).await;
+    let mut route = grpc_route(servers.endpoints());
+    route.request_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    let mut servers = servers;
+    servers.set(0, "hang").await;
+    // No deadline of the caller's: the route's 1 s, not the 60 s client-body timeout or the
+    // instance's 10 s.
+    let v = calls(&proxy, 1, &[]).await;
+    assert_eq!(count(&v, "codes", "DEADLINE_EXCEEDED"), 1, "{v}");
+    let ms = v["elapsed_ms"][0].as_u64().unwrap();
+    assert!(ms < 5000, "answered after {ms} ms: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slow_to_read_is_not_the_instances_silence() {
+    use http_body_util::BodyExt;
+    let servers = Servers::start(1).await;
+    let mut route = grpc_route(servers.endpoints());
+    route.body_timeout = Some(Duration::from_secs(1));
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    // An HTTP/2 client whose window takes about one message: fleetlb cannot pass the answer
+    // on while it does not read.
+    let io = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16)
+            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/fleetlb.demo.Echo/Count", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\x00\x00\x00\x00\x02\x08\x05",
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    // Away for 2.5 s, past the route's 1 s body timeout, then back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut data = first.into_data().unwrap().len();
+    let mut status = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if let Some(d) = frame.data_ref() {
+            data += d.len();
+        } else if let Some(t) = frame.trailers_ref() {
+            status = t.get("grpc-status").cloned();
+        }
+    }
+    assert_eq!(status.as_ref().map(|s| s.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        data,
+        5 * 9,
+        "five messages of 4 bytes, each with its 5-byte prefix"
+    );
+}
