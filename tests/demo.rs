@@ -1014,3 +1014,71 @@ fn the_grpc_example_spreads_one_connections_calls_over_every_instance() {
         "{metrics}"
     );
 }
+
+/// A stand-in for the EC2 instance metadata service on loopback (IMDSv2: a token from `PUT
+/// /latest/api/token`, required on every `GET`), naming `zone`. Returns its URL.
+fn fake_imds(zone: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let mut token = false;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                token |= h
+                    .to_ascii_lowercase()
+                    .starts_with("x-aws-ec2-metadata-token: tok");
+            }
+            let (status, body) = if line.starts_with("PUT /latest/api/token") {
+                (
+                    "200 OK\r\nx-aws-ec2-metadata-token-ttl-seconds: 21600",
+                    "tok",
+                )
+            } else if line.starts_with("GET /latest/meta-data/placement/availability-zone") && token
+            {
+                ("200 OK", zone)
+            } else {
+                ("401 Unauthorized", "")
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn the_proxy_learns_its_zone_from_the_instance_metadata_service() {
+    let imds = fake_imds("us-east-1b");
+    let f = Fleetlb::standalone_env(
+        &demo_clusters(),
+        &["--zone", "imds"],
+        &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())],
+    );
+    eventually("the zone from IMDS in the log", || {
+        let log = f.log_text();
+        (log.contains("zone from the instance metadata service") && log.contains("us-east-1b"))
+            .then_some(())
+    });
+    // And without one (nothing listens there), the proxy serves all the same.
+    let g = Fleetlb::standalone_env(
+        &demo_clusters(),
+        &["--zone", "imds"],
+        &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")],
+    );
+    eventually("cluster1 serves without a zone", || {
+        g.distinct_instances("/cluster1", 10)
+    });
+    assert!(g.log_text().contains("routing without a zone preference"));
+}

@@ -110,6 +110,18 @@ impl Fleetlb {
         Self::start("standalone", files, &all, wrap)
     }
 
+    /// [`Fleetlb::standalone`] with `env` set.
+    pub fn standalone_env(files: &[(&str, String)], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write config");
+        }
+        let config = dir.path().to_str().expect("utf-8 path").to_owned();
+        let mut all = vec!["standalone", "--config", &config, "--proxy-threads", "1"];
+        all.extend_from_slice(args);
+        Self::spawn(dir, &all, env, None)
+    }
+
     fn start(mode: &str, files: &[(&str, String)], args: &[&str], wrap: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
