@@ -27,9 +27,14 @@ pub fn dead_port() -> (tokio::net::TcpSocket, u16) {
 /// A port nothing listens on now, below Linux's ephemeral range (32768-60999), so no outgoing
 /// connection is given it before the test binds it.
 pub fn free_port() -> u16 {
+    // Never the same port twice in one test binary: two tests running at once would otherwise
+    // both find it free before either binds it (etcd then fails with "address in use").
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {
         let port = fastrand::u16(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
