@@ -23,7 +23,6 @@ pub fn dead_port() -> (tokio::net::TcpSocket, u16) {
     (socket, port)
 }
 
-/// A free loopback port (bound, read, released).
 /// A port nothing listens on now, below Linux's ephemeral range (32768-60999), so no outgoing
 /// connection is given it before the test binds it.
 pub fn free_port() -> u16 {
