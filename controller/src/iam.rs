@@ -3,12 +3,14 @@
 //! It allows exactly what [`crate::aws`] calls, scoped to the install's controller id:
 //!
 //! - `DescribeInstances` on `*` (EC2's Describe calls support no resource-level permissions).
-//! - `RunInstances` creates an instance, its volumes and its network interfaces only with
-//!   `fleetlb.dev/controller = ID` in the request's tags. IAM evaluates `aws:RequestTag` per
-//!   resource type the call creates, which is why the provider tags all three at creation.
+//! - `RunInstances` creates an instance, its volumes, its network interfaces and (for
+//!   `capacityType: spot`) its spot request only with `fleetlb.dev/controller = ID` in the
+//!   request's tags. IAM evaluates `aws:RequestTag` per resource type the call creates, which
+//!   is why the provider tags all of them at creation.
 //! - `RunInstances` may use any image (and the snapshots behind an EBS-backed one), subnet,
-//!   security group and key pair (the spec names them); nothing else (no launch templates, no
-//!   Spot requests: fleetlb uses neither).
+//!   security group and key pair (the spec names them); nothing else (no launch templates:
+//!   fleetlb uses none). Spot launches also need the account's `AWSServiceRoleForEC2Spot`
+//!   service-linked role, which EC2 creates on the first spot request of an account.
 //! - `CreateTags` only as part of `RunInstances` (`ec2:CreateAction`), with the same tag.
 //! - `TerminateInstances` only on instances already tagged with this install's id, so one
 //!   install's credentials can never terminate another's instances.
@@ -36,7 +38,13 @@ pub fn policy(opts: &PolicyOptions) -> Value {
     let p = &opts.partition;
     let id = &opts.controller_id;
     let arn = |kind: &str| format!("arn:{p}:ec2:*:*:{kind}/*");
-    let owned = [arn("instance"), arn("volume"), arn("network-interface")];
+    // A spot launch also creates a spot-instances-request, tagged in the same request.
+    let owned = [
+        arn("instance"),
+        arn("volume"),
+        arn("network-interface"),
+        arn("spot-instances-request"),
+    ];
     let request_tag = format!("aws:RequestTag/{}", tags::CONTROLLER);
     let resource_tag = format!("aws:ResourceTag/{}", tags::CONTROLLER);
     json!({

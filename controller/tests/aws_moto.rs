@@ -18,6 +18,14 @@ use tokio::sync::watch;
 mod support;
 use support::{Env, Fault, FaultProxy, env, sdk_config};
 
+/// `yaml` with `spec.capacityType: capacity`.
+fn spot_yaml(yaml: &str, capacity: &str) -> String {
+    yaml.replace(
+        "  port: 8000\n",
+        &format!("  port: 8000\n  capacityType: {capacity}\n"),
+    )
+}
+
 fn yaml(env: &Env, name: &str, replicas: u32, policy: &str) -> String {
     format!(
         "apiVersion: fleetlb.dev/v1alpha1\nkind: BackendCluster\nmetadata:\n  name: {name}\nspec:\n  route: /{name}\n  replicas: {replicas}\n  instanceType: t2.micro\n  port: 8000\n  deletionPolicy: {policy}\n  provider:\n    aws:\n      imageId: {}\n      subnetIds: [{}]\n      tags: {{team: web}}\n",
@@ -277,6 +285,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
             .unwrap();
     let req = LaunchRequest {
         grpc: false,
+        capacity_type: Default::default(),
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),
@@ -708,6 +717,7 @@ async fn a_replayed_launch_carries_the_same_token_and_subnet() {
 fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
     LaunchRequest {
         grpc: false,
+        capacity_type: Default::default(),
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),
@@ -1071,12 +1081,14 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
         partition: "aws".into(),
         instance_role: "fleetlb-instance".into(),
     });
-    // Launch, scale down (terminate), delete with Orphan (release).
+    // Launch (spot first: the spot request is created and tagged too), scale down
+    // (terminate), delete with Orphan (release).
+    let spot = |n| spot_yaml(&yaml(&env, "web", n, "Orphan"), "spot-then-on-demand");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Orphan")).unwrap();
+    std::fs::write(dir.path().join("web.yaml"), spot(2)).unwrap();
     let mut d = driver_with(&conf, dir.path(), id, |_| {});
     converge(&mut d, &env, id, "web", 2).await;
-    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, "Orphan")).unwrap();
+    std::fs::write(dir.path().join("web.yaml"), spot(1)).unwrap();
     converge(&mut d, &env, id, "web", 1).await;
     // Each instance's controller tag before the release removes it.
     let owner: HashMap<String, String> = env
@@ -1147,8 +1159,22 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
                     tags_of.entry(rtype).or_default().extend(tags.into_values());
                 }
                 // Every resource type RunInstances creates is allowed with its request tags,
-                // and so is tagging it at creation.
-                for created in ["instance", "volume", "network-interface"] {
+                // and so is tagging it at creation (a spot launch's request included).
+                assert!(
+                    tags_of.contains_key("spot-instances-request"),
+                    "a spot launch tags its spot request: {tags_of:?}"
+                );
+                let mut created: Vec<String> = ["instance", "volume", "network-interface"]
+                    .map(String::from)
+                    .to_vec();
+                created.extend(
+                    tags_of
+                        .keys()
+                        .filter(|k| !created.contains(k))
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                );
+                for created in created.iter().map(String::as_str) {
                     let tags = tags_of.get(created).cloned().unwrap_or_default();
                     let mut c: HashMap<String, Vec<String>> = HashMap::new();
                     for (k, v) in &tags {
@@ -1434,4 +1460,76 @@ async fn a_subnet_without_capacity_means_the_next_attempt_with_its_own_token() {
     let mut fresh = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
     fresh.driver.step(&fresh.out).await;
     assert_eq!(live(&env.ec2, "ctl-cap", "web").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    // No spot capacity anywhere; on-demand is fine.
+    proxy.no_spot_capacity();
+    let dir = tempfile::tempdir().unwrap();
+    let text = spot_yaml(&yaml(&env, "web", 1, "Delete"), "spot-then-on-demand");
+    std::fs::write(dir.path().join("web.yaml"), text).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-spot", |_| {});
+    converge(&mut d, &env, "ctl-spot", "web", 1).await;
+    let runs: Vec<(String, bool, String)> = proxy
+        .requests()
+        .iter()
+        .map(|b| support::form(b))
+        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
+        .map(|f| {
+            let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|p| p.1.clone());
+            let spot = get("InstanceMarketOptions.MarketType").as_deref() == Some("spot");
+            (get("ClientToken").unwrap(), spot, get("SubnetId").unwrap())
+        })
+        .collect();
+    let mut tried = runs.clone();
+    tried.dedup();
+    // Spot in every subnet (each its own attempt and token), then on-demand.
+    assert_eq!(tried.len(), env.subnets.len() + 1, "{tried:?}");
+    assert!(
+        tried[..env.subnets.len()].iter().all(|(_, spot, _)| *spot),
+        "{tried:?}"
+    );
+    assert!(!tried.last().unwrap().1, "{tried:?}");
+    let mut tokens: Vec<&String> = tried.iter().map(|(t, _, _)| t).collect();
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(
+        tokens.len(),
+        tried.len(),
+        "one token per attempt: {tried:?}"
+    );
+    let i = &live(&env.ec2, "ctl-spot", "web").await[0];
+    assert_eq!(i.instance_lifecycle(), None, "the instance is on-demand");
+
+    // `spot`: the launch is a tagged spot request, and the instance a spot instance.
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    let dir = tempfile::tempdir().unwrap();
+    let text = spot_yaml(&yaml(&env, "cheap", 1, "Delete"), "spot");
+    std::fs::write(dir.path().join("cheap.yaml"), text).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-spot2", |_| {});
+    converge(&mut d, &env, "ctl-spot2", "cheap", 1).await;
+    let run = proxy
+        .requests()
+        .iter()
+        .map(|b| support::form(b))
+        .find(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
+        .unwrap();
+    let has = |k: &str, v: &str| run.iter().any(|(a, b)| a == k && b == v);
+    assert!(has("InstanceMarketOptions.MarketType", "spot"), "{run:?}");
+    assert!(
+        run.iter().any(|(k, v)| k.starts_with("TagSpecification.")
+            && k.ends_with(".ResourceType")
+            && v == "spot-instances-request"),
+        "{run:?}"
+    );
+    let i = &live(&env.ec2, "ctl-spot2", "cheap").await[0];
+    assert_eq!(
+        i.instance_lifecycle(),
+        Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot)
+    );
 }

@@ -839,6 +839,7 @@ impl fleetlb_controller::provider::Provider for Counting {
 fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
     fleetlb_controller::provider::LaunchRequest {
         grpc: false,
+        capacity_type: Default::default(),
         owner: fleetlb_controller::provider::ClusterKey {
             namespace: "default".into(),
             name: "web".into(),
@@ -882,6 +883,7 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
     );
     let req = LaunchRequest {
         grpc: false,
+        capacity_type: Default::default(),
         owner: ClusterKey::of(&obj),
         owner_uid: "uid-web".into(),
         slot: 0,

@@ -68,6 +68,10 @@ pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_
     "rule": "!has(self.autoscaling) || !has(self.provider.static)",
     "message": "autoscaling does not apply to the static provider: its endpoints are listed, not launched",
     "fieldPath": ".autoscaling"
+}, {
+    "rule": "!has(self.capacityType) || self.capacityType == 'on-demand' || has(self.provider.aws)",
+    "message": "spot capacity needs the aws provider",
+    "fieldPath": ".capacityType"
 }]))]
 pub struct BackendClusterSpec {
     /// Path prefix served by this cluster, e.g. `/cluster1`. Matches the prefix itself and
@@ -118,6 +122,14 @@ pub struct BackendClusterSpec {
     /// or HTTP/2 for the first two; gRPC needs HTTP/2 on both sides.
     #[serde(default, skip_serializing_if = "Protocol::is_default")]
     pub protocol: Protocol,
+
+    /// Which EC2 market instances are bought in (`aws` provider): `on-demand` (default),
+    /// `spot`, or `spot-then-on-demand` (spot while any subnet has spot capacity for the type,
+    /// else on-demand). Applies to launches from now on; running instances stay as they are.
+    /// Spot instances can be reclaimed with two minutes' warning; the balancer's latency
+    /// estimates and health checks keep traffic off those that go.
+    #[serde(default, skip_serializing_if = "CapacityType::is_default")]
+    pub capacity_type: CapacityType,
 
     /// TCP port the instance's HTTP server listens on (default 8000). The `local` provider picks
     /// a free loopback port instead.
@@ -441,6 +453,34 @@ impl Default for OutlierDetection {
             base_ejection_seconds: default_base_ejection(),
             max_ejection_percent: default_max_ejection(),
         }
+    }
+}
+
+/// The EC2 market of a cluster's launches (Karpenter's `karpenter.sh/capacity-type`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapacityType {
+    /// On-demand instances only.
+    #[default]
+    OnDemand,
+    /// Spot instances only.
+    Spot,
+    /// Spot first; on-demand where spot has no capacity.
+    SpotThenOnDemand,
+}
+
+impl CapacityType {
+    /// The name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapacityType::OnDemand => "on-demand",
+            CapacityType::Spot => "spot",
+            CapacityType::SpotThenOnDemand => "spot-then-on-demand",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == CapacityType::OnDemand
     }
 }
 

@@ -396,6 +396,17 @@ mod tests {
         assert!(fields(&hc("")).is_empty());
         let e = fields(&hc("a/b"));
         assert!(e[0].starts_with("spec.healthCheck.grpcService: "), "{e:?}");
+        // Spot needs EC2.
+        let e = fields(&spec(json!({"capacityType": "spot"})));
+        assert_eq!(
+            e,
+            ["spec.capacityType: spot capacity needs the aws provider"]
+        );
+        let aws = json!({"aws": {"imageId": "ami-0123456789abcdef0"}});
+        for c in ["on-demand", "spot", "spot-then-on-demand"] {
+            let e = fields(&spec(json!({"capacityType": c, "provider": aws})));
+            assert!(e.is_empty(), "{c}: {e:?}");
+        }
         // The CEL rule, with the default interval (2 s) filled in.
         let e = fields(&spec(json!({"healthCheck": {"timeoutSeconds": 5}})));
         assert_eq!(

@@ -122,6 +122,8 @@ pub struct LaunchRequest {
     pub port: u16,
     /// `spec.protocol` is `GRPC`: a `local` instance serves the demo gRPC services too.
     pub grpc: bool,
+    /// `spec.capacityType`: the EC2 market(s) an `aws` launch may use.
+    pub capacity_type: fleetlb_crds::CapacityType,
     /// `spec.provider`.
     pub provider: ProviderSpec,
     /// Spec hash recorded on the instance.

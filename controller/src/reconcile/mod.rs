@@ -192,6 +192,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 instance_type: bc.spec.instance_type.clone(),
                 port: u16::try_from(bc.spec.port).unwrap_or(8000),
                 grpc: bc.spec.protocol == fleetlb_crds::Protocol::Grpc,
+                capacity_type: bc.spec.capacity_type,
                 provider: bc.spec.provider.clone(),
                 spec_hash: hash.clone(),
                 attempt: attempt_of(slot),

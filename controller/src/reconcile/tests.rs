@@ -17,6 +17,7 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
             instance_type: instance_type.into(),
             port: 8000,
             protocol: Default::default(),
+            capacity_type: Default::default(),
             provider: ProviderSpec::Local(LocalProvider::default()),
             health_check: Default::default(),
             balancing: Default::default(),

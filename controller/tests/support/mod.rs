@@ -147,6 +147,8 @@ struct FaultState {
     hidden: Vec<String>,
     /// Subnets without capacity: RunInstances there answers `InsufficientInstanceCapacity`.
     full: Vec<String>,
+    /// No spot capacity anywhere.
+    no_spot: bool,
 }
 
 /// A small HTTP proxy between the SDK and moto that adds what moto does not enforce and real
@@ -215,8 +217,12 @@ impl FaultProxy {
                             };
                             let lose = matches!(fault, Some(Fault::LoseAnswer));
                             let full = action == "RunInstances"
-                                && form_value(&body, "SubnetId")
-                                    .is_some_and(|sn| st.lock().unwrap().full.contains(&sn));
+                                && (form_value(&body, "SubnetId")
+                                    .is_some_and(|sn| st.lock().unwrap().full.contains(&sn))
+                                    || (st.lock().unwrap().no_spot
+                                        && form_value(&body, "InstanceMarketOptions.MarketType")
+                                            .as_deref()
+                                            == Some("spot")));
                             if full {
                                 return Ok(error_response(500, "InsufficientInstanceCapacity"));
                             }
@@ -330,6 +336,11 @@ impl FaultProxy {
         if !on {
             s.hidden.clear();
         }
+    }
+
+    /// Spot RunInstances answers `InsufficientInstanceCapacity` from now on, in every subnet.
+    pub fn no_spot_capacity(&self) {
+        self.state.lock().unwrap().no_spot = true;
     }
 
     /// RunInstances in `subnet` answers `InsufficientInstanceCapacity` from now on.

@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceType, ResourceType, TagSpecification,
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceInterruptionBehavior,
+    InstanceMarketOptionsRequest, InstanceMetadataOptionsRequest, InstanceType, MarketType,
+    ResourceType, SpotInstanceType, SpotMarketOptions, TagSpecification,
 };
-use fleetlb_crds::{BackendCluster, ProviderSpec};
+use fleetlb_crds::{BackendCluster, CapacityType, ProviderSpec};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -67,7 +68,8 @@ pub struct AwsProvider {
     client: Clients,
     controller_id: String,
     metrics: Metrics,
-    no_capacity: Mutex<HashMap<(String, String), Instant>>,
+    /// (instance type, subnet, spot) offerings EC2 had no capacity for, and since when.
+    no_capacity: Mutex<HashMap<(String, String, bool), Instant>>,
 }
 
 impl AwsProvider {
@@ -136,16 +138,16 @@ impl AwsProvider {
             .inc();
     }
 
-    fn capacity_ok(&self, instance_type: &str, subnet: &str) -> bool {
+    fn capacity_ok(&self, instance_type: &str, subnet: &str, spot: bool) -> bool {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, since| since.elapsed() < CAPACITY_BACKOFF);
-        !map.contains_key(&(instance_type.to_string(), subnet.to_string()))
+        !map.contains_key(&(instance_type.to_string(), subnet.to_string(), spot))
     }
 
-    fn mark_no_capacity(&self, instance_type: &str, subnet: &str) {
+    fn mark_no_capacity(&self, instance_type: &str, subnet: &str, spot: bool) {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
-            (instance_type.to_string(), subnet.to_string()),
+            (instance_type.to_string(), subnet.to_string(), spot),
             Instant::now(),
         );
     }
@@ -155,6 +157,7 @@ impl AwsProvider {
         req: &LaunchRequest,
         aws: &fleetlb_crds::AwsProvider,
         subnet: Option<&str>,
+        spot: bool,
     ) -> Result<Launch, Error> {
         let attempt = req.attempt;
         let token = req.token();
@@ -211,6 +214,25 @@ impl AwsProvider {
             .set_security_group_ids(
                 (!aws.security_group_ids.is_empty()).then(|| aws.security_group_ids.clone()),
             );
+        if spot {
+            // A one-time spot request that terminates on interruption, tagged like the
+            // instance it makes (IAM allows the request with the tag only).
+            call = call
+                .instance_market_options(
+                    InstanceMarketOptionsRequest::builder()
+                        .market_type(MarketType::Spot)
+                        .spot_options(
+                            SpotMarketOptions::builder()
+                                .spot_instance_type(SpotInstanceType::OneTime)
+                                .instance_interruption_behavior(
+                                    InstanceInterruptionBehavior::Terminate,
+                                )
+                                .build(),
+                        )
+                        .build(),
+                )
+                .tag_specifications(spec(ResourceType::SpotInstancesRequest));
+        }
         if let Some(s) = subnet {
             call = call.subnet_id(s);
         }
@@ -253,10 +275,10 @@ impl AwsProvider {
                 self.by_token(&token).await
             }
             Err(e) => {
-                if e.code() == Some("InsufficientInstanceCapacity")
+                if e.code().is_some_and(|c| no_capacity_code(c, spot))
                     && let Some(s) = subnet
                 {
-                    self.mark_no_capacity(&req.instance_type, s);
+                    self.mark_no_capacity(&req.instance_type, s, spot);
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
                         fail(Operation::Launch, &e).message,
@@ -394,18 +416,33 @@ impl Provider for AwsProvider {
             // parameters. A subnet without capacity, or a token EC2 already spent on an
             // instance that is gone, means the next attempt (new token, next subnet), which the
             // caller records before launching it.
+            // The market: spot where `capacityType` allows it and the subnet has shown no
+            // shortage of it in the last minutes, else on-demand where allowed.
             let subnet = subnet_for(&aws.subnet_ids, req.slot, req.attempt);
-            if let Some(s) = subnet
-                && !self.capacity_ok(&req.instance_type, s)
-            {
+            let ok = |spot: bool| subnet.is_none_or(|s| self.capacity_ok(&req.instance_type, s, spot));
+            let spot = match req.capacity_type {
+                CapacityType::OnDemand => ok(false).then_some(false),
+                CapacityType::Spot => ok(true).then_some(true),
+                CapacityType::SpotThenOnDemand => {
+                    if ok(true) {
+                        Some(true)
+                    } else {
+                        ok(false).then_some(false)
+                    }
+                }
+            };
+            let Some(spot) = spot else {
                 return Ok(Launch::NextAttempt(
                     ErrorClass::Capacity,
                     format!(
-                    "InsufficientInstanceCapacity: {s} has no {} capacity (seen in the last 3 minutes)",
-                    req.instance_type
-                )));
-            }
-            self.run_one(req, aws, subnet).await
+                        "InsufficientInstanceCapacity: {} has no {} {} capacity (seen in the last 3 minutes)",
+                        subnet.unwrap_or("the default subnet"),
+                        req.capacity_type.as_str(),
+                        req.instance_type
+                    ),
+                ));
+            };
+            self.run_one(req, aws, subnet, spot).await
         }
         .boxed()
     }
@@ -450,6 +487,21 @@ impl Provider for AwsProvider {
         }
         .boxed()
     }
+}
+
+/// Whether EC2's error `code` says the offering (type, zone, market) has no capacity now, so the
+/// next attempt goes elsewhere: `InsufficientInstanceCapacity` (and its `InsufficientCapacity`
+/// kin), `Unsupported` (the type is not offered in that zone), and for spot the spot-specific
+/// shortages.
+fn no_capacity_code(code: &str, spot: bool) -> bool {
+    matches!(
+        code,
+        "InsufficientInstanceCapacity" | "InsufficientCapacity" | "Unsupported"
+    ) || (spot
+        && matches!(
+            code,
+            "MaxSpotInstanceCountExceeded" | "SpotMaxPriceTooLow" | "InsufficientSpotCapacity"
+        ))
 }
 
 #[cfg(test)]
