@@ -1532,4 +1532,16 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
         i.instance_lifecycle(),
         Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot)
     );
+    // Status says what serves: `kubectl get bc`'s CAPACITY column and each instance.
+    let st = &status(&d)["clusters"][0]["status"];
+    assert_eq!(st["capacity"], "1 x t2.micro spot", "{st}");
+    let inst = &st["instances"][0];
+    assert_eq!(inst["capacityType"], "spot", "{inst}");
+    assert_eq!(inst["instanceType"], "t2.micro", "{inst}");
+    assert!(
+        inst["zone"]
+            .as_str()
+            .is_some_and(|z| z.starts_with("us-east-1")),
+        "{inst}"
+    );
 }

@@ -52,6 +52,7 @@ pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.instanceType"),
     printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
+    printcolumn(name = "Capacity", type_ = "string", json_path = ".status.capacity"),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -777,6 +778,7 @@ mod tests {
                 "Ready",
                 "Type",
                 "Provider",
+                "Capacity",
                 "Reason",
                 "Age"
             ]

@@ -24,6 +24,10 @@ pub struct BackendClusterStatus {
     /// The provider in use (`aws`, `local`, `static`), for `kubectl get bc`'s PROVIDER column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// The instance types and markets serving now, for `kubectl get bc`'s CAPACITY column:
+    /// `3 x t3.micro spot, 1 x t3.micro on-demand` (EC2 instances only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -105,6 +109,15 @@ pub struct InstanceStatus {
     /// `spec.provider`, the old provider's instances are retired through it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// EC2 instance type, as EC2 reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// EC2 market: `spot` or `on-demand`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_type: Option<String>,
+    /// Availability zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// One endpoint of the ranked set the data plane receives.

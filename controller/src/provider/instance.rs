@@ -100,6 +100,8 @@ pub struct LaunchedAs {
     pub security_groups: Vec<String>,
     /// Availability zone (EC2's placement), for zone-aware routing.
     pub zone: Option<String>,
+    /// A spot instance (EC2's `instanceLifecycle`).
+    pub spot: bool,
 }
 
 impl Instance {

@@ -244,6 +244,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
         selector: Some(selector(&key)),
         provider: Some(bc.spec.provider.kind().to_string()),
+        capacity: capacity_summary(&serving),
         conditions: bc
             .status
             .as_ref()
@@ -264,6 +265,12 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 healthy: healthy(i),
                 latency_ms: obs.health.get(&i.id).and_then(|h| h.latency_ms),
                 provider: Some(i.provider.as_str().to_string()),
+                instance_type: i.launched_as.as_ref().map(|_| i.instance_type.clone()),
+                capacity_type: i
+                    .launched_as
+                    .as_ref()
+                    .map(|l| if l.spot { "spot" } else { "on-demand" }.to_string()),
+                zone: i.zone(),
             })
             .collect(),
         endpoints: ranked
@@ -489,3 +496,22 @@ pub fn condition<'a>(status: &'a BackendClusterStatus, type_: &str) -> Option<&'
 
 #[cfg(test)]
 mod tests;
+
+/// `3 x t3.micro spot, 1 x t3.micro on-demand`: the EC2 offerings serving now, most first.
+fn capacity_summary(serving: &[&Instance]) -> Option<String> {
+    let mut counts: std::collections::BTreeMap<(String, &str), usize> = Default::default();
+    for i in serving {
+        if let Some(l) = &i.launched_as {
+            let market = if l.spot { "spot" } else { "on-demand" };
+            *counts.entry((i.instance_type.clone(), market)).or_default() += 1;
+        }
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    (!v.is_empty()).then(|| {
+        v.iter()
+            .map(|((t, m), n)| format!("{n} x {t} {m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}

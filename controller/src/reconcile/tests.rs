@@ -312,6 +312,7 @@ fn instances_changed_behind_fleetlbs_back_are_replaced_surge_first() {
         subnet_id: Some("subnet-a".into()),
         security_groups: vec!["sg-1".into(), "sg-2".into()],
         zone: Some("us-east-1a".into()),
+        spot: false,
     };
     let mut i = inst(&b, "i-1", 0, InstanceState::Running, 10);
     i.launched_as = Some(as_launched.clone());

@@ -85,6 +85,7 @@ pub(super) fn to_instance(i: &aws_sdk_ec2::types::Instance, controller: &str) ->
         launched_as: Some(LaunchedAs {
             image_id: i.image_id().map(String::from),
             subnet_id: i.subnet_id().map(String::from),
+            spot: i.instance_lifecycle() == Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot),
             zone: i
                 .placement()
                 .and_then(|p| p.availability_zone())
