@@ -1504,6 +1504,28 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
     );
     let i = &live(&env.ec2, "ctl-spot", "web").await[0];
     assert_eq!(i.instance_lifecycle(), None, "the instance is on-demand");
+    // An Event says what was passed over and why.
+    let doc = status(&d);
+    let skipped: Vec<String> = doc["clusters"][0]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == "CapacitySkipped")
+        .filter_map(|e| {
+            e["note"]
+                .as_str()
+                .or(e["message"].as_str())
+                .map(String::from)
+        })
+        .collect();
+    assert!(
+        skipped
+            .iter()
+            .any(|n| n.contains("t2.micro spot in subnet-")
+                && n.contains("InsufficientInstanceCapacity")),
+        "{:?}",
+        doc["clusters"][0]["events"]
+    );
 
     // `spot`: the launch is a tagged spot request, and the instance a spot instance.
     let proxy = FaultProxy::start(&env._moto.url).await;

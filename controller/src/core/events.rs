@@ -102,8 +102,16 @@ pub(super) fn applied_events(
     launched: &[(String, u32)],
     retired: &[String],
     terminated: &[String],
+    skipped: &[String],
 ) -> Vec<Event> {
     let mut out = Vec::new();
+    if !skipped.is_empty() {
+        // Why a type, market or zone was passed over (its shortage is remembered 3 minutes).
+        out.push(Event::normal(
+            "CapacitySkipped",
+            listed("moved on from ", skipped, ""),
+        ));
+    }
     if !launched.is_empty() {
         let list: Vec<String> = launched
             .iter()

@@ -33,6 +33,8 @@ pub struct Applied {
     pub retired: Vec<String>,
     /// Instances whose termination was requested this time.
     pub terminated: Vec<String>,
+    /// Offerings (type, market, subnet) a launch moved on from for want of capacity, and why.
+    pub skipped: Vec<String>,
     /// The launch error that stopped this reconcile's launches.
     pub launch_error: Option<LaunchError>,
 }
@@ -230,6 +232,9 @@ pub async fn apply(
                     }
                     Ok(Launch::NextAttempt(class, why)) => {
                         tracing::info!(cluster = %key, slot = req.slot, attempt = req.attempt, reason = %why, "launch moves on to the next attempt");
+                        if class == ErrorClass::Capacity {
+                            out.skipped.push(why.clone());
+                        }
                         skipped = LaunchError {
                             reason: if class == ErrorClass::Capacity {
                                 Reason::InsufficientCapacity

@@ -399,7 +399,13 @@ impl Core {
         if let Some(event) = scaled_event.flatten() {
             sink.event(bc, event).await;
         }
-        for event in applied_events(bc, &applied.launched, &applied.retired, &applied.terminated) {
+        for event in applied_events(
+            bc,
+            &applied.launched,
+            &applied.retired,
+            &applied.terminated,
+            &applied.skipped,
+        ) {
             sink.event(bc, event).await;
         }
         if let Some(e) = applied.launch_error {

@@ -281,7 +281,12 @@ impl AwsProvider {
                     self.mark_no_capacity(&req.instance_type, s, spot);
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
-                        fail(Operation::Launch, &e).message,
+                        format!(
+                            "{} {} in {s}: {}",
+                            req.instance_type,
+                            if spot { "spot" } else { "on-demand" },
+                            fail(Operation::Launch, &e).message
+                        ),
                     ));
                 }
                 Err(fail(Operation::Launch, &e))
