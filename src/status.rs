@@ -49,13 +49,20 @@ fn age(created: &str, now: k8s_openapi::jiff::Timestamp) -> String {
     }
 }
 
-/// The table for a `/status` document.
+/// The table for a `/status` document. A CAPACITY column (EC2 types and markets serving)
+/// joins when some cluster reports one.
 pub fn render(v: &Value, now: k8s_openapi::jiff::Timestamp) -> String {
-    let mut rows = vec![
+    let capacity = v["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["status"]["capacity"].is_string());
+    let mut rows: Vec<Vec<String>> = vec![
         [
-            "NAME", "ROUTE", "DESIRED", "READY", "TYPE", "PROVIDER", "REASON", "AGE",
+            "NAME", "ROUTE", "DESIRED", "READY", "TYPE", "PROVIDER", "CAPACITY", "REASON", "AGE",
         ]
-        .map(String::from),
+        .map(String::from)
+        .to_vec(),
     ];
     for c in v["clusters"].as_array().into_iter().flatten() {
         let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
@@ -80,18 +87,27 @@ pub fn render(v: &Value, now: k8s_openapi::jiff::Timestamp) -> String {
         } else if c.get("rejectedEdit").is_some_and(|r| !r.is_null()) {
             reason.push_str(",InvalidSpec");
         }
-        rows.push([
-            name,
-            s("route"),
-            c["desired"].as_u64().unwrap_or(0).to_string(),
-            status["readyReplicas"].as_i64().unwrap_or(0).to_string(),
-            s("instanceType"),
-            s("provider"),
-            reason,
-            age(&s("created"), now),
-        ]);
+        rows.push(
+            [
+                name,
+                s("route"),
+                c["desired"].as_u64().unwrap_or(0).to_string(),
+                status["readyReplicas"].as_i64().unwrap_or(0).to_string(),
+                s("instanceType"),
+                s("provider"),
+                status["capacity"].as_str().unwrap_or("-").to_string(),
+                reason,
+                age(&s("created"), now),
+            ]
+            .to_vec(),
+        );
     }
-    let widths: Vec<usize> = (0..8)
+    if !capacity {
+        for r in &mut rows {
+            r.remove(6);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -138,5 +154,30 @@ mod tests {
             "{out}"
         );
         assert!(lines[2].starts_with("error: x.yaml"), "{out}");
+        assert!(
+            !out.contains("CAPACITY"),
+            "no EC2 cluster, no column: {out}"
+        );
+    }
+
+    #[test]
+    fn an_ec2_cluster_adds_the_capacity_column() {
+        let v = serde_json::json!({
+            "clusters": [{
+                "namespace": "default", "name": "web", "route": "/web",
+                "instanceType": "t3.small", "provider": "aws", "desired": 4,
+                "created": "2026-01-01T00:00:00Z",
+                "status": {"readyReplicas": 4, "capacity": "3 x t3.small spot, 1 x t3.small on-demand",
+                           "conditions": [{"type": "Ready", "reason": "AllReplicasReady"}]}
+            }],
+        });
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let out = render(&v, now);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("PROVIDER   CAPACITY"), "{out}");
+        assert!(
+            lines[1].contains("3 x t3.small spot, 1 x t3.small on-demand"),
+            "{out}"
+        );
     }
 }
