@@ -286,6 +286,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
     let req = LaunchRequest {
         grpc: false,
         capacity_type: Default::default(),
+        instance_types: Vec::new(),
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),
@@ -718,6 +719,7 @@ fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
     LaunchRequest {
         grpc: false,
         capacity_type: Default::default(),
+        instance_types: Vec::new(),
         owner: ClusterKey {
             namespace: "default".into(),
             name: "solo".into(),
@@ -1566,4 +1568,77 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
             .is_some_and(|z| z.starts_with("us-east-1")),
         "{inst}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_without_capacity_in_one_zone_gives_way_to_the_next_type_there() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    // Slot 0 starts in the first subnet, where t2.micro has no capacity.
+    proxy.no_capacity_for("t2.micro", &env.subnets[0]);
+    let text = yaml(&env, "web", 3, "Delete").replace(
+        "  instanceType: t2.micro\n",
+        "  instanceTypes: [t2.micro, t2.small]\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), text).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-types", |_| {});
+    converge(&mut d, &env, "ctl-types", "web", 3).await;
+    let runs: Vec<(String, String, String)> = proxy
+        .requests()
+        .iter()
+        .map(|b| support::form(b))
+        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
+        .map(|f| {
+            let get = |k: &str| f.iter().find(|(n, _)| n == k).unwrap().1.clone();
+            (get("ClientToken"), get("InstanceType"), get("SubnetId"))
+        })
+        .collect();
+    let refused: Vec<_> = runs
+        .iter()
+        .filter(|(_, t, s)| t == "t2.micro" && *s == env.subnets[0])
+        .collect();
+    assert!(!refused.is_empty(), "{runs:?}");
+    // The next type in the same zone, with its own token: the spread stays one per zone.
+    let running = live(&env.ec2, "ctl-types", "web").await;
+    let mut zones: Vec<String> = running
+        .iter()
+        .map(|i| {
+            i.placement()
+                .and_then(|p| p.availability_zone())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    zones.sort();
+    zones.dedup();
+    assert_eq!(zones.len(), 3, "one instance per zone: {runs:?}");
+    let in_first: Vec<_> = running
+        .iter()
+        .filter(|i| i.subnet_id() == Some(env.subnets[0].as_str()))
+        .collect();
+    assert_eq!(in_first.len(), 1);
+    assert_eq!(
+        in_first[0].instance_type().map(|t| t.as_str()),
+        Some("t2.small"),
+        "{runs:?}"
+    );
+    let small = runs
+        .iter()
+        .find(|(_, t, s)| t == "t2.small" && *s == env.subnets[0])
+        .unwrap();
+    assert_ne!(
+        &small.0, &refused[0].0,
+        "the next attempt has its own token"
+    );
+    let st = &status(&d)["clusters"][0]["status"];
+    assert_eq!(
+        st["capacity"], "2 x t2.micro on-demand, 1 x t2.small on-demand",
+        "{st}"
+    );
+    // A restarted controller launches nothing more and replaces nothing (both types are wanted).
+    let mut fresh = driver_with(&conf, dir.path(), "ctl-types", |_| {});
+    fresh.driver.step(&fresh.out).await;
+    assert_eq!(live(&env.ec2, "ctl-types", "web").await.len(), 3);
 }

@@ -840,6 +840,7 @@ fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
     fleetlb_controller::provider::LaunchRequest {
         grpc: false,
         capacity_type: Default::default(),
+        instance_types: Vec::new(),
         owner: fleetlb_controller::provider::ClusterKey {
             namespace: "default".into(),
             name: "web".into(),
@@ -884,6 +885,7 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
     let req = LaunchRequest {
         grpc: false,
         capacity_type: Default::default(),
+        instance_types: Vec::new(),
         owner: ClusterKey::of(&obj),
         owner_uid: "uid-web".into(),
         slot: 0,

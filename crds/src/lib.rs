@@ -70,6 +70,10 @@ pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_
     "message": "autoscaling does not apply to the static provider: its endpoints are listed, not launched",
     "fieldPath": ".autoscaling"
 }, {
+    "rule": "has(self.instanceType) != has(self.instanceTypes)",
+    "message": "set instanceType or instanceTypes, exactly one",
+    "fieldPath": ".instanceType"
+}, {
     "rule": "!has(self.capacityType) || self.capacityType == 'on-demand' || has(self.provider.aws)",
     "message": "spot capacity needs the aws provider",
     "fieldPath": ".capacityType"
@@ -112,10 +116,23 @@ pub struct BackendClusterSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
 
-    /// EC2 instance type (e.g. `t2.micro`). The `local` provider maps the size to a service-time
-    /// and concurrency profile so small types answer slower than large ones.
+    /// EC2 instance type (e.g. `t2.micro`); or `instanceTypes` for several. The `local`
+    /// provider maps the size to a service-time and concurrency profile so small types answer
+    /// slower than large ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 64), pattern(validate::INSTANCE_TYPE_PATTERN))]
-    pub instance_type: String,
+    pub instance_type: Option<String>,
+
+    /// Instance types in order of preference (1-10), instead of `instanceType`: in each zone
+    /// the first with capacity is launched, the next when EC2 has none of it there (Karpenter's
+    /// and EC2 Fleet's flexibility). The balancer sends each type the traffic its latency earns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(min = 1, max = 10),
+        inner(length(min = 3, max = 64), pattern(validate::INSTANCE_TYPE_PATTERN)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub instance_types: Vec<String>,
 
     /// What the instances speak, as ALB's target-group protocol versions: `HTTP1` (default),
     /// `HTTP2` (HTTP/2 with prior knowledge, many requests per connection) or `GRPC` (HTTP/2
@@ -554,6 +571,21 @@ pub enum DeletionPolicy {
 }
 
 impl BackendClusterSpec {
+    /// The instance types to launch, in order of preference (`instanceTypes`, or the one
+    /// `instanceType`).
+    pub fn instance_types(&self) -> Vec<&str> {
+        if self.instance_types.is_empty() {
+            self.instance_type.as_deref().into_iter().collect()
+        } else {
+            self.instance_types.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The types as one string (`t3.small,t3.medium`), for tables and notes.
+    pub fn instance_types_joined(&self) -> String {
+        self.instance_types().join(",")
+    }
+
     /// Seconds an instance has to send response headers: `timeouts.headSeconds`, else
     /// `timeoutSeconds`.
     pub fn request_timeout_seconds(&self) -> u32 {

@@ -396,6 +396,28 @@ mod tests {
         assert!(fields(&hc("")).is_empty());
         let e = fields(&hc("a/b"));
         assert!(e[0].starts_with("spec.healthCheck.grpcService: "), "{e:?}");
+        // One type, or a list of them: exactly one of the two.
+        let e = fields(&spec(json!({"instanceTypes": ["t3.small", "t3.medium"]})));
+        assert_eq!(
+            e,
+            ["spec.instanceType: set instanceType or instanceTypes, exactly one"]
+        );
+        let mut both = spec(json!({"instanceTypes": ["t3.small"]}));
+        both.instance_type = None;
+        assert!(fields(&both).is_empty());
+        assert_eq!(both.instance_types(), ["t3.small"]);
+        both.instance_types.clear();
+        assert_eq!(
+            fields(&both),
+            ["spec.instanceType: set instanceType or instanceTypes, exactly one"]
+        );
+        let e = fields(&spec(
+            json!({"instanceType": null, "instanceTypes": ["t3.small", "bad type"]}),
+        ));
+        assert!(
+            e.iter().any(|e| e.starts_with("spec.instanceTypes[1]: ")),
+            "{e:?}"
+        );
         // Spot needs EC2.
         let e = fields(&spec(json!({"capacityType": "spot"})));
         assert_eq!(

@@ -120,7 +120,11 @@ pub(super) fn applied_events(
         out.push(Event::normal(
             "Launched",
             listed(
-                &format!("launched {} {}: ", list.len(), bc.spec.instance_type),
+                &format!(
+                    "launched {} {}: ",
+                    list.len(),
+                    bc.spec.instance_types_joined()
+                ),
                 &list,
                 "",
             ),

@@ -196,7 +196,9 @@ pub async fn apply(
         // Each attempt is recorded before it is launched (a crash replays the attempt that
         // was really sent); at most one attempt per subnet, and a few for spent tokens.
         let tries = match &req.provider {
-            fleetlb_crds::ProviderSpec::Aws(a) => a.subnet_ids.len().max(1) + 2,
+            fleetlb_crds::ProviderSpec::Aws(a) => {
+                a.subnet_ids.len().max(1) * req.instance_types.len().max(1) + 2
+            }
             _ => 3,
         };
         let stop: Option<Stop> = 'attempts: {
@@ -249,7 +251,7 @@ pub async fn apply(
                                 message: format!("slot {} has used every launch attempt", req.slot),
                             }));
                         };
-                        req.attempt = next;
+                        req.set_attempt(next);
                         let intent = reconcile::intent_for(&req, now);
                         match out.status.launches.iter_mut().find(|l| l.slot == req.slot) {
                             Some(l) => *l = intent,

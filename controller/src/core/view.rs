@@ -14,7 +14,7 @@ pub struct ClusterView<'a> {
     namespace: &'a str,
     name: &'a str,
     route: &'a str,
-    instance_type: &'a str,
+    instance_type: String,
     provider: ProviderKind,
     desired: usize,
     created: String,
@@ -39,7 +39,7 @@ impl<'a> ClusterView<'a> {
             namespace: obj.metadata.namespace.as_deref().unwrap_or("default"),
             name: obj.metadata.name.as_deref().unwrap_or(""),
             route: &obj.spec.route,
-            instance_type: &obj.spec.instance_type,
+            instance_type: obj.spec.instance_types_joined(),
             provider: ProviderKind::of(&obj.spec.provider),
             desired: reconcile::desired_replicas(obj),
             created: obj

@@ -56,7 +56,7 @@ impl Provider for EndpointsProvider {
                         attempt: 0,
                         address,
                         state: InstanceState::Running,
-                        instance_type: bc.spec.instance_type.clone(),
+                        instance_type: bc.spec.instance_types_joined(),
                         spec_hash: hash.clone(),
                         launched_at: SystemTime::UNIX_EPOCH,
                         launched_as: None,

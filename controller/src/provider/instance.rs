@@ -123,7 +123,13 @@ impl Instance {
         if self.spec_hash != spec_hash(bc) {
             return Some("launched from an older spec".into());
         }
-        if !self.instance_type.is_empty() && self.instance_type != bc.spec.instance_type {
+        if !self.instance_type.is_empty()
+            && self.provider != ProviderKind::Static
+            && !bc
+                .spec
+                .instance_types()
+                .contains(&self.instance_type.as_str())
+        {
             return Some(format!("instance type is {}", self.instance_type));
         }
         let (ProviderSpec::Aws(aws), Some(seen)) = (&bc.spec.provider, &self.launched_as) else {

@@ -23,7 +23,7 @@ use crate::Error;
 use crate::error::{ErrorClass, Operation};
 
 pub use instance::{Instance, InstanceState, LaunchedAs};
-pub use token::{client_token, fnv64, scoped_token, spec_hash, subnet_for};
+pub use token::{client_token, fnv64, scoped_token, spec_hash, subnet_for, type_for};
 
 /// Namespace and name of a BackendCluster.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,8 +116,11 @@ pub struct LaunchRequest {
     pub owner_uid: String,
     /// Slot.
     pub slot: u32,
-    /// `spec.instanceType`.
+    /// The instance type of this attempt (`type_for` of the cluster's types).
     pub instance_type: String,
+    /// `spec.instanceTypes` (empty with the `instanceType` shorthand): later attempts of the
+    /// slot take the next type (see `type_for`).
+    pub instance_types: Vec<String>,
     /// `spec.port`.
     pub port: u16,
     /// `spec.protocol` is `GRPC`: a `local` instance serves the demo gRPC services too.
@@ -136,6 +139,21 @@ pub struct LaunchRequest {
 }
 
 impl LaunchRequest {
+    /// The attempt as the subnet rotation counts it: each subnet takes one attempt per type
+    /// (see [`type_for`]).
+    pub fn zone_attempt(&self) -> u32 {
+        self.attempt / u32::try_from(self.instance_types.len().max(1)).unwrap_or(1)
+    }
+
+    /// Moves on to `attempt`, with its instance type.
+    pub fn set_attempt(&mut self, attempt: u32) {
+        self.attempt = attempt;
+        if !self.instance_types.is_empty() {
+            let types: Vec<&str> = self.instance_types.iter().map(String::as_str).collect();
+            self.instance_type = type_for(&types, attempt);
+        }
+    }
+
     /// The idempotency token of this request (its slot's attempt `attempt`).
     pub fn token(&self) -> String {
         scoped_token(

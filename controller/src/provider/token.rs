@@ -29,7 +29,8 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 pub fn spec_hash(bc: &BackendCluster) -> String {
     let s = &bc.spec;
     let provider = serde_json::to_string(&s.provider).unwrap_or_default();
-    let mut key = format!("{}|{}|{}", s.instance_type, s.port, provider);
+    // One type hashes as `instanceType` always has (no replacements on upgrade).
+    let mut key = format!("{}|{}|{}", s.instance_types_joined(), s.port, provider);
     // A local instance serves gRPC only when launched for it; an EC2 instance's software is
     // its image's, so its protocol never asks for a replacement (and HTTP1 keeps every hash
     // written before the field existed).
@@ -39,6 +40,16 @@ pub fn spec_hash(bc: &BackendCluster) -> String {
         key.push_str("|grpc");
     }
     format!("{:016x}", fnv64(key.as_bytes()))
+}
+
+/// The instance type of a slot's attempt: types in order of preference, each tried in a
+/// subnet before the next subnet ([`subnet_for`] of `attempt / types`), so within a zone the
+/// preferred type with capacity wins. With one type it is always that type.
+pub fn type_for(types: &[&str], attempt: u32) -> String {
+    if types.is_empty() {
+        return String::new();
+    }
+    types[attempt as usize % types.len()].to_string()
 }
 
 /// [`client_token`] within `scope` (see [`Provider::token_scope`]); an empty scope gives

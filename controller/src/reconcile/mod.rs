@@ -189,7 +189,11 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 owner: key.clone(),
                 owner_uid: uid.to_string(),
                 slot,
-                instance_type: bc.spec.instance_type.clone(),
+                instance_type: crate::provider::type_for(
+                    &bc.spec.instance_types(),
+                    attempt_of(slot),
+                ),
+                instance_types: bc.spec.instance_types.clone(),
                 port: u16::try_from(bc.spec.port).unwrap_or(8000),
                 grpc: bc.spec.protocol == fleetlb_crds::Protocol::Grpc,
                 capacity_type: bc.spec.capacity_type,
@@ -421,7 +425,7 @@ pub fn intent_for(r: &LaunchRequest, now: Timestamp) -> LaunchIntent {
         client_token: r.token(),
         subnet_id: match &r.provider {
             fleetlb_crds::ProviderSpec::Aws(a) => {
-                subnet_for(&a.subnet_ids, r.slot, r.attempt).map(String::from)
+                subnet_for(&a.subnet_ids, r.slot, r.zone_attempt()).map(String::from)
             }
             _ => None,
         },

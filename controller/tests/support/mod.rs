@@ -149,6 +149,8 @@ struct FaultState {
     full: Vec<String>,
     /// No spot capacity anywhere.
     no_spot: bool,
+    /// (instance type, subnet) without capacity.
+    full_type: Vec<(String, String)>,
 }
 
 /// A small HTTP proxy between the SDK and moto that adds what moto does not enforce and real
@@ -222,7 +224,12 @@ impl FaultProxy {
                                     || (st.lock().unwrap().no_spot
                                         && form_value(&body, "InstanceMarketOptions.MarketType")
                                             .as_deref()
-                                            == Some("spot")));
+                                            == Some("spot"))
+                                    || form_value(&body, "InstanceType")
+                                        .zip(form_value(&body, "SubnetId"))
+                                        .is_some_and(|p| {
+                                            st.lock().unwrap().full_type.contains(&p)
+                                        }));
                             if full {
                                 return Ok(error_response(500, "InsufficientInstanceCapacity"));
                             }
@@ -336,6 +343,15 @@ impl FaultProxy {
         if !on {
             s.hidden.clear();
         }
+    }
+
+    /// RunInstances of `instance_type` in `subnet` answers `InsufficientInstanceCapacity`.
+    pub fn no_capacity_for(&self, instance_type: &str, subnet: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .full_type
+            .push((instance_type.to_string(), subnet.to_string()));
     }
 
     /// Spot RunInstances answers `InsufficientInstanceCapacity` from now on, in every subnet.

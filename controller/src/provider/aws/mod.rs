@@ -423,7 +423,7 @@ impl Provider for AwsProvider {
             // caller records before launching it.
             // The market: spot where `capacityType` allows it and the subnet has shown no
             // shortage of it in the last minutes, else on-demand where allowed.
-            let subnet = subnet_for(&aws.subnet_ids, req.slot, req.attempt);
+            let subnet = subnet_for(&aws.subnet_ids, req.slot, req.zone_attempt());
             let ok = |spot: bool| subnet.is_none_or(|s| self.capacity_ok(&req.instance_type, s, spot));
             let spot = match req.capacity_type {
                 CapacityType::OnDemand => ok(false).then_some(false),
