@@ -130,7 +130,7 @@ pub struct BackendClusterSpec {
     #[schemars(
         length(min = 1, max = 10),
         inner(length(min = 3, max = 64), pattern(validate::INSTANCE_TYPE_PATTERN)),
-        extend("x-kubernetes-list-type" = "set")
+        extend("x-kubernetes-list-type" = "atomic")
     )]
     pub instance_types: Vec<String>,
 

@@ -156,11 +156,18 @@ impl LaunchRequest {
 
     /// The idempotency token of this request (its slot's attempt `attempt`).
     pub fn token(&self) -> String {
+        // With several types the spec hash leaves them out (editing the list replaces
+        // nothing): the token names this attempt's type itself.
+        let hash = if self.instance_types.len() > 1 {
+            format!("{}/{}", self.spec_hash, self.instance_type)
+        } else {
+            self.spec_hash.clone()
+        };
         scoped_token(
             &self.token_scope,
             &self.owner_uid,
             self.slot,
-            &self.spec_hash,
+            &hash,
             self.attempt,
         )
     }

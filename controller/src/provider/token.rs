@@ -29,8 +29,14 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 pub fn spec_hash(bc: &BackendCluster) -> String {
     let s = &bc.spec;
     let provider = serde_json::to_string(&s.provider).unwrap_or_default();
-    // One type hashes as `instanceType` always has (no replacements on upgrade).
-    let mut key = format!("{}|{}|{}", s.instance_types_joined(), s.port, provider);
+    // One type hashes as `instanceType` always has (no replacements on upgrade). Several are
+    // left out: adding, dropping or reordering fallback types replaces nothing (an instance of
+    // a type no longer listed is drift of its own, see `Instance::drift`).
+    let types = match s.instance_types().as_slice() {
+        [one] => (*one).to_string(),
+        _ => "*".to_string(),
+    };
+    let mut key = format!("{types}|{}|{}", s.port, provider);
     // A local instance serves gRPC only when launched for it; an EC2 instance's software is
     // its image's, so its protocol never asks for a replacement (and HTTP1 keeps every hash
     // written before the field existed).

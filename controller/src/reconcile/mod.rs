@@ -181,7 +181,10 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 .map(|l| l.attempt)
                 .max()
                 .unwrap_or(0);
-            seen.max(recorded)
+            // A new launch starts again at the preferred type (a multiple of the type count);
+            // a recorded intent is repeated exactly.
+            let types = u32::try_from(bc.spec.instance_types.len().max(1)).unwrap_or(1);
+            seen.div_ceil(types).saturating_mul(types).max(recorded)
         };
         for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };

@@ -459,3 +459,39 @@ fn grpc_replaces_local_instances_only() {
     );
     assert!(run(&plain, &[], &[]).launch.iter().all(|l| !l.grpc));
 }
+
+#[test]
+fn several_types_start_each_launch_at_the_preferred_one_and_keep_their_instances() {
+    let mut b = bc(1, "t3.small");
+    b.spec.instance_type = None;
+    b.spec.instance_types = vec!["t3.small".into(), "t3.medium".into()];
+    let first = &run(&b, &[], &[]).launch[0];
+    assert_eq!(
+        (first.attempt, first.instance_type.as_str()),
+        (0, "t3.small")
+    );
+    // Slot 0 had an instance (attempt 0) that is gone: the relaunch is the preferred type
+    // again, one subnet on (attempt 2 = type 0 of the next subnet), not the fallback.
+    let mut gone = inst(&b, "i-gone", 0, InstanceState::Terminated, 10);
+    gone.instance_type = "t3.small".into();
+    let again = &run(&b, &[gone], &[]).launch[0];
+    assert_eq!(
+        (again.attempt, again.instance_type.as_str()),
+        (2, "t3.small")
+    );
+    assert_eq!(again.zone_attempt(), 1);
+    // The fallback type's instance is kept, and editing the list replaces nobody.
+    let mut fallback = inst(&b, "i-1", 0, InstanceState::Running, 10);
+    fallback.instance_type = "t3.medium".into();
+    assert_eq!(fallback.drift(&b), None);
+    b.spec.instance_types.push("t3a.small".into());
+    assert_eq!(fallback.drift(&b), None, "adding a type is no drift");
+    b.spec.instance_types = vec!["t3.small".into(), "t3a.small".into()];
+    assert!(fallback.drift(&b).is_some(), "its type is no longer listed");
+    // One type in a list hashes as the shorthand.
+    let mut one = bc(1, "t3.small");
+    let short = spec_hash(&one);
+    one.spec.instance_type = None;
+    one.spec.instance_types = vec!["t3.small".into()];
+    assert_eq!(spec_hash(&one), short);
+}

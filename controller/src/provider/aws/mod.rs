@@ -275,9 +275,10 @@ impl AwsProvider {
                 self.by_token(&token).await
             }
             Err(e) => {
-                if e.code().is_some_and(|c| no_capacity_code(c, spot))
-                    && let Some(s) = subnet
-                {
+                if e.code().is_some_and(|c| no_capacity_code(c, spot)) {
+                    // Without subnets EC2 picks the zone: the next attempt is the next type or
+                    // market there.
+                    let s = subnet.unwrap_or("the default subnet");
                     self.mark_no_capacity(&req.instance_type, s, spot);
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
@@ -424,7 +425,8 @@ impl Provider for AwsProvider {
             // The market: spot where `capacityType` allows it and the subnet has shown no
             // shortage of it in the last minutes, else on-demand where allowed.
             let subnet = subnet_for(&aws.subnet_ids, req.slot, req.zone_attempt());
-            let ok = |spot: bool| subnet.is_none_or(|s| self.capacity_ok(&req.instance_type, s, spot));
+            let where_ = subnet.unwrap_or("the default subnet");
+            let ok = |spot: bool| self.capacity_ok(&req.instance_type, where_, spot);
             let spot = match req.capacity_type {
                 CapacityType::OnDemand => ok(false).then_some(false),
                 CapacityType::Spot => ok(true).then_some(true),
@@ -441,7 +443,7 @@ impl Provider for AwsProvider {
                     ErrorClass::Capacity,
                     format!(
                         "InsufficientInstanceCapacity: {} has no {} {} capacity (seen in the last 3 minutes)",
-                        subnet.unwrap_or("the default subnet"),
+                        where_,
                         req.capacity_type.as_str(),
                         req.instance_type
                     ),
@@ -494,18 +496,23 @@ impl Provider for AwsProvider {
     }
 }
 
-/// Whether EC2's error `code` says the offering (type, zone, market) has no capacity now, so the
-/// next attempt goes elsewhere: `InsufficientInstanceCapacity` (and its `InsufficientCapacity`
-/// kin), `Unsupported` (the type is not offered in that zone), and for spot the spot-specific
-/// shortages.
+/// Whether EC2's error `code` says the offering (type, zone, market) cannot be had now, so the
+/// next attempt goes elsewhere (Karpenter's list): no capacity, the type not offered in that
+/// zone (`Unsupported`), a subnet out of addresses, a vCPU quota of the type's family, and for
+/// spot the spot quota and an account that may not create the spot service-linked role.
 fn no_capacity_code(code: &str, spot: bool) -> bool {
     matches!(
         code,
-        "InsufficientInstanceCapacity" | "InsufficientCapacity" | "Unsupported"
+        "InsufficientInstanceCapacity"
+            | "Unsupported"
+            | "InsufficientFreeAddressesInSubnet"
+            | "VcpuLimitExceeded"
+            | "ReservationCapacityExceeded"
+            | "UnfulfillableCapacity"
     ) || (spot
         && matches!(
             code,
-            "MaxSpotInstanceCountExceeded" | "SpotMaxPriceTooLow" | "InsufficientSpotCapacity"
+            "MaxSpotInstanceCountExceeded" | "AuthFailure.ServiceLinkedRoleCreationNotPermitted"
         ))
 }
 
