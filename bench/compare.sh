@@ -74,7 +74,7 @@ start_fleetlb() { # ports...
   FLEET_PID=$STARTED_PID
 }
 
-start_fleetlb_as() { # binary name port admin_port ports... ; sets STARTED_PID
+start_fleetlb_as() { # binary name port admin_port ports... ; sets STARTED_PID (FLEET_ROUTE, FLEET_PROTOCOL: the cluster's route and protocol)
   local bin=$1 name=$2 port=$3 admin=$4
   shift 4
   mkdir -p "$WORK/$name"
@@ -84,7 +84,8 @@ start_fleetlb_as() { # binary name port admin_port ports... ; sets STARTED_PID
     echo "kind: BackendCluster"
     echo "metadata: {name: bench}"
     echo "spec:"
-    echo "  route: /bench"
+    echo "  route: ${FLEET_ROUTE:-/bench}"
+    [ -n "${FLEET_PROTOCOL:-}" ] && echo "  protocol: $FLEET_PROTOCOL"
     echo "  replicas: $#"
     echo "  instanceType: t2.micro"
     echo "  healthCheck: {intervalSeconds: 1}"
@@ -108,7 +109,7 @@ wait_healthy() { # count tries interval [admin_port]: until fleetlb reports COUN
   echo "fleetlb: $1 endpoints never became healthy" >&2; exit 1
 }
 
-start_nginx() { # ports... ; NGINX_DIR (default $WORK/nginx), NGINX_ACCESS_LOG (a file: logged there, JSON)
+start_nginx() { # ports... ; NGINX_DIR (default $WORK/nginx), NGINX_ACCESS_LOG (a file: logged there, JSON), NGINX_GRPC (set: h2c and grpc_pass)
   local dir=${NGINX_DIR:-$WORK/nginx}
   mkdir -p "$dir"
   {
@@ -126,11 +127,18 @@ start_nginx() { # ports... ; NGINX_DIR (default $WORK/nginx), NGINX_ACCESS_LOG (
     echo "  upstream up { ${NGINX_BALANCE:-}"
     for p in "$@"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
     echo "    keepalive 256; }"
-    echo "  server { listen 127.0.0.1:$NGINX_PORT backlog=4096; keepalive_requests 1000000;"
-    echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
     # The same request headers fleetlb adds by default, so all three do the same work.
-    echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme;"
-    echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
+    if [ -n "${NGINX_GRPC:-}" ]; then
+      echo "  server { listen 127.0.0.1:$NGINX_PORT http2 backlog=4096; keepalive_requests 1000000;"
+      echo "    location / { grpc_pass grpc://up; grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+      echo "      grpc_set_header X-Forwarded-Proto \$scheme; grpc_set_header X-Forwarded-Host \$host;"
+      echo "      grpc_set_header X-Request-Id \$request_id; } }"
+    else
+      echo "  server { listen 127.0.0.1:$NGINX_PORT backlog=4096; keepalive_requests 1000000;"
+      echo "    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+      echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme;"
+      echo "      proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
+    fi
     if [ -n "${NGINX_TLS_CERT:-}" ]; then
       # HTTPS with the certificate fleetlb serves, the same protocol versions (TLS 1.2 and 1.3).
       echo "  server { listen 127.0.0.1:$NGINX_TLS ssl backlog=4096; keepalive_requests 1000000;"
@@ -146,18 +154,19 @@ start_nginx() { # ports... ; NGINX_DIR (default $WORK/nginx), NGINX_ACCESS_LOG (
   wait_port $NGINX_PORT
 }
 
-start_haproxy() { # ports...
+start_haproxy() { # ports... ; HAPROXY_H2 (set: HTTP/2 both sides)
   {
     echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn $HAPROXY_MAXCONN"
     echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
     echo "  option http-keep-alive"; echo "  http-reuse always"; echo "  retries 3"; echo "  option redispatch"
     echo "  retry-on conn-failure empty-response"
-    echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT"; echo "  default_backend b"
+    local h2=""; [ -n "${HAPROXY_H2:-}" ] && h2=" proto h2"
+    echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT$h2"; echo "  default_backend b"
     # The same request headers fleetlb adds by default, so all three do the same work.
     echo "  option forwardfor"; echo "  http-request set-header X-Forwarded-Proto http"
     echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"; echo "  http-request set-header X-Request-Id %[uuid]"
     echo "backend b"; echo "  balance roundrobin"
-    i=1; for p in "$@"; do echo "  server s$i 127.0.0.1:$p check inter 1s fall 2 rise 2"; i=$((i + 1)); done
+    i=1; for p in "$@"; do echo "  server s$i 127.0.0.1:$p$h2 check inter 1s fall 2 rise 2"; i=$((i + 1)); done
   } > "$WORK/haproxy.cfg"
   haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" &
   HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
@@ -635,44 +644,9 @@ PY
       PIDS+=($!); ports+=("$port")
     done
     for p in "${ports[@]}"; do wait_port "$p"; done
-    mkdir -p "$WORK/grpc"
-    {
-      echo "apiVersion: fleetlb.dev/v1alpha1"; echo "kind: BackendCluster"; echo "metadata: {name: echo}"
-      echo "spec:"; echo "  route: /fleetlb.demo.Echo"; echo "  protocol: GRPC"; echo "  replicas: 4"
-      echo "  instanceType: t2.micro"; echo "  healthCheck: {intervalSeconds: 1}"
-      echo "  provider:"; echo "    static:"; echo "      endpoints:"
-      for p in "${ports[@]}"; do echo "      - 127.0.0.1:$p"; done
-    } > "$WORK/grpc/echo.yaml"
-    # shellcheck disable=SC2046
-    RUST_LOG=warn "$FLEETLB" standalone --config "$WORK/grpc" --listen 127.0.0.1:$FLEET_PORT --admin 127.0.0.1:$FLEET_ADMIN $([ "$WORKERS" = auto ] || echo "--proxy-threads $WORKERS") 2>"$WORK/grpc.log" &
-    FLEET_PID=$!; PIDS+=($FLEET_PID)
-    wait_port $FLEET_PORT; wait_healthy 4 200 0.1
-    {
-      echo "worker_processes $WORKERS; daemon off; pid $WORK/grpc/nginx.pid; error_log $WORK/grpc/nginx-error.log warn;"
-      echo "events { worker_connections 20000; }"
-      echo "http { access_log off; client_body_temp_path $WORK/grpc; proxy_temp_path $WORK/grpc;"
-      echo "  fastcgi_temp_path $WORK/grpc; uwsgi_temp_path $WORK/grpc; scgi_temp_path $WORK/grpc;"
-      echo "  upstream up {"; for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"; done
-      echo "    keepalive 256; }"
-      echo "  server { listen 127.0.0.1:$NGINX_PORT http2; http2_max_requests 1000000; keepalive_requests 1000000;"
-      # The same request headers fleetlb adds by default, so all three do the same work.
-      echo "    location / { grpc_pass grpc://up; grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
-      echo "      grpc_set_header X-Forwarded-Proto \$scheme; grpc_set_header X-Forwarded-Host \$host;"
-      echo "      grpc_set_header X-Request-Id \$request_id; } } }"
-    } > "$WORK/grpc/nginx.conf"
-    nginx -p "$WORK/grpc" -c "$WORK/grpc/nginx.conf" 2>"$WORK/grpc/nginx.out" &
-    NGINX_PID=$!; PIDS+=($NGINX_PID); wait_port $NGINX_PORT
-    {
-      echo "global"; echo "  nbthread $([ "$WORKERS" = auto ] && nproc || echo "$WORKERS")"; echo "  maxconn $HAPROXY_MAXCONN"
-      echo "defaults"; echo "  mode http"; echo "  timeout connect 1s"; echo "  timeout client 30s"; echo "  timeout server 30s"
-      echo "frontend f"; echo "  bind 127.0.0.1:$HAPROXY_PORT proto h2"; echo "  default_backend b"
-      echo "  option forwardfor"; echo "  http-request set-header X-Forwarded-Proto http"
-      echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"; echo "  http-request set-header X-Request-Id %[uuid]"
-      echo "backend b"; echo "  balance roundrobin"
-      i=1; for p in "${ports[@]}"; do echo "  server s$i 127.0.0.1:$p proto h2 check inter 1s fall 2 rise 2"; i=$((i + 1)); done
-    } > "$WORK/grpc/haproxy.cfg"
-    haproxy -f "$WORK/grpc/haproxy.cfg" -db 2>"$WORK/grpc/haproxy.log" &
-    HAPROXY_PID=$!; PIDS+=($HAPROXY_PID); wait_port $HAPROXY_PORT
+    FLEET_ROUTE=/fleetlb.demo.Echo FLEET_PROTOCOL=GRPC start_fleetlb "${ports[@]}"
+    NGINX_GRPC=1 start_nginx "${ports[@]}"
+    HAPROXY_H2=1 start_haproxy "${ports[@]}"
     served() { for p in "${ports[@]}"; do curl -s "127.0.0.1:$p/served" | python3 -c 'import json,sys; print(json.load(sys.stdin)["served"])'; done; }
     # A count of calls, not a duration: ghz ends a timed run by closing its connection under
     # the calls in flight, which it then reports as errors.

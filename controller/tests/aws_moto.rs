@@ -1429,12 +1429,10 @@ async fn a_subnet_without_capacity_means_the_next_attempt_with_its_own_token() {
     let mut d = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
     converge(&mut d, &env, "ctl-cap", "web", 1).await;
     let runs: Vec<(String, String)> = proxy
-        .requests()
+        .run_instances()
         .iter()
-        .map(|b| support::form(b))
-        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
         .map(|f| {
-            let get = |k: &str| f.iter().find(|(n, _)| n == k).unwrap().1.clone();
+            let get = |k: &str| support::field(f, k).unwrap();
             (get("ClientToken"), get("SubnetId"))
         })
         .collect();
@@ -1477,12 +1475,10 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
     let mut d = driver_with(&conf, dir.path(), "ctl-spot", |_| {});
     converge(&mut d, &env, "ctl-spot", "web", 1).await;
     let runs: Vec<(String, bool, String)> = proxy
-        .requests()
+        .run_instances()
         .iter()
-        .map(|b| support::form(b))
-        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
         .map(|f| {
-            let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|p| p.1.clone());
+            let get = |k: &str| support::field(f, k);
             let spot = get("InstanceMarketOptions.MarketType").as_deref() == Some("spot");
             (get("ClientToken").unwrap(), spot, get("SubnetId").unwrap())
         })
@@ -1537,12 +1533,7 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
     std::fs::write(dir.path().join("cheap.yaml"), text).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-spot2", |_| {});
     converge(&mut d, &env, "ctl-spot2", "cheap", 1).await;
-    let run = proxy
-        .requests()
-        .iter()
-        .map(|b| support::form(b))
-        .find(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
-        .unwrap();
+    let run = proxy.run_instances().swap_remove(0);
     let has = |k: &str, v: &str| run.iter().any(|(a, b)| a == k && b == v);
     assert!(has("InstanceMarketOptions.MarketType", "spot"), "{run:?}");
     assert!(
@@ -1586,12 +1577,10 @@ async fn a_type_without_capacity_in_one_zone_gives_way_to_the_next_type_there() 
     let mut d = driver_with(&conf, dir.path(), "ctl-types", |_| {});
     converge(&mut d, &env, "ctl-types", "web", 3).await;
     let runs: Vec<(String, String, String)> = proxy
-        .requests()
+        .run_instances()
         .iter()
-        .map(|b| support::form(b))
-        .filter(|f| f.iter().any(|(k, v)| k == "Action" && v == "RunInstances"))
         .map(|f| {
-            let get = |k: &str| f.iter().find(|(n, _)| n == k).unwrap().1.clone();
+            let get = |k: &str| support::field(f, k).unwrap();
             (get("ClientToken"), get("InstanceType"), get("SubnetId"))
         })
         .collect();

@@ -918,17 +918,25 @@ impl Future for Parked<'_> {
                 Verdict::Wait(at) => at,
                 _ => return Poll::Ready(false),
             };
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if sleep.deadline() != at {
-                sleep.as_mut().reset(at);
-            }
-            if sleep.as_mut().poll(cx).is_pending() {
+            if poll_deadline(&mut this.sleep, at, cx).is_pending() {
                 return Poll::Pending;
             }
         }
     }
+}
+
+/// Polls the timer in `slot` set for `at`: made on first use, moved when `at` moved, so one
+/// allocation serves a timer that is re-armed many times.
+pub(crate) fn poll_deadline(
+    slot: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    at: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if sleep.deadline() != at {
+        sleep.as_mut().reset(at);
+    }
+    sleep.as_mut().poll(cx)
 }
 
 /// The client's side of a WebSocket upgrade, once its `101` has gone out.

@@ -38,8 +38,8 @@ use tokio::time::{Instant, Sleep};
 use crate::Shared;
 use crate::access_log::Entry;
 use crate::balance;
-use crate::body::{BodyError, ClientBody, Full, InflightGuard, ResponseBody};
-use crate::endpoint::{Endpoint, Transition};
+use crate::body::{BodyError, ClientBody, InflightGuard, ResponseBody};
+use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::grpc::{self, Blame, GRPC_TIMEOUT, MessageCount};
 use crate::h1;
@@ -329,8 +329,7 @@ impl Body for Replay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let shared = this.shared.clone();
-        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = this.shared.lock().unwrap_or_else(|e| e.into_inner());
         if s.attempt != this.attempt {
             return Poll::Ready(Some(Err("request sent again elsewhere".into())));
         }
@@ -508,13 +507,7 @@ impl Answer {
                 for t in [self.deadline, self.long_at].into_iter().flatten() {
                     wake = wake.min(t);
                 }
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake)));
-                if timer.deadline() != wake {
-                    timer.as_mut().reset(wake);
-                }
-                if timer.as_mut().poll(cx).is_pending() {
+                if crate::conn::poll_deadline(&mut self.timer, wake, cx).is_pending() {
                     return Poll::Pending;
                 }
             },
@@ -780,52 +773,18 @@ pub(crate) async fn forward(
 
     for attempt in 1..=cfg.max_attempts.max(1) {
         let now = shared.clock.now();
-        let Some(pick) = balance::pick(cluster, now, failed.as_deref()) else {
-            return Err(last_err);
-        };
-        if pick.panic {
-            shared
-                .metrics
-                .panic_mode
-                .with_label_values(&[cluster.name.as_str()])
-                .set(1);
-        }
+        let (pick, guard) = crate::proxy::begin_attempt(
+            shared,
+            cluster,
+            attempt,
+            failed.as_deref(),
+            std::mem::take(&mut paid),
+            caller_deadline,
+            log.as_deref_mut(),
+        )
+        .await
+        .map_err(|e| e.unwrap_or(last_err))?;
         let ep = pick.endpoint;
-        if attempt == 1 {
-            cluster.carried.retry_budget.deposit();
-        } else if std::mem::take(&mut paid) || cluster.carried.retry_budget.withdraw() {
-            cluster.metrics.retries.inc();
-        } else {
-            tracing::debug!(cluster = %cluster.name, "retry budget spent");
-            return Err(last_err);
-        }
-        let acquiring = InflightGuard::acquire(ep, limits);
-        let acquired = match caller_deadline {
-            Some(d) => match tokio::time::timeout_at(d, acquiring).await {
-                Ok(a) => a,
-                Err(_) => return Err(ProxyError::DeadlineExceeded),
-            },
-            None => acquiring.await,
-        };
-        let guard = match acquired {
-            Ok(g) => g,
-            Err(full) => {
-                let flag = match full {
-                    Full::Queue => "endpoint-queue",
-                    Full::Wait => "endpoint-queue-timeout",
-                };
-                shared.metrics.limit_hits.with_label_values(&[flag]).inc();
-                return Err(ProxyError::EndpointFull);
-            }
-        };
-        ep.metrics.selections.inc();
-        if pick.cross_zone {
-            cluster.metrics.cross_zone.inc();
-        }
-        if let Some(log) = log.as_deref_mut() {
-            log.tries = attempt;
-            log.endpoint = Some(ep.clone());
-        }
         let connecting = Instant::now();
         let (mut send, slot) = match ep
             .h2
@@ -841,26 +800,8 @@ pub(crate) async fn forward(
                 let now = shared.clock.now();
                 ep.state.observe(penalty, now, decay);
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
-                ep.metrics.connect_errors.inc();
-                let t = if err.is_refused() {
-                    ep.state.mark_down()
-                } else {
-                    ep.state.failure(cluster.health.unhealthy_threshold)
-                };
-                if t == Transition::BecameUnhealthy {
-                    shared.health_changes.mark(&cluster.name);
-                    shared
-                        .metrics
-                        .ejections
-                        .with_label_values(&[cluster.name.as_str(), "connect_error"])
-                        .inc();
-                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
-                }
-                last_err = if pick.panic {
-                    ProxyError::NoHealthyEndpoint
-                } else {
-                    ProxyError::UpstreamConnect
-                };
+                last_err =
+                    crate::proxy::connect_failed(shared, cluster, ep, err.is_refused(), pick.panic);
                 failed = Some(ep.clone());
                 continue;
             }

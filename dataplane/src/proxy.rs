@@ -510,49 +510,20 @@ async fn forward(
     let mut last_err = ProxyError::NoHealthyEndpoint;
 
     for attempt in 1..=cfg.max_attempts.max(1) {
-        let now = shared.clock.now();
-        let Some(pick) = balance::pick(cluster, now, failed.as_deref()) else {
-            return Err(last_err);
-        };
-        if pick.panic {
-            shared
-                .metrics
-                .panic_mode
-                .with_label_values(&[cluster.name.as_str()])
-                .set(1);
-        }
+        let (pick, guard) = begin_attempt(
+            shared,
+            cluster,
+            attempt,
+            failed.as_deref(),
+            false,
+            None,
+            log.as_deref_mut(),
+        )
+        .await
+        .map_err(|e| e.unwrap_or(last_err))?;
         // Borrowed from the cluster this request holds: one reference-count bump per request
         // (the in-flight guard's), on a count every proxy thread shares.
         let ep = pick.endpoint;
-        if attempt == 1 {
-            cluster.carried.retry_budget.deposit();
-        } else if cluster.carried.retry_budget.withdraw() {
-            cluster.metrics.retries.inc();
-        } else {
-            tracing::debug!(cluster = %cluster.name, "retry budget spent");
-            return Err(last_err);
-        }
-        // A full endpoint is busy, not sick: the client gets a 503 that says so, and nothing
-        // counts against the endpoint.
-        let guard = match InflightGuard::acquire(ep, limits).await {
-            Ok(g) => g,
-            Err(full) => {
-                let flag = match full {
-                    Full::Queue => "endpoint-queue",
-                    Full::Wait => "endpoint-queue-timeout",
-                };
-                shared.metrics.limit_hits.with_label_values(&[flag]).inc();
-                return Err(ProxyError::EndpointFull);
-            }
-        };
-        ep.metrics.selections.inc();
-        if pick.cross_zone {
-            cluster.metrics.cross_zone.inc();
-        }
-        if let Some(log) = log.as_deref_mut() {
-            log.tries = attempt;
-            log.endpoint = Some(ep.clone());
-        }
         let head = h1::Head {
             method: &parts.method,
             path: &path,
@@ -662,28 +633,7 @@ async fn forward(
                 outlier::on_failure(&shared.metrics, cluster, ep, now);
                 let connect = err.is_connect();
                 if connect {
-                    ep.metrics.connect_errors.inc();
-                    let t = if err.is_refused() {
-                        ep.state.mark_down()
-                    } else {
-                        ep.state.failure(cluster.health.unhealthy_threshold)
-                    };
-                    if t == Transition::BecameUnhealthy {
-                        shared.health_changes.mark(&cluster.name);
-                        shared
-                            .metrics
-                            .ejections
-                            .with_label_values(&[cluster.name.as_str(), "connect_error"])
-                            .inc();
-                        tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
-                    }
-                    // Failing open (no endpoint passes its checks) onto one that refuses: to the
-                    // client this is "no healthy endpoint", not a bad gateway.
-                    last_err = if pick.panic {
-                        ProxyError::NoHealthyEndpoint
-                    } else {
-                        ProxyError::UpstreamConnect
-                    };
+                    last_err = connect_failed(shared, cluster, ep, err.is_refused(), pick.panic);
                 } else {
                     last_err = ProxyError::UpstreamReset;
                 }
@@ -700,6 +650,100 @@ async fn forward(
         }
     }
     Err(last_err)
+}
+
+/// The start of one attempt, the same for both upstream clients: an endpoint picked (never
+/// `avoid`, the one that just failed this request), the retry budget paid for a retry (unless
+/// `paid` already), a slot of the endpoint taken (waiting at most until the caller's
+/// `deadline`), and the choice counted and logged. `Err(None)`: no endpoint, or the budget is
+/// spent (the caller answers with its last error).
+pub(crate) async fn begin_attempt<'a>(
+    shared: &Shared,
+    cluster: &'a Cluster,
+    attempt: u32,
+    avoid: Option<&Endpoint>,
+    paid: bool,
+    deadline: Option<Instant>,
+    log: Option<&mut Entry>,
+) -> Result<(balance::Pick<'a>, InflightGuard), Option<ProxyError>> {
+    let Some(pick) = balance::pick(cluster, shared.clock.now(), avoid) else {
+        return Err(None);
+    };
+    if pick.panic {
+        shared
+            .metrics
+            .panic_mode
+            .with_label_values(&[cluster.name.as_str()])
+            .set(1);
+    }
+    let ep = pick.endpoint;
+    if attempt == 1 {
+        cluster.carried.retry_budget.deposit();
+    } else if paid || cluster.carried.retry_budget.withdraw() {
+        cluster.metrics.retries.inc();
+    } else {
+        tracing::debug!(cluster = %cluster.name, "retry budget spent");
+        return Err(None);
+    }
+    // A full endpoint is busy, not sick: the client gets a 503 that says so, and nothing
+    // counts against the endpoint.
+    let acquiring = InflightGuard::acquire(ep, &shared.limits);
+    let acquired = match deadline {
+        Some(d) => tokio::time::timeout_at(d, acquiring)
+            .await
+            .map_err(|_| Some(ProxyError::DeadlineExceeded))?,
+        None => acquiring.await,
+    };
+    let guard = acquired.map_err(|full| {
+        let flag = match full {
+            Full::Queue => "endpoint-queue",
+            Full::Wait => "endpoint-queue-timeout",
+        };
+        shared.metrics.limit_hits.with_label_values(&[flag]).inc();
+        Some(ProxyError::EndpointFull)
+    })?;
+    ep.metrics.selections.inc();
+    if pick.cross_zone {
+        cluster.metrics.cross_zone.inc();
+    }
+    if let Some(log) = log {
+        log.tries = attempt;
+        log.endpoint = Some(ep.clone());
+    }
+    Ok((pick, guard))
+}
+
+/// A connection to `ep` failed (`refused`: nothing listens there): counted, and the endpoint
+/// marked down or one failure closer to unhealthy. Returns the error the client gets: on a
+/// pick that failed open (no endpoint passes its checks), "no healthy endpoint", not a bad
+/// gateway.
+pub(crate) fn connect_failed(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    refused: bool,
+    panic: bool,
+) -> ProxyError {
+    ep.metrics.connect_errors.inc();
+    let t = if refused {
+        ep.state.mark_down()
+    } else {
+        ep.state.failure(cluster.health.unhealthy_threshold)
+    };
+    if t == Transition::BecameUnhealthy {
+        shared.health_changes.mark(&cluster.name);
+        shared
+            .metrics
+            .ejections
+            .with_label_values(&[cluster.name.as_str(), "connect_error"])
+            .inc();
+        tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
+    }
+    if panic {
+        ProxyError::NoHealthyEndpoint
+    } else {
+        ProxyError::UpstreamConnect
+    }
 }
 
 /// A WebSocket tunnel: a request in flight to its endpoint and a client connection (in

@@ -369,6 +369,15 @@ impl FaultProxy {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// The RunInstances requests that reached the proxy, in order, each as its form fields.
+    pub fn run_instances(&self) -> Vec<Vec<(String, String)>> {
+        self.requests()
+            .iter()
+            .map(|b| form(b))
+            .filter(|f| field(f, "Action").as_deref() == Some("RunInstances"))
+            .collect()
+    }
+
     /// How many RunInstances were answered `IdempotentParameterMismatch`.
     pub fn mismatches(&self) -> u64 {
         self.state.lock().unwrap().mismatches
@@ -399,6 +408,11 @@ pub fn form(body: &str) -> Vec<(String, String)> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (decode(k), decode(v)))
         .collect()
+}
+
+/// The value of `key` in a decoded form.
+pub fn field(form: &[(String, String)], key: &str) -> Option<String> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
 }
 
 fn decode(s: &str) -> String {
