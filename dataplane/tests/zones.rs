@@ -9,12 +9,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use fleetlb_dataplane::ProxyConfig;
 use support::*;
 
-/// Two upstreams in zone `a` (the proxy's) and two in zone `b`, all healthy.
-async fn two_zones() -> (Vec<Upstream>, Proxy) {
+/// Two upstreams in zone `a` (the proxy's) and two in zone `b`, all healthy, each answering
+/// after `delay_ms`.
+async fn two_zones(delay_ms: u64) -> (Vec<Upstream>, Proxy) {
     let mut ups = Vec::new();
     for name in ["a1", "a2", "b1", "b2"] {
         let u = Upstream::start(name).await;
-        u.delay_ms.store(2, Relaxed);
+        u.delay_ms.store(delay_ms, Relaxed);
         ups.push(u);
     }
     let endpoints = ups
@@ -44,7 +45,7 @@ fn since(ups: &[Upstream], before: &[u64]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxys_zone_gets_the_traffic_until_it_slows_down_or_fails() {
-    let (mut ups, proxy) = two_zones().await;
+    let (mut ups, proxy) = two_zones(2).await;
 
     // Healthy and not overloaded (two requests at a time on two endpoints): zone a, once the
     // first requests (a new connection's first answer can be slow) are behind. A request may
@@ -93,14 +94,18 @@ async fn the_proxys_zone_gets_the_traffic_until_it_slows_down_or_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_zone_spills_over() {
-    let (ups, proxy) = two_zones().await;
+    // 40 ms answers: what this test is about is load, and a scheduling stall of a few
+    // milliseconds on a busy machine must not read as zone a being slower (the latency rules
+    // that `the_proxys_zone_gets_the_traffic_until_it_slows_down_or_fails` covers; at 2 ms,
+    // stalls moved 40 % of the requests to zone b on a loaded CI machine).
+    let (ups, proxy) = two_zones(40).await;
     // Eight at a time: four on each endpoint of zone a would be twice their fair share.
-    let results = load(proxy.url("/c"), 800, 8).await;
-    assert_eq!(ok_count(&results), 800, "{:?}", failures(&results));
+    let results = load(proxy.url("/c"), 400, 8).await;
+    assert_eq!(ok_count(&results), 400, "{:?}", failures(&results));
     let got = hits(&ups);
     let away = got[2] + got[3];
     assert!(
-        away >= 20 && got[0] + got[1] > 3 * away,
+        away >= 10 && got[0] + got[1] > 3 * away,
         "zone a should take most, zone b the overflow: {got:?}"
     );
 }
