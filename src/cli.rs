@@ -103,6 +103,10 @@ pub enum Command {
         /// Name of the IAM role instances are launched with (spec.provider.aws.iamInstanceProfile).
         #[arg(long, default_value = "fleetlb-instance", value_parser = parse_role_name)]
         instance_role: String,
+        /// The --interruption-queue (name or URL) the controller reads: adds the SQS
+        /// permissions to receive and delete its messages, on that queue only.
+        #[arg(long, value_parser = parse_queue)]
+        interruption_queue: Option<String>,
     },
     /// Print the clusters of a running fleetlb as a table, like `kubectl get bc`.
     Status {
@@ -241,6 +245,16 @@ pub struct ListenArgs {
     /// clearly slower (default: no zone preference).
     #[arg(long, env = "FLEETLB_ZONE", value_parser = parse_zone)]
     pub zone: Option<String>,
+    /// SQS queue (name or URL) that EventBridge rules fill with EC2 spot interruption
+    /// warnings, rebalance recommendations, instance state changes and AWS Health scheduled
+    /// changes (docs/concepts/capacity.md). The leader reads it; an instance it names leaves
+    /// the endpoint set at once and is replaced. Default: no queue.
+    #[arg(long, env = "FLEETLB_INTERRUPTION_QUEUE", value_parser = parse_queue)]
+    pub interruption_queue: Option<String>,
+    /// SQS endpoint URL for --interruption-queue (e.g. a moto_server); AWS_ENDPOINT_URL_SQS
+    /// works too. Region and credentials come from the standard AWS chain.
+    #[arg(long, env = "FLEETLB_SQS_ENDPOINT")]
+    pub sqs_endpoint: Option<String>,
     /// Proxies whose X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP are believed and
     /// appended to, as CIDRs (repeatable or comma-separated, e.g. 10.0.0.0/8). From anyone
     /// else those headers are replaced by what fleetlb saw.
@@ -389,6 +403,27 @@ fn parse_zone(s: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "{s:?} is not a zone name like us-east-1a (or imds to ask the instance metadata service)"
+        ))
+    }
+}
+
+/// An SQS queue name (1 to 80 letters, digits, `-` and `_`, `.fifo` for a FIFO queue) or a
+/// queue URL.
+fn parse_queue(s: &str) -> Result<String, String> {
+    if s.starts_with("https://") || s.starts_with("http://") {
+        return Ok(s.to_string());
+    }
+    let name = s.strip_suffix(".fifo").unwrap_or(s);
+    let ok = (1..=80).contains(&s.len())
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an SQS queue name (up to 80 letters, digits, - and _) or queue URL"
         ))
     }
 }

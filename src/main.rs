@@ -71,11 +71,13 @@ async fn run(command: Command) -> Result<ExitCode, AppError> {
             controller_id,
             partition,
             instance_role,
+            interruption_queue,
         } => {
             let opts = fleetlb_controller::iam::PolicyOptions {
                 controller_id,
                 partition,
                 instance_role,
+                interruption_queue,
             };
             print!("{}", fleetlb_controller::iam::policy_json(&opts));
             Ok(ExitCode::SUCCESS)

@@ -17,6 +17,8 @@
 //! - `DeleteTags` (`deletionPolicy: Orphan`) only of the key `fleetlb.dev/controller`, only on
 //!   instances carrying this install's id.
 //! - `iam:PassRole` of the instance role only, only to EC2 (for `spec.provider.aws.iamInstanceProfile`).
+//! - With an interruption queue: `sqs:GetQueueUrl`, `sqs:ReceiveMessage` and
+//!   `sqs:DeleteMessage` on that queue only (Karpenter's interruption permissions).
 
 use serde_json::{Value, json};
 
@@ -31,6 +33,29 @@ pub struct PolicyOptions {
     pub partition: String,
     /// Name of the IAM role instances may be launched with (behind `iamInstanceProfile`).
     pub instance_role: String,
+    /// The interruption queue's name or URL (`--interruption-queue`), if the controller reads
+    /// one.
+    pub interruption_queue: Option<String>,
+}
+
+/// The SQS calls the interruption queue's poller makes ([`crate::interruption`]).
+pub const SQS_OPERATIONS: &[&str] = &["GetQueueUrl", "ReceiveMessage", "DeleteMessage"];
+
+/// The ARN of `queue` (a name: in any region and account; a URL
+/// `https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`: that account's).
+pub fn queue_arn(partition: &str, queue: &str) -> String {
+    let (account, name) = match queue.split_once("://") {
+        Some((_, rest)) => {
+            let mut parts = rest.trim_end_matches('/').rsplit('/');
+            let name = parts.next().unwrap_or_default();
+            let account = parts
+                .next()
+                .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
+            (account.unwrap_or("*"), name)
+        }
+        None => ("*", queue),
+    };
+    format!("arn:{partition}:sqs:*:{account}:{name}")
 }
 
 /// The policy document for `opts`.
@@ -47,7 +72,7 @@ pub fn policy(opts: &PolicyOptions) -> Value {
     ];
     let request_tag = format!("aws:RequestTag/{}", tags::CONTROLLER);
     let resource_tag = format!("aws:ResourceTag/{}", tags::CONTROLLER);
-    json!({
+    let mut doc = json!({
         "Version": "2012-10-17",
         "Statement": [
             {
@@ -112,7 +137,18 @@ pub fn policy(opts: &PolicyOptions) -> Value {
                 "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
             }
         ]
-    })
+    });
+    if let (Some(queue), Some(statements)) =
+        (&opts.interruption_queue, doc["Statement"].as_array_mut())
+    {
+        statements.push(json!({
+            "Sid": "ReadTheInterruptionQueue",
+            "Effect": "Allow",
+            "Action": SQS_OPERATIONS.iter().map(|op| format!("sqs:{op}")).collect::<Vec<_>>(),
+            "Resource": queue_arn(p, queue)
+        }));
+    }
+    doc
 }
 
 /// The policy as `fleetlb iam-policy` prints it (pretty JSON, one trailing newline).

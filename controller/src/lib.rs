@@ -11,6 +11,8 @@
 //! - [`provider`]: the [`Provider`](provider::Provider) trait and its implementations:
 //!   [`provider::aws`] (EC2), [`provider::local`] (child processes), [`provider::endpoints`]
 //!   (`static`: listed endpoints).
+//! - [`interruption`]: the interruption queue (spot warnings, rebalance recommendations,
+//!   scheduled changes, state changes) read by the leader.
 //! - [`error`]: provider errors with their class, and condition reasons.
 
 pub mod autoscale;
@@ -18,6 +20,7 @@ pub mod core;
 pub mod error;
 pub mod files;
 pub mod iam;
+pub mod interruption;
 pub mod kubernetes;
 pub mod lease;
 pub mod metrics;

@@ -15,6 +15,12 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// EC2 API calls by operation and result code (`ok` or the AWS error code).
     pub ec2_requests: IntCounterVec,
+    /// SQS calls of the interruption queue by operation and result code.
+    pub sqs_requests: IntCounterVec,
+    /// Interruption-queue messages by what they announced (`spot_interruption`,
+    /// `rebalance_recommendation`, `scheduled_change`, `state_change`; `ignored` for messages
+    /// about nothing fleetlb acts on).
+    pub interruption_messages: IntCounterVec,
     /// Instances by cluster and provider state.
     pub instances: IntGaugeVec,
     /// Instances terminated because no object owns them.
@@ -60,6 +66,20 @@ impl Metrics {
                     "EC2 API calls by operation and result code.",
                 ),
                 &["operation", "code"],
+            )?,
+            sqs_requests: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_controller_sqs_requests_total",
+                    "SQS calls of the interruption queue by operation and result code.",
+                ),
+                &["operation", "code"],
+            )?,
+            interruption_messages: IntCounterVec::new(
+                Opts::new(
+                    "fleetlb_controller_interruption_messages_total",
+                    "Interruption-queue messages by what they announced (ignored: nothing fleetlb acts on).",
+                ),
+                &["kind"],
             )?,
             instances: IntGaugeVec::new(
                 Opts::new(
@@ -111,6 +131,8 @@ impl Metrics {
         registry.register(Box::new(m.reconcile.clone()))?;
         registry.register(Box::new(m.reconcile_duration.clone()))?;
         registry.register(Box::new(m.ec2_requests.clone()))?;
+        registry.register(Box::new(m.sqs_requests.clone()))?;
+        registry.register(Box::new(m.interruption_messages.clone()))?;
         registry.register(Box::new(m.instances.clone()))?;
         registry.register(Box::new(m.orphans_terminated.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
@@ -119,7 +141,7 @@ impl Metrics {
 
     /// Names of every metric, for checking dashboards and alerts against the code.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn Collector; 11] = [
+        let collectors: [&dyn Collector; 13] = [
             &self.autoscaler_peers_missing,
             &self.autoscaler_desired,
             &self.autoscaler_inflight,
@@ -128,6 +150,8 @@ impl Metrics {
             &self.reconcile,
             &self.reconcile_duration,
             &self.ec2_requests,
+            &self.sqs_requests,
+            &self.interruption_messages,
             &self.instances,
             &self.orphans_terminated,
             &self.leader,

@@ -182,6 +182,7 @@ impl Standalone {
     /// `shutdown` ends its children).
     pub async fn run(mut self, out: Outputs, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let notices = self.core.cfg.notices.clone();
         let mut next_pass = Instant::now();
         let mut next_sample = Instant::now();
         loop {
@@ -212,6 +213,8 @@ impl Standalone {
                 .max(read_took * DUTY);
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
+                // An instance named by the interruption queue leaves at once.
+                () = notices.changed() => next_pass = Instant::now(),
                 () = &mut shutdown => return,
             }
         }
@@ -415,6 +418,10 @@ impl Standalone {
                 .sweep(&objects, Some(&self.used_kinds), &confirm)
                 .await;
         }
+        // The interruption messages whose instances are now going or gone are deleted; while
+        // any waits, look again soon.
+        self.core.settle_notices(&objects).await;
+        busy |= !self.core.cfg.notices.is_empty();
         for key in forget {
             self.tracked.remove(&key);
         }

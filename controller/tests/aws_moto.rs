@@ -1082,6 +1082,7 @@ async fn every_request_the_controller_sends_is_allowed_by_the_generated_iam_poli
         controller_id: id.into(),
         partition: "aws".into(),
         instance_role: "fleetlb-instance".into(),
+        interruption_queue: None,
     });
     // Launch (spot first: the spot request is created and tagged too), scale down
     // (terminate), delete with Orphan (release).
@@ -1630,4 +1631,222 @@ async fn a_type_without_capacity_in_one_zone_gives_way_to_the_next_type_there() 
     let mut fresh = driver_with(&conf, dir.path(), "ctl-types", |_| {});
     fresh.driver.step(&fresh.out).await;
     assert_eq!(live(&env.ec2, "ctl-types", "web").await.len(), 3);
+}
+
+/// Whether the ARN pattern `pattern` (`*` for a whole field) covers `arn`.
+fn arn_covers(pattern: &str, arn: &str) -> bool {
+    let (p, a): (Vec<&str>, Vec<&str>) = (pattern.split(':').collect(), arn.split(':').collect());
+    p.len() == a.len() && p.iter().zip(&a).all(|(p, a)| *p == "*" || p == a)
+}
+
+/// An EventBridge event as SQS delivers it to the queue.
+fn eventbridge(source: &str, detail_type: &str, detail: serde_json::Value) -> String {
+    serde_json::json!({
+        "version": "0", "id": "0d1f5e3c-7b9a-4c1e-9d2f-5a6b7c8d9e0f",
+        "detail-type": detail_type, "source": source, "account": "123456789012",
+        "time": "2026-12-06T12:00:00Z", "region": "us-east-1", "resources": [],
+        "detail": detail,
+    })
+    .to_string()
+}
+
+/// A spot interruption warning on the queue (EventBridge's event, as SQS delivers it): the
+/// instance leaves the endpoint set at once, its replacement is launched in the same pass,
+/// it is terminated, and the message is deleted; a warning about an instance that is not
+/// fleetlb's and a message fleetlb does not act on are deleted and change nothing. The poller
+/// reaches SQS through the fault proxy, so every call it makes is checked against the IAM
+/// policy generated for the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_the_message() {
+    use fleetlb_controller::interruption::{self, Notices};
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    // The queue, and what EventBridge sends, straight to moto (not the controller's calls).
+    let sqs = aws_sdk_sqs::Client::new(&env.conf);
+    let queue = "fleetlb-interruptions";
+    let url = sqs
+        .create_queue()
+        .queue_name(queue)
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let send = |body: String| {
+        let (sqs, url) = (sqs.clone(), url.clone());
+        async move {
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(body)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let notices = Arc::new(Notices::default());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    let shared = notices.clone();
+    let mut d = driver_with(&conf, dir.path(), "ctl-int", move |cfg| {
+        cfg.core.notices = shared;
+    });
+    converge(&mut d, &env, "ctl-int", "web", 2).await;
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let poller = tokio::spawn(interruption::run(
+        interruption::client_from(&conf, None),
+        queue.into(),
+        notices.clone(),
+        metrics.clone(),
+        None,
+    ));
+    let ids = |v: Vec<aws_sdk_ec2::types::Instance>| -> Vec<String> {
+        v.iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect()
+    };
+    let before = ids(live(&env.ec2, "ctl-int", "web").await);
+    let victim = before[0].clone();
+    send(eventbridge(
+        "aws.ec2",
+        "EC2 Spot Instance Interruption Warning",
+        serde_json::json!({"instance-id": victim, "instance-action": "terminate"}),
+    ))
+    .await;
+    send(eventbridge(
+        "aws.ec2",
+        "EC2 Spot Instance Interruption Warning",
+        serde_json::json!({"instance-id": "i-0123456789abcdef0", "instance-action": "terminate"}),
+    ))
+    .await;
+    send("{\"Service\":\"Amazon S3\",\"Event\":\"s3:TestEvent\"}".into()).await;
+    // The poller records the warning.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !notices.interrupted().contains_key(&victim) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the warning was never received"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One pass: out of the endpoint set, replaced, said in an Event.
+    d.driver.step(&d.out).await;
+    let s = status(&d);
+    let cluster = &s["clusters"][0];
+    let endpoints: Vec<&str> = cluster["status"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert!(!endpoints.contains(&victim.as_str()), "{endpoints:?}");
+    let notes: Vec<String> = cluster["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "Interrupted")
+        .map(|e| e["note"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", cluster["events"]);
+    assert!(
+        notes[0].starts_with(&format!("{victim}: a spot interruption warning;")),
+        "{notes:?}"
+    );
+    // Then: terminated, two others live, every message deleted.
+    let attrs = || async {
+        let out = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let get = |k: aws_sdk_sqs::types::QueueAttributeName| {
+            out.attributes()
+                .and_then(|a| a.get(&k))
+                .map_or(-1, |v| v.parse::<i64>().unwrap())
+        };
+        get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            + get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    };
+    loop {
+        d.driver.step(&d.out).await;
+        let now = ids(live(&env.ec2, "ctl-int", "web").await);
+        let gone = states(&env, "ctl-int", "web")
+            .await
+            .iter()
+            .any(|(id, s)| id == &victim && (s == "terminated" || s == "shutting-down"));
+        if gone && now.len() == 2 && !now.contains(&victim) && attrs().await == 0 {
+            assert!(notices.is_empty());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "victim gone: {gone}, live: {now:?}, messages left: {}",
+            attrs().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other instance was never touched.
+    let after = ids(live(&env.ec2, "ctl-int", "web").await);
+    assert!(after.contains(&before[1]), "{after:?}");
+    let count = |kind: &str| {
+        metrics
+            .interruption_messages
+            .with_label_values(&[kind])
+            .get()
+    };
+    assert_eq!(
+        (count("spot_interruption"), count("ignored")),
+        (2, 1),
+        "every message counted by what it announced"
+    );
+    poller.abort();
+
+    // Every SQS call was one the generated policy allows on this queue, and they were all
+    // the policy names.
+    let policy = fleetlb_controller::iam::policy(&fleetlb_controller::iam::PolicyOptions {
+        controller_id: "ctl-int".into(),
+        partition: "aws".into(),
+        instance_role: "fleetlb-instance".into(),
+        interruption_queue: Some(queue.into()),
+    });
+    let statement = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "ReadTheInterruptionQueue")
+        .unwrap()
+        .clone();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in proxy.requests().iter().map(|b| support::form(b)) {
+        if support::field(&f, "Service").as_deref() != Some("sqs") {
+            continue;
+        }
+        let action = support::field(&f, "Action").unwrap();
+        assert!(
+            fleetlb_controller::iam::SQS_OPERATIONS.contains(&action.as_str()),
+            "{action} is not in the list the policy is made from"
+        );
+        let queue_arn = format!("arn:aws:sqs:us-east-1:123456789012:{queue}");
+        assert!(
+            statement["Action"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(format!("sqs:{action}")))
+                && arn_covers(statement["Resource"].as_str().unwrap(), &queue_arn),
+            "{action} on {queue_arn} is not allowed by {statement}"
+        );
+        seen.insert(action);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["DeleteMessage", "GetQueueUrl", "ReceiveMessage"]
+    );
+    assert!(!arn_covers(
+        statement["Resource"].as_str().unwrap(),
+        "arn:aws:sqs:us-east-1:123456789012:another-queue"
+    ));
 }

@@ -47,8 +47,10 @@ pub async fn run_standalone(
         )));
     }
     let s = Serving::start(&listen, listen.controller_id.clone(), None).await?;
+    let mut cfg = StandaloneConfig::new(dir.clone());
+    cfg.core.notices = s.notices.clone();
     let driver = Standalone::new(
-        StandaloneConfig::new(dir.clone()),
+        cfg,
         s.providers.clone(),
         s.dataplane.clone(),
         s.metrics.clone(),
@@ -210,6 +212,7 @@ pub async fn run_kubernetes(
     let mut cfg = KubeConfig::default();
     cfg.core.sole_proxy = no_leader_election;
     cfg.core.peers = peers;
+    cfg.core.notices = s.notices.clone();
     cfg.resync = sync_period;
     let core = Core::new(
         s.providers

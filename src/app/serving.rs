@@ -36,6 +36,8 @@ pub(super) struct Serving {
     pub(super) local: Arc<LocalProvider>,
     pub(super) providers: Providers,
     pub(super) metrics: fleetlb_controller::metrics::Metrics,
+    /// What the interruption queue said (empty without `--interruption-queue`).
+    pub(super) notices: Arc<fleetlb_controller::interruption::Notices>,
     pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The HTTPS listener, served until the drain ends.
     tls: Option<tokio::task::JoinHandle<()>>,
@@ -188,6 +190,16 @@ impl Serving {
             std::future::pending(),
         ));
         let mut tasks = vec![updater, admin_task];
+        let notices = Arc::new(fleetlb_controller::interruption::Notices::default());
+        if let Some(queue) = listen.interruption_queue.clone() {
+            let (notices, metrics, leader) = (notices.clone(), metrics.clone(), leader.clone());
+            let endpoint = listen.sqs_endpoint.clone();
+            tasks.push(tokio::spawn(async move {
+                use fleetlb_controller::interruption;
+                let sqs = interruption::client(endpoint.as_deref()).await;
+                interruption::run(sqs, queue, notices, metrics, leader).await;
+            }));
+        }
         let tls = match (tls_listener, certs) {
             (Some(listener), Some(certs)) => {
                 tasks.push(certs.watch(dataplane.metrics().clone()));
@@ -201,6 +213,7 @@ impl Serving {
             _ => None,
         };
         Ok(Self {
+            notices,
             tls,
             tls_addr,
             proxy,

@@ -99,12 +99,32 @@ pub trait Sink: Send + Sync {
 /// The Normal Events of one reconcile.
 pub(super) fn applied_events(
     bc: &BackendCluster,
-    launched: &[(String, u32)],
-    retired: &[String],
-    terminated: &[String],
-    skipped: &[String],
+    applied: &super::execute::Applied,
+    interrupted: &std::collections::HashMap<String, crate::interruption::Kind>,
 ) -> Vec<Event> {
+    let super::execute::Applied {
+        launched,
+        retired,
+        terminated,
+        skipped,
+        ..
+    } = applied;
     let mut out = Vec::new();
+    // The instances the interruption queue named, each with what it said, before the
+    // launches that replace them.
+    let (noticed, retired): (Vec<&String>, Vec<&String>) =
+        retired.iter().partition(|id| interrupted.contains_key(*id));
+    for id in noticed {
+        out.push(Event {
+            type_: EventType::Warning,
+            reason: "Interrupted",
+            note: clamp_note(format!(
+                "{id}: {}; it left the endpoint set (requests in flight finish) and is being replaced",
+                interrupted[id].describe()
+            )),
+        });
+    }
+    let retired: Vec<String> = retired.into_iter().cloned().collect();
     if !skipped.is_empty() {
         // Why a type, market or zone was passed over (its shortage is remembered 3 minutes).
         out.push(Event::normal(
@@ -135,7 +155,7 @@ pub(super) fn applied_events(
             "Retiring",
             listed(
                 "",
-                retired,
+                &retired,
                 " left the endpoint set; terminating after the drain period",
             ),
         ));

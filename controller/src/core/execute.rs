@@ -90,6 +90,8 @@ pub struct Inputs<'a> {
     pub inflight: Option<&'a HashMap<String, u32>>,
     /// Instances out of the endpoint set, by when they left; updated here.
     pub draining: &'a mut HashMap<String, Instant>,
+    /// Instances the interruption queue named, and what it said.
+    pub interrupted: &'a HashMap<String, crate::interruption::Kind>,
     /// Shortest time between leaving the endpoint set and termination, long enough for every
     /// proxy replica to stop sending new requests. Termination waits longer while requests are
     /// in flight, up to `spec.deregistrationDelaySeconds`.
@@ -125,6 +127,7 @@ pub async fn apply(
             instances: &refs,
             health: inp.health,
             draining: &draining,
+            interrupted: inp.interrupted,
             managed: inp.provider.manages_instances(),
             token_scope: inp.provider.token_scope(),
         },

@@ -60,6 +60,9 @@ pub struct Settings {
     /// terminated as soon as its last request ends. Otherwise a retired instance gets its whole
     /// deregistration delay.
     pub sole_proxy: bool,
+    /// What the interruption queue said (see [`crate::interruption`]): the instances named
+    /// leave the endpoint set at once and are replaced. Shared with the queue's poller.
+    pub notices: Arc<crate::interruption::Notices>,
     /// Where the other proxy replicas' admin ports are (`host:port`; a name may stand for
     /// several addresses, as a headless Service does): the autoscaler sums their load with
     /// this proxy's. Empty: this proxy's load only.
@@ -88,6 +91,7 @@ impl Settings {
             inventory_max_age: Duration::from_secs(1),
             list_deadline: Duration::from_secs(90),
             sole_proxy: false,
+            notices: Arc::default(),
             peers: Vec::new(),
         }
     }
@@ -368,8 +372,13 @@ impl Core {
         };
         let health = health_of(&self.dataplane, &key.to_string());
         let inflight = self.inflight(&key);
+        let interrupted = if self.cfg.notices.is_empty() {
+            HashMap::new()
+        } else {
+            self.cfg.notices.interrupted()
+        };
         let mut state = self.objects().remove(&key).unwrap_or_default();
-        let applied = execute::apply(
+        let mut applied = execute::apply(
             bc,
             execute::Inputs {
                 provider: provider.as_ref(),
@@ -378,6 +387,7 @@ impl Core {
                 health: &health,
                 inflight: inflight.as_ref(),
                 draining: &mut state.draining,
+                interrupted: &interrupted,
                 drain: self.cfg.drain,
                 metrics: &self.metrics,
                 backoff: &mut state.backoff,
@@ -395,17 +405,13 @@ impl Core {
         }
         // Status first: it takes retired instances out of every replica's endpoint set. What
         // was done is told by Events even when the write is refused (a 409 retries it).
-        let written = sink.write_status(stored, applied.status).await;
+        let written = sink
+            .write_status(stored, std::mem::take(&mut applied.status))
+            .await;
         if let Some(event) = scaled_event.flatten() {
             sink.event(bc, event).await;
         }
-        for event in applied_events(
-            bc,
-            &applied.launched,
-            &applied.retired,
-            &applied.terminated,
-            &applied.skipped,
-        ) {
+        for event in applied_events(bc, &applied, &interrupted) {
             sink.event(bc, event).await;
         }
         if let Some(e) = applied.launch_error {
@@ -520,6 +526,66 @@ impl Core {
             tracing::warn!(cluster = %key, error = %e, "cannot write the deletion status");
         }
         step
+    }
+
+    /// Every instance the providers that launch instances list now (listings at most the
+    /// inventory's age), by id; `None` when a listing fails.
+    async fn listed_states(
+        &self,
+        objects: &[Arc<BackendCluster>],
+    ) -> Option<HashMap<String, (crate::provider::InstanceState, ClusterKey)>> {
+        let mut all = HashMap::new();
+        for kind in ProviderKind::ALL {
+            if self
+                .providers
+                .get(kind)
+                .is_none_or(|p| !p.manages_instances())
+            {
+                continue;
+            }
+            let listing = self
+                .inventory
+                .get(kind, &self.providers, objects, None)
+                .await
+                .ok()?;
+            all.extend(
+                listing
+                    .iter()
+                    .map(|i| (i.id.clone(), (i.state, i.owner.clone()))),
+            );
+        }
+        Some(all)
+    }
+
+    /// Ends the interruption notices whose instances are going or gone (or were never
+    /// fleetlb's), so the poller deletes their messages. Drivers call it after their passes.
+    pub async fn settle_notices(&self, objects: &[Arc<BackendCluster>]) {
+        if self.cfg.notices.is_empty() {
+            return;
+        }
+        if let Some(states) = self.listed_states(objects).await {
+            self.cfg
+                .notices
+                .settle(|id| states.get(id).map(|(state, _)| *state));
+        }
+    }
+
+    /// The objects owning the instances the interruption queue named since the last call.
+    pub async fn interrupted_owners(&self, objects: &[Arc<BackendCluster>]) -> Vec<ClusterKey> {
+        let ids = self.cfg.notices.take_fresh();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let Some(states) = self.listed_states(objects).await else {
+            return Vec::new();
+        };
+        let mut owners: Vec<ClusterKey> = ids
+            .iter()
+            .filter_map(|id| states.get(id).map(|(_, owner)| owner.clone()))
+            .collect();
+        owners.sort();
+        owners.dedup();
+        owners
     }
 
     /// Drops every record of a deleted object.

@@ -604,10 +604,41 @@ pub async fn run(
         Some((futures::stream::iter(due), (ctx, next)))
     })
     .flatten();
+    // An instance the interruption queue names has its object reconciled at once: it leaves
+    // the endpoint set and its replacement is launched.
+    let interrupted = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        ctx.core.cfg.notices.changed().await;
+        let owners = if ctx.is_leader() {
+            ctx.core.interrupted_owners(&ctx.objects()).await
+        } else {
+            Vec::new()
+        };
+        let due: Vec<ObjectRef<Watched>> = owners
+            .into_iter()
+            .map(|key| ObjectRef::<Watched>::new(&key.name).within(&key.namespace))
+            .collect();
+        Some((futures::stream::iter(due), ctx))
+    })
+    .flatten();
+    // The interruption messages whose instances are going or gone are deleted: checked every
+    // 2 s while any waits, by the leader.
+    let settler = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if ctx.is_leader() {
+                    ctx.core.settle_notices(&ctx.objects()).await;
+                }
+            }
+        })
+    };
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .reconcile_all_on(became_leader)
-        .reconcile_on(health)
+        .reconcile_on(futures::stream::select(health, interrupted))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))
@@ -615,6 +646,7 @@ pub async fn run(
     background.abort();
     sweeper.abort();
     sampler.abort();
+    settler.abort();
     new_term.abort();
     Ok(())
 }

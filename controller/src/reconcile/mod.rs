@@ -34,6 +34,10 @@ pub struct Observed<'a> {
     pub health: &'a HashMap<String, Health>,
     /// Instances already leaving the endpoint set, waiting to be terminated.
     pub draining: &'a HashSet<String>,
+    /// Instances the interruption queue says are going away (a spot interruption warning, a
+    /// rebalance recommendation, a scheduled change, a state change): retired and replaced at
+    /// once, as stopped ones.
+    pub interrupted: &'a HashMap<String, crate::interruption::Kind>,
     /// Whether the provider launches and terminates (false for `static`).
     pub managed: bool,
     /// The provider's launch-token scope ([`crate::provider::Provider::token_scope`]).
@@ -87,7 +91,8 @@ pub fn autoscaling_bounds(bc: &BackendCluster, a: &fleetlb_crds::Autoscaling) ->
 /// instances from an older spec (drift, including a change of `spec.provider`) are replaced
 /// surge-first: they keep serving until the current spec has `replicas` healthy instances, then
 /// retire; dead instances are replaced; stopped ones (a console Stop, a scheduled retirement, a
-/// Spot stop) serve nothing, so they are replaced and retired at once.
+/// Spot stop) serve nothing, so they are replaced and retired at once, and so are the ones the
+/// interruption queue named (they are about to go).
 pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) -> Plan {
     let key = ClusterKey::of(bc);
     let hash = spec_hash(bc);
@@ -97,14 +102,24 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     let mut retire: Vec<String> = obs
         .instances
         .iter()
-        .filter(|i| i.belongs_to(uid) && i.state.is_stopped() && !obs.draining.contains(&i.id))
+        .filter(|i| {
+            i.belongs_to(uid)
+                && (i.state.is_stopped()
+                    || (i.state.is_live() && obs.interrupted.contains_key(&i.id)))
+                && !obs.draining.contains(&i.id)
+        })
         .map(|i| i.id.clone())
         .collect();
     let mine: Vec<&Instance> = obs
         .instances
         .iter()
         .copied()
-        .filter(|i| i.belongs_to(uid) && i.state.is_live() && !obs.draining.contains(&i.id))
+        .filter(|i| {
+            i.belongs_to(uid)
+                && i.state.is_live()
+                && !obs.draining.contains(&i.id)
+                && !obs.interrupted.contains_key(&i.id)
+        })
         .collect();
     let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
         mine.iter().partition(|i| i.drift(bc).is_none());

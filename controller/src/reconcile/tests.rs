@@ -75,6 +75,7 @@ fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
             instances: &refs,
             health: &health,
             draining: &draining,
+            interrupted: &HashMap::new(),
             managed: true,
             token_scope: "",
         },

@@ -198,8 +198,32 @@ impl FaultProxy {
                         async move {
                             let (mut parts, body) = req.into_parts();
                             let body = body.collect().await?.to_bytes();
-                            let action = form_value(&body, "Action").unwrap_or_default();
-                            let text = String::from_utf8_lossy(&body).to_string();
+                            // SQS speaks JSON (`X-Amz-Target: AmazonSQS.ReceiveMessage`): it is
+                            // recorded as `Service=sqs&Action=...&Queue=...` (the queue's URL or
+                            // name), so the IAM test sees what it was called on.
+                            let sqs = parts
+                                .headers
+                                .get("x-amz-target")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|t| t.strip_prefix("AmazonSQS."))
+                                .map(String::from);
+                            let action = sqs
+                                .clone()
+                                .or_else(|| form_value(&body, "Action"))
+                                .unwrap_or_default();
+                            let text = match &sqs {
+                                Some(op) => {
+                                    let v: serde_json::Value =
+                                        serde_json::from_slice(&body).unwrap_or_default();
+                                    let queue = v["QueueUrl"]
+                                        .as_str()
+                                        .or(v["QueueName"].as_str())
+                                        .unwrap_or_default()
+                                        .to_string();
+                                    format!("Service=sqs&Action={op}&Queue={queue}")
+                                }
+                                None => String::from_utf8_lossy(&body).to_string(),
+                            };
                             let token = (action == "RunInstances")
                                 .then(|| form_value(&body, "ClientToken"))
                                 .flatten();
