@@ -65,6 +65,30 @@ impl Moto {
         r.body
     }
 
+    /// One SQS Query API call (parameters already percent-encoded); the XML answer.
+    pub fn sqs(&self, params: &str) -> String {
+        let body = format!("{params}&Version=2012-11-05");
+        let raw = format!(
+            "POST / HTTP/1.1\r\nHost: sqs.us-east-1.amazonaws.com\r\nContent-Type: application/x-www-form-urlencoded\r\nAuthorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let r = crate::support::request(self.addr, &raw).expect("moto answers");
+        assert_eq!(r.status, 200, "{params}: {}", r.body);
+        r.body
+    }
+
+    /// `s` percent-encoded for a form body.
+    pub fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
     /// Every value of `<tag>` in `xml`.
     pub fn values(xml: &str, tag: &str) -> Vec<String> {
         let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
