@@ -1687,7 +1687,11 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
     };
     let notices = Arc::new(Notices::default());
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 2, "Delete")).unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        spot_yaml(&yaml(&env, "web", 2, "Delete"), "spot"),
+    )
+    .unwrap();
     let shared = notices.clone();
     let mut d = driver_with(&conf, dir.path(), "ctl-int", move |cfg| {
         cfg.core.notices = shared;
@@ -1707,8 +1711,11 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
             .map(|i| i.instance_id().unwrap().to_string())
             .collect()
     };
-    let before = ids(live(&env.ec2, "ctl-int", "web").await);
+    let instances = live(&env.ec2, "ctl-int", "web").await;
+    let before = ids(instances.clone());
     let victim = before[0].clone();
+    let victim_subnet = instances[0].subnet_id().unwrap().to_string();
+    let runs_before = proxy.run_instances().len();
     send(eventbridge(
         "aws.ec2",
         "EC2 Spot Instance Interruption Warning",
@@ -1789,6 +1796,33 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Its spot pool is being reclaimed: the replacement was not asked of it, and the Event
+    // says why.
+    let runs: Vec<(String, String)> = proxy.run_instances()[runs_before..]
+        .iter()
+        .map(|f| {
+            let get = |k: &str| support::field(f, k).unwrap_or_default();
+            (get("SubnetId"), get("InstanceMarketOptions.MarketType"))
+        })
+        .collect();
+    assert!(!runs.is_empty());
+    assert!(
+        runs.iter().all(|(subnet, _)| subnet != &victim_subnet),
+        "a spot launch in the interrupted pool {victim_subnet}: {runs:?}"
+    );
+    let skipped = status(&d)["clusters"][0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| {
+            e["reason"] == "CapacitySkipped"
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains(&format!(
+                        "a spot interruption warning: {victim_subnet} has no spot t2.micro capacity"
+                    ))
+                })
+        });
+    assert!(skipped, "{}", status(&d)["clusters"][0]["events"]);
     // The other instance was never touched.
     let after = ids(live(&env.ec2, "ctl-int", "web").await);
     assert!(after.contains(&before[1]), "{after:?}");

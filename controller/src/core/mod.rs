@@ -378,6 +378,16 @@ impl Core {
             self.cfg.notices.interrupted()
         };
         let mut state = self.objects().remove(&key).unwrap_or_default();
+        // A spot interruption reclaims that pool: the replacement launched below goes to
+        // another (type, subnet) or market.
+        for i in mine.iter().filter(|i| {
+            interrupted.get(&i.id) == Some(&crate::interruption::Kind::SpotInterruption)
+                && !state.draining.contains_key(&i.id)
+        }) {
+            if let Some(p) = self.providers.get(i.provider) {
+                p.spot_interrupted(i);
+            }
+        }
         let mut applied = execute::apply(
             bc,
             execute::Inputs {

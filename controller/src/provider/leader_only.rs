@@ -93,6 +93,10 @@ impl Provider for LeaderOnly {
         }
     }
 
+    fn spot_interrupted(&self, instance: &crate::provider::Instance) {
+        self.inner.spot_interrupted(instance);
+    }
+
     fn manages_instances(&self) -> bool {
         self.inner.manages_instances()
     }

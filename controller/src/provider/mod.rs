@@ -222,6 +222,13 @@ pub trait Provider: Send + Sync {
         true
     }
 
+    /// `instance` got a spot interruption warning: its capacity pool is being reclaimed. The
+    /// default does nothing; `aws` marks its (type, subnet) spot capacity unavailable, as for
+    /// a capacity shortage, so the replacement goes elsewhere (as Karpenter does).
+    fn spot_interrupted(&self, instance: &Instance) {
+        let _ = instance;
+    }
+
     /// What makes this provider's launch tokens unique beyond the object (`aws`: the install's
     /// controller id, since EC2 keeps tokens per account: two installs with objects of the same
     /// UID, as standalone derives them from namespace and name, must not send the same token).

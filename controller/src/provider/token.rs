@@ -5,8 +5,10 @@ use fleetlb_crds::BackendCluster;
 
 /// The subnet of launch attempt `attempt` of `slot`: a function of the intent alone, so a
 /// replayed launch (same `ClientToken`) always carries the same `SubnetId`, as EC2 requires of
-/// an idempotent repeat. Consecutive slots and attempts walk through the subnets, so a fleet
-/// spreads over them and a replacement (the next attempt) lands in the next one.
+/// an idempotent repeat. Consecutive slots walk through the subnets, so a fleet spreads over
+/// them; a slot's attempts after a shortage move to the next one, and a replacement starts at
+/// an attempt that maps to the slot's own subnet again (see `reconcile::plan`), so the spread
+/// stays even.
 pub fn subnet_for(subnets: &[String], slot: u32, attempt: u32) -> Option<&str> {
     if subnets.is_empty() {
         return None;

@@ -196,10 +196,18 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 .map(|l| l.attempt)
                 .max()
                 .unwrap_or(0);
-            // A new launch starts again at the preferred type (a multiple of the type count);
-            // a recorded intent is repeated exactly.
+            // A new launch starts again at the preferred type in the slot's own subnet (a
+            // multiple of types x subnets: slots spread round-robin, so replacing one keeps
+            // the spread over zones even); a recorded intent is repeated exactly.
             let types = u32::try_from(bc.spec.instance_types.len().max(1)).unwrap_or(1);
-            seen.div_ceil(types).saturating_mul(types).max(recorded)
+            let subnets = match &bc.spec.provider {
+                fleetlb_crds::ProviderSpec::Aws(a) => {
+                    u32::try_from(a.subnet_ids.len().max(1)).unwrap_or(1)
+                }
+                _ => 1,
+            };
+            let cycle = types.saturating_mul(subnets);
+            seen.div_ceil(cycle).saturating_mul(cycle).max(recorded)
         };
         for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };

@@ -54,6 +54,16 @@ fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u
 }
 
 fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
+    run_interrupted(bc, instances, healthy, &HashMap::new())
+}
+
+/// [`run`] with the interruption queue's notices.
+fn run_interrupted(
+    bc: &BackendCluster,
+    instances: &[Instance],
+    healthy: &[&str],
+    interrupted: &HashMap<String, crate::interruption::Kind>,
+) -> Plan {
     let refs: Vec<&Instance> = instances.iter().collect();
     let health: HashMap<String, Health> = healthy
         .iter()
@@ -75,7 +85,7 @@ fn run(bc: &BackendCluster, instances: &[Instance], healthy: &[&str]) -> Plan {
             instances: &refs,
             health: &health,
             draining: &draining,
-            interrupted: &HashMap::new(),
+            interrupted,
             managed: true,
             token_scope: "",
         },
@@ -495,4 +505,63 @@ fn several_types_start_each_launch_at_the_preferred_one_and_keep_their_instances
     one.spec.instance_type = None;
     one.spec.instance_types = vec!["t3.small".into()];
     assert_eq!(spec_hash(&one), short);
+}
+
+#[test]
+fn an_interrupted_instance_leaves_the_endpoints_at_once_and_is_replaced() {
+    let b = bc(3, "t2.micro");
+    let is = [
+        inst(&b, "i-a", 0, InstanceState::Running, 10),
+        inst(&b, "i-b", 1, InstanceState::Running, 10),
+        inst(&b, "i-c", 2, InstanceState::Running, 10),
+    ];
+    let healthy = ["i-a", "i-b", "i-c"];
+    let notices = HashMap::from([(
+        "i-b".to_string(),
+        crate::interruption::Kind::SpotInterruption,
+    )]);
+    let p = run_interrupted(&b, &is, &healthy, &notices);
+    assert_eq!(p.retire, ["i-b"], "retired at once, not after a surge");
+    let ids: Vec<&str> = p.endpoints.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&"i-b"), "{ids:?}");
+    assert_eq!(p.launch.len(), 1, "its replacement, in the same pass");
+    assert_eq!((p.launch[0].slot, p.launch[0].attempt), (1, 1));
+    let b_status = p.status.instances.iter().find(|i| i.id == "i-b").unwrap();
+    assert_eq!(b_status.state, "draining");
+    assert_eq!(p.status.replicas, 2);
+    // Without the notice nothing happens.
+    let p = run(&b, &is, &healthy);
+    assert!(p.retire.is_empty() && p.launch.is_empty());
+}
+
+#[test]
+fn a_replacement_goes_back_to_its_slots_subnet() {
+    let mut b = bc(3, "t3.small");
+    b.spec.provider = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
+    }))
+    .unwrap();
+    let subnets: Vec<String> = ["subnet-a", "subnet-b", "subnet-c"]
+        .map(String::from)
+        .into();
+    // Slot 1 (subnet-b) had an instance at attempt 0, and one at attempt 1 that a shortage in
+    // subnet-b had sent to subnet-c; both are gone. The replacement is in subnet-b again.
+    for attempt in [0, 1] {
+        let mut gone = inst(&b, "i-gone", 1, InstanceState::Terminated, 10);
+        gone.attempt = attempt;
+        let is = [
+            inst(&b, "i-a", 0, InstanceState::Running, 10),
+            gone,
+            inst(&b, "i-c", 2, InstanceState::Running, 10),
+        ];
+        let p = run(&b, &is, &["i-a", "i-c"]);
+        assert_eq!(p.launch.len(), 1);
+        let l = &p.launch[0];
+        assert_eq!(l.attempt, 3, "the next attempt in the slot's own subnet");
+        assert_eq!(
+            crate::provider::subnet_for(&subnets, l.slot, l.zone_attempt()),
+            Some("subnet-b")
+        );
+    }
 }

@@ -79,4 +79,11 @@ impl Provider for LazyAwsProvider {
     fn release<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
         async move { self.get().await.release(ids).await }.boxed()
     }
+
+    fn spot_interrupted(&self, instance: &Instance) {
+        // Only instances it listed are interrupted: it is configured by then.
+        if let Some(p) = self.cell.get() {
+            p.spot_interrupted(instance);
+        }
+    }
 }

@@ -63,13 +63,17 @@ pub const EC2_OPERATIONS: &[&str] = &[
 /// How long an (instance type, subnet) stays unavailable after `InsufficientInstanceCapacity`.
 const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
 
+/// (instance type, subnet, spot).
+type Offering = (String, String, bool);
+
 /// EC2 through aws-sdk-ec2.
 pub struct AwsProvider {
     client: Clients,
     controller_id: String,
     metrics: Metrics,
-    /// (instance type, subnet, spot) offerings EC2 had no capacity for, and since when.
-    no_capacity: Mutex<HashMap<(String, String, bool), Instant>>,
+    /// (instance type, subnet, spot) offerings EC2 had no capacity for, since when, and why
+    /// (EC2's error code, or a spot interruption).
+    no_capacity: Mutex<HashMap<Offering, (Instant, String)>>,
 }
 
 impl AwsProvider {
@@ -138,17 +142,19 @@ impl AwsProvider {
             .inc();
     }
 
-    fn capacity_ok(&self, instance_type: &str, subnet: &str, spot: bool) -> bool {
+    /// Why (type, subnet, market) is taken to have no capacity now, if it is.
+    fn shortage(&self, instance_type: &str, subnet: &str, spot: bool) -> Option<String> {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, since| since.elapsed() < CAPACITY_BACKOFF);
-        !map.contains_key(&(instance_type.to_string(), subnet.to_string(), spot))
+        map.retain(|_, (since, _)| since.elapsed() < CAPACITY_BACKOFF);
+        map.get(&(instance_type.to_string(), subnet.to_string(), spot))
+            .map(|(_, why)| why.clone())
     }
 
-    fn mark_no_capacity(&self, instance_type: &str, subnet: &str, spot: bool) {
+    fn mark_no_capacity(&self, instance_type: &str, subnet: &str, spot: bool, why: &str) {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
             (instance_type.to_string(), subnet.to_string(), spot),
-            Instant::now(),
+            (Instant::now(), why.to_string()),
         );
     }
 
@@ -279,7 +285,12 @@ impl AwsProvider {
                     // Without subnets EC2 picks the zone: the next attempt is the next type or
                     // market there.
                     let s = subnet.unwrap_or("the default subnet");
-                    self.mark_no_capacity(&req.instance_type, s, spot);
+                    self.mark_no_capacity(
+                        &req.instance_type,
+                        s,
+                        spot,
+                        e.code().unwrap_or_default(),
+                    );
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
                         format!(
@@ -354,6 +365,19 @@ impl Provider for AwsProvider {
         ProviderKind::Aws
     }
 
+    fn spot_interrupted(&self, instance: &Instance) {
+        if let Some(l) = instance.launched_as.as_ref().filter(|l| l.spot) {
+            let subnet = l.subnet_id.as_deref().unwrap_or("the default subnet");
+            tracing::info!(id = %instance.id, instance_type = %instance.instance_type, subnet, "spot interruption: no spot launches of this type in this subnet for 3 minutes");
+            self.mark_no_capacity(
+                &instance.instance_type,
+                subnet,
+                true,
+                "a spot interruption warning",
+            );
+        }
+    }
+
     fn token_scope(&self) -> &str {
         &self.controller_id
     }
@@ -426,23 +450,26 @@ impl Provider for AwsProvider {
             // shortage of it in the last minutes, else on-demand where allowed.
             let subnet = subnet_for(&aws.subnet_ids, req.slot, req.zone_attempt());
             let where_ = subnet.unwrap_or("the default subnet");
-            let ok = |spot: bool| self.capacity_ok(&req.instance_type, where_, spot);
+            let short = |spot: bool| self.shortage(&req.instance_type, where_, spot);
             let spot = match req.capacity_type {
-                CapacityType::OnDemand => ok(false).then_some(false),
-                CapacityType::Spot => ok(true).then_some(true),
+                CapacityType::OnDemand => short(false).is_none().then_some(false),
+                CapacityType::Spot => short(true).is_none().then_some(true),
                 CapacityType::SpotThenOnDemand => {
-                    if ok(true) {
+                    if short(true).is_none() {
                         Some(true)
                     } else {
-                        ok(false).then_some(false)
+                        short(false).is_none().then_some(false)
                     }
                 }
             };
             let Some(spot) = spot else {
+                let why = short(req.capacity_type != CapacityType::OnDemand)
+                    .or_else(|| short(false))
+                    .unwrap_or_default();
                 return Ok(Launch::NextAttempt(
                     ErrorClass::Capacity,
                     format!(
-                        "InsufficientInstanceCapacity: {} has no {} {} capacity (seen in the last 3 minutes)",
+                        "{why}: {} has no {} {} capacity (seen in the last 3 minutes)",
                         where_,
                         req.capacity_type.as_str(),
                         req.instance_type
