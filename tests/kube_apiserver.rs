@@ -608,6 +608,16 @@ fn aws_cluster(name: &str, replicas: u32, image: &str, subnet: &str) -> String {
 /// `fleetlb run` as the shipped ServiceAccount, identity `identity`, with the aws provider
 /// pointed at `moto`.
 fn run_with_moto(cp: &ControlPlane, identity: &str, moto: &moto_support::Moto) -> Fleetlb {
+    run_with_moto_args(cp, identity, moto, &[])
+}
+
+/// [`run_with_moto`] with more flags, SQS pointed at `moto` too.
+fn run_with_moto_args(
+    cp: &ControlPlane,
+    identity: &str,
+    moto: &moto_support::Moto,
+    args: &[&str],
+) -> Fleetlb {
     let kubeconfig = cp.service_account_kubeconfig(NS, "fleetlb");
     let log = std::env::var("FLEETLB_TEST_LOG").unwrap_or_else(|_| "info".into());
     let mut env: Vec<(&str, String)> = moto.env();
@@ -616,9 +626,10 @@ fn run_with_moto(cp: &ControlPlane, identity: &str, moto: &moto_support::Moto) -
         ("POD_NAMESPACE", NS.to_string()),
         ("POD_NAME", identity.to_string()),
         ("RUST_LOG", log),
+        ("FLEETLB_SQS_ENDPOINT", moto.url()),
     ]);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Fleetlb::run(&env, &[])
+    Fleetlb::run(&env, args)
 }
 
 fn lease_holder(cp: &ControlPlane) -> String {
@@ -905,4 +916,107 @@ fn an_endpoint_turning_healthy_or_sick_is_in_status_at_once() {
     let _ = server.kill();
     let _ = server.wait();
     ready_is("False", "HealthCheckFailing");
+}
+
+/// The interruption queue in Kubernetes mode: a spot interruption warning on the queue (moto's
+/// SQS) has the leader reconcile the instance's object at once (the sync period is an hour):
+/// the instance leaves `status.endpoints`, the path every proxy replica follows, a
+/// replacement becomes ready, an `Interrupted` Event reaches the API server, and the message
+/// is deleted.
+#[test]
+fn an_interruption_warning_drains_and_replaces_an_instance_through_the_status() {
+    let cp = installed();
+    let moto = moto_support::Moto::start();
+    let queue = "fleetlb-interruptions";
+    let url = moto_support::Moto::values(
+        &moto.sqs(&format!("Action=CreateQueue&QueueName={queue}")),
+        "QueueUrl",
+    )
+    .pop()
+    .expect("a queue URL");
+    let f = run_with_moto_args(
+        &cp,
+        "fleetlb-0",
+        &moto,
+        &["--interruption-queue", queue, "--sync-period", "60m"],
+    );
+    // A short deregistration delay: with several proxy replicas a retired instance is
+    // terminated after the whole delay (default 300 s), and the message is deleted then (on
+    // EC2, AWS reclaims a warned spot instance after two minutes anyway).
+    let web = cluster("web", 2).replace(
+        "  deletionPolicy: Delete",
+        "  deletionPolicy: Delete\n  deregistrationDelaySeconds: 5",
+    );
+    cp.applied(&web, &["-n", "default"]);
+    let bc = until_ready(&cp, "web", 2);
+    let endpoint_ids = |bc: &Value| -> Vec<String> {
+        bc["status"]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str().map(String::from))
+            .collect()
+    };
+    let before = endpoint_ids(&bc);
+    let victim = before[0].clone();
+    let warning = serde_json::json!({
+        "version": "0", "id": "5d6e1f0a-0b3c-4d2e-8f1a-2b3c4d5e6f70",
+        "detail-type": "EC2 Spot Instance Interruption Warning", "source": "aws.ec2",
+        "account": "123456789012", "time": "2026-12-06T12:00:00Z", "region": "us-east-1",
+        "resources": [], "detail": {"instance-id": victim, "instance-action": "terminate"},
+    });
+    moto.sqs(&format!(
+        "Action=SendMessage&QueueUrl={}&MessageBody={}",
+        moto_support::Moto::encode(&url),
+        moto_support::Moto::encode(&warning.to_string())
+    ));
+    until(
+        &cp,
+        "the victim out of the endpoints and a replacement ready",
+        &["get", "bc", "web", "-n", "default"],
+        |bc| {
+            let ids = endpoint_ids(bc);
+            bc["status"]["readyReplicas"] == 2 && ids.len() == 2 && !ids.contains(&victim)
+        },
+    );
+    eventually("the Interrupted Event", || {
+        events_of(&cp, "default", "web")
+            .iter()
+            .any(|e| {
+                e["reason"] == "Interrupted"
+                    && e["type"] == "Warning"
+                    && e["message"]
+                        .as_str()
+                        .or(e["note"].as_str())
+                        .is_some_and(|m| {
+                            m.starts_with(&format!("{victim}: a spot interruption warning"))
+                        })
+            })
+            .then_some(())
+    });
+    eventually("the message deleted", || {
+        let xml = moto.sqs(&format!(
+            "Action=GetQueueAttributes&QueueUrl={}&AttributeName.1=All",
+            moto_support::Moto::encode(&url)
+        ));
+        let left: u64 = xml
+            .split("<Attribute>")
+            .skip(1)
+            .filter(|a| a.contains("<Name>ApproximateNumberOfMessages"))
+            .filter_map(|a| {
+                moto_support::Moto::values(a, "Value")
+                    .first()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        (left == 0).then_some(())
+    });
+    assert_eq!(
+        f.metric(
+            "fleetlb_controller_interruption_messages_total",
+            &[("kind", "spot_interruption")]
+        ),
+        1.0
+    );
 }
