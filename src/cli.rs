@@ -407,15 +407,19 @@ fn parse_zone(s: &str) -> Result<String, String> {
     }
 }
 
-/// An SQS queue name (1 to 80 letters, digits, `-` and `_`, `.fifo` for a FIFO queue) or a
-/// queue URL.
+/// An SQS queue name (1 to 80 letters, digits, `-` and `_`) or a queue URL; not a FIFO
+/// queue (a message held while its instance drains would hold up every later one).
 fn parse_queue(s: &str) -> Result<String, String> {
+    if s.ends_with(".fifo") {
+        return Err(format!(
+            "{s:?} is a FIFO queue: use a standard queue (one message held while its instance drains would hold up every later one)"
+        ));
+    }
     if s.starts_with("https://") || s.starts_with("http://") {
         return Ok(s.to_string());
     }
-    let name = s.strip_suffix(".fifo").unwrap_or(s);
+    let name = s;
     let ok = (1..=80).contains(&s.len())
-        && !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');

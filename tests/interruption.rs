@@ -71,7 +71,7 @@ fn a_spot_interruption_warning_drains_and_replaces_the_instance_without_failing_
     let report = f.dir.path().join("bench.txt");
     let mut bench = Command::new(env!("CARGO_BIN_EXE_fleetlb"))
         .args(["bench", "--target", &format!("http://{}", f.proxy)])
-        .args(["--path", "/web", "--rate", "100", "--duration", "12s"])
+        .args(["--path", "/web", "--rate", "100", "--duration", "20s"])
         .args(["--max-error-rate", "0", "-c", "16"])
         .stdout(std::fs::File::create(&report).unwrap())
         .stderr(Stdio::null())
@@ -103,6 +103,10 @@ fn a_spot_interruption_warning_drains_and_replaces_the_instance_without_failing_
     eventually("3 ready instances again, the victim not among them", || {
         Some(ready(&f.status())).filter(|r| r.len() == 3 && !r.contains(&victim))
     });
+    assert!(
+        bench.try_wait().unwrap().is_none(),
+        "the load ended before the replacement served: the run proves nothing"
+    );
     eventually("the victim's process ends", || {
         (!alive(victim_pid)).then_some(())
     });

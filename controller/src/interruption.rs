@@ -95,8 +95,11 @@ pub fn parse(body: &str) -> Vec<(String, Kind)> {
                 _ => Vec::new(),
             }
         }
+        // A closed event is one AWS re-sends after the change: nothing more to do.
         (Some("aws.health"), Some("AWS Health Event"))
-            if detail["service"] == "EC2" && detail["eventTypeCategory"] == "scheduledChange" =>
+            if detail["service"] == "EC2"
+                && detail["eventTypeCategory"] == "scheduledChange"
+                && detail["statusCode"].as_str().is_none_or(|s| s != "closed") =>
         {
             detail["affectedEntities"]
                 .as_array()
@@ -162,8 +165,9 @@ pub struct Notices {
 pub const MAX_NOTICES: usize = 10_000;
 
 /// A notice of an instance no listing shows is done once it is this old: the listing the
-/// core settles from (at most a second old) was made after the notice arrived.
-const UNKNOWN_AFTER: Duration = Duration::from_secs(5);
+/// core settles from (at most a second old, bounded by the list deadline) was made after the
+/// notice arrived, with time to spare for DescribeInstances' eventual consistency.
+const UNKNOWN_AFTER: Duration = Duration::from_secs(10);
 
 impl Notices {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -172,14 +176,19 @@ impl Notices {
     }
 
     /// Records one received message naming `instances` (see [`parse`]); a message naming
-    /// none is done at once.
-    pub fn record(&self, receipt: Receipt, instances: &[(String, Kind)]) {
+    /// none is done at once. Returns false for a message received again (its visibility
+    /// timeout ended while its instance drains): only its receipt handle is new.
+    pub fn record(&self, receipt: Receipt, instances: &[(String, Kind)]) -> bool {
         let mut inner = self.lock();
         if instances.is_empty() {
             inner.done.push(receipt);
             drop(inner);
             self.deletable.notify_one();
-            return;
+            return true;
+        }
+        if let Some(handle) = inner.handles.get_mut(&receipt.message_id) {
+            *handle = receipt.handle;
+            return false;
         }
         for (id, kind) in instances {
             let notice = inner
@@ -192,9 +201,24 @@ impl Notices {
                 });
             notice.kind = notice.kind.max(*kind);
             notice.messages.insert(receipt.message_id.clone());
-            inner.fresh.push(id.clone());
+            if inner.fresh.len() < MAX_NOTICES {
+                inner.fresh.push(id.clone());
+            }
         }
         inner.handles.insert(receipt.message_id, receipt.handle);
+        drop(inner);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Puts back instances [`Notices::take_fresh`] gave out that could not be acted on yet.
+    pub fn refresh(&self, ids: Vec<String>) {
+        let mut inner = self.lock();
+        for id in ids {
+            if inner.fresh.len() < MAX_NOTICES && inner.by_instance.contains_key(&id) {
+                inner.fresh.push(id);
+            }
+        }
         drop(inner);
         self.changed.notify_one();
     }
@@ -339,6 +363,9 @@ pub async fn run(
         if let Some(l) = leader.as_mut()
             && l.wait_for(|lead| *lead).await.is_err()
         {
+            tracing::error!(
+                "leadership is no longer tracked: the interruption queue is not read any more"
+            );
             return;
         }
         let lost = async {
@@ -410,6 +437,16 @@ async fn serve(sqs: &aws_sdk_sqs::Client, queue: &str, notices: &Notices, metric
                             continue;
                         };
                         let named = parse(m.body().unwrap_or_default());
+                        let new = notices.record(
+                            Receipt {
+                                message_id: message_id.to_string(),
+                                handle: handle.to_string(),
+                            },
+                            &named,
+                        );
+                        if !new {
+                            continue;
+                        }
                         if named.is_empty() {
                             metrics
                                 .interruption_messages
@@ -427,13 +464,6 @@ async fn serve(sqs: &aws_sdk_sqs::Client, queue: &str, notices: &Notices, metric
                                 .inc();
                             tracing::info!(instance = %id, kind = kind.as_str(), message_id, "interruption queue: {}", kind.describe());
                         }
-                        notices.record(
-                            Receipt {
-                                message_id: message_id.to_string(),
-                                handle: handle.to_string(),
-                            },
-                            &named,
-                        );
                     }
                 }
                 Err(e) => {
@@ -461,7 +491,7 @@ async fn serve(sqs: &aws_sdk_sqs::Client, queue: &str, notices: &Notices, metric
                     Ok(_) => count("DeleteMessage", "ok"),
                     Err(e) => {
                         count("DeleteMessage", &code(&e));
-                        tracing::warn!(message_id = r.message_id, error = %aws_smithy_types::error::display::DisplayErrorContext(&e), "cannot delete an interruption message; it will be received again");
+                        tracing::warn!(message_id = r.message_id, error = %aws_smithy_types::error::display::DisplayErrorContext(&e), "cannot delete an interruption message (received again, it is settled again; or its retention period ended)");
                     }
                 }
             }
@@ -560,6 +590,13 @@ mod tests {
                 "EC2 Spot Instance Interruption Warning",
                 serde_json::json!({"instance-id": "not-an-instance"}),
             ),
+            event(
+                "aws.health",
+                "AWS Health Event",
+                serde_json::json!({"service": "EC2", "eventTypeCategory": "scheduledChange",
+                                   "statusCode": "closed",
+                                   "affectedEntities": [{"entityValue": ID}]}),
+            ),
             event("aws.s3", "Object Created", serde_json::json!({})),
             "{\"Event\":\"s3:TestEvent\"}".to_string(),
             "not json".to_string(),
@@ -631,7 +668,11 @@ mod tests {
             message_id: "m1".into(),
             handle: "h1-again".into(),
         };
-        notices.record(again.clone(), &[(ID.into(), Kind::SpotInterruption)]);
+        assert!(
+            !notices.record(again.clone(), &[(ID.into(), Kind::SpotInterruption)]),
+            "received again: not new"
+        );
+        assert_eq!(notices.take_fresh().len(), 1, "named once");
         notices.settle(|_| Some(InstanceState::Terminated));
         assert_eq!(notices.take_done(), [again]);
     }

@@ -214,7 +214,11 @@ impl Standalone {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 // An instance named by the interruption queue leaves at once.
-                () = notices.changed() => next_pass = Instant::now(),
+                () = notices.changed() => {
+                    // A pass looks at every object; which ones are named does not matter.
+                    notices.take_fresh();
+                    next_pass = Instant::now();
+                }
                 () = &mut shutdown => return,
             }
         }

@@ -1757,11 +1757,29 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
         .map(|e| e["note"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(notes.len(), 1, "{}", cluster["events"]);
+    let held = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(
+            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        held.attributes().and_then(|a| {
+            a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        }),
+        Some(&"2".to_string()),
+        "the warning (and the one about an unknown instance) stay in the queue while their instances may still be running"
+    );
     assert!(
         notes[0].starts_with(&format!("{victim}: a spot interruption warning;")),
         "{notes:?}"
     );
-    // Then: terminated, two others live, every message deleted.
+    // Then: terminated, two others live, every message deleted (the one about an instance no
+    // listing shows after 10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let attrs = || async {
         let out = sqs
             .get_queue_attributes()

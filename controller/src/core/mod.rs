@@ -382,6 +382,7 @@ impl Core {
         // another (type, subnet) or market.
         for i in mine.iter().filter(|i| {
             interrupted.get(&i.id) == Some(&crate::interruption::Kind::SpotInterruption)
+                && i.state.is_live()
                 && !state.draining.contains_key(&i.id)
         }) {
             if let Some(p) = self.providers.get(i.provider) {
@@ -587,6 +588,8 @@ impl Core {
             return Vec::new();
         }
         let Some(states) = self.listed_states(objects).await else {
+            // Tried again at the next message or resync; the notices stay meanwhile.
+            self.cfg.notices.refresh(ids);
             return Vec::new();
         };
         let mut owners: Vec<ClusterKey> = ids

@@ -98,14 +98,26 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
     let hash = spec_hash(bc);
     let desired = desired_replicas(bc);
     let healthy = |i: &Instance| obs.health.get(&i.id).is_some_and(|h| h.healthy);
+    // Named by the interruption queue: a spot warning or a state change means the instance
+    // is going now (retired at once); a rebalance recommendation or a scheduled change means
+    // it will (replaced surge-first, like drift: retired once the rollout's floor allows).
+    let notice = |i: &Instance| obs.interrupted.get(&i.id).copied();
+    let going = |i: &Instance| {
+        matches!(
+            notice(i),
+            Some(
+                crate::interruption::Kind::SpotInterruption
+                    | crate::interruption::Kind::StateChange
+            )
+        )
+    };
 
     let mut retire: Vec<String> = obs
         .instances
         .iter()
         .filter(|i| {
             i.belongs_to(uid)
-                && (i.state.is_stopped()
-                    || (i.state.is_live() && obs.interrupted.contains_key(&i.id)))
+                && (i.state.is_stopped() || (i.state.is_live() && going(i)))
                 && !obs.draining.contains(&i.id)
         })
         .map(|i| i.id.clone())
@@ -115,14 +127,12 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         .iter()
         .copied()
         .filter(|i| {
-            i.belongs_to(uid)
-                && i.state.is_live()
-                && !obs.draining.contains(&i.id)
-                && !obs.interrupted.contains_key(&i.id)
+            i.belongs_to(uid) && i.state.is_live() && !obs.draining.contains(&i.id) && !going(i)
         })
         .collect();
-    let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) =
-        mine.iter().partition(|i| i.drift(bc).is_none());
+    let (mut current, drifted): (Vec<&Instance>, Vec<&Instance>) = mine
+        .iter()
+        .partition(|i| i.drift(bc).is_none() && notice(i).is_none());
 
     let mut launch = Vec::new();
     {
@@ -207,7 +217,12 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 _ => 1,
             };
             let cycle = types.saturating_mul(subnets);
-            seen.div_ceil(cycle).saturating_mul(cycle).max(recorded)
+            if recorded >= seen {
+                // An intent not yet seen as an instance: repeated exactly (same token).
+                recorded
+            } else {
+                seen.div_ceil(cycle).saturating_mul(cycle)
+            }
         };
         for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };

@@ -565,3 +565,49 @@ fn a_replacement_goes_back_to_its_slots_subnet() {
         );
     }
 }
+
+#[test]
+fn a_rebalance_recommendation_replaces_the_instance_before_it_leaves() {
+    let b = bc(1, "t2.micro");
+    let old = inst(&b, "i-old", 0, InstanceState::Running, 100);
+    let notices = HashMap::from([(
+        "i-old".to_string(),
+        crate::interruption::Kind::RebalanceRecommendation,
+    )]);
+    // The only instance: it keeps serving while its replacement launches.
+    let p = run_interrupted(&b, std::slice::from_ref(&old), &["i-old"], &notices);
+    assert!(p.retire.is_empty(), "{:?}", p.retire);
+    assert_eq!(p.endpoints.len(), 1);
+    assert_eq!(p.launch.len(), 1);
+    // Its replacement healthy: now it goes.
+    let new = inst(&b, "i-new", 1, InstanceState::Running, 1);
+    let p = run_interrupted(&b, &[old, new], &["i-old", "i-new"], &notices);
+    assert_eq!(p.retire, ["i-old"]);
+    assert!(p.launch.is_empty());
+}
+
+#[test]
+fn a_recorded_intent_is_repeated_as_it_was_whatever_the_rounding() {
+    let mut b = bc(1, "t3.small");
+    b.spec.provider = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
+    }))
+    .unwrap();
+    // Slot 0's instance (attempt 0) is gone, and attempt 1 (a capacity fallback) was recorded
+    // and perhaps sent before a crash: the replay is attempt 1, not a fresh round.
+    b.status = Some(fleetlb_crds::BackendClusterStatus {
+        launches: vec![fleetlb_crds::LaunchIntent {
+            slot: 0,
+            attempt: 1,
+            client_token: "token-1".into(),
+            subnet_id: Some("subnet-b".into()),
+            instance_id: None,
+            recorded_at: None,
+        }],
+        ..Default::default()
+    });
+    let gone = inst(&b, "i-gone", 0, InstanceState::Terminated, 10);
+    let p = run(&b, &[gone], &[]);
+    assert_eq!(p.launch.len(), 1);
+    assert_eq!(p.launch[0].attempt, 1);
+}
