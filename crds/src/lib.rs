@@ -18,7 +18,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use provider::{AwsProvider, LocalProvider, ProviderSpec, StaticProvider};
+pub use provider::{AwsProvider, LocalProvider, ProviderSpec, StaticProvider, is_arm64};
 pub use status::{
     AutoscalingStatus, BackendClusterStatus, EndpointStatus, InstanceStatus, LaunchIntent,
 };
@@ -77,6 +77,10 @@ pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_
     "rule": "!has(self.capacityType) || self.capacityType == 'on-demand' || has(self.provider.aws)",
     "message": "spot capacity needs the aws provider",
     "fieldPath": ".capacityType"
+}, {
+    "rule": "!has(self.instanceTypes) || !has(self.provider.aws) || has(self.provider.aws.arm64ImageId) || self.instanceTypes.all(t, t.matches('^(a1|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]')) || self.instanceTypes.all(t, !t.matches('^(a1|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]'))",
+    "message": "lists arm64 (Graviton) and x86_64 types: set provider.aws.arm64ImageId, the AMI of the arm64 ones (imageId serves the others)",
+    "fieldPath": ".instanceTypes"
 }]))]
 pub struct BackendClusterSpec {
     /// Path prefix served by this cluster, e.g. `/cluster1`. Matches the prefix itself and

@@ -32,9 +32,16 @@ impl ProviderSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AwsProvider {
-    /// AMI id, e.g. `ami-0abcdef1234567890`.
+    /// AMI id, e.g. `ami-0abcdef1234567890`: of every instance type, or only of the x86_64 ones
+    /// when `arm64ImageId` is set.
     #[schemars(pattern(validate::AMI_PATTERN))]
     pub image_id: String,
+    /// AMI of the arm64 (Graviton) types (`t4g`, `m7g`, `c6gn`, ...: a `g` after the
+    /// generation digit, and `a1`), one AMI per architecture. Required when `instanceTypes`
+    /// lists types of both architectures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(validate::AMI_PATTERN))]
+    pub arm64_image_id: Option<String>,
     /// Subnets to spread instances over, round-robin (one per availability zone is typical).
     #[serde(default)]
     #[schemars(length(max = 16))]
@@ -57,6 +64,35 @@ pub struct AwsProvider {
     /// Extra tags put on every instance at creation.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: std::collections::BTreeMap<String, String>,
+}
+
+impl AwsProvider {
+    /// The AMI instances of `instance_type` launch from: `arm64ImageId` for arm64 types when
+    /// set, else `imageId`.
+    pub fn image_for(&self, instance_type: &str) -> &str {
+        match &self.arm64_image_id {
+            Some(arm) if is_arm64(instance_type) => arm,
+            _ => &self.image_id,
+        }
+    }
+}
+
+/// Whether EC2 instance type `t` is arm64 (Graviton), by its family name: a `g` among the
+/// letters after the generation digit (`t4g`, `m7gd`, `c6gn`, `g5g`, `im4gn`, `is4gen`) or
+/// `a1`. The same rule as the CRD's CEL check of `instanceTypes`.
+pub fn is_arm64(t: &str) -> bool {
+    let family = t.split('.').next().unwrap_or_default();
+    if family == "a1" {
+        return true;
+    }
+    let rest = family.trim_start_matches(|c: char| c.is_ascii_lowercase());
+    let prefix = family.len() - rest.len();
+    let after = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    prefix > 0
+        && after.len() < rest.len()
+        && after.bytes().all(|b| b.is_ascii_lowercase())
+        && after.contains('g')
+        && t.contains('.')
 }
 
 /// Local child processes (`fleetlb backend`), for the demo and tests.

@@ -436,4 +436,66 @@ mod tests {
             ["spec.healthCheck.timeoutSeconds: timeoutSeconds must not exceed intervalSeconds"]
         );
     }
+
+    #[test]
+    fn types_of_both_architectures_need_an_arm64_image() {
+        let types = |list: &[&str], arm: bool| {
+            let mut aws = json!({"imageId": "ami-0123456789abcdef0"});
+            if arm {
+                aws["arm64ImageId"] = json!("ami-0fedcba9876543210");
+            }
+            fields(&spec(
+                json!({"instanceType": null, "instanceTypes": list, "provider": {"aws": aws}}),
+            ))
+        };
+        assert_eq!(
+            types(&["t4g.small", "t3.small"], false),
+            [
+                "spec.instanceTypes: lists arm64 (Graviton) and x86_64 types: set provider.aws.arm64ImageId, the AMI of the arm64 ones (imageId serves the others)"
+            ]
+        );
+        assert!(types(&["t4g.small", "t3.small"], true).is_empty());
+        assert!(types(&["t4g.small", "m7gd.large", "c6gn.xlarge"], false).is_empty());
+        assert!(
+            types(
+                &["t3.small", "g5.xlarge", "g4dn.xlarge", "c6in.large"],
+                false
+            )
+            .is_empty()
+        );
+        // The Rust rule the launches use agrees with the CEL rule the API server applies.
+        let arm = [
+            "t4g.small",
+            "m7gd.large",
+            "c6gn.xlarge",
+            "g5g.xlarge",
+            "im4gn.large",
+            "is4gen.large",
+            "x2gd.medium",
+            "hpc7g.4xlarge",
+            "a1.large",
+            "r8g.large",
+        ];
+        let x86 = [
+            "t3.small",
+            "t3a.small",
+            "g5.xlarge",
+            "g4dn.xlarge",
+            "g4ad.xlarge",
+            "c6in.large",
+            "m5zn.large",
+            "gr6.4xlarge",
+            "p5en.48xlarge",
+            "inf2.xlarge",
+            "trn1.2xlarge",
+        ];
+        for t in arm {
+            assert!(crate::is_arm64(t), "{t}");
+            assert!(!types(&[t, "t3.small"], false).is_empty(), "{t} + t3.small");
+        }
+        for t in x86 {
+            assert!(!crate::is_arm64(t), "{t}");
+            assert!(types(&[t, "t3.small"], false).is_empty(), "{t} + t3.small");
+        }
+    }
 }

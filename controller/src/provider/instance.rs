@@ -135,10 +135,11 @@ impl Instance {
         let (ProviderSpec::Aws(aws), Some(seen)) = (&bc.spec.provider, &self.launched_as) else {
             return None;
         };
+        let want = aws.image_for(&self.instance_type);
         if let Some(image) = &seen.image_id
-            && *image != aws.image_id
+            && image != want
         {
-            return Some(format!("image is {image}, not {}", aws.image_id));
+            return Some(format!("image is {image}, not {want}"));
         }
         if let Some(subnet) = &seen.subnet_id
             && !aws.subnet_ids.is_empty()

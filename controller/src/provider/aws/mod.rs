@@ -199,7 +199,7 @@ impl AwsProvider {
             .ready()
             .await
             .run_instances()
-            .image_id(&aws.image_id)
+            .image_id(aws.image_for(&req.instance_type))
             .instance_type(InstanceType::from(req.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
