@@ -211,7 +211,9 @@ impl Notices {
         true
     }
 
-    /// Puts back instances [`Notices::take_fresh`] gave out that could not be acted on yet.
+    /// Puts back instances [`Notices::take_fresh`] gave out that could not be acted on yet,
+    /// for the next message to take along (without waking anyone: a failing listing is not
+    /// retried in a loop; the owners' resync acts on the notices meanwhile).
     pub fn refresh(&self, ids: Vec<String>) {
         let mut inner = self.lock();
         for id in ids {
@@ -219,8 +221,6 @@ impl Notices {
                 inner.fresh.push(id);
             }
         }
-        drop(inner);
-        self.changed.notify_one();
     }
 
     /// The instances with a notice, and the most urgent thing said of each.

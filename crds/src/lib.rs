@@ -78,7 +78,7 @@ pub use validate::{FieldError, field_path, json_schema, schema_errors, validate_
     "message": "spot capacity needs the aws provider",
     "fieldPath": ".capacityType"
 }, {
-    "rule": "!has(self.instanceTypes) || !has(self.provider.aws) || has(self.provider.aws.arm64ImageId) || self.instanceTypes.all(t, t.matches('^(a1|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]')) || self.instanceTypes.all(t, !t.matches('^(a1|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]'))",
+    "rule": "!has(self.instanceTypes) || !has(self.provider.aws) || has(self.provider.aws.arm64ImageId) || self.instanceTypes.all(t, t.matches('^(a1|p6e-gb[0-9a-z]*|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]')) || self.instanceTypes.all(t, !t.matches('^(a1|p6e-gb[0-9a-z]*|[a-z]+[0-9]+[a-z]*g[a-z]*)[.]'))",
     "message": "lists arm64 (Graviton) and x86_64 types: set provider.aws.arm64ImageId, the AMI of the arm64 ones (imageId serves the others)",
     "fieldPath": ".instanceTypes"
 }]))]

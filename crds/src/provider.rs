@@ -78,11 +78,12 @@ impl AwsProvider {
 }
 
 /// Whether EC2 instance type `t` is arm64 (Graviton), by its family name: a `g` among the
-/// letters after the generation digit (`t4g`, `m7gd`, `c6gn`, `g5g`, `im4gn`, `is4gen`) or
-/// `a1`. The same rule as the CRD's CEL check of `instanceTypes`.
+/// letters after the generation digit (`t4g`, `m7gd`, `c6gn`, `g5g`, `im4gn`, `is4gen`), `a1`
+/// or `p6e-gb*`. The same rule as the CRD's CEL check of `instanceTypes`.
 pub fn is_arm64(t: &str) -> bool {
     let family = t.split('.').next().unwrap_or_default();
-    if family == "a1" {
+    // `a1`, and the NVIDIA Grace (arm64) hosts of `p6e-gb200`.
+    if family == "a1" || family.starts_with("p6e-gb") {
         return true;
     }
     let rest = family.trim_start_matches(|c: char| c.is_ascii_lowercase());

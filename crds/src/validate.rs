@@ -475,6 +475,9 @@ mod tests {
             "hpc7g.4xlarge",
             "a1.large",
             "r8g.large",
+            "p6e-gb200.36xlarge",
+            "i8ge.large",
+            "c8gn.large",
         ];
         let x86 = [
             "t3.small",
@@ -488,6 +491,14 @@ mod tests {
             "p5en.48xlarge",
             "inf2.xlarge",
             "trn1.2xlarge",
+            "u7i-12tb.224xlarge",
+            "u-6tb1.metal",
+            "c7i-flex.large",
+            "trn2u.48xlarge",
+            "hpc6a.48xlarge",
+            "x2iezn.2xlarge",
+            "z1d.large",
+            "dl2q.24xlarge",
         ];
         for t in arm {
             assert!(crate::is_arm64(t), "{t}");

@@ -378,15 +378,22 @@ impl Core {
             self.cfg.notices.interrupted()
         };
         let mut state = self.objects().remove(&key).unwrap_or_default();
-        // A spot interruption reclaims that pool: the replacement launched below goes to
-        // another (type, subnet) or market.
+        // A spot interruption reclaims that pool, and a rebalance recommendation says it is at
+        // risk: the replacement launched below goes to another (type, subnet) or market (as
+        // EC2 Auto Scaling's capacity rebalancing does), not back into it.
         for i in mine.iter().filter(|i| {
-            interrupted.get(&i.id) == Some(&crate::interruption::Kind::SpotInterruption)
-                && i.state.is_live()
+            matches!(
+                interrupted.get(&i.id),
+                Some(
+                    crate::interruption::Kind::SpotInterruption
+                        | crate::interruption::Kind::RebalanceRecommendation
+                )
+            ) && i.state.is_live()
                 && !state.draining.contains_key(&i.id)
         }) {
-            if let Some(p) = self.providers.get(i.provider) {
-                p.spot_interrupted(i);
+            if let (Some(p), Some(kind)) = (self.providers.get(i.provider), interrupted.get(&i.id))
+            {
+                p.spot_interrupted(i, kind.describe());
             }
         }
         let mut applied = execute::apply(
@@ -588,7 +595,7 @@ impl Core {
             return Vec::new();
         }
         let Some(states) = self.listed_states(objects).await else {
-            // Tried again at the next message or resync; the notices stay meanwhile.
+            // Put back for the next message; the owners' resync acts on the notices meanwhile.
             self.cfg.notices.refresh(ids);
             return Vec::new();
         };

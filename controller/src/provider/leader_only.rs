@@ -93,8 +93,8 @@ impl Provider for LeaderOnly {
         }
     }
 
-    fn spot_interrupted(&self, instance: &crate::provider::Instance) {
-        self.inner.spot_interrupted(instance);
+    fn spot_interrupted(&self, instance: &crate::provider::Instance, why: &str) {
+        self.inner.spot_interrupted(instance, why);
     }
 
     fn manages_instances(&self) -> bool {

@@ -158,11 +158,20 @@ impl LaunchRequest {
     pub fn token(&self) -> String {
         // With several types the spec hash leaves them out (editing the list replaces
         // nothing): the token names this attempt's type itself.
-        let hash = if self.instance_types.len() > 1 {
+        let mut hash = if self.instance_types.len() > 1 {
             format!("{}/{}", self.spec_hash, self.instance_type)
         } else {
             self.spec_hash.clone()
         };
+        // `arm64ImageId` is out of the spec hash too (changing it replaces only the arm64
+        // instances, by their image): the token names the attempt's image, so a replay after
+        // an image edit is a new launch, never a repeat with other parameters.
+        if let ProviderSpec::Aws(a) = &self.provider
+            && a.arm64_image_id.is_some()
+        {
+            hash.push('/');
+            hash.push_str(a.image_for(&self.instance_type));
+        }
         scoped_token(
             &self.token_scope,
             &self.owner_uid,
@@ -222,11 +231,12 @@ pub trait Provider: Send + Sync {
         true
     }
 
-    /// `instance` got a spot interruption warning: its capacity pool is being reclaimed. The
-    /// default does nothing; `aws` marks its (type, subnet) spot capacity unavailable, as for
-    /// a capacity shortage, so the replacement goes elsewhere (as Karpenter does).
-    fn spot_interrupted(&self, instance: &Instance) {
-        let _ = instance;
+    /// `instance` got a spot interruption warning or a rebalance recommendation (`why`): its
+    /// capacity pool is being reclaimed or is at risk. The default does nothing; `aws` marks
+    /// its (type, subnet) spot capacity unavailable, as for a capacity shortage, so the
+    /// replacement goes elsewhere (as Karpenter does).
+    fn spot_interrupted(&self, instance: &Instance, why: &str) {
+        let _ = (instance, why);
     }
 
     /// What makes this provider's launch tokens unique beyond the object (`aws`: the install's

@@ -30,7 +30,18 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 /// Hash of the spec fields whose change requires new instances (type, port, provider settings).
 pub fn spec_hash(bc: &BackendCluster) -> String {
     let s = &bc.spec;
-    let provider = serde_json::to_string(&s.provider).unwrap_or_default();
+    // `arm64ImageId` stays out: an instance's image is checked against its own type's image
+    // (`Instance::drift`), so changing the arm64 image replaces only arm64 instances, and
+    // setting it leaves every hash written before it existed as it was.
+    let provider = match &s.provider {
+        fleetlb_crds::ProviderSpec::Aws(a) if a.arm64_image_id.is_some() => {
+            let mut a = a.clone();
+            a.arm64_image_id = None;
+            serde_json::to_string(&fleetlb_crds::ProviderSpec::Aws(a))
+        }
+        p => serde_json::to_string(p),
+    }
+    .unwrap_or_default();
     // One type hashes as `instanceType` always has (no replacements on upgrade). Several are
     // left out: adding, dropping or reordering fallback types replaces nothing (an instance of
     // a type no longer listed is drift of its own, see `Instance::drift`).

@@ -168,8 +168,16 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
             });
             for i in order {
                 if healthy(i) {
-                    if healthy_total <= floor {
-                        break;
+                    // Only named by a rebalance recommendation or a scheduled change (hours or
+                    // days ahead): it serves until a replacement is healthy, whatever
+                    // maxUnavailable would allow.
+                    let keep = if i.drift(bc).is_none() {
+                        desired
+                    } else {
+                        floor
+                    };
+                    if healthy_total <= keep {
+                        continue;
                     }
                     healthy_total -= 1;
                 }

@@ -584,6 +584,19 @@ fn a_rebalance_recommendation_replaces_the_instance_before_it_leaves() {
     let p = run_interrupted(&b, &[old, new], &["i-old", "i-new"], &notices);
     assert_eq!(p.retire, ["i-old"]);
     assert!(p.launch.is_empty());
+    // Four replicas, where maxUnavailable would let one go at once: it still waits for its
+    // replacement (the notice may come days ahead).
+    let b = bc(4, "t2.micro");
+    let is: Vec<Instance> = (0..4)
+        .map(|s| inst(&b, &format!("i-{s}"), s, InstanceState::Running, 100))
+        .collect();
+    let notices = HashMap::from([(
+        "i-0".to_string(),
+        crate::interruption::Kind::ScheduledChange,
+    )]);
+    let p = run_interrupted(&b, &is, &["i-0", "i-1", "i-2", "i-3"], &notices);
+    assert!(p.retire.is_empty(), "{:?}", p.retire);
+    assert_eq!(p.launch.len(), 1);
 }
 
 #[test]
@@ -610,4 +623,50 @@ fn a_recorded_intent_is_repeated_as_it_was_whatever_the_rounding() {
     let p = run(&b, &[gone], &[]);
     assert_eq!(p.launch.len(), 1);
     assert_eq!(p.launch[0].attempt, 1);
+}
+
+#[test]
+fn the_arm64_image_replaces_only_arm64_instances() {
+    let aws = |arm: Option<&str>| {
+        let mut b = bc(2, "t3.small");
+        b.spec.instance_type = None;
+        b.spec.instance_types = vec!["t4g.small".into(), "t3.small".into()];
+        b.spec.provider = ProviderSpec::Aws(fleetlb_crds::AwsProvider {
+            image_id: "ami-00000001".into(),
+            arm64_image_id: arm.map(String::from),
+            ..Default::default()
+        });
+        b
+    };
+    let (one, two) = (aws(Some("ami-0000000a")), aws(Some("ami-0000000b")));
+    // Out of the hash: setting or changing it replaces nothing by itself...
+    assert_eq!(spec_hash(&aws(None)), spec_hash(&one));
+    assert_eq!(spec_hash(&one), spec_hash(&two));
+    // ... each instance is checked against its own type's image.
+    let launched = |b: &BackendCluster, id: &str, t: &str| {
+        let mut i = inst(b, id, 0, InstanceState::Running, 10);
+        i.instance_type = t.into();
+        i.launched_as = Some(crate::provider::LaunchedAs {
+            image_id: Some(
+                match &b.spec.provider {
+                    ProviderSpec::Aws(a) => a.image_for(t),
+                    _ => unreachable!(),
+                }
+                .to_string(),
+            ),
+            ..Default::default()
+        });
+        i
+    };
+    let arm = launched(&one, "i-arm", "t4g.small");
+    let x86 = launched(&one, "i-x86", "t3.small");
+    assert_eq!(arm.drift(&one), None);
+    assert_eq!(x86.drift(&one), None);
+    assert!(arm.drift(&two).is_some_and(|d| d.contains("ami-0000000a")));
+    assert_eq!(x86.drift(&two), None, "the x86_64 instance keeps serving");
+    // The token names the attempt's image: a replay after an edit is a new launch.
+    let p1 = run(&one, &[], &[]);
+    let p2 = run(&two, &[], &[]);
+    assert_eq!(p1.launch[0].instance_type, "t4g.small");
+    assert_ne!(p1.launch[0].token(), p2.launch[0].token());
 }

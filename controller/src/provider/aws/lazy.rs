@@ -80,10 +80,10 @@ impl Provider for LazyAwsProvider {
         async move { self.get().await.release(ids).await }.boxed()
     }
 
-    fn spot_interrupted(&self, instance: &Instance) {
+    fn spot_interrupted(&self, instance: &Instance, why: &str) {
         // Only instances it listed are interrupted: it is configured by then.
         if let Some(p) = self.cell.get() {
-            p.spot_interrupted(instance);
+            p.spot_interrupted(instance, why);
         }
     }
 }

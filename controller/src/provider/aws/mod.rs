@@ -281,7 +281,12 @@ impl AwsProvider {
                 self.by_token(&token).await
             }
             Err(e) => {
-                if e.code().is_some_and(|c| no_capacity_code(c, spot)) {
+                // The type's architecture is not the image's (a family fleetlb classifies
+                // wrongly, or one image for both): this type cannot launch here, the next
+                // type may.
+                let wrong_arch = e.code() == Some("InvalidParameterValue")
+                    && e.message().is_some_and(|m| m.contains("architecture"));
+                if wrong_arch || e.code().is_some_and(|c| no_capacity_code(c, spot)) {
                     // Without subnets EC2 picks the zone: the next attempt is the next type or
                     // market there.
                     let s = subnet.unwrap_or("the default subnet");
@@ -365,16 +370,11 @@ impl Provider for AwsProvider {
         ProviderKind::Aws
     }
 
-    fn spot_interrupted(&self, instance: &Instance) {
+    fn spot_interrupted(&self, instance: &Instance, why: &str) {
         if let Some(l) = instance.launched_as.as_ref().filter(|l| l.spot) {
             let subnet = l.subnet_id.as_deref().unwrap_or("the default subnet");
-            tracing::info!(id = %instance.id, instance_type = %instance.instance_type, subnet, "spot interruption: no spot launches of this type in this subnet for 3 minutes");
-            self.mark_no_capacity(
-                &instance.instance_type,
-                subnet,
-                true,
-                "a spot interruption warning",
-            );
+            tracing::info!(id = %instance.id, instance_type = %instance.instance_type, subnet, "{why}: no spot launches of this type in this subnet for 3 minutes");
+            self.mark_no_capacity(&instance.instance_type, subnet, true, why);
         }
     }
 
