@@ -1486,13 +1486,14 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
         .collect();
     let mut tried = runs.clone();
     tried.dedup();
-    // Spot in every subnet (each its own attempt and token), then on-demand.
-    assert_eq!(tried.len(), env.subnets.len() + 1, "{tried:?}");
+    // Spot, then on-demand in the same subnet (the slot keeps its zone), each its own
+    // attempt and token.
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    assert!(tried[0].1 && !tried[1].1, "{tried:?}");
     assert!(
-        tried[..env.subnets.len()].iter().all(|(_, spot, _)| *spot),
+        tried.iter().all(|(_, _, s)| *s == env.subnets[0]),
         "{tried:?}"
     );
-    assert!(!tried.last().unwrap().1, "{tried:?}");
     let mut tokens: Vec<&String> = tried.iter().map(|(t, _, _)| t).collect();
     tokens.sort();
     tokens.dedup();
@@ -1973,4 +1974,39 @@ async fn each_type_launches_from_its_architectures_image() {
     ];
     want.sort();
     assert_eq!(launched, want, "{runs:?}");
+}
+
+/// `MaxSpotInstanceCountExceeded` is the account's spot limit, not one pool's: after the first
+/// refusal no other type or subnet is asked for spot for 3 minutes, and spot-then-on-demand
+/// goes on-demand everywhere with the spread kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accounts_spot_limit_stops_spot_requests_everywhere() {
+    let env = env().await;
+    let proxy = FaultProxy::start(&env._moto.url).await;
+    let conf = sdk_config(&proxy.url);
+    proxy.refuse_spot_with("MaxSpotInstanceCountExceeded");
+    let dir = tempfile::tempdir().unwrap();
+    let text = spot_yaml(&yaml(&env, "web", 3, "Delete"), "spot-then-on-demand");
+    std::fs::write(dir.path().join("web.yaml"), text).unwrap();
+    let mut d = driver_with(&conf, dir.path(), "ctl-limit", |_| {});
+    converge(&mut d, &env, "ctl-limit", "web", 3).await;
+    let runs: Vec<(String, String)> = proxy
+        .run_instances()
+        .iter()
+        .map(|f| {
+            let get = |k: &str| support::field(f, k).unwrap_or_default();
+            (get("InstanceMarketOptions.MarketType"), get("SubnetId"))
+        })
+        .collect();
+    let spot = runs.iter().filter(|(m, _)| m == "spot").count();
+    assert_eq!(spot, 1, "one refusal says it for the account: {runs:?}");
+    let mut subnets: Vec<String> = live(&env.ec2, "ctl-limit", "web")
+        .await
+        .iter()
+        .map(|i| i.subnet_id().unwrap().to_string())
+        .collect();
+    subnets.sort();
+    let mut want = env.subnets.clone();
+    want.sort();
+    assert_eq!(subnets, want, "one on-demand instance per subnet: {runs:?}");
 }

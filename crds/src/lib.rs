@@ -146,8 +146,8 @@ pub struct BackendClusterSpec {
     pub protocol: Protocol,
 
     /// Which EC2 market instances are bought in (`aws` provider): `on-demand` (default),
-    /// `spot`, or `spot-then-on-demand` (spot while any subnet has spot capacity for the type,
-    /// else on-demand). Applies to launches from now on; running instances stay as they are.
+    /// `spot`, or `spot-then-on-demand` (in each zone spot first, then on-demand, before the
+    /// next zone). Applies to launches from now on; running instances stay as they are.
     /// Spot instances can be reclaimed with two minutes' warning; the balancer's latency
     /// estimates and health checks keep traffic off those that go.
     #[serde(default, skip_serializing_if = "CapacityType::is_default")]

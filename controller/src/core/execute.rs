@@ -200,7 +200,7 @@ pub async fn apply(
         // was really sent); at most one attempt per subnet, and a few for spent tokens.
         let tries = match &req.provider {
             fleetlb_crds::ProviderSpec::Aws(a) => {
-                a.subnet_ids.len().max(1) * req.instance_types.len().max(1) + 2
+                a.subnet_ids.len().max(1) * req.per_subnet() as usize + 2
             }
             _ => 3,
         };

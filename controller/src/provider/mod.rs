@@ -140,9 +140,27 @@ pub struct LaunchRequest {
 
 impl LaunchRequest {
     /// The attempt as the subnet rotation counts it: each subnet takes one attempt per type
-    /// (see [`type_for`]).
+    /// and market (see [`type_for`], [`LaunchRequest::spot`]).
     pub fn zone_attempt(&self) -> u32 {
-        self.attempt / u32::try_from(self.instance_types.len().max(1)).unwrap_or(1)
+        self.attempt / self.per_subnet()
+    }
+
+    /// Attempts per subnet: one per type, per market (`spot-then-on-demand` has two).
+    pub fn per_subnet(&self) -> u32 {
+        let types = u32::try_from(self.instance_types.len().max(1)).unwrap_or(1);
+        types.saturating_mul(markets(self.capacity_type))
+    }
+
+    /// Whether this attempt asks for spot: `spot` always, `on-demand` never,
+    /// `spot-then-on-demand` each type in spot first, then each in on-demand, in the same
+    /// subnet before the next.
+    pub fn spot(&self) -> bool {
+        let types = u32::try_from(self.instance_types.len().max(1)).unwrap_or(1);
+        match self.capacity_type {
+            fleetlb_crds::CapacityType::OnDemand => false,
+            fleetlb_crds::CapacityType::Spot => true,
+            fleetlb_crds::CapacityType::SpotThenOnDemand => (self.attempt / types) % 2 == 0,
+        }
     }
 
     /// Moves on to `attempt`, with its instance type.
@@ -194,6 +212,14 @@ pub enum Launch {
     /// instance that is gone): the caller records the next attempt, then launches that, so a
     /// crash in between replays the next attempt rather than this one.
     NextAttempt(ErrorClass, String),
+}
+
+/// How many markets a launch of `capacity` tries in each subnet.
+pub fn markets(capacity: fleetlb_crds::CapacityType) -> u32 {
+    match capacity {
+        fleetlb_crds::CapacityType::SpotThenOnDemand => 2,
+        _ => 1,
+    }
 }
 
 /// A source of instances.

@@ -214,9 +214,10 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 .map(|l| l.attempt)
                 .max()
                 .unwrap_or(0);
-            // A new launch starts again at the preferred type in the slot's own subnet (a
-            // multiple of types x subnets: slots spread round-robin, so replacing one keeps
-            // the spread over zones even); a recorded intent is repeated exactly.
+            // A new launch starts again at the preferred type and market in the slot's own
+            // subnet (a multiple of types x markets x subnets: slots spread round-robin, so
+            // replacing one keeps the spread over zones even); a recorded intent is repeated
+            // exactly.
             let types = u32::try_from(bc.spec.instance_types.len().max(1)).unwrap_or(1);
             let subnets = match &bc.spec.provider {
                 fleetlb_crds::ProviderSpec::Aws(a) => {
@@ -224,7 +225,9 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 }
                 _ => 1,
             };
-            let cycle = types.saturating_mul(subnets);
+            let cycle = types
+                .saturating_mul(subnets)
+                .saturating_mul(crate::provider::markets(bc.spec.capacity_type));
             if recorded >= seen {
                 // An intent not yet seen as an instance: repeated exactly (same token).
                 recorded

@@ -149,6 +149,8 @@ struct FaultState {
     full: Vec<String>,
     /// No spot capacity anywhere.
     no_spot: bool,
+    /// Spot launches answered with this error code (e.g. the account's spot limit).
+    spot_code: Option<&'static str>,
     /// (instance type, subnet) without capacity.
     full_type: Vec<(String, String)>,
 }
@@ -256,6 +258,14 @@ impl FaultProxy {
                                         }));
                             if full {
                                 return Ok(error_response(500, "InsufficientInstanceCapacity"));
+                            }
+                            let spot_code = st.lock().unwrap().spot_code;
+                            if let Some(code) = spot_code
+                                && action == "RunInstances"
+                                && form_value(&body, "InstanceMarketOptions.MarketType").as_deref()
+                                    == Some("spot")
+                            {
+                                return Ok(error_response(400, code));
                             }
                             match replay {
                                 Some(_) if lose => {
@@ -379,6 +389,11 @@ impl FaultProxy {
     }
 
     /// Spot RunInstances answers `InsufficientInstanceCapacity` from now on, in every subnet.
+    /// Every spot RunInstances is answered `code` (400), on-demand ones go through.
+    pub fn refuse_spot_with(&self, code: &'static str) {
+        self.state.lock().unwrap().spot_code = Some(code);
+    }
+
     pub fn no_spot_capacity(&self) {
         self.state.lock().unwrap().no_spot = true;
     }

@@ -33,7 +33,7 @@ use aws_sdk_ec2::types::{
     InstanceMarketOptionsRequest, InstanceMetadataOptionsRequest, InstanceType, MarketType,
     ResourceType, SpotInstanceType, SpotMarketOptions, TagSpecification,
 };
-use fleetlb_crds::{BackendCluster, CapacityType, ProviderSpec};
+use fleetlb_crds::{BackendCluster, ProviderSpec};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -65,6 +65,11 @@ const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
 
 /// (instance type, subnet, spot).
 type Offering = (String, String, bool);
+
+/// The key of a shortage of the account's whole market (every type, every subnet).
+fn account_wide(spot: bool) -> Offering {
+    ("*".to_string(), "*".to_string(), spot)
+}
 
 /// EC2 through aws-sdk-ec2.
 pub struct AwsProvider {
@@ -147,6 +152,7 @@ impl AwsProvider {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, (since, _)| since.elapsed() < CAPACITY_BACKOFF);
         map.get(&(instance_type.to_string(), subnet.to_string(), spot))
+            .or_else(|| map.get(&account_wide(spot)))
             .map(|(_, why)| why.clone())
     }
 
@@ -290,12 +296,14 @@ impl AwsProvider {
                     // Without subnets EC2 picks the zone: the next attempt is the next type or
                     // market there.
                     let s = subnet.unwrap_or("the default subnet");
-                    self.mark_no_capacity(
-                        &req.instance_type,
-                        s,
-                        spot,
-                        e.code().unwrap_or_default(),
-                    );
+                    let why = e.code().unwrap_or_default();
+                    if why == "MaxSpotInstanceCountExceeded" {
+                        // The account's spot instance limit: no type or subnet will do.
+                        let (t, sub, spot) = account_wide(spot);
+                        self.mark_no_capacity(&t, &sub, spot, why);
+                    } else {
+                        self.mark_no_capacity(&req.instance_type, s, spot, why);
+                    }
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
                         format!(
@@ -446,36 +454,23 @@ impl Provider for AwsProvider {
             // parameters. A subnet without capacity, or a token EC2 already spent on an
             // instance that is gone, means the next attempt (new token, next subnet), which the
             // caller records before launching it.
-            // The market: spot where `capacityType` allows it and the subnet has shown no
-            // shortage of it in the last minutes, else on-demand where allowed.
+            // The market is the attempt's too (spot-then-on-demand: spot, then on-demand, in
+            // the same subnet). An offering that has shown a shortage in the last minutes is
+            // passed over without a call.
             let subnet = subnet_for(&aws.subnet_ids, req.slot, req.zone_attempt());
             let where_ = subnet.unwrap_or("the default subnet");
-            let short = |spot: bool| self.shortage(&req.instance_type, where_, spot);
-            let spot = match req.capacity_type {
-                CapacityType::OnDemand => short(false).is_none().then_some(false),
-                CapacityType::Spot => short(true).is_none().then_some(true),
-                CapacityType::SpotThenOnDemand => {
-                    if short(true).is_none() {
-                        Some(true)
-                    } else {
-                        short(false).is_none().then_some(false)
-                    }
-                }
-            };
-            let Some(spot) = spot else {
-                let why = short(req.capacity_type != CapacityType::OnDemand)
-                    .or_else(|| short(false))
-                    .unwrap_or_default();
+            let spot = req.spot();
+            if let Some(why) = self.shortage(&req.instance_type, where_, spot) {
                 return Ok(Launch::NextAttempt(
                     ErrorClass::Capacity,
                     format!(
                         "{why}: {} has no {} {} capacity (seen in the last 3 minutes)",
                         where_,
-                        req.capacity_type.as_str(),
+                        if spot { "spot" } else { "on-demand" },
                         req.instance_type
                     ),
                 ));
-            };
+            }
             self.run_one(req, aws, subnet, spot).await
         }
         .boxed()
