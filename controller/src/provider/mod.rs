@@ -159,7 +159,9 @@ impl LaunchRequest {
         match self.capacity_type {
             fleetlb_crds::CapacityType::OnDemand => false,
             fleetlb_crds::CapacityType::Spot => true,
-            fleetlb_crds::CapacityType::SpotThenOnDemand => (self.attempt / types) % 2 == 0,
+            fleetlb_crds::CapacityType::SpotThenOnDemand => {
+                (self.attempt / types).is_multiple_of(2)
+            }
         }
     }
 
