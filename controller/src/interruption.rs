@@ -242,6 +242,11 @@ impl Notices {
         self.len() == 0
     }
 
+    /// Wakes [`Notices::changed`] (a retry of what [`Notices::refresh`] put back).
+    pub fn wake(&self) {
+        self.changed.notify_one();
+    }
+
     /// Waits until a message names an instance.
     pub async fn changed(&self) {
         self.changed.notified().await;

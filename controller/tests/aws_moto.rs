@@ -299,6 +299,7 @@ async fn a_restarted_controller_never_duplicates_and_sweeps_orphans() {
         spec_hash: "h".into(),
         attempt: 0,
         token_scope: String::new(),
+        replay: false,
     };
     let fleetlb_controller::provider::Launch::Made(first) = p.launch(&req).await.unwrap() else {
         panic!("not launched")
@@ -736,6 +737,7 @@ fn solo_request(env: &Env, subnets: &[String]) -> LaunchRequest {
         spec_hash: "h".into(),
         attempt: 0,
         token_scope: "ctl-s".into(),
+        replay: false,
     }
 }
 

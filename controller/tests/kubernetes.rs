@@ -853,6 +853,7 @@ fn dummy_launch() -> fleetlb_controller::provider::LaunchRequest {
         spec_hash: "h".into(),
         attempt: 0,
         token_scope: String::new(),
+        replay: false,
     }
 }
 
@@ -895,6 +896,7 @@ async fn the_orphan_sweep_asks_the_api_server_before_terminating() {
         spec_hash: "h".into(),
         attempt: 0,
         token_scope: String::new(),
+        replay: false,
     };
     assert!(matches!(aws.launch(&req).await.unwrap(), Launch::Made(_)));
     let mut h = harness_with(&env, true, &[], {

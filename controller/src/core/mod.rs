@@ -188,6 +188,10 @@ pub struct Core {
     peers: peers::Peers,
     /// The current pass's objects by route (see [`Core::index_routes`]).
     route_index: Mutex<Option<routes::RouteIndex>>,
+    /// (instance, notice) pairs whose spot pool was marked: once per notice, since a
+    /// rebalance recommendation may come hours ahead and must not keep its pool closed all
+    /// along.
+    pools_marked: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Core {
@@ -202,6 +206,7 @@ impl Core {
             inventory: Inventory::new(cfg.inventory_max_age, cfg.list_deadline),
             peers: peers::Peers::new(cfg.peers.clone()),
             route_index: Mutex::default(),
+            pools_marked: Mutex::default(),
             providers,
             dataplane,
             metrics,
@@ -381,17 +386,26 @@ impl Core {
         // A spot interruption reclaims that pool, and a rebalance recommendation says it is at
         // risk: the replacement launched below goes to another (type, subnet) or market (as
         // EC2 Auto Scaling's capacity rebalancing does), not back into it.
-        for i in mine.iter().filter(|i| {
-            matches!(
-                interrupted.get(&i.id),
-                Some(
-                    crate::interruption::Kind::SpotInterruption
-                        | crate::interruption::Kind::RebalanceRecommendation
-                )
-            ) && i.state.is_live()
-                && !state.draining.contains_key(&i.id)
-        }) {
-            if let (Some(p), Some(kind)) = (self.providers.get(i.provider), interrupted.get(&i.id))
+        let first_notice = |id: &str, kind: crate::interruption::Kind| {
+            let mut marked = self.pools_marked.lock().unwrap_or_else(|p| p.into_inner());
+            if marked.len() > crate::interruption::MAX_NOTICES {
+                marked.retain(|k| {
+                    k.split_once('/')
+                        .is_some_and(|(id, _)| interrupted.contains_key(id))
+                });
+            }
+            marked.insert(format!("{id}/{}", kind.as_str()))
+        };
+        for i in mine.iter().filter(|i| i.state.is_live()) {
+            let Some(&kind) = interrupted.get(&i.id) else {
+                continue;
+            };
+            if matches!(
+                kind,
+                crate::interruption::Kind::SpotInterruption
+                    | crate::interruption::Kind::RebalanceRecommendation
+            ) && first_notice(&i.id, kind)
+                && let Some(p) = self.providers.get(i.provider)
             {
                 p.spot_interrupted(i, kind.describe());
             }
@@ -595,8 +609,13 @@ impl Core {
             return Vec::new();
         }
         let Some(states) = self.listed_states(objects).await else {
-            // Put back for the next message; the owners' resync acts on the notices meanwhile.
+            // Put back, and tried again in 2 s (not in a loop against a failing listing).
             self.cfg.notices.refresh(ids);
+            let notices = self.cfg.notices.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                notices.wake();
+            });
             return Vec::new();
         };
         let mut owners: Vec<ClusterKey> = ids

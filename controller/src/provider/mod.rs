@@ -136,6 +136,10 @@ pub struct LaunchRequest {
     pub attempt: u32,
     /// The provider's [`Provider::token_scope`] (this install's id for `aws`).
     pub token_scope: String,
+    /// A repeat of an intent recorded in status and never seen as an instance: it may have
+    /// been sent, so it is sent again (same token, same parameters) rather than passed over
+    /// for a shortage remembered since.
+    pub replay: bool,
 }
 
 impl LaunchRequest {
@@ -165,9 +169,10 @@ impl LaunchRequest {
         }
     }
 
-    /// Moves on to `attempt`, with its instance type.
+    /// Moves on to `attempt`, with its instance type (never sent before: not a replay).
     pub fn set_attempt(&mut self, attempt: u32) {
         self.attempt = attempt;
+        self.replay = false;
         if !self.instance_types.is_empty() {
             let types: Vec<&str> = self.instance_types.iter().map(String::as_str).collect();
             self.instance_type = type_for(&types, attempt);
@@ -186,11 +191,23 @@ impl LaunchRequest {
         // `arm64ImageId` is out of the spec hash too (changing it replaces only the arm64
         // instances, by their image): the token names the attempt's image, so a replay after
         // an image edit is a new launch, never a repeat with other parameters.
-        if let ProviderSpec::Aws(a) = &self.provider
-            && a.arm64_image_id.is_some()
-        {
-            hash.push('/');
-            hash.push_str(a.image_for(&self.instance_type));
+        if let ProviderSpec::Aws(a) = &self.provider {
+            if a.arm64_image_id.is_some() {
+                hash.push('/');
+                hash.push_str(a.image_for(&self.instance_type));
+            }
+            // The market and the subnet follow from the attempt through `capacityType` and the
+            // type count, which the spec hash leaves out: the token names them, so an edit of
+            // either never repeats a token with other parameters.
+            if self.capacity_type != fleetlb_crds::CapacityType::OnDemand {
+                hash.push_str(if self.spot() { "/spot" } else { "/on-demand" });
+            }
+            if self.per_subnet() > 1
+                && let Some(s) = subnet_for(&a.subnet_ids, self.slot, self.zone_attempt())
+            {
+                hash.push('/');
+                hash.push_str(s);
+            }
         }
         scoped_token(
             &self.token_scope,

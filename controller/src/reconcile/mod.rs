@@ -235,6 +235,12 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 seen.div_ceil(cycle).saturating_mul(cycle)
             }
         };
+        let recorded_intent = |slot: u32, attempt: u32| {
+            bc.status
+                .iter()
+                .flat_map(|s| &s.launches)
+                .any(|l| l.slot == slot && l.attempt == attempt)
+        };
         for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };
             launch.push(LaunchRequest {
@@ -253,6 +259,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 spec_hash: hash.clone(),
                 attempt: attempt_of(slot),
                 token_scope: obs.token_scope.to_string(),
+                replay: recorded_intent(slot, attempt_of(slot)),
             });
         }
     }

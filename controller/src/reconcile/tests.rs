@@ -670,3 +670,30 @@ fn the_arm64_image_replaces_only_arm64_instances() {
     assert_eq!(p1.launch[0].instance_type, "t4g.small");
     assert_ne!(p1.launch[0].token(), p2.launch[0].token());
 }
+
+#[test]
+fn a_token_names_the_market_and_subnet_its_attempt_maps_to() {
+    let mut b = bc(1, "t3.small");
+    b.spec.provider = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b"]}
+    }))
+    .unwrap();
+    b.spec.capacity_type = fleetlb_crds::CapacityType::SpotThenOnDemand;
+    let mut r = run(&b, &[], &[]).launch.remove(0);
+    assert!(r.spot());
+    let spot_a = r.token();
+    // Attempt 1: on-demand, same subnet, its own token.
+    r.set_attempt(1);
+    assert!(!r.spot());
+    assert_eq!(r.zone_attempt(), 0);
+    assert_ne!(r.token(), spot_a);
+    // An edit of capacityType maps attempt 0 to another market: another token, never the
+    // same token with other parameters.
+    b.spec.capacity_type = fleetlb_crds::CapacityType::OnDemand;
+    let on_demand = run(&b, &[], &[]).launch.remove(0);
+    assert_eq!((on_demand.attempt, on_demand.spot()), (0, false));
+    assert_ne!(on_demand.token(), spot_a);
+    b.spec.capacity_type = fleetlb_crds::CapacityType::Spot;
+    let spot = run(&b, &[], &[]).launch.remove(0);
+    assert_ne!(spot.token(), on_demand.token());
+}

@@ -66,9 +66,10 @@ const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
 /// (instance type, subnet, spot).
 type Offering = (String, String, bool);
 
-/// The key of a shortage of the account's whole market (every type, every subnet).
-fn account_wide(spot: bool) -> Offering {
-    ("*".to_string(), "*".to_string(), spot)
+/// The key of a shortage of a type in every subnet (a quota, an architecture), or with type
+/// `*` of the account's whole market.
+fn every_subnet(instance_type: &str, spot: bool) -> Offering {
+    (instance_type.to_string(), "*".to_string(), spot)
 }
 
 /// EC2 through aws-sdk-ec2.
@@ -152,7 +153,8 @@ impl AwsProvider {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, (since, _)| since.elapsed() < CAPACITY_BACKOFF);
         map.get(&(instance_type.to_string(), subnet.to_string(), spot))
-            .or_else(|| map.get(&account_wide(spot)))
+            .or_else(|| map.get(&every_subnet(instance_type, spot)))
+            .or_else(|| map.get(&every_subnet("*", spot)))
             .map(|(_, why)| why.clone())
     }
 
@@ -297,12 +299,26 @@ impl AwsProvider {
                     // market there.
                     let s = subnet.unwrap_or("the default subnet");
                     let why = e.code().unwrap_or_default();
-                    if why == "MaxSpotInstanceCountExceeded" {
-                        // The account's spot instance limit: no type or subnet will do.
-                        let (t, sub, spot) = account_wide(spot);
-                        self.mark_no_capacity(&t, &sub, spot, why);
-                    } else {
-                        self.mark_no_capacity(&req.instance_type, s, spot, why);
+                    match why {
+                        // The spot vCPU quota of the type's family group: no subnet will do
+                        // for this type (a smaller type may still fit).
+                        "MaxSpotInstanceCountExceeded" => {
+                            let (t, sub, spot) = every_subnet(&req.instance_type, spot);
+                            self.mark_no_capacity(&t, &sub, spot, why);
+                        }
+                        // The account cannot create spot requests at all yet.
+                        "AuthFailure.ServiceLinkedRoleCreationNotPermitted" => {
+                            let (t, sub, spot) = every_subnet("*", spot);
+                            self.mark_no_capacity(&t, &sub, spot, why);
+                        }
+                        // The type's architecture is not its image's, in any subnet or market.
+                        _ if wrong_arch => {
+                            for market in [false, true] {
+                                let (t, sub, m) = every_subnet(&req.instance_type, market);
+                                self.mark_no_capacity(&t, &sub, m, "architecture mismatch");
+                            }
+                        }
+                        _ => self.mark_no_capacity(&req.instance_type, s, spot, why),
                     }
                     return Ok(Launch::NextAttempt(
                         ErrorClass::Capacity,
@@ -460,7 +476,10 @@ impl Provider for AwsProvider {
             let subnet = subnet_for(&aws.subnet_ids, req.slot, req.zone_attempt());
             let where_ = subnet.unwrap_or("the default subnet");
             let spot = req.spot();
-            if let Some(why) = self.shortage(&req.instance_type, where_, spot) {
+            if let Some(why) = self
+                .shortage(&req.instance_type, where_, spot)
+                .filter(|_| !req.replay)
+            {
                 return Ok(Launch::NextAttempt(
                     ErrorClass::Capacity,
                     format!(
@@ -541,6 +560,73 @@ fn no_capacity_code(code: &str, spot: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider whose EC2 endpoint refuses connections: a call fails at once.
+    fn unreachable() -> AwsProvider {
+        let conf = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url("http://127.0.0.1:1")
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"),
+            ))
+            .build();
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(200),
+            attempt: Duration::from_millis(200),
+            operation: Duration::from_secs(1),
+        };
+        AwsProvider::with_timeouts(&conf, "ctl".into(), metrics, timeouts)
+    }
+
+    fn request(replay: bool) -> LaunchRequest {
+        LaunchRequest {
+            owner: crate::provider::ClusterKey {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            owner_uid: "uid".into(),
+            slot: 0,
+            instance_type: "t3.small".into(),
+            instance_types: Vec::new(),
+            port: 8000,
+            grpc: false,
+            capacity_type: fleetlb_crds::CapacityType::OnDemand,
+            provider: ProviderSpec::Aws(fleetlb_crds::AwsProvider {
+                image_id: "ami-00000001".into(),
+                subnet_ids: vec!["subnet-a".into()],
+                ..Default::default()
+            }),
+            spec_hash: "h".into(),
+            attempt: 0,
+            token_scope: "ctl".into(),
+            replay,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remembered_shortage_passes_over_a_new_attempt_but_never_a_replay() {
+        let p = unreachable();
+        p.mark_no_capacity("t3.small", "subnet-a", false, "InsufficientInstanceCapacity");
+        // A new attempt: passed over without a call.
+        let fresh = p.launch(&request(false)).await;
+        assert!(
+            matches!(fresh, Ok(Launch::NextAttempt(ErrorClass::Capacity, _))),
+            "{fresh:?}"
+        );
+        // A recorded intent that may have been sent: sent again (here it cannot connect).
+        let again = p.launch(&request(true)).await;
+        assert!(again.is_err(), "{again:?}");
+        // The spot quota of a type holds in every subnet; other types still try.
+        let p = unreachable();
+        let mut spot = request(false);
+        spot.capacity_type = fleetlb_crds::CapacityType::Spot;
+        p.mark_no_capacity("t3.small", "*", true, "MaxSpotInstanceCountExceeded");
+        assert!(matches!(p.launch(&spot).await, Ok(Launch::NextAttempt(..))));
+        spot.instance_type = "t3.micro".into();
+        assert!(p.launch(&spot).await.is_err(), "another type is asked");
+    }
 
     #[test]
     fn tokens_are_stable_short_and_distinct_per_intent() {
