@@ -608,7 +608,12 @@ mod tests {
     #[tokio::test]
     async fn a_remembered_shortage_passes_over_a_new_attempt_but_never_a_replay() {
         let p = unreachable();
-        p.mark_no_capacity("t3.small", "subnet-a", false, "InsufficientInstanceCapacity");
+        p.mark_no_capacity(
+            "t3.small",
+            "subnet-a",
+            false,
+            "InsufficientInstanceCapacity",
+        );
         // A new attempt: passed over without a call.
         let fresh = p.launch(&request(false)).await;
         assert!(
