@@ -41,21 +41,35 @@ pub struct PolicyOptions {
 /// The SQS calls the interruption queue's poller makes ([`crate::interruption`]).
 pub const SQS_OPERATIONS: &[&str] = &["GetQueueUrl", "ReceiveMessage", "DeleteMessage"];
 
-/// The ARN of `queue` (a name: in any region and account; a URL
-/// `https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`: that account's).
+/// The ARN of `queue`: a name is that queue in any region and account; a URL
+/// (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`) pins the account and, from an AWS host,
+/// the region.
 pub fn queue_arn(partition: &str, queue: &str) -> String {
-    let (account, name) = match queue.split_once("://") {
+    let (region, account, name) = match queue.split_once("://") {
         Some((_, rest)) => {
-            let mut parts = rest.trim_end_matches('/').rsplit('/');
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut parts = path.trim_end_matches('/').rsplit('/');
             let name = parts.next().unwrap_or_default();
             let account = parts
                 .next()
                 .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
-            (account.unwrap_or("*"), name)
+            // sqs.us-east-1.amazonaws.com, sqs.cn-north-1.amazonaws.com.cn, and the older
+            // us-east-1.queue.amazonaws.com.
+            let labels: Vec<&str> = host.split('.').collect();
+            let region = match labels.as_slice() {
+                ["sqs", r, "amazonaws", ..] | [r, "queue", "amazonaws", ..] => Some(*r),
+                _ => None,
+            }
+            .filter(|r| {
+                !r.is_empty()
+                    && r.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            });
+            (region.unwrap_or("*"), account.unwrap_or("*"), name)
         }
-        None => ("*", queue),
+        None => ("*", "*", queue),
     };
-    format!("arn:{partition}:sqs:*:{account}:{name}")
+    format!("arn:{partition}:sqs:{region}:{account}:{name}")
 }
 
 /// The policy document for `opts`.
@@ -156,4 +170,43 @@ pub fn policy_json(opts: &PolicyOptions) -> String {
     let mut s = serde_json::to_string_pretty(&policy(opts)).unwrap_or_default();
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_url_pins_the_region_and_account() {
+        assert_eq!(
+            queue_arn("aws", "fleetlb-interruptions"),
+            "arn:aws:sqs:*:*:fleetlb-interruptions"
+        );
+        assert_eq!(
+            queue_arn(
+                "aws",
+                "https://sqs.eu-west-1.amazonaws.com/123456789012/fleetlb-interruptions"
+            ),
+            "arn:aws:sqs:eu-west-1:123456789012:fleetlb-interruptions"
+        );
+        assert_eq!(
+            queue_arn(
+                "aws-cn",
+                "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q"
+            ),
+            "arn:aws-cn:sqs:cn-north-1:123456789012:q"
+        );
+        assert_eq!(
+            queue_arn(
+                "aws",
+                "https://us-east-2.queue.amazonaws.com/123456789012/q"
+            ),
+            "arn:aws:sqs:us-east-2:123456789012:q"
+        );
+        // Another endpoint (a VPC endpoint name, a local stand-in): the account only.
+        assert_eq!(
+            queue_arn("aws", "http://127.0.0.1:4566/123456789012/q"),
+            "arn:aws:sqs:*:123456789012:q"
+        );
+    }
 }
