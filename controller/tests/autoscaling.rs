@@ -78,11 +78,7 @@ async fn replica(backend: SocketAddr) -> Replica {
     let mut route = RouteConfig::new(
         "auto",
         "/auto",
-        vec![EndpointConfig {
-            id: "i-0001".into(),
-            addr: backend,
-            zone: None,
-        }],
+        vec![EndpointConfig::new("i-0001", backend)],
     );
     route.health.interval = Duration::from_millis(100);
     route.health.healthy_threshold = 1;

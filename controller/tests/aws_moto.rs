@@ -567,6 +567,17 @@ fn status(d: &Driver) -> serde_json::Value {
     serde_json::from_slice(&d.out.status.borrow()).unwrap()
 }
 
+/// The notes of the first cluster's Events with `reason`, as `/status` lists them.
+fn notes(d: &Driver, reason: &str) -> Vec<String> {
+    status(d)["clusters"][0]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == reason)
+        .filter_map(|e| e["note"].as_str().map(String::from))
+        .collect()
+}
+
 /// States of every instance of `name` carrying `controller` (terminated ones too).
 async fn states(env: &Env, controller: &str, name: &str) -> Vec<(String, String)> {
     use aws_sdk_ec2::types::Filter;
@@ -1431,14 +1442,7 @@ async fn a_subnet_without_capacity_means_the_next_attempt_with_its_own_token() {
     std::fs::write(dir.path().join("web.yaml"), yaml(&env, "web", 1, "Delete")).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
     converge(&mut d, &env, "ctl-cap", "web", 1).await;
-    let runs: Vec<(String, String)> = proxy
-        .run_instances()
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k).unwrap();
-            (get("ClientToken"), get("SubnetId"))
-        })
-        .collect();
+    let runs = proxy.run_fields(["ClientToken", "SubnetId"]);
     let mut pairs = runs.clone();
     pairs.dedup();
     assert_eq!(
@@ -1446,18 +1450,21 @@ async fn a_subnet_without_capacity_means_the_next_attempt_with_its_own_token() {
         2,
         "one refused attempt, then the next: {runs:?}"
     );
-    assert_eq!(pairs[0].1, env.subnets[0]);
+    assert_eq!(pairs[0][1], env.subnets[0]);
     assert_eq!(
-        pairs[1].1, env.subnets[1],
+        pairs[1][1], env.subnets[1],
         "the next attempt is the next subnet"
     );
-    assert_ne!(pairs[0].0, pairs[1].0, "the next attempt has its own token");
+    assert_ne!(
+        pairs[0][0], pairs[1][0],
+        "the next attempt has its own token"
+    );
     let i = &live(&env.ec2, "ctl-cap", "web").await[0];
     assert_eq!(tag(i, tags::ATTEMPT), Some("1"));
     // The status records the attempt that was really launched.
     let l = &status(&d)["clusters"][0]["status"]["launches"][0];
     assert_eq!(l["attempt"], 1, "{l}");
-    assert_eq!(l["clientToken"], pairs[1].0.as_str());
+    assert_eq!(l["clientToken"], pairs[1][0].as_str());
     assert_eq!(l["subnetId"], env.subnets[1].as_str());
     // A restarted controller with no memory of the capacity error launches nothing more.
     let mut fresh = driver_with(&conf, dir.path(), "ctl-cap", |_| {});
@@ -1478,13 +1485,13 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
     let mut d = driver_with(&conf, dir.path(), "ctl-spot", |_| {});
     converge(&mut d, &env, "ctl-spot", "web", 1).await;
     let runs: Vec<(String, bool, String)> = proxy
-        .run_instances()
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k);
-            let spot = get("InstanceMarketOptions.MarketType").as_deref() == Some("spot");
-            (get("ClientToken").unwrap(), spot, get("SubnetId").unwrap())
-        })
+        .run_fields([
+            "ClientToken",
+            "InstanceMarketOptions.MarketType",
+            "SubnetId",
+        ])
+        .into_iter()
+        .map(|[token, market, subnet]| (token, market == "spot", subnet))
         .collect();
     let mut tried = runs.clone();
     tried.dedup();
@@ -1508,18 +1515,7 @@ async fn spot_then_on_demand_falls_back_where_spot_has_no_capacity() {
     assert_eq!(i.instance_lifecycle(), None, "the instance is on-demand");
     // An Event says what was passed over and why.
     let doc = status(&d);
-    let skipped: Vec<String> = doc["clusters"][0]["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["reason"] == "CapacitySkipped")
-        .filter_map(|e| {
-            e["note"]
-                .as_str()
-                .or(e["message"].as_str())
-                .map(String::from)
-        })
-        .collect();
+    let skipped = notes(&d, "CapacitySkipped");
     assert!(
         skipped
             .iter()
@@ -1580,17 +1576,10 @@ async fn a_type_without_capacity_in_one_zone_gives_way_to_the_next_type_there() 
     std::fs::write(dir.path().join("web.yaml"), text).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-types", |_| {});
     converge(&mut d, &env, "ctl-types", "web", 3).await;
-    let runs: Vec<(String, String, String)> = proxy
-        .run_instances()
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k).unwrap();
-            (get("ClientToken"), get("InstanceType"), get("SubnetId"))
-        })
-        .collect();
+    let runs = proxy.run_fields(["ClientToken", "InstanceType", "SubnetId"]);
     let refused: Vec<_> = runs
         .iter()
-        .filter(|(_, t, s)| t == "t2.micro" && *s == env.subnets[0])
+        .filter(|[_, t, s]| t == "t2.micro" && *s == env.subnets[0])
         .collect();
     assert!(!refused.is_empty(), "{runs:?}");
     // The next type in the same zone, with its own token: the spread stays one per zone.
@@ -1619,10 +1608,10 @@ async fn a_type_without_capacity_in_one_zone_gives_way_to_the_next_type_there() 
     );
     let small = runs
         .iter()
-        .find(|(_, t, s)| t == "t2.small" && *s == env.subnets[0])
+        .find(|[_, t, s]| t == "t2.small" && *s == env.subnets[0])
         .unwrap();
     assert_ne!(
-        &small.0, &refused[0].0,
+        &small[0], &refused[0][0],
         "the next attempt has its own token"
     );
     let st = &status(&d)["clusters"][0]["status"];
@@ -1757,14 +1746,8 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
         .filter_map(|e| e["id"].as_str())
         .collect();
     assert!(!endpoints.contains(&victim.as_str()), "{endpoints:?}");
-    let notes: Vec<String> = cluster["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["reason"] == "Interrupted")
-        .map(|e| e["note"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(notes.len(), 1, "{}", cluster["events"]);
+    let interrupted = notes(&d, "Interrupted");
+    assert_eq!(interrupted.len(), 1, "{}", cluster["events"]);
     let held = sqs
         .get_queue_attributes()
         .queue_url(&url)
@@ -1787,8 +1770,8 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
         "the warning and the one about an unknown instance stay in the queue while their instances may still be running: {held} held"
     );
     assert!(
-        notes[0].starts_with(&format!("{victim}: a spot interruption warning;")),
-        "{notes:?}"
+        interrupted[0].starts_with(&format!("{victim}: a spot interruption warning;")),
+        "{interrupted:?}"
     );
     // Then: terminated, two others live, every message deleted (the one about an instance no
     // listing shows after 10 s).
@@ -1829,30 +1812,18 @@ async fn an_interruption_warning_drains_and_replaces_the_instance_and_deletes_th
     }
     // Its spot pool is being reclaimed: the replacement was not asked of it, and the Event
     // says why.
-    let runs: Vec<(String, String)> = proxy.run_instances()[runs_before..]
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k).unwrap_or_default();
-            (get("SubnetId"), get("InstanceMarketOptions.MarketType"))
-        })
-        .collect();
+    let runs =
+        proxy.run_fields(["SubnetId", "InstanceMarketOptions.MarketType"])[runs_before..].to_vec();
     assert!(!runs.is_empty());
     assert!(
-        runs.iter().all(|(subnet, _)| subnet != &victim_subnet),
+        runs.iter().all(|[subnet, _]| subnet != &victim_subnet),
         "a spot launch in the interrupted pool {victim_subnet}: {runs:?}"
     );
-    let skipped = status(&d)["clusters"][0]["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| {
-            e["reason"] == "CapacitySkipped"
-                && e["note"].as_str().is_some_and(|n| {
-                    n.contains(&format!(
-                        "a spot interruption warning: {victim_subnet} has no spot t2.micro capacity"
-                    ))
-                })
-        });
+    let skipped = notes(&d, "CapacitySkipped").iter().any(|n| {
+        n.contains(&format!(
+            "a spot interruption warning: {victim_subnet} has no spot t2.micro capacity"
+        ))
+    });
     assert!(skipped, "{}", status(&d)["clusters"][0]["events"]);
     // The other instance was never touched.
     let after = ids(live(&env.ec2, "ctl-int", "web").await);
@@ -1946,15 +1917,8 @@ async fn each_type_launches_from_its_architectures_image() {
     std::fs::write(dir.path().join("web.yaml"), text).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-arch", |_| {});
     converge(&mut d, &env, "ctl-arch", "web", 3).await;
-    let runs: Vec<(String, String, String)> = proxy
-        .run_instances()
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k).unwrap();
-            (get("InstanceType"), get("ImageId"), get("SubnetId"))
-        })
-        .collect();
-    for (t, image, _) in &runs {
+    let runs = proxy.run_fields(["InstanceType", "ImageId", "SubnetId"]);
+    for [t, image, _] in &runs {
         let want = if t == "t4g.small" { &arm } else { &env.image };
         assert_eq!(image, want, "{t} launched from the wrong image: {runs:?}");
     }
@@ -1992,15 +1956,8 @@ async fn the_accounts_spot_limit_stops_spot_requests_everywhere() {
     std::fs::write(dir.path().join("web.yaml"), text).unwrap();
     let mut d = driver_with(&conf, dir.path(), "ctl-limit", |_| {});
     converge(&mut d, &env, "ctl-limit", "web", 3).await;
-    let runs: Vec<(String, String)> = proxy
-        .run_instances()
-        .iter()
-        .map(|f| {
-            let get = |k: &str| support::field(f, k).unwrap_or_default();
-            (get("InstanceMarketOptions.MarketType"), get("SubnetId"))
-        })
-        .collect();
-    let spot = runs.iter().filter(|(m, _)| m == "spot").count();
+    let runs = proxy.run_fields(["InstanceMarketOptions.MarketType", "SubnetId"]);
+    let spot = runs.iter().filter(|[m, _]| m == "spot").count();
     assert_eq!(spot, 1, "one refusal says it for the account: {runs:?}");
     let mut subnets: Vec<String> = live(&env.ec2, "ctl-limit", "web")
         .await

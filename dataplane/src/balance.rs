@@ -186,27 +186,17 @@ pub(crate) fn pick<'a>(
             }
         })
     };
-    let local = if cluster.zone_aware && matches!(mode, Mode::Normal) {
-        Admitted::read_where(eps, mode, now, avoid, |e| e.local)
-    } else {
-        Admitted::empty()
-    };
-    let endpoint = if local.n == 0 || local.n == n {
-        choose_in(&admitted)?
-    } else {
+    let zones = (cluster.zone_aware && matches!(mode, Mode::Normal))
+        .then(|| admitted.split(eps, |e| e.local))
+        .filter(|(local, remote)| local.n > 0 && remote.n > 0);
+    let endpoint = if let Some((local, remote)) = zones {
         // Zone-aware (Envoy's): the choice among the healthy endpoints of the proxy's zone,
         // unless it is overloaded or clearly slower than one endpoint of
         // another zone drawn at random: not the same latency by the rules for any two
         // candidates, and more than `LATENCY_RESOLUTION_NS` apart (an idle endpoint's estimate
         // is its health check's round trip, below what a request takes anywhere).
         let home = choose_in(&local)?;
-        let k = fastrand::usize(..n - local.n);
-        let away = admitted
-            .iter()
-            .map(|i| &eps[i])
-            .filter(|e| !e.local)
-            .nth(k)
-            .unwrap_or(home);
+        let away = &eps[remote.nth(fastrand::usize(..remote.n))];
         let slower = cluster.balancing.policy == Policy::PeakEwma && {
             let (eh, ea) = (estimate(cluster, home, now), estimate(cluster, away, now));
             eh > ea + LATENCY_RESOLUTION_NS
@@ -221,6 +211,8 @@ pub(crate) fn pick<'a>(
         } else {
             home
         }
+    } else {
+        choose_in(&admitted)?
     };
     Some(Pick {
         endpoint,
@@ -240,28 +232,18 @@ struct Admitted {
 
 impl Admitted {
     fn read(eps: &[Arc<Endpoint>], mode: Mode, now: u64, avoid: Option<&Endpoint>) -> Self {
-        Self::read_where(eps, mode, now, avoid, |_| true)
-    }
-
-    /// No endpoint.
-    fn empty() -> Self {
-        Self {
-            inline: [0; 4],
-            heap: Vec::new(),
-            n: 0,
+        let mut this = Self::none(eps.len().div_ceil(64));
+        for (i, e) in eps.iter().enumerate() {
+            if admitted(mode, e, now, avoid) {
+                this.insert(i);
+            }
         }
+        this
     }
 
-    /// The admitted endpoints that also pass `only`.
-    fn read_where(
-        eps: &[Arc<Endpoint>],
-        mode: Mode,
-        now: u64,
-        avoid: Option<&Endpoint>,
-        only: impl Fn(&Endpoint) -> bool,
-    ) -> Self {
-        let words = eps.len().div_ceil(64);
-        let mut this = Self {
+    /// No endpoint, with room for `words` x 64.
+    fn none(words: usize) -> Self {
+        Self {
             inline: [0; 4],
             heap: if words > 4 {
                 vec![0; words]
@@ -269,17 +251,27 @@ impl Admitted {
                 Vec::new()
             },
             n: 0,
-        };
-        let mut n = 0;
-        let bits = this.bits_mut();
-        for (i, e) in eps.iter().enumerate() {
-            if admitted(mode, e, now, avoid) && only(e) {
-                bits[i / 64] |= 1 << (i % 64);
-                n += 1;
+        }
+    }
+
+    fn insert(&mut self, i: usize) {
+        self.bits_mut()[i / 64] |= 1 << (i % 64);
+        self.n += 1;
+    }
+
+    /// These endpoints split by `first`: (those passing it, the others). From this one read,
+    /// so the two always add up to it.
+    fn split(&self, eps: &[Arc<Endpoint>], first: impl Fn(&Endpoint) -> bool) -> (Self, Self) {
+        let words = self.bits().len();
+        let (mut yes, mut no) = (Self::none(words), Self::none(words));
+        for i in self.iter() {
+            if first(&eps[i]) {
+                yes.insert(i);
+            } else {
+                no.insert(i);
             }
         }
-        this.n = n;
-        this
+        (yes, no)
     }
 
     fn bits(&self) -> &[u64] {

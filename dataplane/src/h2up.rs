@@ -210,14 +210,19 @@ impl Pool {
 /// A request body sent upstream, its first `REPLAY_LIMIT` bytes kept so that another attempt
 /// can send it again (the part already read, then the rest as it comes).
 pub(crate) struct Replay {
-    shared: Arc<Mutex<ReplayState>>,
-    /// Woken when the client's body ends (the head timeout starts then).
-    ended: Arc<tokio::sync::Notify>,
+    shared: Arc<ReplayShared>,
     /// Which attempt this body belongs to; an older attempt's body stops.
     attempt: u32,
     /// Kept chunks sent so far by this attempt.
     pos: usize,
     trailers_sent: bool,
+}
+
+/// What every handle on one body shares.
+struct ReplayShared {
+    state: Mutex<ReplayState>,
+    /// Woken when the client's body ends (the head timeout starts then).
+    ended: tokio::sync::Notify,
 }
 
 struct ReplayState {
@@ -242,19 +247,21 @@ impl Replay {
     fn new(source: Option<ClientBody>) -> Self {
         let ended = source.is_none();
         Self {
-            shared: Arc::new(Mutex::new(ReplayState {
-                source,
-                kept: Vec::new(),
-                kept_len: 0,
-                capped: false,
-                ended,
-                trailers: None,
-                ended_at: ended.then(Instant::now),
-                fault: None,
-                last_read: Instant::now(),
-                attempt: 0,
-            })),
-            ended: Arc::new(tokio::sync::Notify::new()),
+            shared: Arc::new(ReplayShared {
+                state: Mutex::new(ReplayState {
+                    source,
+                    kept: Vec::new(),
+                    kept_len: 0,
+                    capped: false,
+                    ended,
+                    trailers: None,
+                    ended_at: ended.then(Instant::now),
+                    fault: None,
+                    last_read: Instant::now(),
+                    attempt: 0,
+                }),
+                ended: tokio::sync::Notify::new(),
+            }),
             attempt: 0,
             pos: 0,
             trailers_sent: false,
@@ -265,7 +272,6 @@ impl Replay {
     fn handle(&self, attempt: u32) -> Replay {
         Replay {
             shared: self.shared.clone(),
-            ended: self.ended.clone(),
             attempt,
             pos: 0,
             trailers_sent: attempt == u32::MAX,
@@ -284,7 +290,7 @@ impl Replay {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ReplayState> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The body for the next attempt, when the whole of what was read is still kept.
@@ -312,12 +318,6 @@ impl Replay {
     fn ended_at(&self) -> Option<Instant> {
         self.state().ended_at
     }
-
-    /// When the client last sent part of its body, if it has not ended it.
-    fn streaming_since(&self) -> Option<Instant> {
-        let s = self.state();
-        (!s.ended).then_some(s.last_read)
-    }
 }
 
 impl Body for Replay {
@@ -329,7 +329,7 @@ impl Body for Replay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let mut s = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = this.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.attempt != this.attempt {
             return Poll::Ready(Some(Err("request sent again elsewhere".into())));
         }
@@ -358,7 +358,7 @@ impl Body for Replay {
             Poll::Ready(None) => {
                 s.ended = true;
                 s.ended_at = Some(Instant::now());
-                this.ended.notify_waiters();
+                this.shared.ended.notify_waiters();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -382,7 +382,7 @@ impl Body for Replay {
                 Err(frame) => {
                     s.ended = true;
                     s.ended_at = Some(Instant::now());
-                    this.ended.notify_waiters();
+                    this.shared.ended.notify_waiters();
                     match frame.into_trailers() {
                         Ok(t) => {
                             s.trailers = Some(t.clone());
@@ -692,12 +692,13 @@ async fn wait_head<F: Future>(
 ) -> Result<F::Output, Late> {
     let mut answer = std::pin::pin!(answer);
     let deadline = || {
-        let (at, why) = match body.streaming_since() {
+        let (streaming, ended_at) = {
+            let s = body.state();
+            ((!s.ended).then_some(s.last_read), s.ended_at)
+        };
+        let (at, why) = match streaming {
             Some(last) => (last + client_gap, Late::Client),
-            None => (
-                body.ended_at().unwrap_or(sent).max(sent) + head,
-                Late::Instance,
-            ),
+            None => (ended_at.unwrap_or(sent).max(sent) + head, Late::Instance),
         };
         match caller {
             Some(d) if d <= at => (d, Late::Caller),
@@ -706,7 +707,7 @@ async fn wait_head<F: Future>(
     };
     loop {
         // Armed before the body's state is read: an end after the read still wakes this.
-        let ended = body.ended.notified();
+        let ended = body.shared.ended.notified();
         let mut ended = std::pin::pin!(ended);
         ended.as_mut().enable();
         let (at, _) = deadline();

@@ -68,12 +68,16 @@ impl Servers {
         self.ports
             .iter()
             .enumerate()
-            .map(|(i, p)| EndpointConfig {
-                id: format!("s{i}"),
-                addr: ([127, 0, 0, 1], *p).into(),
-                zone: None,
-            })
+            .map(|(i, p)| EndpointConfig::new(format!("s{i}"), ([127, 0, 0, 1], *p).into()))
             .collect()
+    }
+
+    /// How many connections server `i`'s `Say` calls came over.
+    async fn connections(&mut self, i: usize) -> usize {
+        let s = &mut self.peers[i];
+        s.stdin.write_all(b"connections\n").await.unwrap();
+        let n = s.answers.next_line().await.unwrap();
+        n.as_deref().and_then(|n| n.parse().ok()).unwrap_or(0)
     }
 
     async fn set(&mut self, i: usize, mode: &str) {
@@ -278,11 +282,7 @@ async fn the_grpc_health_service_decides_who_gets_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleetlbs_own_answers_are_grpc_statuses() {
     // A route whose only instance never listened: no healthy endpoint.
-    let dead = EndpointConfig {
-        id: "dead".into(),
-        addr: ([127, 0, 0, 1], 9).into(),
-        zone: None,
-    };
+    let dead = EndpointConfig::new("dead", ([127, 0, 0, 1], 9).into());
     let proxy = Proxy::start(ProxyConfig::default(), vec![grpc_route(vec![dead])]).await;
     let v = calls(&proxy, 2, &["--deadline", "5"]).await;
     assert_eq!(count(&v, "codes", "UNAVAILABLE"), 2, "{v}");
@@ -406,15 +406,7 @@ async fn h2c_server() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_cluster_serves_http1_clients_over_shared_h2c_connections() {
     let (addr, conns) = h2c_server().await;
-    let mut route = RouteConfig::new(
-        "h2",
-        "/c",
-        vec![EndpointConfig {
-            id: "h2".into(),
-            addr,
-            zone: None,
-        }],
-    );
+    let mut route = RouteConfig::new("h2", "/c", vec![EndpointConfig::new("h2", addr)]);
     route.protocol = Protocol::Http2;
     route.health = fast_health();
     let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
@@ -493,6 +485,11 @@ async fn an_instances_stream_limit_opens_more_connections_instead_of_queueing() 
     let v = calls(&proxy, 120, &["--concurrency", "40", "--deadline", "5"]).await;
     assert_eq!(count(&v, "codes", "OK"), 120, "{v}");
     assert_eq!(proxy.dataplane.snapshot()[0].endpoints[0].failures, 0);
+    let connections = servers.connections(0).await;
+    assert!(
+        connections > 1,
+        "the calls queued on {connections} connection(s) instead of opening more"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

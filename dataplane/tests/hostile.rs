@@ -387,11 +387,7 @@ async fn resetting_backend() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_resetting_mid_body_truncates_that_response_and_nothing_else() {
     let addr = resetting_backend().await;
-    let ep = fleetlb_dataplane::EndpointConfig {
-        id: "r".into(),
-        addr,
-        zone: None,
-    };
+    let ep = fleetlb_dataplane::EndpointConfig::new("r", addr);
     let proxy = Proxy::start(ProxyConfig::default(), vec![route(vec![ep])]).await;
     proxy.wait_healthy(1).await;
     for _ in 0..5 {

@@ -225,11 +225,7 @@ async fn behind_proxy() -> (Raw, Proxy) {
 
 async fn behind_proxy_with(cfg: ProxyConfig, health: HealthConfig) -> (Raw, Proxy) {
     let raw = Raw::start().await;
-    let ep = EndpointConfig {
-        id: "raw".into(),
-        addr: raw.addr,
-        zone: None,
-    };
+    let ep = EndpointConfig::new("raw", raw.addr);
     let mut r = route(vec![ep]);
     r.health = health;
     let proxy = Proxy::start(cfg, vec![r]).await;
@@ -654,11 +650,7 @@ async fn a_full_duplex_upstream_gets_the_whole_body_while_it_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_caught_in_the_keep_alive_race_is_not_held_against_the_backend() {
     let raw = Raw::start().await;
-    let ep = EndpointConfig {
-        id: "raw".into(),
-        addr: raw.addr,
-        zone: None,
-    };
+    let ep = EndpointConfig::new("raw", raw.addr);
     let mut r = route(vec![ep]);
     // One failure held against it would eject it.
     r.outlier.consecutive_failures = 1;

@@ -64,9 +64,9 @@ pub fn clamp_note(mut note: String) -> String {
 
 /// `head`, then as many of `items` (comma-separated) as fit with `tail` in [`MAX_NOTE`] bytes,
 /// then `... and N more` for the rest: `launched 50 t2.micro: i-1 (slot 0), ... and 41 more`.
-fn listed(head: &str, items: &[String], tail: &str) -> String {
+fn listed<S: AsRef<str>>(head: &str, items: &[S], tail: &str) -> String {
     let mut note = String::from(head);
-    for (i, item) in items.iter().enumerate() {
+    for (i, item) in items.iter().map(AsRef::as_ref).enumerate() {
         let more = items.len() - i;
         // Room left for this item, its separator, and a "... and N more" should others follow.
         let reserve = if more > 1 { 24 } else { 0 };
@@ -124,7 +124,6 @@ pub(super) fn applied_events(
             )),
         });
     }
-    let retired: Vec<String> = retired.into_iter().cloned().collect();
     if !skipped.is_empty() {
         // Why a type, market or zone was passed over (its shortage is remembered 3 minutes).
         out.push(Event::normal(

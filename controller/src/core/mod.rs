@@ -191,7 +191,7 @@ pub struct Core {
     /// (instance, notice) pairs whose spot pool was marked: once per notice, since a
     /// rebalance recommendation may come hours ahead and must not keep its pool closed all
     /// along.
-    pools_marked: Mutex<std::collections::HashSet<String>>,
+    pools_marked: Mutex<std::collections::HashSet<(String, crate::interruption::Kind)>>,
 }
 
 impl Core {
@@ -389,12 +389,9 @@ impl Core {
         let first_notice = |id: &str, kind: crate::interruption::Kind| {
             let mut marked = self.pools_marked.lock().unwrap_or_else(|p| p.into_inner());
             if marked.len() > crate::interruption::MAX_NOTICES {
-                marked.retain(|k| {
-                    k.split_once('/')
-                        .is_some_and(|(id, _)| interrupted.contains_key(id))
-                });
+                marked.retain(|(id, _)| interrupted.contains_key(id));
             }
-            marked.insert(format!("{id}/{}", kind.as_str()))
+            marked.insert((id.to_string(), kind))
         };
         for i in mine.iter().filter(|i| i.state.is_live()) {
             let Some(&kind) = interrupted.get(&i.id) else {

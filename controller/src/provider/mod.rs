@@ -200,7 +200,8 @@ impl LaunchRequest {
             // type count, which the spec hash leaves out: the token names them, so an edit of
             // either never repeats a token with other parameters.
             if self.capacity_type != fleetlb_crds::CapacityType::OnDemand {
-                hash.push_str(if self.spot() { "/spot" } else { "/on-demand" });
+                hash.push('/');
+                hash.push_str(market(self.spot()));
             }
             if self.per_subnet() > 1
                 && let Some(s) = subnet_for(&a.subnet_ids, self.slot, self.zone_attempt())
@@ -231,6 +232,11 @@ pub enum Launch {
     /// instance that is gone): the caller records the next attempt, then launches that, so a
     /// crash in between replays the next attempt rather than this one.
     NextAttempt(ErrorClass, String),
+}
+
+/// The EC2 market's name as status, Events and tokens write it.
+pub fn market(spot: bool) -> &'static str {
+    if spot { "spot" } else { "on-demand" }
 }
 
 /// How many markets a launch of `capacity` tries in each subnet.

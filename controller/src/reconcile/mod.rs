@@ -34,9 +34,9 @@ pub struct Observed<'a> {
     pub health: &'a HashMap<String, Health>,
     /// Instances already leaving the endpoint set, waiting to be terminated.
     pub draining: &'a HashSet<String>,
-    /// Instances the interruption queue says are going away (a spot interruption warning, a
-    /// rebalance recommendation, a scheduled change, a state change): retired and replaced at
-    /// once, as stopped ones.
+    /// Instances the interruption queue says are going away, and what it said: a spot
+    /// interruption warning or a state change retires and replaces them at once, as stopped
+    /// ones; a rebalance recommendation or a scheduled change replaces them surge-first.
     pub interrupted: &'a HashMap<String, crate::interruption::Kind>,
     /// Whether the provider launches and terminates (false for `static`).
     pub managed: bool,
@@ -243,23 +243,21 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         };
         for _ in 0..to_launch {
             let Some(slot) = free.next() else { break };
+            let attempt = attempt_of(slot);
             launch.push(LaunchRequest {
                 owner: key.clone(),
                 owner_uid: uid.to_string(),
                 slot,
-                instance_type: crate::provider::type_for(
-                    &bc.spec.instance_types(),
-                    attempt_of(slot),
-                ),
+                instance_type: crate::provider::type_for(&bc.spec.instance_types(), attempt),
                 instance_types: bc.spec.instance_types.clone(),
                 port: u16::try_from(bc.spec.port).unwrap_or(8000),
                 grpc: bc.spec.protocol == fleetlb_crds::Protocol::Grpc,
                 capacity_type: bc.spec.capacity_type,
                 provider: bc.spec.provider.clone(),
                 spec_hash: hash.clone(),
-                attempt: attempt_of(slot),
+                attempt,
                 token_scope: obs.token_scope.to_string(),
-                replay: recorded_intent(slot, attempt_of(slot)),
+                replay: recorded_intent(slot, attempt),
             });
         }
     }
@@ -332,7 +330,7 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
                 capacity_type: i
                     .launched_as
                     .as_ref()
-                    .map(|l| if l.spot { "spot" } else { "on-demand" }.to_string()),
+                    .map(|l| crate::provider::market(l.spot).to_string()),
                 zone: i.zone(),
             })
             .collect(),
@@ -565,7 +563,7 @@ fn capacity_summary(serving: &[&Instance]) -> Option<String> {
     let mut counts: std::collections::BTreeMap<(String, &str), usize> = Default::default();
     for i in serving {
         if let Some(l) = &i.launched_as {
-            let market = if l.spot { "spot" } else { "on-demand" };
+            let market = crate::provider::market(l.spot);
             *counts.entry((i.instance_type.clone(), market)).or_default() += 1;
         }
     }

@@ -417,6 +417,14 @@ impl FaultProxy {
             .collect()
     }
 
+    /// The `keys` fields of every RunInstances so far, in order (empty where one is absent).
+    pub fn run_fields<const N: usize>(&self, keys: [&str; N]) -> Vec<[String; N]> {
+        self.run_instances()
+            .iter()
+            .map(|f| keys.map(|k| field(f, k).unwrap_or_default()))
+            .collect()
+    }
+
     /// How many RunInstances were answered `IdempotentParameterMismatch`.
     pub fn mismatches(&self) -> u64 {
         self.state.lock().unwrap().mismatches

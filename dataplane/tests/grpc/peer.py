@@ -1,7 +1,8 @@
 """Real gRPC servers and clients (grpcio) for dataplane/tests/grpc.rs.
 
   peer.py serve NAME   a server named NAME on 127.0.0.1:0; prints {"port": P}, then reads
-                       one mode per line on stdin and answers "ok".
+                       one mode per line on stdin and answers "ok" ("connections"
+                       answers how many client connections its Say calls came over).
   peer.py serve NAME MAX  the same, allowing MAX concurrent streams per connection
   peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K] [--upload K --gap S]
                        N calls over ONE channel (one HTTP/2 connection); prints a JSON summary.
@@ -35,6 +36,8 @@ class Peer:
     def __init__(self, name):
         self.name = name
         self.mode = "ok"
+        # The client addresses Say calls came from: one per HTTP/2 connection.
+        self.peers = set()
 
     def trailers(self, context):
         left = context.time_remaining()
@@ -48,6 +51,7 @@ class Peer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad argument")
 
     def say(self, request, context):
+        self.peers.add(context.peer())
         context.set_trailing_metadata(self.trailers(context))
         self.fail(context)
         time.sleep(DELAY.get(self.mode, 0.002))
@@ -97,6 +101,9 @@ def serve(name, max_streams=None):
     s.start()
     print(json.dumps({"port": port}), flush=True)
     for line in sys.stdin:
+        if line.strip() == "connections":
+            print(len(p.peers), flush=True)
+            continue
         p.mode = line.strip()
         print("ok", flush=True)
     s.stop(0)

@@ -135,11 +135,7 @@ impl Upstream {
     }
 
     pub fn endpoint(&self) -> EndpointConfig {
-        EndpointConfig {
-            id: self.name.clone(),
-            addr: self.addr,
-            zone: None,
-        }
+        EndpointConfig::new(self.name.clone(), self.addr)
     }
 }
 

@@ -66,11 +66,9 @@ const CAPACITY_BACKOFF: Duration = Duration::from_secs(180);
 /// (instance type, subnet, spot).
 type Offering = (String, String, bool);
 
-/// The key of a shortage of a type in every subnet (a quota, an architecture), or with type
-/// `*` of the account's whole market.
-fn every_subnet(instance_type: &str, spot: bool) -> Offering {
-    (instance_type.to_string(), "*".to_string(), spot)
-}
+/// In an offering key, every subnet (a quota, an architecture) or every type (the account's
+/// whole market).
+const ANY: &str = "*";
 
 /// EC2 through aws-sdk-ec2.
 pub struct AwsProvider {
@@ -152,9 +150,9 @@ impl AwsProvider {
     fn shortage(&self, instance_type: &str, subnet: &str, spot: bool) -> Option<String> {
         let mut map = self.no_capacity.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, (since, _)| since.elapsed() < CAPACITY_BACKOFF);
-        map.get(&(instance_type.to_string(), subnet.to_string(), spot))
-            .or_else(|| map.get(&every_subnet(instance_type, spot)))
-            .or_else(|| map.get(&every_subnet("*", spot)))
+        [(instance_type, subnet), (instance_type, ANY), (ANY, ANY)]
+            .into_iter()
+            .find_map(|(t, s)| map.get(&(t.to_string(), s.to_string(), spot)))
             .map(|(_, why)| why.clone())
     }
 
@@ -303,19 +301,17 @@ impl AwsProvider {
                         // The spot vCPU quota of the type's family group: no subnet will do
                         // for this type (a smaller type may still fit).
                         "MaxSpotInstanceCountExceeded" => {
-                            let (t, sub, spot) = every_subnet(&req.instance_type, spot);
-                            self.mark_no_capacity(&t, &sub, spot, why);
+                            self.mark_no_capacity(&req.instance_type, ANY, spot, why);
                         }
                         // The account cannot create spot requests at all yet.
                         "AuthFailure.ServiceLinkedRoleCreationNotPermitted" => {
-                            let (t, sub, spot) = every_subnet("*", spot);
-                            self.mark_no_capacity(&t, &sub, spot, why);
+                            self.mark_no_capacity(ANY, ANY, spot, why);
                         }
                         // The type's architecture is not its image's, in any subnet or market.
                         _ if wrong_arch => {
                             for market in [false, true] {
-                                let (t, sub, m) = every_subnet(&req.instance_type, market);
-                                self.mark_no_capacity(&t, &sub, m, "architecture mismatch");
+                                let why = "architecture mismatch";
+                                self.mark_no_capacity(&req.instance_type, ANY, market, why);
                             }
                         }
                         _ => self.mark_no_capacity(&req.instance_type, s, spot, why),
@@ -325,7 +321,7 @@ impl AwsProvider {
                         format!(
                             "{} {} in {s}: {}",
                             req.instance_type,
-                            if spot { "spot" } else { "on-demand" },
+                            crate::provider::market(spot),
                             fail(Operation::Launch, &e).message
                         ),
                     ));
@@ -485,7 +481,7 @@ impl Provider for AwsProvider {
                     format!(
                         "{why}: {} has no {} {} capacity (seen in the last 3 minutes)",
                         where_,
-                        if spot { "spot" } else { "on-demand" },
+                        crate::provider::market(spot),
                         req.instance_type
                     ),
                 ));
@@ -627,7 +623,7 @@ mod tests {
         let p = unreachable();
         let mut spot = request(false);
         spot.capacity_type = fleetlb_crds::CapacityType::Spot;
-        p.mark_no_capacity("t3.small", "*", true, "MaxSpotInstanceCountExceeded");
+        p.mark_no_capacity("t3.small", ANY, true, "MaxSpotInstanceCountExceeded");
         assert!(matches!(p.launch(&spot).await, Ok(Launch::NextAttempt(..))));
         spot.instance_type = "t3.micro".into();
         assert!(p.launch(&spot).await.is_err(), "another type is asked");
