@@ -4,8 +4,10 @@
 //! connection-level balancer cannot do).
 //!
 //! Connections to an endpoint are opened as needed: a request takes the first connection
-//! with a free stream (under the instance's `SETTINGS_MAX_CONCURRENT_STREAMS`); when none has
-//! one, a new connection is opened. The endpoint's in-flight limit
+//! with a free stream (under the instance's `SETTINGS_MAX_CONCURRENT_STREAMS`, even 1), open
+//! or still opening; when none has one, a new connection is opened. A burst to a new instance
+//! thus opens one connection per the streams it allows, not one per request (Envoy counts a
+//! connecting connection's streams the same way). The endpoint's in-flight limit
 //! (`--endpoint-max-connections`) counts streams. Idle connections close after
 //! `--pool-idle-timeout`; HTTP/2 PINGs keep the others alive through NATs and tell a dead
 //! peer from a quiet one.
@@ -21,8 +23,8 @@
 //! time left.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -63,18 +65,26 @@ const STREAM_WINDOW: u32 = 256 * 1024;
 /// main runtime, the probes, and proxy threads beyond the core count).
 pub(crate) struct Pool {
     lists: Box<[Mutex<Vec<Arc<Conn>>>]>,
+    /// The streams per connection the instance last allowed (`STREAMS_PER_CONN` until one
+    /// of its connections says): how many requests a connection still opening is expected to
+    /// carry.
+    allowed: Arc<AtomicU32>,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Self {
             lists: (0..*h1::LISTS).map(|_| Mutex::new(Vec::new())).collect(),
+            allowed: Arc::new(AtomicU32::new(STREAMS_PER_CONN)),
         }
     }
 }
 
 struct Conn {
-    send: SendRequest<Replay>,
+    /// Set once the connection is open (its handshake done).
+    send: OnceLock<SendRequest<Replay>>,
+    /// How opening it ended, for the requests waiting on it.
+    opened: tokio::sync::watch::Sender<Opened>,
     streams: AtomicU32,
     /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (at most `STREAMS_PER_CONN`), as the
     /// connection's task last saw it.
@@ -83,13 +93,38 @@ struct Conn {
     used: AtomicU64,
 }
 
-/// Drops the connections that closed or sat idle past `idle` (their last handle gone, hyper
-/// closes them with a GOAWAY).
+#[derive(Clone)]
+enum Opened {
+    Pending,
+    Open,
+    Failed(Arc<h1::Error>),
+}
+
+impl Conn {
+    /// Open and usable, or still opening; false once it closed or failed to open.
+    fn live(&self) -> bool {
+        match self.send.get() {
+            Some(send) => !send.is_closed(),
+            None => matches!(*self.opened.borrow(), Opened::Pending),
+        }
+    }
+
+    /// Can take one more stream now (or once it is open).
+    fn free(&self) -> bool {
+        let ready = match self.send.get() {
+            Some(send) => send.is_ready(),
+            None => matches!(*self.opened.borrow(), Opened::Pending),
+        };
+        ready && self.streams.load(Relaxed) < self.max_streams.load(Relaxed)
+    }
+}
+
+/// Drops the connections that closed, failed to open, or sat idle past `idle` (their last
+/// handle gone, hyper closes them with a GOAWAY).
 fn keep_live(conns: &mut Vec<Arc<Conn>>, now: u64, idle: Duration) {
     let idle = idle.as_nanos() as u64;
     conns.retain(|c| {
-        !c.send.is_closed()
-            && (c.streams.load(Relaxed) > 0 || now.saturating_sub(c.used.load(Relaxed)) < idle)
+        c.live() && (c.streams.load(Relaxed) > 0 || now.saturating_sub(c.used.load(Relaxed)) < idle)
     });
 }
 
@@ -103,8 +138,18 @@ impl Drop for Slot {
     }
 }
 
+/// The same failure again, for each request that waited on one connection's opening.
+fn again(e: &h1::Error) -> h1::Error {
+    let copy = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
+    match e {
+        h1::Error::Local(e) => h1::Error::Local(copy(e)),
+        h1::Error::Connect(e) => h1::Error::Connect(copy(e)),
+        h1::Error::ConnectTimeout => h1::Error::ConnectTimeout,
+        other => h1::Error::Connect(std::io::Error::other(other.to_string())),
+    }
+}
+
 impl Pool {
-    /// A stream on a connection that has one free; `None` when a connection must be opened.
     fn list(&self) -> &Mutex<Vec<Arc<Conn>>> {
         self.lists.get(h1::this_list()).unwrap_or(&self.lists[0])
     }
@@ -120,79 +165,10 @@ impl Pool {
         }
     }
 
-    fn take(&self, now: u64, idle: Duration) -> Option<(SendRequest<Replay>, Slot)> {
-        let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
-        keep_live(&mut conns, now, idle);
-        let c = conns
-            .iter()
-            .find(|c| c.send.is_ready() && c.streams.load(Relaxed) < c.max_streams.load(Relaxed))?;
-        c.streams.fetch_add(1, Relaxed);
-        c.used.store(now, Relaxed);
-        Some((c.send.clone(), Slot(c.clone(), now)))
-    }
-
-    /// Opens a connection to `addr` and takes a stream on it.
-    async fn open(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-        now: u64,
-    ) -> Result<(SendRequest<Replay>, Slot), h1::Error> {
-        let io = h1::connect_tcp(addr, connect_timeout).await?;
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .max_header_list_size(64 * 1024)
-            // Flow control per stream, never per connection: a client that stops reading one
-            // answer holds at most its stream's window here, and the connection's window
-            // (every stream's at once) never runs out under the streams sharing it.
-            // One stream until the instance's SETTINGS say how many: a stream over its limit
-            // would be refused (grpc-core answers ENHANCE_YOUR_CALM), the rest wait for them.
-            .initial_max_send_streams(1)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
-        let (send, conn) =
-            tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
-                .await
-                .map_err(|_| h1::Error::ConnectTimeout)?
-                .map_err(|e| h1::Error::Connect(std::io::Error::other(e)))?;
-        let max_streams = Arc::new(AtomicU32::new(STREAMS_PER_CONN));
-        let seen = max_streams.clone();
-        let mut conn = Box::pin(conn);
-        tokio::spawn(async move {
-            let ended = std::future::poll_fn(|cx| {
-                let polled = conn.as_mut().poll(cx);
-                // Read at every poll: the instance's SETTINGS arrive through it (until then the
-                // limit is the initial 1, and the pool keeps assuming the usual 100: the
-                // streams beyond wait inside the connection for the SETTINGS).
-                let max = conn.as_ref().get_ref().current_max_send_streams();
-                if max != 1 {
-                    seen.store(max.min(STREAMS_PER_CONN as usize) as u32, Relaxed);
-                }
-                polled
-            })
-            .await;
-            if let Err(err) = ended {
-                tracing::debug!(%addr, %err, "upstream HTTP/2 connection ended");
-            }
-        });
-        let c = Arc::new(Conn {
-            send: send.clone(),
-            streams: AtomicU32::new(1),
-            max_streams,
-            used: AtomicU64::new(now),
-        });
-        self.list()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(c.clone());
-        Ok((send, Slot(c, now)))
-    }
-
-    /// A stream to `addr`, on a pooled connection or a new one.
+    /// A stream to `addr`: on a pooled connection with one free, else on one being opened
+    /// that will have one (as Envoy counts a connecting connection's streams), else on a
+    /// new connection. A burst of requests to a new instance opens as many connections as
+    /// it needs, not one each.
     pub async fn stream(
         &self,
         addr: std::net::SocketAddr,
@@ -200,10 +176,197 @@ impl Pool {
         idle: Duration,
         now: u64,
     ) -> Result<(SendRequest<Replay>, Slot), h1::Error> {
-        match self.take(now, idle) {
-            Some(s) => Ok(s),
-            None => self.open(addr, connect_timeout, now).await,
+        let c = {
+            let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
+            keep_live(&mut conns, now, idle);
+            match conns.iter().find(|c| c.free()) {
+                Some(c) => {
+                    c.streams.fetch_add(1, Relaxed);
+                    c.used.store(now, Relaxed);
+                    c.clone()
+                }
+                None => {
+                    let c = self.open(addr, connect_timeout, now);
+                    conns.push(c.clone());
+                    c
+                }
+            }
+        };
+        let slot = Slot(c.clone(), now);
+        if let Some(send) = c.send.get() {
+            return Ok((send.clone(), slot));
         }
+        // Opening: bounded by its own connect and handshake timeouts.
+        let mut opened = c.opened.subscribe();
+        let outcome = opened
+            .wait_for(|o| !matches!(o, Opened::Pending))
+            .await
+            .map(|o| o.clone());
+        match (outcome, c.send.get()) {
+            (Ok(Opened::Open), Some(send)) => Ok((send.clone(), slot)),
+            (Ok(Opened::Failed(e)), _) => Err(again(&e)),
+            _ => Err(h1::Error::Connect(std::io::Error::other(
+                "the connection's opening ended without an outcome",
+            ))),
+        }
+    }
+
+    /// A connection to `addr` with one stream taken, opening in a task of its own (so a
+    /// request given up on does not leave the others waiting on it).
+    fn open(&self, addr: std::net::SocketAddr, connect_timeout: Duration, now: u64) -> Arc<Conn> {
+        let c = Arc::new(Conn {
+            send: OnceLock::new(),
+            opened: tokio::sync::watch::Sender::new(Opened::Pending),
+            streams: AtomicU32::new(1),
+            max_streams: Arc::new(AtomicU32::new(self.allowed.load(Relaxed))),
+            used: AtomicU64::new(now),
+        });
+        let conn = c.clone();
+        let allowed = self.allowed.clone();
+        tokio::spawn(async move {
+            let outcome = match handshake(addr, connect_timeout, &conn, allowed).await {
+                Ok(send) => {
+                    let _ = conn.send.set(send);
+                    Opened::Open
+                }
+                Err(e) => Opened::Failed(Arc::new(e)),
+            };
+            conn.opened.send_replace(outcome);
+        });
+        c
+    }
+}
+
+/// Connects to `addr` and opens HTTP/2 on it, its task learning the instance's stream limit
+/// into `c` (and the pool's `allowed`).
+async fn handshake(
+    addr: std::net::SocketAddr,
+    connect_timeout: Duration,
+    c: &Conn,
+    allowed: Arc<AtomicU32>,
+) -> Result<SendRequest<Replay>, h1::Error> {
+    let io = h1::connect_tcp(addr, connect_timeout).await?;
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .max_header_list_size(64 * 1024)
+        // Flow control per stream, never per connection: a client that stops reading one
+        // answer holds at most its stream's window here, and the connection's window
+        // (every stream's at once) never runs out under the streams sharing it.
+        // One stream until the instance's SETTINGS say how many: a stream over its limit
+        // would be refused (grpc-core answers ENHANCE_YOUR_CALM), the rest wait for them.
+        .initial_max_send_streams(1)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
+    let settings = Arc::new(AtomicBool::new(false));
+    let io = FirstFrame {
+        io,
+        head: [0; 3],
+        read: 0,
+        done: false,
+        seen: settings.clone(),
+    };
+    let (send, conn) = tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
+        .await
+        .map_err(|_| h1::Error::ConnectTimeout)?
+        .map_err(|e| h1::Error::Connect(std::io::Error::other(e)))?;
+    let seen = c.max_streams.clone();
+    let mut conn = Box::pin(conn);
+    tokio::spawn(async move {
+        let mut learned = 0;
+        let ended = std::future::poll_fn(|cx| {
+            let polled = conn.as_mut().poll(cx);
+            // Read at every poll once the instance's SETTINGS (its first frame) came in: a
+            // poll that reads a frame also applies it. Until then h2's limit is the initial
+            // 1, and the pool assumes what the instance allowed before (the streams beyond
+            // wait inside the connection, for one round trip).
+            if settings.load(Relaxed) {
+                let max = conn.as_ref().get_ref().current_max_send_streams();
+                let max = max.min(STREAMS_PER_CONN as usize) as u32;
+                seen.store(max, Relaxed);
+                if max != learned {
+                    learned = max;
+                    allowed.store(max, Relaxed);
+                }
+            }
+            polled
+        })
+        .await;
+        if let Err(err) = ended {
+            tracing::debug!(%addr, %err, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(send)
+}
+
+/// An instance's connection, watched until its first frame (the SETTINGS every HTTP/2 server
+/// sends first, RFC 9113 section 3.4) has been read whole: only then does h2's stream limit say
+/// what the instance allows (it starts at the same 1 an instance may send).
+struct FirstFrame {
+    io: tokio::net::TcpStream,
+    /// The frame header's length field, as read so far.
+    head: [u8; 3],
+    /// Bytes read so far.
+    read: usize,
+    done: bool,
+    seen: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for FirstFrame {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.done {
+            let new = &buf.filled()[before..];
+            let have = this.read.min(3);
+            let take = (3 - have).min(new.len());
+            this.head[have..have + take].copy_from_slice(&new[..take]);
+            this.read = this.read.saturating_add(new.len());
+            let len = u32::from_be_bytes([0, this.head[0], this.head[1], this.head[2]]) as usize;
+            if this.read >= 9 + len {
+                this.done = true;
+                this.seen.store(true, Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for FirstFrame {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -1090,4 +1253,71 @@ pub(crate) async fn probe(
         Some(answer.status == grpc::SERVING)
     };
     matches!(tokio::time::timeout(limit, attempt).await, Ok(Some(true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    /// An HTTP/2 server on 127.0.0.1:0 allowing `streams` per connection, counting the
+    /// connections it accepted.
+    async fn server(streams: u32) -> (std::net::SocketAddr, Arc<AtomicU32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(streams)
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// `n` requests at once, each on a stream the pool gave out when all `n` asked together.
+    async fn burst(pool: &Pool, addr: std::net::SocketAddr, n: usize) {
+        let streams = futures::future::join_all(
+            (0..n).map(|_| pool.stream(addr, Duration::from_secs(5), Duration::from_secs(60), 0)),
+        )
+        .await;
+        let answers = streams.into_iter().map(|s| async move {
+            let (mut send, _slot) = s.expect("a stream");
+            std::future::poll_fn(|cx| send.poll_ready(cx))
+                .await
+                .unwrap();
+            let req = Request::builder()
+                .uri(format!("http://{addr}/"))
+                .body(Replay::bytes(Bytes::new()))
+                .unwrap();
+            send.send_request(req).await.expect("an answer").status()
+        });
+        for status in futures::future::join_all(answers).await {
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_to_an_instance_waits_for_the_connections_being_opened() {
+        let (addr, accepted) = server(5).await;
+        let pool = Pool::default();
+        // Nothing known of the instance: 20 requests share the one connection being opened
+        // (its streams beyond the 5 allowed wait inside it), not 20 connections.
+        burst(&pool, addr, 20).await;
+        assert_eq!(accepted.load(SeqCst), 1);
+        // Its 5 streams now known: the open connection takes 5 and each new one 5 more.
+        burst(&pool, addr, 20).await;
+        assert_eq!(accepted.load(SeqCst), 4);
+    }
 }

@@ -74,8 +74,20 @@ impl Servers {
 
     /// How many connections server `i`'s `Say` calls came over.
     async fn connections(&mut self, i: usize) -> usize {
+        self.ask(i, "connections").await
+    }
+
+    /// The most `Say` calls server `i` served at once.
+    async fn most_at_once(&mut self, i: usize) -> usize {
+        self.ask(i, "most").await
+    }
+
+    async fn ask(&mut self, i: usize, what: &str) -> usize {
         let s = &mut self.peers[i];
-        s.stdin.write_all(b"connections\n").await.unwrap();
+        s.stdin
+            .write_all(format!("{what}\n").as_bytes())
+            .await
+            .unwrap();
         let n = s.answers.next_line().await.unwrap();
         n.as_deref().and_then(|n| n.parse().ok()).unwrap_or(0)
     }
@@ -489,6 +501,28 @@ async fn an_instances_stream_limit_opens_more_connections_instead_of_queueing() 
     assert!(
         connections > 1,
         "the calls queued on {connections} connection(s) instead of opening more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_allows_one_stream_per_connection_still_serves_calls_side_by_side() {
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 1, the same value as the proxy's own limit before an
+    // instance's SETTINGS arrive: the pool must still learn it (the health checks' connection
+    // is already open), and run 20 calls at once on 20 connections, not one after another.
+    let mut servers = Servers::start_with(1, &["1"]).await;
+    let proxy = Proxy::start(
+        ProxyConfig::default(),
+        vec![grpc_route(servers.endpoints())],
+    )
+    .await;
+    proxy.wait_healthy(1).await;
+    servers.set(0, "slow").await;
+    let v = calls(&proxy, 60, &["--concurrency", "20", "--deadline", "20"]).await;
+    assert_eq!(count(&v, "codes", "OK"), 60, "{v}");
+    let most = servers.most_at_once(0).await;
+    assert!(
+        most >= 10,
+        "the instance served at most {most} of 20 concurrent calls at once"
     );
 }
 

@@ -2,7 +2,8 @@
 
   peer.py serve NAME   a server named NAME on 127.0.0.1:0; prints {"port": P}, then reads
                        one mode per line on stdin and answers "ok" ("connections"
-                       answers how many client connections its Say calls came over).
+                       answers how many client connections its Say calls came over,
+                       "most" the most Say calls it served at once).
   peer.py serve NAME MAX  the same, allowing MAX concurrent streams per connection
   peer.py call ADDR N [--deadline S] [--concurrency C] [--stream K] [--upload K --gap S]
                        N calls over ONE channel (one HTTP/2 connection); prints a JSON summary.
@@ -38,6 +39,9 @@ class Peer:
         self.mode = "ok"
         # The client addresses Say calls came from: one per HTTP/2 connection.
         self.peers = set()
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
 
     def trailers(self, context):
         left = context.time_remaining()
@@ -54,7 +58,12 @@ class Peer:
         self.peers.add(context.peer())
         context.set_trailing_metadata(self.trailers(context))
         self.fail(context)
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
         time.sleep(DELAY.get(self.mode, 0.002))
+        with self.lock:
+            self.now -= 1
         return self.name.encode()
 
     def count(self, request, context):
@@ -103,6 +112,9 @@ def serve(name, max_streams=None):
     for line in sys.stdin:
         if line.strip() == "connections":
             print(len(p.peers), flush=True)
+            continue
+        if line.strip() == "most":
+            print(p.most, flush=True)
             continue
         p.mode = line.strip()
         print("ok", flush=True)
