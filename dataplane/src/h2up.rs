@@ -5,9 +5,11 @@
 //!
 //! Connections to an endpoint are opened as needed: a request takes the first connection
 //! with a free stream (under the instance's `SETTINGS_MAX_CONCURRENT_STREAMS`, even 1), open
-//! or still opening; when none has one, a new connection is opened. A burst to a new instance
-//! thus opens one connection per the streams it allows, not one per request (Envoy counts a
-//! connecting connection's streams the same way). The endpoint's in-flight limit
+//! or still opening; when none has one, a new connection is opened. A request that joined a
+//! connection being opened waits for the instance's SETTINGS (read as they arrive, `Frames`)
+//! and goes round again when the instance allows fewer streams than the pool expected. A burst
+//! to a new instance thus opens a connection per the streams it allows, not one per request
+//! (Envoy counts a connecting connection's streams too). The endpoint's in-flight limit
 //! (`--endpoint-max-connections`) counts streams. Idle connections close after
 //! `--pool-idle-timeout`; HTTP/2 PINGs keep the others alive through NATs and tell a dead
 //! peer from a quiet one.
@@ -23,7 +25,8 @@
 //! time left.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,7 +40,6 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
-use crate::Shared;
 use crate::access_log::Entry;
 use crate::balance;
 use crate::body::{BodyError, ClientBody, InflightGuard, ResponseBody};
@@ -47,6 +49,7 @@ use crate::grpc::{self, Blame, GRPC_TIMEOUT, MessageCount};
 use crate::h1;
 use crate::outlier;
 use crate::table::Cluster;
+use crate::{Clock, Shared};
 
 /// The most of a request body kept for a retry (linkerd's limit).
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -65,9 +68,8 @@ const STREAM_WINDOW: u32 = 256 * 1024;
 /// main runtime, the probes, and proxy threads beyond the core count).
 pub(crate) struct Pool {
     lists: Box<[Mutex<Vec<Arc<Conn>>>]>,
-    /// The streams per connection the instance last allowed (`STREAMS_PER_CONN` until one
-    /// of its connections says): how many requests a connection still opening is expected to
-    /// carry.
+    /// The streams per connection the instance allowed last (`STREAMS_PER_CONN` until one of
+    /// its connections says): how many requests a connection still opening takes.
     allowed: Arc<AtomicU32>,
 }
 
@@ -81,23 +83,49 @@ impl Default for Pool {
 }
 
 struct Conn {
-    /// Set once the connection is open (its handshake done).
+    /// Set once the handshake is done.
     send: OnceLock<SendRequest<Replay>>,
-    /// How opening it ended, for the requests waiting on it.
-    opened: tokio::sync::watch::Sender<Opened>,
+    /// What its opening task and its reader tell the requests waiting on it.
+    shared: Arc<ConnShared>,
     streams: AtomicU32,
-    /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (at most `STREAMS_PER_CONN`), as the
-    /// connection's task last saw it.
-    max_streams: Arc<AtomicU32>,
     /// When a stream last began or ended (the data plane's clock).
     used: AtomicU64,
 }
 
-#[derive(Clone)]
-enum Opened {
-    Pending,
-    Open,
-    Failed(Arc<h1::Error>),
+/// What a connection's opening task, its reader (`Frames`) and the requests on it share
+/// (never the connection's handle: the reader lives inside the connection).
+struct ConnShared {
+    /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (1 to `STREAMS_PER_CONN`) as its
+    /// SETTINGS last said; the pool's `allowed` until the first came.
+    max_streams: AtomicU32,
+    state: tokio::sync::watch::Sender<Opening>,
+    /// Open and its SETTINGS read: nothing to wait for (read without `state`'s lock).
+    ready: AtomicBool,
+}
+
+impl ConnShared {
+    fn update(&self, f: impl FnOnce(&mut Opening)) {
+        self.state.send_modify(f);
+        let s = self.state.borrow();
+        if s.known() && matches!(s.open, Some(Ok(()))) {
+            self.ready.store(true, Release);
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Opening {
+    /// The handshake's outcome, once known.
+    open: Option<Result<(), Arc<h1::Error>>>,
+    /// The instance's first SETTINGS was read: `max_streams` is its own.
+    settled: bool,
+}
+
+impl Opening {
+    /// Nothing more to wait for.
+    fn known(&self) -> bool {
+        matches!(self.open, Some(Err(_))) || (matches!(self.open, Some(Ok(()))) && self.settled)
+    }
 }
 
 impl Conn {
@@ -105,7 +133,7 @@ impl Conn {
     fn live(&self) -> bool {
         match self.send.get() {
             Some(send) => !send.is_closed(),
-            None => matches!(*self.opened.borrow(), Opened::Pending),
+            None => self.shared.state.borrow().open.is_none(),
         }
     }
 
@@ -113,9 +141,9 @@ impl Conn {
     fn free(&self) -> bool {
         let ready = match self.send.get() {
             Some(send) => send.is_ready(),
-            None => matches!(*self.opened.borrow(), Opened::Pending),
+            None => self.shared.state.borrow().open.is_none(),
         };
-        ready && self.streams.load(Relaxed) < self.max_streams.load(Relaxed)
+        ready && self.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
     }
 }
 
@@ -129,23 +157,30 @@ fn keep_live(conns: &mut Vec<Arc<Conn>>, now: u64, idle: Duration) {
 }
 
 /// One stream's place on a pooled connection, given back when dropped.
-pub(crate) struct Slot(Arc<Conn>, u64);
+pub(crate) struct Slot(Arc<Conn>, Clock);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Relaxed);
-        self.0.used.store(self.1, Relaxed);
+        self.0.used.fetch_max(self.1.now(), Relaxed);
     }
 }
 
-/// The same failure again, for each request that waited on one connection's opening.
-fn again(e: &h1::Error) -> h1::Error {
-    let copy = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
-    match e {
-        h1::Error::Local(e) => h1::Error::Local(copy(e)),
-        h1::Error::Connect(e) => h1::Error::Connect(copy(e)),
-        h1::Error::ConnectTimeout => h1::Error::ConnectTimeout,
-        other => h1::Error::Connect(std::io::Error::other(other.to_string())),
+/// Sends `Failed` to the requests waiting on a connection whose opening task ended without an
+/// outcome (a panic, its runtime shutting down): none waits forever.
+struct OpenGuard(Arc<ConnShared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.state.send_if_modified(|s| {
+            let unknown = s.open.is_none();
+            if unknown {
+                s.open = Some(Err(Arc::new(h1::Error::Connect(std::io::Error::other(
+                    "the connection's opening ended",
+                )))));
+            }
+            unknown
+        });
     }
 }
 
@@ -166,83 +201,124 @@ impl Pool {
     }
 
     /// A stream to `addr`: on a pooled connection with one free, else on one being opened
-    /// that will have one (as Envoy counts a connecting connection's streams), else on a
-    /// new connection. A burst of requests to a new instance opens as many connections as
-    /// it needs, not one each.
+    /// that will have one, else on a new connection. A request that joined a connection being
+    /// opened waits for the instance's SETTINGS, and goes round again if it allows fewer
+    /// streams than expected (Envoy counts a connecting connection's streams the same way).
+    ///
+    /// `Err(h1::Error::Shared)`: the connection this request waited on failed to open (the
+    /// request that opened it counts the failure).
     pub async fn stream(
         &self,
         addr: std::net::SocketAddr,
         connect_timeout: Duration,
         idle: Duration,
-        now: u64,
+        clock: Clock,
     ) -> Result<(SendRequest<Replay>, Slot), h1::Error> {
-        let c = {
-            let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
-            keep_live(&mut conns, now, idle);
-            match conns.iter().find(|c| c.free()) {
-                Some(c) => {
-                    c.streams.fetch_add(1, Relaxed);
-                    c.used.store(now, Relaxed);
-                    c.clone()
+        let mut round = 0;
+        loop {
+            round += 1;
+            let now = clock.now();
+            let (c, opener) = {
+                let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
+                keep_live(&mut conns, now, idle);
+                match conns.iter().find(|c| c.free()) {
+                    Some(c) => {
+                        c.streams.fetch_add(1, Relaxed);
+                        c.used.store(now, Relaxed);
+                        (c.clone(), false)
+                    }
+                    None => {
+                        let c = self.conn(now);
+                        conns.push(c.clone());
+                        (c, true)
+                    }
                 }
-                None => {
-                    let c = self.open(addr, connect_timeout, now);
-                    conns.push(c.clone());
-                    c
-                }
+            };
+            let slot = Slot(c.clone(), clock);
+            if opener {
+                self.open(addr, connect_timeout, &c);
             }
-        };
-        let slot = Slot(c.clone(), now);
-        if let Some(send) = c.send.get() {
-            return Ok((send.clone(), slot));
-        }
-        // Opening: bounded by its own connect and handshake timeouts.
-        let mut opened = c.opened.subscribe();
-        let outcome = opened
-            .wait_for(|o| !matches!(o, Opened::Pending))
-            .await
-            .map(|o| o.clone());
-        match (outcome, c.send.get()) {
-            (Ok(Opened::Open), Some(send)) => Ok((send.clone(), slot)),
-            (Ok(Opened::Failed(e)), _) => Err(again(&e)),
-            _ => Err(h1::Error::Connect(std::io::Error::other(
-                "the connection's opening ended without an outcome",
-            ))),
+            if c.shared.ready.load(Acquire)
+                && let Some(send) = c.send.get()
+            {
+                // The usual case: an open connection with a free stream.
+                return Ok((send.clone(), slot));
+            }
+            if !c.shared.state.borrow().known() {
+                // Opening (its task bounds the connect and the handshake), then the
+                // instance's SETTINGS, which every server sends first: a connect's time.
+                let mut state = c.shared.state.subscribe();
+                let wanted = |s: &Opening| if opener { s.open.is_some() } else { s.known() };
+                let _ = tokio::time::timeout(connect_timeout * 3, state.wait_for(wanted)).await;
+            }
+            let open = c.shared.state.borrow().open.clone();
+            match (open, c.send.get()) {
+                (Some(Ok(())), Some(send)) => {
+                    let over = c.streams.load(Relaxed) > c.shared.max_streams.load(Relaxed);
+                    if !over || opener || round == 4 {
+                        return Ok((send.clone(), slot));
+                    }
+                    // More requests joined than the instance allows: round again.
+                }
+                (Some(Err(e)), _) if opener => return Err(again(&e)),
+                (Some(Err(e)), _) => return Err(h1::Error::Shared(e)),
+                _ if opener => return Err(h1::Error::ConnectTimeout),
+                _ => return Err(h1::Error::Shared(Arc::new(h1::Error::ConnectTimeout))),
+            }
         }
     }
 
-    /// A connection to `addr` with one stream taken, opening in a task of its own (so a
-    /// request given up on does not leave the others waiting on it).
-    fn open(&self, addr: std::net::SocketAddr, connect_timeout: Duration, now: u64) -> Arc<Conn> {
-        let c = Arc::new(Conn {
+    /// A connection with one stream taken, to be opened.
+    fn conn(&self, now: u64) -> Arc<Conn> {
+        Arc::new(Conn {
             send: OnceLock::new(),
-            opened: tokio::sync::watch::Sender::new(Opened::Pending),
+            shared: Arc::new(ConnShared {
+                max_streams: AtomicU32::new(self.allowed.load(Relaxed)),
+                state: tokio::sync::watch::Sender::new(Opening::default()),
+                ready: AtomicBool::new(false),
+            }),
             streams: AtomicU32::new(1),
-            max_streams: Arc::new(AtomicU32::new(self.allowed.load(Relaxed))),
             used: AtomicU64::new(now),
-        });
+        })
+    }
+
+    /// Opens `c` to `addr` in a task of its own, so that a request given up on does not leave
+    /// the others waiting on it.
+    fn open(&self, addr: std::net::SocketAddr, connect_timeout: Duration, c: &Arc<Conn>) {
         let conn = c.clone();
         let allowed = self.allowed.clone();
         tokio::spawn(async move {
-            let outcome = match handshake(addr, connect_timeout, &conn, allowed).await {
+            let guard = OpenGuard(conn.shared.clone());
+            let outcome = match handshake(addr, connect_timeout, &conn.shared, allowed).await {
                 Ok(send) => {
                     let _ = conn.send.set(send);
-                    Opened::Open
+                    Ok(())
                 }
-                Err(e) => Opened::Failed(Arc::new(e)),
+                Err(e) => Err(Arc::new(e)),
             };
-            conn.opened.send_replace(outcome);
+            guard.0.update(|s| s.open = Some(outcome));
         });
-        c
     }
 }
 
-/// Connects to `addr` and opens HTTP/2 on it, its task learning the instance's stream limit
-/// into `c` (and the pool's `allowed`).
+/// The same failure again, for the request that opened the connection (the error is shared
+/// with the requests that waited on it).
+fn again(e: &h1::Error) -> h1::Error {
+    let copy = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
+    match e {
+        h1::Error::Local(e) => h1::Error::Local(copy(e)),
+        h1::Error::Connect(e) => h1::Error::Connect(copy(e)),
+        h1::Error::ConnectTimeout => h1::Error::ConnectTimeout,
+        other => h1::Error::Connect(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// Connects to `addr` and opens HTTP/2 on it, the instance's SETTINGS read into `shared` (and
+/// the pool's `allowed`) as they arrive.
 async fn handshake(
     addr: std::net::SocketAddr,
     connect_timeout: Duration,
-    c: &Conn,
+    shared: &Arc<ConnShared>,
     allowed: Arc<AtomicU32>,
 ) -> Result<SendRequest<Replay>, h1::Error> {
     let io = h1::connect_tcp(addr, connect_timeout).await?;
@@ -261,61 +337,118 @@ async fn handshake(
         .initial_max_send_streams(1)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
-    let settings = Arc::new(AtomicBool::new(false));
-    let io = FirstFrame {
+    let io = Frames {
         io,
-        head: [0; 3],
-        read: 0,
-        done: false,
-        seen: settings.clone(),
+        head: [0; 9],
+        head_len: 0,
+        left: 0,
+        settings: false,
+        param: [0; 6],
+        param_len: 0,
+        max: None,
+        first: true,
+        shared: shared.clone(),
+        allowed,
     };
     let (send, conn) = tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
         .await
         .map_err(|_| h1::Error::ConnectTimeout)?
         .map_err(|e| h1::Error::Connect(std::io::Error::other(e)))?;
-    let seen = c.max_streams.clone();
-    let mut conn = Box::pin(conn);
     tokio::spawn(async move {
-        let mut learned = 0;
-        let ended = std::future::poll_fn(|cx| {
-            let polled = conn.as_mut().poll(cx);
-            // Read at every poll once the instance's SETTINGS (its first frame) came in: a
-            // poll that reads a frame also applies it. Until then h2's limit is the initial
-            // 1, and the pool assumes what the instance allowed before (the streams beyond
-            // wait inside the connection, for one round trip).
-            if settings.load(Relaxed) {
-                let max = conn.as_ref().get_ref().current_max_send_streams();
-                let max = max.min(STREAMS_PER_CONN as usize) as u32;
-                seen.store(max, Relaxed);
-                if max != learned {
-                    learned = max;
-                    allowed.store(max, Relaxed);
-                }
-            }
-            polled
-        })
-        .await;
-        if let Err(err) = ended {
+        if let Err(err) = conn.await {
             tracing::debug!(%addr, %err, "upstream HTTP/2 connection ended");
         }
     });
     Ok(send)
 }
 
-/// An instance's connection, watched until its first frame (the SETTINGS every HTTP/2 server
-/// sends first, RFC 9113 section 3.4) has been read whole: only then does h2's stream limit say
-/// what the instance allows (it starts at the same 1 an instance may send).
-struct FirstFrame {
+/// An instance's connection, its incoming frames followed (headers read, payloads skipped) to
+/// read `SETTINGS_MAX_CONCURRENT_STREAMS` from each SETTINGS frame as it arrives: h2 keeps
+/// its own copy to itself, and its initial limit (1) is one an instance may send too.
+struct Frames {
     io: tokio::net::TcpStream,
-    /// The frame header's length field, as read so far.
-    head: [u8; 3],
-    /// Bytes read so far.
-    read: usize,
-    done: bool,
-    seen: Arc<AtomicBool>,
+    /// The frame header being read.
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The current frame is a SETTINGS (not an ACK) on stream 0.
+    settings: bool,
+    /// The SETTINGS parameter being read.
+    param: [u8; 6],
+    param_len: usize,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` in the current SETTINGS frame.
+    max: Option<u32>,
+    /// No SETTINGS read yet (the first one that lacks the limit means no limit).
+    first: bool,
+    shared: Arc<ConnShared>,
+    allowed: Arc<AtomicU32>,
 }
 
-impl tokio::io::AsyncRead for FirstFrame {
+impl Frames {
+    fn follow(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.head_len < 9 {
+                let n = (9 - self.head_len).min(data.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
+                self.head_len += n;
+                data = &data[n..];
+                if self.head_len < 9 {
+                    return;
+                }
+                let h = &self.head;
+                self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                self.settings = h[3] == 0x4 && h[4] & 0x1 == 0 && stream == 0;
+                self.param_len = 0;
+                self.max = None;
+            } else {
+                let n = self.left.min(data.len());
+                if self.settings {
+                    for &b in &data[..n] {
+                        self.param[self.param_len] = b;
+                        self.param_len += 1;
+                        if self.param_len == 6 {
+                            self.param_len = 0;
+                            let p = &self.param;
+                            if u16::from_be_bytes([p[0], p[1]]) == 0x3 {
+                                self.max = Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+                            }
+                        }
+                    }
+                }
+                self.left -= n;
+                data = &data[n..];
+            }
+            if self.head_len == 9 && self.left == 0 {
+                if self.settings {
+                    self.settled();
+                }
+                self.head_len = 0;
+            }
+        }
+    }
+
+    /// A SETTINGS frame ended.
+    fn settled(&mut self) {
+        let max = match self.max {
+            Some(m) => Some(m),
+            None if self.first => Some(u32::MAX),
+            None => None,
+        };
+        if let Some(m) = max {
+            // 0 (no new streams for now) is taken as 1: the stream waits inside the connection.
+            let m = m.clamp(1, STREAMS_PER_CONN);
+            self.shared.max_streams.store(m, Relaxed);
+            self.allowed.store(m, Relaxed);
+        }
+        if std::mem::take(&mut self.first) {
+            self.shared.update(|s| s.settled = true);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Frames {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -324,23 +457,12 @@ impl tokio::io::AsyncRead for FirstFrame {
         let this = &mut *self;
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if !this.done {
-            let new = &buf.filled()[before..];
-            let have = this.read.min(3);
-            let take = (3 - have).min(new.len());
-            this.head[have..have + take].copy_from_slice(&new[..take]);
-            this.read = this.read.saturating_add(new.len());
-            let len = u32::from_be_bytes([0, this.head[0], this.head[1], this.head[2]]) as usize;
-            if this.read >= 9 + len {
-                this.done = true;
-                this.seen.store(true, Relaxed);
-            }
-        }
+        this.follow(&buf.filled()[before..]);
         polled
     }
 }
 
-impl tokio::io::AsyncWrite for FirstFrame {
+impl tokio::io::AsyncWrite for Frames {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -936,7 +1058,6 @@ pub(crate) async fn forward(
     let client_gap = cluster.body_timeout.unwrap_or(limits.body_timeout);
 
     for attempt in 1..=cfg.max_attempts.max(1) {
-        let now = shared.clock.now();
         let (pick, guard) = crate::proxy::begin_attempt(
             shared,
             cluster,
@@ -952,13 +1073,33 @@ pub(crate) async fn forward(
         let connecting = Instant::now();
         let (mut send, slot) = match ep
             .h2
-            .stream(ep.addr, limits.connect_timeout, cfg.pool_idle_timeout, now)
+            .stream(
+                ep.addr,
+                limits.connect_timeout,
+                cfg.pool_idle_timeout,
+                shared.clock,
+            )
             .await
         {
             Ok(s) => s,
             Err(h1::Error::Local(e)) => {
                 tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "out of local resources for an upstream connection");
                 return Err(ProxyError::LocalResources);
+            }
+            Err(h1::Error::Shared(e)) => {
+                // The connection this request waited on failed to open: counted once, by the
+                // request that opened it. Elsewhere if there is an elsewhere.
+                if let h1::Error::Local(_) = *e {
+                    return Err(ProxyError::LocalResources);
+                }
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "the connection waited on failed to open");
+                last_err = if pick.panic {
+                    ProxyError::NoHealthyEndpoint
+                } else {
+                    ProxyError::UpstreamConnect
+                };
+                failed = Some(ep.clone());
+                continue;
             }
             Err(err) => {
                 let now = shared.clock.now();
@@ -1175,14 +1316,15 @@ pub(crate) async fn probe(
 ) -> bool {
     let limit = health.timeout;
     let attempt = async {
-        let now = shared.clock.now();
+        // The connect's own timeout (the probe's `limit` bounds this whole attempt): a
+        // request waiting on the same connection is not held to the probe's timer.
         let (mut send, _slot) = ep
             .h2
             .stream(
                 ep.addr,
-                shared.limits.connect_timeout.min(limit),
+                shared.limits.connect_timeout,
                 shared.config.pool_idle_timeout,
-                now,
+                shared.clock,
             )
             .await
             .ok()?;
@@ -1286,12 +1428,19 @@ mod tests {
         (addr, accepted)
     }
 
-    /// `n` requests at once, each on a stream the pool gave out when all `n` asked together.
-    async fn burst(pool: &Pool, addr: std::net::SocketAddr, n: usize) {
-        let streams = futures::future::join_all(
-            (0..n).map(|_| pool.stream(addr, Duration::from_secs(5), Duration::from_secs(60), 0)),
-        )
-        .await;
+    /// `n` requests at once, each on a stream the pool gave out when all `n` asked together,
+    /// none on a connection beyond the instance's `limit`.
+    async fn burst(pool: &Pool, addr: std::net::SocketAddr, n: usize, limit: u32) {
+        let clock = Clock::new();
+        let streams =
+            futures::future::join_all((0..n).map(|_| {
+                pool.stream(addr, Duration::from_secs(5), Duration::from_secs(60), clock)
+            }))
+            .await;
+        for c in pool.lists[0].lock().unwrap().iter() {
+            let carried = c.streams.load(SeqCst);
+            assert!(carried <= limit, "{carried} streams on one connection");
+        }
         let answers = streams.into_iter().map(|s| async move {
             let (mut send, _slot) = s.expect("a stream");
             std::future::poll_fn(|cx| send.poll_ready(cx))
@@ -1309,15 +1458,54 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn a_burst_to_an_instance_waits_for_the_connections_being_opened() {
+    async fn a_burst_to_a_new_instance_opens_a_connection_per_streams_it_allows() {
         let (addr, accepted) = server(5).await;
         let pool = Pool::default();
-        // Nothing known of the instance: 20 requests share the one connection being opened
-        // (its streams beyond the 5 allowed wait inside it), not 20 connections.
-        burst(&pool, addr, 20).await;
-        assert_eq!(accepted.load(SeqCst), 1);
-        // Its 5 streams now known: the open connection takes 5 and each new one 5 more.
-        burst(&pool, addr, 20).await;
+        // Nothing known of the instance: the 20 requests join the one connection being opened,
+        // its SETTINGS say 5, and the 15 over go round: 3 more connections, not 19.
+        burst(&pool, addr, 20, 5).await;
         assert_eq!(accepted.load(SeqCst), 4);
+        // The same again: the 4 connections carry them.
+        burst(&pool, addr, 20, 5).await;
+        assert_eq!(accepted.load(SeqCst), 4);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_instance_allowing_one_stream_gets_a_connection_per_request() {
+        // 1 is also h2's own limit before an instance's SETTINGS: the pool must still believe it.
+        let (addr, accepted) = server(1).await;
+        let pool = Pool::default();
+        burst(&pool, addr, 20, 1).await;
+        assert_eq!(accepted.load(SeqCst), 20);
+        burst(&pool, addr, 20, 1).await;
+        assert_eq!(accepted.load(SeqCst), 20);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_connect_fails_its_waiters_without_counting_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = Pool::default();
+        let clock = Clock::new();
+        let all =
+            futures::future::join_all((0..10).map(|_| {
+                pool.stream(addr, Duration::from_secs(5), Duration::from_secs(60), clock)
+            }))
+            .await;
+        let opener = all
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.is_refused()))
+            .count();
+        let waiters = all
+            .iter()
+            .filter(|r| matches!(r, Err(h1::Error::Shared(e)) if e.is_refused()))
+            .count();
+        assert_eq!((opener, waiters), (1, 9));
+        // The failed connection left the pool: the next request connects again.
+        let again = pool
+            .stream(addr, Duration::from_secs(5), Duration::from_secs(60), clock)
+            .await;
+        assert!(matches!(again, Err(e) if e.is_refused()));
     }
 }

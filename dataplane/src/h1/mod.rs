@@ -70,6 +70,10 @@ pub(crate) enum Error {
     /// that could not be sent again.
     #[error("pooled connection closed by the upstream: {0}")]
     Stale(#[source] Box<Error>),
+    /// The HTTP/2 connection this request waited on failed to open; the request that opened
+    /// it counted the failure.
+    #[error("the connection it waited on failed: {0}")]
+    Shared(#[source] std::sync::Arc<Error>),
 }
 
 /// What a client did wrong.
