@@ -337,19 +337,7 @@ async fn handshake(
         .initial_max_send_streams(1)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
-    let io = Frames {
-        io,
-        head: [0; 9],
-        head_len: 0,
-        left: 0,
-        settings: false,
-        param: [0; 6],
-        param_len: 0,
-        max: None,
-        first: true,
-        shared: shared.clone(),
-        allowed,
-    };
+    let io = Frames::new(io, shared.clone(), allowed);
     let (send, conn) = tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
         .await
         .map_err(|_| h1::Error::ConnectTimeout)?
@@ -365,8 +353,8 @@ async fn handshake(
 /// An instance's connection, its incoming frames followed (headers read, payloads skipped) to
 /// read `SETTINGS_MAX_CONCURRENT_STREAMS` from each SETTINGS frame as it arrives: h2 keeps
 /// its own copy to itself, and its initial limit (1) is one an instance may send too.
-struct Frames {
-    io: tokio::net::TcpStream,
+struct Frames<T> {
+    io: T,
     /// The frame header being read.
     head: [u8; 9],
     head_len: usize,
@@ -385,7 +373,23 @@ struct Frames {
     allowed: Arc<AtomicU32>,
 }
 
-impl Frames {
+impl<T> Frames<T> {
+    fn new(io: T, shared: Arc<ConnShared>, allowed: Arc<AtomicU32>) -> Self {
+        Self {
+            io,
+            head: [0; 9],
+            head_len: 0,
+            left: 0,
+            settings: false,
+            param: [0; 6],
+            param_len: 0,
+            max: None,
+            first: true,
+            shared,
+            allowed,
+        }
+    }
+
     fn follow(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.head_len < 9 {
@@ -448,7 +452,7 @@ impl Frames {
     }
 }
 
-impl tokio::io::AsyncRead for Frames {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Frames<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -462,7 +466,7 @@ impl tokio::io::AsyncRead for Frames {
     }
 }
 
-impl tokio::io::AsyncWrite for Frames {
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Frames<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1455,6 +1459,62 @@ mod tests {
         for status in futures::future::join_all(answers).await {
             assert_eq!(status, StatusCode::OK);
         }
+    }
+
+    /// A frame: length, type, flags, stream, payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    fn setting(id: u16, value: u32) -> Vec<u8> {
+        let mut p = id.to_be_bytes().to_vec();
+        p.extend(value.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn the_instances_stream_limit_is_read_from_its_settings_however_the_bytes_arrive() {
+        let mut first = setting(0x4, 65535);
+        first.extend(setting(0x3, 7));
+        let mut bytes = frame(0x4, 0, 0, &first);
+        bytes.extend(frame(0x4, 0x1, 0, &[])); // the ACK of ours
+        bytes.extend(frame(0x0, 0, 1, &setting(0x3, 1))); // DATA that looks like a setting
+        bytes.extend(frame(0x4, 0, 3, &setting(0x3, 1))); // not on stream 0
+        let after_first = bytes.len();
+        bytes.extend(frame(0x4, 0, 0, &setting(0x5, 16384))); // no limit: unchanged
+        bytes.extend(frame(0x4, 0, 0, &setting(0x3, 0))); // lowered to 0, taken as 1
+        for split in 1..bytes.len() {
+            let shared = Arc::new(ConnShared {
+                max_streams: AtomicU32::new(100),
+                state: tokio::sync::watch::Sender::new(Opening::default()),
+                ready: AtomicBool::new(false),
+            });
+            let allowed = Arc::new(AtomicU32::new(100));
+            let mut f = Frames::new((), shared.clone(), allowed.clone());
+            for chunk in bytes[..after_first].chunks(split) {
+                f.follow(chunk);
+            }
+            assert!(shared.state.borrow().settled, "split {split}");
+            assert_eq!(shared.max_streams.load(SeqCst), 7, "split {split}");
+            for chunk in bytes[after_first..].chunks(split) {
+                f.follow(chunk);
+            }
+            assert_eq!(shared.max_streams.load(SeqCst), 1, "split {split}");
+            assert_eq!(allowed.load(SeqCst), 1, "split {split}");
+        }
+        // A first SETTINGS without the limit: no limit (the pool's most).
+        let shared = Arc::new(ConnShared {
+            max_streams: AtomicU32::new(1),
+            state: tokio::sync::watch::Sender::new(Opening::default()),
+            ready: AtomicBool::new(false),
+        });
+        let mut f = Frames::new((), shared.clone(), Arc::new(AtomicU32::new(1)));
+        f.follow(&frame(0x4, 0, 0, &setting(0x4, 65535)));
+        assert_eq!(shared.max_streams.load(SeqCst), STREAMS_PER_CONN);
     }
 
     #[tokio::test(flavor = "current_thread")]
