@@ -83,7 +83,7 @@ impl Default for Pool {
 }
 
 struct Conn {
-    /// Set once the handshake is done.
+    /// Set once the connection is open.
     send: OnceLock<SendRequest<Replay>>,
     /// What its opening task and its reader tell the requests waiting on it.
     shared: Arc<ConnShared>,
@@ -99,32 +99,38 @@ struct ConnShared {
     /// SETTINGS last said; the pool's `allowed` until the first came.
     max_streams: AtomicU32,
     state: tokio::sync::watch::Sender<Opening>,
-    /// Open and its SETTINGS read: nothing to wait for (read without `state`'s lock).
+    /// Open (`state.open` is `Ok`): nothing to wait for (read without `state`'s lock).
     ready: AtomicBool,
+    /// A failed opening was taken by a request that counts it against the instance: the
+    /// others hear `h1::Error::Shared`.
+    claimed: AtomicBool,
+}
+
+#[derive(Clone, Default)]
+struct Opening {
+    /// How opening ended: open means the handshake done and the instance's SETTINGS read.
+    open: Option<Result<(), Arc<h1::Error>>>,
+    /// The instance's first SETTINGS was read: `max_streams` is its own.
+    settled: bool,
+    /// The connection ended (its reader was dropped).
+    ended: bool,
 }
 
 impl ConnShared {
     fn update(&self, f: impl FnOnce(&mut Opening)) {
         self.state.send_modify(f);
-        let s = self.state.borrow();
-        if s.known() && matches!(s.open, Some(Ok(()))) {
+        if matches!(self.state.borrow().open, Some(Ok(()))) {
             self.ready.store(true, Release);
         }
     }
-}
 
-#[derive(Clone, Default)]
-struct Opening {
-    /// The handshake's outcome, once known.
-    open: Option<Result<(), Arc<h1::Error>>>,
-    /// The instance's first SETTINGS was read: `max_streams` is its own.
-    settled: bool,
-}
-
-impl Opening {
-    /// Nothing more to wait for.
-    fn known(&self) -> bool {
-        matches!(self.open, Some(Err(_))) || (matches!(self.open, Some(Ok(()))) && self.settled)
+    /// The error of a failed opening for one request: the first to ask counts it.
+    fn failure(&self, e: &Arc<h1::Error>) -> h1::Error {
+        if self.claimed.swap(true, Relaxed) {
+            h1::Error::Shared(e.clone())
+        } else {
+            again(e)
+        }
     }
 }
 
@@ -132,16 +138,16 @@ impl Conn {
     /// Open and usable, or still opening; false once it closed or failed to open.
     fn live(&self) -> bool {
         match self.send.get() {
-            Some(send) => !send.is_closed(),
-            None => self.shared.state.borrow().open.is_none(),
+            Some(send) if self.shared.ready.load(Acquire) => !send.is_closed(),
+            _ => self.shared.state.borrow().open.is_none(),
         }
     }
 
     /// Can take one more stream now (or once it is open).
     fn free(&self) -> bool {
         let ready = match self.send.get() {
-            Some(send) => send.is_ready(),
-            None => self.shared.state.borrow().open.is_none(),
+            Some(send) if self.shared.ready.load(Acquire) => send.is_ready(),
+            _ => self.shared.state.borrow().open.is_none(),
         };
         ready && self.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
     }
@@ -157,30 +163,53 @@ fn keep_live(conns: &mut Vec<Arc<Conn>>, now: u64, idle: Duration) {
 }
 
 /// One stream's place on a pooled connection, given back when dropped.
-pub(crate) struct Slot(Arc<Conn>, Clock);
+pub(crate) struct Slot {
+    conn: Arc<Conn>,
+    clock: Clock,
+    /// Already given back (a request that went round).
+    left: bool,
+}
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Relaxed);
-        self.0.used.fetch_max(self.1.now(), Relaxed);
+impl Slot {
+    /// Gives the place back if the connection carries more streams than the instance allows
+    /// (exactly the surplus leave, however many check at once).
+    fn leave_if_over(&mut self) -> bool {
+        let max = self.conn.shared.max_streams.load(Relaxed);
+        let left = self
+            .conn
+            .streams
+            .fetch_update(Relaxed, Relaxed, |n| (n > max).then(|| n - 1))
+            .is_ok();
+        self.left = left;
+        left
     }
 }
 
-/// Sends `Failed` to the requests waiting on a connection whose opening task ended without an
-/// outcome (a panic, its runtime shutting down): none waits forever.
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.left {
+            self.conn.streams.fetch_sub(1, Relaxed);
+            self.conn.used.fetch_max(self.clock.now(), Relaxed);
+        }
+    }
+}
+
+/// Ends an opening that ended without an outcome (its task panicked or was dropped with its
+/// runtime): no request waits forever, and none counts it against the instance.
 struct OpenGuard(Arc<ConnShared>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.state.send_if_modified(|s| {
-            let unknown = s.open.is_none();
-            if unknown {
-                s.open = Some(Err(Arc::new(h1::Error::Connect(std::io::Error::other(
-                    "the connection's opening ended",
-                )))));
-            }
-            unknown
-        });
+        if self.0.state.borrow().open.is_none() {
+            self.0.claimed.store(true, Relaxed);
+            self.0.update(|s| {
+                s.open.get_or_insert_with(|| {
+                    Err(Arc::new(h1::Error::Local(std::io::Error::other(
+                        "the connection's opening ended",
+                    ))))
+                });
+            });
+        }
     }
 }
 
@@ -201,12 +230,13 @@ impl Pool {
     }
 
     /// A stream to `addr`: on a pooled connection with one free, else on one being opened
-    /// that will have one, else on a new connection. A request that joined a connection being
-    /// opened waits for the instance's SETTINGS, and goes round again if it allows fewer
-    /// streams than expected (Envoy counts a connecting connection's streams the same way).
+    /// that will have one, else on a new connection. A connection is open once the instance's
+    /// SETTINGS came (as grpc-go waits for the server's preface); a request that joined it
+    /// goes round again if the instance allows fewer streams than expected (Envoy counts a
+    /// connecting connection's streams the same way). At most 3 connect timeouts in all.
     ///
-    /// `Err(h1::Error::Shared)`: the connection this request waited on failed to open (the
-    /// request that opened it counts the failure).
+    /// `Err(h1::Error::Shared)`: the connection this request waited on failed to open, and
+    /// another request counts the failure.
     pub async fn stream(
         &self,
         addr: std::net::SocketAddr,
@@ -214,6 +244,7 @@ impl Pool {
         idle: Duration,
         clock: Clock,
     ) -> Result<(SendRequest<Replay>, Slot), h1::Error> {
+        let deadline = Instant::now() + connect_timeout * 3;
         let mut round = 0;
         loop {
             round += 1;
@@ -234,34 +265,28 @@ impl Pool {
                     }
                 }
             };
-            let slot = Slot(c.clone(), clock);
+            let mut slot = Slot {
+                conn: c.clone(),
+                clock,
+                left: false,
+            };
             if opener {
                 self.open(addr, connect_timeout, &c);
             }
-            if c.shared.ready.load(Acquire)
-                && let Some(send) = c.send.get()
-            {
-                // The usual case: an open connection with a free stream.
-                return Ok((send.clone(), slot));
-            }
-            if !c.shared.state.borrow().known() {
-                // Opening (its task bounds the connect and the handshake), then the
-                // instance's SETTINGS, which every server sends first: a connect's time.
+            if !c.shared.ready.load(Acquire) {
                 let mut state = c.shared.state.subscribe();
-                let wanted = |s: &Opening| if opener { s.open.is_some() } else { s.known() };
-                let _ = tokio::time::timeout(connect_timeout * 3, state.wait_for(wanted)).await;
+                let _ =
+                    tokio::time::timeout_at(deadline, state.wait_for(|s| s.open.is_some())).await;
             }
             let open = c.shared.state.borrow().open.clone();
             match (open, c.send.get()) {
                 (Some(Ok(())), Some(send)) => {
-                    let over = c.streams.load(Relaxed) > c.shared.max_streams.load(Relaxed);
-                    if !over || opener || round == 4 {
+                    // Joined while the limit was a guess, and over it: round again.
+                    if opener || round == 4 || !slot.leave_if_over() {
                         return Ok((send.clone(), slot));
                     }
-                    // More requests joined than the instance allows: round again.
                 }
-                (Some(Err(e)), _) if opener => return Err(again(&e)),
-                (Some(Err(e)), _) => return Err(h1::Error::Shared(e)),
+                (Some(Err(e)), _) => return Err(c.shared.failure(&e)),
                 _ if opener => return Err(h1::Error::ConnectTimeout),
                 _ => return Err(h1::Error::Shared(Arc::new(h1::Error::ConnectTimeout))),
             }
@@ -276,6 +301,7 @@ impl Pool {
                 max_streams: AtomicU32::new(self.allowed.load(Relaxed)),
                 state: tokio::sync::watch::Sender::new(Opening::default()),
                 ready: AtomicBool::new(false),
+                claimed: AtomicBool::new(false),
             }),
             streams: AtomicU32::new(1),
             used: AtomicU64::new(now),
@@ -283,16 +309,30 @@ impl Pool {
     }
 
     /// Opens `c` to `addr` in a task of its own, so that a request given up on does not leave
-    /// the others waiting on it.
+    /// the others waiting on it: connect, handshake, then the instance's SETTINGS, each
+    /// within the connect timeout.
     fn open(&self, addr: std::net::SocketAddr, connect_timeout: Duration, c: &Arc<Conn>) {
         let conn = c.clone();
         let allowed = self.allowed.clone();
+        let guard = OpenGuard(c.shared.clone());
         tokio::spawn(async move {
-            let guard = OpenGuard(conn.shared.clone());
             let outcome = match handshake(addr, connect_timeout, &conn.shared, allowed).await {
                 Ok(send) => {
                     let _ = conn.send.set(send);
-                    Ok(())
+                    let mut state = conn.shared.state.subscribe();
+                    let settled = tokio::time::timeout(
+                        connect_timeout,
+                        state.wait_for(|s| s.settled || s.ended),
+                    )
+                    .await;
+                    match settled {
+                        Ok(Ok(s)) if s.settled => Ok(()),
+                        Ok(_) => Err(Arc::new(h1::Error::Connect(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "closed before its HTTP/2 SETTINGS",
+                        )))),
+                        Err(_) => Err(Arc::new(h1::Error::ConnectTimeout)),
+                    }
                 }
                 Err(e) => Err(Arc::new(e)),
             };
@@ -301,8 +341,8 @@ impl Pool {
     }
 }
 
-/// The same failure again, for the request that opened the connection (the error is shared
-/// with the requests that waited on it).
+/// The same failure again, for the request that counts it (the error is shared with the
+/// requests that waited on the connection).
 fn again(e: &h1::Error) -> h1::Error {
     let copy = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
     match e {
@@ -433,21 +473,40 @@ impl<T> Frames<T> {
         }
     }
 
-    /// A SETTINGS frame ended.
+    /// A SETTINGS frame ended. A malformed one (a length not a multiple of 6) counts for
+    /// nothing: h2 closes the connection for it.
     fn settled(&mut self) {
+        if self.param_len != 0 {
+            return;
+        }
         let max = match self.max {
             Some(m) => Some(m),
             None if self.first => Some(u32::MAX),
             None => None,
         };
         if let Some(m) = max {
-            // 0 (no new streams for now) is taken as 1: the stream waits inside the connection.
+            // 0 (no new streams for now) is taken as 1: that stream waits inside the
+            // connection until the instance allows it, or the route's head timeout ends it
+            // (counted against the instance, which said 0).
             let m = m.clamp(1, STREAMS_PER_CONN);
             self.shared.max_streams.store(m, Relaxed);
-            self.allowed.store(m, Relaxed);
+            if self.first {
+                // What a new connection expects: the instance's opening word, not a lower
+                // limit it set later while shedding load.
+                self.allowed.store(m, Relaxed);
+            }
         }
         if std::mem::take(&mut self.first) {
             self.shared.update(|s| s.settled = true);
+        }
+    }
+}
+
+impl<T> Drop for Frames<T> {
+    fn drop(&mut self) {
+        // The connection ended: if it had not sent its SETTINGS, its opening failed.
+        if self.first {
+            self.shared.update(|s| s.ended = true);
         }
     }
 }
@@ -1075,16 +1134,20 @@ pub(crate) async fn forward(
         .map_err(|e| e.unwrap_or(last_err))?;
         let ep = pick.endpoint;
         let connecting = Instant::now();
-        let (mut send, slot) = match ep
-            .h2
-            .stream(
-                ep.addr,
-                limits.connect_timeout,
-                cfg.pool_idle_timeout,
-                shared.clock,
-            )
-            .await
-        {
+        let opening = ep.h2.stream(
+            ep.addr,
+            limits.connect_timeout,
+            cfg.pool_idle_timeout,
+            shared.clock,
+        );
+        // The caller's deadline bounds the wait for a connection too (no one's fault).
+        let opened = match caller_deadline {
+            Some(d) => tokio::time::timeout_at(d, opening)
+                .await
+                .map_err(|_| ProxyError::DeadlineExceeded)?,
+            None => opening.await,
+        };
+        let (mut send, slot) = match opened {
             Ok(s) => s,
             Err(h1::Error::Local(e)) => {
                 tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "out of local resources for an upstream connection");
@@ -1486,12 +1549,14 @@ mod tests {
         bytes.extend(frame(0x4, 0, 3, &setting(0x3, 1))); // not on stream 0
         let after_first = bytes.len();
         bytes.extend(frame(0x4, 0, 0, &setting(0x5, 16384))); // no limit: unchanged
+        let after_unchanged = bytes.len();
         bytes.extend(frame(0x4, 0, 0, &setting(0x3, 0))); // lowered to 0, taken as 1
         for split in 1..bytes.len() {
             let shared = Arc::new(ConnShared {
                 max_streams: AtomicU32::new(100),
                 state: tokio::sync::watch::Sender::new(Opening::default()),
                 ready: AtomicBool::new(false),
+                claimed: AtomicBool::new(false),
             });
             let allowed = Arc::new(AtomicU32::new(100));
             let mut f = Frames::new((), shared.clone(), allowed.clone());
@@ -1500,17 +1565,23 @@ mod tests {
             }
             assert!(shared.state.borrow().settled, "split {split}");
             assert_eq!(shared.max_streams.load(SeqCst), 7, "split {split}");
-            for chunk in bytes[after_first..].chunks(split) {
+            for chunk in bytes[after_first..after_unchanged].chunks(split) {
+                f.follow(chunk);
+            }
+            assert_eq!(shared.max_streams.load(SeqCst), 7, "split {split}");
+            for chunk in bytes[after_unchanged..].chunks(split) {
                 f.follow(chunk);
             }
             assert_eq!(shared.max_streams.load(SeqCst), 1, "split {split}");
-            assert_eq!(allowed.load(SeqCst), 1, "split {split}");
+            // New connections still expect what the instance first said.
+            assert_eq!(allowed.load(SeqCst), 7, "split {split}");
         }
         // A first SETTINGS without the limit: no limit (the pool's most).
         let shared = Arc::new(ConnShared {
             max_streams: AtomicU32::new(1),
             state: tokio::sync::watch::Sender::new(Opening::default()),
             ready: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
         });
         let mut f = Frames::new((), shared.clone(), Arc::new(AtomicU32::new(1)));
         f.follow(&frame(0x4, 0, 0, &setting(0x4, 65535)));
@@ -1567,5 +1638,55 @@ mod tests {
             .stream(addr, Duration::from_secs(5), Duration::from_secs(60), clock)
             .await;
         assert!(matches!(again, Err(e) if e.is_refused()));
+    }
+
+    /// `n` requests asking at once, and how their errors split: (counted, shared).
+    async fn failures(pool: &Pool, addr: std::net::SocketAddr, n: usize) -> (usize, usize) {
+        let clock = Clock::new();
+        let all = futures::future::join_all((0..n).map(|_| {
+            pool.stream(
+                addr,
+                Duration::from_millis(300),
+                Duration::from_secs(60),
+                clock,
+            )
+        }))
+        .await;
+        let shared = all
+            .iter()
+            .filter(|r| matches!(r, Err(h1::Error::Shared(_))))
+            .count();
+        let counted = all.iter().filter(|r| r.is_err()).count() - shared;
+        (counted, shared)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_instance_that_never_sends_its_settings_fails_the_opening_once() {
+        // TCP accepted (the kernel does that for a hung process), nothing ever said.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((io, _)) = listener.accept().await {
+                kept.push(io);
+            }
+        });
+        assert_eq!(failures(&Pool::default(), addr, 10).await, (1, 9));
+        held.abort();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_instance_that_closes_before_its_settings_fails_the_opening_once() {
+        // Not an HTTP/2 server: an HTTP/1.1 answer, then the close.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut io, _)) = listener.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = io.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let (counted, shared) = failures(&Pool::default(), addr, 10).await;
+        assert_eq!((counted, shared), (1, 9));
     }
 }
