@@ -29,10 +29,6 @@ struct Server {
 }
 
 impl Servers {
-    async fn start(n: usize) -> Self {
-        Self::start_with(n, &[]).await
-    }
-
     /// `n` servers started with `args` after their name (peer.py's `serve NAME MAX`).
     async fn start_with(n: usize, args: &[&str]) -> Self {
         let mut peers = Vec::new();
@@ -120,12 +116,21 @@ fn grpc_route(endpoints: Vec<EndpointConfig>) -> RouteConfig {
 }
 
 async fn behind_proxy(n: usize) -> (Servers, Proxy) {
-    let servers = Servers::start(n).await;
-    let proxy = Proxy::start(
-        ProxyConfig::default(),
-        vec![grpc_route(servers.endpoints())],
-    )
-    .await;
+    behind_proxy_with(n, &[], ProxyConfig::default(), |_| {}).await
+}
+
+/// `n` servers started with `args` behind a proxy with `cfg`, their route as `edit` makes it;
+/// once every server is healthy.
+async fn behind_proxy_with(
+    n: usize,
+    args: &[&str],
+    cfg: ProxyConfig,
+    edit: impl FnOnce(&mut RouteConfig),
+) -> (Servers, Proxy) {
+    let servers = Servers::start_with(n, args).await;
+    let mut route = grpc_route(servers.endpoints());
+    edit(&mut route);
+    let proxy = Proxy::start(cfg, vec![route]).await;
     proxy.wait_healthy(n).await;
     (servers, proxy)
 }
@@ -328,12 +333,10 @@ async fn with_nowhere_else_to_go_the_instances_own_unavailable_reaches_the_calle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_stays_in_flight_but_leaves_the_autoscalers_load() {
-    let servers = Servers::start(1).await;
-    let mut route = grpc_route(servers.endpoints());
-    route.request_timeout = Duration::from_millis(500);
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
-    proxy.wait_healthy(1).await;
-    let mut servers = servers;
+    let (mut servers, proxy) = behind_proxy_with(1, &[], ProxyConfig::default(), |r| {
+        r.request_timeout = Duration::from_millis(500);
+    })
+    .await;
     servers.set(0, "slow").await;
     // 40 messages 60 ms apart: a stream of 2.4 s, past the route's 0.5 s head timeout.
     let addr = proxy.addr.to_string();
@@ -362,12 +365,10 @@ async fn a_long_stream_stays_in_flight_but_leaves_the_autoscalers_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_silent_past_the_routes_body_timeout_ends_unavailable() {
-    let servers = Servers::start(1).await;
-    let mut route = grpc_route(servers.endpoints());
-    route.body_timeout = Some(Duration::from_secs(1));
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
-    proxy.wait_healthy(1).await;
-    let mut servers = servers;
+    let (mut servers, proxy) = behind_proxy_with(1, &[], ProxyConfig::default(), |r| {
+        r.body_timeout = Some(Duration::from_secs(1));
+    })
+    .await;
     servers.set(0, "stall").await;
     let v = calls(&proxy, 1, &["--stream", "3"]).await;
     assert_eq!(count(&v, "codes", "UNAVAILABLE"), 1, "{v}");
@@ -438,11 +439,10 @@ async fn an_http2_cluster_serves_http1_clients_over_shared_h2c_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_uploading_client_is_not_the_instances_slowness() {
-    let servers = Servers::start(1).await;
-    let mut route = grpc_route(servers.endpoints());
-    route.request_timeout = Duration::from_secs(1);
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
-    proxy.wait_healthy(1).await;
+    let (_servers, proxy) = behind_proxy_with(1, &[], ProxyConfig::default(), |r| {
+        r.request_timeout = Duration::from_secs(1);
+    })
+    .await;
     // Client-streaming calls of 3 messages 0.7 s apart: the instance answers once the last
     // came, 1.4 s after the call began, past the route's 1 s head timeout counted from there.
     let v = calls(
@@ -486,13 +486,7 @@ async fn what_is_not_a_grpc_call_never_reaches_a_grpc_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instances_stream_limit_opens_more_connections_instead_of_queueing() {
     // At most 4 streams per connection, 60 ms a call, 40 calls at once.
-    let mut servers = Servers::start_with(1, &["4"]).await;
-    let proxy = Proxy::start(
-        ProxyConfig::default(),
-        vec![grpc_route(servers.endpoints())],
-    )
-    .await;
-    proxy.wait_healthy(1).await;
+    let (mut servers, proxy) = behind_proxy_with(1, &["4"], ProxyConfig::default(), |_| {}).await;
     servers.set(0, "slow").await;
     let v = calls(&proxy, 120, &["--concurrency", "40", "--deadline", "5"]).await;
     assert_eq!(count(&v, "codes", "OK"), 120, "{v}");
@@ -509,13 +503,7 @@ async fn an_instance_that_allows_one_stream_per_connection_still_serves_calls_si
     // SETTINGS_MAX_CONCURRENT_STREAMS = 1, the same value as the proxy's own limit before an
     // instance's SETTINGS arrive: the pool must still learn it (the health checks' connection
     // is already open), and run 20 calls at once on 20 connections, not one after another.
-    let mut servers = Servers::start_with(1, &["1"]).await;
-    let proxy = Proxy::start(
-        ProxyConfig::default(),
-        vec![grpc_route(servers.endpoints())],
-    )
-    .await;
-    proxy.wait_healthy(1).await;
+    let (mut servers, proxy) = behind_proxy_with(1, &["1"], ProxyConfig::default(), |_| {}).await;
     servers.set(0, "slow").await;
     let v = calls(&proxy, 60, &["--concurrency", "20", "--deadline", "20"]).await;
     assert_eq!(count(&v, "codes", "OK"), 60, "{v}");
@@ -528,12 +516,9 @@ async fn an_instance_that_allows_one_stream_per_connection_still_serves_calls_si
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_client_connection_hears_resource_exhausted() {
-    let servers = Servers::start(1).await;
     let mut cfg = ProxyConfig::default();
     cfg.limits.max_upstream_per_connection = 3;
-    let proxy = Proxy::start(cfg, vec![grpc_route(servers.endpoints())]).await;
-    proxy.wait_healthy(1).await;
-    let mut servers = servers;
+    let (mut servers, proxy) = behind_proxy_with(1, &[], cfg, |_| {}).await;
     // Three calls hang on the instance; the rest wait for the connection's slots, and past
     // the wait hear RESOURCE_EXHAUSTED as a gRPC status, not an HTTP 503.
     servers.set(0, "hang").await;
@@ -548,12 +533,10 @@ async fn a_busy_client_connection_hears_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_hangs_meets_the_routes_head_timeout() {
-    let servers = Servers::start(1).await;
-    let mut route = grpc_route(servers.endpoints());
-    route.request_timeout = Duration::from_secs(1);
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
-    proxy.wait_healthy(1).await;
-    let mut servers = servers;
+    let (mut servers, proxy) = behind_proxy_with(1, &[], ProxyConfig::default(), |r| {
+        r.request_timeout = Duration::from_secs(1);
+    })
+    .await;
     servers.set(0, "hang").await;
     // No deadline of the caller's: the route's 1 s, not the 60 s client-body timeout or the
     // instance's 10 s.
@@ -566,11 +549,10 @@ async fn an_instance_that_hangs_meets_the_routes_head_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_slow_to_read_is_not_the_instances_silence() {
     use http_body_util::BodyExt;
-    let servers = Servers::start(1).await;
-    let mut route = grpc_route(servers.endpoints());
-    route.body_timeout = Some(Duration::from_secs(1));
-    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
-    proxy.wait_healthy(1).await;
+    let (_servers, proxy) = behind_proxy_with(1, &[], ProxyConfig::default(), |r| {
+        r.body_timeout = Some(Duration::from_secs(1));
+    })
+    .await;
     // An HTTP/2 client whose window takes about one message: fleetlb cannot pass the answer
     // on while it does not read.
     let io = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
