@@ -102,6 +102,8 @@ pub struct Inputs<'a> {
     pub backoff: &'a mut LaunchBackoff,
     /// First and longest launch retry delay.
     pub backoff_range: (Duration, Duration),
+    /// How long the provider may take to list a launched instance.
+    pub launch_visibility: Duration,
 }
 
 /// Plans and executes one reconcile of `bc`: launches what is missing, moves victims out of the
@@ -130,6 +132,7 @@ pub async fn apply(
             interrupted: inp.interrupted,
             managed: inp.provider.manages_instances(),
             token_scope: inp.provider.token_scope(),
+            launch_visibility: inp.launch_visibility,
         },
         now,
     );

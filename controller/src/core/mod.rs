@@ -421,6 +421,7 @@ impl Core {
                 metrics: &self.metrics,
                 backoff: &mut state.backoff,
                 backoff_range: self.cfg.backoff,
+                launch_visibility: self.cfg.launch_visibility,
             },
             now,
             &|status| sink.write_status(stored, status),

@@ -42,6 +42,9 @@ pub struct Observed<'a> {
     pub managed: bool,
     /// The provider's launch-token scope ([`crate::provider::Provider::token_scope`]).
     pub token_scope: &'a str,
+    /// How long the provider may take to list a launched instance: a launch answered longer
+    /// ago than this whose instance is not listed made an instance that is gone.
+    pub launch_visibility: std::time::Duration,
 }
 
 /// The decision.
@@ -195,22 +198,40 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         };
         let used: HashSet<u32> = current.iter().map(|i| i.slot).collect();
         let mut free = (0u32..).filter(|s| !used.contains(s));
-        // The next attempt of a slot follows every instance it ever had (terminated ones too).
-        // An intent recorded in status but never seen as an instance (the controller stopped
-        // mid-launch) is repeated with the same attempt, hence the same token.
+        // The next attempt of a slot follows every instance it ever had: terminated ones too,
+        // and, through the intents that made them, those the provider no longer lists (EC2
+        // forgets terminated instances after about an hour; repeating their token would only
+        // get the terminated instance back). An intent recorded in status whose launch never
+        // answered (the controller stopped mid-launch), or whose instance may not be listed
+        // yet, is repeated with the same attempt, hence the same token.
+        let gone = |l: &fleetlb_crds::LaunchIntent| {
+            l.instance_id.is_some()
+                && l.recorded_at.as_ref().is_none_or(|t| {
+                    std::time::Duration::try_from(now.duration_since(t.0))
+                        .is_ok_and(|age| age > obs.launch_visibility)
+                })
+        };
         let attempt_of = |slot: u32| {
+            let intents = || {
+                bc.status
+                    .iter()
+                    .flat_map(|s| &s.launches)
+                    .filter(move |l| l.slot == slot)
+            };
             let seen = obs
                 .instances
                 .iter()
                 .filter(|i| i.slot == slot && i.owner_uid == uid)
                 .map(|i| i.attempt.saturating_add(1))
+                .chain(
+                    intents()
+                        .filter(|l| gone(l))
+                        .map(|l| l.attempt.saturating_add(1)),
+                )
                 .max()
                 .unwrap_or(0);
-            let recorded = bc
-                .status
-                .iter()
-                .flat_map(|s| &s.launches)
-                .filter(|l| l.slot == slot)
+            let recorded = intents()
+                .filter(|l| !gone(l))
                 .map(|l| l.attempt)
                 .max()
                 .unwrap_or(0);

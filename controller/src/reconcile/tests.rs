@@ -88,6 +88,7 @@ fn run_interrupted(
             interrupted,
             managed: true,
             token_scope: "",
+            launch_visibility: std::time::Duration::from_secs(120),
         },
         Timestamp::UNIX_EPOCH,
     )
@@ -623,6 +624,41 @@ fn a_recorded_intent_is_repeated_as_it_was_whatever_the_rounding() {
     let p = run(&b, &[gone], &[]);
     assert_eq!(p.launch.len(), 1);
     assert_eq!(p.launch[0].attempt, 1);
+}
+
+#[test]
+fn a_fulfilled_intent_is_not_repeated_once_its_instance_left_the_listing() {
+    let mut b = bc(1, "t3.small");
+    b.spec.provider = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
+    }))
+    .unwrap();
+    // Slot 0's launch made i-old, terminated by a scale-down more than an hour ago: EC2 no
+    // longer lists it. Repeating its token would get i-old back (EC2 answers a repeated token
+    // with the instance it made), not a new instance.
+    b.status = Some(fleetlb_crds::BackendClusterStatus {
+        launches: vec![fleetlb_crds::LaunchIntent {
+            slot: 0,
+            attempt: 0,
+            client_token: "token-0".into(),
+            subnet_id: Some("subnet-a".into()),
+            instance_id: Some("i-old".into()),
+            recorded_at: None,
+        }],
+        ..Default::default()
+    });
+    let p = run(&b, &[], &[]);
+    assert_eq!(p.launch.len(), 1);
+    // A new attempt, starting again at the preferred type in the slot's own subnet.
+    assert_eq!(p.launch[0].attempt, 3);
+    assert!(!p.launch[0].replay);
+    // Answered just now, its instance not listed yet (EC2's listing lags): the same token
+    // again, which gets the same instance back rather than a second one.
+    b.status.as_mut().unwrap().launches[0].recorded_at = Some(Time(Timestamp::UNIX_EPOCH));
+    let p = run(&b, &[], &[]);
+    assert_eq!(p.launch.len(), 1);
+    assert_eq!(p.launch[0].attempt, 0);
+    assert!(p.launch[0].replay);
 }
 
 #[test]
