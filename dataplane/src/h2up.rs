@@ -337,8 +337,13 @@ impl Answer {
             }
             Poll::Ready(Some(Err(e))) => {
                 // The instance reset the stream or the connection broke, unless it was the
-                // client's body that failed first (its reset travels upstream).
-                if self.call.as_ref().is_some_and(|c| c.body.fault().is_some()) {
+                // client's body that failed first (its reset travels upstream), or the
+                // connection's end was counted already or was a calm-down.
+                let counts = self
+                    .slot
+                    .as_ref()
+                    .is_none_or(|s| s.counts(connection_level(&e)));
+                if !counts || self.call.as_ref().is_some_and(|c| c.body.fault().is_some()) {
                     self.call = None;
                 }
                 self.end_call(grpc::code::UNAVAILABLE);
@@ -513,6 +518,19 @@ fn refused(e: &hyper::Error) -> bool {
         src = s.source();
     }
     false
+}
+
+/// Whether hyper's error is the connection's (it closed, broke, or went away), not this
+/// stream's own (a RST_STREAM the instance sent for it).
+fn connection_level(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(s) = src {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return !h2.is_reset() || h2.is_go_away();
+        }
+        src = s.source();
+    }
+    true
 }
 
 /// Why no response head came in time.
@@ -757,8 +775,10 @@ pub(crate) async fn forward(
                     paid = true;
                     continue;
                 }
-                ep.state.observe(penalty, now, decay);
-                outlier::on_failure(&shared.metrics, cluster, ep, now);
+                if slot.counts(connection_level(&e)) {
+                    ep.state.observe(penalty, now, decay);
+                    outlier::on_failure(&shared.metrics, cluster, ep, now);
+                }
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, attempt, err = %e, "upstream stream failed");
                 last_err = ProxyError::UpstreamReset;
                 if !idempotent || had_body {

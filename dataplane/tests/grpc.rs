@@ -593,3 +593,83 @@ async fn a_client_slow_to_read_is_not_the_instances_silence() {
         "five messages of 4 bytes, each with its 5-byte prefix"
     );
 }
+
+/// An h2 server (the h2 crate) that answers `/health`; on its first connection that carries
+/// requests it holds them, and at the 5th ends the connection: with a GOAWAY of
+/// ENHANCE_YOUR_CALM (`calm`, as an h2 server's rapid-reset guard does) or by closing the
+/// socket. Later connections are answered at once. Counts the connections it ended.
+async fn ending_h2_server(
+    calm: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ended = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = ended.clone();
+    tokio::spawn(async move {
+        while let Ok((io, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(io).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() == "/health" || counted.load(Relaxed) > 0 {
+                        let _ = respond.send_response(http::Response::new(()), true);
+                        continue;
+                    }
+                    held.push(respond);
+                    if held.len() == 5 {
+                        counted.fetch_add(1, Relaxed);
+                        if calm {
+                            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                            while conn.accept().await.is_some() {}
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, ended)
+}
+
+/// 10 requests at once through an HTTP/2 route to `addr`: their statuses, and the endpoint's
+/// failures and ejections.
+async fn ten_at_once(addr: std::net::SocketAddr) -> (Vec<u16>, u64, u32) {
+    let mut route = RouteConfig::new("h2", "/c", vec![EndpointConfig::new("h2", addr)]);
+    route.protocol = Protocol::Http2;
+    route.health = fast_health();
+    let proxy = Proxy::start(ProxyConfig::default(), vec![route]).await;
+    proxy.wait_healthy(1).await;
+    let c = client();
+    let url = proxy.url("/c/x");
+    let all = futures::future::join_all((0..10).map(|_| get(&c, &url))).await;
+    let statuses = all.into_iter().map(|r| r.unwrap().0).collect();
+    let ep = proxy.dataplane.snapshot()[0].endpoints[0].clone();
+    (statuses, ep.failures, ep.ejections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_calming_the_proxy_down_is_not_blamed_for_it() {
+    // The instance's own guard against resets (the proxy's clients', passed on) closing the
+    // connection is not the instance failing: nothing counted, nobody ejected.
+    let (addr, ended) = ending_h2_server(true).await;
+    let (statuses, failures, ejections) = ten_at_once(addr).await;
+    assert_eq!(ended.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(statuses.contains(&502), "{statuses:?}");
+    assert_eq!((failures, ejections), (0, 0), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connection_counts_once_however_many_streams_it_carried() {
+    let (addr, ended) = ending_h2_server(false).await;
+    let (statuses, failures, _) = ten_at_once(addr).await;
+    assert_eq!(ended.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(statuses.contains(&502), "{statuses:?}");
+    assert_eq!(failures, 1, "{statuses:?}");
+}

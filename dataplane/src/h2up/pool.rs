@@ -67,6 +67,12 @@ struct ConnShared {
     /// A failed opening was taken by a request that counts it against the instance: the
     /// others hear `h1::Error::Shared`.
     claimed: AtomicBool,
+    /// The instance sent a GOAWAY with ENHANCE_YOUR_CALM: it closed the connection over what
+    /// came on it (the proxy's clients' resets, passed on), not from trouble of its own.
+    calmed: AtomicBool,
+    /// The connection's end was counted against the instance (once, however many streams
+    /// it carried).
+    end_counted: AtomicBool,
 }
 
 #[derive(Clone, Default)]
@@ -134,6 +140,14 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// Whether this stream's failure counts against the instance: a stream's own error
+    /// (`connection`: false) always; the connection's end once per connection, and never
+    /// when the instance calmed it down (ENHANCE_YOUR_CALM).
+    pub(crate) fn counts(&self, connection: bool) -> bool {
+        let shared = &self.conn.shared;
+        !connection || !(shared.calmed.load(Relaxed) || shared.end_counted.swap(true, Relaxed))
+    }
+
     /// Gives the place back if the connection carries more streams than the instance allows
     /// (exactly the surplus leave, however many check at once).
     fn leave_if_over(&mut self) -> bool {
@@ -265,6 +279,8 @@ impl Pool {
                 state: tokio::sync::watch::Sender::new(Opening::default()),
                 ready: AtomicBool::new(false),
                 claimed: AtomicBool::new(false),
+                calmed: AtomicBool::new(false),
+                end_counted: AtomicBool::new(false),
             }),
             streams: AtomicU32::new(1),
             used: AtomicU64::new(now),
@@ -365,8 +381,10 @@ struct Frames<T> {
     left: usize,
     /// The current frame is a SETTINGS (not an ACK) on stream 0.
     settings: bool,
-    /// The SETTINGS parameter being read.
-    param: [u8; 6],
+    /// The current frame is a GOAWAY.
+    goaway: bool,
+    /// The SETTINGS parameter (or the GOAWAY's first 8 bytes) being read.
+    param: [u8; 8],
     param_len: usize,
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` in the current SETTINGS frame.
     max: Option<u32>,
@@ -384,7 +402,8 @@ impl<T> Frames<T> {
             head_len: 0,
             left: 0,
             settings: false,
-            param: [0; 6],
+            goaway: false,
+            param: [0; 8],
             param_len: 0,
             max: None,
             first: true,
@@ -407,10 +426,25 @@ impl<T> Frames<T> {
                 self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                 self.settings = h[3] == 0x4 && h[4] & 0x1 == 0 && stream == 0;
+                self.goaway = h[3] == 0x7 && stream == 0;
                 self.param_len = 0;
                 self.max = None;
             } else {
                 let n = self.left.min(data.len());
+                if self.goaway && self.param_len < 8 {
+                    // Last-Stream-ID, then the error code.
+                    let take = (8 - self.param_len).min(n);
+                    self.param[self.param_len..self.param_len + take]
+                        .copy_from_slice(&data[..take]);
+                    self.param_len += take;
+                    if self.param_len == 8 {
+                        let p = &self.param;
+                        let code = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+                        if code == u32::from(h2::Reason::ENHANCE_YOUR_CALM) {
+                            self.shared.calmed.store(true, Relaxed);
+                        }
+                    }
+                }
                 if self.settings {
                     for &b in &data[..n] {
                         self.param[self.param_len] = b;
@@ -613,6 +647,8 @@ mod tests {
                 state: tokio::sync::watch::Sender::new(Opening::default()),
                 ready: AtomicBool::new(false),
                 claimed: AtomicBool::new(false),
+                calmed: AtomicBool::new(false),
+                end_counted: AtomicBool::new(false),
             });
             let allowed = Arc::new(AtomicU32::new(100));
             let mut f = Frames::new((), shared.clone(), allowed.clone());
@@ -638,6 +674,8 @@ mod tests {
             state: tokio::sync::watch::Sender::new(Opening::default()),
             ready: AtomicBool::new(false),
             claimed: AtomicBool::new(false),
+            calmed: AtomicBool::new(false),
+            end_counted: AtomicBool::new(false),
         });
         let mut f = Frames::new((), shared.clone(), Arc::new(AtomicU32::new(1)));
         f.follow(&frame(0x4, 0, 0, &setting(0x4, 65535)));
