@@ -214,6 +214,19 @@ pub(crate) fn pick<'a>(
     } else {
         choose_in(&admitted)?
     };
+    // A full endpoint (every slot taken) makes the request wait, or fail, while another may
+    // have room: then the cheapest endpoint with room instead (a scan, on this rare path).
+    let full = |e: &Endpoint| e.state.inflight() >= cluster.full_at;
+    let endpoint = if full(endpoint) {
+        admitted
+            .iter()
+            .map(|i| &eps[i])
+            .filter(|e| !full(e))
+            .min_by(|a, b| cost(cluster, a, now).total_cmp(&cost(cluster, b, now)))
+            .unwrap_or(endpoint)
+    } else {
+        endpoint
+    };
     Some(Pick {
         endpoint,
         panic: matches!(mode, Mode::Panic),

@@ -69,6 +69,9 @@ pub(crate) struct Cluster {
     pub zone_aware: bool,
     /// Round-robin position.
     pub rr: AtomicUsize,
+    /// Requests in flight at which an endpoint is full (`--endpoint-max-connections`): a
+    /// request sent there waits for a slot, so a pick avoids it while another has room.
+    pub full_at: u32,
     /// What outlives route-table updates: the retry budget and the ejection lock.
     pub carried: Arc<Carried>,
     pub metrics: ClusterMetrics,
@@ -100,6 +103,7 @@ impl Cluster {
             zone_aware: endpoints.iter().any(|e| e.local),
             endpoints,
             rr: AtomicUsize::new(0),
+            full_at: u32::MAX,
             carried,
             metrics,
         }
@@ -235,12 +239,14 @@ fn apply(
             next.insert(key, probed);
         }
         let budget = budgets.entry(route.cluster.clone()).or_default().clone();
-        clusters.push(Arc::new(Cluster::new(
+        let mut cluster = Cluster::new(
             route,
             endpoints,
             shared.metrics.cluster(&route.cluster),
             budget,
-        )));
+        );
+        cluster.full_at = shared.limits.endpoint_max_connections;
+        clusters.push(Arc::new(cluster));
     }
     for ((cluster, id, addr), gone) in live.drain() {
         gone.task.abort();

@@ -451,3 +451,22 @@ fn an_endpoint_in_the_middle_of_failing_is_never_taken_as_equally_fast() {
     let counts = shares(&c, 1000);
     assert_eq!(counts[0], 0, "{counts:?}");
 }
+
+#[test]
+fn a_full_endpoint_is_passed_over_while_another_has_room() {
+    // Three endpoints with every slot taken (by clients that hold their calls open), one with
+    // room: every pick goes to the one with room, whatever two the draw compared.
+    for policy in [Policy::PeakEwma, Policy::LeastRequest, Policy::RoundRobin] {
+        let mut c = cluster(policy, &[2.0, 2.0, 2.0, 2.0]);
+        c.full_at = 8;
+        for e in &c.endpoints[..3] {
+            for _ in 0..8 {
+                e.state.try_begin(u32::MAX);
+            }
+        }
+        for _ in 0..5 {
+            c.endpoints[3].state.try_begin(u32::MAX);
+        }
+        assert_eq!(shares(&c, 400), [0, 0, 0, 400], "{policy:?}");
+    }
+}
