@@ -47,8 +47,9 @@ pub(crate) enum Blame {
     /// The instance is unwell (`UNAVAILABLE`, or `DEADLINE_EXCEEDED` of its own making):
     /// counted like a 5xx.
     Endpoint,
-    /// The instance is shedding load (`RESOURCE_EXHAUSTED`): slowed down like a 429, never
-    /// ejected.
+    /// `RESOURCE_EXHAUSTED`: the instance shedding load, or the caller over a quota or a
+    /// message-size limit (any client can make it, so it must not slow an instance down): a
+    /// latency sample of the time it took, never a success, never a failure.
     Busy,
 }
 

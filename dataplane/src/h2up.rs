@@ -498,7 +498,7 @@ fn learn_grpc(
             ep.state.request_succeeded();
             ep.state.observe(rtt.as_nanos() as f64, now, decay);
         }
-        Blame::Busy => ep.state.observe(penalty, now, decay),
+        Blame::Busy => ep.state.observe(rtt.as_nanos() as f64, now, decay),
         Blame::Endpoint => {
             ep.state.observe(penalty, now, decay);
             outlier::on_failure(&shared.metrics, cluster, ep, now);

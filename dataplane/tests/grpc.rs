@@ -673,3 +673,22 @@ async fn a_broken_connection_counts_once_however_many_streams_it_carried() {
     assert!(statuses.contains(&502), "{statuses:?}");
     assert_eq!(failures, 1, "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_exhausted_does_not_make_an_instance_look_slow() {
+    // What an instance answers to a caller's oversized message: the caller's doing, which
+    // must not cost the instance its place (a failure penalty is a second of latency).
+    let (mut servers, proxy) = behind_proxy(2).await;
+    servers.set(0, "exhausted").await;
+    let v = calls(&proxy, 60, &[]).await;
+    assert!(count(&v, "codes", "RESOURCE_EXHAUSTED") > 0, "{v}");
+    let snap = proxy.dataplane.snapshot();
+    let s0 = snap[0].endpoints.iter().find(|e| e.id == "s0").unwrap();
+    let penalty = ProxyConfig::default().failure_penalty.as_secs_f64() * 1000.0;
+    assert!(
+        s0.latency_ms < penalty / 10.0,
+        "s0's estimate is {} ms",
+        s0.latency_ms
+    );
+    assert_eq!((s0.state, s0.failures), (EndpointState::Healthy, 0));
+}

@@ -17,7 +17,7 @@ server's name; Count's request is CountRequest{n: K} and it answers K messages. 
 grpc-timeout; -1 when none).
 
 Modes: ok (2 ms), steady (20 ms), slow (60 ms), hang (10 s), unavailable (UNAVAILABLE at once),
-invalid (INVALID_ARGUMENT at once), notserving (health check answers NOT_SERVING), stall (a
+invalid (INVALID_ARGUMENT at once), exhausted (RESOURCE_EXHAUSTED at once), notserving (health check answers NOT_SERVING), stall (a
 stream's first message at once, then 10 s before each next).
 """
 
@@ -51,6 +51,8 @@ class Peer:
     def fail(self, context):
         if self.mode == "unavailable":
             context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+        if self.mode == "exhausted":
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max")
         if self.mode == "invalid":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad argument")
 
