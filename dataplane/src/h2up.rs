@@ -677,11 +677,7 @@ pub(crate) async fn forward(
                     return Err(ProxyError::LocalResources);
                 }
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, err = %e, "the connection waited on failed to open");
-                last_err = if pick.panic {
-                    ProxyError::NoHealthyEndpoint
-                } else {
-                    ProxyError::UpstreamConnect
-                };
+                last_err = crate::proxy::connect_error(pick.panic);
                 failed = Some(ep.clone());
                 continue;
             }

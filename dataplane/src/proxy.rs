@@ -739,6 +739,12 @@ pub(crate) fn connect_failed(
             .inc();
         tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint down: connection failed");
     }
+    connect_error(panic)
+}
+
+/// What a caller hears when no connection to the picked endpoint could be had (`panic`: it
+/// was picked with no healthy endpoint left).
+pub(crate) fn connect_error(panic: bool) -> ProxyError {
     if panic {
         ProxyError::NoHealthyEndpoint
     } else {

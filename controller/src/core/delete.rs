@@ -7,10 +7,10 @@ use std::time::Duration;
 use fleetlb_crds::{BackendCluster, DeletionPolicy, LaunchIntent};
 use k8s_openapi::jiff::Timestamp;
 
-use super::execute::{age, by_kind, drained, idle, terminate_by_kind};
+use super::execute::{by_kind, drained, idle, terminate_by_kind};
 use crate::error::Reason;
 use crate::provider::{ClusterKey, Instance, InstanceState, ProviderKind, Providers};
-use crate::reconcile::set_condition;
+use crate::reconcile::{age, set_condition};
 
 /// Where the deletion of an object stands.
 #[derive(Debug, PartialEq, Eq)]

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use fleetlb_crds::{BackendCluster, BackendClusterStatus};
 use fleetlb_dataplane::EndpointConfig;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
@@ -16,7 +15,7 @@ use crate::error::{ErrorClass, Reason};
 use crate::metrics::Metrics;
 use crate::provider::Providers;
 use crate::provider::{ClusterKey, Instance, InstanceState, Launch, Provider, ProviderKind};
-use crate::reconcile::{self, Health, Observed, set_condition};
+use crate::reconcile::{self, Health, Observed, age, set_condition};
 
 /// What one reconcile of one object did.
 #[derive(Debug, Default)]
@@ -367,11 +366,6 @@ fn stale(status: &BackendClusterStatus, slot: u32, now: Timestamp) -> bool {
         .and_then(|l| l.recorded_at.as_ref())
         .and_then(|t| age(t, now))
         .is_some_and(|age| age > PENDING_LIMIT)
-}
-
-/// How long ago `t` was (`None` when it lies in the future).
-pub(super) fn age(t: &Time, now: Timestamp) -> Option<Duration> {
-    Duration::try_from(now.duration_since(t.0)).ok()
 }
 
 /// Why the launches of one reconcile stopped early.

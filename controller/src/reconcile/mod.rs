@@ -206,10 +206,9 @@ pub fn plan(bc: &BackendCluster, uid: &str, obs: &Observed<'_>, now: Timestamp) 
         // yet, is repeated with the same attempt, hence the same token.
         let gone = |l: &fleetlb_crds::LaunchIntent| {
             l.instance_id.is_some()
-                && l.recorded_at.as_ref().is_none_or(|t| {
-                    std::time::Duration::try_from(now.duration_since(t.0))
-                        .is_ok_and(|age| age > obs.launch_visibility)
-                })
+                && l.recorded_at
+                    .as_ref()
+                    .is_none_or(|t| age(t, now).is_some_and(|age| age > obs.launch_visibility))
         };
         let attempt_of = |slot: u32| {
             let intents = || {
@@ -536,6 +535,14 @@ fn recorded_launches(
         by_slot.insert(r.slot, intent);
     }
     by_slot.into_values().collect()
+}
+
+/// How long ago `t` was (`None` when it lies in the future).
+pub fn age(
+    t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    now: Timestamp,
+) -> Option<std::time::Duration> {
+    std::time::Duration::try_from(now.duration_since(t.0)).ok()
 }
 
 /// Sets condition `type_`, keeping `lastTransitionTime` when the status did not change

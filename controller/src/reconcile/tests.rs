@@ -35,6 +35,37 @@ fn bc(replicas: i32, instance_type: &str) -> BackendCluster {
     bc
 }
 
+/// `bc(replicas, "t3.small")` on AWS with three subnets (`subnet-a`..`subnet-c`).
+fn aws3(replicas: i32) -> BackendCluster {
+    let mut b = bc(replicas, "t3.small");
+    b.spec.provider = serde_json::from_value(serde_json::json!({
+        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
+    }))
+    .unwrap();
+    b
+}
+
+/// `b` with one launch intent recorded for slot 0, answered by `instance_id` if given.
+fn with_intent(
+    mut b: BackendCluster,
+    attempt: u32,
+    subnet: &str,
+    instance_id: Option<&str>,
+) -> BackendCluster {
+    b.status = Some(fleetlb_crds::BackendClusterStatus {
+        launches: vec![fleetlb_crds::LaunchIntent {
+            slot: 0,
+            attempt,
+            client_token: format!("token-{attempt}"),
+            subnet_id: Some(subnet.into()),
+            instance_id: instance_id.map(String::from),
+            recorded_at: None,
+        }],
+        ..Default::default()
+    });
+    b
+}
+
 fn inst(bc: &BackendCluster, id: &str, slot: u32, state: InstanceState, age_s: u64) -> Instance {
     Instance {
         id: id.into(),
@@ -538,11 +569,7 @@ fn an_interrupted_instance_leaves_the_endpoints_at_once_and_is_replaced() {
 
 #[test]
 fn a_replacement_goes_back_to_its_slots_subnet() {
-    let mut b = bc(3, "t3.small");
-    b.spec.provider = serde_json::from_value(serde_json::json!({
-        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
-    }))
-    .unwrap();
+    let b = aws3(3);
     let subnets: Vec<String> = ["subnet-a", "subnet-b", "subnet-c"]
         .map(String::from)
         .into();
@@ -602,24 +629,9 @@ fn a_rebalance_recommendation_replaces_the_instance_before_it_leaves() {
 
 #[test]
 fn a_recorded_intent_is_repeated_as_it_was_whatever_the_rounding() {
-    let mut b = bc(1, "t3.small");
-    b.spec.provider = serde_json::from_value(serde_json::json!({
-        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
-    }))
-    .unwrap();
     // Slot 0's instance (attempt 0) is gone, and attempt 1 (a capacity fallback) was recorded
     // and perhaps sent before a crash: the replay is attempt 1, not a fresh round.
-    b.status = Some(fleetlb_crds::BackendClusterStatus {
-        launches: vec![fleetlb_crds::LaunchIntent {
-            slot: 0,
-            attempt: 1,
-            client_token: "token-1".into(),
-            subnet_id: Some("subnet-b".into()),
-            instance_id: None,
-            recorded_at: None,
-        }],
-        ..Default::default()
-    });
+    let b = with_intent(aws3(1), 1, "subnet-b", None);
     let gone = inst(&b, "i-gone", 0, InstanceState::Terminated, 10);
     let p = run(&b, &[gone], &[]);
     assert_eq!(p.launch.len(), 1);
@@ -628,25 +640,10 @@ fn a_recorded_intent_is_repeated_as_it_was_whatever_the_rounding() {
 
 #[test]
 fn a_fulfilled_intent_is_not_repeated_once_its_instance_left_the_listing() {
-    let mut b = bc(1, "t3.small");
-    b.spec.provider = serde_json::from_value(serde_json::json!({
-        "aws": {"imageId": "ami-0123456789abcdef0", "subnetIds": ["subnet-a", "subnet-b", "subnet-c"]}
-    }))
-    .unwrap();
     // Slot 0's launch made i-old, terminated by a scale-down more than an hour ago: EC2 no
     // longer lists it. Repeating its token would get i-old back (EC2 answers a repeated token
     // with the instance it made), not a new instance.
-    b.status = Some(fleetlb_crds::BackendClusterStatus {
-        launches: vec![fleetlb_crds::LaunchIntent {
-            slot: 0,
-            attempt: 0,
-            client_token: "token-0".into(),
-            subnet_id: Some("subnet-a".into()),
-            instance_id: Some("i-old".into()),
-            recorded_at: None,
-        }],
-        ..Default::default()
-    });
+    let mut b = with_intent(aws3(1), 0, "subnet-a", Some("i-old"));
     let p = run(&b, &[], &[]);
     assert_eq!(p.launch.len(), 1);
     // A new attempt, starting again at the preferred type in the slot's own subnet.

@@ -2,11 +2,9 @@
 //! as the instance's stream limit requires (a connection being opened shared by the burst
 //! that asked for it), the instance's SETTINGS read as they arrive.
 
-use std::pin::Pin;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http2::SendRequest;
@@ -86,6 +84,18 @@ struct Opening {
 }
 
 impl ConnShared {
+    /// A connection expected to allow `max_streams` until its SETTINGS say.
+    fn new(max_streams: u32) -> Self {
+        Self {
+            max_streams: AtomicU32::new(max_streams),
+            state: tokio::sync::watch::Sender::new(Opening::default()),
+            ready: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
+            calmed: AtomicBool::new(false),
+            end_counted: AtomicBool::new(false),
+        }
+    }
+
     fn update(&self, f: impl FnOnce(&mut Opening)) {
         self.state.send_modify(f);
         if matches!(self.state.borrow().open, Some(Ok(()))) {
@@ -104,21 +114,26 @@ impl ConnShared {
 }
 
 impl Conn {
+    /// Its handle once open (read without `state`'s lock).
+    fn open(&self) -> Option<&SendRequest<Replay>> {
+        self.send.get().filter(|_| self.shared.ready.load(Acquire))
+    }
+
+    fn opening(&self) -> bool {
+        self.shared.state.borrow().open.is_none()
+    }
+
     /// Open and usable, or still opening; false once it closed or failed to open.
     fn live(&self) -> bool {
-        match self.send.get() {
-            Some(send) if self.shared.ready.load(Acquire) => !send.is_closed(),
-            _ => self.shared.state.borrow().open.is_none(),
-        }
+        self.open()
+            .map_or_else(|| self.opening(), |send| !send.is_closed())
     }
 
     /// Can take one more stream now (or once it is open).
     fn free(&self) -> bool {
-        let ready = match self.send.get() {
-            Some(send) if self.shared.ready.load(Acquire) => send.is_ready(),
-            _ => self.shared.state.borrow().open.is_none(),
-        };
-        ready && self.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
+        self.open()
+            .map_or_else(|| self.opening(), |send| send.is_ready())
+            && self.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
     }
 }
 
@@ -226,7 +241,7 @@ impl Pool {
         loop {
             round += 1;
             let now = clock.now();
-            let (c, opener) = {
+            let (conn, opener) = {
                 let mut conns = self.list().lock().unwrap_or_else(|e| e.into_inner());
                 keep_live(&mut conns, now, idle);
                 match conns.iter().find(|c| c.free()) {
@@ -243,30 +258,32 @@ impl Pool {
                 }
             };
             let mut slot = Slot {
-                conn: c.clone(),
+                conn,
                 clock,
                 left: false,
             };
+            let c = &slot.conn;
             if opener {
-                self.open(addr, connect_timeout, &c);
+                self.open(addr, connect_timeout, c);
             }
-            if !c.shared.ready.load(Acquire) {
+            if c.open().is_none() {
                 let mut state = c.shared.state.subscribe();
                 let _ =
                     tokio::time::timeout_at(deadline, state.wait_for(|s| s.open.is_some())).await;
             }
-            let open = c.shared.state.borrow().open.clone();
-            match (open, c.send.get()) {
-                (Some(Ok(())), Some(send)) => {
-                    // Joined while the limit was a guess, and over it: round again.
-                    if opener || round == 4 || !slot.leave_if_over() {
-                        return Ok((send.clone(), slot));
-                    }
+            if let Some(send) = c.open().cloned() {
+                // Joined while the limit was a guess, and over it: round again.
+                if opener || round == 4 || !slot.leave_if_over() {
+                    return Ok((send, slot));
                 }
-                (Some(Err(e)), _) => return Err(c.shared.failure(&e)),
-                _ if opener => return Err(h1::Error::ConnectTimeout),
-                _ => return Err(h1::Error::Shared(Arc::new(h1::Error::ConnectTimeout))),
+                continue;
             }
+            let failed = c.shared.state.borrow().open.clone();
+            return Err(match failed {
+                Some(Err(e)) => c.shared.failure(&e),
+                _ if opener => h1::Error::ConnectTimeout,
+                _ => h1::Error::Shared(Arc::new(h1::Error::ConnectTimeout)),
+            });
         }
     }
 
@@ -274,14 +291,7 @@ impl Pool {
     fn conn(&self, now: u64) -> Arc<Conn> {
         Arc::new(Conn {
             send: OnceLock::new(),
-            shared: Arc::new(ConnShared {
-                max_streams: AtomicU32::new(self.allowed.load(Relaxed)),
-                state: tokio::sync::watch::Sender::new(Opening::default()),
-                ready: AtomicBool::new(false),
-                claimed: AtomicBool::new(false),
-                calmed: AtomicBool::new(false),
-                end_counted: AtomicBool::new(false),
-            }),
+            shared: Arc::new(ConnShared::new(self.allowed.load(Relaxed))),
             streams: AtomicU32::new(1),
             used: AtomicU64::new(now),
         })
@@ -356,7 +366,8 @@ async fn handshake(
         .initial_max_send_streams(1)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONN);
-    let io = Frames::new(io, shared.clone(), allowed);
+    let mut frames = Frames::new(shared.clone(), allowed);
+    let io = tokio_util::io::InspectReader::new(io, move |read: &[u8]| frames.follow(read));
     let (send, conn) = tokio::time::timeout(connect_timeout, builder.handshake(TokioIo::new(io)))
         .await
         .map_err(|_| h1::Error::ConnectTimeout)?
@@ -369,11 +380,11 @@ async fn handshake(
     Ok(send)
 }
 
-/// An instance's connection, its incoming frames followed (headers read, payloads skipped) to
-/// read `SETTINGS_MAX_CONCURRENT_STREAMS` from each SETTINGS frame as it arrives: h2 keeps
-/// its own copy to itself, and its initial limit (1) is one an instance may send too.
-struct Frames<T> {
-    io: T,
+/// An instance's connection's incoming bytes, its frames followed (headers read, payloads
+/// skipped) to read `SETTINGS_MAX_CONCURRENT_STREAMS` from each SETTINGS frame as it arrives
+/// (h2 keeps its own copy to itself, and its initial limit, 1, is one an instance may send
+/// too) and a GOAWAY's error code. Dropped with the connection.
+struct Frames {
     /// The frame header being read.
     head: [u8; 9],
     head_len: usize,
@@ -394,10 +405,9 @@ struct Frames<T> {
     allowed: Arc<AtomicU32>,
 }
 
-impl<T> Frames<T> {
-    fn new(io: T, shared: Arc<ConnShared>, allowed: Arc<AtomicU32>) -> Self {
+impl Frames {
+    fn new(shared: Arc<ConnShared>, allowed: Arc<AtomicU32>) -> Self {
         Self {
-            io,
             head: [0; 9],
             head_len: 0,
             left: 0,
@@ -499,56 +509,12 @@ impl<T> Frames<T> {
     }
 }
 
-impl<T> Drop for Frames<T> {
+impl Drop for Frames {
     fn drop(&mut self) {
         // The connection ended: if it had not sent its SETTINGS, its opening failed.
         if self.first {
             self.shared.update(|s| s.ended = true);
         }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Frames<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        this.follow(&buf.filled()[before..]);
-        polled
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Frames<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -642,16 +608,9 @@ mod tests {
         let after_unchanged = bytes.len();
         bytes.extend(frame(0x4, 0, 0, &setting(0x3, 0))); // lowered to 0, taken as 1
         for split in 1..bytes.len() {
-            let shared = Arc::new(ConnShared {
-                max_streams: AtomicU32::new(100),
-                state: tokio::sync::watch::Sender::new(Opening::default()),
-                ready: AtomicBool::new(false),
-                claimed: AtomicBool::new(false),
-                calmed: AtomicBool::new(false),
-                end_counted: AtomicBool::new(false),
-            });
+            let shared = Arc::new(ConnShared::new(100));
             let allowed = Arc::new(AtomicU32::new(100));
-            let mut f = Frames::new((), shared.clone(), allowed.clone());
+            let mut f = Frames::new(shared.clone(), allowed.clone());
             for chunk in bytes[..after_first].chunks(split) {
                 f.follow(chunk);
             }
@@ -669,15 +628,8 @@ mod tests {
             assert_eq!(allowed.load(SeqCst), 7, "split {split}");
         }
         // A first SETTINGS without the limit: no limit (the pool's most).
-        let shared = Arc::new(ConnShared {
-            max_streams: AtomicU32::new(1),
-            state: tokio::sync::watch::Sender::new(Opening::default()),
-            ready: AtomicBool::new(false),
-            claimed: AtomicBool::new(false),
-            calmed: AtomicBool::new(false),
-            end_counted: AtomicBool::new(false),
-        });
-        let mut f = Frames::new((), shared.clone(), Arc::new(AtomicU32::new(1)));
+        let shared = Arc::new(ConnShared::new(1));
+        let mut f = Frames::new(shared.clone(), Arc::new(AtomicU32::new(1)));
         f.follow(&frame(0x4, 0, 0, &setting(0x4, 65535)));
         assert_eq!(shared.max_streams.load(SeqCst), STREAMS_PER_CONN);
     }
